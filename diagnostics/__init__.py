@@ -1,0 +1,89 @@
+"""training-diagnostics: the geometry of a PyTorch training run as time series.
+
+This module is the table of contents of the public API. Names are imported lazily (PEP 562) so that the
+torch-free layers, ``diagnostics.store`` and ``diagnostics.reports``, can be used without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # --- Linear algebra on operators (diagnostics.linalg) ---
+    "LinearOperator": "diagnostics.linalg",
+    "lanczos": "diagnostics.linalg",
+    "EigenResult": "diagnostics.linalg",
+    "spectral_density": "diagnostics.linalg",
+    "SpectralDensity": "diagnostics.linalg",
+    "hutchinson_trace": "diagnostics.linalg",
+    "hutchpp_trace": "diagnostics.linalg",
+    "TraceEstimate": "diagnostics.linalg",
+    "subspace_overlap": "diagnostics.linalg",
+    "principal_angles": "diagnostics.linalg",
+    "effective_rank": "diagnostics.linalg",
+    "stable_rank": "diagnostics.linalg",
+    # --- Curvature operators of a model's loss (diagnostics.curvature) ---
+    "HessianOperator": "diagnostics.curvature",
+    "GGNOperator": "diagnostics.curvature",
+    # --- Gradient statistics (diagnostics.gradients) ---
+    "per_sample_gradients": "diagnostics.gradients",
+    "gsnr": "diagnostics.gradients",
+    # --- In-loop monitoring (diagnostics.tracking, diagnostics.metrics) ---
+    "Monitor": "diagnostics.tracking",
+    "Diagnostic": "diagnostics.metrics",
+    "available_diagnostics": "diagnostics.metrics",
+    # --- The run store (diagnostics.store) ---
+    "open_run": "diagnostics.store",
+    "open_runs": "diagnostics.store",
+    # --- Errors (diagnostics.errors) ---
+    "DiagnosticsError": "diagnostics.errors",
+    "StopTraining": "diagnostics.errors",
+}
+
+__all__ = [
+    # Linear algebra on operators
+    "LinearOperator",
+    "lanczos",
+    "EigenResult",
+    "spectral_density",
+    "SpectralDensity",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "TraceEstimate",
+    "subspace_overlap",
+    "principal_angles",
+    "effective_rank",
+    "stable_rank",
+    # Curvature operators of a model's loss
+    "HessianOperator",
+    "GGNOperator",
+    # Gradient statistics
+    "per_sample_gradients",
+    "gsnr",
+    # In-loop monitoring
+    "Monitor",
+    "Diagnostic",
+    "available_diagnostics",
+    # The run store
+    "open_run",
+    "open_runs",
+    # Errors
+    "DiagnosticsError",
+    "StopTraining",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,1 @@
+"""Diagnostics: the Diagnostic contract, the registry and its presets."""

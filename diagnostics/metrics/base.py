@@ -1,0 +1,103 @@
+"""The contract every diagnostic keeps.
+
+A diagnostic has a stable ``name``, declares what it ``requires`` from the step, answers ``is_due(step)``
+and turns a :class:`~diagnostics.tracking.StepContext` into records. State it keeps across steps
+(previous eigenvectors, EMAs, alarm counters) is listed in ``state_keys`` and round-trips through
+``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from diagnostics.store.records import Event, Record
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diagnostics.tracking.context import StepContext
+
+#: What a diagnostic may ask of a step. The Monitor only does the work (hooks, snapshots, extra passes)
+#: that some due diagnostic requires.
+REQUIREMENTS = frozenset(
+    {
+        "loss",  # the user's loss value for the step
+        "grads",  # the .grad tensors as the user's backward left them
+        "per_sample_grads",  # vmap(grad) over the step's batch
+        "curvature",  # a Hessian / GGN operator on the fixed probe data
+        "layer_inputs",  # inputs of chosen modules, captured by scoped forward pre-hooks
+        "activations",  # outputs of chosen modules, captured by scoped forward hooks
+        "update",  # the parameter change made by optimizer.step(); computed after it
+        "optimizer",  # the optimizer's hyperparameters and state
+    }
+)
+
+PRESETS = ("cheap", "standard", "full")
+
+
+@dataclass
+class Output:
+    """What ``compute`` returns when a plain list of records is not enough.
+
+    ``status`` is ``"ok"``, ``"not_converged"`` or ``"failed"``; a failed output carries no records.
+    ``num_matvecs`` reports the cost of curvature estimates.
+    """
+
+    records: list[Record] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    status: str = "ok"
+    reason: str | None = None
+    num_matvecs: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Diagnostic(abc.ABC):
+    """Base class of every diagnostic.
+
+    Subclasses set ``name`` (a stable snake_case id: renaming it is a schema change), ``requires`` (a
+    subset of :data:`REQUIREMENTS`), ``preset`` (the cheapest preset that includes it) and
+    ``default_every`` (its schedule in steps), and implement :meth:`compute`.
+    """
+
+    name: ClassVar[str]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    preset: ClassVar[str] = "full"
+    default_every: ClassVar[int] = 1
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, every: int | None = None, start: int = 0) -> None:
+        every = self.default_every if every is None else int(every)
+        if every < 1:
+            from diagnostics.errors import ConfigError
+
+            raise ConfigError(f"{self.name}: 'every' must be a positive number of steps, got {every}")
+        self.every = every
+        self.start = int(start)
+
+    def is_due(self, step: int) -> bool:
+        """True when the schedule asks for this diagnostic at ``step``."""
+        return step >= self.start and (step - self.start) % self.every == 0
+
+    @abc.abstractmethod
+    def compute(self, ctx: StepContext) -> list[Record] | Output:
+        """Turn one step into records. Must leave the model, its grads and all RNG streams as found."""
+
+    def compute_after_update(self, ctx: StepContext) -> list[Record] | Output:
+        """Records that need the step's parameter update (``"update"`` in ``requires``); after optimizer.step()."""
+        return []
+
+    def settings(self) -> dict[str, Any]:
+        """Estimator settings recorded in the run's metadata (schedule plus subclass options)."""
+        return {"every": self.every, "start": self.start}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The declared cross-step state, for resuming a run."""
+        return {k: getattr(self, k) for k in self.state_keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self.state_keys:
+            if k in state:
+                setattr(self, k, state[k])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every={self.every})"

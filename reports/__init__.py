@@ -1,0 +1,1 @@
+"""Self-contained HTML reports from run stores. Imports no torch."""
