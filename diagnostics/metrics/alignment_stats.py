@@ -1,0 +1,117 @@
+"""Spectral-alignment statistics: per-token cosines with a weight's top right singular vector.
+
+For a linear map y = W x (W of shape [out, in]) with SVD W = sum_k sigma_k u_k v_k^T, the alignment of
+token i is a_i = <x_i, v_1> / ||x_i|| in [-1, 1]. Since u_1^T W x = sigma_1 v_1^T x, its sign is the
+same whether the input is compared with v_1 or the output with u_1. A distribution of a_i that becomes
+one-sided (all signs equal) lets gradient steps add up along v_1 and grow sigma_1; see METRICS.md,
+"Spectral alignment" (after Qiu, Wu, Tan, Wang, Yao 2025, arXiv 2510.04202).
+
+These are pure tensor-in functions; the ``spectral_alignment`` diagnostic and the benchmark trainer call
+them. Statistics are returned as plain floats / lists so they can go to the store unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diagnostics.errors import ConfigError
+
+__all__ = [
+    "QUANTILES",
+    "NUM_BINS",
+    "alignment_cosines",
+    "alignment_statistics",
+]
+
+#: Quantile levels stored under ``sa_quantile`` index 0..4.
+QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+#: Number of equal-width histogram bins on [-1, 1] stored under ``sa_histogram`` index 0..19.
+NUM_BINS: int = 20
+
+
+def alignment_cosines(x: torch.Tensor, v1: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosines between each input row and the top right singular vector.
+
+    a_i = <x_i, v_1> / (||x_i|| ||v_1||). ``v1`` need not be normalised. Rows with (near) zero norm get
+    cosine 0, which counts as neither positive nor negative in ``alignment_statistics``.
+
+    Args:
+        x: layer inputs, shape [T, in] (tokens x input features); leading batch dims are flattened.
+        v1: right singular vector, shape [in].
+        eps: norms below this are treated as zero.
+
+    Returns:
+        Tensor [T] of cosines in [-1, 1], in float32 or the input dtype if wider. Cost: one [T, in]
+        matvec plus row norms, O(T * in).
+
+    Raises:
+        ConfigError: if the last dimension of ``x`` does not match ``v1``.
+    """
+    if v1.dim() != 1:
+        raise ConfigError(f"v1 must be a 1-D vector of shape [in], got shape {tuple(v1.shape)}")
+    if x.dim() < 1 or x.shape[-1] != v1.shape[0]:
+        raise ConfigError(
+            f"inputs x of shape {tuple(x.shape)} do not match v1 of length {v1.shape[0]}: "
+            "the last dimension of x must be the layer's input features"
+        )
+    x = x.reshape(-1, x.shape[-1])
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    v = v1.to(device=x.device, dtype=dtype)
+    v_norm = torch.linalg.vector_norm(v)
+    if v_norm <= eps:
+        raise ConfigError("v1 has zero norm: pass the top right singular vector of the weight")
+    dots = x @ (v / v_norm)
+    norms = torch.linalg.vector_norm(x, dim=1)
+    safe = norms > eps
+    out = torch.where(safe, dots / torch.where(safe, norms, torch.ones_like(norms)), torch.zeros_like(dots))
+    # Rounding can put |a| a hair above 1; the histogram's edges assume [-1, 1].
+    return out.clamp_(-1.0, 1.0)
+
+
+def alignment_statistics(cosines: torch.Tensor) -> dict[str, float | list[float]]:
+    """Summary statistics of a cosine distribution.
+
+    - ``positive_fraction`` p+ = fraction of tokens with a_i > 0.
+    - ``sign_diversity`` = 1 - |2 p+ - 1| (1: balanced signs, 0: all one sign). Exact zeros count as
+      neither sign in p+, and diversity uses p+ against p- computed the same way, i.e.
+      1 - |p+ - p-| / (p+ + p-), so it is invariant to a global sign flip of v_1 even with zeros.
+      Without zeros this equals 1 - |2 p+ - 1|.
+    - ``mean``, ``mean_abs``: mean of a_i and of |a_i|.
+    - ``quantiles``: a_i quantiles at QUANTILES (0.05, 0.25, 0.5, 0.75, 0.95), linear interpolation.
+    - ``histogram``: NUM_BINS (20) equal bins on [-1, 1], as fractions summing to 1 (the last bin
+      includes 1.0).
+    - ``num_tokens``: T.
+
+    Args:
+        cosines: Tensor [T] (any shape is flattened) of values in [-1, 1].
+
+    Returns:
+        dict with the keys above; floats and lists of floats. Cost O(T log T) (quantiles sort).
+
+    Raises:
+        ConfigError: if ``cosines`` is empty.
+    """
+    a = cosines.detach().reshape(-1).to(torch.float64).cpu()
+    n = a.numel()
+    if n == 0:
+        raise ConfigError("no tokens to compute alignment statistics over: the input batch is empty")
+    a = a.clamp(-1.0, 1.0)
+    pos = float((a > 0).sum()) / n
+    neg = float((a < 0).sum()) / n
+    signed = pos + neg
+    # All-zero cosines carry no evidence of one-sidedness; 0 would read as a collapse alarm, so report 1.
+    diversity = 1.0 - abs(pos - neg) / signed if signed > 0 else 1.0
+    q = torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64))
+    # Bin index floor((a + 1) / 2 * NUM_BINS), with a == 1 folded into the last bin.
+    idx = ((a + 1.0) * (NUM_BINS / 2.0)).floor().long().clamp_(0, NUM_BINS - 1)
+    hist = torch.bincount(idx, minlength=NUM_BINS).to(torch.float64) / n
+    return {
+        "positive_fraction": pos,
+        "sign_diversity": float(diversity),
+        "mean": float(a.mean()),
+        "mean_abs": float(a.abs().mean()),
+        "quantiles": [float(v) for v in q],
+        "histogram": [float(v) for v in hist],
+        "num_tokens": n,
+    }
