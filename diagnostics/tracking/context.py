@@ -1,0 +1,263 @@
+"""StepContext: what a diagnostic sees of one training step, with shared work cached for that step.
+
+Expensive intermediates (per-sample gradients, a curvature operator on the probe data, captured
+activations) are computed on first request and cached in ``ctx.cache``, so three diagnostics that need
+per-sample gradients cause one vmap pass. The cache lives one step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from diagnostics.errors import ConfigError
+from diagnostics.tracking.hooks import ModuleSpec, capture_inputs, capture_outputs, concat, select_modules
+from diagnostics.tracking.isolation import eval_mode
+
+#: Default cap on rows (tokens or samples) captured per module by ``activations``/``layer_inputs``.
+DEFAULT_MAX_TOKENS = 2048
+
+
+def detach_batch(batch: Any) -> Any:
+    """A detached copy of a batch (tensors cloned; tuples, lists and dicts rebuilt; other values kept)."""
+    if torch.is_tensor(batch):
+        return batch.detach().clone()
+    if isinstance(batch, Mapping):
+        return type(batch)({k: detach_batch(v) for k, v in batch.items()}) if isinstance(batch, dict) else {
+            k: detach_batch(v) for k, v in batch.items()
+        }
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(detach_batch(v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(detach_batch(v) for v in batch)
+    return batch
+
+
+def leading_size(batch: Any) -> int | None:
+    """The leading (sample) dimension shared by the batch's tensors, or None when there is no tensor."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.ndim else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = leading_size(v)
+        if n is not None:
+            return n
+    return None
+
+
+def slice_batch(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch: every tensor with a leading dimension of the batch size is cut."""
+    size = leading_size(batch)
+    if size is None or n >= size:
+        return batch
+
+    def cut(x: Any) -> Any:
+        if torch.is_tensor(x):
+            return x[:n] if x.ndim and x.shape[0] == size else x
+        if isinstance(x, Mapping):
+            return {k: cut(v) for k, v in x.items()}
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*(cut(v) for v in x))
+        if isinstance(x, (tuple, list)):
+            return type(x)(cut(v) for v in x)
+        return x
+
+    return cut(batch)
+
+
+def _tokens_per_sample(batch: Any) -> int:
+    # Token ids [N, T] (integer) or sequences of features [N, T, D] give T tokens per sample.
+    first = batch
+    while not torch.is_tensor(first):
+        if isinstance(first, Mapping) and first:
+            first = next(iter(first.values()))
+        elif isinstance(first, (tuple, list)) and first:
+            first = first[0]
+        else:
+            return 1
+    if first.ndim == 2 and not first.is_floating_point():
+        return int(first.shape[1])
+    if first.ndim == 3:
+        return int(first.shape[1])
+    return 1
+
+
+class StepContext:
+    """One step's inputs plus a one-step cache; passed to ``Diagnostic.compute``.
+
+    Attributes:
+        step: the training step.
+        model, loss_fn, batch, optimizer: as given to the Monitor (``loss_fn`` resolved to the default loss
+            when the user gave none).
+        loss: the step's loss as a float, or None.
+        lr: learning rate of the optimizer's first parameter group, or None.
+        probe_data: list of fixed batches for the run (curvature is measured on these).
+        num_classes: from the Monitor, or None.
+        cache: a dict living one step; ``cached(key, fn)`` fills it.
+        state: the running diagnostic's own persistent dict (set by the Monitor before each compute).
+    """
+
+    def __init__(
+        self,
+        *,
+        step: int,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+        batch: Any,
+        loss: float | None,
+        optimizer: torch.optim.Optimizer | None = None,
+        probe_data: list[Any] | None = None,
+        num_classes: int | None = None,
+        curvature_mode: str = "eval",
+        max_memory_bytes: int | None = None,
+    ) -> None:
+        self.step = step
+        self.model = model
+        self._loss_fn = loss_fn
+        self.batch = batch
+        self.loss = loss
+        self.optimizer = optimizer
+        self.probe_data = list(probe_data or [])
+        self.num_classes = num_classes
+        self.curvature_mode = curvature_mode
+        self.max_memory_bytes = max_memory_bytes
+        self.cache: dict[Any, Any] = {}
+        self.state: dict[str, Any] = {}
+        self._before_update: dict[str, torch.Tensor] | None = None
+        self._after_update = False
+
+    # --- plain inputs ---------------------------------------------------------------------------
+    @property
+    def loss_fn(self) -> Callable[[nn.Module, Any], torch.Tensor]:
+        """The loss contract ``loss_fn(model, batch) -> scalar``; the package default when none was given."""
+        if self._loss_fn is None:
+            from diagnostics.functional import default_loss
+
+            self._loss_fn = default_loss
+        return self._loss_fn
+
+    @property
+    def lr(self) -> float | None:
+        if self.optimizer is None or not self.optimizer.param_groups:
+            return None
+        lr = self.optimizer.param_groups[0].get("lr")
+        return None if lr is None else float(lr.item() if torch.is_tensor(lr) else lr)
+
+    def cached(self, key: Any, fn: Callable[[], Any]) -> Any:
+        """``cache[key]``, computing it with ``fn()`` on first use this step."""
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Trainable parameters in ``named_parameters()`` order (cached for the step)."""
+        return self.cached(
+            "named_parameters", lambda: [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        )
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The user's ``.grad`` per trainable parameter that has one (detached views: do not modify them)."""
+        return self.cached(
+            "grads", lambda: {n: p.grad.detach() for n, p in self.named_parameters() if p.grad is not None}
+        )
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Current trainable parameter values (detached views: do not modify them)."""
+        return self.cached("params", lambda: {n: p.detach() for n, p in self.named_parameters()})
+
+    # --- shared expensive intermediates -----------------------------------------------------------
+    def per_sample_grads(self, params: Any = None) -> dict[str, torch.Tensor]:
+        """Per-sample gradients ``{name: [N, *shape]}`` of the step's batch; computed once per step.
+
+        Cost: one vmap(grad) pass over the batch, about the cost of N single-sample backward passes
+        batched (chunked to ``max_memory_bytes``).
+        """
+        from diagnostics.gradients import per_sample_gradients
+
+        key = ("per_sample_grads", None if params is None else tuple(params) if not isinstance(params, str) else params)
+        return self.cached(
+            key,
+            lambda: per_sample_gradients(
+                self.model, self.loss_fn, self.batch, params=params, max_memory_bytes=self.max_memory_bytes
+            ),
+        )
+
+    def curvature(self, kind: str = "hessian", params: Any = None) -> Any:
+        """A Hessian or GGN operator of the mean loss on the fixed probe data; built once per step.
+
+        Building is free; each product costs about two backward passes over the probe data.
+        """
+        if kind not in ("hessian", "ggn"):
+            raise ConfigError(f"curvature kind must be 'hessian' or 'ggn', got {kind!r}")
+        if not self.probe_data:
+            raise ConfigError("no probe data: pass probe_data= to the Monitor or call monitor.step with a batch")
+        key = ("curvature", kind, None if params is None else params if isinstance(params, str) else tuple(params))
+
+        def build() -> Any:
+            from diagnostics import curvature  # heavy; only when a due diagnostic asks
+
+            cls = curvature.HessianOperator if kind == "hessian" else curvature.GGNOperator
+            return cls(self.model, self.loss_fn, self.probe_data, params=params, mode=self.curvature_mode)
+
+        return self.cached(key, build)
+
+    def _captured(self, modules: ModuleSpec, max_tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        spec_key = modules if modules is None or isinstance(modules, (str, type)) else (
+            tuple(modules) if isinstance(modules, (list, tuple)) else id(modules)
+        )
+
+        def run() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            chosen = select_modules(self.model, modules)
+            if not chosen:
+                return {}, {}
+            n = leading_size(self.batch) or 1
+            # Enough samples to fill the token budget, no more: the forward pass costs what it captures.
+            per = _tokens_per_sample(self.batch)
+            n_keep = max(1, min(n, math.ceil(max_tokens / max(per, 1))))
+            sub = slice_batch(self.batch, n_keep)
+            ins: dict[str, list[torch.Tensor]] = {}
+            outs: dict[str, list[torch.Tensor]] = {}
+            with torch.no_grad(), eval_mode(self.model):
+                with capture_inputs(chosen, ins, max_rows=max_tokens), capture_outputs(chosen, outs, max_rows=max_tokens):
+                    self.loss_fn(self.model, sub)
+            return concat(ins), concat(outs)
+
+        return self.cached(("captured", spec_key, max_tokens), run)
+
+    def activations(self, modules: ModuleSpec = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, torch.Tensor]:
+        """Outputs of the chosen modules as ``{name: [tokens, features]}`` (at most ``max_tokens`` rows each).
+
+        Captured by scoped forward hooks during one no-grad, eval-mode forward over a subsample of the
+        step's batch; cached with ``layer_inputs`` (one forward serves both). Cost: one forward pass on
+        about ``max_tokens`` tokens.
+        """
+        return self._captured(modules, max_tokens)[1]
+
+    def layer_inputs(self, modules: ModuleSpec = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, torch.Tensor]:
+        """Inputs of the chosen modules as ``{name: [tokens, features]}``; same pass as :meth:`activations`."""
+        return self._captured(modules, max_tokens)[0]
+
+    # --- the optimizer's update ---------------------------------------------------------------------
+    def update(self) -> dict[str, torch.Tensor]:
+        """The parameter change made by ``optimizer.step()``, ``{name: after - before}``.
+
+        Only available in ``compute_after_update``. Cost: one subtraction per parameter (once per step).
+        """
+        if not self._after_update or self._before_update is None:
+            raise ConfigError("ctx.update() is only available in compute_after_update (declare 'update' in requires)")
+
+        def diff() -> dict[str, torch.Tensor]:
+            now = dict(self.named_parameters())
+            return {n: now[n].detach() - before for n, before in self._before_update.items() if n in now}
+
+        return self.cached("update", diff)
+
+    def params_before_update(self) -> dict[str, torch.Tensor]:
+        """Parameter values saved just before ``optimizer.step()`` (only in ``compute_after_update``)."""
+        if self._before_update is None:
+            raise ConfigError("parameters before the update are only kept for diagnostics that require 'update'")
+        return self._before_update

@@ -1,0 +1,162 @@
+"""State isolation: run diagnostic work so that training cannot tell it happened.
+
+A diagnostic may switch modules to eval mode, draw random numbers or toggle grad mode; :func:`isolated`
+puts all of that back in ``finally``. It never touches ``.grad`` or ``requires_grad`` (saving and restoring
+them would hide a diagnostic that mutates them; the debug ``check`` reports such a diagnostic instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class IsolationError(AssertionError):
+    """Raised by ``isolated(check=True)`` when the wrapped code changed state it must leave alone."""
+
+
+def _cuda_devices() -> list[int]:
+    # fork_rng over every device is slow and initialises CUDA; only the current device matters and
+    # only when CUDA is already in use.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
+@contextlib.contextmanager
+def fork_global_rng() -> Iterator[None]:
+    """Save the torch (CPU and current CUDA device), numpy and Python ``random`` streams; restore them on exit.
+
+    Cost: copying the generator states (a few kilobytes), microseconds.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def restore_modes(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore every module's ``training`` flag on exit (each module's own flag, not ``model.train(mode)``)."""
+    saved = [(m, m.training) for m in modules]
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block (dropout off, BatchNorm on running stats); restore each flag."""
+    with restore_modes(list(model.modules())):
+        model.eval()
+        yield
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    snap: dict[str, Any] = {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+        "torch_rng": torch.get_rng_state(),
+        "np_rng": np.random.get_state()[1].copy(),
+        "py_rng": random.getstate(),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+    if optimizer is not None:
+        snap["optimizer"] = [
+            {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+            for st in optimizer.state.values()
+        ]
+        snap["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return snap
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return bool(a == b)
+
+
+def _compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    changed: list[str] = []
+    for part in ("params", "grads", "requires_grad", "buffers", "modes", "hooks"):
+        for name, value in before[part].items():
+            if name not in after[part] or not _same(value, after[part][name]):
+                changed.append(f"{part}[{name}]")
+    if not torch.equal(before["torch_rng"], after["torch_rng"]):
+        changed.append("torch RNG")
+    if not np.array_equal(before["np_rng"], after["np_rng"]):
+        changed.append("numpy RNG")
+    if before["py_rng"] != after["py_rng"]:
+        changed.append("python RNG")
+    if before["grad_enabled"] != after["grad_enabled"]:
+        changed.append("grad mode")
+    if "optimizer" in before:
+        if len(before["optimizer"]) != len(after["optimizer"]):
+            changed.append("optimizer state (entries)")
+        else:
+            for i, (sa, sb) in enumerate(zip(before["optimizer"], after["optimizer"])):
+                if sa.keys() != sb.keys() or not all(_same(sa[k], sb[k]) for k in sa):
+                    changed.append(f"optimizer state[{i}]")
+        if before["param_groups"] != after["param_groups"]:
+            changed.append("optimizer param_groups")
+    return changed
+
+
+@contextlib.contextmanager
+def isolated(
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    modules: Sequence[nn.Module] | None = None,
+    check: bool = False,
+    label: str = "diagnostic",
+) -> Iterator[None]:
+    """Run a block with the global RNG streams forked and every module's mode and the grad mode restored.
+
+    Args:
+        model: the user's model.
+        optimizer: compared too when ``check`` is on.
+        modules: ``list(model.modules())`` precomputed by the caller (saves a traversal per call).
+        check: debug option; snapshot parameters, buffers, ``.grad``, ``requires_grad``, modes, hooks, RNG
+            and optimizer state before the block and raise :class:`IsolationError` naming what changed.
+            Costs a copy of the model and its optimizer state; for tests, not for training.
+        label: names the wrapped work in the error message.
+
+    Cost without ``check``: microseconds (generator states plus one flag per module).
+    """
+    before = _snapshot(model, optimizer) if check else None
+    grad_enabled = torch.is_grad_enabled()
+    failed = False
+    try:
+        with fork_global_rng(), restore_modes(list(model.modules()) if modules is None else modules):
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+        if before is not None and not failed:
+            changed = _compare(before, _snapshot(model, optimizer))
+            if changed:
+                raise IsolationError(f"{label} changed state it must leave alone: {', '.join(changed)}")

@@ -1,0 +1,636 @@
+"""The Monitor: the edge between a training loop and the diagnostics.
+
+Usage::
+
+    with Monitor(model, run="runs/exp1", diagnostics="standard", optimizer=opt) as monitor:
+        for step, batch in enumerate(loader):
+            loss = loss_fn(model, batch)
+            loss.backward()
+            monitor.step(step, batch, loss)      # after backward(), before optimizer.step()
+            opt.step()
+            opt.zero_grad()
+
+Each step it runs the due diagnostics inside an isolation context, times each one, and commits the
+step's records, events and statuses to the run store in one transaction. A failing diagnostic becomes a
+failed status plus an ``estimator_failed`` event; training never sees the exception unless
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diagnostics.errors import ConfigError, DataError, LossError, StopTraining, StoreError
+from diagnostics.metrics.base import Diagnostic, Output
+from diagnostics.metrics.registry import resolve_diagnostics
+from diagnostics.store.records import Event, Record, Status
+from diagnostics.tracking.context import StepContext, detach_batch
+from diagnostics.tracking.isolation import IsolationError, eval_mode, isolated
+
+ACTIONS = ("record", "warn", "checkpoint", "stop")
+# Requirements that make a diagnostic call the loss on some data.
+_USES_LOSS = frozenset({"per_sample_grads", "curvature", "activations", "layer_inputs"})
+
+Action = str | Callable[[Event, int], Any]
+
+
+# --- model identity --------------------------------------------------------------------------------
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of the parameter names and shapes: the same architecture, any weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    """``{class, num_params, num_trainable, parameters: {name: shape}}`` for the run's metadata."""
+    params = dict(model.named_parameters())
+    return {
+        "class": type(model).__name__,
+        "num_params": int(sum(p.numel() for p in params.values())),
+        "num_trainable": int(sum(p.numel() for p in params.values() if p.requires_grad)),
+        "parameters": {n: list(p.shape) for n, p in params.items()},
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        out["training-diagnostics"] = metadata.version("training-diagnostics")
+    except metadata.PackageNotFoundError:
+        pass
+    return out
+
+
+# --- JSON encoding of diagnostic state (tensors and arrays as base64 of their bytes) ---------------
+def encode_state(value: Any) -> Any:
+    """Make a diagnostic's state JSON-serialisable; tensors and arrays keep dtype, shape and exact bytes."""
+    if torch.is_tensor(value):
+        t = value.detach().cpu().contiguous()
+        return {
+            "__tensor__": base64.b64encode(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").decode(),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+        }
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": base64.b64encode(value.tobytes()).decode(), "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, Mapping):
+        return {str(k): encode_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_state(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    return value
+
+
+def decode_state(value: Any) -> Any:
+    """Inverse of :func:`encode_state` (tensors come back on the CPU)."""
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            dtype = getattr(torch, value["dtype"])
+            raw = bytearray(base64.b64decode(value["__tensor__"]))
+            if not raw:
+                return torch.empty(value["shape"], dtype=dtype)
+            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(value["shape"]).clone()
+        if "__ndarray__" in value:
+            return np.frombuffer(base64.b64decode(value["__ndarray__"]), dtype=value["dtype"]).reshape(value["shape"]).copy()
+        if "__float__" in value:
+            return float(value["__float__"])
+        return {k: decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    return value
+
+
+def _check_action(action: Any, where: str) -> None:
+    if action is None or callable(action):
+        return
+    if action not in ACTIONS:
+        raise ConfigError(f"{where}: action must be one of {', '.join(ACTIONS)} or a callable(event, step), got {action!r}")
+
+
+def _probe_list(probe_data: Any, limit: int | None) -> list[Any]:
+    """Normalise probe data: a tuple/dict/tensor is one batch; a list or an iterable is a sequence of batches."""
+    if probe_data is None:
+        return []
+    if isinstance(probe_data, (tuple, Mapping)) or torch.is_tensor(probe_data):
+        return [probe_data]
+    if isinstance(probe_data, list):
+        return list(probe_data)
+    if isinstance(probe_data, Iterable):
+        out = []
+        for b in probe_data:
+            out.append(detach_batch(b))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+    raise ConfigError(f"probe_data must be a batch or a list of batches, got {type(probe_data).__name__}")
+
+
+class _Pending:
+    """A step whose records wait for the optimizer's update before they are committed."""
+
+    def __init__(self, step: int, ctx: StepContext) -> None:
+        self.step = step
+        self.ctx = ctx
+        self.records: list[Record] = []
+        self.events: list[tuple[Diagnostic | None, Event]] = []
+        self.statuses: dict[str, Status] = {}
+        self.update_diags: list[Diagnostic] = []
+        self.handle: Any = None
+
+
+class Monitor:
+    """Runs registered diagnostics inside a training loop and writes them to a run store.
+
+    Args:
+        model: the model being trained.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (mean reduction); default
+            :func:`diagnostics.functional.default_loss`. Used by diagnostics that need extra passes.
+        run: run directory (created); an existing run of the same model is resumed, one of another
+            model is refused. Default ``runs/<date-time>``.
+        diagnostics: a preset ("cheap" | "standard" | "full"), names, Diagnostic instances, or
+            ``{name: options}``.
+        optimizer: needed for the learning rate and for diagnostics that need the update (they are then
+            computed from an optimizer step post-hook registered only on steps where they are due);
+            without it the update is taken at the next ``step()`` or ``close()``.
+        probe_data: fixed batches for curvature estimates; default: detached copies of the first
+            ``probe_batches`` batches passed to :meth:`step`.
+        strict: re-raise a diagnostic's exception instead of recording it as failed.
+        num_classes: recorded and passed to diagnostics (default k of top-subspace estimates).
+        every: override every diagnostic's schedule (int) or some (``{name: every}``).
+        meta: extra JSON metadata stored under the run's ``config``.
+        actions: what to do with warning events from diagnostics: "record" (default), "warn", "checkpoint",
+            "stop" (raise :class:`~diagnostics.errors.StopTraining` after the step is committed), a callable
+            ``f(event, step)``, or a dict by diagnostic name or event kind. A diagnostic's own ``action``
+            attribute (``get_diagnostic(name, action=...)``) takes precedence.
+        probe_batches: how many batches to copy as probe data when ``probe_data`` is None.
+        name: run name (meta ``run_name``).
+        curvature_mode: "eval" (default) or "train" for the forward passes inside curvature estimates.
+        max_memory_bytes: budget for chunking per-sample gradients.
+        rank_zero_only: under torch.distributed, only rank 0 computes and writes.
+        state_every: save diagnostics' state to the run's metadata every this many monitored steps.
+        check_isolation: debug option; verify after every diagnostic that parameters, buffers, grads,
+            modes, hooks, RNG and optimizer state are unchanged (costs copies of them; for tests).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        run: str | os.PathLike[str] | None = None,
+        diagnostics: Any = "standard",
+        optimizer: torch.optim.Optimizer | None = None,
+        probe_data: Any = None,
+        strict: bool = False,
+        num_classes: int | None = None,
+        every: int | Mapping[str, int] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        actions: Action | Mapping[str, Action] | None = None,
+        probe_batches: int = 1,
+        name: str | None = None,
+        curvature_mode: str = "eval",
+        max_memory_bytes: int | None = None,
+        rank_zero_only: bool = True,
+        state_every: int = 100,
+        check_isolation: bool = False,
+    ) -> None:
+        # Everything that can be checked is checked before the run directory is touched.
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if curvature_mode not in ("eval", "train"):
+            raise ConfigError(f"curvature_mode must be 'eval' or 'train', got {curvature_mode!r}")
+        if int(probe_batches) < 1:
+            raise ConfigError(f"probe_batches must be at least 1, got {probe_batches}")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.strict = bool(strict)
+        self.num_classes = num_classes
+        self.curvature_mode = curvature_mode
+        self.max_memory_bytes = max_memory_bytes
+        self.probe_batches = int(probe_batches)
+        self.state_every = max(1, int(state_every))
+        self.check_isolation = bool(check_isolation)
+        self.diagnostics: list[Diagnostic] = resolve_diagnostics(diagnostics)
+        self._apply_every(every)
+        self._set_actions(actions)
+        self._uses_loss = loss_fn is not None or any(_USES_LOSS & d.requires for d in self.diagnostics)
+        self._modules = list(model.modules())
+        self._user_probe = probe_data is not None
+        self.probe_data: list[Any] = _probe_list(probe_data, self.probe_batches)
+        if self._user_probe:
+            if not self.probe_data:
+                raise DataError("probe_data is empty; pass at least one batch or leave it None")
+            for i, b in enumerate(self.probe_data):
+                self._check_batch(b, f"probe_data[{i}]")
+        self._batch_checked = False
+        self._states: dict[str, dict[str, Any]] = {d.name: {} for d in self.diagnostics}
+        self._pending: _Pending | None = None
+        self._closed = False
+        self._monitored = 0
+        self._store_failures = 0
+        self.last_step: int | None = None
+
+        self.writes = True
+        if rank_zero_only and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.writes = torch.distributed.get_rank() == 0
+
+        if run is None:
+            run = Path("runs") / _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        self.run_dir = Path(run).expanduser()
+        self.fingerprint = model_fingerprint(model)
+        self.writer = None
+        if self.writes:
+            self._open_store(name, meta)
+
+    # --- configuration ----------------------------------------------------------------------------
+    def _apply_every(self, every: int | Mapping[str, int] | None) -> None:
+        if every is None:
+            return
+        names = {d.name: d for d in self.diagnostics}
+        items = every.items() if isinstance(every, Mapping) else ((n, every) for n in names)
+        for n, e in items:
+            if n not in names:
+                raise ConfigError(f"every={{{n!r}: ...}} names no selected diagnostic; selected: {', '.join(names)}")
+            if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+                raise ConfigError(f"every for {n!r} must be a positive int, got {e!r}")
+            names[n].every = e
+
+    def _set_actions(self, actions: Any) -> None:
+        self._default_action: Action = "record"
+        self._actions: dict[str, Action] = {}
+        if isinstance(actions, Mapping):
+            for k, a in actions.items():
+                _check_action(a, f"actions[{k!r}]")
+                self._actions[str(k)] = a
+        elif actions is not None:
+            _check_action(actions, "actions")
+            self._default_action = actions
+        for d in self.diagnostics:
+            _check_action(getattr(d, "action", None), f"diagnostic {d.name!r}")
+
+    def _check_batch(self, batch: Any, what: str) -> None:
+        """Run the loss once on ``batch`` (no grad, eval mode, isolated): DataError/LossError if unusable."""
+        if batch is None:
+            raise DataError(f"{what} is None, but the selected diagnostics run the loss on the step's batch; pass the batch")
+        loss_fn = self.loss_fn
+        if loss_fn is None:
+            from diagnostics.functional import default_loss
+
+            loss_fn = default_loss
+        try:
+            with isolated(self.model, modules=self._modules), torch.no_grad(), eval_mode(self.model):
+                value = loss_fn(self.model, batch)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the batch/loss pair is unusable
+            if isinstance(exc, (DataError, LossError, ConfigError)):
+                raise
+            raise DataError(
+                f"loss_fn cannot consume {what}: {type(exc).__name__}: {exc}. Pass a loss_fn(model, batch) "
+                "that accepts your batches, or batches of the form (inputs, targets)"
+            ) from exc
+        if not torch.is_tensor(value) or value.numel() != 1 or not value.is_floating_point():
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise LossError(f"loss_fn(model, {what}) must return a scalar floating tensor (mean loss), got {shape}")
+
+    def _open_store(self, name: str | None, meta: Mapping[str, Any] | None) -> None:
+        from diagnostics.store import RunWriter, open_run
+        from diagnostics.store.schema import database_path
+
+        resumed_meta: dict[str, Any] = {}
+        if database_path(self.run_dir).is_file():
+            run = open_run(self.run_dir)  # raises SchemaVersionError for a store from a newer package
+            try:
+                resumed_meta = run.meta
+            finally:
+                run.close()
+            old = resumed_meta.get("model_fingerprint")
+            if old is not None and old != self.fingerprint:
+                raise StoreError(
+                    f"run dir {self.run_dir} belongs to another model (fingerprint {old}, this model "
+                    f"{self.fingerprint}); choose another run directory"
+                )
+        run_meta = {
+            "versions": _versions(),
+            "config": dict(meta or {}),
+            "model_summary": model_summary(self.model),
+            "model_fingerprint": self.fingerprint,
+            "diagnostics": {d.name: {"class": type(d).__name__, **d.settings()} for d in self.diagnostics},
+            "gradients_seen": "the parameters' .grad after the user's backward(), before optimizer.step()",
+            "loss_reduction": "mean",
+            "curvature_mode": self.curvature_mode,
+            "activation_mode": "eval",
+            "num_classes": self.num_classes,
+        }
+        self.writer = RunWriter(self.run_dir, name=name, meta=run_meta, resume=True)
+        self.resumed = bool(resumed_meta)
+        if resumed_meta:
+            self._load_state(resumed_meta.get("diagnostic_state") or {})
+            if not self._user_probe:
+                self._load_probe()
+
+    # --- state --------------------------------------------------------------------------------------
+    def _load_state(self, saved: Mapping[str, Any]) -> None:
+        for d in self.diagnostics:
+            entry = saved.get(d.name)
+            if not entry:
+                continue
+            entry = decode_state(entry)
+            d.load_state_dict(entry.get("attrs", {}))
+            self._states[d.name] = dict(entry.get("ctx", {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every diagnostic's declared state and its ``ctx.state`` dict, JSON-encoded."""
+        return {
+            d.name: encode_state({"attrs": d.state_dict(), "ctx": self._states.get(d.name, {})})
+            for d in self.diagnostics
+        }
+
+    def _save_state(self) -> None:
+        if self.writer is None:
+            return
+        state = self.state_dict()
+        self.writer.set_meta("diagnostic_state", state)
+        if self.last_step is not None:
+            self.writer.set_meta("last_step", self.last_step)
+
+    def _probe_path(self) -> Path:
+        return self.run_dir / "probe_data.pt"
+
+    def _save_probe(self) -> None:
+        try:
+            torch.save(self.probe_data, self._probe_path())
+        except Exception as exc:  # noqa: BLE001 - resuming without it only changes later curvature probes
+            warnings.warn(f"could not save probe data for resuming: {exc}", RuntimeWarning, stacklevel=3)
+
+    def _load_probe(self) -> None:
+        path = self._probe_path()
+        if path.is_file():
+            try:
+                self.probe_data = torch.load(path, weights_only=True)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"could not load saved probe data {path}: {exc}", RuntimeWarning, stacklevel=3)
+
+    # --- the training-loop API ------------------------------------------------------------------------
+    def step(self, step: int, batch: Any = None, loss: torch.Tensor | float | None = None) -> None:
+        """Run the diagnostics due at ``step``; call after ``loss.backward()``, before ``optimizer.step()``.
+
+        Args:
+            step: the global step (int, non-decreasing).
+            batch: the step's batch as the loss consumes it (needed by diagnostics that run extra passes).
+            loss: the scalar loss backward() was called on (tensor or float).
+
+        Raises:
+            LossError: ``loss`` is not a scalar; DataError: the loss cannot consume ``batch`` (checked on
+            the first step that needs it, before anything is written); StopTraining: a warning event's
+            action is "stop" (raised after the step is committed).
+        """
+        if self._closed:
+            raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise ConfigError(f"step must be an int, got {type(step).__name__}")
+        step = int(step)
+        if torch.is_tensor(loss):
+            if loss.numel() != 1:
+                raise LossError(
+                    f"loss passed to monitor.step must be a scalar, got shape {tuple(loss.shape)}; "
+                    "pass the value backward() was called on (e.g. loss.mean())"
+                )
+        elif loss is not None and not isinstance(loss, (int, float, np.floating, np.integer)):
+            raise LossError(f"loss passed to monitor.step must be a scalar tensor or a float, got {type(loss).__name__}")
+        self._finish_pending()
+        if not self.writes:
+            return
+        if self._uses_loss and not self._batch_checked:
+            if not self._user_probe or batch is not None:
+                self._check_batch(batch, f"the batch of step {step}")
+            self._batch_checked = True
+        if not self._user_probe and len(self.probe_data) < self.probe_batches and batch is not None:
+            self.probe_data.append(detach_batch(batch))
+            if len(self.probe_data) == self.probe_batches and self._uses_loss:
+                self._save_probe()
+        due = [d for d in self.diagnostics if d.is_due(step)]
+        self.last_step = step
+        if not due:
+            return
+        loss_value = None
+        if loss is not None:
+            loss_value = float(loss.detach().item()) if torch.is_tensor(loss) else float(loss)
+        ctx = StepContext(
+            step=step,
+            model=self.model,
+            loss_fn=self.loss_fn,
+            batch=batch,
+            loss=loss_value,
+            optimizer=self.optimizer,
+            probe_data=self.probe_data,
+            num_classes=self.num_classes,
+            curvature_mode=self.curvature_mode,
+            max_memory_bytes=self.max_memory_bytes,
+        )
+        pending = _Pending(step, ctx)
+        for d in due:
+            records, events, status = self._run(d, d.compute, ctx)
+            pending.records += records
+            pending.events += [(d, e) for e in events]
+            pending.statuses[d.name] = status
+            if "update" in d.requires and status.status != "failed":
+                pending.update_diags.append(d)
+        ctx.cache.clear()  # frees per-sample gradients and captured activations before the update
+        self._monitored += 1
+        if pending.update_diags and not self._stop_requested(pending):
+            ctx._before_update = {n: p.detach().clone() for n, p in ctx.named_parameters()}
+            self._pending = pending
+            if self.optimizer is not None:
+                pending.handle = self.optimizer.register_step_post_hook(self._on_optimizer_step)
+            return
+        self._commit(pending)
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Compute the update diagnostics of the pending step and commit it (once; removes the hook)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.handle is not None:
+            pending.handle.remove()
+        ctx = pending.ctx
+        ctx._after_update = True
+        ctx.cache.clear()
+        try:
+            for d in pending.update_diags:
+                records, events, status = self._run(d, d.compute_after_update, ctx)
+                before = pending.statuses[d.name]
+                pending.records += records
+                pending.events += [(d, e) for e in events]
+                pending.statuses[d.name] = Status(
+                    d.name,
+                    status.status if status.status != "ok" else before.status,
+                    status.reason or before.reason,
+                    before.seconds + status.seconds,
+                    status.num_matvecs if status.num_matvecs is not None else before.num_matvecs,
+                )
+        finally:
+            ctx._before_update = None
+            ctx.cache.clear()
+            self._commit(pending)
+
+    def _run(self, d: Diagnostic, fn: Callable[[StepContext], Any], ctx: StepContext) -> tuple[list[Record], list[Event], Status]:
+        """Run one diagnostic phase isolated and timed; failures become a failed Status and an event."""
+        ctx.state = self._states.setdefault(d.name, {})
+        t0 = time.perf_counter()
+        try:
+            with isolated(self.model, optimizer=self.optimizer, modules=self._modules, check=self.check_isolation, label=d.name):
+                out = fn(ctx)
+            if isinstance(out, Output):
+                records, events = list(out.records), list(out.events)
+                status, reason, nmv = out.status, out.reason, out.num_matvecs
+            else:
+                records, events, status, reason, nmv = list(out or []), [], "ok", None, None
+            if status == "failed":
+                records = []
+            elif not getattr(d, "allow_nonfinite", False):
+                bad = next((r for r in records if not math.isfinite(r.value)), None)
+                if bad is not None:
+                    raise FloatingPointError(f"non-finite value {bad.value} in {bad.metric}[{bad.key}, {bad.index}]")
+        except IsolationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must never break the user's training
+            if self.strict:
+                raise
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            records, events, status, nmv = [], [], "failed", None
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+        seconds = time.perf_counter() - t0
+        if status == "failed":
+            events = events + [
+                Event(
+                    kind="estimator_failed",
+                    message=f"{d.name} failed at step {ctx.step}: {reason}",
+                    severity="warning",
+                    key=d.name,
+                    data={"diagnostic": d.name, "reason": reason},
+                )
+            ]
+        return records, events, Status(d.name, status, reason, seconds, nmv)
+
+    # --- committing and actions ---------------------------------------------------------------------
+    def _action_for(self, d: Diagnostic | None, event: Event) -> Action:
+        if d is not None and getattr(d, "action", None) is not None:
+            return d.action  # type: ignore[attr-defined]
+        if d is not None and d.name in self._actions:
+            return self._actions[d.name]
+        if event.kind in self._actions:
+            return self._actions[event.kind]
+        return self._default_action
+
+    def _actionable(self, pending: _Pending) -> list[tuple[Event, Action]]:
+        out = []
+        for d, e in pending.events:
+            # The Monitor's own estimator_failed events describe the tooling, not the training: no actions.
+            if e.kind == "estimator_failed" or e.severity not in ("warning", "error"):
+                continue
+            out.append((e, self._action_for(d, e)))
+        return out
+
+    def _stop_requested(self, pending: _Pending) -> bool:
+        return any(a == "stop" for _, a in self._actionable(pending))
+
+    def _commit(self, pending: _Pending) -> None:
+        records = list(pending.records)
+        records += [Record("monitor_seconds", s.seconds, key=n) for n, s in pending.statuses.items()]
+        events = [e for _, e in pending.events]
+        if self.writer is not None:
+            try:
+                self.writer.write_step(pending.step, records, events, list(pending.statuses.values()))
+            except StoreError as exc:
+                if self.strict:
+                    raise
+                self._store_failures += 1
+                if self._store_failures == 1:
+                    warnings.warn(f"diagnostics: cannot write step {pending.step}: {exc}", RuntimeWarning, stacklevel=3)
+            has_state = any(d.state_keys for d in self.diagnostics) or any(self._states.values())
+            if has_state and self._monitored % self.state_every == 0:
+                self._save_state()
+        self._do_actions(pending)
+
+    def _do_actions(self, pending: _Pending) -> None:
+        stop: Event | None = None
+        for event, action in self._actionable(pending):
+            if action == "record":
+                continue
+            if action == "warn":
+                warnings.warn(f"diagnostics: {event.message}", RuntimeWarning, stacklevel=4)
+            elif action == "checkpoint":
+                self.save_checkpoint(pending.step)
+            elif action == "stop":
+                stop = stop or event
+            else:
+                action(event, pending.step)  # type: ignore[operator]
+        if stop is not None:
+            raise StopTraining(f"training stopped at step {pending.step}: {stop.message}", event=stop)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Save model (and optimizer) state to ``run_dir/checkpoints/step_<step>.pt``; returns the path."""
+        folder = self.run_dir / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step}.pt"
+        payload = {"step": step, "model": self.model.state_dict()}
+        if self.optimizer is not None:
+            payload["optimizer"] = self.optimizer.state_dict()
+        torch.save(payload, path)
+        return path
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Commit a pending step, save diagnostics' state to the run's metadata, close the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._finish_pending()
+        finally:
+            if self.writer is not None:
+                try:
+                    self._save_state()
+                finally:
+                    self.writer.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        names = ", ".join(d.name for d in self.diagnostics)
+        return f"Monitor(run={str(self.run_dir)!r}, diagnostics=[{names}])"
