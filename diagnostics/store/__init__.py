@@ -1,1 +1,25 @@
-"""The run store: one schema-versioned SQLite file per run directory. Imports no torch."""
+"""The run store: one schema-versioned SQLite file per run directory. Imports no torch.
+
+Write with :class:`RunWriter` (one committed transaction per step), read with :func:`open_run` /
+:func:`open_runs` into tidy pandas DataFrames, merge per-rank or per-job stores with :func:`combine_runs`.
+The table layout is documented in :mod:`diagnostics.store.schema`.
+"""
+
+from diagnostics.store.combine import combine_runs
+from diagnostics.store.reader import Run, Runs, open_run, open_runs
+from diagnostics.store.records import Event, Record, Status
+from diagnostics.store.schema import SCHEMA_VERSION
+from diagnostics.store.writer import RunWriter
+
+__all__ = [
+    "RunWriter",
+    "open_run",
+    "open_runs",
+    "combine_runs",
+    "Run",
+    "Runs",
+    "Record",
+    "Event",
+    "Status",
+    "SCHEMA_VERSION",
+]

@@ -1,0 +1,170 @@
+"""Validation and conversion of what the writer is given, done before any transaction starts.
+
+Everything here turns user values into plain rows or raises :class:`StoreError` naming the offending
+field, so that a bad record never leaves a step half written.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from diagnostics.errors import StoreError
+from diagnostics.store.records import Event, Record, Status
+
+SEVERITIES = ("info", "warning", "error")
+STATUSES = ("ok", "not_converged", "failed")
+
+
+def _type_name(value: Any) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def to_json_value(value: Any, where: str) -> Any:
+    """Convert ``value`` to plain JSON types: numpy scalars and arrays, tuples and paths are converted.
+
+    Args:
+        value: the value to convert.
+        where: how to name the value in an error message, e.g. ``"meta['config']"``.
+
+    Returns:
+        An equivalent value made of dict (str keys), list, str, int, float, bool and None.
+
+    Raises:
+        StoreError: something cannot be represented as JSON (an object, a set, a tensor, a non-str key).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise StoreError(
+                    f"{where} has a key {k!r} of type {_type_name(k)}; JSON objects need str keys"
+                )
+            out[k] = to_json_value(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    # numpy scalars and arrays without importing numpy: both offer tolist()/item().
+    mod = type(value).__module__
+    if mod == "numpy" and hasattr(value, "tolist"):
+        return to_json_value(value.tolist(), where)
+    raise StoreError(
+        f"{where} holds a value of type {_type_name(value)}, which is not JSON-serialisable; store a str, "
+        "number, bool, None, list or dict (convert tensors with .tolist() or .item())"
+    )
+
+
+def dumps(value: Any, where: str) -> str:
+    """Serialise ``value`` to JSON text after :func:`to_json_value` (NaN and inf allowed)."""
+    return json.dumps(to_json_value(value, where), sort_keys=True)
+
+
+def _check_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise StoreError(f"{where} must be an int, got {value!r} of type {_type_name(value)}")
+    return int(value)
+
+
+def _check_str(value: Any, where: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"{where} must be a non-empty str, got {value!r}")
+    return value
+
+
+def check_step(step: Any) -> int:
+    """Return ``step`` as an int, or raise StoreError."""
+    return _check_int(step, "step")
+
+
+def check_source(source: Any) -> str:
+    """Return the stored form of a source ('' for None), or raise StoreError."""
+    if source is None:
+        return ""
+    return _check_str(source, "source") or ""
+
+
+def series_rows(step: int, records: Iterable[Record], source: str) -> list[tuple]:
+    """Validate records and return rows ``(step, metric, key, idx, value, source)``.
+
+    NaN becomes NULL (see :mod:`diagnostics.store.schema`); infinities are kept.
+    """
+    rows = []
+    for i, r in enumerate(records):
+        if type(r) is not Record and not isinstance(r, Record):
+            raise StoreError(f"records[{i}] is a {_type_name(r)}, expected diagnostics.store.Record")
+        metric, key, idx, v = r.metric, r.key, r.index, r.value
+        # Fast path for the common plain types; the general checks below name what is wrong.
+        if not (type(metric) is str and metric and type(key) is str and key and type(idx) is int):
+            where = f"records[{i}] (metric {metric!r})"
+            _check_str(metric, f"{where}.metric")
+            _check_str(key, f"{where}.key")
+            idx = _check_int(idx, f"{where}.index")
+        if type(v) is not float:
+            v = _check_value(v, f"records[{i}] (metric {metric!r}).value")
+        rows.append((step, metric, key, idx, None if v != v else v, source))  # v != v: NaN -> NULL
+    return rows
+
+
+def _check_value(v: Any, where: str) -> float:
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise StoreError(
+            f"{where} must be a real number, got {_type_name(v)}; convert tensors with .item(), and "
+            "report a failed estimate as a failed Status, not as a value"
+        )
+    return float(v)
+
+
+def event_rows(step: int, events: Iterable[Event], source: str, now: float) -> list[tuple]:
+    """Validate events and return rows ``(step, kind, severity, metric, key, message, data, time, source)``."""
+    rows = []
+    for i, e in enumerate(events):
+        if not isinstance(e, Event):
+            raise StoreError(f"events[{i}] is a {_type_name(e)}, expected diagnostics.store.Event")
+        where = f"events[{i}] (kind {e.kind!r})"
+        _check_str(e.kind, f"{where}.kind")
+        if e.severity not in SEVERITIES:
+            raise StoreError(f"{where}.severity must be one of {SEVERITIES}, got {e.severity!r}")
+        _check_str(e.metric, f"{where}.metric", optional=True)
+        _check_str(e.key, f"{where}.key", optional=True)
+        if not isinstance(e.message, str):
+            raise StoreError(f"{where}.message must be a str, got {_type_name(e.message)}")
+        if not isinstance(e.data, Mapping):
+            raise StoreError(f"{where}.data must be a dict, got {_type_name(e.data)}")
+        data = dumps(e.data, f"{where}.data")
+        rows.append((step, e.kind, e.severity, e.metric, e.key, e.message, data, now, source))
+    return rows
+
+
+def status_rows(step: int, statuses: Iterable[Status], source: str) -> list[tuple]:
+    """Validate statuses and return rows ``(step, diagnostic, status, reason, seconds, num_matvecs, source)``."""
+    rows = []
+    for i, s in enumerate(statuses):
+        if not isinstance(s, Status):
+            raise StoreError(f"statuses[{i}] is a {_type_name(s)}, expected diagnostics.store.Status")
+        where = f"statuses[{i}] (diagnostic {s.diagnostic!r})"
+        _check_str(s.diagnostic, f"{where}.diagnostic")
+        if s.status not in STATUSES:
+            raise StoreError(f"{where}.status must be one of {STATUSES}, got {s.status!r}")
+        if s.reason is not None and not isinstance(s.reason, str):
+            raise StoreError(f"{where}.reason must be a str or None, got {_type_name(s.reason)}")
+        if isinstance(s.seconds, bool) or not isinstance(s.seconds, numbers.Real):
+            raise StoreError(f"{where}.seconds must be a number, got {s.seconds!r}")
+        matvecs = None if s.num_matvecs is None else _check_int(s.num_matvecs, f"{where}.num_matvecs")
+        rows.append((step, s.diagnostic, s.status, s.reason, float(s.seconds), matvecs, source))
+    return rows
