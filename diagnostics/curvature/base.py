@@ -1,0 +1,398 @@
+"""Shared machinery of the curvature operators: data, parameter blocks, flattening, caching, averaging.
+
+An operator represents a fixed matrix ``C = sum_b (|b|/N) C_b`` over a fixed list of batches, where
+``C_b`` is the curvature (Hessian or GGN) of the mean loss on batch ``b`` with respect to the selected
+parameters. Each batch is *linearised* once (one forward and one first backward pass: the
+forward-over-reverse graph folded by :func:`torch.func.linearize`, or the retained first-backward graph
+for double backward) and that linearisation is reused by every later product while it fits in the
+cache budget; products then cost only the tangent/second-backward part.
+
+Shapes: ``P`` parameters, ``K`` vectors; ``op @ v`` for ``v`` of shape ``[P]`` or ``[P, K]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diagnostics.curvature.isolation import _check_mode, isolated, seed_private
+from diagnostics.errors import ConfigError, DataError, NonDeterministicOperatorError
+from diagnostics.functional import batch_size, check_loss, default_loss, select_params
+
+__all__ = ["CurvatureOperator", "Linearisation", "DEFAULT_CACHE_BYTES", "BACKENDS"]
+
+BACKENDS = ("auto", "fwd_rev", "rev_rev")
+_INTERNAL = {"fwd_rev_plain": "fwd_rev"}
+
+#: Default budget for cached per-batch linearisations (bytes of saved activations).
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class Linearisation:
+    """One batch's curvature, ready for products. Subclasses are built by a backend.
+
+    Attributes:
+        loss: the batch's mean loss (float).
+        grad: the batch's mean-loss gradient, flat ``[P]``.
+        nbytes: estimated memory it holds (saved activations), for the cache budget.
+    """
+
+    loss: float
+    grad: Tensor
+    nbytes: int = 0
+    recomputes: bool = False  # True when each product reruns the forward pass (no reuse)
+
+    def apply(self, v: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Return ``C_b v`` for flat ``v`` ``[P]``."""
+        raise NotImplementedError
+
+    def apply_batched(self, rows: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Return ``(C_b rows^T)^T`` for ``rows`` ``[K, P]`` in one batched call (may raise)."""
+        raise NotImplementedError
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: _to_device(v, device) for k, v in obj.items()}) if isinstance(obj, dict) else {
+            k: _to_device(v, device) for k, v in obj.items()
+        }
+    if isinstance(obj, tuple):
+        return tuple(_to_device(v, device) for v in obj)
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def _is_single_batch(data: Any) -> bool:
+    if isinstance(data, (Tensor, Mapping)):
+        return True
+    if isinstance(data, (tuple, list)):
+        return len(data) > 0 and all(isinstance(x, Tensor) for x in data)
+    return False
+
+
+def materialise_batches(data: Any, device: torch.device) -> list[Any]:
+    """Return ``data`` as a list of batches on ``device``.
+
+    ``data`` is one batch (a tensor, a tuple/list of tensors, a dict) or an iterable of batches (list,
+    DataLoader). Iterables are consumed once, so every product sees the same batches in the same order.
+
+    Raises:
+        DataError: no data, or an empty iterable.
+    """
+    if data is None:
+        raise DataError("curvature operators need data: pass one batch or a list of batches as data=")
+    batches = [data] if _is_single_batch(data) else list(data)
+    if not batches:
+        raise DataError("data is empty: pass at least one non-empty batch")
+    return [_to_device(b, device) for b in batches]
+
+
+def _resolve_distributed(distributed: bool | None) -> bool:
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is True and not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("distributed=True but torch.distributed is not initialised; call init_process_group first")
+    return bool(active) and distributed is not False
+
+
+class CurvatureOperator:
+    """Base of :class:`HessianOperator` and :class:`GGNOperator`: a symmetric ``[P, P]`` linear operator.
+
+    Args:
+        model: the model (never mutated: parameters, buffers, ``.grad``, ``requires_grad``, modes and
+            the global RNG streams are as before after construction and after every product).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` with mean reduction; ``None`` for ``default_loss``.
+        data: one batch or an iterable of batches (materialised into a list, moved to the model's device).
+        params: selection of parameters (names, module prefixes, globs); the operator is the block of the
+            curvature for those parameters, the others held constant.
+        backend: ``"fwd_rev"`` (forward-over-reverse: ``torch.func.jvp`` of ``grad``, linearised once
+            per batch by ``torch.func.linearize``; tracing costs seconds per batch, products are then
+            cheap), ``"rev_rev"`` (double backward through the kept first-backward graph: milliseconds
+            to set up, products about one gradient) or ``"auto"`` (see :meth:`_choose_backend`:
+            double backward with the kept graph when it fits ``max_cache_bytes``, else
+            forward-over-reverse recomputed per product when the ops support forward mode).
+        mode: ``"eval"`` (default: dropout off, BatchNorm running statistics) or ``"train"``.
+        distributed: average over ``torch.distributed`` ranks (weighted by sample counts); ``None`` means
+            whenever a process group with world size > 1 is initialised.
+        max_cache_bytes: memory budget for cached per-batch linearisations; batches beyond it are
+            re-linearised at every product (correct, about 2x slower). 0 disables caching.
+        seed: seed of the private generator used for random ops in train mode and for probe vectors.
+        column_chunk: ``chunk_size`` of the vmap over columns of ``[P, K]`` inputs (memory bound).
+    """
+
+    kind: str = "curvature"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        data: Any = None,
+        params: None | str | Iterable[str | Tensor] = None,
+        backend: str = "auto",
+        mode: str = "eval",
+        distributed: bool | None = None,
+        *,
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        seed: int = 0,
+        column_chunk: int | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.model = model
+        self.loss_fn = default_loss if loss_fn is None else loss_fn
+        self.mode = _check_mode(mode)
+        self.requested_backend = backend
+        self._backend = None if backend == "auto" else backend
+        self.max_cache_bytes = int(max_cache_bytes)
+        self.seed = int(seed)
+        self.column_chunk = column_chunk
+        self._check_loss_fn()
+
+        selected = select_params(model, params)
+        self.param_names: list[str] = list(selected)
+        self.param_shapes: dict[str, torch.Size] = {n: p.shape for n, p in selected.items()}
+        self._param_dtypes = {n: p.dtype for n, p in selected.items()}
+        self.param_slices: dict[str, slice] = {}
+        offset = 0
+        for n, p in selected.items():
+            self.param_slices[n] = slice(offset, offset + p.numel())
+            offset += p.numel()
+        self.num_params = offset
+        dtype = next(iter(selected.values())).dtype
+        for p in selected.values():
+            dtype = torch.promote_types(dtype, p.dtype)
+        self.dtype: torch.dtype = dtype
+        self.device: torch.device = next(iter(selected.values())).device
+        self.shape: tuple[int, int] = (offset, offset)
+
+        self.batches = materialise_batches(data, self.device)
+        sizes = [batch_size(b) for b in self.batches]
+        for i, s in enumerate(sizes):
+            if s <= 0:
+                raise DataError(f"batch {i} is empty: every batch needs at least one sample")
+        self.batch_sizes = sizes
+        self.distributed = _resolve_distributed(distributed)
+        total = float(sum(sizes))
+        if self.distributed:
+            t = torch.tensor(total, dtype=torch.float64, device=self._comm_device())
+            torch.distributed.all_reduce(t)
+            total = float(t)
+        self.num_samples = int(round(total))
+        self.num_matvecs = 0
+        self._cache: dict[int, Linearisation] = {}
+        self._cache_bytes = 0
+        self._batched_ok = True
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    def _check_loss_fn(self) -> None:
+        if not callable(self.loss_fn):
+            raise ConfigError(f"loss_fn must be callable as loss_fn(model, batch), got {type(self.loss_fn).__name__}")
+
+    def _build(self, backend: str, index: int) -> Linearisation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ flattening
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``{name: tensor}`` (selected names, in order) into a flat ``[P]`` vector (op dtype)."""
+        missing = [n for n in self.param_names if n not in tensors]
+        if missing:
+            raise ConfigError(f"flatten: missing entries for parameters {missing[:5]}")
+        return torch.cat([tensors[n].reshape(-1).to(dtype=self.dtype, device=self.device) for n in self.param_names])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split a flat ``[P]`` vector into ``{name: tensor}`` of the parameters' shapes and dtypes (views)."""
+        if vector.shape[-1] != self.num_params:
+            raise ConfigError(f"vector has {vector.shape[-1]} entries; the operator has {self.num_params} parameters")
+        lead = vector.shape[:-1]
+        return {
+            n: vector[..., sl].reshape(*lead, *self.param_shapes[n]).to(self._param_dtypes[n])
+            for n, sl in self.param_slices.items()
+        }
+
+    def _params(self) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.param_names}
+
+    def _flat(self, parts: Mapping[str, Tensor | None] | Iterable[Tensor | None], batched: int | None = None) -> Tensor:
+        """Flatten gradient-like pieces (``None`` means zero), keeping a leading batch dim ``batched``."""
+        values = list(parts.values()) if isinstance(parts, Mapping) else list(parts)
+        out = []
+        for n, v in zip(self.param_names, values):
+            numel = self.param_slices[n].stop - self.param_slices[n].start
+            if v is None:
+                shape = (numel,) if batched is None else (batched, numel)
+                out.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+            else:
+                out.append(v.reshape(-1, numel).to(self.dtype) if batched is not None else v.reshape(-1).to(self.dtype))
+        return torch.cat(out, dim=-1)
+
+    # ------------------------------------------------------------------ linearisations
+
+    def _comm_device(self) -> torch.device:
+        return self.device
+
+    def _linearise(self, index: int, *, fresh: bool = False, seed: int | None = None) -> Linearisation:
+        """Return batch ``index``'s linearisation: cached, or built (one forward + one first backward)."""
+        if not fresh and index in self._cache:
+            return self._cache[index]
+        seed_private(self.seed * 1_000_003 + index if seed is None else seed)
+        lin = self._choose_backend(index) if self._backend is None else self._build(self._backend, index)
+        check_loss(torch.tensor(lin.loss), index)
+        if not fresh and self._cache_bytes + lin.nbytes <= self.max_cache_bytes:
+            self._cache[index] = lin
+            self._cache_bytes += lin.nbytes
+        return lin
+
+    def _choose_backend(self, index: int) -> Linearisation:
+        """Resolve ``backend="auto"`` on the first batch built.
+
+        Measured (see ``tests/curvature/test_curvature_cost.py``): with the linearisation kept, a double
+        backward product costs about one gradient and takes milliseconds to set up, while tracing a
+        forward-over-reverse linearisation (``torch.func.linearize``) takes seconds. So "auto" keeps the
+        first-backward graph whenever it fits the cache budget. When it does not fit, every product
+        recomputes the batch anyway, and forward-over-reverse (``jvp`` of ``grad``, no graph kept) is used
+        if every op supports forward-mode AD, else double backward.
+        """
+        lin = self._build("rev_rev", index)
+        if self._cache_bytes + lin.nbytes <= self.max_cache_bytes:
+            self._backend = "rev_rev"
+            return lin
+        try:
+            lin = self._build("fwd_rev_plain", index)
+            lin.apply(torch.zeros(self.num_params, dtype=self.dtype, device=self.device))
+            self._backend = "fwd_rev_plain"
+        except (RuntimeError, NotImplementedError):
+            # An op without forward-mode AD: double backward always works.
+            self._backend = "rev_rev"
+        return lin
+
+    @property
+    def backend(self) -> str | None:
+        """The backend in use (``"fwd_rev"`` or ``"rev_rev"``); ``None`` until "auto" has been resolved."""
+        return None if self._backend is None else _INTERNAL.get(self._backend, self._backend)
+
+    @property
+    def reuses_linearisation(self) -> bool:
+        """True when every batch's linearisation is cached and products skip the forward pass."""
+        return len(self._cache) == len(self.batches) and not any(lin.recomputes for lin in self._cache.values())
+
+    def clear_cache(self) -> None:
+        """Drop cached linearisations (frees their memory; later products re-linearise)."""
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Estimated bytes held by cached linearisations."""
+        return self._cache_bytes
+
+    # ------------------------------------------------------------------ reductions
+
+    def _reduce(self, local_sum: Tensor) -> Tensor:
+        """Turn ``sum_b |b| x_b`` on this rank into the global mean ``sum_ranks sum_b |b| x_b / N``."""
+        if self.distributed:
+            torch.distributed.all_reduce(local_sum)
+        return local_sum / self.num_samples
+
+    def _weighted(self, fn: Callable[[Linearisation], Tensor], fresh: bool = False, seed: int | None = None) -> Tensor:
+        total: Tensor | None = None
+        for i, size in enumerate(self.batch_sizes):
+            lin = self._linearise(i, fresh=fresh, seed=None if seed is None else seed + i)
+            part = fn(lin) * size
+            total = part if total is None else total + part
+        assert total is not None
+        return self._reduce(total)
+
+    # ------------------------------------------------------------------ products
+
+    def _prepare(self, V: Tensor | Any) -> Tensor:
+        V = torch.as_tensor(V).to(device=self.device, dtype=self.dtype)
+        if V.ndim not in (1, 2) or V.shape[0] != self.num_params:
+            raise ConfigError(
+                f"operator of shape {self.shape} got a vector of shape {tuple(V.shape)}; pass [P] or [P, K] with P={self.num_params}"
+            )
+        return V
+
+    def _apply_rows(self, lin: Linearisation, rows: Tensor) -> Tensor:
+        if self._batched_ok and rows.shape[0] > 1:
+            try:
+                return lin.apply_batched(rows)
+            except (RuntimeError, NotImplementedError):
+                # Some ops have no batching rule: fall back to one product per column.
+                self._batched_ok = False
+        return torch.stack([lin.apply(r) for r in rows])
+
+    def matvec(self, V: Tensor, *, _fresh: bool = False, _seed: int | None = None) -> Tensor:
+        """Return ``C @ V`` for ``V`` of shape ``[P]`` or ``[P, K]`` (op dtype, op device).
+
+        Cost: K products per batch (vmapped over columns when the backend allows), plus one
+        linearisation (forward + first backward) per batch not yet cached.
+        """
+        V = self._prepare(V)
+        cached = not _fresh and self.reuses_linearisation
+        # Products on kept linearisations run no forward pass: no mode switch or RNG fork needed.
+        ctx = torch.enable_grad() if cached else isolated(self.model, self.mode)
+        with ctx:
+            if V.ndim == 1:
+                out = self._weighted(lambda lin: lin.apply(V), fresh=_fresh, seed=_seed)
+            else:
+                rows = V.T.contiguous()
+                out = self._weighted(lambda lin: self._apply_rows(lin, rows), fresh=_fresh, seed=_seed).T
+        self.num_matvecs += 1 if V.ndim == 1 else V.shape[1]
+        return out.detach()
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        return self.matvec(V)
+
+    def gradient(self) -> Tensor:
+        """Return the mean-loss gradient over the data, flat ``[P]`` (free once the batches are linearised)."""
+        with isolated(self.model, self.mode):
+            return self._weighted(lambda lin: lin.grad).detach()
+
+    def loss(self) -> float:
+        """Return the mean loss over the data (free once the batches are linearised)."""
+        with isolated(self.model, self.mode):
+            return float(self._weighted(lambda lin: torch.tensor(lin.loss, dtype=torch.float64, device=self.device)))
+
+    def check_deterministic(self, v: Tensor | None = None, rtol: float | None = None) -> None:
+        """Check that the operator is a fixed matrix: two fresh linearisations give the same product.
+
+        Each check re-linearises every batch twice with different seeds for random ops, so dropout in
+        train mode or data that is resampled at every pass are caught. Cost: 2 linearisations and
+        2 products per batch. The probe comes from a private generator.
+
+        Raises:
+            NonDeterministicOperatorError: the products differ by more than ``rtol`` (dtype-relative
+                default: ``100 * eps`` of the operator's dtype, at least 1e-5 for float32).
+        """
+        if v is None:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed + 12345)
+            v = torch.randn(self.num_params, generator=gen, dtype=torch.float64)
+        tol = rtol if rtol is not None else max(1e3 * torch.finfo(self.dtype).eps, 1e-12)
+        a = self.matvec(v, _fresh=True, _seed=self.seed * 7919 + 1)
+        b = self.matvec(v, _fresh=True, _seed=self.seed * 7919 + 104729)
+        self.num_matvecs -= 2  # checks are not part of an estimate's cost
+        scale = max(float(a.norm()), float(b.norm()), torch.finfo(self.dtype).tiny)
+        diff = float((a - b).norm()) / scale
+        if not math.isfinite(diff) or diff > tol:
+            raise NonDeterministicOperatorError(
+                f"{type(self).__name__}: the same vector gave products differing by {diff:.3g} (relative, "
+                f"tolerance {tol:.1g}); the operator is not a fixed matrix. Usual causes: dropout or other "
+                f"random layers in train mode (use mode='eval', current mode={self.mode!r}), data resampled or "
+                "augmented at every pass (pass fixed batches), or non-deterministic kernels."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.num_params}, batches={len(self.batches)}, N={self.num_samples}, "
+            f"backend={self.backend or 'auto'}, mode={self.mode!r}, dtype={self.dtype}, device={self.device})"
+        )
