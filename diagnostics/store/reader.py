@@ -59,6 +59,16 @@ def _connect_read_only(db: Path) -> sqlite3.Connection:
     return conn
 
 
+def _text_or_none(df: pd.DataFrame, column: str, *, empty_is_none: bool = False) -> None:
+    """Make ``column`` an object column whose missing values are None.
+
+    pandas 3 infers a string dtype that turns None into NaN; object dtype keeps None on every pandas.
+    ``empty_is_none`` maps the stored '' (no source) to None.
+    """
+    values = [v if isinstance(v, str) and (v or not empty_is_none) else None for v in df[column].tolist()]
+    df[column] = pd.Series(values, index=df.index, dtype=object)
+
+
 class Run:
     """A run store opened read-only. Every query reads the latest committed data, so a run that is
     still being written can be followed by calling the methods again.
@@ -79,6 +89,10 @@ class Run:
         self.path = db
         try:
             self._conn = _connect_read_only(db)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"cannot open run store {db}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{db} is not a run store (not a readable SQLite database: {exc})") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open run store {db}: {exc}") from exc
         version = schema.stored_version(self._conn, db)
@@ -133,7 +147,7 @@ class Run:
         df["index"] = df["index"].astype("int64")
         # NULL is how NaN is stored (schema module docstring): back to NaN.
         df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
-        df["source"] = df["source"].map(lambda s: s or None).astype(object)
+        _text_or_none(df, "source", empty_is_none=True)
         df.insert(0, "run", self.name)
         return df
 
@@ -145,10 +159,12 @@ class Run:
             "ORDER BY step, time, rowid"
         )
         df = pd.DataFrame(rows, columns=EVENT_COLUMNS[1:])
+        _text_or_none(df, "metric")
+        _text_or_none(df, "key")
         df["step"] = df["step"].astype("int64")
-        df["data"] = df["data"].map(json.loads).astype(object)
+        df["data"] = pd.Series([json.loads(d) for d in df["data"].tolist()], index=df.index, dtype=object)
         df["time"] = df["time"].astype("float64")
-        df["source"] = df["source"].map(lambda s: s or None).astype(object)
+        _text_or_none(df, "source", empty_is_none=True)
         df.insert(0, "run", self.name)
         return df
 
@@ -160,10 +176,11 @@ class Run:
             "ORDER BY step, diagnostic, source"
         )
         df = pd.DataFrame(rows, columns=STATUS_COLUMNS[1:])
+        _text_or_none(df, "reason")
         df["step"] = df["step"].astype("int64")
         df["seconds"] = df["seconds"].astype("float64")
         df["num_matvecs"] = df["num_matvecs"].astype("Int64")
-        df["source"] = df["source"].map(lambda s: s or None).astype(object)
+        _text_or_none(df, "source", empty_is_none=True)
         df.insert(0, "run", self.name)
         return df
 
