@@ -104,11 +104,12 @@ def _modules(layers: int) -> tuple[list[str], list[str], dict[str, list[int]]]:
 
 
 def _lr(step: int, steps: int, peak: float = 0.05) -> float:
+    """Linear warm-up over 10% of the run, constant to 70%, then linear decay to 10% of the peak."""
     warmup = max(1, steps // 10)
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = (step - 0.7 * steps) / (0.3 * steps)
+    return peak * (1.0 - 0.9 * min(1.0, max(0.0, progress)))
 
 
 def write_synthetic_run(
@@ -341,7 +342,7 @@ class _State:
 
     def _top_eigs(self, step: int, lr: float, scale: float = 1.0) -> np.ndarray:
         threshold = 2.0 / lr
-        progressive = 5.0 + 60.0 * step / self.steps
+        progressive = 5.0 + 100.0 * step / self.steps  # reaches 2/lr at about 35%
         lam1 = min(progressive, threshold * (1.0 + 0.04 * self.rng.random()))
         return scale * lam1 * np.array([1.0, 0.55, 0.3]) * np.exp(self.rng.normal(0, 0.02, _TOP_K))
 
@@ -355,7 +356,8 @@ class _State:
             residual[-1] = abs(eig[-1]) * 0.05
             status = Status("hessian_eigen", "not_converged", "max_matvecs=60 reached; eigenvalue 2 residual "
                             "5.0e-02 > tol 1e-03", seconds, 60)  # fmt: skip
-        self.last_eig = eig
+        if prefix == "hessian":
+            self.last_eig = eig  # sharpness is the Hessian's, not the GGN's
         recs = []
         for i in range(_TOP_K):
             recs += [Record(f"{prefix}_eigenvalue", float(eig[i]), index=i),
