@@ -1,0 +1,244 @@
+"""Findings: the few things a reader should know first, in plain language with step and layer.
+
+Sources, in order of trust: the run's events (alerts raised while training), the status table (how
+each estimator fared) and, where no event says it, the series themselves (a loss that jumps tenfold,
+a sharpness ratio above one, non-finite values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .views import RunView
+
+# A loss above this multiple of its recent median counts as an explosion when no event says so.
+LOSS_EXPLOSION_FACTOR = 10.0
+LOSS_BASELINE_WINDOW = 50
+# An effective rank that falls below this fraction of its first value counts as a collapse.
+RANK_COLLAPSE_FRACTION = 0.25
+MAX_LINES_PER_KIND = 8
+
+RANK_METRICS = ("activation_effective_rank", "weight_effective_rank", "grad_effective_rank")
+
+
+@dataclass
+class Finding:
+    """One line of the findings list. ``text`` is plain (unescaped) text; the page escapes it."""
+
+    run: str
+    kind: str
+    severity: str  # "error", "warning" or "info"
+    text: str
+    step: int | None = None
+    layer: str | None = None
+
+
+def _where(step: int | None, layer: str | None) -> str:
+    parts = []
+    if step is not None:
+        parts.append(f"step {step}")
+    if layer and layer != "all":
+        parts.append(f"layer {layer}")
+    return " in ".join(parts) if parts else ""
+
+
+def loss_explosion_step(steps: np.ndarray, values: np.ndarray, factor: float = LOSS_EXPLOSION_FACTOR,
+                        window: int = LOSS_BASELINE_WINDOW) -> int | None:
+    """Return the first step whose loss is non-finite or above ``factor`` x the median of the previous
+    ``window`` finite losses (at least 5 of them, and only while that median is positive), else None.
+
+    Cost O(n log window) via a rolling median.
+    """
+    if len(steps) == 0:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(v)
+    base = pd.Series(np.where(bad, np.nan, v)).rolling(window, min_periods=5).median().shift(1).to_numpy()
+    with np.errstate(invalid="ignore"):
+        jump = (base > 0) & (v > factor * base)
+    hit = np.flatnonzero(bad | jump)
+    return int(steps[hit[0]]) if len(hit) else None
+
+
+def _first_crossing(steps: np.ndarray, values: np.ndarray, level: float = 1.0) -> tuple[int, int] | None:
+    """Return (first step with value >= level, number of such steps), or None."""
+    with np.errstate(invalid="ignore"):
+        above = np.isfinite(values) & (values >= level)
+    if not above.any():
+        return None
+    return int(steps[np.argmax(above)]), int(above.sum())
+
+
+def _group_by_layer(events: list) -> list[tuple[str | None, int, int, str]]:
+    """Group events by key: (key, first step, count, first message), ordered by first step."""
+    groups: dict[str | None, list] = {}
+    for e in events:
+        groups.setdefault(e.key, []).append(e)
+    out = [(k, g[0].step, len(g), g[0].message) for k, g in groups.items()]
+    return sorted(out, key=lambda t: (t[1], str(t[0])))
+
+
+def _capped(findings: list[Finding], run: str, kind: str, severity: str) -> list[Finding]:
+    if len(findings) <= MAX_LINES_PER_KIND:
+        return findings
+    extra = len(findings) - MAX_LINES_PER_KIND
+    return findings[:MAX_LINES_PER_KIND] + [Finding(run, kind, severity, f"... and {extra} more (see the panels).")]
+
+
+def run_findings(run: RunView) -> list[Finding]:
+    """Return the findings of one run, most important kinds first."""
+    name = run.name
+    out: list[Finding] = []
+    if run.empty:
+        return [Finding(name, "empty", "info", "This run is empty: nothing was recorded in its store.")]
+
+    # --- explosion warnings and the explosion itself ---
+    warnings = run.events_of("explosion_warning")
+    lines = []
+    for key, step, count, msg in _group_by_layer(warnings):
+        more = f" ({count} warnings)" if count > 1 else ""
+        text = f"Explosion warning at {_where(step, key)}{more}"
+        text += f": {msg}" if msg else "."
+        lines.append(Finding(name, "explosion_warning", "warning", text, step, key))
+    out += _capped(lines, name, "explosion_warning", "warning")
+
+    explosions = run.events_of("loss_explosion")
+    loss = run.metric("loss")
+    if explosions:
+        e = explosions[0]
+        src = f": {e.message}" if e.message else "."
+        boom_step: int | None = e.step
+        out.append(Finding(name, "loss_explosion", "error", f"The loss exploded at {_where(e.step, e.key)}{src}",
+                           e.step, e.key))
+    else:
+        boom_step = None
+        c = loss.curve("all") if loss is not None else None
+        if c is not None:
+            boom_step = loss_explosion_step(*c)
+            if boom_step is not None:
+                i = int(np.searchsorted(c[0], boom_step))
+                val = c[1][i]
+                what = "became non-finite" if not np.isfinite(val) else (
+                    f"jumped to {val:.4g}, over {LOSS_EXPLOSION_FACTOR:g}x its recent median")
+                out.append(Finding(name, "loss_explosion", "error",
+                                   f"The loss exploded at step {boom_step}: it {what} (from the loss series).",
+                                   boom_step))
+    if warnings and boom_step is not None:
+        first = min(e.step for e in warnings)
+        if first <= boom_step:
+            out.append(Finding(name, "lead_time", "info",
+                               f"The first explosion warning (step {first}) came {boom_step - first} steps "
+                               f"before the loss exploded (step {boom_step}).", first))
+        else:
+            out.append(Finding(name, "lead_time", "warning",
+                               f"The first explosion warning (step {first}) came after the loss had already "
+                               f"exploded (step {boom_step}).", first))
+    elif warnings:
+        out.append(Finding(name, "lead_time", "info", "The loss did not explode after the warnings in the "
+                           "recorded steps."))
+
+    # --- edge of stability ---
+    eos = run.events_of("edge_of_stability")
+    if eos:
+        lines = [Finding(name, "edge_of_stability", "info",
+                         f"Edge of stability at {_where(e.step, e.key)}" + (f": {e.message}" if e.message else "."),
+                         e.step, e.key) for e in eos]
+        out += _capped(lines, name, "edge_of_stability", "info")
+    else:
+        for metric, label in (("sharpness_ratio", "Sharpness reached 2/lr"),
+                              ("adam_sharpness_ratio", "Preconditioned sharpness reached Adam's threshold")):
+            md = run.metric(metric)
+            c = md.curve("all") if md is not None else None
+            hit = _first_crossing(*c) if c is not None else None
+            if hit:
+                step, count = hit
+                out.append(Finding(name, "edge_of_stability", "info",
+                                   f"{label} (edge of stability) first at step {step}; at or above it at "
+                                   f"{count} of {len(c[0])} probes (from the {metric} series).", step))
+
+    # --- rank collapse ---
+    rc = run.events_of("rank_collapse")
+    if rc:
+        lines = [Finding(name, "rank_collapse", "warning",
+                         f"Rank collapse at {_where(e.step, e.key)}" + (f": {e.message}" if e.message else "."),
+                         e.step, e.key) for e in rc]
+        out += _capped(lines, name, "rank_collapse", "warning")
+    else:
+        lines = []
+        for metric in RANK_METRICS:
+            md = run.metric(metric)
+            if md is None:
+                continue
+            for key in md.layer_keys() or md.keys():
+                s, v = md.curve(key) or (np.zeros(0), np.zeros(0))
+                fin = np.isfinite(v)
+                if fin.sum() < 3:
+                    continue
+                sf, vf = s[fin], v[fin]
+                if vf[0] > 0 and vf.min() < RANK_COLLAPSE_FRACTION * vf[0]:
+                    i = int(np.argmax(vf < RANK_COLLAPSE_FRACTION * vf[0]))
+                    lines.append(Finding(
+                        name, "rank_collapse", "warning",
+                        f"{metric.replace('_', ' ').capitalize()} fell below {RANK_COLLAPSE_FRACTION:.0%} of "
+                        f"its first value at {_where(int(sf[i]), key)} ({vf[0]:.3g} to {vf[i]:.3g}; from the series).",
+                        int(sf[i]), key))
+        out += _capped(lines, name, "rank_collapse", "warning")
+
+    # --- estimator failures ---
+    lines = []
+    for s in run.status_summary:
+        if s.failed:
+            reason = f": {s.first_failure_reason}" if s.first_failure_reason else ""
+            lines.append(Finding(name, "estimator_failed", "warning",
+                                 f"Estimator {s.diagnostic} failed at {s.failed} of {s.calls} steps, first at step "
+                                 f"{s.first_failure_step}{reason}. Failed estimates are shown as failed, not as numbers.",
+                                 s.first_failure_step))
+        if s.not_converged:
+            lines.append(Finding(name, "not_converged", "info",
+                                 f"Estimator {s.diagnostic} did not converge at {s.not_converged} of {s.calls} "
+                                 "steps; those values are flagged in the panels."))
+    failed_diags = {s.diagnostic for s in run.status_summary if s.failed}
+    for key, step, count, msg in _group_by_layer([e for e in run.events_of("estimator_failed")
+                                                  if (e.key or e.metric) not in failed_diags]):
+        more = f" ({count} times)" if count > 1 else ""
+        lines.append(Finding(name, "estimator_failed", "warning",
+                             f"Estimator failure at {_where(step, key)}{more}" + (f": {msg}" if msg else "."), step, key))
+    out += _capped(lines, name, "estimator_failed", "warning")
+
+    # --- non-finite values ---
+    lines = []
+    for key, step, count, msg in _group_by_layer(run.events_of("nonfinite")):
+        more = f" ({count} times)" if count > 1 else ""
+        lines.append(Finding(name, "nonfinite", "error",
+                             f"Non-finite value at {_where(step, key)}{more}" + (f": {msg}" if msg else "."), step, key))
+    for metric in ("nonfinite_loss", "nonfinite_grads"):
+        md = run.metric(metric)
+        c = md.curve("all") if md is not None else None
+        if c is not None:
+            with np.errstate(invalid="ignore"):
+                hit = c[1] > 0
+            if hit.any():
+                lines.append(Finding(name, "nonfinite", "error",
+                                     f"{metric} was positive at {int(hit.sum())} steps, first at step "
+                                     f"{int(c[0][np.argmax(hit)])}.", int(c[0][np.argmax(hit)])))
+    for metric, md in run.metrics.items():
+        for key, ks in md.by_key.items():
+            bad = ~np.isfinite(ks.values)
+            if bad.any():
+                first = int(ks.steps[bad].min())
+                lines.append(Finding(name, "nonfinite", "error",
+                                     f"{metric} has {int(bad.sum())} non-finite value(s)"
+                                     + (f" for {key}" if key != "all" else "") + f", first at step {first}.",
+                                     first, key))
+    out += _capped(lines, name, "nonfinite", "error")
+
+    if not out:
+        out.append(Finding(name, "none", "info", "Nothing alarming was recorded: no alerts, failures or "
+                           "non-finite values."))
+    if len(run.steps) == 1:
+        out.append(Finding(name, "single_step", "info", f"Only one step ({int(run.steps[0])}) was recorded; "
+                           "series are shown as single points."))
+    return out

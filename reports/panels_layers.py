@@ -1,0 +1,181 @@
+"""Per-layer panels: spectral alignment, effective rank, GSNR and the explosion baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .figures import FigureSink, heatmap, mark_alerts, mpl_text, plot_curve, run_color, alert_legend_handles
+from .panels import Panel, add_legend, alert_steps, layer_matrix, layer_rows, run_label, runs_with, scalar_rows
+from .views import ReportView, RunView
+
+MAX_DISTRIBUTION_STEPS = 4
+
+
+def _chosen_steps(run: RunView, steps: np.ndarray) -> list[int]:
+    """Steps at which to show the alignment distribution: first, around the first warning, last."""
+    if not len(steps):
+        return []
+    picks = [int(steps[0])]
+    warn = run.events_of("explosion_warning", "loss_explosion")
+    if warn:
+        w = warn[0].step
+        p = int(np.searchsorted(steps, w, side="right")) - 1
+        if p >= 0:
+            picks.append(int(steps[p]))
+        # and the last probe before the warning's baseline started to move: 2 probes earlier
+        if p - 2 >= 0:
+            picks.append(int(steps[p - 2]))
+    else:
+        picks.append(int(steps[len(steps) // 2]))
+    picks.append(int(steps[-1]))
+    return sorted(set(picks))[:MAX_DISTRIBUTION_STEPS]
+
+
+def _histogram_at(run: RunView, layers: list[str], step: int) -> np.ndarray:
+    """Matrix [layers, bins] of the alignment histogram at one step (NaN where absent)."""
+    md = run.metric("sa_histogram")
+    rows = []
+    nb = 20
+    for k in layers:
+        ks = md.by_key.get(k)
+        row = np.full(nb, np.nan)
+        if ks is not None:
+            sel = ks.steps == step
+            for i, v in zip(ks.index[sel], ks.values[sel]):
+                if 0 <= i < nb:
+                    row[i] = v
+        rows.append(row)
+    return np.vstack(rows) if rows else np.zeros((0, nb))
+
+
+def _draw_sa(view: ReportView, sink: FigureSink) -> str:
+    out = []
+    rows = runs_with(view, "sa_sign_diversity")
+    if rows:
+        fig, axes = sink.new(len(rows), 1, height=max(2.2, 0.12 * max(len(r.metric("sa_sign_diversity").layer_keys())
+                                                                      for _, r in rows) + 1.0))
+        for ax, (_i, run) in zip(axes[:, 0], rows):
+            md = run.metric("sa_sign_diversity")
+            layers = md.layer_keys() or md.keys()
+            mat, edges = layer_matrix(run, "sa_sign_diversity", layers, how="min")
+            heatmap(ax, mat, edges, layers, cmap="magma", vmin=0.0, vmax=1.0, cbar_label="sign diversity", fig=fig)
+            drawn = mark_alerts(ax, run.events, kinds=("explosion_warning", "loss_explosion"))
+            if drawn:
+                ax.legend(handles=alert_legend_handles(drawn), loc="upper left", fontsize=6.5, frameon=True)
+            ax.set_title(mpl_text("sign diversity 1 - |2 p+ - 1| per layer (lowest per step bin)"
+                                  + (f": {run.name}" if len(view.runs) > 1 else ""), 100), loc="left")
+        axes[-1, 0].set_xlabel("step")
+        out.append(sink.render(fig, "spectral-alignment sign diversity, layer by step"))
+    if view.has("explosion_score"):
+        out.append(scalar_rows(view, sink, [("explosion_score", "score")], alerts=True, log=False, height=2.0))
+    for i, run in runs_with(view, "sa_histogram"):
+        md = run.metric("sa_histogram")
+        layers = md.layer_keys() or md.keys()
+        steps = np.unique(np.concatenate([md.by_key[k].steps for k in layers]))
+        picks = _chosen_steps(run, steps)
+        fig, axes = sink.new(1, len(picks), height=max(2.2, 0.12 * len(layers) + 1.0), width=9.0, sharex=False)
+        for j, (ax, s) in enumerate(zip(axes[0, :], picks)):
+            mat = _histogram_at(run, layers, s)
+            heatmap(ax, mat, np.linspace(-1, 1, 21), layers if j == 0 else [""] * len(layers), cmap="Blues",
+                    vmin=0.0, vmax=None, cbar_label="fraction of tokens" if j == len(picks) - 1 else "",
+                    fig=fig if j == len(picks) - 1 else None)
+            ax.axvline(0.0, color="black", lw=0.6)
+            ax.set_title(f"step {s}", loc="left")
+            ax.set_xlabel("alignment a")
+        fig.suptitle(mpl_text("distribution of the alignment a = <x, v1> / |x| per layer"
+                              + (f": {run.name}" if len(view.runs) > 1 else ""), 100), fontsize=9, x=0.02,
+                     ha="left")
+        out.append(sink.render(fig, "spectral-alignment distributions at chosen steps"))
+    extra = [m for m in ("sa_positive_fraction", "sa_mean", "sa_mean_abs", "sa_sigma1") if view.has(m)]
+    if extra and not view.has("sa_sign_diversity"):
+        out.append(layer_rows(view, sink, [(m, m) for m in extra]))
+    return "".join(out)
+
+
+SPECTRAL_ALIGNMENT = Panel(
+    id="spectral-alignment",
+    title="Spectral alignment per layer",
+    metrics=("sa_sign_diversity", "sa_histogram", "sa_positive_fraction", "sa_mean", "sa_quantile",
+             "explosion_score"),
+    about=("For each linear layer, the alignment a = <x, v1> / |x| of its inputs with the top right singular "
+           "vector of its weight. Sign diversity 1 - |2 p+ - 1| is 1 when inputs fall on both sides of v1 and 0 "
+           "when they are all on one side; a collapse against the layer's own earlier level (dark cells "
+           "spreading in the heatmap) warns of representational collapse and loss explosion. Some healthy "
+           "layers (the LM head, early MLP layers) are one-sided from the start, so read changes, not levels."),
+    citation=("Qiu, Wu, Tan, Wang and Yao, 2025, arXiv 2510.04202 (spectral alignment as an early warning of "
+              "loss explosion); definitions as documented in this project's METRICS notes."),
+    draw=_draw_sa,
+)
+
+
+def _draw_rank(view: ReportView, sink: FigureSink) -> str:
+    return layer_rows(view, sink, [
+        ("activation_effective_rank", "activation erank"),
+        ("weight_effective_rank", "weight erank"),
+        ("grad_effective_rank", "gradient erank"),
+        ("activation_stable_rank", "activation stable rank"),
+        ("weight_stable_rank", "weight stable rank"),
+        ("grad_stable_rank", "gradient stable rank"),
+        ("activation_alpha_req", "alpha-ReQ"),
+    ], how="min", height=1.9)
+
+
+EFFECTIVE_RANK = Panel(
+    id="effective-rank",
+    title="Effective rank per layer",
+    metrics=("activation_effective_rank", "weight_effective_rank", "grad_effective_rank",
+             "activation_stable_rank", "weight_stable_rank", "grad_stable_rank", "activation_alpha_req"),
+    about=("Effective rank exp(-sum p_k log p_k), p_k = sigma_k / sum sigma, over the singular values of a "
+           "layer's activations, weights and gradient matrix, with the stable rank |W|_F^2 / |W|_2^2 and the "
+           "alpha-ReQ decay exponent. A falling activation rank means the representation is collapsing onto "
+           "few directions; gradient ranks are naturally low. With many layers each bin shows its minimum."),
+    citation=("Roy and Vetterli, 2007, The Effective Rank: a Measure of Effective Dimensionality; Garrido et al., "
+              "2023, RankMe: Assessing the Downstream Performance of Pretrained Self-Supervised Representations "
+              "by Their Rank; Agrawal et al., 2022, alpha-ReQ: Assessing Representation Quality by Measuring "
+              "Eigenspectrum Decay."),
+    draw=_draw_rank,
+)
+
+
+def _draw_gsnr(view: ReportView, sink: FigureSink) -> str:
+    out = layer_rows(view, sink, [("gsnr_mean", "GSNR (mean over parameters)"),
+                                  ("gsnr_median", "GSNR (median over parameters)")], log=True, how="mean")
+    out += scalar_rows(view, sink, [("grad_noise_scale", "B_simple"),
+                                    ("gsnr_microbatch_mean", "micro-batch GSNR, mean (not per-sample)"),
+                                    ("gsnr_microbatch_median", "micro-batch GSNR, median (not per-sample)")],
+                       height=1.9)
+    return out
+
+
+GSNR = Panel(
+    id="gsnr",
+    title="Gradient signal-to-noise ratio per layer",
+    metrics=("gsnr_mean", "gsnr_median", "grad_noise_scale", "gsnr_microbatch_mean", "gsnr_microbatch_median"),
+    about=("GSNR per parameter is mean_i(g_i)^2 / var_i(g_i) over per-sample gradients, aggregated per layer by "
+           "the mean or the median over its parameters (black: the whole model). Low GSNR means the gradient is "
+           "mostly noise, and parameters with higher GSNR generalise better. The micro-batch variant estimates "
+           "about (micro-batch size) x the per-sample GSNR and is shown separately; B_simple = tr(Sigma) / |g|^2 "
+           "is the batch size beyond which larger batches stop paying off."),
+    citation=("Liu et al., 2020, Understanding Why Neural Networks Generalize Well Through GSNR of Parameters; "
+              "McCandlish et al., 2018, An Empirical Model of Large-Batch Training."),
+    draw=_draw_gsnr,
+)
+
+
+def _draw_baselines(view: ReportView, sink: FigureSink) -> str:
+    return layer_rows(view, sink, [("max_attention_logit", "max attention logit"),
+                                   ("activation_kurtosis", "activation kurtosis")], how="max", height=2.0)
+
+
+BASELINES = Panel(
+    id="baselines",
+    title="Instability baselines: attention logits and activation kurtosis",
+    metrics=("max_attention_logit", "activation_kurtosis"),
+    about=("Signals practitioners already watch for loss explosions: the largest attention logit per attention "
+           "module (logit growth precedes attention-entropy collapse) and the kurtosis of activations (heavy "
+           "tails from outlier features). Compare their timing with the spectral-alignment warning above."),
+    citation=("Wortsman et al., 2023, Small-scale Proxies for Large-scale Transformer Training Instabilities; "
+              "Dehghani et al., 2023, Scaling Vision Transformers to 22 Billion Parameters; Zhai et al., 2023, "
+              "Stabilizing Transformer Training by Preventing Attention Entropy Collapse."),
+    draw=_draw_baselines,
+)
