@@ -230,19 +230,26 @@ def _lanczos(
     hard_cap = max_matvecs if max_matvecs is not None else max(50 * cap, 20 * P if P < 1000 else 0, 2000)
     scale = 0.0  # running estimate of ||A|| for breakdown tests
     stop = "converged"
+    # Weight of each basis column on the part of the space explored after the last invariant subspace.
+    new_weight = torch.zeros(cap, dtype=f64)
+    searching_complement = False
 
     while True:
         # Converged or the whole space explored: done.
-        if m >= wanted.count and m > 0:
-            idx = wanted.select(theta)
-            if bool(conv_all[idx].all()):
-                stop = "converged"
-                break
         if m == P:
             stop = "invariant subspace"
             break
+        if m >= wanted.count and m > 0 and F.shape[1] > 0:
+            idx = wanted.select(theta)
+            if bool(conv_all[idx].all()) and _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m]):
+                stop = "converged"
+                break
         if F.shape[1] == 0:
-            # The basis spans an invariant subspace that lacks wanted pairs: restart from a fresh vector.
+            # The Krylov space became invariant. Its Ritz values are exact, but eigenvalues outside it
+            # (e.g. further copies of a repeated eigenvalue) are invisible to it: continue from a fresh
+            # random vector orthogonal to the basis, and stop only once that new sequence's own extreme
+            # Ritz values have converged too (they then bound what the complement holds).
+            searching_complement = True
             r, _ = _orthogonalise(random_vector(), [Q[:, :m]])
             F = _orthonormal_columns(r)
             E = torch.zeros(F.shape[1], m, dtype=f64)
@@ -267,6 +274,7 @@ def _lanczos(
             E = E @ Sk
             theta, S = theta[keep], torch.eye(keep_n, dtype=f64)
             res_all, conv_all = res_all[keep], conv_all[keep]
+            new_weight[:keep_n] = (Sk.square() * new_weight[: Sk.shape[0], None]).sum(0)
             restarts += 1
         X, F_rest = F[:, :s], F[:, s:]
         E_x, E_rest = E[:s], E[s:]
@@ -277,6 +285,7 @@ def _lanczos(
         scale = max(scale, float(w_norm.max()))
 
         Q[:, m : m + s] = X
+        new_weight[m : m + s] = 1.0 if searching_complement else 0.0
         if full_reorth:
             W, (c_m, c_f) = _orthogonalise(W, [Q[:, : m + s], F_rest])
         else:
@@ -351,6 +360,23 @@ def _lanczos(
         eigenvalues=eigenvalues, eigenvectors=vectors, residuals=residuals, converged=converged,
         num_matvecs=num_matvecs, seconds=time.perf_counter() - start_time, settings=settings,
     )
+
+
+def _sentinels_converged(wanted: _Wanted, theta: Tensor, S: Tensor, conv: Tensor, new_weight: Tensor) -> bool:
+    """After an invariant subspace: the extreme Ritz pairs of the newly explored part have converged."""
+    if not bool((new_weight > 0).any()):
+        return True
+    on_new = (S.square() * new_weight[:, None]).sum(0) > 0.5
+    if not bool(on_new.any()):
+        return False
+    idx = on_new.nonzero().flatten()
+    vals = theta[idx]
+    ok = True
+    if wanted.top:
+        ok &= bool(conv[idx[vals.argmax()]])
+    if wanted.bottom:
+        ok &= bool(conv[idx[vals.argmin()]])
+    return ok
 
 
 def _orthonormal_columns(V: Tensor, rtol: float = 1e-10) -> Tensor:
