@@ -411,4 +411,3 @@ def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str] | 
         raise StoreError("open_runs needs at least one run directory")
     _unique_names(runs)
     return Runs(runs)
-

@@ -139,7 +139,9 @@ def stored_version(conn: sqlite3.Connection, path: Path) -> int | None:
     if not tables:
         return None
     if "meta" not in tables:
-        raise StoreError(f"{path} is an SQLite database but not a training-diagnostics run store (no meta table)")
+        raise StoreError(
+            f"{path} is an SQLite database but not a training-diagnostics run store (no meta table)"
+        )
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
         raise StoreError(f"{path} has no schema_version in its meta table; it is not a run store")

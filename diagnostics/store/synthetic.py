@@ -168,7 +168,9 @@ def write_synthetic_run(
     }  # fmt: skip
     clock = [_START]
     state = _State(rng, linears, attention, params, steps, explode_at)
-    with RunWriter(run_dir, name=name, meta=meta, resume=False, overwrite=overwrite, clock=lambda: clock[0]) as w:
+    with RunWriter(
+        run_dir, name=name, meta=meta, resume=False, overwrite=overwrite, clock=lambda: clock[0]
+    ) as w:
         for step in range(steps):
             clock[0] = _START + 0.5 * step
             records, events, statuses = state.step(step)
@@ -331,7 +333,11 @@ class _State:
                 Record("grad_stable_rank", float(1.5 + self.rng.random()), key=m),
                 Record("activation_effective_rank", float(a_er), key=m),
                 Record("activation_stable_rank", float(a_er / 8), key=m),
-                Record("activation_alpha_req", float(0.9 + 0.6 * (1 - collapse) + 0.05 * self.rng.normal()), key=m),
+                Record(
+                    "activation_alpha_req",
+                    float(0.9 + 0.6 * (1 - collapse) + 0.05 * self.rng.normal()),
+                    key=m,
+                ),
             ]
         if sev >= 0.75 and not self.collapsed:
             self.collapsed = True
@@ -455,7 +461,10 @@ class _State:
                 Record("sa_mean_abs", float(np.abs(a).mean()), key=m),
                 Record("sa_sigma1", float(self.sigma1[m]), key=m),
             ]
-            recs += [Record("sa_quantile", float(q), key=m, index=i) for i, q in enumerate(np.quantile(a, _QUANTILES))]
+            recs += [
+                Record("sa_quantile", float(q), key=m, index=i)
+                for i, q in enumerate(np.quantile(a, _QUANTILES))
+            ]
             recs += [Record("sa_histogram", float(h / _TOKENS), key=m, index=i) for i, h in enumerate(hist)]
         return recs, Status("spectral_alignment", "ok", None, seconds), []
 

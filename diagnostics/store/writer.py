@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -68,6 +69,8 @@ class RunWriter:
     ) -> None:
         self._clock = clock or time.time
         self._conn: sqlite3.Connection | None = None
+        # One connection, possibly shared with a background writer thread: keep BEGIN..COMMIT atomic.
+        self._lock = threading.RLock()
         if name is not None and (not isinstance(name, str) or not name):
             raise StoreError(f"run name must be a non-empty str, got {name!r}")
         # Validate metadata first: a bad value must not leave a half-created run behind.
@@ -249,11 +252,17 @@ class RunWriter:
                 status_,
             )
             if src:
-                conn.execute("INSERT OR REPLACE INTO sources (source, step, time) VALUES (?, ?, ?)", (src, step, now))
+                conn.execute(
+                    "INSERT OR REPLACE INTO sources (source, step, time) VALUES (?, ?, ?)", (src, step, now)
+                )
 
         self._run(transaction)
 
     def _run(self, body: Callable[[], Any]) -> None:
+        with self._lock:
+            self._run_locked(body)
+
+    def _run_locked(self, body: Callable[[], Any]) -> None:
         conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -287,11 +296,12 @@ class RunWriter:
 
     def close(self) -> None:
         """Close the database (idempotent). The store stays readable; WAL files are checkpointed."""
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
 
     def __enter__(self) -> RunWriter:
         return self

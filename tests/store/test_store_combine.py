@@ -22,7 +22,11 @@ def test_per_rank_rows_stay_apart_and_meta_conflicts_are_recorded(tmp_path):
     assert run.name == "combined"
     s = run.series("grad_norm")
     assert sorted(zip(s.source, s.step, s.value)) == [
-        ("rank0", 0, 0.0), ("rank0", 1, 1.0), ("rank1", 0, 10.0), ("rank1", 1, 11.0)]
+        ("rank0", 0, 0.0),
+        ("rank0", 1, 1.0),
+        ("rank1", 0, 10.0),
+        ("rank1", 1, 11.0),
+    ]
     assert len(run.events()) == 4 and len(run.status()) == 4
     meta = run.meta
     assert meta["world_size"] == 2 and meta["config"] == {"lr": 0.1}  # first input wins
@@ -42,7 +46,10 @@ def test_per_job_checkpoint_runs_keep_sources_and_drop_duplicates(tmp_path):
     run = combine_runs([tmp_path / "job1", tmp_path / "job2"], tmp_path / "all")
     s = run.series()
     assert s[["step", "value", "source"]].values.tolist() == [
-        [100, 10.0, "ckpt/100.pt"], [200, 20.0, "ckpt/200.pt"], [300, 31.0, "ckpt/300.pt"]]
+        [100, 10.0, "ckpt/100.pt"],
+        [200, 20.0, "ckpt/200.pt"],
+        [300, 31.0, "ckpt/300.pt"],
+    ]
     assert run.meta["combine_duplicates"]["series"] == 1
     with RunWriter(tmp_path / "all") as w:  # an analysis can resume into the merged run
         assert w.completed_sources() == {"ckpt/100.pt", "ckpt/200.pt", "ckpt/300.pt"}

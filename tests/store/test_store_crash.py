@@ -30,7 +30,9 @@ CHILD = textwrap.dedent(
 
 def test_sigkill_loses_at_most_the_step_in_flight_and_resume_works(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     committed = -1
     deadline = time.monotonic() + 15
     try:

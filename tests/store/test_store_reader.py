@@ -44,7 +44,9 @@ def test_filters(tmp_path):
 
 def test_open_by_file_or_dir_and_missing(tmp_path):
     _write(tmp_path / "a")
-    assert open_run(tmp_path / "a" / "run.sqlite").steps() == open_run(str(tmp_path / "a")).steps() == [0, 1, 2]
+    assert (
+        open_run(tmp_path / "a" / "run.sqlite").steps() == open_run(str(tmp_path / "a")).steps() == [0, 1, 2]
+    )
     with pytest.raises(StoreError, match=r"no run store at .*nowhere.*run.sqlite"):
         open_run(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()

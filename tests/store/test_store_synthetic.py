@@ -9,7 +9,12 @@ import pytest
 
 from diagnostics.errors import StoreError
 from diagnostics.store import open_run
-from diagnostics.store.synthetic import SCHEDULE, SYNTHETIC_EVENT_KINDS, SYNTHETIC_METRICS, write_synthetic_run
+from diagnostics.store.synthetic import (
+    SCHEDULE,
+    SYNTHETIC_EVENT_KINDS,
+    SYNTHETIC_METRICS,
+    write_synthetic_run,
+)
 
 CONTRACT_METAKEYS = {"run_name", "created", "schema_version", "versions", "config", "model_summary",
                      "model_fingerprint", "diagnostics", "gradients_seen", "loss_reduction", "curvature_mode",
@@ -20,14 +25,18 @@ CONTRACT_METAKEYS = {"run_name", "created", "schema_version", "versions", "confi
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("synthetic")
     healthy = open_run(write_synthetic_run(d / "healthy", steps=120, layers=2))
-    exploding = open_run(write_synthetic_run(d / "exploding", steps=120, layers=2, explode_at=80, name="boom"))
+    exploding = open_run(
+        write_synthetic_run(d / "exploding", steps=120, layers=2, explode_at=80, name="boom")
+    )
     return healthy, exploding
 
 
 def test_every_metric_and_meta_key(runs):
     healthy, exploding = runs
     assert sorted(healthy.metrics()) == sorted(SYNTHETIC_METRICS) == sorted(exploding.metrics())
-    assert sorted({m for _, ms in SCHEDULE.values() for m in ms} | {"monitor_seconds"}) == sorted(SYNTHETIC_METRICS)
+    assert sorted({m for _, ms in SCHEDULE.values() for m in ms} | {"monitor_seconds"}) == sorted(
+        SYNTHETIC_METRICS
+    )
     assert CONTRACT_METAKEYS <= set(healthy.meta)
     assert healthy.name == "healthy" and exploding.name == "boom"
     assert set(healthy.series("monitor_seconds")["key"]) == set(SCHEDULE)
@@ -39,7 +48,11 @@ def test_statuses_and_events(runs):
     assert {"ok", "not_converged", "failed"} == set(st.status)
     failed = st[st.status == "failed"].iloc[0]
     # A failed estimate writes no numbers at its step.
-    assert healthy.series(failed["diagnostic"].replace("_eigen", "_eigenvalue")).query(f"step == {failed['step']}").empty
+    assert (
+        healthy.series(failed["diagnostic"].replace("_eigen", "_eigenvalue"))
+        .query(f"step == {failed['step']}")
+        .empty
+    )
     nc = st[st.status == "not_converged"].iloc[0]
     conv = healthy.series("hessian_converged").query(f"step == {nc['step']}")["value"].tolist()
     assert conv == [1.0, 1.0, 0.0]

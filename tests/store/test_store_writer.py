@@ -15,7 +15,9 @@ from diagnostics.store import SCHEMA_VERSION, Event, Record, RunWriter, Status, 
 
 def test_round_trip_every_column(tmp_path):
     clock = iter([1000.0, 1001.5, 1002.0, 1003.0])
-    with RunWriter(tmp_path / "run", name="demo", meta={"config": {"lr": 0.1}}, clock=lambda: next(clock)) as w:
+    with RunWriter(
+        tmp_path / "run", name="demo", meta={"config": {"lr": 0.1}}, clock=lambda: next(clock)
+    ) as w:
         w.write_step(
             3,
             [Record("loss", 0.5), Record("hessian_eigenvalue", 7.25, key="all", index=2),
@@ -40,16 +42,38 @@ def test_round_trip_every_column(tmp_path):
     ]  # fmt: skip
     assert s["step"].dtype == np.int64 and s["index"].dtype == np.int64 and s["value"].dtype == np.float64
     e = run.events()
-    assert list(e.columns) == ["run", "step", "kind", "severity", "metric", "key", "message", "data", "time", "source"]
+    assert list(e.columns) == [
+        "run",
+        "step",
+        "kind",
+        "severity",
+        "metric",
+        "key",
+        "message",
+        "data",
+        "time",
+        "source",
+    ]
     first = e.iloc[0].to_dict()
     assert first == {"run": "demo", "step": 3, "kind": "edge_of_stability", "severity": "warning",
                      "metric": "sharpness", "key": "all", "message": "sharp",
                      "data": {"ratio": 1.02, "ok": True, "layers": ["a", "b"]}, "time": 1001.5, "source": None}  # fmt: skip
     assert e.iloc[1]["metric"] is None and e.iloc[1]["key"] is None and e.iloc[1]["data"] == {}
     st = run.status()
-    assert list(st.columns) == ["run", "step", "diagnostic", "status", "reason", "seconds", "num_matvecs", "source"]
+    assert list(st.columns) == [
+        "run",
+        "step",
+        "diagnostic",
+        "status",
+        "reason",
+        "seconds",
+        "num_matvecs",
+        "source",
+    ]
     assert st[["diagnostic", "status", "reason", "seconds"]].values.tolist() == [
-        ["basics", "ok", None, 0.01], ["hessian_eigen", "not_converged", "budget", 0.25]]
+        ["basics", "ok", None, 0.01],
+        ["hessian_eigen", "not_converged", "budget", 0.25],
+    ]
     assert st["num_matvecs"].tolist() == [pd.NA, 60]
     assert run.sources()[["source", "step", "time"]].values.tolist() == [["ckpt/step4.pt", 4, 1002.0]]
     assert run.metrics() == ["grad_norm", "hessian_eigenvalue", "loss"]
@@ -93,7 +117,10 @@ def test_rewriting_a_step_replaces_rows_and_different_metrics_add_up(tmp_path):
     run = open_run(tmp_path)
     s = run.series()
     assert s[["metric", "value", "source"]].values.tolist() == [
-        ["loss", 2.0, None], ["loss", 4.0, "ck.pt"], ["update_ratio", 0.1, None]]
+        ["loss", 2.0, None],
+        ["loss", 4.0, "ck.pt"],
+        ["update_ratio", 0.1, None],
+    ]
     assert len(run.events()) == 1
     assert run.status()["seconds"].tolist() == [2.0]
     assert len(run.sources()) == 1
@@ -108,7 +135,9 @@ def test_resume_appends_and_refuses_without_resume(tmp_path):
         assert w.completed_sources() == {"a.pt", "b.pt"}
     run = open_run(tmp_path)
     assert run.steps() == [0, 1] and run.meta["config"] == {"a": 1}
-    with pytest.raises(StoreError, match=r"already holds a run \(2 steps.*another run directory.*resume=True.*overwrite=True"):
+    with pytest.raises(
+        StoreError, match=r"already holds a run \(2 steps.*another run directory.*resume=True.*overwrite=True"
+    ):
         RunWriter(tmp_path, resume=False)
     with RunWriter(tmp_path, resume=False, overwrite=True) as w:
         assert w.completed_sources() == set()
@@ -131,7 +160,13 @@ def test_set_meta_converts_numpy_and_rejects_objects_before_writing(tmp_path):
         with pytest.raises(StoreError, match="schema_version"):
             w.set_meta("schema_version", 3)
     meta = open_run(tmp_path).meta
-    assert meta["model_summary"] == {"num_params": 10, "shape": [2, 5], "arr": [0, 1, 2], "flag": True, "x": 0.5}
+    assert meta["model_summary"] == {
+        "num_params": 10,
+        "shape": [2, 5],
+        "arr": [0, 1, 2],
+        "flag": True,
+        "x": 0.5,
+    }
     assert "config" not in meta
 
 
@@ -164,7 +199,10 @@ def test_bad_records_write_nothing(tmp_path, records, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"events": [Event("k", "m", severity="fatal")]}, r"events\[0\] \(kind 'k'\)\.severity must be one of"),
+        (
+            {"events": [Event("k", "m", severity="fatal")]},
+            r"events\[0\] \(kind 'k'\)\.severity must be one of",
+        ),
         ({"events": [Event("k", "m", data={"t": object()})]}, r"events\[0\] \(kind 'k'\)\.data\['t'\]"),
         ({"events": [Event("k", "m", data=[1])]}, r"\.data must be a dict"),
         ({"statuses": [Status("d", "broken")]}, r"statuses\[0\] \(diagnostic 'd'\)\.status must be one of"),
@@ -224,7 +262,9 @@ def test_newer_schema_is_refused_with_both_versions(tmp_path):
 def test_older_schema_without_migration_is_refused(tmp_path):
     RunWriter(tmp_path).close()
     _set_version(tmp_path, 0)
-    with pytest.raises(StoreError, match="schema version 0, which this training-diagnostics .* cannot migrate"):
+    with pytest.raises(
+        StoreError, match="schema version 0, which this training-diagnostics .* cannot migrate"
+    ):
         RunWriter(tmp_path)
 
 
@@ -261,3 +301,21 @@ def test_wal_mode_and_normal_sync(tmp_path):
     assert w._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert w._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     w.close()
+
+
+def test_writes_from_several_threads_stay_whole(tmp_path):
+    import threading
+
+    with RunWriter(tmp_path) as w:
+
+        def work(t):
+            for step in range(t * 100, t * 100 + 20):
+                w.write_step(step, [Record("m", float(i), index=i) for i in range(10)], source=f"s{step}")
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    run = open_run(tmp_path)
+    assert len(run.steps()) == 80 and (run.series().groupby("step").size() == 10).all()
