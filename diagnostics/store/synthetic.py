@@ -181,7 +181,7 @@ def write_synthetic_run(
 class _State:
     """The evolving quantities of the synthetic run."""
 
-    def __init__(self, rng, linears, attention, params, steps, explode_at) -> None:  # noqa: ANN001
+    def __init__(self, rng, linears, attention, params, steps, explode_at) -> None:
         self.rng = rng
         self.linears, self.attention, self.params = linears, attention, params
         self.steps, self.explode_at = steps, explode_at
@@ -255,7 +255,7 @@ class _State:
 
     # -- diagnostics -----------------------------------------------------------------------------------
 
-    def _basics(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _basics(self, step, lr, sev, seconds):
         rng = self.rng
         loss = self._loss(step)
         events: list[Event] = []
@@ -298,7 +298,7 @@ class _State:
         recs.append(Record("update_ratio", lr * math.sqrt(total_g) / math.sqrt(total_w)))
         return recs, Status("basics", "ok", None, seconds), events
 
-    def _gsnr(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _gsnr(self, step, lr, sev, seconds):
         recs = []
         decay = 1.0 / (1 + step / 50)
         means, medians = [], []
@@ -312,13 +312,13 @@ class _State:
                  Record("grad_noise_scale", float(40 * (1 + step / 20) * np.exp(self.rng.normal(0, 0.1))))]  # fmt: skip
         return recs, Status("gsnr", "ok", None, seconds), []
 
-    def _gsnr_microbatch(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _gsnr_microbatch(self, step, lr, sev, seconds):
         # Micro-batch GSNR estimates about (micro-batch size) x the per-sample GSNR: a different series.
         mean = float(8 * 0.5 / (1 + step / 50) * np.exp(self.rng.normal(0, 0.3)))
         recs = [Record("gsnr_microbatch_mean", mean), Record("gsnr_microbatch_median", mean * 0.3)]
         return recs, Status("gsnr_microbatch", "ok", None, seconds), []
 
-    def _rank(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _rank(self, step, lr, sev, seconds):
         recs, events = [], []
         for m in self.linears:
             rows, cols = self.params[f"{m}.weight"]
@@ -352,7 +352,7 @@ class _State:
         lam1 = min(progressive, threshold * (1.0 + 0.04 * self.rng.random()))
         return scale * lam1 * np.array([1.0, 0.55, 0.3]) * np.exp(self.rng.normal(0, 0.02, _TOP_K))
 
-    def _eigen(self, prefix, step, lr, seconds):  # noqa: ANN001, ANN202
+    def _eigen(self, prefix, step, lr, seconds):
         eig = np.sort(self._top_eigs(step, lr, 1.0 if prefix == "hessian" else 0.9))[::-1]
         converged = np.ones(_TOP_K)
         residual = np.abs(eig) * 10 ** self.rng.uniform(-6, -4, _TOP_K)
@@ -373,13 +373,13 @@ class _State:
         recs.append(Record(f"{prefix}_bottom_eigenvalue", float(bottom)))
         return recs, status, []
 
-    def _hessian_eigen(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _hessian_eigen(self, step, lr, sev, seconds):
         return self._eigen("hessian", step, lr, seconds)
 
-    def _ggn_eigen(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _ggn_eigen(self, step, lr, sev, seconds):
         return self._eigen("ggn", step, lr, seconds)
 
-    def _density(self, prefix, step, lr, seconds):  # noqa: ANN001, ANN202
+    def _density(self, prefix, step, lr, seconds):
         lam = self._top_eigs(step, lr)[0]
         low = -0.05 * lam if prefix == "hessian" else 0.0
         recs = []
@@ -393,24 +393,24 @@ class _State:
                          Record(f"{prefix}_density_weight", float(weights[j]), index=probe * _NODES + j)]  # fmt: skip
         return recs, Status(f"{prefix}_density", "ok", None, seconds, _PROBES * _NODES), []
 
-    def _hessian_density(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _hessian_density(self, step, lr, sev, seconds):
         return self._density("hessian", step, lr, seconds)
 
-    def _ggn_density(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _ggn_density(self, step, lr, sev, seconds):
         return self._density("ggn", step, lr, seconds)
 
-    def _trace(self, prefix, step, lr, seconds):  # noqa: ANN001, ANN202
+    def _trace(self, prefix, step, lr, seconds):
         trace = float(self._top_eigs(step, lr)[0] * 4.0 * np.exp(self.rng.normal(0, 0.05)))
         recs = [Record(f"{prefix}_trace", trace), Record(f"{prefix}_trace_stderr", abs(trace) * 0.03)]
         return recs, Status(f"{prefix}_trace", "ok", None, seconds, 30), []
 
-    def _hessian_trace(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _hessian_trace(self, step, lr, sev, seconds):
         return self._trace("hessian", step, lr, seconds)
 
-    def _ggn_trace(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _ggn_trace(self, step, lr, sev, seconds):
         return self._trace("ggn", step, lr, seconds)
 
-    def _sharpness(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _sharpness(self, step, lr, sev, seconds):
         eig = getattr(self, "last_eig", None)
         s = float(eig[0]) if eig is not None else float(self._top_eigs(step, lr)[0])
         adam_threshold = 38.0 / lr
@@ -432,7 +432,7 @@ class _State:
             self.eos_active = False
         return recs, Status("sharpness", "ok", None, seconds), events
 
-    def _subspace(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _subspace(self, step, lr, sev, seconds):
         frac = float(np.clip(0.6 + 0.1 * self.rng.normal(), 0, 1))
         recs = [
             Record("grad_subspace_fraction", frac),
@@ -445,7 +445,7 @@ class _State:
         self.prev_top = np.ones(1)
         return recs, Status("subspace", "ok", None, seconds, 1), []
 
-    def _spectral_alignment(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _spectral_alignment(self, step, lr, sev, seconds):
         recs = []
         edges = np.linspace(-1.0, 1.0, 21)
         for m in self.linears:
@@ -468,7 +468,7 @@ class _State:
             recs += [Record("sa_histogram", float(h / _TOKENS), key=m, index=i) for i, h in enumerate(hist)]
         return recs, Status("spectral_alignment", "ok", None, seconds), []
 
-    def _explosion_detector(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _explosion_detector(self, step, lr, sev, seconds):
         score = float(np.clip(0.08 + 0.03 * self.rng.random() + 0.9 * min(1.0, sev) ** 2, 0, 1))
         events = []
         if score > 0.5 and not self.warned:
@@ -478,12 +478,12 @@ class _State:
                                 key="all", data={"score": score, "layers": sorted(self.drifting)}))  # fmt: skip
         return [Record("explosion_score", score)], Status("explosion_detector", "ok", None, seconds), events
 
-    def _attention_logits(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _attention_logits(self, step, lr, sev, seconds):
         recs = [Record("max_attention_logit", float(8 + 4 * step / self.steps + 30 * sev ** 2 + self.rng.random()),
                        key=m) for m in self.attention]  # fmt: skip
         return recs, Status("attention_logits", "ok", None, seconds), []
 
-    def _activation_kurtosis(self, step, lr, sev, seconds):  # noqa: ANN001, ANN202
+    def _activation_kurtosis(self, step, lr, sev, seconds):
         recs = [Record("activation_kurtosis", float(3.2 + 0.5 * self.rng.random() + 20 * sev ** 2), key=m)
                 for m in self.linears]  # fmt: skip
         return recs, Status("activation_kurtosis", "ok", None, seconds), []
