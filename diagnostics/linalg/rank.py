@@ -116,10 +116,11 @@ def alpha_req(X: Tensor, first: int = 11, last: int = 100) -> float:
     M = M - M.mean(0, keepdim=True)
     lam = torch.linalg.svdvals(M).square() / max(M.shape[0] - 1, 1)
     lam = lam[lam > lam[0] * 1e-12] if float(lam[0]) > 0 else lam[:0]
-    ranks = torch.arange(first, min(last, lam.shape[0]) + 1, dtype=torch.float64)
-    if ranks.numel() < 2:
+    hi = min(last, lam.shape[0])
+    if hi < first + 1:
         raise DataError(f"alpha_req needs at least {first + 1} positive covariance eigenvalues, "
                         f"got {lam.shape[0]} from a matrix of shape {tuple(X.shape)}")
+    ranks = torch.arange(first, hi + 1, dtype=torch.float64)
     y = lam[ranks.long() - 1].log()
     x = ranks.log()
     w = 1.0 / ranks
