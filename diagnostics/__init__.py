@@ -36,8 +36,10 @@ _EXPORTS: dict[str, str] = {
     "Diagnostic": "diagnostics.metrics",
     "available_diagnostics": "diagnostics.metrics",
     # --- The run store (diagnostics.store) ---
+    "RunWriter": "diagnostics.store",
     "open_run": "diagnostics.store",
     "open_runs": "diagnostics.store",
+    "combine_runs": "diagnostics.store",
     # --- Errors (diagnostics.errors) ---
     "DiagnosticsError": "diagnostics.errors",
     "StopTraining": "diagnostics.errors",
@@ -68,8 +70,10 @@ __all__ = [
     "Diagnostic",
     "available_diagnostics",
     # The run store
+    "RunWriter",
     "open_run",
     "open_runs",
+    "combine_runs",
     # Errors
     "DiagnosticsError",
     "StopTraining",
