@@ -62,6 +62,7 @@ class LossDiagnostic(Diagnostic):
     name = "loss"
     requires = frozenset({"loss"})
     preset = "cheap"
+    reads_only = True
     metrics: ClassVar[tuple[str, ...]] = ("loss",)
     allow_nonfinite = True
 
@@ -76,6 +77,7 @@ class LearningRateDiagnostic(Diagnostic):
     name = "learning_rate"
     requires = frozenset({"optimizer"})
     preset = "cheap"
+    reads_only = True
     metrics: ClassVar[tuple[str, ...]] = ("learning_rate",)
 
     def compute(self, ctx: StepContext) -> list[Record]:
@@ -99,6 +101,7 @@ class GradNormDiagnostic(Diagnostic):
     name = "grad_norm"
     requires = frozenset({"grads"})
     preset = "cheap"
+    reads_only = True
     metrics: ClassVar[tuple[str, ...]] = ("grad_norm",)
     allow_nonfinite = True
 
@@ -112,6 +115,7 @@ class WeightNormDiagnostic(Diagnostic):
 
     name = "weight_norm"
     preset = "cheap"
+    reads_only = True
     metrics: ClassVar[tuple[str, ...]] = ("weight_norm",)
     allow_nonfinite = True
 
@@ -131,6 +135,7 @@ class UpdateRatioDiagnostic(Diagnostic):
     name = "update_ratio"
     requires = frozenset({"update"})
     preset = "cheap"
+    reads_only = True
     metrics: ClassVar[tuple[str, ...]] = ("update_ratio",)
     allow_nonfinite = True
 
@@ -158,6 +163,7 @@ class NonFiniteDiagnostic(Diagnostic):
     name = "nonfinite"
     requires = frozenset({"loss", "grads"})
     preset = "cheap"
+    reads_only = True
     metrics: ClassVar[tuple[str, ...]] = ("nonfinite_grads", "nonfinite_loss")
 
     def compute(self, ctx: StepContext) -> Output:

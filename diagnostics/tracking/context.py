@@ -7,6 +7,7 @@ per-sample gradients cause one vmap pass. The cache lives one step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,15 +50,15 @@ def leading_size(batch: Any) -> int | None:
     return None
 
 
-def slice_batch(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch: every tensor with a leading dimension of the batch size is cut."""
+def slice_batch(batch: Any, stop: int, start: int = 0) -> Any:
+    """Samples ``start:stop`` of a batch: every tensor whose leading dimension is the batch size is cut."""
     size = leading_size(batch)
-    if size is None or n >= size:
+    if size is None or (start == 0 and stop >= size):
         return batch
 
     def cut(x: Any) -> Any:
         if torch.is_tensor(x):
-            return x[:n] if x.ndim and x.shape[0] == size else x
+            return x[start:stop] if x.ndim and x.shape[0] == size else x
         if isinstance(x, Mapping):
             return {k: cut(v) for k, v in x.items()}
         if isinstance(x, tuple) and hasattr(x, "_fields"):
@@ -129,6 +130,7 @@ class StepContext:
         self.state: dict[str, Any] = {}
         self._before_update: dict[str, torch.Tensor] | None = None
         self._after_update = False
+        self._named: list[tuple[str, torch.nn.Parameter]] | None = None
 
     # --- plain inputs ---------------------------------------------------------------------------
     @property
@@ -154,10 +156,10 @@ class StepContext:
         return self.cache[key]
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """Trainable parameters in ``named_parameters()`` order (cached for the step)."""
-        return self.cached(
-            "named_parameters", lambda: [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        )
+        """Trainable parameters in ``named_parameters()`` order (listed once per step)."""
+        if self._named is None:
+            self._named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return self._named
 
     def grads(self) -> dict[str, torch.Tensor]:
         """The user's ``.grad`` per trainable parameter that has one (detached views: do not modify them)."""
@@ -170,21 +172,30 @@ class StepContext:
         return self.cached("params", lambda: {n: p.detach() for n, p in self.named_parameters()})
 
     # --- shared expensive intermediates -----------------------------------------------------------
-    def per_sample_grads(self, params: Any = None) -> dict[str, torch.Tensor]:
+    def per_sample_grads(self, params: Any = None, mode: str = "eval") -> dict[str, torch.Tensor]:
         """Per-sample gradients ``{name: [N, *shape]}`` of the step's batch; computed once per step.
+
+        ``mode="eval"`` (default) takes them with dropout off and BatchNorm on running statistics: a
+        single sample has no batch statistics, and dropout would make each sample's gradient random.
 
         Cost: one vmap(grad) pass over the batch, about the cost of N single-sample backward passes
         batched (chunked to ``max_memory_bytes``).
         """
         from diagnostics.gradients import per_sample_gradients
 
-        key = ("per_sample_grads", None if params is None else tuple(params) if not isinstance(params, str) else params)
-        return self.cached(
-            key,
-            lambda: per_sample_gradients(
-                self.model, self.loss_fn, self.batch, params=params, max_memory_bytes=self.max_memory_bytes
-            ),
-        )
+        if mode not in ("eval", "train"):
+            raise ConfigError(f"per-sample gradient mode must be 'eval' or 'train', got {mode!r}")
+        pkey = None if params is None else params if isinstance(params, str) else tuple(params)
+
+        def run() -> dict[str, torch.Tensor]:
+            with contextlib.ExitStack() as stack:
+                if mode == "eval":
+                    stack.enter_context(eval_mode(self.model))
+                return per_sample_gradients(
+                    self.model, self.loss_fn, self.batch, params=params, max_memory_bytes=self.max_memory_bytes
+                )
+
+        return self.cached(("per_sample_grads", pkey, mode), run)
 
     def curvature(self, kind: str = "hessian", params: Any = None) -> Any:
         """A Hessian or GGN operator of the mean loss on the fixed probe data; built once per step.

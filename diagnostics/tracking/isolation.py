@@ -53,7 +53,8 @@ def restore_modes(modules: Sequence[nn.Module]) -> Iterator[None]:
         yield
     finally:
         for m, flag in saved:
-            m.training = flag
+            if m.training is not flag:  # nn.Module.__setattr__ costs microseconds; most flags are unchanged
+                m.training = flag
 
 
 @contextlib.contextmanager

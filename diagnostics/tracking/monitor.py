@@ -19,6 +19,7 @@ failed status plus an ``estimator_failed`` event; training never sees the except
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import hashlib
 import math
@@ -26,6 +27,7 @@ import os
 import platform
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -149,8 +151,9 @@ def _probe_list(probe_data: Any, limit: int | None) -> list[Any]:
 class _Pending:
     """A step whose records wait for the optimizer's update before they are committed."""
 
-    def __init__(self, step: int, ctx: StepContext) -> None:
+    def __init__(self, step: int, ctx: StepContext, source: str | None = None) -> None:
         self.step = step
+        self.source = source
         self.ctx = ctx
         self.records: list[Record] = []
         self.events: list[tuple[Diagnostic | None, Event]] = []
@@ -191,6 +194,9 @@ class Monitor:
         state_every: save diagnostics' state to the run's metadata every this many monitored steps.
         check_isolation: debug option; verify after every diagnostic that parameters, buffers, grads,
             modes, hooks, RNG and optimizer state are unchanged (costs copies of them; for tests).
+        async_writes: commit each step on a background thread while the next training step runs (at most
+            one commit outstanding: a killed process loses at most the step being committed and the one in
+            flight). False commits inside ``step()``.
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class Monitor:
         rank_zero_only: bool = True,
         state_every: int = 100,
         check_isolation: bool = False,
+        async_writes: bool = True,
     ) -> None:
         # Everything that can be checked is checked before the run directory is touched.
         if not isinstance(model, nn.Module):
@@ -267,8 +274,12 @@ class Monitor:
         self.run_dir = Path(run).expanduser()
         self.fingerprint = model_fingerprint(model)
         self.writer = None
+        self._future: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
         if self.writes:
             self._open_store(name, meta)
+            if async_writes:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diagnostics-store")
 
     # --- configuration ----------------------------------------------------------------------------
     def _apply_every(self, every: int | Mapping[str, int] | None) -> None:
@@ -375,6 +386,7 @@ class Monitor:
     def _save_state(self) -> None:
         if self.writer is None:
             return
+        self._wait_writes()
         state = self.state_dict()
         self.writer.set_meta("diagnostic_state", state)
         if self.last_step is not None:
@@ -398,13 +410,17 @@ class Monitor:
                 warnings.warn(f"could not load saved probe data {path}: {exc}", RuntimeWarning, stacklevel=3)
 
     # --- the training-loop API ------------------------------------------------------------------------
-    def step(self, step: int, batch: Any = None, loss: torch.Tensor | float | None = None) -> None:
+    def step(
+        self, step: int, batch: Any = None, loss: torch.Tensor | float | None = None, *, source: str | None = None
+    ) -> None:
         """Run the diagnostics due at ``step``; call after ``loss.backward()``, before ``optimizer.step()``.
 
         Args:
             step: the global step (int, non-decreasing).
             batch: the step's batch as the loss consumes it (needed by diagnostics that run extra passes).
             loss: the scalar loss backward() was called on (tensor or float).
+            source: names the input the step came from (a checkpoint path in ``tdiag analyze``); stored
+                with the step's rows and marked completed when the step is committed.
 
         Raises:
             LossError: ``loss`` is not a scalar; DataError: the loss cannot consume ``batch`` (checked on
@@ -454,9 +470,8 @@ class Monitor:
             curvature_mode=self.curvature_mode,
             max_memory_bytes=self.max_memory_bytes,
         )
-        pending = _Pending(step, ctx)
-        for d in due:
-            records, events, status = self._run(d, d.compute, ctx)
+        pending = _Pending(step, ctx, source)
+        for d, (records, events, status) in zip(due, self._run_phase(due, "compute", ctx)):
             pending.records += records
             pending.events += [(d, e) for e in events]
             pending.statuses[d.name] = status
@@ -486,8 +501,8 @@ class Monitor:
         ctx._after_update = True
         ctx.cache.clear()
         try:
-            for d in pending.update_diags:
-                records, events, status = self._run(d, d.compute_after_update, ctx)
+            results = self._run_phase(pending.update_diags, "compute_after_update", ctx)
+            for d, (records, events, status) in zip(pending.update_diags, results):
                 before = pending.statuses[d.name]
                 pending.records += records
                 pending.events += [(d, e) for e in events]
@@ -503,12 +518,44 @@ class Monitor:
             ctx.cache.clear()
             self._commit(pending)
 
+    def _run_phase(
+        self, diags: list[Diagnostic], method: str, ctx: StepContext
+    ) -> list[tuple[list[Record], list[Event], Status]]:
+        """Run ``method`` of each diagnostic inside one isolation context for the phase.
+
+        The phase forks every global RNG stream and restores every module's mode once (saving numpy's
+        state alone costs ~50 us, too much to repeat per diagnostic on every step); between diagnostics
+        the torch CPU stream, the modes and the grad mode are reset (microseconds), so each diagnostic sees
+        the same state whether it runs alone or after others.
+        """
+        out = []
+        # Diagnostics that declare ``reads_only`` (they only read tensors the step already holds) skip the
+        # RNG fork; the contract suite verifies the claim with check_isolation.
+        full = self.check_isolation or not all(getattr(d, "reads_only", False) for d in diags)
+        with isolated(self.model, modules=self._modules, label=method) if full else contextlib.nullcontext():
+            rng = torch.get_rng_state()
+            modes = [(m, m.training) for m in self._modules]
+            grad_enabled = torch.is_grad_enabled()
+            for d in diags:
+                try:
+                    out.append(self._run(d, getattr(d, method), ctx))
+                finally:
+                    torch.set_rng_state(rng)
+                    for m, flag in modes:
+                        if m.training is not flag:  # nn.Module.__setattr__ is slow; set only what changed
+                            m.training = flag
+                    torch.set_grad_enabled(grad_enabled)
+        return out
+
     def _run(self, d: Diagnostic, fn: Callable[[StepContext], Any], ctx: StepContext) -> tuple[list[Record], list[Event], Status]:
-        """Run one diagnostic phase isolated and timed; failures become a failed Status and an event."""
+        """Run one diagnostic phase timed; failures become a failed Status and an ``estimator_failed`` event."""
         ctx.state = self._states.setdefault(d.name, {})
         t0 = time.perf_counter()
         try:
-            with isolated(self.model, optimizer=self.optimizer, modules=self._modules, check=self.check_isolation, label=d.name):
+            if self.check_isolation:
+                with isolated(self.model, optimizer=self.optimizer, modules=self._modules, check=True, label=d.name):
+                    out = fn(ctx)
+            else:
                 out = fn(ctx)
             if isinstance(out, Output):
                 records, events = list(out.records), list(out.events)
@@ -570,18 +617,37 @@ class Monitor:
         records += [Record("monitor_seconds", s.seconds, key=n) for n, s in pending.statuses.items()]
         events = [e for _, e in pending.events]
         if self.writer is not None:
-            try:
-                self.writer.write_step(pending.step, records, events, list(pending.statuses.values()))
-            except StoreError as exc:
-                if self.strict:
-                    raise
-                self._store_failures += 1
-                if self._store_failures == 1:
-                    warnings.warn(f"diagnostics: cannot write step {pending.step}: {exc}", RuntimeWarning, stacklevel=3)
+            statuses = list(pending.statuses.values())
+            self._wait_writes()
+            write = self.writer.write_step
+            if self._executor is not None:
+                # The commit overlaps the next training step; at most one commit is outstanding.
+                self._future = self._executor.submit(write, pending.step, records, events, statuses, source=pending.source)
+            else:
+                try:
+                    write(pending.step, records, events, statuses, source=pending.source)
+                except StoreError as exc:
+                    self._store_failed(exc)
             has_state = any(d.state_keys for d in self.diagnostics) or any(self._states.values())
             if has_state and self._monitored % self.state_every == 0:
                 self._save_state()
         self._do_actions(pending)
+
+    def _store_failed(self, exc: StoreError) -> None:
+        if self.strict:
+            raise exc
+        self._store_failures += 1
+        if self._store_failures == 1:
+            warnings.warn(f"diagnostics: cannot write to the run store: {exc}", RuntimeWarning, stacklevel=4)
+
+    def _wait_writes(self) -> None:
+        """Block until the outstanding background commit (if any) is done; handle its error."""
+        future, self._future = self._future, None
+        if future is not None:
+            try:
+                future.result()
+            except StoreError as exc:
+                self._store_failed(exc)
 
     def _do_actions(self, pending: _Pending) -> None:
         stop: Event | None = None
@@ -597,6 +663,7 @@ class Monitor:
             else:
                 action(event, pending.step)  # type: ignore[operator]
         if stop is not None:
+            self._wait_writes()  # the step's records are committed before training is told to stop
             raise StopTraining(f"training stopped at step {pending.step}: {stop.message}", event=stop)
 
     def save_checkpoint(self, step: int) -> Path:
@@ -621,8 +688,12 @@ class Monitor:
         finally:
             if self.writer is not None:
                 try:
+                    self._wait_writes()
                     self._save_state()
                 finally:
+                    if self._executor is not None:
+                        self._executor.shutdown(wait=True)
+                        self._executor = None
                     self.writer.close()
 
     def __enter__(self) -> Monitor:

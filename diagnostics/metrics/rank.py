@@ -1,0 +1,194 @@
+"""Rank diagnostics: effective and stable rank of weights, layer-wise gradients and activations; α-ReQ.
+
+Definitions (METRICS.md): erank(σ) = exp(−Σ p_k log p_k), p_k = σ_k / Σσ over singular values (RankMe,
+Roy & Vetterli 2007; the σ-based variant); stable rank ‖W‖_F² / ‖W‖₂²; α-ReQ = decay exponent of the
+centred covariance eigenvalues over ranks 11..100 (Agrawal et al. 2022). The maths lives in
+:mod:`diagnostics.linalg`; these classes choose the matrices and turn the numbers into records.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.base import Diagnostic, Output
+from diagnostics.metrics.registry import register
+from diagnostics.store.records import Event, Record
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diagnostics.tracking.context import StepContext
+
+#: α-ReQ fits ranks 11..100; with fewer eigenvalues than this there is nothing to fit.
+ALPHA_REQ_MIN_DIM = 12
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    # [out, in, kh, kw] conv kernels become [out, in*kh*kw]: rows are the output units.
+    return t.detach().reshape(t.shape[0], -1).float()
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return patterns is None or any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _matrices(tensors: dict[str, torch.Tensor], patterns: list[str] | None) -> dict[str, torch.Tensor]:
+    chosen = {n: _as_matrix(t) for n, t in tensors.items() if t.ndim >= 2 and _matches(n, patterns)}
+    if patterns is not None and not chosen:
+        raise ConfigError(f"parameter patterns {patterns} match no matrix-shaped parameter")
+    return chosen
+
+
+def _rank_records(prefix: str, mats: dict[str, torch.Tensor]) -> list[Record]:
+    from diagnostics.linalg import effective_rank, stable_rank
+
+    out = []
+    for name, m in mats.items():
+        out.append(Record(f"{prefix}_effective_rank", float(effective_rank(m)), key=name))
+        out.append(Record(f"{prefix}_stable_rank", float(stable_rank(m)), key=name))
+    return out
+
+
+def _patterns(params: str | Iterable[str] | None) -> list[str] | None:
+    if params is None:
+        return None
+    return [params] if isinstance(params, str) else list(params)
+
+
+@register
+class WeightRankDiagnostic(Diagnostic):
+    """Effective (σ-based) and stable rank of every matrix-shaped parameter (conv kernels as out × rest).
+
+    Metrics ``weight_effective_rank``, ``weight_stable_rank`` (key = parameter name). Cost: one SVD per
+    matrix, O(min(m, n)·m·n); no forward or backward pass.
+    """
+
+    name = "weight_rank"
+    preset = "standard"
+    default_every = 50
+    metrics: ClassVar[tuple[str, ...]] = ("weight_effective_rank", "weight_stable_rank")
+
+    def __init__(self, every: int | None = None, start: int = 0, params: str | Iterable[str] | None = None) -> None:
+        super().__init__(every, start)
+        self.params = _patterns(params)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "params": self.params, "variant": "sigma"}
+
+    def compute(self, ctx: StepContext) -> list[Record]:
+        return _rank_records("weight", _matrices(ctx.params(), self.params))
+
+
+@register
+class GradRankDiagnostic(Diagnostic):
+    """Effective and stable rank of each matrix-shaped parameter's gradient (the user's ``.grad``).
+
+    Metrics ``grad_effective_rank``, ``grad_stable_rank`` (key = parameter name). Cost: one SVD per
+    gradient matrix; no extra pass. An all-zero gradient has no defined rank and is skipped.
+    """
+
+    name = "grad_rank"
+    requires = frozenset({"grads"})
+    preset = "standard"
+    default_every = 50
+    metrics: ClassVar[tuple[str, ...]] = ("grad_effective_rank", "grad_stable_rank")
+
+    def __init__(self, every: int | None = None, start: int = 0, params: str | Iterable[str] | None = None) -> None:
+        super().__init__(every, start)
+        self.params = _patterns(params)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "params": self.params, "variant": "sigma"}
+
+    def compute(self, ctx: StepContext) -> list[Record]:
+        mats = _matrices(ctx.grads(), self.params)
+        return _rank_records("grad", {n: m for n, m in mats.items() if bool(m.abs().max() > 0)})
+
+
+@register
+class ActivationRankDiagnostic(Diagnostic):
+    """Effective and stable rank and α-ReQ of chosen layers' outputs (tokens × features).
+
+    Metrics ``activation_effective_rank``, ``activation_stable_rank``, ``activation_alpha_req`` (key =
+    module name; α-ReQ only for layers with at least 12 features and tokens). Outputs are captured by
+    scoped forward hooks on one no-grad, eval-mode forward over a subsample of the step's batch, at most
+    ``max_tokens`` rows per layer. A ``rank_collapse`` warning event fires when a layer's effective rank
+    falls below ``collapse_ratio`` times its first recorded value.
+
+    Cost: one forward pass on about ``max_tokens`` tokens, plus one SVD and one covariance
+    eigendecomposition per layer of at most ``max_tokens`` × features.
+    """
+
+    name = "activation_rank"
+    requires = frozenset({"activations"})
+    preset = "standard"
+    default_every = 50
+    metrics: ClassVar[tuple[str, ...]] = (
+        "activation_effective_rank",
+        "activation_stable_rank",
+        "activation_alpha_req",
+    )
+    state_keys: ClassVar[tuple[str, ...]] = ("baseline",)
+
+    def __init__(
+        self,
+        every: int | None = None,
+        start: int = 0,
+        modules: Any = None,
+        max_tokens: int = 1024,
+        collapse_ratio: float | None = 0.25,
+    ) -> None:
+        super().__init__(every, start)
+        if int(max_tokens) < 2:
+            raise ConfigError(f"activation_rank: max_tokens must be at least 2, got {max_tokens}")
+        self.modules = modules
+        self.max_tokens = int(max_tokens)
+        self.collapse_ratio = collapse_ratio
+        self.baseline: dict[str, float] = {}
+
+    def settings(self) -> dict[str, Any]:
+        mods = self.modules if self.modules is None or isinstance(self.modules, (str, list, tuple)) else repr(self.modules)
+        if isinstance(mods, tuple) and mods and isinstance(mods[0], type):
+            mods = [t.__name__ for t in mods]
+        return {
+            **super().settings(),
+            "modules": "all nn.Linear" if mods is None else mods if not isinstance(mods, type) else mods.__name__,
+            "max_tokens": self.max_tokens,
+            "mode": "eval",
+            "variant": "sigma",
+            "collapse_ratio": self.collapse_ratio,
+        }
+
+    def compute(self, ctx: StepContext) -> Output:
+        from diagnostics.linalg import alpha_req, effective_rank, stable_rank
+
+        acts = ctx.activations(self.modules, max_tokens=self.max_tokens)
+        records: list[Record] = []
+        events: list[Event] = []
+        for name, x in acts.items():
+            x = x.float()
+            if x.shape[0] < 2:
+                continue
+            er = float(effective_rank(x))
+            records.append(Record("activation_effective_rank", er, key=name))
+            records.append(Record("activation_stable_rank", float(stable_rank(x)), key=name))
+            if min(x.shape) >= ALPHA_REQ_MIN_DIM:
+                records.append(Record("activation_alpha_req", float(alpha_req(x)), key=name))
+            base = self.baseline.setdefault(name, er)
+            if self.collapse_ratio is not None and math.isfinite(er) and er < self.collapse_ratio * base:
+                events.append(
+                    Event(
+                        kind="rank_collapse",
+                        message=f"{name}: activation effective rank {er:.2f} fell below "
+                        f"{self.collapse_ratio} x its first value {base:.2f}",
+                        severity="warning",
+                        metric="activation_effective_rank",
+                        key=name,
+                        data={"effective_rank": er, "baseline": base},
+                    )
+                )
+        return Output(records=records, events=events, settings={"num_layers": len(acts)})
