@@ -141,7 +141,9 @@ class RegressionLoss(_SupervisedLoss):
     def criterion(self, outputs: Tensor, batch: Any) -> Tensor:
         _, targets = split_batch(batch)
         targets = targets.to(device=outputs.device, dtype=outputs.dtype)
-        return F.mse_loss(outputs, targets.reshape(outputs.shape), reduction="mean")
+        # Written out rather than F.mse_loss: its forward-over-reverse rule fails on a zero tangent of the
+        # targets (torch 2.x "ZeroTensors are immutable"), which would break forward-over-reverse HVPs.
+        return (outputs - targets.reshape(outputs.shape)).square().mean()
 
 
 class DefaultLoss(_SupervisedLoss):

@@ -33,11 +33,14 @@ class _FoldedGGN(Linearisation):
         with saved.track():
             self.z = fwd(dict(zip(params, self.leaves)))
         self.nbytes += saved.nbytes
-        self.zd = self.z.detach()
-        gz, loss = torch.func.grad_and_value(crit)(self.zd)
+        # Output-space Hessian products by double backward through the criterion's kept graph: the
+        # criterion is cheap, and some criteria (mse_loss) lack a forward-over-reverse rule.
+        self.zd = self.z.detach().requires_grad_()
+        loss = crit(self.zd)
         check_loss(loss, op._index)
-        self.loss = float(loss)
-        self.grad = op._flat(grads_or_none([self.z], self.leaves, [gz])).detach()
+        self.gz = torch.autograd.grad(loss, self.zd, create_graph=True)[0]
+        self.loss = float(loss.detach())
+        self.grad = op._flat(grads_or_none([self.z], self.leaves, [self.gz.detach()])).detach()
 
     def _jv(self, v: Tensor) -> Tensor:
         t = self.op.unflatten(v)
@@ -45,16 +48,19 @@ class _FoldedGGN(Linearisation):
             return self.jvp_fn(t)
         return torch.func.jvp(self.fwd, (self.params,), (t,))[1]
 
-    def _hz(self, jv: Tensor) -> Tensor:
-        return torch.func.jvp(torch.func.grad(self.crit), (self.zd,), (jv.to(self.zd.dtype),))[1]
+    def _jt_hz(self, jv: Tensor, batched: bool) -> Tensor:
+        (hjv,) = grads_or_none([self.gz], [self.zd], [jv.to(self.zd.dtype)], batched=batched)
+        if hjv is None:
+            hjv = torch.zeros_like(jv)
+        res = grads_or_none([self.z], self.leaves, [hjv], batched=batched)
+        return self.op._flat(res, batched=jv.shape[0] if batched else None)
 
     def apply(self, v: Tensor) -> Tensor:
-        return self.op._flat(grads_or_none([self.z], self.leaves, [self._hz(self._jv(v))]))
+        return self._jt_hz(self._jv(v), False)
 
     def apply_batched(self, rows: Tensor) -> Tensor:
-        hjv = torch.func.vmap(lambda r: self._hz(self._jv(r)), chunk_size=self.op.column_chunk)(rows)
-        res = grads_or_none([self.z], self.leaves, [hjv], batched=True)
-        return self.op._flat(res, batched=rows.shape[0])
+        jv = torch.func.vmap(self._jv, chunk_size=self.op.column_chunk)(rows)
+        return self._jt_hz(jv, True)
 
 
 class _RetainedGGN(Linearisation):
