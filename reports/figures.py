@@ -49,6 +49,8 @@ PNG_POINT_THRESHOLD = 12_000
 # An SVG larger than this is re-rendered as PNG.
 SVG_MAX_BYTES = 350_000
 PNG_DPI = 110
+# Figure label that asks the layout for room on the right (a legend placed outside the axes).
+LEGEND_OUTSIDE = "legend-outside"
 
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
               "#7f7f7f", "#bcbd22"]
@@ -100,7 +102,7 @@ class FigureSink:
         """Create a figure with the report's style; returns ``(fig, axes)`` (axes a 2-D array)."""
         with plt.rc_context(RC):
             fig, axes = plt.subplots(nrows, ncols, figsize=(width, height * nrows), sharex=sharex,
-                                     squeeze=squeeze, layout="constrained")
+                                     squeeze=squeeze)
         return fig, axes
 
     def render(self, fig: Any, alt: str, *, force_png: bool = False) -> str:
@@ -112,6 +114,7 @@ class FigureSink:
         prefix = f"f{self.count}-"
         try:
             with plt.rc_context(RC):
+                _layout(fig)
                 use_png = force_png or _num_points(fig) > PNG_POINT_THRESHOLD
                 body = None
                 if not use_png:
@@ -128,6 +131,51 @@ class FigureSink:
         finally:
             plt.close(fig)
         return f'<figure class="fig">{body}</figure>'
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Plain-text tick labels on log and symlog axes: matplotlib's default mathtext labels cost about
+    25 ms each to lay out, which dominates a large report."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
+
+    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+        if scale == "log":
+            axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        elif scale == "symlog":
+            axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+            axis.set_minor_formatter(NullFormatter())
+
+
+def _layout(fig: Any) -> None:
+    """Fixed margins in inches instead of constrained layout (which measures every tick label several
+    times and took most of the rendering time). Room is left for long y tick labels (layer names) and
+    for legends placed to the right of the axes."""
+    w, h = fig.get_size_inches()
+    main = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    for ax in main:
+        _plain_log_ticks(ax)
+    if not main:
+        return
+    gs = main[0].get_subplotspec().get_gridspec() if main[0].get_subplotspec() else None
+    nrows = gs.nrows if gs is not None else 1
+    ncols = gs.ncols if gs is not None else 1
+    longest = 0
+    for ax in main:
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        longest = max([longest] + [len(x) for x in labels])
+    left = 0.75 if longest <= 8 else min(2.2, 0.35 + 0.055 * longest)
+    outside = fig.get_label() == LEGEND_OUTSIDE
+    colorbar = len(main) < len(fig.axes)
+    right = 2.0 if outside else (0.75 if colorbar else 0.25)
+    suptitle = fig._suptitle is not None
+    top = 0.3 + (0.25 if suptitle else 0.0)
+    bottom = 0.5
+    row_h = max((h - top - bottom) / nrows, 0.5)
+    hspace = 0.75 / max(row_h - 0.75, 0.3) if nrows > 1 else 0.2
+    wspace = 0.45 if ncols > 1 else 0.2
+    fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h, bottom=bottom / h,
+                        hspace=hspace, wspace=wspace)
 
 
 def _num_points(fig: Any) -> int:

@@ -189,8 +189,21 @@ def run_findings(run: RunView) -> list[Finding]:
 
     # --- estimator failures ---
     lines = []
+    by_reason: dict[str, list] = {}
     for s in run.status_summary:
         if s.failed:
+            by_reason.setdefault(s.first_failure_reason or "", []).append(s)
+    grouped = {id(s) for group in by_reason.values() if len(group) >= 3 for s in group}
+    for reason, group in by_reason.items():
+        if len(group) >= 3:
+            first = min(s.first_failure_step for s in group)
+            names = ", ".join(s.diagnostic for s in group)
+            lines.append(Finding(name, "estimator_failed", "warning",
+                                 f"{len(group)} estimators failed from step {first} on"
+                                 + (f": {reason}" if reason else "") + f" ({names}). Failed estimates are shown "
+                                 "as failed, not as numbers.", first))
+    for s in run.status_summary:
+        if s.failed and id(s) not in grouped:
             reason = f": {s.first_failure_reason}" if s.first_failure_reason else ""
             lines.append(Finding(name, "estimator_failed", "warning",
                                  f"Estimator {s.diagnostic} failed at {s.failed} of {s.calls} steps, first at step "

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 
 from .downsample import bin_series, step_bins
-from .figures import (FigureSink, alert_legend_handles, auto_log, heatmap, layer_colors, mark_alerts,
+from .figures import (LEGEND_OUTSIDE, FigureSink, alert_legend_handles, auto_log, heatmap, layer_colors, mark_alerts,
                       mpl_text, plot_curve, run_color)
 from .views import ReportView, RunView
 
@@ -137,6 +137,8 @@ def add_legend(ax: Any, extra: list[Any] | None = None, **kw: Any) -> None:
         handles.append(h)
         labels.append(h.get_label())
     if handles:
+        if "bbox_to_anchor" in kw:
+            ax.figure.set_label(LEGEND_OUTSIDE)  # the layout reserves room on the right
         ax.legend(handles, labels, loc=kw.pop("loc", "best"), frameon=False, **kw)
 
 
@@ -186,9 +188,16 @@ def layer_matrix(run: RunView, metric: str, keys: list[str], how: str = "mean",
                  nbins: int = HEATMAP_STEP_BINS) -> tuple[np.ndarray, np.ndarray]:
     """Bin one per-layer metric onto step bins: returns ``(matrix [layers, bins], edges)``."""
     md = run.metric(metric)
-    lo = min(int(md.by_key[k].steps.min()) for k in keys)
-    hi = max(int(md.by_key[k].steps.max()) for k in keys)
-    edges = step_bins(lo, hi, nbins)
+    steps = np.unique(np.concatenate([md.by_key[k].steps for k in keys]))
+    if len(steps) <= nbins:
+        # one column per recorded step (metrics recorded every few steps would leave empty bins)
+        if len(steps) > 1:
+            mids = (steps[1:] + steps[:-1]) / 2.0
+            edges = np.concatenate([[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]])
+        else:
+            edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+    else:
+        edges = step_bins(int(steps[0]), int(steps[-1]), nbins)
     mat = np.vstack([bin_series(*md.curve(k), edges, how) if md.curve(k) else np.full(len(edges) - 1, np.nan)
                      for k in keys])
     return mat, edges

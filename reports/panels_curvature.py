@@ -132,7 +132,9 @@ def _failed_curvature_steps(run: RunView, prefix: str) -> dict[int, str]:
         return out
     for diag in run.status["diagnostic"].astype(str).unique():
         d = diag.lower()
-        if prefix in d or "eigen" in d or "lanczos" in d or (prefix == "hessian" and "sharp" in d):
+        # a diagnostic names its operator; one naming neither (e.g. "lanczos") is taken as the Hessian's
+        generic = "hessian" not in d and "ggn" not in d and any(w in d for w in ("eigen", "lanczos", "sharp"))
+        if (prefix in d and ("eigen" in d or "lanczos" in d or "topk" in d)) or (prefix == "hessian" and generic):
             out.update(run.failed_steps(diag))
     return out
 
@@ -198,12 +200,14 @@ def _draw_eigenvalues(view: ReportView, sink: FigureSink) -> str:
         yv = yv[np.isfinite(yv)]
         if len(yv):
             top = float(np.max(np.abs(yv)))
-            ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12))
+            if yv.min() > 0:
+                ax.set_yscale("log")
+            else:
+                ax.set_yscale("symlog", linthresh=max(top * 1e-2, 1e-12))
         ax.set_ylabel("eigenvalue")
         ax.set_title(f"top-k {prefix.upper() if prefix == 'ggn' else 'Hessian'} eigenvalues (hollow red: not "
                      "converged)", loc="left")
         add_legend(ax, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6.5)
-        gax.set_yscale("log")
         gax.set_ylabel("gap ratio")
         gax.set_title("bulk/outlier gap: largest ratio of consecutive top eigenvalues", loc="left")
         add_legend(gax, fontsize=7)
@@ -334,7 +338,7 @@ def _draw_density(view: ReportView, sink: FigureSink) -> str:
             lo, hi = float(allnodes.min()), float(allnodes.max())
             pad = 0.02 * max(hi - lo, 1e-12) + 4 * _kernel_std(allnodes)
             lo, hi = lo - pad, hi + pad
-            c = max(1e-3 * max(abs(lo), abs(hi)), 1e-12)  # symlog linear threshold
+            c = max(1e-2 * max(abs(lo), abs(hi)), 1e-12)  # symlog linear threshold
             t = np.linspace(np.arcsinh(lo / c), np.arcsinh(hi / c), DENSITY_BINS + 1)
             edges = c * np.sinh(t)
             sel = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), MAX_DENSITY_COLUMNS)).astype(int))
@@ -363,7 +367,7 @@ def _draw_density(view: ReportView, sink: FigureSink) -> str:
                 grid = np.unique(np.concatenate([np.linspace(lo, hi, 1200),
                                                  (n[:, None] + s * np.linspace(-4, 4, 17)[None, :]).ravel()]))
                 d = smoothed_density(n, w, grid)
-                dax.plot(grid, np.maximum(d, d.max() * 1e-8), color=color, label=f"step {int(steps[j])}", lw=0.9)
+                dax.plot(grid, np.maximum(d, d.max() * 1e-5), color=color, label=f"step {int(steps[j])}", lw=0.9)
             dax.set_xscale("symlog", linthresh=c)
             dax.set_yscale("log")
             dax.set_xlabel("eigenvalue (symmetric log)")

@@ -1,0 +1,24 @@
+"""``tdiag report RUN_DIR... -o report.html``: one self-contained HTML report of one or several runs."""
+
+from __future__ import annotations
+
+import click
+
+from diagnostics.errors import DiagnosticsError
+
+
+@click.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML file to write.")
+@click.option("--title", default=None, help="Report title (default: the run names).")
+def report(runs: tuple[str, ...], output: str, title: str | None) -> None:
+    """Write an offline HTML report of RUNS (run directories or run.sqlite files)."""
+    from diagnostics.reports import build_report
+
+    try:
+        path = build_report(list(runs), output, title=title)
+    except DiagnosticsError as exc:
+        click.echo(f"tdiag report: {exc}", err=True)
+        raise SystemExit(2) from None
+    click.echo(str(path))
