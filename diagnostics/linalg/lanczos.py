@@ -31,6 +31,8 @@ from diagnostics.linalg.operator import LinearOperator, as_operator, gaussian_st
 __all__ = ["EigenResult", "lanczos"]
 
 _WHICH = ("LA", "SA", "both")
+#: Steps beyond the number of wanted eigenvalues taken before convergence is accepted.
+MIN_EXTRA_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,9 @@ def _lanczos(
     hard_cap = max_matvecs if max_matvecs is not None else max(50 * cap, 20 * P if P < 1000 else 0, 2000)
     scale = 0.0  # running estimate of ||A|| for breakdown tests
     stop = "converged"
+    # Single-vector Krylov spaces find the second copy of a (nearly) repeated eigenvalue only after the
+    # first has converged, so a loose tol could accept a wrong k-th value: never stop before k+10 steps.
+    min_steps = max(1, min(P - 1, wanted.count + MIN_EXTRA_STEPS))
     # Weight of each basis column on the part of the space explored after the last invariant subspace.
     new_weight = torch.zeros(cap, dtype=f64)
     searching_complement = False
@@ -239,7 +244,7 @@ def _lanczos(
         if m == P:
             stop = "invariant subspace"
             break
-        if m >= wanted.count and m > 0 and F.shape[1] > 0:
+        if m >= min_steps and F.shape[1] > 0:
             idx = wanted.select(theta)
             if bool(conv_all[idx].all()) and _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m]):
                 stop = "converged"
