@@ -1,0 +1,196 @@
+"""Gradient-subspace alignment (Gur-Ari, Roberts, Dyer 2018; Song, Ahn, Yun 2025).
+
+With ``V_k`` the top-k Hessian eigenvectors of ``hessian_top`` (never recomputed here):
+
+* ``grad_subspace_fraction`` = ``||P_k g||^2 / ||g||^2`` for the mean-loss gradient ``g`` on the probe
+  data (``gradient="batch"``: the user's mini-batch ``.grad`` instead);
+* ``update_subspace_fraction``: the same for the optimizer's actual update ``dtheta``;
+* ``grad_hessian_overlap`` = ``g^T H g / (||g|| ||H g||)``, a one-HVP proxy that needs no eigenvectors;
+* ``subspace_overlap_prev`` = ``(1/k) Tr(P_t P_t')`` between the latest probe and the one before it, and
+  ``subspace_overlap_ref`` against a reference probe (the first at or after ``reference_step``).
+
+How the eigenvectors arrive. In ``compute`` (before ``optimizer.step()``) this diagnostic takes the step's
+:class:`~diagnostics.metrics.curvature.EigenspaceSlot` from ``ctx.cache[EIGENSPACE_CACHE_KEY]``, computes
+``g`` and ``H g`` and keeps them; in ``compute_after_update`` every ``hessian_top`` due at the step has
+attached its board to the slot (whatever the order the diagnostics ran in), so the fractions use that
+step's eigenvectors. The board is kept: at a step where ``hessian_top`` is not due, the fractions use its
+latest eigenvectors (from an earlier step). Without a ``hessian_top`` in the run only
+``grad_hessian_overlap`` is recorded, and the status reason says why.
+
+Read: a fraction near 1 says the gradient lives in the few high-curvature directions (typical after the
+first steps); it does not prove that learning happens there (Song et al. 2025 find that removing that
+component barely slows training). An overlap with the reference near 1 means the top subspace has
+stopped rotating.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.base import Output
+from diagnostics.metrics.curvature import (
+    Eigenspace,
+    EigenspaceBoard,
+    EigenspaceSlot,
+    FiniteChecked,
+    NonFiniteProductError,
+    _CurvatureDiagnostic,
+    eigenspace_slot,
+    failed,
+    run_guarded,
+)
+from diagnostics.metrics.registry import register
+from diagnostics.store.records import Record
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diagnostics.tracking.context import StepContext
+
+__all__ = ["GradSubspace", "cosine_gHg"]
+
+
+def cosine_gHg(g: Tensor, Hg: Tensor) -> float:
+    """``g^T H g / (||g|| ||H g||)`` in float64 (0 when either norm is 0). Cost: none beyond ``H g``."""
+    g, Hg = g.to(torch.float64), Hg.to(torch.float64)
+    den = float(g.norm()) * float(Hg.norm())
+    return float(g @ Hg) / den if den > 0 else 0.0
+
+
+def _fraction(v: Tensor, V: Tensor) -> float:
+    # V has orthonormal columns (Lanczos Ritz vectors), so the projection is V^T v.
+    v = v.to(torch.float64)
+    total = float(v.square().sum())
+    if total == 0.0:
+        return 0.0
+    return float((V.to(torch.float64).T @ v).square().sum()) / total
+
+
+@register
+class GradSubspace(_CurvatureDiagnostic):
+    """Fraction of the gradient and of the update in the top-k Hessian eigenspace, and subspace overlaps.
+
+    Records (key = block): ``grad_subspace_fraction``, ``update_subspace_fraction``,
+    ``grad_hessian_overlap``, ``subspace_overlap_prev``, ``subspace_overlap_ref``. The overlaps are
+    recorded once per new ``hessian_top`` probe (at the first ``grad_subspace`` step that sees it).
+
+    Args:
+        every, start: schedule; the default (every 100) matches ``hessian_top``'s so both are due together.
+        kind: which ``hessian_top`` eigenvectors and which operator for ``H g`` ("hessian" or "ggn").
+        params: blocks; must match the blocks of the ``hessian_top`` whose eigenvectors are used.
+        gradient: "probe" (mean-loss gradient on the probe data, the same data as the eigenvectors; free
+            once the operator has linearised its batches) or "batch" (the user's mini-batch ``.grad``).
+        reference_step: the reference probe is the first one at or after this step.
+
+    Cost: one HVP per block (for ``H g``) plus the probe gradient; projections are ``O(P k)``.
+    """
+
+    name = "grad_subspace"
+    requires = frozenset({"curvature", "grads", "update"})
+    preset = "full"
+    default_every = 100
+    metrics = ("grad_subspace_fraction", "update_subspace_fraction", "grad_hessian_overlap",
+               "subspace_overlap_prev", "subspace_overlap_ref")
+
+    def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
+                 gradient: str = "probe", reference_step: int = 0, seed: int = 0) -> None:
+        super().__init__(every, start, kind=kind, params=params, seed=seed)
+        self.name = type(self).name  # one name whatever the kind: metric IDs do not depend on it
+        self.metrics = type(self).metrics
+        if gradient not in ("probe", "batch"):
+            raise ConfigError(f"grad_subspace: gradient must be 'probe' or 'batch', got {gradient!r}")
+        self.gradient = gradient
+        self.reference_step = int(reference_step)
+        self.boards: list[EigenspaceBoard] = []
+        #: eigenspace step of the last probe whose overlaps were recorded, per block.
+        self.reported: dict[str, int] = {}
+        #: reference eigenspace per block.
+        self.reference: dict[str, Eigenspace] = {}
+        self._slot: EigenspaceSlot | None = None
+        self._grads: dict[str, Tensor] = {}
+        self._pending: list[Record] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "gradient": self.gradient, "reference_step": self.reference_step}
+
+    def _space(self, key: str) -> tuple[Eigenspace | None, Eigenspace | None]:
+        """Latest and previous eigenspace of block ``key`` over the linked boards (newest wins)."""
+        latest = prev = None
+        for b in self.boards:
+            s = b.latest.get((self.kind, key))
+            if s is not None and (latest is None or s.step > latest.step):
+                latest, prev = s, b.previous.get((self.kind, key))
+        return latest, prev
+
+    def compute(self, ctx: StepContext) -> Output:
+        self._slot = eigenspace_slot(ctx)
+        self._grads = {}
+        self._pending = []
+        total = 0
+        for key, raw in self.operators(ctx):
+            op = FiniteChecked(raw)
+
+            def probe(raw: Any = raw, op: FiniteChecked = op) -> tuple[Tensor, Tensor]:
+                if self.gradient == "probe":
+                    g = raw.gradient()
+                else:
+                    g = raw.flatten({n: ctx.grads().get(n, torch.zeros(raw.param_shapes[n])) for n in raw.param_names})
+                if not bool(torch.isfinite(g).all()):
+                    raise NonFiniteProductError("non-finite gradient on the probe data")
+                return g, op @ g
+
+            out, why = run_guarded(probe)
+            total += op.num_matvecs
+            if out is None:
+                return failed(f"{key}: {why}", total)
+            g, Hg = out
+            self._grads[key] = g.detach()
+            self._pending.append(Record("grad_hessian_overlap", cosine_gHg(g, Hg), key=key))
+        return Output(records=[], num_matvecs=total)
+
+    def compute_after_update(self, ctx: StepContext) -> Output:
+        from diagnostics.linalg import subspace_overlap
+
+        if self._slot is not None:
+            for b in self._slot.boards:
+                if not any(b is o for o in self.boards):
+                    self.boards.append(b)
+        self._slot = None
+        records, self._pending = self._pending, []
+        missing = []
+        update = None
+        for key, g in self._grads.items():
+            space, prev = self._space(key)
+            if space is None:
+                missing.append(key)
+                continue
+            V = space.eigenvectors
+            if V.shape[0] != g.shape[0]:
+                raise ConfigError(
+                    f"grad_subspace: block {key!r} has {g.shape[0]} parameters but hessian_top's eigenvectors have "
+                    f"{V.shape[0]}; give both the same params="
+                )
+            records.append(Record("grad_subspace_fraction", _fraction(g, V), key=key))
+            try:
+                update = ctx.update() if update is None else update
+            except ConfigError:
+                update = {}
+            if update:
+                records.append(Record("update_subspace_fraction", _fraction(space.flatten(update), V), key=key))
+            if self.reported.get(key) != space.step:
+                self.reported[key] = space.step
+                if prev is not None and prev.eigenvectors.shape == V.shape:
+                    records.append(Record("subspace_overlap_prev", subspace_overlap(prev.eigenvectors, V), key=key))
+                ref = self.reference.get(key)
+                if ref is None and space.step >= self.reference_step:
+                    self.reference[key] = ref = space
+                if ref is not None and ref.eigenvectors.shape == V.shape:
+                    records.append(Record("subspace_overlap_ref", subspace_overlap(ref.eigenvectors, V), key=key))
+        self._grads = {}
+        reason = None
+        if missing:
+            reason = (f"no hessian_top eigenvectors (kind={self.kind!r}) for blocks {missing}: add hessian_top with the "
+                      "same params= and a schedule that meets this one; only grad_hessian_overlap was recorded")
+        return Output(records=records, reason=reason)
