@@ -51,6 +51,9 @@ WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "module", "model_state
 #: Keys under which the step is commonly stored, in order of preference.
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")
 
+#: Prefixes that training wrappers add to parameter names (Lightning, DataParallel/DDP, torch.compile).
+_WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "model.module.", "module._orig_mod.")
+
 _HF_WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -166,7 +169,10 @@ def _torch_load(path: Path, unsafe_pickle: bool, mmap: bool) -> Any:
     if mmap and zipfile.is_zipfile(path):
         kwargs["mmap"] = True
     try:
-        return torch.load(path, **kwargs)
+        with warnings.catch_warnings():
+            # torch's note about pickle protocols says nothing the error below does not.
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, **kwargs)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "Weights only load failed" in message or "weights_only" in message:
@@ -192,10 +198,7 @@ def _first_line(text: str) -> str:
 
 def _unsupported_global(message: str) -> str | None:
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if match:
-        return match.group(1)
-    match = re.search(r"Unsupported operand \d+", message)
-    return match.group(0) if match else None
+    return match.group(1) if match else None
 
 
 def _safetensors_load(path: Path, metadata_only: bool) -> tuple[dict[str, Any], dict[str, str]]:
@@ -438,34 +441,39 @@ def match_state_dict(state_dict: Mapping[str, Any], model: Any, *, path: str | P
     def missing_of(keys: set[str]) -> list[str]:
         return [k for k in expected if k not in keys and not (aliases.get(k, set()) & keys)]
 
-    candidates: list[dict[str, Any]] = [dict(state_dict)]
+    # (renamed state_dict, whether it may name the closest match in an error message)
+    candidates: list[tuple[dict[str, Any], bool]] = [(dict(state_dict), True)]
     for prefix in _candidate_prefixes(state_dict):
         # Entries outside the prefix (a LightningModule's loss buffers, say) are left behind.
-        candidates.append({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        candidates.append((stripped, prefix in _WRAPPER_PREFIXES))
     # Also the reverse: the model is the wrapper (keys saved from the bare module).
     for prefix in _candidate_prefixes(expected):
-        candidates.append({prefix + k: v for k, v in state_dict.items()})
+        candidates.append(({prefix + k: v for k, v in state_dict.items()}, False))
 
     best: tuple[int, dict[str, Any]] | None = None
-    for candidate in candidates:
+    for candidate, reportable in candidates:
         missing = missing_of(set(candidate))
         unexpected = [k for k in candidate if k not in expected]
         if not missing and not unexpected:
             return _check_shapes(candidate, expected, path)
         score = len(missing) + len(unexpected)
-        if best is None or score < best[0]:
+        # Arbitrary stripped prefixes can look closer ("0.weight" -> "weight") while explaining nothing.
+        if reportable and (best is None or score < best[0]):
             best = (score, candidate)
     assert best is not None
     closest = best[1]
     missing = missing_of(set(closest))
     unexpected = [k for k in closest if k not in expected]
-    parts = [f"checkpoint {str(path)!r} does not match the model:"]
+    parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) ({_few(missing)})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
-    parts.append("is --model the architecture these weights were saved from?")
-    raise CheckpointError(" ".join(parts))
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} does not match the model: {'; '.join(parts)}; "
+        "is --model the architecture these weights were saved from?"
+    )
 
 
 def _few(names: Sequence[str], n: int = 4) -> str:
