@@ -205,6 +205,7 @@ def _lanczos(
     if v0 is None:
         start = random_vector()
         warm = None
+        warm_cols = 0
     else:
         if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != P:
             raise ConfigError(f"lanczos: v0 must have shape [P] or [P, K] with P={P}, "
@@ -212,6 +213,7 @@ def _lanczos(
         block = v0[:, None] if v0.dim() == 1 else v0
         block = _orthonormal_columns(block.to(dtype=f64, device=device))
         warm = "vector" if v0.dim() == 1 or v0.shape[1] == 1 else f"block {v0.shape[1]}"
+        warm_cols = block.shape[1] if block.shape[1] > 1 else 0
         # A block start begins from the sum of an orthonormal basis of its span: the Krylov space then
         # holds the whole span after about K steps and keeps growing towards the rest of the wanted
         # space. On outlier-dominated spectra this took fewer matvecs than a block Rayleigh-Ritz start.
@@ -233,8 +235,10 @@ def _lanczos(
     scale = 0.0  # running estimate of ||A|| for breakdown tests
     stop = "converged"
     # Single-vector Krylov spaces find the second copy of a (nearly) repeated eigenvalue only after the
-    # first has converged, so a loose tol could accept a wrong k-th value: never stop before k+10 steps.
-    min_steps = max(1, min(P - 1, wanted.count + MIN_EXTRA_STEPS))
+    # first has converged, so a loose tol could accept a wrong k-th value: never stop before k+10 steps
+    # from a random start. A block warm start of at least k vectors already spans the copies it knew of.
+    extra = 1 if warm_cols >= wanted.count else MIN_EXTRA_STEPS
+    min_steps = max(1, min(P - 1, max(wanted.count, warm_cols) + extra))
     # Weight of each basis column on the part of the space explored after the last invariant subspace.
     new_weight = torch.zeros(cap, dtype=f64)
     searching_complement = False
