@@ -26,7 +26,6 @@ from diagnostics.functional import batch_size, check_loss, default_loss, select_
 __all__ = ["CurvatureOperator", "Linearisation", "DEFAULT_CACHE_BYTES", "BACKENDS"]
 
 BACKENDS = ("auto", "fwd_rev", "rev_rev")
-_INTERNAL = {"fwd_rev_plain": "fwd_rev"}
 
 #: Default budget for cached per-batch linearisations (bytes of saved activations).
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -112,9 +111,8 @@ class CurvatureOperator:
         data: one batch or an iterable of batches (materialised into a list, moved to the model's device).
         params: selection of parameters (names, module prefixes, globs); the operator is the block of the
             curvature for those parameters, the others held constant.
-        backend: ``"fwd_rev"`` (forward-over-reverse: ``torch.func.jvp`` of ``grad``, linearised once
-            per batch by ``torch.func.linearize``; tracing costs seconds per batch, products are then
-            cheap), ``"rev_rev"`` (double backward through the kept first-backward graph: milliseconds
+        backend: ``"fwd_rev"`` (forward-over-reverse: ``torch.func.jvp`` of ``grad``; recomputes the
+            forward and first backward at every product unless ``linearize=True``), ``"rev_rev"`` (double backward through the kept first-backward graph: milliseconds
             to set up, products about one gradient) or ``"auto"`` (see :meth:`_choose_backend`:
             double backward with the kept graph when it fits ``max_cache_bytes``, else
             forward-over-reverse recomputed per product when the ops support forward mode).
@@ -123,6 +121,10 @@ class CurvatureOperator:
             whenever a process group with world size > 1 is initialised.
         max_cache_bytes: memory budget for cached per-batch linearisations; batches beyond it are
             re-linearised at every product (correct, about 2x slower). 0 disables caching.
+        linearize: with ``backend="fwd_rev"``, linearise each batch once by ``torch.func.linearize``
+            (products then run only the tangent half). Tracing costs seconds per batch on a small
+            transformer, so this pays off only for long estimates; double backward reuses its kept
+            graph at a set-up cost of one gradient.
         seed: seed of the private generator used for random ops in train mode and for probe vectors.
         column_chunk: ``chunk_size`` of the vmap over columns of ``[P, K]`` inputs (memory bound).
     """
@@ -140,6 +142,7 @@ class CurvatureOperator:
         distributed: bool | None = None,
         *,
         max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        linearize: bool = False,
         seed: int = 0,
         column_chunk: int | None = None,
     ) -> None:
@@ -151,6 +154,7 @@ class CurvatureOperator:
         self.requested_backend = backend
         self._backend = None if backend == "auto" else backend
         self.max_cache_bytes = int(max_cache_bytes)
+        self.linearize = bool(linearize)
         self.seed = int(seed)
         self.column_chunk = column_chunk
         self._check_loss_fn()
@@ -262,23 +266,25 @@ class CurvatureOperator:
         recomputes the batch anyway, and forward-over-reverse (``jvp`` of ``grad``, no graph kept) is used
         if every op supports forward-mode AD, else double backward.
         """
-        lin = self._build("rev_rev", index)
-        if self._cache_bytes + lin.nbytes <= self.max_cache_bytes:
+        kept = self._build("rev_rev", index)
+        if self._cache_bytes + kept.nbytes <= self.max_cache_bytes:
             self._backend = "rev_rev"
-            return lin
+            return kept
         try:
-            lin = self._build("fwd_rev_plain", index)
+            self.linearize = False
+            lin = self._build("fwd_rev", index)
             lin.apply(torch.zeros(self.num_params, dtype=self.dtype, device=self.device))
-            self._backend = "fwd_rev_plain"
+            self._backend = "fwd_rev"
+            return lin
         except (RuntimeError, NotImplementedError):
             # An op without forward-mode AD: double backward always works.
             self._backend = "rev_rev"
-        return lin
+            return kept
 
     @property
     def backend(self) -> str | None:
         """The backend in use (``"fwd_rev"`` or ``"rev_rev"``); ``None`` until "auto" has been resolved."""
-        return None if self._backend is None else _INTERNAL.get(self._backend, self._backend)
+        return self._backend
 
     @property
     def reuses_linearisation(self) -> bool:

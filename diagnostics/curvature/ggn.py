@@ -136,7 +136,7 @@ class GGNOperator(CurvatureOperator):
         self._index = index
         if backend == "rev_rev":
             return _RetainedGGN(self, fwd, crit, params)
-        if backend == "fwd_rev_plain":
+        if not self.linearize:
             return _FoldedGGN(self, fwd, crit, params, fold=False)
         try:
             return _FoldedGGN(self, fwd, crit, params, fold=True)

@@ -115,7 +115,7 @@ class HessianOperator(CurvatureOperator):
         params = self._params()
         if backend == "rev_rev":
             return _Retained(self, f, params)
-        if backend == "fwd_rev_plain":
+        if not self.linearize:
             return _Jvp(self, f, params)
         try:
             (g, loss), jvp_fn = folded_linearize(torch.func.grad_and_value(f), params)

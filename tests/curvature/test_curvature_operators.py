@@ -13,6 +13,8 @@ from tests.reference import dense_ggn, dense_gradient, dense_hessian
 
 TOL = 1e-10
 BACKENDS = ["fwd_rev", "rev_rev", "auto"]
+# torch.func.linearize tracing costs seconds per batch: exercised on the smaller cases only.
+LINEARIZE_CASES = ["mlp", "cnn_bn", "regression"]
 OPERATORS = {"hessian": (HessianOperator, dense_hessian), "ggn": (GGNOperator, dense_ggn)}
 
 
@@ -45,7 +47,7 @@ def test_products_match_dense(case: str, kind: str, backend: str) -> None:
     assert rel(op @ V, dense @ V) <= TOL
     assert op.num_matvecs == 1 + V.shape[1]
     assert op.backend in ("fwd_rev", "rev_rev")
-    assert op.reuses_linearisation
+    assert op.reuses_linearisation == (op.backend == "rev_rev")  # plain fwd_rev recomputes per product
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,6 +63,27 @@ def test_parameter_blocks_match_dense_blocks(case: str, kind: str, backend: str)
         V = probes(op.num_params, 2)
         assert rel(op @ V, dense @ V) <= TOL, selection
         assert rel(op @ V[:, 1], dense @ V[:, 1]) <= TOL, selection
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+@pytest.mark.parametrize("case", LINEARIZE_CASES)
+def test_linearized_forward_over_reverse(case: str, kind: str) -> None:
+    c = get_case(case)
+    op = OPERATORS[kind][0](c.model, c.loss_fn, c.batches, backend="fwd_rev", linearize=True)
+    dense = reference(case, kind, tuple(op.param_names))
+    V = probes(op.num_params)
+    assert rel(op @ V[:, 0], dense @ V[:, 0]) <= TOL
+    assert rel(op @ V, dense @ V) <= TOL
+    assert op.reuses_linearisation and op.cache_bytes > 0
+    blk = OPERATORS[kind][0](c.model, c.loss_fn, c.batches, params=c.blocks[0], backend="fwd_rev", linearize=True)
+    idx = torch.cat([torch.arange(op.num_params)[op.param_slices[n]] for n in blk.param_names])
+    W = probes(blk.num_params, 2)
+    assert rel(blk @ W, dense[idx][:, idx] @ W) <= TOL
+
+
+@pytest.mark.slow
+def test_linearized_transformer() -> None:
+    test_linearized_forward_over_reverse("transformer", "hessian")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
