@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from diagnostics.errors import ConfigError
+from diagnostics.errors import ConfigError, DataError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
@@ -169,6 +169,7 @@ class ActivationRankDiagnostic(Diagnostic):
         acts = ctx.activations(self.modules, max_tokens=self.max_tokens)
         records: list[Record] = []
         events: list[Event] = []
+        skipped: list[str] = []
         for name, x in acts.items():
             x = x.float()
             if x.shape[0] < 2:
@@ -177,7 +178,12 @@ class ActivationRankDiagnostic(Diagnostic):
             records.append(Record("activation_effective_rank", er, key=name))
             records.append(Record("activation_stable_rank", float(stable_rank(x)), key=name))
             if min(x.shape) >= ALPHA_REQ_MIN_DIM:
-                records.append(Record("activation_alpha_req", float(alpha_req(x)), key=name))
+                try:
+                    records.append(Record("activation_alpha_req", float(alpha_req(x)), key=name))
+                except DataError:
+                    # Too few non-zero covariance eigenvalues (e.g. dead ReLUs) to fit a decay: no number,
+                    # rather than a made-up one; the ranks above are still recorded.
+                    skipped.append(name)
             base = self.baseline.setdefault(name, er)
             if self.collapse_ratio is not None and math.isfinite(er) and er < self.collapse_ratio * base:
                 events.append(
@@ -191,4 +197,4 @@ class ActivationRankDiagnostic(Diagnostic):
                         data={"effective_rank": er, "baseline": base},
                     )
                 )
-        return Output(records=records, events=events, settings={"num_layers": len(acts)})
+        return Output(records=records, events=events, settings={"num_layers": len(acts), "alpha_req_skipped": skipped})
