@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from diagnostics.errors import ConfigError, SpecError
+from diagnostics.errors import ConfigError, DiagnosticsError, SpecError
 
 __all__ = [
     "load_object",
@@ -166,7 +166,7 @@ def _call_factory(obj: Any, spec: str, what: str, **kwargs: Any) -> Any:
             )
     try:
         return obj(**accepted)
-    except SpecError:
+    except DiagnosticsError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
         raise SpecError(
