@@ -101,6 +101,8 @@ def kv_table(pairs: list[tuple[str, Any]], cls: str = "kv") -> str:
             extra = " created"
         elif k.startswith("versions."):
             extra = " version"
+        elif k == "path":
+            extra = " path"
         rows.append(f'<tr><td>{e(k)}</td><td class="value{extra}">{e(_value(v))}</td></tr>')
     return f'<table class="{cls}"><tbody>' + "".join(rows) + "</tbody></table>\n"
 
