@@ -31,6 +31,7 @@ __all__ = [
     "DefaultLoss",
     "default_loss",
     "batch_size",
+    "to_device",
     "split_batch",
     "select_params",
     "functional_loss",
@@ -82,6 +83,19 @@ def _tensor_leaves(batch: Any) -> list[Tensor]:
     if isinstance(batch, (tuple, list)):
         return [t for v in batch for t in _tensor_leaves(v)]
     return []
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Return ``batch`` with every tensor moved to ``device`` (tuples, lists and dicts rebuilt)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(to_device(v, device) for v in batch)
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    return batch
 
 
 def batch_size(batch: Any) -> int:

@@ -157,3 +157,42 @@ def gsnr_bruteforce(per_sample: dict[str, Tensor], eps: float = 0.0) -> dict[str
         var = ((a - mean) ** 2).sum(0) / N
         out[n] = (mean**2 / np.maximum(var, eps)).reshape(g.shape[1:])
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# State snapshots for isolation tests
+# --------------------------------------------------------------------------------------------------
+
+
+def snapshot_state(model: nn.Module) -> dict[str, Any]:
+    """Everything an estimator must leave unchanged: tensors, grads, flags, modes, global RNG streams."""
+    import random
+
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy_rng": np.random.get_state()[1].copy(),
+        "python_rng": random.getstate(),
+    }
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Assert two :func:`snapshot_state` results are identical (bitwise for tensors)."""
+    for key in ("params", "buffers"):
+        assert before[key].keys() == after[key].keys(), key
+        for n in before[key]:
+            assert torch.equal(before[key][n], after[key][n]), f"{key} {n} changed"
+    for n, g in before["grads"].items():
+        h = after["grads"][n]
+        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), f".grad of {n} changed"
+    assert before["requires_grad"] == after["requires_grad"], "requires_grad changed"
+    assert before["training"] == after["training"], "training flags changed"
+    assert torch.equal(before["torch_rng"], after["torch_rng"]), "global torch RNG advanced"
+    assert all(torch.equal(a, b) for a, b in zip(before["cuda_rng"], after["cuda_rng"])), "CUDA RNG advanced"
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"]), "numpy RNG advanced"
+    assert before["python_rng"] == after["python_rng"], "python RNG advanced"

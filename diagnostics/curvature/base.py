@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from diagnostics.curvature.isolation import _check_mode, isolated, seed_private
 from diagnostics.errors import ConfigError, DataError, NonDeterministicOperatorError
-from diagnostics.functional import batch_size, check_loss, default_loss, select_params
+from diagnostics.functional import batch_size, check_loss, default_loss, select_params, to_device
 
 __all__ = ["CurvatureOperator", "Linearisation", "DEFAULT_CACHE_BYTES", "BACKENDS"]
 
@@ -54,20 +54,6 @@ class Linearisation:
         raise NotImplementedError
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return type(obj)({k: _to_device(v, device) for k, v in obj.items()}) if isinstance(obj, dict) else {
-            k: _to_device(v, device) for k, v in obj.items()
-        }
-    if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    return obj
-
-
 def _is_single_batch(data: Any) -> bool:
     if isinstance(data, (Tensor, Mapping)):
         return True
@@ -90,7 +76,7 @@ def materialise_batches(data: Any, device: torch.device) -> list[Any]:
     batches = [data] if _is_single_batch(data) else list(data)
     if not batches:
         raise DataError("data is empty: pass at least one non-empty batch")
-    return [_to_device(b, device) for b in batches]
+    return [to_device(b, device) for b in batches]
 
 
 def _resolve_distributed(distributed: bool | None) -> bool:

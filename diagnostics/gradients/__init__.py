@@ -1,1 +1,22 @@
-"""."""
+"""Per-sample gradients and gradient statistics (GSNR, gradient noise scale); pure tensor-in, tensor-out."""
+
+from diagnostics.gradients.per_sample import DEFAULT_MEMORY_BYTES, per_sample_gradients
+from diagnostics.gradients.stats import (
+    GSNR_EPS,
+    GSNRSummary,
+    gradient_noise_scale,
+    gsnr,
+    gsnr_summary,
+    microbatch_gsnr,
+)
+
+__all__ = [
+    "per_sample_gradients",
+    "gsnr",
+    "gsnr_summary",
+    "GSNRSummary",
+    "gradient_noise_scale",
+    "microbatch_gsnr",
+    "GSNR_EPS",
+    "DEFAULT_MEMORY_BYTES",
+]
