@@ -234,7 +234,10 @@ class CurvatureOperator:
         """Return batch ``index``'s linearisation: cached, or built (one forward + one first backward)."""
         if not fresh and index in self._cache:
             return self._cache[index]
-        seed_private(self.seed * 1_000_003 + index if seed is None else seed)
+        # Random ops (dropout in train mode) draw from a private seed per batch, re-applied before every
+        # forward of that batch, so that all passes of one linearisation see the same masks.
+        self._build_seed = self.seed * 1_000_003 + index if seed is None else seed
+        seed_private(self._build_seed)
         lin = self._choose_backend(index) if self._backend is None else self._build(self._backend, index)
         check_loss(torch.tensor(lin.loss), index)
         if not fresh and self._cache_bytes + lin.nbytes <= self.max_cache_bytes:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from diagnostics.curvature.backends import SavedBytes, closure_graph_bytes, folded_linearize, grads_or_none
 from diagnostics.curvature.base import CurvatureOperator, Linearisation
+from diagnostics.curvature.isolation import seed_private
 from diagnostics.errors import ConfigError
 from diagnostics.functional import check_loss, functional_call_fn
 
@@ -21,15 +22,17 @@ class _FoldedGGN(Linearisation):
 
     def __init__(self, op: CurvatureOperator, fwd: Callable[..., Tensor], crit: Callable[[Tensor], Tensor],
                  params: dict[str, Tensor], fold: bool) -> None:
-        self.op, self.fwd, self.params, self.crit = op, fwd, params, crit
+        self.op, self.fwd, self.params, self.crit, self.seed = op, fwd, params, crit, op._build_seed
         self.jvp_fn: Callable[..., Any] | None = None
         self.nbytes = 0
         self.recomputes = not fold
         if fold:
+            seed_private(self.seed)
             _, self.jvp_fn = folded_linearize(fwd, params)
             self.nbytes += closure_graph_bytes(self.jvp_fn)
         self.leaves = [p.detach().requires_grad_() for p in params.values()]
         saved = SavedBytes()
+        seed_private(self.seed)  # the same random masks as the forward-mode pass
         with saved.track():
             self.z = fwd(dict(zip(params, self.leaves)))
         self.nbytes += saved.nbytes
@@ -46,6 +49,7 @@ class _FoldedGGN(Linearisation):
         t = self.op.unflatten(v)
         if self.jvp_fn is not None:
             return self.jvp_fn(t)
+        seed_private(self.seed)
         return torch.func.jvp(self.fwd, (self.params,), (t,))[1]
 
     def _jt_hz(self, jv: Tensor, batched: bool) -> Tensor:

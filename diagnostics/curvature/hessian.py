@@ -10,6 +10,7 @@ from torch import Tensor
 
 from diagnostics.curvature.backends import SavedBytes, closure_graph_bytes, folded_linearize, grads_or_none
 from diagnostics.curvature.base import CurvatureOperator, Linearisation
+from diagnostics.curvature.isolation import seed_private
 from diagnostics.functional import check_loss, functional_call_fn
 
 __all__ = ["HessianOperator"]
@@ -34,13 +35,14 @@ class _Jvp(Linearisation):
     """Forward-over-reverse without reuse: each product recomputes forward and first backward."""
 
     def __init__(self, op: CurvatureOperator, f: Callable[..., Tensor], params: dict[str, Tensor]) -> None:
-        self.op, self.f, self.params = op, f, params
+        self.op, self.f, self.params, self.seed = op, f, params, op._build_seed
         g, loss = torch.func.grad_and_value(f)(params)
         self.grad, self.loss = op._flat(g).detach(), float(loss)
         self.nbytes = 0
         self.recomputes = True
 
     def apply(self, v: Tensor) -> Tensor:
+        seed_private(self.seed)
         _, hv = torch.func.jvp(torch.func.grad(self.f), (self.params,), (self.op.unflatten(v),))
         return self.op._flat(hv)
 
