@@ -369,13 +369,26 @@ class HessianTop(_CurvatureDiagnostic):
                 op, k=k, which="LA", tol=self.tol, v0=self._warm(key, dim), seed=self.seed,
                 max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
             total += op.num_matvecs
-            if res is None or not bool(torch.isfinite(res.eigenvalues).all()):
+            found = torch.isfinite(res.eigenvalues) if res is not None else None
+            budget_stop = res is not None and res.settings.get("stop") in ("max_matvecs", "max_seconds")
+            if res is None or not (bool(found.all()) or budget_stop):
                 # A failed block stores nothing and forgets its warm start (the vectors may be garbage).
                 self.vectors.pop(key, None)
                 statuses.append("failed")
                 reasons.append(f"{key}: {why or 'Lanczos returned non-finite eigenvalues'}")
                 continue
             self.last_matvecs[key] = res.num_matvecs
+            if not bool(found.all()):
+                # The budget ran out before k Ritz values existed: store the ones found, flagged.
+                statuses.append("not_converged")
+                reasons.append(f"{key}: stopped by {res.settings.get('stop')} after {res.num_matvecs} products, "
+                               f"{int(found.sum())} of {k} eigenvalues found")
+                for i in range(k):
+                    if bool(found[i]):
+                        records.append(Record(p + "eigenvalue", float(res.eigenvalues[i]), key=key, index=i))
+                        records.append(Record(p + "residual", float(res.residuals[i]), key=key, index=i))
+                        records.append(Record(p + "converged", 0.0, key=key, index=i))
+                continue
             self.vectors[key] = res.eigenvectors.detach()
             names = tuple(raw.param_names)
             numels = tuple(raw.param_slices[n].stop - raw.param_slices[n].start for n in names)
