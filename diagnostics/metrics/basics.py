@@ -34,8 +34,8 @@ def tensor_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     except (RuntimeError, AttributeError, TypeError):  # mixed dtypes/devices or no fused kernel
         norms = [torch.linalg.vector_norm(v) for v in values]
     try:
-        host = torch.stack([n.float() for n in norms]).double().cpu().tolist()
-    except RuntimeError:  # parameters spread over devices
+        host = torch.stack(norms).double().cpu().tolist()
+    except RuntimeError:  # mixed dtypes or parameters spread over devices
         host = [float(n) for n in norms]
     out = dict(zip(names, host))
     # Summed in float64 on the host: a float32 sum of squares overflows long before the norms do.

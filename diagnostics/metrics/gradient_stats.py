@@ -11,7 +11,6 @@ the per-sample GSNR and is therefore stored under its own metric names. The math
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -32,22 +31,11 @@ def _as_float(v: Any) -> float:
 
 
 def summary_records(prefix: str, summary: Any) -> list[Record]:
-    """Records ``{prefix}_mean`` / ``{prefix}_median`` per parameter and "all" from a GSNR summary.
-
-    Accepts the summary as ``{stat: {key: value}}`` or ``{key: {stat: value}}`` (stat in mean/median).
-    """
+    """Records ``{prefix}_mean`` / ``{prefix}_median`` per parameter and "all" from a GSNRSummary."""
     out: list[Record] = []
-    if not isinstance(summary, Mapping):
-        raise TypeError(f"unexpected GSNR summary type {type(summary).__name__}")
-    if set(summary) & {"mean", "median"} and all(isinstance(v, Mapping) for v in summary.values()):
-        for stat in ("mean", "median"):
-            for key, value in summary.get(stat, {}).items():
-                out.append(Record(f"{prefix}_{stat}", _as_float(value), key=str(key)))
-    else:
-        for key, stats in summary.items():
-            for stat in ("mean", "median"):
-                if stat in stats:
-                    out.append(Record(f"{prefix}_{stat}", _as_float(stats[stat]), key=str(key)))
+    for stat in ("mean", "median"):
+        for key, value in getattr(summary, stat).items():
+            out.append(Record(f"{prefix}_{stat}", _as_float(value), key=str(key)))
     return out
 
 
@@ -76,15 +64,19 @@ class GSNRDiagnostic(Diagnostic):
                 "variance": "population"}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import gradient_noise_scale, gsnr_summary
+        from diagnostics.gradients import gradient_noise_scale, gsnr, gsnr_summary
 
         n = leading_size(ctx.batch)
         if n is None or n < 2:
             return Output(status="failed", reason=f"GSNR needs a batch of at least 2 samples, got {n}")
         ps = ctx.per_sample_grads(self.params)
-        records = summary_records("gsnr", gsnr_summary(ps))
-        records.append(Record("grad_noise_scale", _as_float(gradient_noise_scale(ps))))
-        return Output(records=records, settings={"num_samples": n})
+        records = summary_records("gsnr", gsnr_summary(gsnr(ps)))
+        b_simple = _as_float(gradient_noise_scale(ps))
+        # B_simple is infinite when the mean gradient is indistinguishable from noise at this batch size:
+        # no number is stored rather than inf (the GSNR records are still valid).
+        if math.isfinite(b_simple):
+            records.append(Record("grad_noise_scale", b_simple))
+        return Output(records=records, settings={"num_samples": n, "grad_noise_scale_defined": math.isfinite(b_simple)})
 
 
 @register
@@ -115,7 +107,7 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
                 "estimator": "microbatch"}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import microbatch_gsnr
+        from diagnostics.gradients import gsnr_summary, microbatch_gsnr
 
         n = leading_size(ctx.batch)
         m = self.num_microbatches
@@ -130,10 +122,7 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
                 loss = ctx.loss_fn(ctx.model, part)
                 gs = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
                 grads_list.append({nm: (torch.zeros_like(p) if g is None else g.detach()) for (nm, p), g in zip(named, gs)})
-        summary = microbatch_gsnr(grads_list)
-        records = summary_records("gsnr_microbatch", summary)
-        if not records:
-            raise RuntimeError("microbatch_gsnr returned no summary")
+        records = summary_records("gsnr_microbatch", gsnr_summary(microbatch_gsnr(grads_list)))
         if any(not math.isfinite(r.value) for r in records):
             return Output(status="failed", reason="non-finite micro-batch GSNR")
         return Output(records=records, settings={"microbatch_size": size})

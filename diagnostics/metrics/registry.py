@@ -163,4 +163,34 @@ def resolve_diagnostics(spec: Any) -> list[Diagnostic]:
     visit(spec)
     if not out:
         raise ConfigError("no diagnostics selected; give a preset (cheap, standard, full) or names")
-    return out
+    return order_by_dependencies(out)
+
+
+def order_by_dependencies(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """Stable order in which each diagnostic runs after those named in its ``after`` class attribute.
+
+    A diagnostic that reads what another publishes in ``ctx.cache`` declares
+    ``after: ClassVar[tuple[str, ...]] = ("other_name",)``; names not selected are ignored. Raises
+    ConfigError on a cycle.
+    """
+    by_name = {d.name: d for d in diags}
+    done: list[Diagnostic] = []
+    placed: set[str] = set()
+    visiting: set[str] = set()
+
+    def place(d: Diagnostic) -> None:
+        if d.name in placed:
+            return
+        if d.name in visiting:
+            raise ConfigError(f"diagnostics depend on each other in a cycle through {d.name!r} (see their 'after')")
+        visiting.add(d.name)
+        for dep in getattr(d, "after", ()) or ():
+            if dep in by_name:
+                place(by_name[dep])
+        visiting.discard(d.name)
+        placed.add(d.name)
+        done.append(d)
+
+    for d in diags:
+        place(d)
+    return done
