@@ -1,0 +1,138 @@
+"""GSNR, gradient noise scale and rank diagnostics against brute-force references (float64)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from diagnostics.metrics import get_diagnostic
+from diagnostics.metrics.base import Output
+from diagnostics.tracking import StepContext
+
+
+def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def setup(n: int = 8) -> tuple[nn.Module, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.3), nn.Linear(4, 2)).double()
+    batch = (torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 2, (n,)))
+    return model, batch
+
+
+def records(out: Any) -> dict[tuple[str, str], float]:
+    assert isinstance(out, Output) and out.status == "ok", out
+    return {(r.metric, r.key): r.value for r in out.records}
+
+
+def loop_grads(model: nn.Module, samples: list[Any]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    params = dict(model.named_parameters())
+    for s in samples:
+        gs = torch.autograd.grad(loss_fn(model, s), list(params.values()))
+        out.append({n: g for n, g in zip(params, gs)})
+    return out
+
+
+def brute_gsnr(grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    from diagnostics.gradients import GSNR_EPS
+
+    out = {}
+    for name in grads[0]:
+        g = torch.stack([d[name] for d in grads])
+        out[name] = g.mean(0) ** 2 / torch.clamp(g.var(0, unbiased=False), min=GSNR_EPS)
+    return out
+
+
+def check_summary(rec: dict[tuple[str, str], float], prefix: str, ratios: dict[str, torch.Tensor]) -> None:
+    for name, r in ratios.items():
+        assert math.isclose(rec[(f"{prefix}_mean", name)], float(r.mean()), rel_tol=1e-9)
+        assert math.isclose(rec[(f"{prefix}_median", name)], float(torch.quantile(r.flatten(), 0.5)), rel_tol=1e-9)
+    pooled = torch.cat([r.flatten() for r in ratios.values()])
+    assert math.isclose(rec[(f"{prefix}_mean", "all")], float(pooled.mean()), rel_tol=1e-9)
+
+
+def test_gsnr_matches_per_sample_loop_in_eval_mode() -> None:
+    model, batch = setup()
+    model.train()
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    rec = records(get_diagnostic("gsnr").compute(ctx))
+    assert model.training  # eval only inside
+    model.eval()
+    samples = [(batch[0][i : i + 1], batch[1][i : i + 1]) for i in range(8)]
+    grads = loop_grads(model, samples)
+    check_summary(rec, "gsnr", brute_gsnr(grads))
+    flat = torch.stack([torch.cat([g.flatten() for g in d.values()]) for d in grads])
+    mean = flat.mean(0)
+    trace = ((flat - mean) ** 2).sum() / (8 - 1)
+    g2 = mean.square().sum() - trace / 8
+    if g2 > 0 and ("grad_noise_scale", "all") in rec:
+        assert math.isclose(rec[("grad_noise_scale", "all")], float(trace / g2), rel_tol=1e-9)
+
+
+def test_microbatch_gsnr_matches_loop() -> None:
+    model, batch = setup(n=12)
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    rec = records(get_diagnostic("gsnr_microbatch", num_microbatches=3).compute(ctx))
+    model.eval()
+    parts = [(batch[0][i * 4 : (i + 1) * 4], batch[1][i * 4 : (i + 1) * 4]) for i in range(3)]
+    check_summary(rec, "gsnr_microbatch", brute_gsnr(loop_grads(model, parts)))
+    assert not any(k[0].startswith("gsnr_mean") for k in rec)
+
+
+def test_gsnr_fails_cleanly_on_a_single_sample() -> None:
+    model, batch = setup(n=1)
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    assert get_diagnostic("gsnr").compute(ctx).status == "failed"
+
+
+def test_weight_and_grad_ranks_match_linalg() -> None:
+    from diagnostics.linalg import effective_rank, stable_rank
+
+    model, batch = setup()
+    loss_fn(model, batch).backward()
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    w = {(r.metric, r.key): r.value for r in get_diagnostic("weight_rank").compute(ctx)}
+    g = {(r.metric, r.key): r.value for r in get_diagnostic("grad_rank").compute(ctx)}
+    for name in ("0.weight", "3.weight"):
+        p = dict(model.named_parameters())[name]
+        assert math.isclose(w[("weight_effective_rank", name)], effective_rank(p.detach().float()), rel_tol=1e-6)
+        assert math.isclose(w[("weight_stable_rank", name)], stable_rank(p.detach().float()), rel_tol=1e-6)
+        assert math.isclose(g[("grad_stable_rank", name)], stable_rank(p.grad.float()), rel_tol=1e-6)
+    assert not any(k[1].endswith("bias") for k in w)
+
+
+def test_activation_rank_on_budget_and_alpha_req_where_defined() -> None:
+    from diagnostics.linalg import effective_rank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
+    batch = (torch.randn(100, 20), torch.randint(0, 3, (100,)))
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    d = get_diagnostic("activation_rank", max_tokens=64)
+    rec = records(d.compute(ctx))
+    with torch.no_grad():
+        h = model[0](batch[0][:64])
+    assert math.isclose(rec[("activation_effective_rank", "0")], effective_rank(h), rel_tol=1e-5)
+    assert ("activation_alpha_req", "0") in rec and ("activation_alpha_req", "2") not in rec  # 3 features
+    assert d.baseline["0"] == rec[("activation_effective_rank", "0")]
+
+
+def test_rank_collapse_event() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32))
+    batch = (torch.randn(64, 20), torch.zeros(64, dtype=torch.long))
+    ctx = StepContext(step=0, model=model, loss_fn=lambda m, b: m(b[0]).sum(), batch=batch, loss=None)
+    d = get_diagnostic("activation_rank")
+    assert d.compute(ctx).events == []
+    with torch.no_grad():
+        model[0].weight[1:] = 0.0
+        model[0].bias.zero_()
+    ctx = StepContext(step=1, model=model, loss_fn=lambda m, b: m(b[0]).sum(), batch=batch, loss=None)
+    (event,) = d.compute(ctx).events
+    assert event.kind == "rank_collapse" and event.key == "0"
