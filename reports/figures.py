@@ -284,8 +284,7 @@ def heatmap(ax: Any, matrix: np.ndarray, edges: np.ndarray, labels: list[str], *
             vmin: float | None = None, vmax: float | None = None, norm: Any = None, cbar_label: str = "",
             fig: Any = None) -> None:
     """Draw a layer x step-bin heatmap; NaN cells (not recorded) are light grey."""
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("#eeeeee")
+    cm = plt.get_cmap(cmap).with_extremes(bad="#eeeeee")
     data = np.ma.masked_invalid(matrix)
     if norm is None:
         norm = Normalize(vmin=vmin, vmax=vmax)

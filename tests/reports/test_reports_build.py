@@ -1,0 +1,226 @@
+"""The HTML report end to end on real (synthetic) run stores."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diagnostics.errors import ConfigError
+from diagnostics.reports import build_report, registry
+from diagnostics.store import Event, Record, RunWriter, Status, open_run, open_runs
+from diagnostics.store.synthetic import write_synthetic_run
+
+GOLD = Path(__file__).parent / "gold" / "synthetic_report.html"
+EVIL = "<script>alert(1)</script> \"quoted\" & 'single'"
+
+
+def scrub(text: str) -> str:
+    """Remove what legitimately changes between machines: time, versions, paths and figure bytes."""
+    text = re.sub(r'<span class="generated-at">[^<]*</span>', '<span class="generated-at">T</span>', text)
+    text = re.sub(r'<span class="version">[^<]*</span>', '<span class="version">V</span>', text)
+    text = re.sub(r'<td class="value (created|version|path)">[^<]*</td>', r'<td class="value \1">X</td>', text)
+    # figures depend on the matplotlib version; their presence and order are what the gold file pins
+    text = re.sub(r"<svg\b.*?</svg>", "<svg/>", text, flags=re.S)
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,PNG", text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stores")
+    healthy = write_synthetic_run(d / "healthy", steps=60, layers=2, seed=0)
+    boom = write_synthetic_run(d / "boom", steps=100, layers=2, seed=1, explode_at=70, name=EVIL)
+    return {"dir": d, "healthy": healthy, "boom": boom}
+
+
+@pytest.fixture(scope="module")
+def boom_html(stores, monkeypatch_module):
+    out = build_report(stores["boom"], stores["dir"] / "boom.html")
+    return out.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SOURCE_DATE_EPOCH", "1735689600")
+    yield mp
+    mp.undo()
+
+
+def section(html_text: str, panel_id: str) -> str:
+    m = re.search(rf'<section class="panel" id="panel-{re.escape(panel_id)}">(.*?)</section>', html_text, re.S)
+    assert m, f"no section for panel {panel_id}"
+    return m.group(1)
+
+
+def test_gold_file(stores, monkeypatch_module):
+    out = build_report(stores["healthy"], stores["dir"] / "gold.html", title="Gold report")
+    text = scrub(out.read_text(encoding="utf-8"))
+    if os.environ.get("UPDATE_GOLD") == "1" or not GOLD.exists():
+        GOLD.write_text(text, encoding="utf-8")
+        if os.environ.get("UPDATE_GOLD") != "1":
+            pytest.fail(f"gold file {GOLD} was missing and has been written; rerun")
+    assert text == GOLD.read_text(encoding="utf-8"), "report differs from the gold file; UPDATE_GOLD=1 regenerates it"
+
+
+def test_deterministic_bytes(stores, monkeypatch_module):
+    a = build_report(stores["healthy"], stores["dir"] / "a.html").read_bytes()
+    b = build_report(stores["healthy"], stores["dir"] / "b.html").read_bytes()
+    assert a == b
+
+
+def test_findings_of_an_exploding_run(boom_html):
+    findings = re.search(r'<section id="findings">(.*?)</section>', boom_html, re.S).group(1)
+    assert "Explosion warning at step" in findings
+    assert "The loss exploded at step 72" in findings
+    assert "before the loss exploded" in findings
+    assert "Rank collapse at step" in findings and "layer blocks." in findings
+    assert "failed" in findings and "NonDeterministicOperatorError" in findings
+    assert "Non-finite value" in findings or "non-finite" in findings
+    # the findings come before the configuration and the panels
+    assert boom_html.index('id="findings"') < boom_html.index('id="config"') < boom_html.index('id="panel-loss"')
+    assert "Estimator settings" in boom_html and "hessian_eigen" in boom_html
+
+
+def test_failed_estimates_are_shown_as_failed(boom_html):
+    eig = section(boom_html, "eigenvalues")
+    rows = re.findall(r"<tr><td>(\d+)</td>(.*?)</tr>", eig, re.S)
+    failed_rows = [r for r in rows if "failed: loss is not finite" in r[1]]
+    assert failed_rows, "failed probes must appear as failed"
+    for _, cells in failed_rows:
+        # every eigenvalue cell of a failed probe says 'failed', none holds a number
+        values = re.findall(r'<td class="failed">([^<]*)</td>', cells)
+        assert values and all(v.startswith("failed") for v in values)
+    assert "(not converged)" in eig
+
+
+def test_every_panel_section_present_on_full_store(boom_html):
+    for panel in registry():
+        body = section(boom_html, panel.id)
+        assert "Not recorded: no run has" not in body, panel.id
+        assert "<figure" in body or "<table" in body, panel.id
+        assert '<p class="cite">' in body and "http" not in body
+
+
+def _write_only(run_dir: Path, metrics: tuple[str, ...]) -> Path:
+    with RunWriter(run_dir, name="partial", meta={"config": {"lr": 0.1}}) as w:
+        for step in range(4):
+            recs = []
+            for m in metrics:
+                for key in ("all", "layer.a", "layer.b"):
+                    for i in range(3):
+                        v = 0.2 + 0.1 * i + 0.05 * step if "weight" in m else 1.0 + step + i
+                        recs.append(Record(m, v, key=key, index=i))
+            w.write_step(step, recs, statuses=[Status("basics", "ok", None, 0.01)] if "monitor_seconds" in metrics else ())
+    return run_dir
+
+
+@pytest.mark.parametrize("panel", registry(), ids=lambda p: p.id)
+def test_panel_present_and_not_recorded(panel, tmp_path):
+    with_metrics = _write_only(tmp_path / "with", panel.metrics)
+    text = build_report(with_metrics, tmp_path / "with.html").read_text(encoding="utf-8")
+    body = section(text, panel.id)
+    assert "Not recorded" not in body
+    assert "<figure" in body or "<table" in body
+    other = ("sa_sigma1",) if panel.id != "spectral-alignment" else ("loss",)
+    without = _write_only(tmp_path / "without", other)
+    text = build_report(without, tmp_path / "without.html").read_text(encoding="utf-8")
+    body = section(text, panel.id)
+    note = re.findall(r'<p class="not-recorded">[^<]*</p>', body)
+    assert len(note) == 1 and panel.metrics[0] in note[0]
+    assert "<figure" not in body
+
+
+def test_user_strings_are_escaped(tmp_path):
+    run = tmp_path / "evil"
+    meta = {"config": {EVIL: EVIL}, "diagnostics": {EVIL: {"k": EVIL}}, "versions": {"x": EVIL}}
+    with RunWriter(run, name=EVIL, meta=meta) as w:
+        for step in range(3):
+            w.write_step(step, [Record("loss", 1.0 + step), Record("grad_norm", 2.0, key=EVIL),
+                                Record("sa_sign_diversity", 0.5, key=EVIL)],
+                         events=[Event("explosion_warning", EVIL, "warning", metric="loss", key=EVIL)],
+                         statuses=[Status(EVIL, "failed", EVIL, 0.1)])
+    text = build_report(run, tmp_path / "evil.html", title=EVIL).read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    assert "alert(1)" in text  # the string is shown, escaped
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert '"quoted"' not in text and "'single'" not in text
+    assert "&quot;quoted&quot;" in text and "&amp;" in text
+
+
+def test_no_network_references(boom_html):
+    low = boom_html.lower()
+    assert "http://" not in low and "https://" not in low
+    assert "@import" not in low and "<script" not in low and "<link rel=\"stylesheet\"" not in low
+    for attr in re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', boom_html, re.I):
+        assert attr.startswith(("data:", "#")), attr
+    assert not re.search(r"url\((?!#)", boom_html), "CSS/SVG url() must only reference in-page ids"
+
+
+def test_nan_inf_single_step_and_empty(tmp_path, monkeypatch_module):
+    single = tmp_path / "single"
+    with RunWriter(single, name="single") as w:
+        w.write_step(5, [Record("loss", math.nan), Record("grad_norm", math.inf), Record("sharpness", -math.inf),
+                         Record("sa_sign_diversity", 0.3, key="l1"), Record("hessian_eigenvalue", 2.0, index=0)])
+    text = build_report(single, tmp_path / "single.html").read_text(encoding="utf-8")
+    assert "Only one step (5)" in text
+    assert "non-finite value" in text
+    empty = tmp_path / "empty"
+    RunWriter(empty, name="empty").close()
+    text = build_report(empty, tmp_path / "empty.html").read_text(encoding="utf-8")
+    assert 'id="empty-note"' in text and "This run is empty" in text
+    assert "<figure" not in text
+
+
+def test_several_runs_overlaid(stores, tmp_path, monkeypatch_module):
+    runs = open_runs([stores["healthy"], stores["boom"]])
+    text = build_report(runs, tmp_path / "both.html").read_text(encoding="utf-8")
+    findings = re.search(r'<section id="findings">(.*?)</section>', text, re.S).group(1)
+    assert "<h3>healthy</h3>" in findings and "&lt;script&gt;" in findings
+    assert text.count('<section class="panel"') == len(registry())
+    # one Run object and a list of paths work too
+    assert build_report(open_run(stores["healthy"]), tmp_path / "one.html").exists()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError):
+        build_report([], tmp_path / "x.html")
+    with pytest.raises(ConfigError):
+        build_report([42], tmp_path / "x.html")
+
+
+def test_cli_report(stores, tmp_path):
+    from click.testing import CliRunner
+
+    from diagnostics.cli.report_cmd import report
+
+    res = CliRunner().invoke(report, [str(stores["healthy"]), "-o", str(tmp_path / "r.html"), "--title", "T"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.html").exists()
+    (tmp_path / "notrun").mkdir()
+    res = CliRunner().invoke(report, [str(tmp_path / "notrun"), "-o", str(tmp_path / "r2.html")])
+    assert res.exit_code == 2 and "no run store" in res.output and "Traceback" not in res.output
+
+
+def test_reports_import_without_torch(stores, tmp_path):
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked")
+        return None
+sys.meta_path.insert(0, Block())
+from diagnostics.reports import build_report
+build_report({str(stores['healthy'])!r}, {str(tmp_path / 'nt.html')!r})
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
