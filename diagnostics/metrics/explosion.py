@@ -1,0 +1,320 @@
+"""Loss-explosion early warning from spectral-alignment series.
+
+A layer whose inputs become one-sided along its top right singular vector lets gradient steps add up
+along v_1 (METRICS.md, "Spectral alignment"); a collapse of its *sign diversity* is the warning. Healthy
+layers differ a lot in their level (some, right after a LayerNorm or the LM head, are one-sided from the
+start), so the detector never compares a layer with an absolute threshold alone:
+
+1. **Baseline per layer.** After ``skip`` probes (initial transients), the next ``warmup`` probes of the
+   statistic give a robust baseline: median b and scale s = 1.4826 * MAD (floored at ``min_scale``).
+2. **Deviation.** At each later probe the statistic is smoothed by the median of the last ``smooth``
+   probes, m_t. For sign diversity (it falls when a layer collapses) the drop is d_t = b - m_t; for
+   statistics that rise (``sa_mean_abs``, ``sa_abs_mean`` = |sa_mean|) d_t = m_t - b; for ``sa_sigma1``
+   d_t = log(m_t / b). The layer *deviates* when d_t >= threshold = max(min_drop, rel_drop * |b|,
+   z * s). Layers whose baseline sits below ``min_baseline`` (already one-sided for sign diversity) are
+   not eligible: they have nothing left to collapse.
+3. **Persistence.** A layer alarms when it deviates for ``persistence`` consecutive probes; it re-arms
+   once it has stopped deviating for ``persistence`` probes.
+4. **Run level.** ``explosion_score`` = mean over eligible layers of min(1, max(0, d_t / threshold)),
+   in [0, 1]; an ``explosion_warning`` event fires (one per alarming layer) while at least
+   ``min_layers`` layers are in alarm.
+
+The same :class:`ExplosionDetectorCore` runs online (built into the ``spectral_alignment`` diagnostic,
+or as the ``explosion_detector`` diagnostic right after it, reading this step's statistics from
+``ctx.cache``) and offline through :func:`detect` on a stored series, so calibration on stored runs
+tests exactly the code that warns in the loop. The core and :func:`detect` import no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.base import Diagnostic, Output
+from diagnostics.metrics.registry import register
+from diagnostics.store.records import Event, Record
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from diagnostics.tracking.context import StepContext
+
+__all__ = [
+    "STATISTICS",
+    "Alarm",
+    "ExplosionDetectorCore",
+    "ExplosionDetector",
+    "detect",
+    "run_detector_step",
+]
+
+#: Statistics the detector can watch: metric ID -> (field of the diagnostic's stats dict, direction).
+STATISTICS: dict[str, tuple[str, str]] = {
+    "sa_sign_diversity": ("sign_diversity", "down"),
+    "sa_mean_abs": ("mean_abs", "up"),
+    "sa_abs_mean": ("mean", "up_abs"),  # |sa_mean|: one-sidedness with a sign-free level
+    "sa_sigma1": ("sigma1", "log_up"),
+}
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One layer's alarm: the step, the layer (map key), the statistic and the evidence."""
+
+    step: int
+    layer: str
+    statistic: str
+    value: float
+    baseline: float
+    scale: float
+    drop: float
+    threshold: float
+    streak: int
+    layers_in_alarm: int
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ExplosionDetectorCore:
+    """The detector's logic on a plain state dict (JSON-serialisable); shared by the online and offline paths.
+
+    Args:
+        statistic: one of :data:`STATISTICS` (default ``sa_sign_diversity``).
+        skip: probes ignored at the start of a layer's series (initial transients).
+        warmup: probes forming the healthy baseline.
+        smooth: probes in the running median the baseline is compared with.
+        rel_drop: deviation threshold relative to the baseline level.
+        min_drop: absolute floor of the threshold (in the statistic's units; log units for sigma1).
+        z: threshold in robust standard deviations of the warm-up window.
+        min_scale: floor of the robust scale.
+        min_baseline: layers whose baseline is below this are not eligible (sign diversity only).
+        persistence: consecutive deviating probes that make a layer alarm.
+        min_layers: layers in alarm needed for a warning.
+
+    Cost per probe: O(layers * smooth log smooth).
+    """
+
+    def __init__(
+        self,
+        statistic: str = "sa_sign_diversity",
+        *,
+        skip: int = 10,
+        warmup: int = 30,
+        smooth: int = 5,
+        rel_drop: float = 0.5,
+        min_drop: float = 0.15,
+        z: float = 4.0,
+        min_scale: float = 0.02,
+        min_baseline: float = 0.3,
+        persistence: int = 5,
+        min_layers: int = 1,
+    ) -> None:
+        if statistic not in STATISTICS:
+            raise ConfigError(f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        for name, v in (("warmup", warmup), ("smooth", smooth), ("persistence", persistence), ("min_layers", min_layers)):
+            if int(v) < 1:
+                raise ConfigError(f"explosion detector: {name} must be >= 1, got {v}")
+        if int(skip) < 0 or rel_drop < 0 or min_drop < 0 or z < 0 or min_scale < 0:
+            raise ConfigError("explosion detector: skip, rel_drop, min_drop, z and min_scale must be >= 0")
+        self.statistic = statistic
+        self.field, self.direction = STATISTICS[statistic]
+        self.skip = int(skip)
+        self.warmup = int(warmup)
+        self.smooth = int(smooth)
+        self.rel_drop = float(rel_drop)
+        self.min_drop = float(min_drop)
+        self.z = float(z)
+        self.min_scale = float(min_scale)
+        self.min_baseline = float(min_baseline)
+        self.persistence = int(persistence)
+        self.min_layers = int(min_layers)
+
+    def settings(self) -> dict[str, Any]:
+        """The detector's parameters (recorded in the run's metadata)."""
+        keys = ("statistic", "skip", "warmup", "smooth", "rel_drop", "min_drop", "z", "min_scale",
+                "min_baseline", "persistence", "min_layers")
+        return {k: getattr(self, k) for k in keys}
+
+    def _transform(self, value: float) -> float:
+        if self.direction == "up_abs":
+            return abs(value)
+        if self.direction == "log_up":
+            return math.log(value) if value > 0 else math.nan
+        return value
+
+    def _drop(self, base: float, m: float) -> float:
+        return base - m if self.direction == "down" else m - base
+
+    def update(self, state: dict[str, Any], step: int, values: dict[str, float]) -> tuple[float, list[Alarm]]:
+        """Feed one probe: ``values`` = {layer: statistic}. Mutates ``state``; returns (score, new alarms).
+
+        Non-finite values are ignored for the baseline; after the baseline they count as deviating (a
+        layer whose inputs or weight became non-finite has certainly left its healthy range).
+        """
+        layers: dict[str, dict[str, Any]] = state.setdefault("layers", {})
+        severities: list[float] = []
+        candidates: list[tuple[str, dict[str, Any], float, float, float]] = []
+        for key, raw in values.items():
+            ls = layers.setdefault(key, {"seen": 0, "warm": [], "base": None, "scale": None, "recent": [],
+                                         "streak": 0, "calm": 0, "alarmed": False})
+            v = self._transform(float(raw)) if raw is not None else math.nan
+            ls["seen"] += 1
+            if ls["base"] is None:
+                if ls["seen"] > self.skip and math.isfinite(v):
+                    ls["warm"].append(v)
+                if len(ls["warm"]) >= self.warmup:
+                    base = statistics.median(ls["warm"])
+                    mad = statistics.median(abs(x - base) for x in ls["warm"])
+                    ls["base"], ls["scale"] = base, max(self.min_scale, 1.4826 * mad)
+                    ls["warm"] = []
+                    ls["eligible"] = not (self.direction == "down" and base < self.min_baseline)
+                continue
+            if not ls.get("eligible", True):
+                continue
+            recent = ls["recent"]
+            recent.append(v)
+            del recent[: -self.smooth]
+            finite = [x for x in recent if math.isfinite(x)]
+            threshold = max(self.min_drop, self.rel_drop * abs(ls["base"]), self.z * ls["scale"])
+            if len(finite) < len(recent) or not finite:
+                m, drop = v, math.inf
+            else:
+                m = statistics.median(finite)
+                drop = self._drop(ls["base"], m)
+            deviating = drop >= threshold
+            severities.append(1.0 if not math.isfinite(drop) else min(1.0, max(0.0, drop / threshold)))
+            if deviating:
+                ls["streak"] += 1
+                ls["calm"] = 0
+            else:
+                ls["streak"] = 0
+                ls["calm"] += 1
+                if ls["alarmed"] and ls["calm"] >= self.persistence:
+                    ls["alarmed"] = False  # re-arm after a sustained recovery
+            if ls["streak"] >= self.persistence:
+                candidates.append((key, ls, m, drop, threshold))
+        score = sum(severities) / len(severities) if severities else 0.0
+        in_alarm = len(candidates)
+        alarms: list[Alarm] = []
+        if in_alarm >= self.min_layers:
+            for key, ls, m, drop, threshold in candidates:
+                if ls["alarmed"]:
+                    continue
+                ls["alarmed"] = True
+                alarms.append(
+                    Alarm(int(step), key, self.statistic, float(m), float(ls["base"]), float(ls["scale"]),
+                          float(drop), float(threshold), int(ls["streak"]), in_alarm, float(score))
+                )
+        state["last_score"] = score
+        return score, alarms
+
+
+def _event(alarm: Alarm) -> Event:
+    return Event(
+        kind="explosion_warning",
+        severity="warning",
+        metric=alarm.statistic,
+        key=alarm.layer,
+        message=(
+            f"{alarm.layer}: {alarm.statistic} left its healthy baseline {alarm.baseline:.3g} "
+            f"(now {alarm.value:.3g}, deviation {alarm.drop:.3g} >= {alarm.threshold:.3g}) for "
+            f"{alarm.streak} probes at step {alarm.step}; {alarm.layers_in_alarm} layer(s) in alarm: "
+            "a loss explosion may follow"
+        ),
+        data=alarm.as_dict(),
+    )
+
+
+def run_detector_step(core: ExplosionDetectorCore, ctx: StepContext, state: dict[str, Any]) -> tuple[list[Record], list[Event]]:
+    """One online probe: read this step's statistics from ``ctx.cache``; return (records, events).
+
+    Records ``explosion_score`` (key all) once any layer has a baseline. Cost: O(layers).
+    """
+    from diagnostics.metrics.spectral_alignment import SA_CACHE_KEY
+
+    stats = ctx.cache.get(SA_CACHE_KEY)
+    if stats is None:
+        return [], []
+    values = {key: st.get(core.field, math.nan) for key, st in stats.items()}
+    score, alarms = core.update(state, ctx.step, values)
+    has_base = any(ls.get("base") is not None for ls in state.get("layers", {}).values())
+    records = [Record("explosion_score", float(score))] if has_base else []
+    return records, [_event(a) for a in alarms]
+
+
+def detect(series_df: pd.DataFrame, **params: Any) -> list[dict[str, Any]]:
+    """Run the detector offline over a stored series; the same logic as the online detector.
+
+    Args:
+        series_df: long-format series as returned by ``Run.series()`` (columns step, metric, key, index,
+            value; one run). Rows of the detector's statistic (``sa_mean`` for ``sa_abs_mean``) with index
+            0 are used, one probe per step in step order.
+        **params: :class:`ExplosionDetectorCore` options.
+
+    Returns:
+        The alarms in order, as dicts (step, layer, statistic, value, baseline, scale, drop, threshold,
+        streak, layers_in_alarm, score). Cost O(steps * layers).
+    """
+    core = ExplosionDetectorCore(**params)
+    metric = "sa_mean" if core.statistic == "sa_abs_mean" else core.statistic
+    df = series_df[(series_df["metric"] == metric) & (series_df["index"] == 0)]
+    if "run" in df.columns and df["run"].nunique() > 1:
+        raise ConfigError("detect() takes the series of one run; filter series_df by its 'run' column first")
+    state: dict[str, Any] = {}
+    alarms: list[dict[str, Any]] = []
+    if df.empty:
+        return alarms
+    wide = df.pivot_table(index="step", columns="key", values="value", aggfunc="last").sort_index()
+    for step, row in wide.iterrows():
+        # The pivot leaves NaN where a layer has no record at a step: that layer has no probe there.
+        values = {str(k): float(v) for k, v in row.items() if not math.isnan(float(v))}
+        _, new = core.update(state, int(step), values)
+        alarms += [a.as_dict() for a in new]
+    return alarms
+
+
+@register
+class ExplosionDetector(Diagnostic):
+    """The explosion detector as its own diagnostic: ``explosion_score`` and ``explosion_warning`` events.
+
+    It reads the statistics the ``spectral_alignment`` diagnostic published this step in ``ctx.cache``
+    (it never recomputes them), so it must be listed after it, with the built-in detector of
+    ``spectral_alignment`` turned off::
+
+        Monitor(model, diagnostics=[SpectralAlignment(detector=False),
+                                    ExplosionDetector(persistence=8, action="stop")], ...)
+
+    When the statistics are absent (spectral alignment not due, or listed after this diagnostic) it
+    records nothing and says so in its status. Options: those of :class:`ExplosionDetectorCore`, plus
+    ``action`` ("record" | "warn" | "checkpoint" | "stop" | callable(event, step)), read by the Monitor.
+
+    Cost per step: O(layers).
+    """
+
+    name = "explosion_detector"
+    preset = "full"
+    default_every = 1
+    reads_only = True
+    metrics: ClassVar[tuple[str, ...]] = ("explosion_score",)
+
+    def __init__(self, every: int | None = None, start: int = 0, *, action: Any = None, **params: Any) -> None:
+        super().__init__(every, start)
+        self.core = ExplosionDetectorCore(**params)
+        if action is not None:
+            self.action = action
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **self.core.settings()}
+
+    def compute(self, ctx: StepContext) -> Output:
+        from diagnostics.metrics.spectral_alignment import SA_CACHE_KEY
+
+        if SA_CACHE_KEY not in ctx.cache:
+            return Output(reason="no spectral_alignment statistics this step: list spectral_alignment before explosion_detector")
+        records, events = run_detector_step(self.core, ctx, ctx.state.setdefault("detector", {}))
+        return Output(records=records, events=events)

@@ -1,0 +1,321 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
+from diagnostics.metrics.registry import get_diagnostic, preset_names
+from diagnostics.metrics.spectral_alignment import (
+    SA_CACHE_KEY,
+    SpectralAlignment,
+    _Projector,
+    batched_alignment_statistics,
+    find_linear_maps,
+    project_rows,
+)
+from diagnostics.tracking.context import StepContext
+from diagnostics.zoo.models import TinyGPT
+
+
+def _lm_loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _sum_loss(model, batch):
+    return model(batch[0]).sum()
+
+
+def _ctx(model, batch, step, state, loss_fn=_sum_loss):
+    ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    ctx.state = state
+    return ctx
+
+
+def _stats(out):
+    # {metric: {key: value}} for index-0 records, plus vectors per key.
+    d: dict = {}
+    for r in out.records:
+        d.setdefault(r.metric, {}).setdefault(r.key, {})[r.index] = r.value
+    return d
+
+
+def _tiny_gpt():
+    torch.manual_seed(0)
+    return TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=3).double()
+
+
+def test_registered_in_standard_preset():
+    assert "spectral_alignment" in preset_names("standard")
+    assert isinstance(get_diagnostic("spectral_alignment", max_tokens=64), SpectralAlignment)
+
+
+def test_statistics_match_direct_svd_on_a_real_model():
+    model = _tiny_gpt()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 96, (3, 8), generator=g)
+    batch = (x, torch.randint(0, 96, (3, 8), generator=g))
+    # Reference inputs of every Linear, captured by our own hooks on the same eval forward.
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1])))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model.eval()
+        _lm_loss(model, batch)
+        model.train()
+    for h in hooks:
+        h.remove()
+    d = SpectralAlignment(max_tokens=256, init_iters=2000, init_tol=1e-14, detector=False)
+    state = {}
+    out = d.compute(_ctx(model, batch, 0, state, _lm_loss))
+    got = _stats(out)
+    assert set(got["sa_sign_diversity"]) == set(inputs) and len(inputs) == 7
+    for name, xin in inputs.items():
+        w = dict(model.named_modules())[name].weight.detach()
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
+        v1 = vh[0]
+        if torch.dot(v1, state["v1"][name].double()) < 0:  # the diagnostic's sign convention
+            v1 = -v1
+        ref = alignment_statistics(alignment_cosines(xin, v1))
+        assert got["sa_sigma1"][name][0] == pytest.approx(float(s[0]), rel=1e-9), name
+        for metric, field in [("sa_positive_fraction", "positive_fraction"), ("sa_sign_diversity", "sign_diversity"),
+                              ("sa_mean", "mean"), ("sa_mean_abs", "mean_abs")]:
+            # v1 from power iteration agrees with the SVD's to ~1e-7 (its stopping rule is on 1 - |cos|).
+            assert got[metric][name][0] == pytest.approx(ref[field], abs=1e-6), (name, metric)
+        assert [got["sa_quantile"][name][i] for i in range(5)] == pytest.approx(ref["quantiles"], abs=1e-6)
+        assert [got["sa_histogram"][name][i] for i in range(20)] == pytest.approx(ref["histogram"], abs=1e-12)
+
+
+def test_batched_statistics_equal_single_statistics():
+    g = torch.Generator().manual_seed(2)
+    cos = torch.rand(4, 97, generator=g, dtype=torch.float64) * 2 - 1
+    cos[1, :10] = 0.0
+    cos[2] = cos[2].abs()
+    cos[3] = 0.0
+    batched = batched_alignment_statistics(cos)
+    for i in range(4):
+        ref = alignment_statistics(cos[i])
+        for k, v in ref.items():
+            assert batched[k][i] == pytest.approx(v, abs=1e-12), (i, k)
+
+
+def test_power_iteration_tracks_v1_and_sign_across_slow_weight_changes():
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(6, 9).double()
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(torch.randn(9, 6, generator=g, dtype=torch.float64), full_matrices=False)
+        lin.weight.copy_(u @ torch.diag(torch.tensor([5.0, 2.0, 1.5, 1.0, 0.5, 0.2], dtype=torch.float64)) @ vh)
+    model = nn.Sequential(lin)
+    d = SpectralAlignment(power_iters=1, detector=False)
+    state: dict = {}
+    batch = (torch.randn(20, 6, generator=g, dtype=torch.float64),)
+    prev = None
+    ref_prev = None
+    for step in range(60):
+        with torch.no_grad():  # a slow drift of the weight, as between optimizer steps
+            lin.weight.add_(0.03 * torch.randn(9, 6, generator=g, dtype=torch.float64))
+        out = d.compute(_ctx(model, batch, step, state))
+        v = state["v1"]["0"].double()
+        _, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+        # The SVD's sign is arbitrary: carry it by continuity from the diagnostic's first v1.
+        ref = vh[0] if torch.dot(vh[0], v if ref_prev is None else ref_prev) >= 0 else -vh[0]
+        ref_prev = ref
+        assert abs(float(torch.dot(v, ref))) > 0.999, step
+        if prev is not None:
+            assert float(torch.dot(v, prev)) > 0.9, step  # the sign is carried, never flipped
+            assert float(torch.dot(v, ref)) > 0.999, step  # and it is the continuous branch of v1
+        prev = v
+        assert _stats(out)["sa_sigma1"]["0"][0] == pytest.approx(float(s[0]), rel=1e-3)
+
+
+def test_sign_diversity_invariant_to_global_sign_of_v1():
+    model = _tiny_gpt()
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.randint(0, 96, (2, 8), generator=g), torch.randint(0, 96, (2, 8), generator=g))
+    d = SpectralAlignment(detector=False, init_iters=500)
+    state: dict = {}
+    d.compute(_ctx(model, batch, 0, state, _lm_loss))  # cold start
+    flipped = {"v1": {k: -v for k, v in state["v1"].items()}}  # the same v1 with every sign flipped
+    a = _stats(d.compute(_ctx(model, batch, 1, state, _lm_loss)))
+    b = _stats(d.compute(_ctx(model, batch, 1, flipped, _lm_loss)))
+    for key in a["sa_sign_diversity"]:
+        assert b["sa_sign_diversity"][key][0] == pytest.approx(a["sa_sign_diversity"][key][0], abs=1e-9)
+        assert b["sa_mean_abs"][key][0] == pytest.approx(a["sa_mean_abs"][key][0], abs=1e-6)
+        assert b["sa_mean"][key][0] == pytest.approx(-a["sa_mean"][key][0], abs=1e-6)
+        assert b["sa_positive_fraction"][key][0] == pytest.approx(1 - a["sa_positive_fraction"][key][0], abs=1e-9)
+        assert b["sa_quantile"][key][0] == pytest.approx(-a["sa_quantile"][key][4], abs=1e-6)
+
+
+def test_hooks_removed_also_when_the_loss_fails():
+    model = _tiny_gpt()
+    batch = (torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8)))
+    d = SpectralAlignment(detector=False)
+    d.compute(_ctx(model, batch, 0, {}, _lm_loss))
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+    def bad(model, batch):
+        model(batch[0])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        d.compute(_ctx(model, batch, 1, {}, bad))
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert model.training and all(m.training for m in model.modules())
+
+
+class _MaxAlloc(TorchDispatchMode):
+    """Largest tensor (in elements) produced by any op inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            # Only new storage counts (detach, views and in-place ops allocate nothing).
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+                self.max_numel = max(self.max_numel, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_memory_bounded_with_long_sequences(contiguous):
+    # The largest tensor allocated while projecting does not grow with the sequence length.
+    d_in, budget, chunk = 32, 256, 64
+    V = torch.nn.functional.normalize(torch.randn(d_in, 3), dim=0)
+    peaks = []
+    for length in (1_000, 50_000):
+        x = torch.randn(2, length, d_in)
+        if not contiguous:
+            x = torch.randn(length, 2, d_in).transpose(0, 1)  # [2, L, d] with strides of a transposed tensor
+        proj = _Projector("linear", V, budget, torch.Generator().manual_seed(0), chunk)
+        with _MaxAlloc() as mode:
+            proj(nn.Identity(), (x,), {})
+            proj(nn.Identity(), (x,), {})  # a second call finds the budget spent
+        assert proj.cosines().shape == (budget, 3)
+        peaks.append(mode.max_numel)
+    assert peaks[0] == peaks[1]
+    assert peaks[1] <= max(chunk * d_in, budget * 3)
+
+
+def test_token_budget_through_the_diagnostic_on_long_inputs():
+    lin = nn.Linear(8, 5)
+    model = nn.Sequential(lin)
+    d = SpectralAlignment(max_tokens=100, chunk_tokens=32, detector=False)
+    out = d.compute(_ctx(model, (torch.randn(1, 20_000, 8),), 0, {}))
+    hist = _stats(out)["sa_histogram"]["0"]
+    # Fractions over exactly max_tokens tokens.
+    assert all(abs(v * 100 - round(v * 100)) < 1e-9 for v in hist.values())
+    assert math.isclose(sum(hist.values()), 1.0)
+
+
+def test_project_rows_zero_and_nonfinite_rows_count_as_no_sign():
+    x = torch.randn(10, 4)
+    x[0] = 0.0
+    x[1, 2] = float("nan")
+    v = torch.nn.functional.normalize(torch.randn(4, 1), dim=0)
+    cos = project_rows(x, v, 100)
+    assert cos[0, 0] == 0 and cos[1, 0] == 0
+    torch.testing.assert_close(cos[2:, 0], alignment_cosines(x[2:], v[:, 0]))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D layout: weight [in, out], y = x @ W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class _Fused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24).double()
+        self.c_attn = Conv1D(24, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+
+    def forward(self, x):
+        a = self.qkv(x).sum() + self.c_attn(x).sum()
+        return a + self.mha(x, x, x, need_weights=False)[0].sum()
+
+
+@pytest.mark.parametrize("mode", ["whole", "split"])
+def test_fused_qkv_conv1d_and_multihead_attention(mode):
+    torch.manual_seed(5)
+    model = _Fused()
+    maps = find_linear_maps(model, fused_qkv=mode)
+    d = SpectralAlignment(fused_qkv=mode, init_iters=3000, init_tol=1e-15, detector=False)
+    state: dict = {}
+    got = _stats(d.compute(_ctx(model, (torch.randn(2, 5, 8, dtype=torch.float64),), 0, state)))
+    weights = {
+        "qkv": model.qkv.weight.detach(),
+        "c_attn": model.c_attn.weight.detach().T,  # HF Conv1D is transposed
+        "mha.in_proj": model.mha.in_proj_weight.detach(),
+    }
+    expected = {}
+    for base, w in weights.items():
+        if mode == "split":
+            for i, lab in enumerate("qkv"):
+                expected[f"{base}.{lab}"] = w[8 * i: 8 * (i + 1)]
+        else:
+            expected[base] = w
+    assert [m.key for m in maps] == list(got["sa_sigma1"]) and set(got["sa_sigma1"]) == set(expected)
+    for key, w in expected.items():
+        assert got["sa_sigma1"][key][0] == pytest.approx(float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-8), key
+
+
+def test_patterns_select_and_bad_pattern_names_the_fix():
+    model = _tiny_gpt()
+    maps = find_linear_maps(model, "blocks.*.mlp.*", exclude="*fc2")
+    assert [m.key for m in maps] == ["blocks.0.mlp.fc1"]
+    with pytest.raises(ConfigError, match="nothing_here"):
+        find_linear_maps(model, ["nothing_here"])
+    with pytest.raises(ConfigError):
+        SpectralAlignment(fused_qkv="halves")
+    with pytest.raises(ConfigError):
+        SpectralAlignment(max_tokens=0)
+
+
+def test_publishes_statistics_in_the_step_cache():
+    model = _tiny_gpt()
+    batch = (torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8)))
+    ctx = _ctx(model, batch, 0, {}, _lm_loss)
+    SpectralAlignment(detector=False).compute(ctx)
+    stats = ctx.cache[SA_CACHE_KEY]
+    assert "head" in stats and 0.0 <= stats["head"]["sign_diversity"] <= 1.0
+
+
+def test_in_monitor_with_isolation_check(tmp_path):
+    from diagnostics.store import open_run
+    from diagnostics.tracking import Monitor
+
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with Monitor(model, _lm_loss, run=tmp_path / "r", diagnostics=["spectral_alignment"], optimizer=opt,
+                 strict=True, check_isolation=True) as mon:
+        for step in range(4):
+            batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
+            loss = _lm_loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(step, batch, loss)
+            opt.step()
+    run = open_run(tmp_path / "r")
+    s = run.series()
+    assert set(s[s.metric == "sa_sign_diversity"]["step"]) == {0, 1, 2, 3}
+    assert set(s[s.metric == "sa_histogram"]["index"]) == set(range(20))
+    assert (run.status()["status"] == "ok").all()
+    assert run.meta["diagnostic_state"]["spectral_alignment"]  # v1 saved for resuming
