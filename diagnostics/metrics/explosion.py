@@ -269,10 +269,10 @@ def detect(series_df: pd.DataFrame, **params: Any) -> list[dict[str, Any]]:
     alarms: list[dict[str, Any]] = []
     if df.empty:
         return alarms
-    wide = df.pivot_table(index="step", columns="key", values="value", aggfunc="last").sort_index()
-    for step, row in wide.iterrows():
-        # The pivot leaves NaN where a layer has no record at a step: that layer has no probe there.
-        values = {str(k): float(v) for k, v in row.items() if not math.isnan(float(v))}
+    # Grouped by step over the rows that exist, so a stored NaN (a probe that saw non-finite values) is
+    # fed to the core while a layer without a record at a step has no probe there.
+    for step, rows in df.sort_values("step", kind="stable").groupby("step", sort=True):
+        values = {str(k): float(v) for k, v in zip(rows["key"], rows["value"])}
         _, new = core.update(state, int(step), values)
         alarms += [a.as_dict() for a in new]
     return alarms
