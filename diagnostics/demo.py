@@ -1,0 +1,341 @@
+"""The demo behind ``tdiag demo`` (``make demo``): a stable and an exploding tiny GPT, side by side.
+
+It trains the zoo's tiny character-level GPT twice on the stdlib ``pydoc_data.topics`` text with AdamW,
+both runs monitored in the loop by the standard preset (which includes spectral alignment) plus the
+explosion detector when it is registered:
+
+- **stable**: a constant learning rate after a short warm-up;
+- **exploding**: the same start, then a learning rate that grows by a fixed factor every step, the
+  slow road to a loss explosion on which an early warning has something to warn about.
+
+The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
+the Hessian's top eigenvalues, the way one would analyse a finished training job. One HTML report
+compares the three runs. The printed summary says when the warning fired, when the loss exploded
+(the suite's definition: the first step of 10 consecutive steps whose loss exceeds twice its running
+minimum, or a non-finite loss) and the stable run's final loss.
+
+Cost: about 2 to 4 minutes on 2 CPU cores; ``quick=True`` about 30 seconds (fewer steps, a faster
+ramp, cheap diagnostics), for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DemoRun", "DemoResult", "STABLE", "EXPLODING", "run_demo", "explosion_step"]
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One training run of the demo.
+
+    Attributes:
+        name: run name (and directory name).
+        steps: optimizer steps at most.
+        lr: learning rate after warm-up.
+        warmup_steps: linear warm-up from lr/warmup_steps.
+        growth_start: from this step on, the learning rate is multiplied by ``growth`` every step.
+        growth: per-step learning-rate factor after ``growth_start`` (1: constant).
+        beta2, eps: AdamW settings (large beta2 and tiny eps make Adam's steps larger when gradients
+            shrink, one of the known routes to instability).
+        batch_size, block_size: batch shape [B, T].
+        seed: model initialisation and batch order.
+        checkpoints: steps at which to save a checkpoint.
+        stop_after_explosion: steps to keep training once the loss has exploded.
+        model: options for ``get_model("tiny-gpt", ...)``.
+    """
+
+    name: str
+    steps: int = 200
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    growth_start: int | None = None
+    growth: float = 1.0
+    beta2: float = 0.999
+    eps: float = 1e-12
+    batch_size: int = 16
+    block_size: int = 64
+    seed: int = 0
+    checkpoints: tuple[int, ...] = ()
+    stop_after_explosion: int = 10
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate used at ``step`` (0-based)."""
+        lr = self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else self.lr
+        if self.growth_start is not None and step >= self.growth_start:
+            lr *= self.growth ** (step - self.growth_start + 1)
+        return lr
+
+
+STABLE = DemoRun(name="stable", checkpoints=(50, 100, 150, 200))
+EXPLODING = DemoRun(name="exploding", growth_start=60, growth=1.05, steps=260)
+
+# The quick variants: fewer steps and a faster ramp; same story, for tests.
+_QUICK_STABLE = replace(STABLE, steps=40, checkpoints=(20, 40))
+_QUICK_EXPLODING = replace(EXPLODING, steps=80, growth_start=10, growth=1.2, stop_after_explosion=5)
+
+
+def explosion_step(losses: list[float], *, factor: float = 2.0, min_step: int = 20, patience: int = 10) -> int | None:
+    """First step of a loss explosion, or None.
+
+    A step is *high* when its loss is not finite, or (from ``min_step`` on) exceeds ``factor`` times
+    the running minimum of the finite losses so far. The explosion step is the first step of the first
+    streak of high steps that lasts ``patience`` steps or contains a non-finite loss.
+
+    Cost: one pass over ``losses``.
+    """
+    best = math.inf
+    start: int | None = None
+    for i, value in enumerate(losses):
+        finite = math.isfinite(value)
+        if finite:
+            best = min(best, value)
+        high = not finite or (i >= min_step and value > factor * best)
+        if not high:
+            start = None
+            continue
+        start = i if start is None else start
+        if not finite or i - start + 1 >= patience:
+            return start
+    return None
+
+
+@dataclass
+class DemoResult:
+    """Where the demo wrote things and what happened.
+
+    Attributes:
+        out: the output directory.
+        report: the HTML report (None when the report layer is unavailable).
+        runs: run name -> run directory (``stable``, ``exploding``, ``stable-checkpoints``).
+        warning_step: first explosion warning in the exploding run (None if none fired).
+        warning_detail: the warning's message.
+        explosion_step: first step of the exploding run's loss explosion (None if it did not explode).
+        stable_final_loss: the stable run's last loss; ``stable_warnings``: warnings in the stable run.
+        seconds: wall time.
+    """
+
+    out: Path
+    report: Path | None
+    runs: dict[str, Path]
+    warning_step: int | None = None
+    warning_detail: str | None = None
+    explosion_step: int | None = None
+    stable_final_loss: float | None = None
+    stable_steps: int = 0
+    stable_warnings: int = 0
+    seconds: float = 0.0
+
+    def summary_lines(self) -> list[str]:
+        """The report's location and the three-line summary the command prints."""
+        lines = [f"report: {self.report}" if self.report else f"runs written to {self.out} (no report layer installed)"]
+        if self.warning_step is not None:
+            lines.append(f"exploding run: first explosion warning at step {self.warning_step} ({self.warning_detail})")
+        else:
+            lines.append("exploding run: no explosion warning fired")
+        if self.explosion_step is not None:
+            lead = (
+                f", {self.explosion_step - self.warning_step} steps after the warning"
+                if self.warning_step is not None and self.warning_step <= self.explosion_step
+                else ""
+            )
+            lines.append(f"exploding run: the loss exploded at step {self.explosion_step}{lead}")
+        else:
+            lines.append("exploding run: the loss did not explode within its steps")
+        final = f"{self.stable_final_loss:.3f}" if self.stable_final_loss is not None else "n/a"
+        warned = f"{self.stable_warnings} warning(s)" if self.stable_warnings else "no warnings"
+        lines.append(f"stable run: final loss {final} after {self.stable_steps} steps, {warned}")
+        return lines
+
+
+def _registered(names: list[str]) -> list[str]:
+    from diagnostics.metrics import available_diagnostics
+
+    have = set(available_diagnostics())
+    return [n for n in names if n in have]
+
+
+def _train(
+    cfg: DemoRun,
+    run_dir: Path,
+    diagnostics: list[str],
+    checkpoint_dir: Path | None,
+    *,
+    progress: Callable[[int, float], None] | None,
+) -> list[float]:
+    """Train one run with the Monitor; returns the per-step losses. Cost: ``cfg.steps`` training steps
+    plus the diagnostics due."""
+    import torch
+
+    from diagnostics.tracking import Monitor
+    from diagnostics.zoo import get_loss, get_model
+    from diagnostics.zoo.data import char_batches, pydoc_tokens
+
+    model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
+    loss_fn = get_loss("tiny-gpt")
+    tokens = pydoc_tokens("train")
+    batches = char_batches(tokens, cfg.batch_size, cfg.block_size, cfg.steps, seed=cfg.seed)
+    probe = char_batches(tokens, cfg.batch_size, cfg.block_size, 1, seed=cfg.seed + 1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_at(0), betas=(0.9, cfg.beta2), eps=cfg.eps, weight_decay=0.0)
+    meta = {"demo": {k: v for k, v in cfg.__dict__.items() if k != "model"} | {"model": dict(cfg.model)},
+            "optimizer": "AdamW"}
+    losses: list[float] = []
+    exploded_at: int | None = None
+    with Monitor(model, loss_fn, run=run_dir, diagnostics=diagnostics, optimizer=opt, probe_data=probe, meta=meta,
+                 name=cfg.name) as monitor:
+        for step, batch in enumerate(batches):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            monitor.step(step, batch, loss)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if checkpoint_dir is not None and (step + 1) in cfg.checkpoints:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": model.state_dict(), "step": step + 1}, checkpoint_dir / f"step_{step + 1:05d}.pt")
+            if progress is not None:
+                progress(step, losses[-1])
+            if exploded_at is None:
+                exploded_at = explosion_step(losses)
+            if exploded_at is not None and step >= exploded_at + cfg.stop_after_explosion:
+                break
+            if not math.isfinite(losses[-1]) and len([x for x in losses if not math.isfinite(x)]) > cfg.stop_after_explosion:
+                break
+    return losses
+
+
+def _first_warning(run_dir: Path) -> tuple[int | None, str | None, int]:
+    """(step, short description) of the first explosion warning, and the number of warnings."""
+    from diagnostics.store import open_run
+
+    with open_run(run_dir) as run:
+        events = run.events()
+    if events.empty:
+        return None, None, 0
+    warnings_ = events[events["kind"] == "explosion_warning"].sort_values("step")
+    if warnings_.empty:
+        return None, None, 0
+    first = warnings_.iloc[0]
+    where = f"layer {first['key']}" if isinstance(first["key"], str) and first["key"] not in ("", "all") else None
+    detail = where or " ".join(str(first["message"]).split())[:80]
+    return int(first["step"]), detail, int(len(warnings_))
+
+
+#: A file the demo leaves in its output directory: only directories carrying it are ever cleaned.
+MARKER = ".tdiag-demo"
+
+
+def _fresh(path: Path, out: Path) -> Path:
+    """Remove what an earlier demo left at ``path``; refuse to touch anything the demo did not write."""
+    if path.exists():
+        if not (out / MARKER).is_file():
+            from diagnostics.errors import ConfigError
+
+            raise ConfigError(
+                f"{str(path)!r} exists and was not written by tdiag demo; choose another --out directory"
+            )
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return path
+
+
+def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: bool = False) -> DemoResult:
+    """Train a stable and an exploding tiny GPT, analyse the stable run's checkpoints, write a report.
+
+    Args:
+        out: output directory; the demo's own sub-directories in it are replaced on every run.
+        quick: a much shorter version (tens of seconds) with the same outputs, for tests.
+        quiet: no progress bars.
+
+    Returns:
+        A :class:`DemoResult`; ``summary_lines()`` is what ``tdiag demo`` prints.
+    """
+    started = time.perf_counter()
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    stable_cfg, exploding_cfg = (_QUICK_STABLE, _QUICK_EXPLODING) if quick else (STABLE, EXPLODING)
+    if quick:
+        monitored = _registered(["loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", "nonfinite",
+                                 "spectral_alignment", "explosion_detector"])
+        analysed = _registered(["loss", "grad_norm", "weight_norm", "weight_rank"])
+    else:
+        monitored = ["standard", *_registered(["explosion_detector"])]
+        analysed = ["standard", *_registered(["hessian_top"])]
+
+    runs_dir = out / "runs"
+    runs = {
+        "stable": _fresh(runs_dir / "stable", out),
+        "exploding": _fresh(runs_dir / "exploding", out),
+        "stable-checkpoints": _fresh(runs_dir / "stable-checkpoints", out),
+    }
+    checkpoint_dir = _fresh(out / "checkpoints" / "stable", out)
+    _fresh(out / "report.html", out)
+    (out / MARKER).write_text("written by tdiag demo; its runs, checkpoints and report are replaced on every run\n")
+
+    stable_losses = _with_progress(stable_cfg, runs["stable"], monitored, checkpoint_dir, quiet)
+    exploding_losses = _with_progress(exploding_cfg, runs["exploding"], monitored, None, quiet)
+
+    from diagnostics.analyze import analyze_checkpoints
+
+    analyze_checkpoints(
+        checkpoint_dir,
+        model="tiny-gpt",
+        data="pydoc-text",
+        diagnostics=analysed,
+        batches=1 if quick else 2,
+        batch_size=stable_cfg.batch_size,
+        run=runs["stable-checkpoints"],
+        quiet=quiet,
+        seed=stable_cfg.seed + 2000,
+    )
+
+    report = _report(out, runs, quick)
+    warning_step, detail, _ = _first_warning(runs["exploding"])
+    _, _, stable_warnings = _first_warning(runs["stable"])
+    finite = [x for x in stable_losses if math.isfinite(x)]
+    return DemoResult(
+        out=out,
+        report=report,
+        runs=runs,
+        warning_step=warning_step,
+        warning_detail=detail,
+        explosion_step=explosion_step(exploding_losses),
+        stable_final_loss=finite[-1] if finite else None,
+        stable_steps=len(stable_losses),
+        stable_warnings=stable_warnings,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _with_progress(cfg: DemoRun, run_dir: Path, diagnostics: list[str], checkpoint_dir: Path | None, quiet: bool) -> list[float]:
+    if quiet:
+        return _train(cfg, run_dir, diagnostics, checkpoint_dir, progress=None)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=cfg.steps, desc=f"train {cfg.name}", unit="step", leave=False, dynamic_ncols=True) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
+
+        return _train(cfg, run_dir, diagnostics, checkpoint_dir, progress=progress)
+
+
+def _report(out: Path, runs: dict[str, Path], quick: bool) -> Path | None:
+    try:
+        from diagnostics.reports import build_report
+    except ImportError:
+        return None
+    path = out / "report.html"
+    title = "tdiag demo: a stable and an exploding tiny GPT" + (" (quick)" if quick else "")
+    return Path(build_report([runs["stable"], runs["exploding"], runs["stable-checkpoints"]], path, title=title))
