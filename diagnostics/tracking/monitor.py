@@ -196,7 +196,9 @@ class Monitor:
             modes, hooks, RNG and optimizer state are unchanged (costs copies of them; for tests).
         async_writes: commit each step on a background thread while the next training step runs (at most
             one commit outstanding: a killed process loses at most the step being committed and the one in
-            flight). False commits inside ``step()``.
+            flight). Off by default: with CPU-bound steps the GIL hand-offs (5 ms switch interval) cost more
+            than the commit (measured in benchmarks/overhead.py); it can help when the training thread
+            mostly waits on an accelerator.
     """
 
     def __init__(
@@ -220,7 +222,7 @@ class Monitor:
         rank_zero_only: bool = True,
         state_every: int = 100,
         check_isolation: bool = False,
-        async_writes: bool = True,
+        async_writes: bool = False,
     ) -> None:
         # Everything that can be checked is checked before the run directory is touched.
         if not isinstance(model, nn.Module):

@@ -1,0 +1,223 @@
+"""Overhead of in-loop monitoring: training-step time with and without the Monitor.
+
+Cases: the zoo's tiny GPT (2 layers, d_model 64, batches of 16 x 64 tokens) and the digits MLP (batches
+of 64). Configurations, each on its own copy of the same model and optimizer, timed in interleaved
+blocks so that machine load drifts hit all of them alike:
+
+* ``baseline``: plain loop;
+* ``cheap``: ``Monitor(diagnostics="cheap")``, every diagnostic every step; overhead = ratio of medians;
+* ``standard``: ``Monitor(diagnostics="standard")`` at its default schedule (expensive ones every 50
+  steps); amortised overhead = ratio of means over whole 50-step blocks, so the due steps count;
+* ``trainscope``: PyPI ``trainscope`` with its default config (tiny GPT only), when installed.
+
+It also times one GSNR evaluation (per-sample gradients by vmap plus the statistics) against one
+training step. Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--rounds 3] [--out F]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diagnostics.tracking import Monitor, StepContext
+from diagnostics.zoo.registry import get_data, get_loss, get_model
+
+BLOCK = 50  # steps per timed block; the standard preset's expensive diagnostics are due once per block
+
+
+class Runner:
+    """One configuration: its own model/optimizer copy, stepping through the shared batches."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Any, batches: list[Any], tmp: Path) -> None:
+        self.name = name
+        self.model = copy.deepcopy(model)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.loss_fn = loss_fn
+        self.batches = batches
+        self.step_idx = 0
+        self.times: list[float] = []
+        self.monitor = None
+        self.scope = None
+        self.error: str | None = None
+        if name in ("cheap", "standard"):
+            self.monitor = Monitor(self.model, loss_fn, run=tmp / name, diagnostics=name, optimizer=self.opt)
+        elif name == "trainscope":
+            self.scope = make_trainscope(self.model, self.opt, tmp / "trainscope")
+
+    def block(self, n: int) -> None:
+        for _ in range(n):
+            batch = self.batches[self.step_idx % len(self.batches)]
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model, batch)
+            loss.backward()
+            if self.monitor is not None:
+                self.monitor.step(self.step_idx, batch, loss)
+            elif self.scope is not None:
+                self.scope.step(loss.item())
+            self.opt.step()
+            self.times.append(time.perf_counter() - t0)
+            self.step_idx += 1
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.scope is not None:
+            try:
+                self.scope.detach()
+            except Exception:  # noqa: BLE001 - teardown of a third-party tool must not hide our figures
+                pass
+
+
+def make_trainscope(model: torch.nn.Module, opt: Any, run_dir: Path) -> Any:
+    from trainscope import TrainScope, TrainScopeConfig
+
+    cfg = TrainScopeConfig(run_dir=str(run_dir))
+    return TrainScope(model, opt, cfg).attach()
+
+
+def trainscope_available() -> str | None:
+    try:
+        import trainscope  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"trainscope not importable: {type(exc).__name__}: {exc} (install: .venv/bin/pip install trainscope torch==2.13.0)"
+    return None
+
+
+def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[Any], rounds: int, with_trainscope: bool) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="tdiag-overhead-"))
+    names = ["baseline", "cheap", "standard"]
+    notes: list[str] = []
+    if with_trainscope:
+        why = trainscope_available()
+        if why is None:
+            names.append("trainscope")
+        else:
+            notes.append(why)
+    runners = []
+    for n in names:
+        try:
+            runners.append(Runner(n, model, loss_fn, batches, tmp))
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"{n} could not start: {type(exc).__name__}: {exc}")
+    warm = 5
+    for r in runners:
+        try:
+            r.block(warm)
+        except Exception as exc:  # noqa: BLE001
+            r.error = f"{type(exc).__name__}: {exc}"
+            notes.append(f"{r.name} failed during warm-up: {r.error}")
+    runners = [r for r in runners if r.error is None]
+    for r in runners:
+        r.times.clear()
+        # Start each timed block at a multiple of BLOCK so every block holds exactly one standard due step.
+        r.step_idx = BLOCK
+    for _ in range(rounds):
+        for r in runners:
+            r.block(BLOCK)
+    for r in runners:
+        r.close()
+    base = next(r for r in runners if r.name == "baseline")
+    med0, mean0 = statistics.median(base.times), statistics.fmean(base.times)
+    rows = {}
+    for r in runners:
+        med, mean = statistics.median(r.times), statistics.fmean(r.times)
+        rows[r.name] = {
+            "median_ms": med * 1e3,
+            "mean_ms": mean * 1e3,
+            "median_overhead_pct": 100 * (med / med0 - 1),
+            "mean_overhead_pct": 100 * (mean / mean0 - 1),
+        }
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"label": label, "rows": rows, "notes": notes, "steps": rounds * BLOCK}
+
+
+def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats: int) -> dict[str, float]:
+    """Median seconds of one GSNR evaluation and of one training step, interleaved."""
+    from diagnostics.metrics import get_diagnostic
+
+    model = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gsnr = get_diagnostic("gsnr")
+    t_step, t_gsnr = [], []
+    for i in range(repeats + 2):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        t1 = time.perf_counter()
+        ctx = StepContext(step=i, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+        out = gsnr.compute(ctx)
+        t2 = time.perf_counter()
+        if out.status == "failed":
+            raise RuntimeError(f"gsnr failed: {out.reason}")
+        if i >= 2:
+            t_step.append(t1 - t0)
+            t_gsnr.append(t2 - t1)
+    s, g = statistics.median(t_step), statistics.median(t_gsnr)
+    return {"step_ms": s * 1e3, "gsnr_ms": g * 1e3, "ratio": g / s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help=f"interleaved blocks of {BLOCK} steps per configuration")
+    ap.add_argument("--gsnr-repeats", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    ap.add_argument("--no-trainscope", action="store_true")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+
+    gpt = get_model("tiny-gpt")
+    gpt_loss = get_loss("tiny-gpt")
+    gpt_data = get_data("pydoc-text", batch_size=16, num_batches=8)
+    mlp = get_model("mlp-digits")
+    mlp_loss = get_loss("mlp-digits")
+    mlp_data = get_data("digits", batch_size=64, num_batches=8)
+
+    cases = [
+        time_case("tiny-gpt (2 layers, d_model 64, 16x64 tokens)", gpt, gpt_loss, gpt_data, args.rounds, not args.no_trainscope),
+        time_case("mlp-digits (64-32-32-10, batch 64)", mlp, mlp_loss, mlp_data, args.rounds, False),
+    ]
+    gsnr_rows = [("tiny-gpt", time_gsnr(gpt, gpt_loss, gpt_data, args.gsnr_repeats)),
+                 ("mlp-digits", time_gsnr(mlp, mlp_loss, mlp_data, args.gsnr_repeats))]
+
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, python {platform.python_version()}",
+        f"Command: `{' '.join(['OMP_NUM_THREADS=1', '.venv/bin/python', *sys.argv])}`",
+        "",
+    ]
+    for case in cases:
+        lines += [f"### {case['label']}: {case['steps']} timed steps per configuration", "",
+                  "| configuration | median step (ms) | mean step (ms) | overhead, medians | overhead, means (amortised) |",
+                  "|---|---|---|---|---|"]
+        for name, row in case["rows"].items():
+            lines.append(f"| {name} | {row['median_ms']:.2f} | {row['mean_ms']:.2f} | "
+                         f"{row['median_overhead_pct']:+.1f}% | {row['mean_overhead_pct']:+.1f}% |")
+        lines += [f"- {n}" for n in case["notes"]] + [""]
+    lines += ["### GSNR (per-sample gradients by vmap + statistics) vs one training step", "",
+              "| model | training step (ms) | GSNR (ms) | ratio |", "|---|---|---|---|"]
+    for label, g in gsnr_rows:
+        lines.append(f"| {label} | {g['step_ms']:.2f} | {g['gsnr_ms']:.2f} | {g['ratio']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
