@@ -34,9 +34,10 @@ def scrub(text: str) -> str:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     d = tmp_path_factory.mktemp("stores")
-    healthy = write_synthetic_run(d / "healthy", steps=60, layers=2, seed=0)
-    boom = write_synthetic_run(d / "boom", steps=100, layers=2, seed=1, explode_at=70, name=EVIL)
-    return {"dir": d, "healthy": healthy, "boom": boom}
+    healthy = write_synthetic_run(d / "healthy", steps=41, layers=1, seed=0)
+    boom = write_synthetic_run(d / "boom", steps=90, layers=1, seed=1, explode_at=60, name=EVIL)
+    tiny = _write_only(d / "tiny", ("loss", "grad_norm"))
+    return {"dir": d, "healthy": healthy, "boom": boom, "tiny": tiny}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,9 @@ def section(html_text: str, panel_id: str) -> str:
 def test_gold_file(stores, monkeypatch_module):
     out = build_report(stores["healthy"], stores["dir"] / "gold.html", title="Gold report")
     text = scrub(out.read_text(encoding="utf-8"))
+    # the same store through a Run object gives the same bytes: output is deterministic
+    again = build_report(open_run(stores["healthy"]), stores["dir"] / "again.html", title="Gold report")
+    assert again.read_bytes() == out.read_bytes()
     if os.environ.get("UPDATE_GOLD") == "1" or not GOLD.exists():
         GOLD.write_text(text, encoding="utf-8")
         if os.environ.get("UPDATE_GOLD") != "1":
@@ -69,16 +73,10 @@ def test_gold_file(stores, monkeypatch_module):
     assert text == GOLD.read_text(encoding="utf-8"), "report differs from the gold file; UPDATE_GOLD=1 regenerates it"
 
 
-def test_deterministic_bytes(stores, monkeypatch_module):
-    a = build_report(stores["healthy"], stores["dir"] / "a.html").read_bytes()
-    b = build_report(stores["healthy"], stores["dir"] / "b.html").read_bytes()
-    assert a == b
-
-
 def test_findings_of_an_exploding_run(boom_html):
     findings = re.search(r'<section id="findings">(.*?)</section>', boom_html, re.S).group(1)
     assert "Explosion warning at step" in findings
-    assert "The loss exploded at step 72" in findings
+    assert "The loss exploded at step 62" in findings
     assert "before the loss exploded" in findings
     assert "Rank collapse at step" in findings and "layer blocks." in findings
     assert "failed" in findings and "NonDeterministicOperatorError" in findings
@@ -184,8 +182,6 @@ def test_several_runs_overlaid(stores, tmp_path, monkeypatch_module):
     findings = re.search(r'<section id="findings">(.*?)</section>', text, re.S).group(1)
     assert "<h3>healthy</h3>" in findings and "&lt;script&gt;" in findings
     assert text.count('<section class="panel"') == len(registry())
-    # one Run object and a list of paths work too
-    assert build_report(open_run(stores["healthy"]), tmp_path / "one.html").exists()
 
 
 def test_bad_arguments(tmp_path):
@@ -200,7 +196,7 @@ def test_cli_report(stores, tmp_path):
 
     from diagnostics.cli.report_cmd import report
 
-    res = CliRunner().invoke(report, [str(stores["healthy"]), "-o", str(tmp_path / "r.html"), "--title", "T"])
+    res = CliRunner().invoke(report, [str(stores["tiny"]), "-o", str(tmp_path / "r.html"), "--title", "T"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r.html").exists()
     (tmp_path / "notrun").mkdir()
@@ -218,7 +214,7 @@ class Block:
         return None
 sys.meta_path.insert(0, Block())
 from diagnostics.reports import build_report
-build_report({str(stores['healthy'])!r}, {str(tmp_path / 'nt.html')!r})
+build_report({str(stores['tiny'])!r}, {str(tmp_path / 'nt.html')!r})
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
 print("ok")
 """
