@@ -1,6 +1,8 @@
 """Gradient descent happens in a tiny subspace (Gur-Ari, Roberts, Dyer 2018), reproduced through the Monitor.
 
-Mini-batch SGD on a ReLU MLP (64-64-64-10) on the digits training split (1438 images) with cross-entropy.
+Mini-batch SGD on a ReLU MLP (64-64-64-10) on the digits training split (1438 images, pixel intensities
+scaled to [0, 1] as for MNIST in the paper; ``--inputs standardized`` uses the zoo's standardised
+features instead) with cross-entropy.
 Every ``--every`` steps ``hessian_top`` finds the top-10 Hessian eigenvectors of the full training loss
 (warm-started from the previous probe) and ``grad_subspace`` measures, through the step cache, the
 fraction of the full-batch gradient inside their span, the fraction of SGD's actual update, and the
@@ -46,12 +48,20 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--reference", type=int, default=100, help="step of the reference probe")
     parser.add_argument("--warmup", type=int, default=300, help="steps counted as warm-up in the summary")
+    parser.add_argument("--inputs", choices=["pixels", "standardized"], default="pixels")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out or Path(tempfile.mkdtemp(prefix="subspace-"))
 
     x, y = digits_arrays("train")
+    if args.inputs == "pixels":
+        # Undo the zoo's standardisation: raw 0..16 intensities of the same images, scaled to [0, 1].
+        from sklearn.datasets import load_digits
+
+        raw = torch.as_tensor(load_digits().data, dtype=torch.float64)
+        perm = torch.randperm(raw.shape[0], generator=torch.Generator().manual_seed(20240101))
+        x = (raw[perm[: x.shape[0]]] / 16.0).to(torch.float32)
     full = (x, y)  # the probe set: the full-batch gradient and Hessian of the training loss
     model = get_model("mlp-digits", hidden=(64, 64), activation="relu", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)

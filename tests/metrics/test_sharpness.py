@@ -1,0 +1,203 @@
+"""sharpness: lambda_max against 2/lr (and momentum variants), Adam's preconditioned sharpness, Tr(H) lr/2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.sharpness import Sharpness, adam_preconditioner, optimizer_family, sgd_threshold
+from diagnostics.store import open_run
+from diagnostics.tracking import Monitor
+from diagnostics.tracking.context import StepContext
+from tests.cases import get_case
+from tests.reference import dense_hessian
+
+F64 = torch.float64
+
+
+def make_ctx(case, optimizer=None, step: int = 0, state: dict | None = None) -> StepContext:
+    ctx = StepContext(step=step, model=case.model, loss_fn=case.loss_fn, batch=case.batches[0], loss=None,
+                      optimizer=optimizer, probe_data=case.batches, num_classes=3)
+    ctx.state = {} if state is None else state
+    return ctx
+
+
+def value(out, metric: str, key: str = "all") -> float:
+    (v,) = [r.value for r in out.records if r.metric == metric and r.key == key]
+    return v
+
+
+def names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+def train_steps(case, opt, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        case.loss_fn(case.model, case.batches[0]).backward()
+        opt.step()
+
+
+def test_sgd_sharpness_threshold_ratio_and_trace_ratio_equal_dense():
+    case = get_case("mlp")
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    lam, P = float(torch.linalg.eigvalsh(H)[-1]), H.shape[0]
+    lr = 0.3
+    opt = torch.optim.SGD(case.model.parameters(), lr=lr)
+    out = Sharpness(tol=1e-10, max_matvecs=None, trace_matvecs=3 * P + 6).compute(make_ctx(case, opt))
+    assert out.status == "ok"
+    assert value(out, "sharpness") == pytest.approx(lam, rel=1e-8)
+    assert value(out, "stability_threshold") == pytest.approx(2 / lr)
+    assert value(out, "sharpness_ratio") == pytest.approx(lam * lr / 2, rel=1e-8)
+    assert value(out, "trace_ratio") == pytest.approx(float(H.trace()) * lr / 2, rel=1e-8)
+    assert not any(r.metric.startswith("adam_") for r in out.records)
+
+
+def test_momentum_thresholds_match_pytorch_sgd_on_a_quadratic():
+    """The threshold is where torch.optim.SGD on 0.5 * lam * x^2 switches from converging to diverging."""
+
+    def final(lam: float, **kw) -> float:
+        x = torch.nn.Parameter(torch.tensor([1.0], dtype=F64))
+        opt = torch.optim.SGD([x], **kw)
+        for _ in range(600):
+            opt.zero_grad()
+            (0.5 * lam * x.square().sum()).backward()
+            opt.step()
+        return float(x.detach().abs())
+
+    for kw in ({"lr": 0.1}, {"lr": 0.1, "momentum": 0.9}, {"lr": 0.1, "momentum": 0.5, "dampening": 0.3},
+               {"lr": 0.1, "momentum": 0.9, "nesterov": True}):
+        thr = sgd_threshold(kw["lr"], kw.get("momentum", 0.0), kw.get("dampening", 0.0), kw.get("nesterov", False))
+        assert final(thr * 0.95, **kw) < 1e-2, kw
+        assert final(thr * 1.05, **kw) > 1e2, kw
+
+
+def test_sgd_momentum_threshold_is_used():
+    case = get_case("mlp")
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)
+    out = Sharpness(trace=False).compute(make_ctx(case, opt))
+    assert value(out, "stability_threshold") == pytest.approx(38.0 / 0.1 / 10 * 1.0)  # 2(1+0.9)/0.1 = 38
+
+
+def dense_adam_sharpness(case, opt) -> tuple[float, float]:
+    """lambda_max(P^{-1/2} H P^{-1/2}) with P = diag(sqrt(v / (1 - beta2^t)) + eps) read from the state."""
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    group = opt.param_groups[0]
+    b1, b2 = group["betas"]
+    d = []
+    for p in case.model.parameters():
+        st = opt.state[p]
+        t = float(st["step"])
+        g_lr = next(g["lr"] for g in opt.param_groups if any(q is p for q in g["params"]))
+        v_hat = st["exp_avg_sq"].reshape(-1).to(F64) / (1 - b2**t)
+        d.append((v_hat.sqrt() + group["eps"]) * group["lr"] / g_lr)
+    s = torch.cat(d).rsqrt()
+    M = s[:, None] * H * s[None, :]
+    return float(torch.linalg.eigvalsh(M)[-1]), (2 + 2 * b1) / ((1 - b1) * group["lr"])
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_preconditioned_sharpness_equals_dense(cls):
+    case = get_case("mlp")
+    opt = cls(case.model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    train_steps(case, opt, 5)
+    ref, thr = dense_adam_sharpness(case, opt)
+    out = Sharpness(tol=1e-10, max_matvecs=None).compute(make_ctx(case, opt))
+    assert optimizer_family(opt) == "adam"
+    assert value(out, "adam_sharpness") == pytest.approx(ref, rel=1e-7)
+    assert value(out, "adam_threshold") == pytest.approx(thr) and thr == pytest.approx(38 / 0.01)
+    assert value(out, "adam_sharpness_ratio") == pytest.approx(ref / thr, rel=1e-7)
+    assert "sharpness_ratio" not in {r.metric for r in out.records}  # 2/lr is not Adam's threshold
+
+
+def test_adam_with_per_group_learning_rates_folds_their_ratio_into_p():
+    case = get_case("mlp")
+    first, second = list(case.model[0].parameters()), list(case.model[2].parameters())
+    opt = torch.optim.Adam([{"params": first}, {"params": second, "lr": 0.003}], lr=0.01)
+    train_steps(case, opt, 4)
+    ref, thr = dense_adam_sharpness(case, opt)
+    out = Sharpness(tol=1e-10, max_matvecs=None, trace=False).compute(make_ctx(case, opt))
+    assert value(out, "adam_sharpness") == pytest.approx(ref, rel=1e-7)
+
+
+def test_adam_before_its_first_step_records_raw_sharpness_only():
+    case = get_case("mlp")
+    opt = torch.optim.Adam(case.model.parameters(), lr=0.01)
+    out = Sharpness().compute(make_ctx(case, opt))
+    assert {r.metric for r in out.records} == {"sharpness"}
+    assert "no Adam state" in out.reason
+    s, _, why = adam_preconditioner(opt, dict(case.model.named_parameters()), names(case.model), 0.01)
+    assert why is not None
+
+
+def test_without_optimizer_or_lr_only_sharpness_and_with_lr_option_the_ratio():
+    case = get_case("mlp")
+    out = Sharpness(trace=False).compute(make_ctx(case))
+    assert {r.metric for r in out.records} == {"sharpness"} and "no learning rate" in out.reason
+    out = Sharpness(trace=False, lr=0.2).compute(make_ctx(case))
+    assert value(out, "stability_threshold") == pytest.approx(10.0)
+
+
+def test_edge_of_stability_events_remember_the_side():
+    case = get_case("mlp")
+    lam = Sharpness(trace=False).compute(make_ctx(case)).records[0].value
+    state: dict = {}
+    d = Sharpness(trace=False, hysteresis=0.1)
+
+    def probe(ratio: float, step: int):
+        opt = torch.optim.SGD(case.model.parameters(), lr=2 * ratio / lam)
+        out = d.compute(make_ctx(case, opt, step=step, state=state))
+        assert value(out, "sharpness_ratio") == pytest.approx(ratio, rel=1e-3)
+        return [e for e in out.events if e.kind == "edge_of_stability"]
+
+    assert probe(0.5, 0) == []
+    (up,) = probe(1.05, 1)
+    assert up.severity == "warning" and up.data["direction"] == "up" and up.metric == "sharpness_ratio"
+    assert probe(1.1, 2) == []  # still above: no new event
+    assert probe(0.95, 3) == []  # hovering just below 1: within the hysteresis band
+    assert probe(1.02, 4) == []
+    (down,) = probe(0.8, 5)
+    assert down.severity == "info" and down.data["direction"] == "down"
+    assert state["side"] == {"sharpness_ratio/all": "below"}
+
+
+def test_monitor_records_the_crossing_event_and_warm_starts(tmp_path):
+    case = get_case("mlp")
+    lam = Sharpness(trace=False).compute(make_ctx(case)).records[0].value
+    opt = torch.optim.SGD(case.model.parameters(), lr=2.5 / lam)  # ratio about 1.25 from the start
+    d = Sharpness(every=1, trace=False)
+    with Monitor(case.model, case.loss_fn, run=tmp_path / "run", diagnostics=[d], optimizer=opt,
+                 probe_data=case.batches, strict=True, check_isolation=True) as mon:
+        for step in range(3):
+            opt.zero_grad()
+            loss = case.loss_fn(case.model, case.batches[0])
+            loss.backward()
+            mon.step(step, case.batches[0], loss)  # no optimizer step: the model stays where it is
+    run = open_run(tmp_path / "run")
+    ev = run.events()
+    assert list(ev.kind) == ["edge_of_stability"] and ev.iloc[0].step == 0
+    assert {"sharpness", "stability_threshold", "sharpness_ratio"} <= set(run.series().metric)
+    mv = run.status().num_matvecs.tolist()
+    assert mv[2] < mv[0]  # the warm start from the previous probe's vector needs fewer products
+
+
+def test_budget_and_nonfinite():
+    case = get_case("mlp")
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    out = Sharpness(trace=False, tol=1e-14, max_matvecs=3).compute(make_ctx(case, opt))
+    assert out.status == "not_converged" and out.num_matvecs <= 3
+    with torch.no_grad():
+        case.model[0].bias[0] = float("nan")
+    out = Sharpness().compute(make_ctx(case, opt))
+    assert out.status == "failed" and out.records == [] and out.reason
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="lr"):
+        Sharpness(lr=-1.0)
+    with pytest.raises(ConfigError, match="hysteresis"):
+        Sharpness(hysteresis=1.5)
+    with pytest.raises(ConfigError, match="trace_matvecs"):
+        Sharpness(trace_matvecs=2)
