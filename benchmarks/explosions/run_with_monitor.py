@@ -1,0 +1,143 @@
+"""Train the suite's configurations with the Monitor and the in-loop ``spectral_alignment`` diagnostic.
+
+The suite's own trainer (trainer.py) records spectral alignment from an SVD of every weight on the
+training forward pass. This runner trains the same configurations (same model, data, optimizer, learning
+rate schedule and explosion rule, imported from the suite) but records through the library's path: a
+:class:`~diagnostics.tracking.Monitor` with the ``loss``, ``learning_rate`` and ``grad_norm`` diagnostics,
+the ``spectral_alignment`` diagnostic (warm-started power iteration, its own no-grad forward over a token
+budget, built-in explosion detector) and the suite's baselines (max attention logit and activation
+kurtosis, read on the training forward by the suite's probes). The stores it writes are evaluated by
+evaluate.py like the suite's, so the numbers of the in-loop diagnostic can be compared with the offline ones.
+
+Usage (repository root, one core):
+
+    python -m benchmarks.explosions.run_with_monitor --out DIR [--configs ...] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmarks.explosions.configs import ALL, SEEDS
+from benchmarks.explosions.explosion import explosion_step
+from benchmarks.explosions.trainer import TrainConfig, _Probes, learning_rate_at
+from diagnostics.metrics.base import Diagnostic
+from diagnostics.metrics.spectral_alignment import SpectralAlignment
+from diagnostics.store.records import Record
+from diagnostics.tracking import Monitor
+from diagnostics.zoo import get_model
+from diagnostics.zoo.data import char_batches, pydoc_tokens
+
+__all__ = ["train_with_monitor", "main"]
+
+
+def lm_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    logits = model(x)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class _SuiteBaselines(Diagnostic):
+    """Hands the suite probes' per-step baselines (read on the training forward) to the Monitor's store."""
+
+    name = "suite_baselines"
+    reads_only = True
+    allow_nonfinite = True
+    metrics: ClassVar[tuple[str, ...]] = ("max_attention_logit", "activation_kurtosis")
+
+    def __init__(self) -> None:
+        super().__init__(every=1)
+        self.probes: _Probes | None = None
+
+    def compute(self, ctx: Any) -> list[Record]:
+        if self.probes is None:
+            return []
+        recs = [Record("max_attention_logit", v, k) for k, v in self.probes.max_logit.items()]
+        return recs + [Record("activation_kurtosis", v, k) for k, v in self.probes.kurtosis.items()]
+
+
+def train_with_monitor(cfg: TrainConfig, run_dir: Path, sa_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one suite run with the Monitor recording every step into ``run_dir``; returns a summary."""
+    model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
+    model.train()
+    batches = char_batches(pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    baselines = _SuiteBaselines()
+    sa = SpectralAlignment(max_tokens=cfg.sa_tokens, **(sa_options or {}))
+    losses: list[float] = []
+    exploded_at = None
+    step = -1
+    t0 = time.perf_counter()
+    sa_seconds = 0.0
+    with Monitor(model, lm_loss, run=run_dir, diagnostics=["loss", "learning_rate", "grad_norm", sa, baselines],
+                 optimizer=opt, meta=asdict(cfg), name=cfg.run_name) as mon:
+        for step, (x, y) in enumerate(batches):
+            lr = learning_rate_at(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            probes = _Probes(model, 1)
+            probes.linears = {}  # the spectral_alignment diagnostic measures the linear maps itself
+            with probes:
+                loss = lm_loss(model, (x, y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            baselines.probes = probes
+            t1 = time.perf_counter()
+            mon.step(step, (x, y), loss)
+            sa_seconds += time.perf_counter() - t1
+            value = float(loss.detach())
+            losses.append(value)
+            if not math.isfinite(value):
+                break
+            if exploded_at is None:
+                exploded_at = explosion_step(losses)
+            if exploded_at is not None and step >= exploded_at + cfg.stop_after_explosion:
+                break
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        seconds = time.perf_counter() - t0
+        result = {"explosion_step": explosion_step(losses), "final_step": step, "seconds": seconds,
+                  "monitor_seconds": sa_seconds}
+        mon._wait_writes()
+        for k, v in result.items():
+            mon.writer.set_meta(k, v)
+        mon.writer.set_meta("complete", True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", nargs="*", default=list(ALL))
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for name in args.configs:
+            cfg = ALL[name].with_seed(seed)
+            run_dir = args.out / cfg.run_name
+            if (run_dir / "done").exists():
+                continue
+            shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run is retrained from scratch
+            res = train_with_monitor(cfg, run_dir)
+            (run_dir / "done").write_text("1")
+            print(f"{cfg.run_name:28s} explosion_step={res['explosion_step']} final={res['final_step']} "
+                  f"{res['seconds']:.1f}s (monitor {res['monitor_seconds']:.1f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
