@@ -18,8 +18,18 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 
 from .downsample import bin_series, step_bins
-from .figures import (LEGEND_OUTSIDE, FigureSink, alert_legend_handles, auto_log, heatmap, layer_colors, mark_alerts,
-                      mpl_text, plot_curve, run_color)
+from .figures import (
+    LEGEND_OUTSIDE,
+    FigureSink,
+    alert_legend_handles,
+    auto_log,
+    heatmap,
+    layer_colors,
+    mark_alerts,
+    mpl_text,
+    plot_curve,
+    run_color,
+)
 from .views import ReportView, RunView
 
 # Per-layer series are drawn as lines up to this many layers, as a layer x step heatmap beyond.

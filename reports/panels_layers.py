@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .figures import FigureSink, heatmap, mark_alerts, mpl_text, plot_curve, run_color, alert_legend_handles
-from .panels import Panel, add_legend, alert_steps, layer_matrix, layer_rows, run_label, runs_with, scalar_rows
+from .figures import FigureSink, alert_legend_handles, heatmap, mark_alerts, mpl_text
+from .panels import (
+    Panel,
+    layer_matrix,
+    layer_rows,
+    runs_with,
+    scalar_rows,
+)
 from .views import ReportView, RunView
 
 MAX_DISTRIBUTION_STEPS = 4
@@ -68,7 +74,7 @@ def _draw_sa(view: ReportView, sink: FigureSink) -> str:
         out.append(sink.render(fig, "spectral-alignment sign diversity, layer by step"))
     if view.has("explosion_score"):
         out.append(scalar_rows(view, sink, [("explosion_score", "score")], alerts=True, log=False, height=2.0))
-    for i, run in runs_with(view, "sa_histogram"):
+    for _i, run in runs_with(view, "sa_histogram"):
         md = run.metric("sa_histogram")
         layers = md.layer_keys() or md.keys()
         steps = np.unique(np.concatenate([md.by_key[k].steps for k in layers]))

@@ -320,7 +320,7 @@ def _run_view(run: Any) -> RunView:
 
 def _as_runs(runs: Any) -> list[Any]:
     """Normalise ``runs`` (a path, a Run, a Runs, or a list of paths/Runs) to a list of Run objects."""
-    from diagnostics.store import Run, Runs, open_run, open_runs
+    from diagnostics.store import Run, Runs, open_runs
 
     if isinstance(runs, (str, os.PathLike, Run)):
         runs = [runs]

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from diagnostics.reports import build_report
+
 from diagnostics.store.synthetic import write_synthetic_run
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
@@ -36,5 +36,5 @@ def test_report_renders_in_chromium(tmp_path):
     (ARTIFACTS / "report_chromium_stderr.txt").write_text(res.stderr)
     # console messages from the page are logged as CONSOLE lines; errors also as Uncaught ...
     page_errors = [line for line in res.stderr.splitlines()
-                   if re.search(r"Uncaught|CONSOLE\(\d+\)|Console error|Failed to load resource|net::ERR_", line)]
+                   if re.search(r"Uncaught|CONSOLE[:(]\d+|Console error|Failed to load resource|net::ERR_", line)]
     assert not page_errors, "\n".join(page_errors)

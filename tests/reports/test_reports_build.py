@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from diagnostics.reports import build_report, registry
 
 from diagnostics.errors import ConfigError
-from diagnostics.reports import build_report, registry
 from diagnostics.store import Event, Record, RunWriter, Status, open_run, open_runs
 from diagnostics.store.synthetic import write_synthetic_run
 
@@ -193,7 +193,6 @@ def test_bad_arguments(tmp_path):
 
 def test_cli_report(stores, tmp_path):
     from click.testing import CliRunner
-
     from diagnostics.cli.report_cmd import report
 
     res = CliRunner().invoke(report, [str(stores["tiny"]), "-o", str(tmp_path / "r.html"), "--title", "T"])
