@@ -10,7 +10,14 @@ from torch import Tensor, nn
 
 from diagnostics.curvature.isolation import isolated, seed_private
 from diagnostics.errors import DataError, LossError
-from diagnostics.functional import batch_size, check_loss, default_loss, functional_call_fn, select_params, to_device
+from diagnostics.functional import (
+    batch_size,
+    check_loss,
+    default_loss,
+    functional_call_fn,
+    select_params,
+    to_device,
+)
 
 __all__ = ["per_sample_gradients", "DEFAULT_MEMORY_BYTES"]
 

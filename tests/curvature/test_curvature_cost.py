@@ -52,10 +52,10 @@ def measure(model: nn.Module, loss_fn, batch, reps: int = 30) -> dict[str, float
         t = time.perf_counter()
         op @ v  # linearises the batch
         out[f"{label}_setup_s"] = time.perf_counter() - t
-        out[label], out["gradient_s"] = _interleaved_ratio(lambda: op @ v, gradient, reps)
+        out[label], out["gradient_s"] = _interleaved_ratio(lambda op=op, v=v: op @ v, gradient, reps)
         if label == "rev_rev":
             V = torch.randn(op.num_params, 8, generator=torch.Generator().manual_seed(1))
-            out["rev_rev_k8"] = _interleaved_ratio(lambda: op @ V, gradient, max(3, reps // 6))[0] / 8
+            out["rev_rev_k8"] = _interleaved_ratio(lambda op=op, V=V: op @ V, gradient, max(3, reps // 6))[0] / 8
     return out
 
 

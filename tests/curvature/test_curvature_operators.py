@@ -18,7 +18,7 @@ LINEARIZE_CASES = ["mlp", "cnn_bn", "regression"]
 OPERATORS = {"hessian": (HessianOperator, dense_hessian), "ggn": (GGNOperator, dense_ggn)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(case: str, kind: str, names: tuple[str, ...]) -> torch.Tensor:
     c = get_case(case)
     return OPERATORS[kind][1](c.model, c.loss_fn, c.batches, names, c.mode)

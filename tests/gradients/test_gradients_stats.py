@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from diagnostics.errors import DataError
-from diagnostics.gradients import gradient_noise_scale, gsnr, gsnr_summary, microbatch_gsnr, per_sample_gradients
+from diagnostics.gradients import (
+    gradient_noise_scale,
+    gsnr,
+    gsnr_summary,
+    microbatch_gsnr,
+    per_sample_gradients,
+)
 from tests.cases import get_case
 from tests.reference import gsnr_bruteforce
 
