@@ -4,7 +4,7 @@ Both are linear operators (``shape``, ``dtype``, ``device``, ``@``) over the fla
 parameters, averaged exactly over fixed batches, with forward-over-reverse and double-backward backends.
 """
 
-from diagnostics.curvature.base import BACKENDS, DEFAULT_CACHE_BYTES, CurvatureOperator
+from diagnostics.curvature.base import BACKENDS, DEFAULT_CACHE_BYTES, BlockView, CurvatureOperator
 from diagnostics.curvature.ggn import GGNOperator
 from diagnostics.curvature.hessian import HessianOperator
 from diagnostics.curvature.isolation import forward_mode, isolated
@@ -13,6 +13,7 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "CurvatureOperator",
+    "BlockView",
     "BACKENDS",
     "DEFAULT_CACHE_BYTES",
     "forward_mode",

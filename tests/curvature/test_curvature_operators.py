@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diagnostics.curvature import GGNOperator, HessianOperator
+from diagnostics.errors import ConfigError
 from tests.cases import CASES, get_case
 from tests.reference import dense_ggn, dense_gradient, dense_hessian
 
@@ -63,6 +64,30 @@ def test_parameter_blocks_match_dense_blocks(case: str, kind: str, backend: str)
         V = probes(op.num_params, 2)
         assert rel(op @ V, dense @ V) <= TOL, selection
         assert rel(op @ V[:, 1], dense @ V[:, 1]) <= TOL, selection
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_blocks_share_one_linearisation(case: str, kind: str) -> None:
+    c = get_case(case)
+    op = OPERATORS[kind][0](c.model, c.loss_fn, c.batches)
+    dense = reference(case, kind, tuple(op.param_names))
+    blocks = op.layer_blocks()
+    V = probes(op.num_params, 2)
+    expected = torch.zeros_like(V)
+    for b in blocks.values():
+        idx = b._index
+        sub = dense[idx][:, idx]
+        assert rel(b @ V[idx], sub @ V[idx]) <= TOL
+        expected[idx] = sub @ V[idx]
+    assert rel(op.block_diagonal_matvec(V), expected) <= TOL
+    assert rel(op.block_diagonal_matvec(V[:, 0]), expected[:, 0]) <= TOL
+    first = c.blocks[0]
+    blk = op.block(first)
+    idx = blk._index
+    assert rel(blk @ V[idx], dense[idx][:, idx] @ V[idx]) <= TOL
+    with pytest.raises(ConfigError, match="'nothing.*'"):
+        op.block("nothing.*")
 
 
 @pytest.mark.parametrize("kind", sorted(OPERATORS))
