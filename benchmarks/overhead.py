@@ -10,6 +10,9 @@ blocks so that machine load drifts hit all of them alike:
   steps); amortised overhead = ratio of means over whole 50-step blocks, so the due steps count;
 * ``trainscope``: PyPI ``trainscope`` with its default config (tiny GPT only), when installed.
 
+Wall time and process CPU time are both reported: on a shared, oversubscribed machine every system call
+(a SQLite commit) can cost a scheduler time slice, which CPU time does not count.
+
 It also times one GSNR evaluation (per-sample gradients by vmap plus the statistics) against one
 training step. Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--rounds 3] [--out F]``.
 """
@@ -47,6 +50,7 @@ class Runner:
         self.batches = batches
         self.step_idx = 0
         self.times: list[float] = []
+        self.cpu: list[float] = []
         self.monitor = None
         self.scope = None
         self.error: str | None = None
@@ -58,6 +62,7 @@ class Runner:
     def block(self, n: int) -> None:
         for _ in range(n):
             batch = self.batches[self.step_idx % len(self.batches)]
+            c0 = time.process_time()
             t0 = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model, batch)
@@ -68,6 +73,7 @@ class Runner:
                 self.scope.step(loss.item())
             self.opt.step()
             self.times.append(time.perf_counter() - t0)
+            self.cpu.append(time.process_time() - c0)
             self.step_idx += 1
 
     def close(self) -> None:
@@ -121,6 +127,7 @@ def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[An
     runners = [r for r in runners if r.error is None]
     for r in runners:
         r.times.clear()
+        r.cpu.clear()
         # Start each timed block at a multiple of BLOCK so every block holds exactly one standard due step.
         r.step_idx = BLOCK
     for _ in range(rounds):
@@ -130,14 +137,19 @@ def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[An
         r.close()
     base = next(r for r in runners if r.name == "baseline")
     med0, mean0 = statistics.median(base.times), statistics.fmean(base.times)
+    cmed0, cmean0 = statistics.median(base.cpu), statistics.fmean(base.cpu)
     rows = {}
     for r in runners:
         med, mean = statistics.median(r.times), statistics.fmean(r.times)
+        cmed, cmean = statistics.median(r.cpu), statistics.fmean(r.cpu)
         rows[r.name] = {
             "median_ms": med * 1e3,
             "mean_ms": mean * 1e3,
             "median_overhead_pct": 100 * (med / med0 - 1),
             "mean_overhead_pct": 100 * (mean / mean0 - 1),
+            "cpu_median_ms": cmed * 1e3,
+            "cpu_median_overhead_pct": 100 * (cmed / cmed0 - 1),
+            "cpu_mean_overhead_pct": 100 * (cmean / cmean0 - 1),
         }
     shutil.rmtree(tmp, ignore_errors=True)
     return {"label": label, "rows": rows, "notes": notes, "steps": rounds * BLOCK}
@@ -202,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for case in cases:
         lines += [f"### {case['label']}: {case['steps']} timed steps per configuration", "",
-                  "| configuration | median step (ms) | mean step (ms) | overhead, medians | overhead, means (amortised) |",
-                  "|---|---|---|---|---|"]
+                  "| configuration | wall median (ms) | wall mean (ms) | wall overhead, medians | wall overhead, means "
+                  "(amortised) | CPU median (ms) | CPU overhead, medians | CPU overhead, means (amortised) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, row in case["rows"].items():
             lines.append(f"| {name} | {row['median_ms']:.2f} | {row['mean_ms']:.2f} | "
-                         f"{row['median_overhead_pct']:+.1f}% | {row['mean_overhead_pct']:+.1f}% |")
+                         f"{row['median_overhead_pct']:+.1f}% | {row['mean_overhead_pct']:+.1f}% | "
+                         f"{row['cpu_median_ms']:.2f} | {row['cpu_median_overhead_pct']:+.1f}% | "
+                         f"{row['cpu_mean_overhead_pct']:+.1f}% |")
         lines += [f"- {n}" for n in case["notes"]] + [""]
     lines += ["### GSNR (per-sample gradients by vmap + statistics) vs one training step", "",
               "| model | training step (ms) | GSNR (ms) | ratio |", "|---|---|---|---|"]

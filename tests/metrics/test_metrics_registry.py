@@ -89,3 +89,33 @@ def test_register_validates() -> None:
 
     with pytest.raises(ConfigError, match="already registered"):
         register(Clash)
+
+
+def test_dependencies_run_first() -> None:
+    from diagnostics.metrics.registry import order_by_dependencies
+
+    class Producer(Diagnostic):
+        name = "producer_x"
+
+        def compute(self, ctx: Any) -> list:
+            return []
+
+    class Consumer(Diagnostic):
+        name = "consumer_x"
+        after = ("producer_x", "not_selected")
+
+        def compute(self, ctx: Any) -> list:
+            return []
+
+    ordered = order_by_dependencies([Consumer(), get_diagnostic("loss"), Producer()])
+    assert [d.name for d in ordered] == ["producer_x", "consumer_x", "loss"]
+
+    class Loop(Diagnostic):
+        name = "loop_x"
+        after = ("loop_x",)
+
+        def compute(self, ctx: Any) -> list:
+            return []
+
+    with pytest.raises(ConfigError, match="cycle"):
+        order_by_dependencies([Loop()])
