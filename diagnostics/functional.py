@@ -107,7 +107,9 @@ def batch_size(batch: Any) -> int:
     for t in _tensor_leaves(batch):
         if t.ndim > 0:
             return int(t.shape[0])
-    raise DataError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor with a batch dimension")
+    raise DataError(
+        f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor with a batch dimension"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +172,9 @@ class DefaultLoss(_SupervisedLoss):
     def criterion(self, outputs: Tensor, batch: Any) -> Tensor:
         _, targets = split_batch(batch)
         if not isinstance(targets, Tensor):
-            raise DataError(f"targets of type {type(targets).__name__} are not a Tensor; pass your own loss_fn")
+            raise DataError(
+                f"targets of type {type(targets).__name__} are not a Tensor; pass your own loss_fn"
+            )
         if not targets.is_floating_point() and not targets.is_complex():
             return ClassificationLoss.criterion(self, outputs, batch)
         if targets.numel() == outputs.numel():
@@ -195,9 +199,7 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
 
 
-def select_params(
-    model: nn.Module, params: None | str | Iterable[str | Tensor] = None
-) -> dict[str, Tensor]:
+def select_params(model: nn.Module, params: None | str | Iterable[str | Tensor] = None) -> dict[str, Tensor]:
     """Return the selected trainable parameters of ``model`` in ``named_parameters()`` order.
 
     Args:
@@ -227,16 +229,22 @@ def select_params(
         if isinstance(pattern, Tensor):
             hit = {n for n, p in named if p is pattern}
             if not hit:
-                raise ConfigError(f"a tensor of shape {tuple(pattern.shape)} in params is not a trainable parameter of the model")
+                raise ConfigError(
+                    f"a tensor of shape {tuple(pattern.shape)} in params is not a trainable parameter of the model"
+                )
         elif isinstance(pattern, str):
             hit = {n for n, _ in named if _matches(n, pattern)}
             if not hit:
                 if any(_matches(n, pattern) for n in frozen):
-                    raise ConfigError(f"params pattern {pattern!r} matches only parameters with requires_grad=False")
+                    raise ConfigError(
+                        f"params pattern {pattern!r} matches only parameters with requires_grad=False"
+                    )
                 some = ", ".join(n for n, _ in named[:8])
                 raise ConfigError(f"params pattern {pattern!r} matches no parameter; names look like: {some}")
         else:
-            raise ConfigError(f"params entries must be names, globs or parameters, not {type(pattern).__name__}")
+            raise ConfigError(
+                f"params entries must be names, globs or parameters, not {type(pattern).__name__}"
+            )
         chosen |= hit
     return {n: p for n, p in named if n in chosen}
 
@@ -321,7 +329,9 @@ def check_loss(value: Any, batch_index: int) -> None:
             "it must return a scalar (use .mean())"
         )
     if not value.is_floating_point():
-        raise LossError(f"loss_fn returned dtype {value.dtype} for batch {batch_index}; it must be a floating scalar")
+        raise LossError(
+            f"loss_fn returned dtype {value.dtype} for batch {batch_index}; it must be a floating scalar"
+        )
     if _is_plain(value):
         x = float(value.detach())
         if not math.isfinite(x):

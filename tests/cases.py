@@ -75,7 +75,9 @@ def cnn_case() -> Case:
         nn.init.normal_(model.bn.weight, 1.0, 0.2)
         nn.init.normal_(model.bn.bias, 0.0, 0.2)
         batches = [(torch.randn(n, 1, 5, 5, dtype=DTYPE), torch.randint(0, 3, (n,))) for n in (4, 2)]
-    return Case("cnn_bn", model, ClassificationLoss(), batches, blocks=[["bn.*"], ["conv.weight", "fc.weight"]])
+    return Case(
+        "cnn_bn", model, ClassificationLoss(), batches, blocks=[["bn.*"], ["conv.weight", "fc.weight"]]
+    )
 
 
 class TinyCausalTransformer(nn.Module):
@@ -115,7 +117,9 @@ def transformer_case() -> Case:
         for n in (3, 2):
             tokens = torch.randint(0, 5, (n, 4))
             batches.append((tokens[:, :3], tokens[:, 1:]))
-    return Case("transformer", model, LanguageModelLoss(), batches, blocks=[["ln1.*", "lnf.*"], ["qkv.weight"]])
+    return Case(
+        "transformer", model, LanguageModelLoss(), batches, blocks=[["ln1.*", "lnf.*"], ["qkv.weight"]]
+    )
 
 
 def regression_case() -> Case:

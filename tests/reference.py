@@ -76,8 +76,9 @@ def _rows(vec: Tensor, wrt: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def mean_loss(model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names: Sequence[str],
-              mode: str = "eval") -> tuple[Substituted, Callable[[Tensor], Tensor]]:
+def mean_loss(
+    model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names: Sequence[str], mode: str = "eval"
+) -> tuple[Substituted, Callable[[Tensor], Tensor]]:
     """``theta -> sum_b (|b|/N) loss_fn(model_theta, b)``."""
     sub = Substituted(model, names, mode)
     sizes = [_size(b) for b in batches]
@@ -90,8 +91,9 @@ def mean_loss(model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names
     return sub, f
 
 
-def dense_hessian(model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names: Sequence[str],
-                  mode: str = "eval") -> Tensor:
+def dense_hessian(
+    model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names: Sequence[str], mode: str = "eval"
+) -> Tensor:
     """Dense ``[P, P]`` Hessian of the mean loss by double autograd over the flattened parameters."""
     sub, f = mean_loss(model, loss_fn, batches, names, mode)
     with torch.enable_grad():
@@ -100,8 +102,9 @@ def dense_hessian(model: nn.Module, loss_fn: Callable, batches: Sequence[Any], n
         return _rows(g, theta).detach()
 
 
-def dense_gradient(model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names: Sequence[str],
-                   mode: str = "eval") -> tuple[Tensor, float]:
+def dense_gradient(
+    model: nn.Module, loss_fn: Callable, batches: Sequence[Any], names: Sequence[str], mode: str = "eval"
+) -> tuple[Tensor, float]:
     """Mean-loss gradient ``[P]`` and value."""
     sub, f = mean_loss(model, loss_fn, batches, names, mode)
     with torch.enable_grad():
@@ -111,8 +114,9 @@ def dense_gradient(model: nn.Module, loss_fn: Callable, batches: Sequence[Any], 
     return g.detach(), float(value)
 
 
-def dense_ggn(model: nn.Module, loss_fn: Any, batches: Sequence[Any], names: Sequence[str],
-              mode: str = "eval") -> Tensor:
+def dense_ggn(
+    model: nn.Module, loss_fn: Any, batches: Sequence[Any], names: Sequence[str], mode: str = "eval"
+) -> Tensor:
     """Dense GGN ``sum_b (|b|/N) J_bᵀ H_z,b J_b`` with ``J_b`` and ``H_z,b`` built row by row."""
     sub = Substituted(model, names, mode)
     sizes = [_size(b) for b in batches]
@@ -131,8 +135,9 @@ def dense_ggn(model: nn.Module, loss_fn: Any, batches: Sequence[Any], names: Seq
     return G
 
 
-def per_sample_gradients_loop(model: nn.Module, loss_fn: Callable, batch: Any, names: Sequence[str],
-                              mode: str = "eval") -> dict[str, Tensor]:
+def per_sample_gradients_loop(
+    model: nn.Module, loss_fn: Callable, batch: Any, names: Sequence[str], mode: str = "eval"
+) -> dict[str, Tensor]:
     """Per-sample gradients ``{name: [N, ...]}`` by a Python loop of ``autograd.grad`` on size-1 batches."""
     m = copy.deepcopy(model)
     m.train(mode == "train")
@@ -175,7 +180,9 @@ def snapshot_state(model: nn.Module) -> dict[str, Any]:
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda_rng": torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
         "numpy_rng": np.random.get_state()[1].copy(),
         "python_rng": random.getstate(),
     }

@@ -29,7 +29,9 @@ def test_default_loss_dispatches_on_targets() -> None:
     y_float = torch.randn(5, 3)
     assert torch.allclose(default_loss(model, (x, y_int)), nn.functional.cross_entropy(model(x), y_int))
     assert torch.allclose(default_loss(model, (x, y_float)), nn.functional.mse_loss(model(x), y_float))
-    assert torch.allclose(default_loss(model, {"input": x, "target": y_int}), ClassificationLoss()(model, (x, y_int)))
+    assert torch.allclose(
+        default_loss(model, {"input": x, "target": y_int}), ClassificationLoss()(model, (x, y_int))
+    )
     assert torch.allclose(RegressionLoss()(model, (x, y_float)), nn.functional.mse_loss(model(x), y_float))
     with pytest.raises(DataError, match="do not match"):
         default_loss(model, (x, torch.randn(5, 7)))
@@ -64,7 +66,13 @@ def test_select_params() -> None:
     m = c.model
     assert list(select_params(m)) == [n for n, _ in m.named_parameters()]
     assert list(select_params(m, "ln1.*")) == ["ln1.weight", "ln1.bias"]
-    assert list(select_params(m, ["mlp", "pos"])) == ["pos", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+    assert list(select_params(m, ["mlp", "pos"])) == [
+        "pos",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+    ]
     assert list(select_params(m, [m.head.weight])) == ["head.weight"]
     with pytest.raises(ConfigError, match=r"'blocks\.0\.\*' matches no parameter"):
         select_params(m, ["pos", "blocks.0.*"])
@@ -104,7 +112,10 @@ def test_functional_loss_protects_buffers_in_train_mode() -> None:
 
 def test_check_loss_messages() -> None:
     check_loss(torch.tensor(1.5), 0)
-    with pytest.raises(LossError, match=r"loss_fn returned shape \(4,\) for batch 3; it must return a scalar \(use \.mean\(\)\)"):
+    with pytest.raises(
+        LossError,
+        match=r"loss_fn returned shape \(4,\) for batch 3; it must return a scalar \(use \.mean\(\)\)",
+    ):
         check_loss(torch.ones(4), 3)
     with pytest.raises(LossError, match="nan for batch 2"):
         check_loss(torch.tensor(float("nan")), 2)

@@ -79,11 +79,20 @@ def materialise_batches(data: Any, device: torch.device) -> list[Any]:
     return [to_device(b, device) for b in batches]
 
 
+def _all_reduce(t: Tensor) -> Tensor:
+    # Guarded: a rank that failed elsewhere is noticed instead of leaving the others waiting.
+    from diagnostics.tracking.distributed import guarded_all_reduce
+
+    return guarded_all_reduce(t)
+
+
 def _resolve_distributed(distributed: bool | None) -> bool:
     dist = torch.distributed
     active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed is True and not (dist.is_available() and dist.is_initialized()):
-        raise ConfigError("distributed=True but torch.distributed is not initialised; call init_process_group first")
+        raise ConfigError(
+            "distributed=True but torch.distributed is not initialised; call init_process_group first"
+        )
     return bool(active) and distributed is not False
 
 
@@ -134,6 +143,9 @@ class CurvatureOperator:
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        # Functional calls on a DDP wrapper would arm its reducer for a backward that never reaches it.
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         self.model = model
         self.loss_fn = default_loss if loss_fn is None else loss_fn
         self.mode = _check_mode(mode)
@@ -172,7 +184,7 @@ class CurvatureOperator:
         total = float(sum(sizes))
         if self.distributed:
             t = torch.tensor(total, dtype=torch.float64, device=self._comm_device())
-            torch.distributed.all_reduce(t)
+            _all_reduce(t)
             total = float(t)
         self.num_samples = int(round(total))
         self.num_matvecs = 0
@@ -184,7 +196,9 @@ class CurvatureOperator:
 
     def _check_loss_fn(self) -> None:
         if not callable(self.loss_fn):
-            raise ConfigError(f"loss_fn must be callable as loss_fn(model, batch), got {type(self.loss_fn).__name__}")
+            raise ConfigError(
+                f"loss_fn must be callable as loss_fn(model, batch), got {type(self.loss_fn).__name__}"
+            )
 
     def _build(self, backend: str, index: int) -> Linearisation:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -196,12 +210,16 @@ class CurvatureOperator:
         missing = [n for n in self.param_names if n not in tensors]
         if missing:
             raise ConfigError(f"flatten: missing entries for parameters {missing[:5]}")
-        return torch.cat([tensors[n].reshape(-1).to(dtype=self.dtype, device=self.device) for n in self.param_names])
+        return torch.cat(
+            [tensors[n].reshape(-1).to(dtype=self.dtype, device=self.device) for n in self.param_names]
+        )
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Split a flat ``[P]`` vector into ``{name: tensor}`` of the parameters' shapes and dtypes (views)."""
         if vector.shape[-1] != self.num_params:
-            raise ConfigError(f"vector has {vector.shape[-1]} entries; the operator has {self.num_params} parameters")
+            raise ConfigError(
+                f"vector has {vector.shape[-1]} entries; the operator has {self.num_params} parameters"
+            )
         lead = vector.shape[:-1]
         return {
             n: vector[..., sl].reshape(*lead, *self.param_shapes[n]).to(self._param_dtypes[n])
@@ -212,7 +230,9 @@ class CurvatureOperator:
         named = dict(self.model.named_parameters())
         return {n: named[n].detach() for n in self.param_names}
 
-    def _flat(self, parts: Mapping[str, Tensor | None] | Iterable[Tensor | None], batched: int | None = None) -> Tensor:
+    def _flat(
+        self, parts: Mapping[str, Tensor | None] | Iterable[Tensor | None], batched: int | None = None
+    ) -> Tensor:
         """Flatten gradient-like pieces (``None`` means zero), keeping a leading batch dim ``batched``."""
         values = list(parts.values()) if isinstance(parts, Mapping) else list(parts)
         out = []
@@ -222,7 +242,11 @@ class CurvatureOperator:
                 shape = (numel,) if batched is None else (batched, numel)
                 out.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
             else:
-                out.append(v.reshape(-1, numel).to(self.dtype) if batched is not None else v.reshape(-1).to(self.dtype))
+                out.append(
+                    v.reshape(-1, numel).to(self.dtype)
+                    if batched is not None
+                    else v.reshape(-1).to(self.dtype)
+                )
         return torch.cat(out, dim=-1)
 
     # ------------------------------------------------------------------ linearisations
@@ -278,7 +302,9 @@ class CurvatureOperator:
     @property
     def reuses_linearisation(self) -> bool:
         """True when every batch's linearisation is cached and products skip the forward pass."""
-        return len(self._cache) == len(self.batches) and not any(lin.recomputes for lin in self._cache.values())
+        return len(self._cache) == len(self.batches) and not any(
+            lin.recomputes for lin in self._cache.values()
+        )
 
     def clear_cache(self) -> None:
         """Drop cached linearisations (frees their memory; later products re-linearise)."""
@@ -295,10 +321,12 @@ class CurvatureOperator:
     def _reduce(self, local_sum: Tensor) -> Tensor:
         """Turn ``sum_b |b| x_b`` on this rank into the global mean ``sum_ranks sum_b |b| x_b / N``."""
         if self.distributed:
-            torch.distributed.all_reduce(local_sum)
+            _all_reduce(local_sum)
         return local_sum / self.num_samples
 
-    def _weighted(self, fn: Callable[[Linearisation], Tensor], fresh: bool = False, seed: int | None = None) -> Tensor:
+    def _weighted(
+        self, fn: Callable[[Linearisation], Tensor], fresh: bool = False, seed: int | None = None
+    ) -> Tensor:
         total: Tensor | None = None
         for i, size in enumerate(self.batch_sizes):
             lin = self._linearise(i, fresh=fresh, seed=None if seed is None else seed + i)
@@ -356,7 +384,9 @@ class CurvatureOperator:
     def loss(self) -> float:
         """Return the mean loss over the data (free once the batches are linearised)."""
         with isolated(self.model, self.mode):
-            return float(self._weighted(lambda lin: torch.tensor(lin.loss, dtype=torch.float64, device=self.device)))
+            return float(
+                self._weighted(lambda lin: torch.tensor(lin.loss, dtype=torch.float64, device=self.device))
+            )
 
     def check_deterministic(self, v: Tensor | None = None, rtol: float | None = None) -> None:
         """Check that the operator is a fixed matrix: two fresh linearisations give the same product.
@@ -401,7 +431,9 @@ class CurvatureOperator:
         for pat in patterns:
             hit = [n for n in self.param_names if _matches(n, pat)]
             if not hit:
-                raise ConfigError(f"block pattern {pat!r} matches none of the operator's parameters {self.param_names[:6]}")
+                raise ConfigError(
+                    f"block pattern {pat!r} matches none of the operator's parameters {self.param_names[:6]}"
+                )
             names += [n for n in hit if n not in names]
         return BlockView(self, [n for n in self.param_names if n in names])
 

@@ -20,8 +20,14 @@ __all__ = ["GGNOperator"]
 class _FoldedGGN(Linearisation):
     """Forward mode for ``J v`` (folded by ``linearize``), reverse mode for ``Jᵀ u`` (kept forward graph)."""
 
-    def __init__(self, op: CurvatureOperator, fwd: Callable[..., Tensor], crit: Callable[[Tensor], Tensor],
-                 params: dict[str, Tensor], fold: bool) -> None:
+    def __init__(
+        self,
+        op: CurvatureOperator,
+        fwd: Callable[..., Tensor],
+        crit: Callable[[Tensor], Tensor],
+        params: dict[str, Tensor],
+        fold: bool,
+    ) -> None:
         self.op, self.fwd, self.params, self.crit, self.seed = op, fwd, params, crit, op._build_seed
         self.jvp_fn: Callable[..., Any] | None = None
         self.nbytes = 0
@@ -70,8 +76,13 @@ class _FoldedGGN(Linearisation):
 class _RetainedGGN(Linearisation):
     """Reverse mode only: ``J v`` by the double-vjp trick, ``Jᵀ u`` and the output Hessian by kept graphs."""
 
-    def __init__(self, op: CurvatureOperator, fwd: Callable[..., Tensor], crit: Callable[[Tensor], Tensor],
-                 params: dict[str, Tensor]) -> None:
+    def __init__(
+        self,
+        op: CurvatureOperator,
+        fwd: Callable[..., Tensor],
+        crit: Callable[[Tensor], Tensor],
+        params: dict[str, Tensor],
+    ) -> None:
         self.op = op
         self.leaves = [p.detach().requires_grad_() for p in params.values()]
         saved = SavedBytes()
@@ -94,8 +105,11 @@ class _RetainedGGN(Linearisation):
         parts = list(self.op.unflatten(v).values())
         (jv,) = grads_or_none(self.jtu, [self.u], [parts[i] for i in self.jt_index], batched=batched)
         if jv is None:
-            jv = torch.zeros((v.shape[0], *self.z.shape) if batched else self.z.shape, dtype=self.z.dtype,
-                             device=self.z.device)
+            jv = torch.zeros(
+                (v.shape[0], *self.z.shape) if batched else self.z.shape,
+                dtype=self.z.dtype,
+                device=self.z.device,
+            )
         (hjv,) = grads_or_none([self.gz], [self.zd], [jv], batched=batched)
         if hjv is None:
             hjv = torch.zeros_like(jv)
@@ -124,7 +138,10 @@ class GGNOperator(CurvatureOperator):
     kind = "ggn"
 
     def _check_loss_fn(self) -> None:
-        if not (callable(getattr(self.loss_fn, "forward", None)) and callable(getattr(self.loss_fn, "criterion", None))):
+        if not (
+            callable(getattr(self.loss_fn, "forward", None))
+            and callable(getattr(self.loss_fn, "criterion", None))
+        ):
             raise ConfigError(
                 "GGNOperator needs a loss_fn with .forward(model, batch) -> outputs and .criterion(outputs, batch) "
                 "-> scalar (e.g. ClassificationLoss, RegressionLoss, LanguageModelLoss); a plain function only "

@@ -101,7 +101,9 @@ def per_sample_gradients(
             return value, value.detach()
 
         grad_fn = torch.func.grad(sample_loss, has_aux=True)
-        vmapped = torch.func.vmap(grad_fn, in_dims=(None, dims), randomness="different" if mode == "train" else "error")
+        vmapped = torch.func.vmap(
+            grad_fn, in_dims=(None, dims), randomness="different" if mode == "train" else "error"
+        )
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             part = _map(batch, dims, lambda t, a=start, b=stop: t[a:b])
@@ -111,7 +113,9 @@ def per_sample_gradients(
                 raise LossError(str(exc).replace("for batch 0", "for a single sample")) from None
             except (RuntimeError, NotImplementedError):
                 # An op without a batching rule: one grad call per sample.
-                pairs = [grad_fn(detached, _map(part, dims, lambda t, i=i: t[i])) for i in range(stop - start)]
+                pairs = [
+                    grad_fn(detached, _map(part, dims, lambda t, i=i: t[i])) for i in range(stop - start)
+                ]
                 grads = {k: torch.stack([g[k] for g, _ in pairs]) for k in names}
                 values = torch.stack([v for _, v in pairs])
             for k in names:

@@ -25,7 +25,9 @@ def _check(per_sample: Mapping[str, Tensor], what: str) -> None:
         raise DataError(f"{what}: no gradients given")
     for name, g in per_sample.items():
         if g.ndim < 1 or g.shape[0] < 2:
-            raise DataError(f"{what}: {name!r} has {g.shape[0] if g.ndim else 0} gradient(s); at least 2 are needed")
+            raise DataError(
+                f"{what}: {name!r} has {g.shape[0] if g.ndim else 0} gradient(s); at least 2 are needed"
+            )
 
 
 def gsnr(per_sample: Mapping[str, Tensor], eps: float = GSNR_EPS) -> dict[str, Tensor]:
@@ -106,7 +108,9 @@ def gradient_noise_scale(per_sample: Mapping[str, Tensor], bias_corrected: bool 
         gradient is indistinguishable from noise at this N). Cost: two passes over the input.
     """
     _check(per_sample, "gradient_noise_scale")
-    flat = torch.cat([g.detach().reshape(g.shape[0], -1).to(torch.float64) for g in per_sample.values()], dim=1)
+    flat = torch.cat(
+        [g.detach().reshape(g.shape[0], -1).to(torch.float64) for g in per_sample.values()], dim=1
+    )
     n = flat.shape[0]
     mean = flat.mean(0)
     trace = float((flat - mean).square().sum() / (n - 1))
@@ -133,5 +137,7 @@ def microbatch_gsnr(grads_list: Sequence[Mapping[str, Tensor]], eps: float = GSN
     names = list(grads_list[0])
     for i, g in enumerate(grads_list):
         if list(g) != names:
-            raise DataError(f"microbatch_gsnr: micro-batch {i} has parameters {list(g)[:4]}..., expected {names[:4]}...")
+            raise DataError(
+                f"microbatch_gsnr: micro-batch {i} has parameters {list(g)[:4]}..., expected {names[:4]}..."
+            )
     return gsnr({k: torch.stack([g[k].detach() for g in grads_list]) for k in names}, eps=eps)

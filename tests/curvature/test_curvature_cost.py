@@ -45,8 +45,11 @@ def measure(model: nn.Module, loss_fn, batch, reps: int = 30) -> dict[str, float
         torch.autograd.grad(f(dict(zip(names, leaves))), leaves)
 
     out = {}
-    for label, kwargs in {"rev_rev": {"backend": "rev_rev"}, "fwd_rev_linearize": {"backend": "fwd_rev", "linearize": True},
-                          "fwd_rev_recompute": {"backend": "fwd_rev"}}.items():
+    for label, kwargs in {
+        "rev_rev": {"backend": "rev_rev"},
+        "fwd_rev_linearize": {"backend": "fwd_rev", "linearize": True},
+        "fwd_rev_recompute": {"backend": "fwd_rev"},
+    }.items():
         op = HessianOperator(model, loss_fn, batch, **kwargs)
         v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
         t = time.perf_counter()
@@ -55,7 +58,9 @@ def measure(model: nn.Module, loss_fn, batch, reps: int = 30) -> dict[str, float
         out[label], out["gradient_s"] = _interleaved_ratio(lambda op=op, v=v: op @ v, gradient, reps)
         if label == "rev_rev":
             V = torch.randn(op.num_params, 8, generator=torch.Generator().manual_seed(1))
-            out["rev_rev_k8"] = _interleaved_ratio(lambda op=op, V=V: op @ V, gradient, max(3, reps // 6))[0] / 8
+            out["rev_rev_k8"] = (
+                _interleaved_ratio(lambda op=op, V=V: op @ V, gradient, max(3, reps // 6))[0] / 8
+            )
     return out
 
 
@@ -70,7 +75,11 @@ def _models() -> dict[str, tuple[nn.Module, object, tuple]]:
         ln_heavy = TinyCausalTransformer(vocab=96, d=64, t=32)  # MLP hidden 4: LayerNorm dominates
     models = {
         "MLP 64-128-128-10 (tanh), batch 512": (mlp, ClassificationLoss(), digits),
-        "LayerNorm-heavy 1-block transformer d=64 T=32 (MLP hidden 4), batch 16": (ln_heavy, LanguageModelLoss(), lm_batch),
+        "LayerNorm-heavy 1-block transformer d=64 T=32 (MLP hidden 4), batch 16": (
+            ln_heavy,
+            LanguageModelLoss(),
+            lm_batch,
+        ),
     }
     try:
         from diagnostics.zoo.models import GPTConfig, MLPDigits, TinyGPT
@@ -78,7 +87,10 @@ def _models() -> dict[str, tuple[nn.Module, object, tuple]]:
         return models
     models["zoo MLPDigits 64-32-32-10, batch 512"] = (MLPDigits(), ClassificationLoss(), digits)
     models["zoo TinyGPT d=64 L=2 heads=4 T=32, batch 16"] = (
-        TinyGPT(GPTConfig(vocab_size=96, block_size=32)), LanguageModelLoss(), lm_batch)
+        TinyGPT(GPTConfig(vocab_size=96, block_size=32)),
+        LanguageModelLoss(),
+        lm_batch,
+    )
     return models
 
 
@@ -87,11 +99,13 @@ def test_hvp_with_reused_linearisation_costs_at_most_two_gradients() -> None:
     torch.set_num_threads(1)
     for name, (model, loss_fn, batch) in _models().items():
         r = measure(model, loss_fn, batch)
-        print(f"\n{name}: gradient {r['gradient_s'] * 1e3:.2f} ms; product / gradient: "
-              f"rev_rev {r['rev_rev']:.2f} (setup {r['rev_rev_setup_s'] * 1e3:.0f} ms; [P, 8] per column "
-              f"{r['rev_rev_k8']:.2f}), "
-              f"fwd_rev+linearize {r['fwd_rev_linearize']:.2f} (setup {r['fwd_rev_linearize_setup_s'] * 1e3:.0f} ms), "
-              f"fwd_rev recompute {r['fwd_rev_recompute']:.2f}")
+        print(
+            f"\n{name}: gradient {r['gradient_s'] * 1e3:.2f} ms; product / gradient: "
+            f"rev_rev {r['rev_rev']:.2f} (setup {r['rev_rev_setup_s'] * 1e3:.0f} ms; [P, 8] per column "
+            f"{r['rev_rev_k8']:.2f}), "
+            f"fwd_rev+linearize {r['fwd_rev_linearize']:.2f} (setup {r['fwd_rev_linearize_setup_s'] * 1e3:.0f} ms), "
+            f"fwd_rev recompute {r['fwd_rev_recompute']:.2f}"
+        )
         # Transformers: the double-backward formulas of LayerNorm, GELU and softmax are elementwise-heavy on
         # CPU, so their products measure 2.5-8 gradients; only the MLPs are held to the 2-gradient bound.
         if name.startswith(("MLP", "zoo MLP")):

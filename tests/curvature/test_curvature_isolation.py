@@ -91,7 +91,10 @@ def _bad_loss(kind: str):
 def test_non_scalar_loss(cls: type, backend: str) -> None:
     c = get_case("mlp")
     op = cls(c.model, _bad_loss("shape"), c.batches, backend=backend)
-    with pytest.raises(LossError, match=r"loss_fn returned shape \(5,\) for batch 0; it must return a scalar \(use .mean\(\)\)"):
+    with pytest.raises(
+        LossError,
+        match=r"loss_fn returned shape \(5,\) for batch 0; it must return a scalar \(use .mean\(\)\)",
+    ):
         op @ torch.ones(op.num_params)
 
 

@@ -100,7 +100,9 @@ def test_linearized_forward_over_reverse(case: str, kind: str) -> None:
     assert rel(op @ V[:, 0], dense @ V[:, 0]) <= TOL
     assert rel(op @ V, dense @ V) <= TOL
     assert op.reuses_linearisation and op.cache_bytes > 0
-    blk = OPERATORS[kind][0](c.model, c.loss_fn, c.batches, params=c.blocks[0], backend="fwd_rev", linearize=True)
+    blk = OPERATORS[kind][0](
+        c.model, c.loss_fn, c.batches, params=c.blocks[0], backend="fwd_rev", linearize=True
+    )
     idx = torch.cat([torch.arange(op.num_params)[op.param_slices[n]] for n in blk.param_names])
     W = probes(blk.num_params, 2)
     assert rel(blk @ W, dense[idx][:, idx] @ W) <= TOL
@@ -185,7 +187,9 @@ def test_float32_products_in_model_dtype() -> None:
 def test_cuda_products(backend: str) -> None:
     c = get_case("transformer")
     model = c.model.cuda()
-    op = HessianOperator(model, c.loss_fn, c.batches, backend=backend)  # batches on CPU: moved by the operator
+    op = HessianOperator(
+        model, c.loss_fn, c.batches, backend=backend
+    )  # batches on CPU: moved by the operator
     ggn = GGNOperator(model, c.loss_fn, c.batches, backend=backend)
     V = probes(op.num_params)
     for o, kind in ((op, "hessian"), (ggn, "ggn")):

@@ -51,7 +51,9 @@ def test_selection_dict_batches_and_isolation() -> None:
     def dict_loss(model, batch):
         return lm(model, (batch["input_ids"], batch["labels"]))
 
-    got = per_sample_gradients(c.model, dict_loss, {"input_ids": x, "labels": y, "note": "text"}, params=["ln1.*", "head.weight"])
+    got = per_sample_gradients(
+        c.model, dict_loss, {"input_ids": x, "labels": y, "note": "text"}, params=["ln1.*", "head.weight"]
+    )
     assert list(got) == ["ln1.weight", "ln1.bias", "head.weight"]
     ref = per_sample_gradients_loop(c.model, lm, (x, y), list(got))
     for n in got:
