@@ -31,6 +31,11 @@ _EXPORTS: dict[str, str] = {
     # --- Gradient statistics (diagnostics.gradients) ---
     "per_sample_gradients": "diagnostics.gradients",
     "gsnr": "diagnostics.gradients",
+    "gsnr_summary": "diagnostics.gradients",
+    "gradient_noise_scale": "diagnostics.gradients",
+    "microbatch_gsnr": "diagnostics.gradients",
+    # --- The loss contract (diagnostics.functional) ---
+    "default_loss": "diagnostics.functional",
     # --- In-loop monitoring (diagnostics.tracking, diagnostics.metrics) ---
     "Monitor": "diagnostics.tracking",
     "Diagnostic": "diagnostics.metrics",
@@ -65,6 +70,11 @@ __all__ = [
     # Gradient statistics
     "per_sample_gradients",
     "gsnr",
+    "gsnr_summary",
+    "gradient_noise_scale",
+    "microbatch_gsnr",
+    # The loss contract
+    "default_loss",
     # In-loop monitoring
     "Monitor",
     "Diagnostic",
