@@ -46,7 +46,7 @@ def test_sgd_sharpness_threshold_ratio_and_trace_ratio_equal_dense():
     lam, P = float(torch.linalg.eigvalsh(H)[-1]), H.shape[0]
     lr = 0.3
     opt = torch.optim.SGD(case.model.parameters(), lr=lr)
-    out = Sharpness(tol=1e-10, max_matvecs=None, trace_matvecs=3 * P + 6).compute(make_ctx(case, opt))
+    out = Sharpness(tol=1e-10, max_matvecs=None, trace=True, trace_matvecs=3 * P + 6).compute(make_ctx(case, opt))
     assert out.status == "ok"
     assert value(out, "sharpness") == pytest.approx(lam, rel=1e-8)
     assert value(out, "stability_threshold") == pytest.approx(2 / lr)
@@ -201,3 +201,19 @@ def test_bad_options():
         Sharpness(hysteresis=1.5)
     with pytest.raises(ConfigError, match="trace_matvecs"):
         Sharpness(trace_matvecs=2)
+
+
+def test_trace_auto_reuses_hessian_trace_of_the_step_and_is_otherwise_skipped():
+    from diagnostics.metrics.curvature import HessianTrace
+
+    case = get_case("mlp")
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.2)
+    ctx = make_ctx(case, opt)
+    tr = HessianTrace(num_matvecs=60).compute(ctx)
+    out = Sharpness().compute(ctx)  # trace="auto", same num_matvecs and seed: the cached estimate
+    assert value(out, "trace_ratio") == pytest.approx(tr.records[0].value * 0.2 / 2, rel=1e-12)
+    alone = Sharpness().compute(make_ctx(case, opt))
+    assert "trace_ratio" not in {r.metric for r in alone.records}
+    assert alone.num_matvecs == out.num_matvecs  # no Hutch++ products spent in either: Lanczos only
+    with pytest.raises(ConfigError, match="trace"):
+        Sharpness(trace="sometimes")
