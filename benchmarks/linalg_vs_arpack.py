@@ -108,11 +108,11 @@ def synthetic(quick: bool) -> list[dict]:
 def hessian_rows() -> list[dict]:
     from diagnostics.curvature import HessianOperator
     from diagnostics.zoo.data import digits_arrays
-    from diagnostics.zoo.models import MLP
+    from diagnostics.zoo.models import MLPDigits
 
     torch.manual_seed(0)
     x, y = digits_arrays("train")
-    model = MLP(hidden=(32,), seed=0).double()
+    model = MLPDigits(hidden=(32,), seed=0).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(200):  # some training, so that the spectrum has its outliers
         opt.zero_grad()
