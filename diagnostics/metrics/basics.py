@@ -144,7 +144,8 @@ class UpdateRatioDiagnostic(Diagnostic):
 
     def compute_after_update(self, ctx: StepContext) -> list[Record]:
         delta = tensor_norms(ctx.update())
-        before = tensor_norms(ctx.params_before_update())
+        # The weight norms measured before the update, when weight_norm ran this step; else computed.
+        before = ctx.cache.get("weight_norms") or tensor_norms(ctx.params_before_update())
         out = []
         for k, d in delta.items():
             w = before.get(k, float("nan"))

@@ -263,7 +263,14 @@ class StepContext:
 
         def diff() -> dict[str, torch.Tensor]:
             now = dict(self.named_parameters())
-            return {n: now[n].detach() - before for n, before in self._before_update.items() if n in now}
+            names = [n for n in self._before_update if n in now]
+            after = [now[n].detach() for n in names]
+            before = [self._before_update[n] for n in names]
+            try:
+                deltas = torch._foreach_sub(after, before)  # one fused call instead of one per parameter
+            except (RuntimeError, AttributeError, TypeError):
+                deltas = [a - b for a, b in zip(after, before)]
+            return dict(zip(names, deltas))
 
         return self.cached("update", diff)
 

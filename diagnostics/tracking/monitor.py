@@ -27,8 +27,8 @@ import os
 import platform
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from diagnostics.errors import ConfigError, DataError, LossError, StopTraining, 
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import resolve_diagnostics
 from diagnostics.store.records import Event, Record, Status
+from diagnostics.tracking import distributed as _dist
 from diagnostics.tracking.context import StepContext, detach_batch
 from diagnostics.tracking.isolation import IsolationError, eval_mode, isolated
 
@@ -48,6 +49,8 @@ ACTIONS = ("record", "warn", "checkpoint", "stop")
 _USES_LOSS = frozenset({"per_sample_grads", "curvature", "activations", "layer_inputs"})
 
 Action = str | Callable[[Event, int], Any]
+# Small step-cache entries that stay valid after optimizer.step() (norms measured before it).
+_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms"})
 
 
 # --- model identity --------------------------------------------------------------------------------
@@ -190,7 +193,10 @@ class Monitor:
         name: run name (meta ``run_name``).
         curvature_mode: "eval" (default) or "train" for the forward passes inside curvature estimates.
         max_memory_bytes: budget for chunking per-sample gradients.
-        rank_zero_only: under torch.distributed, only rank 0 computes and writes.
+        rank_zero_only: under torch.distributed every rank computes (the curvature operators all-reduce
+            over the ranks' shards, so every rank must join) and only rank 0 writes; False gives each rank
+            its own store in ``RUN-rank{r}`` (merge them with ``tdiag combine``). Alarms are all-reduced:
+            a "stop" on any rank stops every rank at the same step.
         state_every: save diagnostics' state to the run's metadata every this many monitored steps.
         check_isolation: debug option; verify after every diagnostic that parameters, buffers, grads,
             modes, hooks, RNG and optimizer state are unchanged (costs copies of them; for tests).
@@ -199,6 +205,9 @@ class Monitor:
             flight). Off by default: with CPU-bound steps the GIL hand-offs (5 ms switch interval) cost more
             than the commit (measured in benchmarks/overhead.py); it can help when the training thread
             mostly waits on an accelerator.
+        mirrors: also send each committed step's scalars to loggers: "tensorboard", "wandb", "mlflow",
+            a ``SummaryWriter``, a :class:`~diagnostics.tracking.mirrors.Mirror` or a callable
+            ``f(step, scalars)`` (see :mod:`diagnostics.tracking.mirrors`); only on writing ranks.
     """
 
     def __init__(
@@ -223,6 +232,7 @@ class Monitor:
         state_every: int = 100,
         check_isolation: bool = False,
         async_writes: bool = False,
+        mirrors: Any = None,
     ) -> None:
         # Everything that can be checked is checked before the run directory is touched.
         if not isinstance(model, nn.Module):
@@ -237,6 +247,8 @@ class Monitor:
             raise ConfigError(f"probe_batches must be at least 1, got {probe_batches}")
         if meta is not None and not isinstance(meta, Mapping):
             raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
+        # DDP's forward would arm its reducer and broadcast buffers; diagnostics use the wrapped module.
+        model = _dist.unwrap_model(model)
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -268,20 +280,29 @@ class Monitor:
         self.last_step: int | None = None
 
         self.writes = True
+        self._distributed = _dist.is_distributed()
         if rank_zero_only and torch.distributed.is_available() and torch.distributed.is_initialized():
             self.writes = torch.distributed.get_rank() == 0
 
         if run is None:
-            run = Path("runs") / _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+            # Every rank needs the same name: rank 0's clock decides.
+            run = _dist.broadcast_object(Path("runs") / _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
         self.run_dir = Path(run).expanduser()
+        if self._distributed and not rank_zero_only:
+            self.run_dir = _dist.rank_run_dir(self.run_dir)
         self.fingerprint = model_fingerprint(model)
         self.writer = None
         self._future: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self.mirrors: list[Any] = []
+        self._mirror_failures: set[int] = set()
         if self.writes:
             self._open_store(name, meta)
             if async_writes:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diagnostics-store")
+            from diagnostics.tracking.mirrors import resolve_mirrors
+
+            self.mirrors = resolve_mirrors(mirrors, self.run_dir)
 
     # --- configuration ----------------------------------------------------------------------------
     def _apply_every(self, every: int | Mapping[str, int] | None) -> None:
@@ -443,7 +464,8 @@ class Monitor:
         elif loss is not None and not isinstance(loss, (int, float, np.floating, np.integer)):
             raise LossError(f"loss passed to monitor.step must be a scalar tensor or a float, got {type(loss).__name__}")
         self._finish_pending()
-        if not self.writes:
+        # Under torch.distributed every rank computes (collectives need all of them); others stop here.
+        if not self.writes and not self._distributed:
             return
         if self._uses_loss and not self._batch_checked:
             if not self._user_probe or batch is not None:
@@ -451,7 +473,7 @@ class Monitor:
             self._batch_checked = True
         if not self._user_probe and len(self.probe_data) < self.probe_batches and batch is not None:
             self.probe_data.append(detach_batch(batch))
-            if len(self.probe_data) == self.probe_batches and self._uses_loss:
+            if len(self.probe_data) == self.probe_batches and self._uses_loss and self.writer is not None:
                 self._save_probe()
         due = [d for d in self.diagnostics if d.is_due(step)]
         self.last_step = step
@@ -479,9 +501,13 @@ class Monitor:
             pending.statuses[d.name] = status
             if "update" in d.requires and status.status != "failed":
                 pending.update_diags.append(d)
-        ctx.cache.clear()  # frees per-sample gradients and captured activations before the update
+        # Free per-sample gradients, captured activations and operators before the update; keep the small
+        # per-parameter norms (the weight norms are the norms of the parameters before the update).
+        for key in [k for k in ctx.cache if k not in _KEEP_AFTER_COMPUTE]:
+            del ctx.cache[key]
         self._monitored += 1
-        if pending.update_diags and not self._stop_requested(pending):
+        stop = self._stop_requested(pending)  # a collective under torch.distributed: every rank asks
+        if pending.update_diags and not stop:
             ctx._before_update = {n: p.detach().clone() for n, p in ctx.named_parameters()}
             self._pending = pending
             if self.optimizer is not None:
@@ -501,7 +527,6 @@ class Monitor:
             pending.handle.remove()
         ctx = pending.ctx
         ctx._after_update = True
-        ctx.cache.clear()
         try:
             results = self._run_phase(pending.update_diags, "compute_after_update", ctx)
             for d, (records, events, status) in zip(pending.update_diags, results):
@@ -553,6 +578,9 @@ class Monitor:
         """Run one diagnostic phase timed; failures become a failed Status and an ``estimator_failed`` event."""
         ctx.state = self._states.setdefault(d.name, {})
         t0 = time.perf_counter()
+        # Under torch.distributed a diagnostic that may issue collectives ends with a meeting of all ranks
+        # (skipped after RemoteFailure: that abandoned collective was the meeting).
+        sync = self._distributed and not getattr(d, "reads_only", False)
         try:
             if self.check_isolation:
                 with isolated(self.model, optimizer=self.optimizer, modules=self._modules, check=True, label=d.name):
@@ -573,12 +601,20 @@ class Monitor:
         except IsolationError:
             raise
         except Exception as exc:  # noqa: BLE001 - a diagnostic must never break the user's training
+            sync = sync and not isinstance(exc, _dist.RemoteFailure)
             if self.strict:
+                if sync:
+                    _dist.end_phase(True)
                 raise
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             records, events, status, nmv = [], [], "failed", None
             reason = f"{type(exc).__name__}: {exc}"[:500]
+        if sync and _dist.end_phase(status == "failed") and status != "failed":
+            if self.strict:
+                raise _dist.RemoteFailure(f"{d.name} failed on another rank at step {ctx.step}")
+            records, events, status, nmv = [], [], "failed", None
+            reason = "failed on another rank"
         seconds = time.perf_counter() - t0
         if status == "failed":
             events = events + [
@@ -612,7 +648,8 @@ class Monitor:
         return out
 
     def _stop_requested(self, pending: _Pending) -> bool:
-        return any(a == "stop" for _, a in self._actionable(pending))
+        local = any(a == "stop" for _, a in self._actionable(pending))
+        return _dist.all_ranks_any(local) if self._distributed else local
 
     def _commit(self, pending: _Pending) -> None:
         records = list(pending.records)
@@ -633,7 +670,24 @@ class Monitor:
             has_state = any(d.state_keys for d in self.diagnostics) or any(self._states.values())
             if has_state and self._monitored % self.state_every == 0:
                 self._save_state()
+        if self.mirrors:
+            self._mirror(pending.step, records)
         self._do_actions(pending)
+
+    def _mirror(self, step: int, records: list[Record]) -> None:
+        """Send the step's scalars to every mirror; a failing mirror warns once and never stops training."""
+        from diagnostics.tracking.mirrors import scalars_from_records
+
+        scalars = scalars_from_records(records)
+        for i, mirror in enumerate(self.mirrors):
+            try:
+                mirror.write(step, scalars)
+            except Exception as exc:  # noqa: BLE001 - a logger outage must not end the training run
+                if self.strict:
+                    raise
+                if i not in self._mirror_failures:
+                    self._mirror_failures.add(i)
+                    warnings.warn(f"diagnostics: mirror {type(mirror).__name__} failed: {exc}", RuntimeWarning, stacklevel=4)
 
     def _store_failed(self, exc: StoreError) -> None:
         if self.strict:
@@ -664,8 +718,12 @@ class Monitor:
                 stop = stop or event
             else:
                 action(event, pending.step)  # type: ignore[operator]
-        if stop is not None:
+        # Alarms are all-reduced so that every rank stops at the same step.
+        stop_anywhere = _dist.all_ranks_any(stop is not None) if self._distributed else stop is not None
+        if stop_anywhere:
             self._wait_writes()  # the step's records are committed before training is told to stop
+            if stop is None:
+                raise StopTraining(f"training stopped at step {pending.step}: a stop action on another rank")
             raise StopTraining(f"training stopped at step {pending.step}: {stop.message}", event=stop)
 
     def save_checkpoint(self, step: int) -> Path:
@@ -697,6 +755,11 @@ class Monitor:
                         self._executor.shutdown(wait=True)
                         self._executor = None
                     self.writer.close()
+                    for mirror in self.mirrors:
+                        try:
+                            mirror.close()
+                        except Exception as exc:  # noqa: BLE001
+                            warnings.warn(f"diagnostics: closing mirror {type(mirror).__name__} failed: {exc}", RuntimeWarning, stacklevel=2)
 
     def __enter__(self) -> Monitor:
         return self
