@@ -454,6 +454,7 @@ class HessianDensity(_CurvatureDiagnostic):
     default_every = 1000
     _base = "density"
     _suffixes = ("density_node", "density_weight")
+    contract_options: ClassVar[dict[str, Any]] = {"num_probes": 2, "steps": 8}
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
                  num_probes: int = 4, steps: int = 32, max_matvecs: int | None = None, seed: int = 0) -> None:
@@ -533,6 +534,7 @@ class HessianTrace(_CurvatureDiagnostic):
     default_every = 1000
     _base = "trace"
     _suffixes = ("trace", "trace_stderr")
+    contract_options: ClassVar[dict[str, Any]] = {"num_matvecs": 12}
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
                  num_matvecs: int = 60, seed: int = 0) -> None:

@@ -25,7 +25,7 @@ hovering at 1 does not fire at every probe.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -166,6 +166,8 @@ class Sharpness(_CurvatureDiagnostic):
     default_every = 200
     metrics = ("sharpness", "stability_threshold", "sharpness_ratio", "adam_sharpness", "adam_threshold",
                "adam_sharpness_ratio", "trace_ratio")
+    #: with ``trace="auto"`` it reuses hessian_trace's estimate of the step, so it runs after it.
+    after: ClassVar[tuple[str, ...]] = ("hessian_trace",)
 
     def __init__(self, every: int | None = None, start: int = 0, *, params: Any = None, lr: float | None = None,
                  trace: bool | str = "auto", trace_matvecs: int = 60, tol: float = 1e-3, max_matvecs: int | None = 100,

@@ -25,7 +25,7 @@ stopped rotating.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -93,11 +93,15 @@ class GradSubspace(_CurvatureDiagnostic):
     default_every = 500
     metrics = ("grad_subspace_fraction", "update_subspace_fraction", "grad_hessian_overlap",
                "subspace_overlap_prev", "subspace_overlap_ref")
+    #: reads hessian_top's eigenvectors (the Monitor runs it first; the slot also works in any order).
+    after: ClassVar[tuple[str, ...]] = ("hessian_top",)
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
                  gradient: str = "probe", reference_step: int = 0, seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
         self.name = type(self).name  # one name whatever the kind: metric IDs do not depend on it
+        if self.kind == "ggn":
+            self.after = ("ggn_top",)
         self.metrics = type(self).metrics
         if gradient not in ("probe", "batch"):
             raise ConfigError(f"grad_subspace: gradient must be 'probe' or 'batch', got {gradient!r}")
