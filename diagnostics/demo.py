@@ -78,8 +78,10 @@ STABLE = DemoRun(name="stable", checkpoints=(50, 100, 150, 200))
 EXPLODING = DemoRun(name="exploding", growth_start=60, growth=1.05, steps=260)
 
 # The quick variants: fewer steps and a faster ramp; same story, for tests.
-_QUICK_STABLE = replace(STABLE, steps=40, checkpoints=(20, 40))
-_QUICK_EXPLODING = replace(EXPLODING, steps=80, growth_start=10, growth=1.2, stop_after_explosion=5)
+_QUICK_STABLE = replace(STABLE, steps=30, checkpoints=(15, 30), batch_size=8, block_size=32)
+_QUICK_EXPLODING = replace(
+    EXPLODING, steps=60, growth_start=5, growth=1.3, stop_after_explosion=3, batch_size=8, block_size=32
+)
 
 
 def explosion_step(losses: list[float], *, factor: float = 2.0, min_step: int = 20, patience: int = 10) -> int | None:
@@ -287,17 +289,22 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
     exploding_losses = _with_progress(exploding_cfg, runs["exploding"], monitored, None, quiet)
 
     from diagnostics.analyze import analyze_checkpoints
+    from diagnostics.zoo import get_loss, get_model
+    from diagnostics.zoo.data import char_batches, pydoc_tokens
 
+    # Held-out text, the same batches for every checkpoint.
+    analysis_data = char_batches(
+        pydoc_tokens("test"), stable_cfg.batch_size, stable_cfg.block_size, 1 if quick else 2, seed=stable_cfg.seed
+    )
     analyze_checkpoints(
         checkpoint_dir,
-        model="tiny-gpt",
-        data="pydoc-text",
+        model=get_model("tiny-gpt", seed=stable_cfg.seed, block_size=stable_cfg.block_size, **stable_cfg.model),
+        data=analysis_data,
+        loss=get_loss("tiny-gpt"),
         diagnostics=analysed,
-        batches=1 if quick else 2,
-        batch_size=stable_cfg.batch_size,
         run=runs["stable-checkpoints"],
         quiet=quiet,
-        seed=stable_cfg.seed + 2000,
+        config={"model": "tiny-gpt", "data": "pydoc-text (test split)", "block_size": stable_cfg.block_size},
     )
 
     report = _report(out, runs, quick)
