@@ -81,6 +81,19 @@ def main() -> None:
             opt.step()
     seconds = time.perf_counter() - t0
 
+    # Warm against cold on the same parameters: the final model, probed from the last probe's vectors
+    # (warm) and by a fresh instance (cold).
+    from diagnostics.tracking.context import StepContext
+
+    def probe_cost(diag: HessianTop) -> tuple[int, list[float]]:
+        ctx = StepContext(step=args.steps + 1, model=model, loss_fn=cross_entropy, batch=full, loss=None,
+                          probe_data=[full], num_classes=10)
+        out = diag.compute(ctx)
+        return int(out.num_matvecs), [r.value for r in out.records if r.metric == "hessian_eigenvalue"]
+
+    warm_mv, warm_ev = probe_cost(top)
+    cold_mv, cold_ev = probe_cost(HessianTop(k=args.k, tol=1e-3))
+
     run = open_run(out)
     s = run.series()
     table = s[s.metric.isin(["grad_subspace_fraction", "update_subspace_fraction", "subspace_overlap_ref",
@@ -110,6 +123,8 @@ def main() -> None:
     print(f"\nhessian_top: {int(top_status.num_matvecs.iloc[0])} products cold (first probe), median "
           f"{top_status.num_matvecs.iloc[1:].median():.0f} warm-started; not converged: "
           f"{int((top_status.status != 'ok').sum())}/{len(top_status)}")
+    print(f"final model, same parameters: warm-started probe {warm_mv} products, cold {cold_mv}; largest relative "
+          f"eigenvalue difference {max(abs(a - b) / abs(b) for a, b in zip(warm_ev, cold_ev)):.1e}")
     print(f"after warm-up (step >= {args.warmup}): full-batch gradient fraction in the top-{args.k} space: median "
           f"{statistics.median(frac):.3f}, min {frac.min():.3f}; SGD update fraction: median {statistics.median(upd):.3f}")
     print(f"overlap of the top-{args.k} space with the step-{args.reference} probe, later probes: median "

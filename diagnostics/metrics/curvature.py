@@ -288,7 +288,7 @@ class HessianTop(_CurvatureDiagnostic):
     :data:`EIGENSPACE_CACHE_KEY`.
 
     Args:
-        every, start: schedule (default every 500 steps).
+        every, start: schedule (default every 1000 steps).
         k: number of eigenpairs; default the Monitor's ``num_classes`` (about C outliers for C classes,
             Papyan 2019) else 10. A k that is not below a block's dimension is a ConfigError when given,
             and capped when defaulted.
@@ -307,9 +307,9 @@ class HessianTop(_CurvatureDiagnostic):
 
     name = "hessian_top"
     preset = "standard"
-    # A cold top-10 probe costs about 80 HVPs (each 2-3 training steps on one probe batch): every 500 steps
-    # keeps the amortised cost near 15% of training on the zoo's tiny GPT (benchmarks/RESULTS_curvature_loop.md).
-    default_every = 500
+    # A top-10 probe costs 30-80 HVPs, each 2-3 training steps on one probe batch: every 1000 steps keeps
+    # the amortised cost near 10% of training on the zoo's tiny GPT (benchmarks/RESULTS_curvature_loop.md).
+    default_every = 1000
     _base = "top"
     _suffixes = ("eigenvalue", "residual", "converged", "bottom_eigenvalue")
 
@@ -451,7 +451,7 @@ class HessianDensity(_CurvatureDiagnostic):
 
     name = "hessian_density"
     preset = "full"
-    default_every = 1000
+    default_every = 2000
     _base = "density"
     _suffixes = ("density_node", "density_weight")
     contract_options: ClassVar[dict[str, Any]] = {"num_probes": 2, "steps": 8}

@@ -143,7 +143,7 @@ class Sharpness(_CurvatureDiagnostic):
     curvature (expect spikes or divergence); far below 1 leaves room for a larger step.
 
     Args:
-        every, start: schedule (default every 200 steps).
+        every, start: schedule (default every 500 steps).
         params: blocks (module docstring of ``diagnostics.metrics.curvature``); whole model by default.
         lr: step size to use when there is no optimizer (checkpoint analysis); else read at each step.
         trace: ``"auto"`` (default) records ``trace_ratio`` when ``hessian_trace`` ran earlier in the same
@@ -162,8 +162,9 @@ class Sharpness(_CurvatureDiagnostic):
     name = "sharpness"
     requires = frozenset({"curvature", "optimizer"})
     preset = "standard"
-    # Top-1 Lanczos costs 10-20 HVPs; every 200 steps is about 15% of training on the zoo's tiny GPT.
-    default_every = 200
+    # Top-1 Lanczos costs 10-20 HVPs, each 2-3 training steps: every 500 steps is about 10% of training on
+    # the zoo's tiny GPT. Edge-of-stability studies probe far more often (every=10 in the example).
+    default_every = 500
     metrics = ("sharpness", "stability_threshold", "sharpness_ratio", "adam_sharpness", "adam_threshold",
                "adam_sharpness_ratio", "trace_ratio")
     #: with ``trace="auto"`` it reuses hessian_trace's estimate of the step, so it runs after it.

@@ -77,7 +77,7 @@ class GradSubspace(_CurvatureDiagnostic):
     recorded once per new ``hessian_top`` probe (at the first ``grad_subspace`` step that sees it).
 
     Args:
-        every, start: schedule; the default (every 500) matches ``hessian_top``'s so both are due together.
+        every, start: schedule; the default (every 1000) matches ``hessian_top``'s so both are due together.
         kind: which ``hessian_top`` eigenvectors and which operator for ``H g`` ("hessian" or "ggn").
         params: blocks; must match the blocks of the ``hessian_top`` whose eigenvectors are used.
         gradient: "probe" (mean-loss gradient on the probe data, the same data as the eigenvectors; free
@@ -90,7 +90,7 @@ class GradSubspace(_CurvatureDiagnostic):
     name = "grad_subspace"
     requires = frozenset({"curvature", "grads", "update"})
     preset = "full"
-    default_every = 500
+    default_every = 1000
     metrics = ("grad_subspace_fraction", "update_subspace_fraction", "grad_hessian_overlap",
                "subspace_overlap_prev", "subspace_overlap_ref")
     #: reads hessian_top's eigenvectors (the Monitor runs it first; the slot also works in any order).

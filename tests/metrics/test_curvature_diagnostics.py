@@ -269,7 +269,7 @@ def test_presets_and_schedules():
     assert {"hessian_top", "sharpness"} <= set(std)
     assert not {"hessian_density", "hessian_trace", "grad_subspace"} & set(std)
     assert {"hessian_top", "sharpness", "hessian_density", "hessian_trace", "grad_subspace"} <= set(full)
-    assert HessianTop().every == 500 and HessianTop(every=7).is_due(14)
+    assert HessianTop().every == 1000 and HessianTop(every=7).is_due(14)
 
 
 def test_bad_options_raise_config_errors_naming_the_option():
