@@ -38,6 +38,9 @@ _EXPORTS: dict[str, str] = {
     "default_loss": "diagnostics.functional",
     # --- In-loop monitoring (diagnostics.tracking, diagnostics.metrics) ---
     "Monitor": "diagnostics.tracking",
+    "StepContext": "diagnostics.tracking",
+    "get_diagnostic": "diagnostics.metrics",
+    "resolve_diagnostics": "diagnostics.metrics",
     "Diagnostic": "diagnostics.metrics",
     "available_diagnostics": "diagnostics.metrics",
     # --- The run store (diagnostics.store) ---
@@ -77,6 +80,9 @@ __all__ = [
     "default_loss",
     # In-loop monitoring
     "Monitor",
+    "StepContext",
+    "get_diagnostic",
+    "resolve_diagnostics",
     "Diagnostic",
     "available_diagnostics",
     # The run store

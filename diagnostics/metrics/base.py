@@ -64,6 +64,18 @@ class Diagnostic(abc.ABC):
     preset: ClassVar[str] = "full"
     default_every: ClassVar[int] = 1
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: Metric IDs this diagnostic may write (checked by the contract suite).
+    metrics: ClassVar[tuple[str, ...]] = ()
+    #: True when compute only reads tensors (no forward, no RNG): the Monitor may skip the RNG fork.
+    reads_only: ClassVar[bool] = False
+    #: True when non-finite values are meaningful records rather than a failure of the estimate.
+    allow_nonfinite: ClassVar[bool] = False
+    #: Names of diagnostics whose step-cache entries this one reads; they run first.
+    after: ClassVar[tuple[str, ...]] = ()
+    #: Constructor options the contract suite uses on its tiny cases (short warm-ups and the like).
+    contract_options: ClassVar[dict[str, Any]] = {}
+    #: What the Monitor does with this diagnostic's warning events (None: the Monitor's default).
+    action: Any = None
 
     def __init__(self, every: int | None = None, start: int = 0) -> None:
         every = self.default_every if every is None else int(every)
