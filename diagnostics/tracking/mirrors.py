@@ -172,12 +172,17 @@ _MLFLOW_BAD = re.compile(r"[^\w\-. :/]")
 class MLflowMirror:
     """Scalars to MLflow with the training step as the metric step (batched, 1000 per request).
 
+    Whole-model values are named ``metric/all`` here (``diagnostics/grad_norm/all``): MLflow's file store
+    keeps metric names as paths, where ``grad_norm`` could not be both a file and the directory of
+    ``grad_norm/fc1.weight``.
+
     Args:
         run_id: log into this run; default the active run, else a run started in ``experiment`` (ended on
             close).
         tracking_uri: e.g. ``"file:///path/mlruns"`` for a local file store; default MLflow's own.
         experiment: experiment name for a run the mirror starts.
         run_name: name for a run the mirror starts.
+        prefix: the prefix of the mirrored names (the Monitor's is ``diagnostics/``).
     """
 
     def __init__(
@@ -187,6 +192,7 @@ class MLflowMirror:
         tracking_uri: str | None = None,
         experiment: str | None = None,
         run_name: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
     ) -> None:
         mlflow = require("mlflow", "mlflow", "MLflowMirror")
         self._Metric = importlib.import_module("mlflow.entities").Metric
@@ -204,10 +210,15 @@ class MLflowMirror:
                 run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
                 self._owned = True
         self.run_id = run_id
+        self.prefix = prefix
+
+    def _name(self, name: str) -> str:
+        rest = name[len(self.prefix) :] if name.startswith(self.prefix) else name
+        return _MLFLOW_BAD.sub("_", name if "/" in rest else name + "/all")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         ts = int(time.time() * 1000)
-        metrics = [self._Metric(_MLFLOW_BAD.sub("_", k), float(v), ts, int(step)) for k, v in scalars.items()]
+        metrics = [self._Metric(self._name(k), float(v), ts, int(step)) for k, v in scalars.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=True)
 
