@@ -296,8 +296,9 @@ class HessianTop(_CurvatureDiagnostic):
         params: blocks (see module docstring).
         bottom: also estimate the smallest eigenvalue (a second, separately warm-started Lanczos run).
         tol: relative residual tolerance of Lanczos.
-        max_matvecs, max_seconds: per-probe, per-block budget; Lanczos stops early and the probe is
-            stored as ``not_converged`` with its flags.
+        max_matvecs, max_seconds: budget per probe and block (the top run and, with ``bottom``, the
+            bottom run together); Lanczos stops early and the probe is stored as ``not_converged`` with its
+            flags.
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
 
@@ -404,10 +405,17 @@ class HessianTop(_CurvatureDiagnostic):
             details[key] = {"num_matvecs": res.num_matvecs, "stop": res.settings.get("stop"),
                             "warm_start": res.settings.get("warm_start")}
             if self.bottom:
+                # The bottom run spends what the top run left of the block's budget.
+                left_mv = None if self.max_matvecs is None else self.max_matvecs - res.num_matvecs
+                left_s = None if self.max_seconds is None else self.max_seconds - res.seconds
+                if (left_mv is not None and left_mv < 1) or (left_s is not None and left_s <= 0):
+                    statuses.append("not_converged")
+                    reasons.append(f"{key}: no budget left for the bottom eigenvalue")
+                    continue
                 bop = FiniteChecked(raw)
                 bres, bwhy = run_guarded(lambda bop=bop, key=key, dim=dim: lanczos(
                     bop, k=1, which="SA", tol=self.tol, v0=self._warm((key, "bottom"), dim), seed=self.seed + 1,
-                    max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
+                    max_matvecs=left_mv, max_seconds=left_s))
                 total += bop.num_matvecs
                 if bres is None or not math.isfinite(float(bres.eigenvalues[0])):
                     self.vectors.pop((key, "bottom"), None)

@@ -150,8 +150,8 @@ class Sharpness(_CurvatureDiagnostic):
             step with the same ``num_matvecs`` and seed (free: its estimate is reused from the step cache);
             ``True`` always estimates ``Tr(H)`` by Hutch++ with ``trace_matvecs`` products (reused when
             available); ``False`` never records it.
-        tol, max_matvecs, max_seconds: Lanczos tolerance and per-probe budget; a budget stop is stored as
-            ``not_converged``.
+        tol, max_matvecs, max_seconds: Lanczos tolerance and budget per Lanczos run (one per block; a
+            second for Adam's preconditioned operator); a budget stop is stored as ``not_converged``.
         hysteresis: a ratio above 1 counts as back below only under ``1 - hysteresis``.
 
     Cost: top-1 Lanczos (a handful of HVPs warm-started from the previous probe's vector) per ratio

@@ -307,3 +307,10 @@ def test_monitor_round_trip_and_state_isolation(tmp_path):
     assert set(s[s.metric == "hessian_trace"].step) == {0, 2}
     assert s.value.map(math.isfinite).all()
     assert set(run.status().status) == {"ok"}
+
+
+def test_bottom_run_shares_the_blocks_budget():
+    case = medium_case()
+    out = HessianTop(k=4, tol=1e-10, bottom=True, max_matvecs=40).compute(make_ctx(case))
+    assert out.num_matvecs <= 40
+    assert out.status == "not_converged"
