@@ -283,9 +283,10 @@ class HessianTop(_CurvatureDiagnostic):
     with ``bottom=True`` ``bottom_eigenvalue`` (the smallest algebraic eigenvalue: negative curvature).
 
     The eigenvectors stay in this diagnostic (``self.vectors``, never in the store; a resumed run starts
-    cold) and are the block start of the next probe: on a slowly changing model Lanczos then converges in
-    a few products per eigenvalue instead of a cold start's dozens. ``grad_subspace`` reads them through
-    :data:`EIGENSPACE_CACHE_KEY`.
+    cold) and are the block start of the next probe. That saves products when the top-k space moves little
+    between probes (tests: a 0.1% parameter change); on the zoo models trained by AdamW the top-10 space
+    rotates within a few steps and the saving is small (benchmarks/RESULTS_curvature_loop.md).
+    ``grad_subspace`` reads them through :data:`EIGENSPACE_CACHE_KEY`.
 
     Args:
         every, start: schedule (default every 1000 steps).
@@ -302,8 +303,9 @@ class HessianTop(_CurvatureDiagnostic):
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
 
-    Cost: per block, about k + (a few per outlier) HVPs warm, 2-4x that cold (each HVP about two gradient
-    evaluations on the probe data), plus ``O(P * steps)`` float64 work for reorthogonalisation.
+    Cost: per block, k plus a few HVPs per eigenvalue: 30-80 for k = 10 on the zoo models, fewer once
+    outliers separate from the bulk (each HVP about 2-3 training steps on the probe data), plus
+    ``O(P * steps)`` float64 work for reorthogonalisation.
     """
 
     name = "hessian_top"
@@ -313,6 +315,7 @@ class HessianTop(_CurvatureDiagnostic):
     default_every = 1000
     _base = "top"
     _suffixes = ("eigenvalue", "residual", "converged", "bottom_eigenvalue")
+    metrics: ClassVar[tuple[str, ...]] = tuple("hessian_" + s for s in _suffixes)  # ggn_* when kind="ggn"
 
     def __init__(self, every: int | None = None, start: int = 0, *, k: int | None = None, kind: str = "hessian",
                  params: Any = None, bottom: bool = False, tol: float = 1e-3, max_matvecs: int | None = 300,
@@ -462,6 +465,7 @@ class HessianDensity(_CurvatureDiagnostic):
     default_every = 2000
     _base = "density"
     _suffixes = ("density_node", "density_weight")
+    metrics: ClassVar[tuple[str, ...]] = ("hessian_density_node", "hessian_density_weight")
     contract_options: ClassVar[dict[str, Any]] = {"num_probes": 2, "steps": 8}
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
@@ -542,6 +546,7 @@ class HessianTrace(_CurvatureDiagnostic):
     default_every = 1000
     _base = "trace"
     _suffixes = ("trace", "trace_stderr")
+    metrics: ClassVar[tuple[str, ...]] = ("hessian_trace", "hessian_trace_stderr")
     contract_options: ClassVar[dict[str, Any]] = {"num_matvecs": 12}
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
