@@ -416,7 +416,7 @@ class HessianTop(_CurvatureDiagnostic):
                     reasons.append(f"{key}: no budget left for the bottom eigenvalue")
                     continue
                 bop = FiniteChecked(raw)
-                bres, bwhy = run_guarded(lambda bop=bop, key=key, dim=dim: lanczos(
+                bres, bwhy = run_guarded(lambda bop=bop, key=key, dim=dim, left_mv=left_mv, left_s=left_s: lanczos(
                     bop, k=1, which="SA", tol=self.tol, v0=self._warm((key, "bottom"), dim), seed=self.seed + 1,
                     max_matvecs=left_mv, max_seconds=left_s))
                 total += bop.num_matvecs
