@@ -32,7 +32,7 @@ __all__ = ["EigenResult", "lanczos"]
 
 _WHICH = ("LA", "SA", "both")
 #: Steps beyond the number of wanted eigenvalues taken before convergence is accepted.
-MIN_EXTRA_STEPS = 10
+MIN_EXTRA_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -235,22 +235,36 @@ def _lanczos(
     scale = 0.0  # running estimate of ||A|| for breakdown tests
     stop = "converged"
     # Single-vector Krylov spaces find the second copy of a (nearly) repeated eigenvalue only after the
-    # first has converged, so a loose tol could accept a wrong k-th value: never stop before k+10 steps
+    # first has converged, so a loose tol could accept a wrong k-th value: never stop before k+4 steps
     # from a random start. A block warm start of at least k vectors already spans the copies it knew of.
     extra = 1 if warm_cols >= wanted.count else MIN_EXTRA_STEPS
     min_steps = max(1, min(P - 1, max(wanted.count, warm_cols) + extra))
     # Weight of each basis column on the part of the space explored after the last invariant subspace.
     new_weight = torch.zeros(cap, dtype=f64)
     searching_complement = False
+    near_invariant = False
 
     while True:
         # Converged or the whole space explored: done.
         if m == P:
             stop = "invariant subspace"
             break
+        if near_invariant and m < P:
+            # The newest Lanczos vector is tiny: the Krylov space is invariant up to ~1e-8 and would
+            # hide further copies of eigenvalues it holds. Keep that vector in the frontier (so that
+            # residuals stay exact) and continue from a fresh random vector, multiplied next (when no
+            # direction is left, the tiny vector itself is multiplied next).
+            searching_complement = True
+            r0 = random_vector()
+            r, _ = _orthogonalise(r0, [Q[:, :m], F])
+            # Nothing left of it (the basis and frontier span the space): no new direction.
+            r = _orthonormal_columns(r) if float(r.norm()) > 1e-8 * float(r0.norm()) else r[:, :0]
+            F = torch.cat([F, r], 1)
+            E = torch.cat([E, torch.zeros(r.shape[1], m, dtype=f64)], 0)
+        near_invariant = False
         if m >= min_steps and F.shape[1] > 0:
             idx = wanted.select(theta)
-            if bool(conv_all[idx].all()) and _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m]):
+            if bool(conv_all[idx].all()) and _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m], searching_complement):
                 stop = "converged"
                 break
         if F.shape[1] == 0:
@@ -259,8 +273,9 @@ def _lanczos(
             # random vector orthogonal to the basis, and stop only once that new sequence's own extreme
             # Ritz values have converged too (they then bound what the complement holds).
             searching_complement = True
-            r, _ = _orthogonalise(random_vector(), [Q[:, :m]])
-            F = _orthonormal_columns(r)
+            r0 = random_vector()
+            r, _ = _orthogonalise(r0, [Q[:, :m]])
+            F = _orthonormal_columns(r) if float(r.norm()) > 1e-8 * float(r0.norm()) else r[:, :0]
             E = torch.zeros(F.shape[1], m, dtype=f64)
             if F.shape[1] == 0:
                 stop = "invariant subspace"
@@ -285,8 +300,9 @@ def _lanczos(
             res_all, conv_all = res_all[keep], conv_all[keep]
             new_weight[:keep_n] = (Sk.square() * new_weight[: Sk.shape[0], None]).sum(0)
             restarts += 1
-        X, F_rest = F[:, :s], F[:, s:]
-        E_x, E_rest = E[:s], E[s:]
+        # The newest frontier vector is the Lanczos vector; older ones (tiny remainders) are only kept.
+        X, F_rest = F[:, -s:], F[:, :-s]
+        E_x, E_rest = E[-s:], E[:-s]
 
         W = matmul64(A, X)
         num_matvecs += s
@@ -319,7 +335,9 @@ def _lanczos(
         H = H_new
 
         # New frontier directions from the remainder of A X; a negligible remainder means invariance.
-        keep_cols = W.norm(dim=0) > 1e-12 * max(scale, 1e-300)
+        rem = W.norm(dim=0)
+        keep_cols = rem > 1e-12 * max(scale, 1e-300)
+        near_invariant = bool((rem <= 1e-8 * max(scale, 1e-300)).all())
         W = W[:, keep_cols]
         if W.shape[1]:
             Qw, Rw = torch.linalg.qr(W)
@@ -371,10 +389,13 @@ def _lanczos(
     )
 
 
-def _sentinels_converged(wanted: _Wanted, theta: Tensor, S: Tensor, conv: Tensor, new_weight: Tensor) -> bool:
+def _sentinels_converged(wanted: _Wanted, theta: Tensor, S: Tensor, conv: Tensor, new_weight: Tensor,
+                         searching: bool) -> bool:
     """After an invariant subspace: the extreme Ritz pairs of the newly explored part have converged."""
-    if not bool((new_weight > 0).any()):
+    if not searching:
         return True
+    if not bool((new_weight > 0).any()):
+        return False
     on_new = (S.square() * new_weight[:, None]).sum(0) > 0.5
     if not bool(on_new.any()):
         return False
