@@ -9,7 +9,8 @@ Usage (from the repository root; one core):
 Each run goes to ``OUT/<config>__s<seed>/run.sqlite`` (RunWriter store, every step recorded; see
 trainer.py for the metrics). A run counts as complete when its store has meta ``complete``; incomplete
 stores (a killed job) are retrained from scratch. ``OUT/summary.json`` lists, per run: config, seed,
-expected label, explosion step, final step, seconds. Detectors are then evaluated offline from the
+expected label, explosion step, final step, peak ratio (max loss / running min after step 20: near
+misses have a high ratio without an explosion), seconds. Detectors are then evaluated offline from the
 stores (``diagnostics.store.open_runs``) with :func:`benchmarks.explosions.explosion.explosion_step`
 as the ground truth.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,22 @@ from benchmarks.explosions.configs import ALL, SEEDS, expected_label
 from benchmarks.explosions.trainer import train
 
 __all__ = ["run_suite", "summarise", "main"]
+
+
+def peak_ratio(losses: list[float], min_step: int = 20) -> float:
+    """max over steps >= min_step of loss / running minimum (inf if a loss is not finite).
+
+    Flags near misses: a stable run with a peak ratio far above 2 had a large spike that did not last
+    the 10 steps the explosion definition asks for.
+    """
+    run_min, peak = math.inf, 0.0
+    for i, v in enumerate(losses):
+        if not math.isfinite(v):
+            return math.inf
+        run_min = min(run_min, v)
+        if i >= min_step:
+            peak = max(peak, v / run_min)
+    return peak
 
 
 def _stored_meta(run_dir: Path) -> dict | None:
@@ -52,6 +70,10 @@ def summarise(out: Path) -> list[dict]:
         if meta is None:
             continue
         cfg = meta["config"]
+        from diagnostics.store import open_run
+
+        with open_run(run_dir) as run:
+            losses = run.series("loss").sort_values("step")["value"].tolist()
         rows.append(
             {
                 "run": run_dir.name,
@@ -60,6 +82,7 @@ def summarise(out: Path) -> list[dict]:
                 "expected": expected_label(cfg["name"]),
                 "explosion_step": meta.get("explosion_step"),
                 "final_step": meta.get("final_step"),
+                "peak_ratio": round(peak_ratio(losses), 2),
                 "seconds": round(float(meta.get("seconds", float("nan"))), 2),
                 "seconds_per_step": round(float(meta.get("seconds_per_step", float("nan"))), 4),
             }
@@ -90,10 +113,11 @@ def run_suite(out: Path, configs: list[str], seeds: list[int], *, force: bool = 
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'run':28s} {'expected':9s} {'explosion':>9s} {'final':>5s} {'sec':>6s}"]
+    lines = [f"{'run':28s} {'expected':9s} {'explosion':>9s} {'final':>5s} {'peak':>6s} {'sec':>6s}"]
     for r in rows:
         lines.append(
-            f"{r['run']:28s} {r['expected']:9s} {str(r['explosion_step']):>9s} {r['final_step']:>5d} {r['seconds']:>6.1f}"
+            f"{r['run']:28s} {r['expected']:9s} {str(r['explosion_step']):>9s} {r['final_step']:>5d} "
+            f"{r['peak_ratio']:>6.2f} {r['seconds']:>6.1f}"
         )
     return "\n".join(lines)
 

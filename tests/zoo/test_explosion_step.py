@@ -79,3 +79,11 @@ def test_steps_and_options():
         explosion_step(losses, factor=1.0)
     with pytest.raises(ValueError):
         explosion_step(losses, steps=[1, 2])
+
+
+def test_peak_ratio():
+    from benchmarks.explosions.run_suite import peak_ratio
+
+    assert peak_ratio([4.0] * 20 + [2.0, 3.0, 5.0]) == pytest.approx(2.5)
+    assert peak_ratio([4.0] * 25) == pytest.approx(1.0)
+    assert peak_ratio([4.0, NAN]) == math.inf
