@@ -284,8 +284,8 @@ class HessianTop(_CurvatureDiagnostic):
 
     The eigenvectors stay in this diagnostic (``self.vectors``, never in the store; a resumed run starts
     cold) and are the block start of the next probe. That saves products when the top-k space moves little
-    between probes (tests: a 0.1% parameter change); on the zoo models trained by AdamW the top-10 space
-    rotates within a few steps and the saving is small (benchmarks/RESULTS_curvature_loop.md).
+    between probes (tests: a 0.01% parameter change halves them); on the zoo models trained by AdamW the
+    top-10 space rotates within a few steps and the saving is small (benchmarks/RESULTS_curvature_loop.md).
     ``grad_subspace`` reads them through :data:`EIGENSPACE_CACHE_KEY`.
 
     Args:

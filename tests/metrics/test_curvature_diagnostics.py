@@ -114,24 +114,25 @@ def test_ggn_variant_writes_ggn_metrics_and_matches_dense_ggn():
 
 def test_warm_start_reduces_products_on_a_slowly_changing_model():
     case = medium_case()
-    warm = HessianTop(k=4, tol=1e-6, max_matvecs=None)
+    warm = HessianTop(k=4, tol=1e-4, max_matvecs=None)
     warm.compute(make_ctx(case))
     first = warm.last_matvecs["all"]
-    # The model changes a little between probes (as between two in-loop probes of a slow run).
+    # The model changes a little between probes (1e-4 of each tensor's mean magnitude).
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
         for p in case.model.parameters():
-            p.add_(1e-3 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=F64))
+            p.add_(1e-4 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=F64))
     H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
     ref = torch.linalg.eigvalsh(H).flip(0)[:4]
     out_warm = warm.compute(make_ctx(case, step=1))
-    out_cold = HessianTop(k=4, tol=1e-6, max_matvecs=None).compute(make_ctx(case, step=1))
-    for out in (out_warm, out_cold):  # identical accuracy
+    out_cold = HessianTop(k=4, tol=1e-4, max_matvecs=None).compute(make_ctx(case, step=1))
+    for out in (out_warm, out_cold):  # the same accuracy
         assert out.status == "ok"
         torch.testing.assert_close(torch.tensor(values(out, "hessian_eigenvalue"), dtype=F64), ref,
-                                   rtol=1e-8, atol=1e-10)
+                                   rtol=1e-6, atol=1e-10)
     assert out_cold.num_matvecs == first  # same operator size, same cold start: same cost
-    assert out_warm.num_matvecs < 0.75 * out_cold.num_matvecs, (out_warm.num_matvecs, out_cold.num_matvecs)
+    # measured when written: 15 warm against 31 cold
+    assert out_warm.num_matvecs < 0.7 * out_cold.num_matvecs, (out_warm.num_matvecs, out_cold.num_matvecs)
     assert out_warm.settings["all"]["warm_start"] == "block 4"
 
 
