@@ -156,11 +156,10 @@ def bench_hvp(model: nn.Module, batch: Any, loss_fn: Callable, device: torch.dev
                 bsec, _ = timed(lambda: op @ V, device, repeats)
                 row("batched hvp K=10", f"{backend}, vmapped columns",
                     f"{bsec * 1e3:.1f} ms per call, {bsec * 100:.1f} ms per column ({bsec / 10 / grad_s:.2f} gradients)")
-            del op
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
         attempt(f"hvp {backend}", "diagnostics HessianOperator", run)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the operator's kept graph is gone with run()'s frame
 
 
 def bench_top10(model: nn.Module, batch: Any, loss_fn: Callable, device: torch.device) -> None:
