@@ -15,6 +15,7 @@ reaches the accuracy target is reported, so that the comparison is at equal accu
 A peer that cannot be imported or fails is reported with the reason, and the benchmark continues.
 """
 
+# ruff: noqa: B023  (closures are called within their own loop iteration)
 from __future__ import annotations
 
 import argparse
@@ -136,10 +137,14 @@ def peer(model_name: str, task: str, method: str, fn: Callable[[], None]) -> Non
             traceback.print_exc()
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def timed(fn, repeats: int = 3):
+    """Result and the best wall time of ``repeats`` runs (the machine is shared: the minimum is stable)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
 
 
 # ------------------------------------------------------------------------------------------------ ours
@@ -155,23 +160,31 @@ def run_ours(name: str, model: nn.Module, data, ref: dict) -> None:
         res, sec = timed(top)
         record(name, task, "ours lanczos(tol=1e-3)", sec, res.num_matvecs, top_error(res.eigenvalues, ev, k),
                f"converged={res.all_converged}")
+        # The peers' rule: the cheapest setting of a sweep that reaches the target (needs the answer).
+        for tol in (1e-1, 3e-2, 1e-2, 1e-3):
+            res, sec = timed(lambda tol=tol: lanczos(HessianOperator(model, None, data), k=k, tol=tol,
+                                                     return_eigenvectors=False))
+            if top_error(res.eigenvalues, ev, k) <= TARGET:
+                break
+        record(name, task, f"ours lanczos(tol={tol:g}) [sweep]", sec, res.num_matvecs,
+               top_error(res.eigenvalues, ev, k), f"converged={res.all_converged}")
     if not ref["dense"]:
         return
-    for n in (30, 99):
+    for n, block in ((30, 30), (99, 99), (99, 1)):
         def tr():
             H = HessianOperator(model, None, data)
-            return hutchpp_trace(H, num_matvecs=n, block_size=n)
+            return hutchpp_trace(H, num_matvecs=n, block_size=block)
 
         est, sec = timed(tr)
-        record(name, "trace", f"ours hutchpp_trace({n})", sec, est.num_matvecs,
+        record(name, "trace", f"ours hutchpp_trace({n}, block_size={block})", sec, est.num_matvecs,
                abs(est.mean - ref["trace"]) / abs(ref["trace"]), f"stderr/|tr|={est.stderr / abs(ref['trace']):.1e}")
 
     def hut():
         H = HessianOperator(model, None, data)
-        return hutchinson_trace(H, num_matvecs=99, block_size=33)
+        return hutchinson_trace(H, num_matvecs=99, block_size=1)
 
     est, sec = timed(hut)
-    record(name, "trace", "ours hutchinson_trace(99)", sec, est.num_matvecs,
+    record(name, "trace", "ours hutchinson_trace(99, block_size=1)", sec, est.num_matvecs,
            abs(est.mean - ref["trace"]) / abs(ref["trace"]))
 
     def dens():
@@ -206,10 +219,13 @@ def run_pyhessian(name: str, model: nn.Module, data, ref: dict) -> None:
             def top(k=k, task=task):
                 best = None
                 for tol in (1e-3, 1e-4, 1e-5, 1e-6):
-                    counter[0] = 0
-                    torch.manual_seed(0)  # PyHessian draws its start vectors from the global RNG
-                    (vals, _), sec = timed(lambda: ph.hessian(model, crit, data=data, cuda=False)
-                                           .eigenvalues(maxIter=100, tol=tol, top_n=k))
+                    def run(tol=tol):
+                        counter[0] = 0
+                        torch.manual_seed(0)  # PyHessian draws its start vectors from the global RNG
+                        return ph.hessian(model, crit, data=data, cuda=False).eigenvalues(
+                            maxIter=100, tol=tol, top_n=k)
+
+                    (vals, _), sec = timed(run)
                     err = top_error(vals, ev, k)
                     best = (tol, sec, counter[0], err)
                     if err <= TARGET:
@@ -220,9 +236,12 @@ def run_pyhessian(name: str, model: nn.Module, data, ref: dict) -> None:
             peer(name, task, "PyHessian", top)
 
         def tr():
-            counter[0] = 0
-            torch.manual_seed(0)
-            vals, sec = timed(lambda: ph.hessian(model, crit, data=data, cuda=False).trace(maxIter=99, tol=1e-3))
+            def run():
+                counter[0] = 0
+                torch.manual_seed(0)
+                return ph.hessian(model, crit, data=data, cuda=False).trace(maxIter=99, tol=1e-3)
+
+            vals, sec = timed(run)
             record(name, "trace", "PyHessian trace(maxIter=99,tol=1e-3)", sec, counter[0],
                    abs(float(np.mean(vals)) - ref["trace"]) / abs(ref["trace"]))
 
@@ -230,10 +249,12 @@ def run_pyhessian(name: str, model: nn.Module, data, ref: dict) -> None:
             peer(name, "trace", "PyHessian", tr)
 
         def dens():
-            counter[0] = 0
-            torch.manual_seed(0)
-            (nodes, weights), sec = timed(lambda: ph.hessian(model, crit, data=data, cuda=False)
-                                          .density(iter=100, n_v=1))
+            def run():
+                counter[0] = 0
+                torch.manual_seed(0)
+                return ph.hessian(model, crit, data=data, cuda=False).density(iter=100, n_v=1)
+
+            (nodes, weights), sec = timed(run)
             record(name, "density", "PyHessian density(100, n_v=1)", sec, counter[0],
                    w1(np.asarray(nodes).ravel(), np.asarray(weights).ravel(), ev), "W1/width")
 
@@ -270,6 +291,7 @@ def run_eigenthings(name: str, model: nn.Module, data, ref: dict) -> None:
     loss = he.supervised_loss(nn.functional.cross_entropy)
 
     def make():
+        counter[0] = 0  # each timed repeat counts afresh
         return _counted(he.HessianOperator(model, [data], loss), counter)
 
     for k, task in TASKS_TOP:
@@ -278,7 +300,6 @@ def run_eigenthings(name: str, model: nn.Module, data, ref: dict) -> None:
             for steps in sorted({2 * k, 3 * k, 4 * k, 6 * k, 8 * k, 12 * k, 16 * k, 20, 30, 40, 60, 80}):
                 if steps < 2 * k:
                     continue
-                counter[0] = 0
                 res, sec = timed(lambda: he.lanczos(make(), k=k, max_iter=steps, tol=TARGET, which="LA", seed=0))
                 err = top_error(res.eigenvalues.numpy(), ev, k)
                 best = (steps, sec, counter[0], err)
@@ -290,7 +311,6 @@ def run_eigenthings(name: str, model: nn.Module, data, ref: dict) -> None:
         peer(name, task, "hessian-eigenthings", top)
 
     def tr():
-        counter[0] = 0
         res, sec = timed(lambda: he.trace(make(), num_matvecs=99, method="hutch++", seed=0))
         record(name, "trace", "eigenthings trace(hutch++, 99)", sec, counter[0],
                abs(float(res.estimate) - ref["trace"]) / abs(ref["trace"]))
@@ -299,7 +319,6 @@ def run_eigenthings(name: str, model: nn.Module, data, ref: dict) -> None:
         peer(name, "trace", "hessian-eigenthings", tr)
 
     def dens():
-        counter[0] = 0
         res, sec = timed(lambda: he.spectral_density(make(), num_runs=1, lanczos_steps=100, seed=0))
         record(name, "density", "eigenthings spectral_density(1 x 100)", sec, counter[0],
                w1(res.raw_eigenvalues.flatten().numpy(), res.raw_weights.flatten().numpy(), ev), "W1/width")
@@ -394,22 +413,26 @@ def hvp_costs(name: str, model: nn.Module, data) -> None:
 
 def summary(name: str) -> None:
     print(f"  -- ratios ({name}): time of ours / time of peer, for the same task (peers at the accuracy target)")
-    for task in ("top-1", "top-10", "trace", "density"):
+    for task in ("top-1", "top-10", "density"):
         rows = [r for r in ROWS if r["model"] == name and r["task"] == task and r["seconds"] is not None]
         ours = [r for r in rows if r["method"].startswith("ours")]
         peers = [r for r in rows if not r["method"].startswith("ours")]
         if not ours or not peers:
             continue
-        o = ours[0]
-        ok_peers = [r for r in peers if task not in ("top-1", "top-10") or r["error"] <= TARGET]
-        fastest = min(ok_peers or peers, key=lambda r: r["seconds"])
-        ph = [r for r in peers if r["method"].startswith("PyHessian")]
-        line = (f"  {task:<8} ours {o['seconds']:.3f} s / fastest peer ({fastest['method']}) "
-                f"{fastest['seconds']:.3f} s = {o['seconds'] / fastest['seconds']:.2f}x")
-        if ph:
-            line += f"; / PyHessian {ph[0]['seconds']:.3f} s = {o['seconds'] / ph[0]['seconds']:.3f}x"
-        line += (f"; matvecs ours {o['matvecs']} vs fastest peer {fastest['matvecs']}")
-        print(line)
+        for o in ours:
+            _ratio_line(task, o, peers)
+
+
+def _ratio_line(task: str, o: dict, peers: list[dict]) -> None:
+    ok_peers = [r for r in peers if task not in ("top-1", "top-10") or r["error"] <= TARGET]
+    fastest = min(ok_peers or peers, key=lambda r: r["seconds"])
+    ph = [r for r in peers if r["method"].startswith("PyHessian")]
+    line = (f"  {task:<8} {o['method']} {o['seconds']:.3f} s / fastest peer ({fastest['method']}) "
+            f"{fastest['seconds']:.3f} s = {o['seconds'] / fastest['seconds']:.2f}x")
+    if ph:
+        line += f"; / PyHessian {ph[0]['seconds']:.3f} s = {o['seconds'] / ph[0]['seconds']:.3f}x"
+    line += f"; matvecs ours {o['matvecs']} vs fastest peer {fastest['matvecs']}"
+    print(line)
 
 
 def main() -> None:
@@ -443,6 +466,7 @@ def main() -> None:
                 print(f"  {label}: not available ({exc}); skipped")
         hvp_costs(name, model, data)
         summary(name)
+        print("  (trace: compare the rel.err column; PyHessian's relative-change rule stops early)")
 
 
 if __name__ == "__main__":

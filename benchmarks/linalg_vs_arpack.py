@@ -130,7 +130,7 @@ def hessian_rows() -> list[dict]:
     rows = []
     for k in [1, 5, 10]:
         for tol in [1e-3, 1e-6]:
-            r = compare(f"digits MLP Hessian", H, matvec, ref, k, tol, seed=1)
+            r = compare("digits MLP Hessian", H, matvec, ref, k, tol, seed=1)
             rows.append(r)
     return rows
 

@@ -264,7 +264,8 @@ def _lanczos(
         near_invariant = False
         if m >= min_steps and F.shape[1] > 0:
             idx = wanted.select(theta)
-            if bool(conv_all[idx].all()) and _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m], searching_complement):
+            sentinels = _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m], searching_complement)
+            if bool(conv_all[idx].all()) and sentinels:
                 stop = "converged"
                 break
         if F.shape[1] == 0:
@@ -280,7 +281,7 @@ def _lanczos(
             if F.shape[1] == 0:
                 stop = "invariant subspace"
                 break
-        s = 1  # one Lanczos vector per step: the frontier holds exactly one vector here
+        s = 1  # one product per step: the newest frontier vector (the Lanczos vector)
         if num_matvecs + s > hard_cap:
             stop = "max_matvecs" if max_matvecs is not None else "iteration cap"
             break
