@@ -11,10 +11,10 @@ Per step the run store gets (metric IDs of CONTRACTS.md):
   ``sa_sigma1``, from the layer's inputs in the training forward pass (subsampled to ``sa_tokens``
   tokens) and the top right singular vector of its weight at that step.
 
-v1 comes from ``torch.linalg.svd`` of each weight (the layers are at most 256 x 64, so it costs well
-under a millisecond); its sign is carried from step to step (flipped when its dot product with the
-previous v1 is negative), so the signed statistics form a continuous series. The in-loop diagnostic
-uses warm-started power iteration instead; the statistics are the same up to that sign convention.
+v1 comes by default from ``torch.linalg.svd`` of each weight (exact; the 13 SVDs are the largest part of
+the recording cost), or with ``v1_method="power"`` from the library's warm-started power iteration. Its
+sign is carried from step to step (flipped when its dot product with the previous v1 is negative), so
+the signed statistics form a continuous series.
 
 Run meta: ``config`` (the TrainConfig), ``model_summary``, ``explosion_step`` (see explosion.py, null for
 runs that did not explode), ``final_step``, ``seconds``, ``seconds_per_step``.
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from benchmarks.explosions.explosion import explosion_step
+from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
 from diagnostics.store.records import Record
 from diagnostics.zoo import count_parameters, get_model
@@ -59,6 +60,9 @@ class TrainConfig:
         grad_clip: max gradient norm (None: no clipping).
         seed: model init and batch-sampling seed.
         sa_tokens: tokens per layer used for the alignment statistics (evenly strided subsample).
+        v1_method: "svd" (full ``torch.linalg.svd`` per weight and step: the exact reference the suite
+            was recorded with) or "power" (``diagnostics.linalg.power.top_singular_vector`` warm-started
+            from the previous step's v1, the in-loop method; several times cheaper).
         stop_after_explosion: extra steps to keep training once the explosion is certain (then stop).
     """
 
@@ -80,6 +84,7 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     sa_tokens: int = 256
+    v1_method: str = "svd"
     stop_after_explosion: int = 20
 
     def with_seed(self, seed: int) -> TrainConfig:
@@ -165,9 +170,17 @@ class _Probes:
         self.handles.clear()
 
 
-def _alignment_records(
-    probes: _Probes, prev_v1: dict[str, torch.Tensor]
-) -> list[Record]:
+def _top_right_singular(w: torch.Tensor, prev: torch.Tensor | None, method: str) -> tuple[float, torch.Tensor]:
+    if method == "power":
+        from diagnostics.linalg.power import top_singular_vector
+
+        sigma, _, v1, _ = top_singular_vector(w.double(), v0=prev, iters=200, tol=1e-8)
+        return float(sigma), v1
+    _, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return float(s[0]), vh[0]
+
+
+def _alignment_records(probes: _Probes, prev_v1: dict[str, torch.Tensor], method: str = "svd") -> list[Record]:
     out: list[Record] = []
     for name, module in probes.linears.items():
         x = probes.inputs.get(name)
@@ -176,9 +189,8 @@ def _alignment_records(
         w = module.weight.detach()
         if not torch.isfinite(w).all() or not torch.isfinite(x).all():
             continue
-        _, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        v1 = vh[0]
         prev = prev_v1.get(name)
+        sigma1, v1 = _top_right_singular(w, prev, method)
         if prev is not None and torch.dot(prev, v1) < 0:
             v1 = -v1  # carry the sign so that p+ and the mean are continuous series
         prev_v1[name] = v1
@@ -188,7 +200,7 @@ def _alignment_records(
             Record("sa_sign_diversity", st["sign_diversity"], name),
             Record("sa_mean", st["mean"], name),
             Record("sa_mean_abs", st["mean_abs"], name),
-            Record("sa_sigma1", float(s[0]), name),
+            Record("sa_sigma1", sigma1, name),
         ]
         out += [Record("sa_quantile", q, name, i) for i, q in enumerate(st["quantiles"])]
         out += [Record("sa_histogram", h, name, i) for i, h in enumerate(st["histogram"])]
@@ -204,6 +216,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, *, record: bool =
         dict with ``losses`` (list per step), ``explosion_step`` (int or None), ``final_step``,
         ``seconds``, ``num_params``.
     """
+    if cfg.v1_method not in ("svd", "power"):
+        raise ConfigError(f"v1_method must be 'svd' or 'power', got {cfg.v1_method!r}")
     model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
     model.train()
     batches = char_batches(pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed)
@@ -260,7 +274,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, *, record: bool =
                 ]
                 recs += [Record("max_attention_logit", v, k) for k, v in probes.max_logit.items()]
                 recs += [Record("activation_kurtosis", v, k) for k, v in probes.kurtosis.items()]
-                recs += _alignment_records(probes, prev_v1)
+                recs += _alignment_records(probes, prev_v1, cfg.v1_method)
                 writer.write_step(step, recs)
             if not math.isfinite(value):
                 break
