@@ -148,6 +148,12 @@ def lanczos(
     Raises:
         ConfigError: ``k`` out of range, unknown ``which``, ``max_steps`` too small, bad ``v0`` shape.
 
+    Note:
+        A single start vector sees one direction per eigenspace. Exactly or nearly invariant Krylov spaces
+        trigger a restart from a fresh vector (so repeated eigenvalues are found), but a cluster of
+        eigenvalues tighter than ``tol`` can be reported as one converged value with the next-lower
+        eigenvalue in its place; use a tighter ``tol`` or a block ``v0`` spanning the cluster.
+
     Example:
         >>> res = lanczos(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)), k=2, tol=1e-10)
         >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.all_converged
