@@ -37,14 +37,14 @@ import math
 import statistics
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from benchmarks.explosions.explosion import explosion_step
-from diagnostics.metrics.explosion import detect
+from diagnostics.metrics.explosion import detect_probes, series_probes
 
 __all__ = ["RunData", "load_runs", "DETECTORS", "score", "calibrate", "main"]
 
@@ -59,6 +59,7 @@ class RunData:
     explosion: int | None
     final_step: int
     series: pd.DataFrame
+    probes: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, metric: str, agg: str | None = None) -> pd.Series:
         """A step-indexed series of ``metric`` (index 0); ``agg`` = "max" reduces over keys."""
@@ -98,7 +99,11 @@ def _first(steps: Iterable[int]) -> int | None:
 
 
 def ours(run: RunData, **params: Any) -> int | None:
-    return _first(a["step"] for a in detect(run.series, **params))
+    # detect() = series_probes() + detect_probes(); the probes are extracted once per run and statistic.
+    stat = params.get("statistic", "sa_sign_diversity")
+    if stat not in run.probes:
+        run.probes[stat] = series_probes(run.series, stat)
+    return _first(a["step"] for a in detect_probes(run.probes[stat], **params))
 
 
 def grad_norm_z(run: RunData, z: float = 2.5, alpha: float = 0.05, min_obs: int = 20) -> int | None:
@@ -164,15 +169,16 @@ def _trainscope(name: str) -> Callable[..., int | None]:
 
 # Each detector: (function, grid of parameters searched on the calibration seeds).
 _OURS_GRID = {
+    "statistic": ["sa_sign_diversity", "sa_abs_mean", "sa_sigma1"],
     "skip": [40],
-    "warmup": [40, 60],
-    "smooth": [3, 5],
-    "rel_drop": [0.5, 0.7],
-    "min_drop": [0.2, 0.3],
+    "warmup": [60],
+    "smooth": [3],
+    "rel_drop": [0.5],
+    "min_drop": [0.2, 0.4],
     "z": [3.0, 5.0],
-    "min_baseline": [0.3],
     "persistence": [3, 5, 10],
-    "min_layers": [1, 2],
+    "min_layers": [1, 2, 4, 6],
+    "burst_layers": [None, 6],
 }
 
 
@@ -232,6 +238,26 @@ def calibrate(fn: Callable[..., int | None], grid: list[dict[str, Any]], runs: l
     return min((score(fn, runs, p) for p in grid), key=_rank)
 
 
+def _frontier(calib: list[RunData], held: list[RunData]) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+    """Our detector calibrated with a budget of k false alarms on the calibration runs, k = 0..#stable.
+
+    Shows what recall and lead each false-alarm budget buys, and whether it holds on the held-out runs.
+    """
+    fn, grid = DETECTORS["spectral_alignment (ours)"]
+    scored = [score(fn, calib, p) for p in grid]
+    out = []
+    n_stable = scored[0]["stable"] if scored else 0
+    for k in range(n_stable + 1):
+        ok = [r for r in scored if r["false_alarms"] <= k]
+        if not ok:
+            continue
+        best = min(ok, key=lambda r: (-r["recall"], -(r["lead_median"] or 0), r["false_alarms"]))
+        if out and best["params"] == out[-1][1]["params"]:
+            continue
+        out.append((k, best, score(fn, held, best["params"])))
+    return out
+
+
 def _fmt(res: dict[str, Any]) -> str:
     lead = "-" if res["lead_median"] is None else f"{res['lead_median']:g} [{res['lead_min']}, {res['lead_max']}]"
     return (f"{res['detected']}/{res['exploding']} ({res['recall']:.0%}) | {res['false_alarms']}/{res['stable']} | {lead}")
@@ -267,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
         t = _fmt(test).split(" | ") if test else ["-", "-", "-"]
         print(f"| {name} | {shown} | {t[0]} | {t[1]} | {t[2]} | {_fmt(full)} |")
+    frontier = _frontier(calib, held) if calib and held else []
+    if frontier:
+        print("\nOurs calibrated under a false-alarm budget (at most k false alarms on the calibration runs):")
+        print("| k | calibrated params | calibration: recall, false alarms | held-out: recall | held-out: false alarms | held-out: lead median [min, max] |")
+        print("|---|---|---|---|---|---|")
+        for k, cal, test in frontier:
+            shown = ", ".join(f"{a}={b}" for a, b in cal["params"].items() if a not in ("skip", "warmup", "smooth", "rel_drop"))
+            t = _fmt(test).split(" | ")
+            print(f"| {k} | {shown} | {cal['detected']}/{cal['exploding']}, {cal['false_alarms']}/{cal['stable']} | {t[0]} | {t[1]} | {t[2]} |")
+    results["frontier"] = [{"k": k, "calibration": c, "held_out": t} for k, c, t in frontier]
     if args.out:
         truth = {r.name: r.explosion for r in runs}
         args.out.write_text(json.dumps({"explosion_step": truth, "results": results}, indent=1, default=str))

@@ -12,11 +12,13 @@ evaluate.py like the suite's, so the numbers of the in-loop diagnostic can be co
 Usage (repository root, one core):
 
     python -m benchmarks.explosions.run_with_monitor --out DIR [--configs ...] [--seeds 0 1 2]
+    python -m benchmarks.explosions.run_with_monitor --out DIR --overhead [--max-tokens 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import time
@@ -117,13 +119,81 @@ def train_with_monitor(cfg: TrainConfig, run_dir: Path, sa_options: dict[str, An
     return result
 
 
+def measure_overhead(
+    steps: int = 60,
+    rounds: int = 3,
+    watch: bool = False,
+    model_options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    block_size: int | None = None,
+    **sa_options: Any,
+) -> dict[str, float]:
+    """Median training-step time of the suite's base config with and without spectral alignment every step.
+
+    Two copies of the same model and optimizer step through the same batches in interleaved blocks of
+    ``steps`` (so load drifts on a shared machine hit both alike); one runs
+    ``Monitor(diagnostics=[SpectralAlignment(**sa_options)])`` with ``monitor.step`` every step. Returns
+    the medians (seconds) and their ratio - 1 (the overhead). ``watch``: measure on the training forward
+    (:meth:`SpectralAlignment.watch`) instead of an extra forward. ``model_options``, ``batch_size``,
+    ``block_size`` override the suite's tiny GPT (to see how the overhead scales with the model).
+    """
+    import copy
+    import statistics
+    import tempfile
+
+    cfg = ALL["ramp100"]
+    bs, T = batch_size or cfg.batch_size, block_size or cfg.block_size
+    batches = list(char_batches(pydoc_tokens("train"), bs, T, steps, seed=1000))
+    base_model = get_model("tiny-gpt", seed=0, block_size=T, **{**cfg.model, **(model_options or {})})
+    times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {}
+        for name in times:
+            model = copy.deepcopy(base_model)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            mon = sa = None
+            if name != "plain":
+                sa = SpectralAlignment(**sa_options)
+                mon = Monitor(model, lm_loss, run=Path(tmp) / name, diagnostics=[sa], optimizer=opt)
+            setups[name] = (model, opt, mon, sa)
+        for _ in range(rounds):
+            for name, (model, opt, mon, sa) in setups.items():
+                for step, batch in enumerate(batches):
+                    t0 = time.perf_counter()
+                    with sa.watch(model) if (watch and sa is not None) else contextlib.nullcontext():
+                        loss = lm_loss(model, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if mon is not None:
+                        mon.step(step, batch, loss)
+                    opt.step()
+                    times[name].append(time.perf_counter() - t0)
+        for _, _, mon, _ in setups.values():
+            if mon is not None:
+                mon.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {**med, "overhead": med["spectral_alignment"] / med["plain"] - 1.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", nargs="*", default=list(ALL))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    parser.add_argument("--overhead", action="store_true", help="only time spectral alignment every step vs plain")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--watch", action="store_true", help="with --overhead: measure on the training forward")
+    parser.add_argument("--large", action="store_true", help="with --overhead: d_model 256, 4 layers, 32 x 128 tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.overhead:
+        large = {"model_options": {"d_model": 256, "n_layers": 4}, "batch_size": 32, "block_size": 128,
+                 "steps": 20, "rounds": 2} if args.large else {}
+        res = measure_overhead(watch=args.watch, max_tokens=args.max_tokens, **large)
+        print(f"plain step {res['plain'] * 1e3:.1f} ms, with spectral_alignment every step "
+              f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%} (max_tokens={args.max_tokens}, "
+              f"{'training forward (watch)' if args.watch else 'extra forward'}{', large model' if args.large else ''})")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for name in args.configs:

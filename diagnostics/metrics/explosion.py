@@ -17,7 +17,8 @@ start), so the detector never compares a layer with an absolute threshold alone:
    once it has stopped deviating for ``persistence`` probes.
 4. **Run level.** ``explosion_score`` = mean over eligible layers of min(1, max(0, d_t / threshold)),
    in [0, 1]; an ``explosion_warning`` event fires (one per alarming layer) while at least
-   ``min_layers`` layers are in alarm.
+   ``min_layers`` layers are in alarm. Optionally (``burst_layers``) a probe where that many layers
+   leave their baseline at once warns without waiting for persistence.
 
 The same :class:`ExplosionDetectorCore` runs online (built into the ``spectral_alignment`` diagnostic,
 or as the ``explosion_detector`` diagnostic right after it, reading this step's statistics from
@@ -48,6 +49,8 @@ __all__ = [
     "ExplosionDetectorCore",
     "ExplosionDetector",
     "detect",
+    "detect_probes",
+    "series_probes",
     "run_detector_step",
 ]
 
@@ -95,6 +98,9 @@ class ExplosionDetectorCore:
         min_baseline: layers whose baseline is below this are not eligible (sign diversity only).
         persistence: consecutive deviating probes that make a layer alarm.
         min_layers: layers in alarm needed for a warning.
+        burst_layers: if set, a probe at which at least this many eligible layers deviate at once (raw
+            value, no smoothing or persistence) raises the warning immediately for those layers: a
+            sudden whole-network collapse (e.g. after a learning-rate jump) leaves no time to persist.
 
     Cost per probe: O(layers * smooth log smooth).
     """
@@ -103,16 +109,17 @@ class ExplosionDetectorCore:
         self,
         statistic: str = "sa_sign_diversity",
         *,
-        skip: int = 10,
-        warmup: int = 30,
-        smooth: int = 5,
+        skip: int = 40,
+        warmup: int = 60,
+        smooth: int = 3,
         rel_drop: float = 0.5,
-        min_drop: float = 0.15,
-        z: float = 4.0,
+        min_drop: float = 0.2,
+        z: float = 5.0,
         min_scale: float = 0.02,
         min_baseline: float = 0.3,
-        persistence: int = 5,
-        min_layers: int = 1,
+        persistence: int = 10,
+        min_layers: int = 2,
+        burst_layers: int | None = None,
     ) -> None:
         if statistic not in STATISTICS:
             raise ConfigError(f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
@@ -133,11 +140,14 @@ class ExplosionDetectorCore:
         self.min_baseline = float(min_baseline)
         self.persistence = int(persistence)
         self.min_layers = int(min_layers)
+        if burst_layers is not None and int(burst_layers) < 1:
+            raise ConfigError(f"explosion detector: burst_layers must be >= 1 or None, got {burst_layers}")
+        self.burst_layers = None if burst_layers is None else int(burst_layers)
 
     def settings(self) -> dict[str, Any]:
         """The detector's parameters (recorded in the run's metadata)."""
         keys = ("statistic", "skip", "warmup", "smooth", "rel_drop", "min_drop", "z", "min_scale",
-                "min_baseline", "persistence", "min_layers")
+                "min_baseline", "persistence", "min_layers", "burst_layers")
         return {k: getattr(self, k) for k in keys}
 
     def _transform(self, value: float) -> float:
@@ -159,6 +169,7 @@ class ExplosionDetectorCore:
         layers: dict[str, dict[str, Any]] = state.setdefault("layers", {})
         severities: list[float] = []
         candidates: list[tuple[str, dict[str, Any], float, float, float]] = []
+        bursting: list[tuple[str, dict[str, Any], float, float, float]] = []
         for key, raw in values.items():
             ls = layers.setdefault(key, {"seen": 0, "warm": [], "base": None, "scale": None, "recent": [],
                                          "streak": 0, "calm": 0, "alarmed": False})
@@ -196,9 +207,14 @@ class ExplosionDetectorCore:
                 ls["calm"] += 1
                 if ls["alarmed"] and ls["calm"] >= self.persistence:
                     ls["alarmed"] = False  # re-arm after a sustained recovery
+            raw_drop = math.inf if not math.isfinite(v) else self._drop(ls["base"], v)
             if ls["streak"] >= self.persistence:
                 candidates.append((key, ls, m, drop, threshold))
+            elif raw_drop >= threshold:
+                bursting.append((key, ls, v, raw_drop, threshold))
         score = sum(severities) / len(severities) if severities else 0.0
+        if self.burst_layers is not None and len(candidates) + len(bursting) >= self.burst_layers:
+            candidates += bursting
         in_alarm = len(candidates)
         alarms: list[Alarm] = []
         if in_alarm >= self.min_layers:
@@ -261,19 +277,34 @@ def detect(series_df: pd.DataFrame, **params: Any) -> list[dict[str, Any]]:
         streak, layers_in_alarm, score). Cost O(steps * layers).
     """
     core = ExplosionDetectorCore(**params)
-    metric = "sa_mean" if core.statistic == "sa_abs_mean" else core.statistic
+    return detect_probes(series_probes(series_df, core.statistic), **params)
+
+
+def series_probes(series_df: pd.DataFrame, statistic: str = "sa_sign_diversity") -> list[tuple[int, dict[str, float]]]:
+    """The probes of one stored run for ``statistic``: ``[(step, {layer: value})]`` in step order.
+
+    Rows that exist are grouped by step, so a stored NaN (a probe that saw non-finite values) is kept
+    while a layer without a record at a step has no probe there. Cost O(rows log rows).
+    """
+    if statistic not in STATISTICS:
+        raise ConfigError(f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    metric = "sa_mean" if statistic == "sa_abs_mean" else statistic
     df = series_df[(series_df["metric"] == metric) & (series_df["index"] == 0)]
     if "run" in df.columns and df["run"].nunique() > 1:
         raise ConfigError("detect() takes the series of one run; filter series_df by its 'run' column first")
+    out = []
+    for step, rows in df.sort_values("step", kind="stable").groupby("step", sort=True):
+        out.append((int(step), {str(k): float(v) for k, v in zip(rows["key"], rows["value"])}))
+    return out
+
+
+def detect_probes(probes: list[tuple[int, dict[str, float]]], **params: Any) -> list[dict[str, Any]]:
+    """:func:`detect` on probes already extracted by :func:`series_probes` (for calibration loops)."""
+    core = ExplosionDetectorCore(**params)
     state: dict[str, Any] = {}
     alarms: list[dict[str, Any]] = []
-    if df.empty:
-        return alarms
-    # Grouped by step over the rows that exist, so a stored NaN (a probe that saw non-finite values) is
-    # fed to the core while a layer without a record at a step has no probe there.
-    for step, rows in df.sort_values("step", kind="stable").groupby("step", sort=True):
-        values = {str(k): float(v) for k, v in zip(rows["key"], rows["value"])}
-        _, new = core.update(state, int(step), values)
+    for step, values in probes:
+        _, new = core.update(state, step, values)
         alarms += [a.as_dict() for a in new]
     return alarms
 

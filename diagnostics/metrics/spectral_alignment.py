@@ -34,9 +34,10 @@ the measurement (``detector=True``), so the ``standard`` preset records ``explos
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -457,6 +458,10 @@ class SpectralAlignment(Diagnostic):
         self.detector = self._make_detector(detector)
         self._maps: list[LinearMap] | None = None
         self._model_id: int | None = None
+        # Set by compute (the Monitor's state dict of this diagnostic) so that watch() finds v_1.
+        self._state_ref: dict[str, Any] | None = None
+        self._watched: tuple[int, dict[str, list[LinearMap]], dict[str, _Projector]] | None = None
+        self.last_source: str | None = None
 
     @staticmethod
     def _make_detector(spec: Any) -> Any:
@@ -571,6 +576,73 @@ class SpectralAlignment(Diagnostic):
         idx = torch.randperm(n, generator=gen)[:keep].sort().values
         return _take(batch, idx, n)
 
+    @staticmethod
+    def _group(maps: list[LinearMap], vectors: Mapping[str, torch.Tensor | None]) -> dict[str, list[LinearMap]]:
+        # One projector per module: maps that share a module (split fused projections) share its input.
+        by_module: dict[str, list[LinearMap]] = {}
+        for mp in maps:
+            if vectors.get(mp.key) is not None:
+                by_module.setdefault(mp.module_name, []).append(mp)
+        return by_module
+
+    @contextlib.contextmanager
+    def _hooks(
+        self,
+        by_module: dict[str, list[LinearMap]],
+        vectors: Mapping[str, torch.Tensor],
+        modules: dict[str, nn.Module],
+        gen: torch.Generator,
+    ) -> Iterator[dict[str, _Projector]]:
+        """Scoped forward pre-hooks projecting each module's inputs on its maps' v_1; removed in finally."""
+        projectors: dict[str, _Projector] = {}
+        handles = []
+        try:
+            for mname, group in by_module.items():
+                V = torch.stack([vectors[mp.key].to(torch.promote_types(vectors[mp.key].dtype, torch.float32))
+                                 for mp in group], 1)
+                proj = _Projector(group[0].kind, V, self.max_tokens, gen, self.chunk_tokens)
+                projectors[mname] = proj
+                handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
+            yield projectors
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module) -> Iterator[None]:
+        """Measure on the training forward instead of an extra forward (optional; saves most of the cost).
+
+        Wrap the training forward of a step in it; the next ``compute`` (the Monitor's ``step`` for that
+        step) then uses the inputs this forward saw, projected on the previous probe's v_1 with the same
+        token budget, and runs no forward of its own::
+
+            with sa.watch(model):
+                loss = loss_fn(model, batch)
+            loss.backward()
+            monitor.step(step, batch, loss)
+
+        The hooks live only inside the block. Before the first probe (no v_1 yet) it does nothing and
+        ``compute`` falls back to its own forward. Inputs are then those of the training forward (train
+        mode: dropout as in training). With several forwards per step, wrap only one.
+
+        Cost: the projections only, O(max_tokens * in) per map.
+        """
+        state = self._state_ref
+        vectors = state.get("v1") if state is not None else None
+        if not vectors:
+            yield
+            return
+        maps = self.maps(model)
+        modules = dict(model.named_modules())
+        by_module = self._group(maps, vectors)
+        count = state.get("watched", 0)
+        state["watched"] = count + 1
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * (count + 1))
+        # The hooks work on detached inputs, so the training forward's autograd graph is untouched.
+        with self._hooks(by_module, vectors, modules, gen) as projectors:
+            yield
+        self._watched = (id(model), by_module, projectors)
+
     def measure(self, ctx: StepContext) -> tuple[dict[str, dict[str, Any]], float]:
         """This step's statistics per map key (also published in ``ctx.cache[SA_CACHE_KEY]``).
 
@@ -586,29 +658,25 @@ class SpectralAlignment(Diagnostic):
         if not maps:
             return {}, 0.0
         modules = dict(model.named_modules())
+        self._state_ref = ctx.state
+        watched, self._watched = self._watched, None
         tops = self._top_vectors(ctx, maps, modules)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
-        # One projector per module: maps that share a module (split fused projections) share its input.
-        by_module: dict[str, list[LinearMap]] = {}
-        for mp in maps:
-            if tops[mp.key][1] is not None:
-                by_module.setdefault(mp.module_name, []).append(mp)
-        projectors: dict[str, _Projector] = {}
-        handles = []
-        sub = self._subsample(ctx, gen)
-        t0 = time.perf_counter()
-        try:
-            for mname, group in by_module.items():
-                V = torch.stack([tops[mp.key][1] for mp in group], 1)
-                proj = _Projector(group[0].kind, V, self.max_tokens, gen, self.chunk_tokens)
-                projectors[mname] = proj
-                handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
-            with torch.no_grad(), _eval_flags(model):
-                ctx.loss_fn(model, sub)
-        finally:
-            for h in handles:
-                h.remove()
-        fwd_seconds = time.perf_counter() - t0
+        fwd_seconds = 0.0
+        if watched is not None and watched[0] == id(model):
+            # This step's training forward was watched: its inputs were projected on the previous probe's
+            # v_1 (same sign as the updated one); no extra forward.
+            by_module, projectors = watched[1], watched[2]
+            self.last_source = "training_forward"
+        else:
+            by_module = self._group(maps, {k: v for k, (_, v) in tops.items()})
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
+            sub = self._subsample(ctx, gen)
+            t0 = time.perf_counter()
+            with self._hooks(by_module, {k: v for k, (_, v) in tops.items()}, modules, gen) as projectors:
+                with torch.no_grad(), _eval_flags(model):
+                    ctx.loss_fn(model, sub)
+            fwd_seconds = time.perf_counter() - t0
+            self.last_source = "extra_forward"
         # Group the cosine columns by token count so each group is one batched statistics pass.
         columns: dict[int, list[tuple[str, torch.Tensor]]] = {}
         for mname, proj in projectors.items():
@@ -646,4 +714,5 @@ class SpectralAlignment(Diagnostic):
 
             more, events = run_detector_step(self.detector, ctx, ctx.state.setdefault("detector", {}))
             records += more
-        return Output(records=records, events=events, settings={"num_maps": len(stats), "forward_seconds": fwd})
+        settings = {"num_maps": len(stats), "forward_seconds": fwd, "source": self.last_source}
+        return Output(records=records, events=events, settings=settings)

@@ -319,3 +319,41 @@ def test_in_monitor_with_isolation_check(tmp_path):
     assert set(s[s.metric == "sa_histogram"]["index"]) == set(range(20))
     assert (run.status()["status"] == "ok").all()
     assert run.meta["diagnostic_state"]["spectral_alignment"]  # v1 saved for resuming
+
+
+def test_watch_measures_on_the_training_forward_without_an_extra_forward(tmp_path):
+    from diagnostics.store import open_run
+    from diagnostics.tracking import Monitor
+
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sa = SpectralAlignment(detector=False)
+    calls = []
+    counter = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    sources = []
+    with Monitor(model, _lm_loss, run=tmp_path / "w", diagnostics=[sa], optimizer=opt, strict=True) as mon:
+        for step in range(4):
+            batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
+            # Reference: this forward's inputs of fc1 projected on the v1 the diagnostic holds now.
+            v_before = sa._state_ref["v1"]["blocks.0.mlp.fc1"].clone() if sa._state_ref else None
+            seen = {}
+            h = model.blocks[0].mlp.fc1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+            calls.clear()
+            with sa.watch(model):
+                loss = _lm_loss(model, batch)
+            h.remove()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(step, batch, loss)
+            sources.append(sa.last_source)
+            if step >= 1:
+                assert len(calls) == 1  # no forward besides the training forward
+            if v_before is not None:
+                last = alignment_statistics(alignment_cosines(seen["x"], v_before))
+            opt.step()
+    counter.remove()
+    assert sources == ["extra_forward", "training_forward", "training_forward", "training_forward"]
+    s = open_run(tmp_path / "w").series("sa_sign_diversity", "blocks.0.mlp.fc1")
+    assert s[s.step == 3]["value"].iloc[0] == pytest.approx(last["sign_diversity"], abs=1e-6)
+    assert all(not m._forward_pre_hooks for m in model.modules())
