@@ -10,7 +10,7 @@ from diagnostics.errors import ConfigError, StopTraining
 from diagnostics.metrics.explosion import ExplosionDetector, ExplosionDetectorCore, detect
 from diagnostics.metrics.spectral_alignment import SpectralAlignment
 
-PARAMS = dict(skip=5, warmup=20, smooth=3, persistence=4)
+PARAMS = dict(skip=5, warmup=20, smooth=3, persistence=4, min_layers=1, z=4.0, min_drop=0.15)
 
 
 def _series(layers: dict[str, list[float]], metric: str = "sa_sign_diversity") -> pd.DataFrame:
@@ -59,7 +59,7 @@ def test_rearms_after_recovery_and_needs_min_layers():
     a[100:130] = [0.05] * 30
     a[200:230] = [0.05] * 30
     assert [x["step"] for x in detect(_series({"a": a}), **PARAMS)] == pytest.approx([104, 204], abs=2)
-    assert detect(_series({"a": a, "b": _healthy(0.9, 300, 8)}), **PARAMS, min_layers=2) == []
+    assert detect(_series({"a": a, "b": _healthy(0.9, 300, 8)}), **{**PARAMS, "min_layers": 2}) == []
 
 
 def test_other_statistics_and_bad_options():
@@ -156,3 +156,13 @@ def test_stop_through_monitor_actions_by_event_kind(tmp_path):
     with pytest.raises(StopTraining):
         _train(tmp_path / "u", [SpectralAlignment(detector=PARAMS)], _batches(70, 45),
                actions={"explosion_warning": "stop"})
+
+
+def test_burst_of_layers_alarms_without_persistence():
+    a, b = _healthy(0.9, 100, 10), _healthy(0.8, 100, 11)
+    a[80:] = [0.0] * 20
+    b[80:] = [0.0] * 20
+    params = {**PARAMS, "persistence": 10}
+    assert detect(_series({"a": a, "b": b}), **params)[0]["step"] == 89
+    alarms = detect(_series({"a": a, "b": b}), **params, burst_layers=2)
+    assert [x["step"] for x in alarms] == [80, 80]
