@@ -133,7 +133,9 @@ def measure_overhead(
     Two copies of the same model and optimizer step through the same batches in interleaved blocks of
     ``steps`` (so load drifts on a shared machine hit both alike); one runs
     ``Monitor(diagnostics=[SpectralAlignment(**sa_options)])`` with ``monitor.step`` every step. Returns
-    the medians (seconds) and their ratio - 1 (the overhead). ``watch``: measure on the training forward
+    the medians (seconds), their ratio - 1 (the overhead) and ``in_step_share``: the median time inside
+    ``monitor.step`` over the median time of the rest of the same steps (the share that does not depend on
+    load drifting between the two copies; on a watched step it misses the hooks' work in the forward). ``watch``: measure on the training forward
     (:meth:`SpectralAlignment.watch`) instead of an extra forward. ``model_options``, ``batch_size``,
     ``block_size`` override the suite's tiny GPT (to see how the overhead scales with the model).
     """
@@ -146,6 +148,8 @@ def measure_overhead(
     batches = list(char_batches(pydoc_tokens("train"), bs, T, steps, seed=1000))
     base_model = get_model("tiny-gpt", seed=0, block_size=T, **{**cfg.model, **(model_options or {})})
     times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
+    inside: list[float] = []  # seconds inside monitor.step (measured in the same steps as the rest: robust to load drifts)
+    rest: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}
         for name in times:
@@ -164,15 +168,21 @@ def measure_overhead(
                         loss = lm_loss(model, batch)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    t1 = time.perf_counter()
                     if mon is not None:
                         mon.step(step, batch, loss)
+                    t2 = time.perf_counter()
                     opt.step()
                     times[name].append(time.perf_counter() - t0)
+                    if mon is not None:
+                        inside.append(t2 - t1)
+                        rest.append(times[name][-1] - (t2 - t1))
         for _, _, mon, _ in setups.values():
             if mon is not None:
                 mon.close()
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {**med, "overhead": med["spectral_alignment"] / med["plain"] - 1.0}
+    share = statistics.median(inside) / statistics.median(rest)
+    return {**med, "overhead": med["spectral_alignment"] / med["plain"] - 1.0, "in_step_share": share}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                  "steps": 20, "rounds": 2} if args.large else {}
         res = measure_overhead(watch=args.watch, max_tokens=args.max_tokens, **large)
         print(f"plain step {res['plain'] * 1e3:.1f} ms, with spectral_alignment every step "
-              f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%} (max_tokens={args.max_tokens}, "
+              f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%}; monitor.step / rest of the step "
+              f"{res['in_step_share']:.1%} (max_tokens={args.max_tokens}, "
               f"{'training forward (watch)' if args.watch else 'extra forward'}{', large model' if args.large else ''})")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)

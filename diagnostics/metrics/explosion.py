@@ -20,9 +20,9 @@ start), so the detector never compares a layer with an absolute threshold alone:
    ``min_layers`` layers are in alarm. Optionally (``burst_layers``) a probe where that many layers
    leave their baseline at once warns without waiting for persistence.
 
-The same :class:`ExplosionDetectorCore` runs online (built into the ``spectral_alignment`` diagnostic,
-or as the ``explosion_detector`` diagnostic right after it, reading this step's statistics from
-``ctx.cache``) and offline through :func:`detect` on a stored series, so calibration on stored runs
+The same :class:`ExplosionDetectorCore` runs online (as the ``explosion_detector`` diagnostic of the
+``standard`` preset, which the Monitor runs right after ``spectral_alignment``, or built into that
+diagnostic with ``detector=``; both read this step's statistics from ``ctx.cache``) and offline through :func:`detect` on a stored series, so calibration on stored runs
 tests exactly the code that warns in the loop. The core and :func:`detect` import no torch.
 """
 
@@ -52,7 +52,11 @@ __all__ = [
     "detect_probes",
     "series_probes",
     "run_detector_step",
+    "BUILTIN_RAN_KEY",
 ]
+
+#: ``ctx.cache`` flag set when spectral_alignment ran its built-in detector this step.
+BUILTIN_RAN_KEY = "explosion_detector_builtin_ran"
 
 #: Statistics the detector can watch: metric ID -> (field of the diagnostic's stats dict, direction).
 STATISTICS: dict[str, tuple[str, str]] = {
@@ -246,7 +250,9 @@ def _event(alarm: Alarm) -> Event:
     )
 
 
-def run_detector_step(core: ExplosionDetectorCore, ctx: StepContext, state: dict[str, Any]) -> tuple[list[Record], list[Event]]:
+def run_detector_step(
+    core: ExplosionDetectorCore, ctx: StepContext, state: dict[str, Any], *, builtin: bool = False
+) -> tuple[list[Record], list[Event]]:
     """One online probe: read this step's statistics from ``ctx.cache``; return (records, events).
 
     Records ``explosion_score`` (key all) once any layer has a baseline. Cost: O(layers).
@@ -256,6 +262,8 @@ def run_detector_step(core: ExplosionDetectorCore, ctx: StepContext, state: dict
     stats = ctx.cache.get(SA_CACHE_KEY)
     if stats is None:
         return [], []
+    if builtin:
+        ctx.cache[BUILTIN_RAN_KEY] = True
     values = {key: st.get(core.field, math.nan) for key, st in stats.items()}
     score, alarms = core.update(state, ctx.step, values)
     has_base = any(ls.get("base") is not None for ls in state.get("layers", {}).values())
@@ -314,24 +322,27 @@ class ExplosionDetector(Diagnostic):
     """The explosion detector as its own diagnostic: ``explosion_score`` and ``explosion_warning`` events.
 
     It reads the statistics the ``spectral_alignment`` diagnostic published this step in ``ctx.cache``
-    (it never recomputes them), so it must be listed after it, with the built-in detector of
-    ``spectral_alignment`` turned off::
+    (it never recomputes them); ``after = ("spectral_alignment",)`` makes the Monitor run it after that
+    diagnostic, in the ``standard`` preset and in any list::
 
-        Monitor(model, diagnostics=[SpectralAlignment(detector=False),
-                                    ExplosionDetector(persistence=8, action="stop")], ...)
+        Monitor(model, diagnostics=["spectral_alignment", ExplosionDetector(persistence=8, action="stop")], ...)
 
-    When the statistics are absent (spectral alignment not due, or listed after this diagnostic) it
-    records nothing and says so in its status. Options: those of :class:`ExplosionDetectorCore`, plus
+    When the statistics are absent (spectral alignment not selected or not due) it records nothing and
+    says so in its status; when ``spectral_alignment`` ran its own built-in detector (``detector=``) this
+    step, it defers to it. Options: those of :class:`ExplosionDetectorCore`, plus
     ``action`` ("record" | "warn" | "checkpoint" | "stop" | callable(event, step)), read by the Monitor.
 
     Cost per step: O(layers).
     """
 
     name = "explosion_detector"
-    preset = "full"
+    preset = "standard"
     default_every = 1
     reads_only = True
+    after: ClassVar[tuple[str, ...]] = ("spectral_alignment",)
     metrics: ClassVar[tuple[str, ...]] = ("explosion_score",)
+    # A baseline after one probe, so that the contract suite's 3 steps record a score.
+    contract_options: ClassVar[dict[str, Any]] = {"skip": 0, "warmup": 1, "smooth": 1, "persistence": 1}
 
     def __init__(self, every: int | None = None, start: int = 0, *, action: Any = None, **params: Any) -> None:
         super().__init__(every, start)
@@ -346,6 +357,9 @@ class ExplosionDetector(Diagnostic):
         from diagnostics.metrics.spectral_alignment import SA_CACHE_KEY
 
         if SA_CACHE_KEY not in ctx.cache:
-            return Output(reason="no spectral_alignment statistics this step: list spectral_alignment before explosion_detector")
+            return Output(reason="no spectral_alignment statistics this step: spectral_alignment was not due")
+        if ctx.cache.get(BUILTIN_RAN_KEY):
+            # spectral_alignment(detector=...) already ran the detector this step: one score, one set of events.
+            return Output(reason="spectral_alignment ran its built-in detector this step")
         records, events = run_detector_step(self.core, ctx, ctx.state.setdefault("detector", {}))
         return Output(records=records, events=events)

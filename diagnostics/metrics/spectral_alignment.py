@@ -26,10 +26,10 @@ Fused QKV projections (names matching ``qkv_patterns``, and MultiheadAttention's
 map by default or, with ``fused_qkv="split"``, ``qkv_groups`` maps of equal contiguous row blocks that
 share the same inputs.
 
-The explosion detector (:mod:`diagnostics.metrics.explosion`) reads this step's statistics from
-``ctx.cache[SA_CACHE_KEY]``; by default the detector also runs built into this diagnostic, right after
-the measurement (``detector=True``), so the ``standard`` preset records ``explosion_score`` and raises
-``explosion_warning`` events.
+The explosion detector (:mod:`diagnostics.metrics.explosion`, diagnostic ``explosion_detector`` in the
+``standard`` preset, run by the Monitor right after this one) reads this step's statistics from
+``ctx.cache[SA_CACHE_KEY]``. With ``detector=True`` (or a dict of options) the same detector runs built
+into this diagnostic instead, right after the measurement.
 """
 
 from __future__ import annotations
@@ -393,7 +393,8 @@ class SpectralAlignment(Diagnostic):
         power_iters: power iterations per probe, warm-started from the previous v_1 (1 by default).
         init_iters: iterations for a map's first probe (cold start), with tolerance ``init_tol``.
         seed: seed of the private generator for the subsample (each step uses seed + step).
-        detector: True (default detector settings), False/None (off), a dict of
+        detector: built-in explosion detector: False/None (default: off; the ``explosion_detector``
+            diagnostic does the detection), True (default settings), a dict of
             :class:`~diagnostics.metrics.explosion.ExplosionDetectorCore` options, or a core instance.
 
     Cost per step: one no-grad forward over about ``max_tokens`` tokens, ``2 * power_iters`` products
@@ -433,7 +434,7 @@ class SpectralAlignment(Diagnostic):
         init_iters: int = 200,
         init_tol: float = 1e-7,
         seed: int = 0,
-        detector: Any = True,
+        detector: Any = False,
     ) -> None:
         super().__init__(every, start)
         if int(max_tokens) < 1 or int(chunk_tokens) < 1:
@@ -712,7 +713,7 @@ class SpectralAlignment(Diagnostic):
         if self.detector is not None:
             from diagnostics.metrics.explosion import run_detector_step
 
-            more, events = run_detector_step(self.detector, ctx, ctx.state.setdefault("detector", {}))
+            more, events = run_detector_step(self.detector, ctx, ctx.state.setdefault("detector", {}), builtin=True)
             records += more
         settings = {"num_maps": len(stats), "forward_seconds": fwd, "source": self.last_source}
         return Output(records=records, events=events, settings=settings)

@@ -146,10 +146,19 @@ def test_standalone_detector_after_spectral_alignment_and_stop_action(tmp_path):
     run = open_run(tmp_path / "s")
     stop_step = int(run.events().query("kind == 'explosion_warning'")["step"].iloc[0])
     assert run.steps()[-1] == stop_step  # the alarm's step is committed before training stops
-    # Listed first, it finds no statistics in the step cache and records nothing.
-    _train(tmp_path / "t", [ExplosionDetector(**PARAMS), SpectralAlignment(detector=False)], batches[:10])
-    st = open_run(tmp_path / "t").status()
-    assert st[st.diagnostic == "explosion_detector"]["reason"].str.contains("before explosion_detector").all()
+    # Listed first, the Monitor still runs it after spectral_alignment (its ``after``).
+    _train(tmp_path / "t", [ExplosionDetector(**PARAMS), SpectralAlignment()], batches)
+    ev = open_run(tmp_path / "t").events()
+    assert list(ev[ev.kind == "explosion_warning"]["step"]) == [stop_step]
+    # With the built-in detector on too, there is one score and one set of events per step.
+    _train(tmp_path / "b", [SpectralAlignment(detector=PARAMS), ExplosionDetector(**PARAMS)], batches)
+    run = open_run(tmp_path / "b")
+    assert list(run.events().query("kind == 'explosion_warning'")["step"]) == [stop_step]
+    assert run.series("explosion_score").groupby("step").size().max() == 1
+    # Without spectral_alignment it records nothing and says why.
+    _train(tmp_path / "n", [ExplosionDetector(**PARAMS)], batches[:3])
+    st = open_run(tmp_path / "n").status()
+    assert st[st.diagnostic == "explosion_detector"]["reason"].str.contains("not due").all()
 
 
 def test_stop_through_monitor_actions_by_event_kind(tmp_path):
