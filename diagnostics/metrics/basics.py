@@ -3,21 +3,50 @@
 All read what the training step already computed; none runs a forward or backward pass. Norms are
 computed with one fused kernel per call and moved to the host in one transfer. These make up the
 ``cheap`` preset and run every step.
+
+The norm diagnostics (``grad_norm``, ``weight_norm``, ``update_ratio``) record the whole-model value
+("all") at every step they run and the per-parameter values every ``per_layer_every`` steps (default
+:data:`PER_LAYER_EVERY`, and at the first step they run): per-parameter rows are most of what the
+``cheap`` preset writes, and committing them every step cost more than the rest of the monitoring.
+``per_layer_every=1`` records them at every step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.tracking.context import StepContext
+
+#: Default spacing, in steps, of the per-parameter values of the norm diagnostics ("all" is every step).
+PER_LAYER_EVERY = 10
+
+
+def host_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """L2 norm of each tensor as a Python float, in order.
+
+    Cost: one fused norm kernel over all tensors and one device-to-host copy (no autograd graph).
+    """
+    if not tensors:
+        return []
+    with torch.no_grad():
+        try:
+            norms = torch._foreach_norm(tensors)
+        except (RuntimeError, AttributeError, TypeError):  # mixed dtypes/devices or no fused kernel
+            norms = [torch.linalg.vector_norm(v) for v in tensors]
+        try:
+            # tolist() converts each float32/float16 value to a Python float exactly.
+            return torch.stack(norms).cpu().tolist()
+        except RuntimeError:  # parameters spread over devices
+            return [float(n) for n in norms]
 
 
 def tensor_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -28,31 +57,98 @@ def tensor_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     if not tensors:
         return {}
     names = list(tensors)
-    values = [tensors[n] for n in names]
-    try:
-        norms = torch._foreach_norm(values)
-    except (RuntimeError, AttributeError, TypeError):  # mixed dtypes/devices or no fused kernel
-        norms = [torch.linalg.vector_norm(v) for v in values]
-    try:
-        host = torch.stack(norms).double().cpu().tolist()
-    except RuntimeError:  # mixed dtypes or parameters spread over devices
-        host = [float(n) for n in norms]
-    out = dict(zip(names, host))
-    # Summed in float64 on the host: a float32 sum of squares overflows long before the norms do.
-    out["all"] = math.sqrt(math.fsum(x * x for x in host))
+    out = dict(zip(names, host_norms([tensors[n] for n in names])))
+    out["all"] = total_norm(out.values())
     return out
 
 
+def total_norm(norms: Any) -> float:
+    """sqrt of the sum of squares of per-tensor norms.
+
+    Summed in float64 on the host: a float32 sum of squares overflows long before the norms do.
+    """
+    return math.sqrt(math.fsum(x * x for x in norms))
+
+
+def _fill_norms(ctx: StepContext, grads: bool, weights: bool) -> None:
+    """Cache the step's gradient and/or weight norms (``"grad_norms"``, ``"weight_norms"``) from one fused call.
+
+    Both are taken together when the step's due diagnostics need both (``ctx.due``): one kernel launch
+    and one host transfer instead of two.
+    """
+    named = ctx.named_parameters()
+    due = ctx.due
+    if due is not None:
+        grads = grads or ("grad_norms" not in ctx.cache and not due.isdisjoint(_GRAD_NORM_USERS))
+        weights = weights or ("weight_norms" not in ctx.cache and not due.isdisjoint(_WEIGHT_NORM_USERS))
+    # .grad is read directly (host_norms runs under no_grad): the tensors ctx.grads() would return,
+    # without a dict of detached views per step.
+    g = [(n, p.grad) for n, p in named if p.grad is not None] if grads else []
+    w = list(named) if weights else []
+    values = host_norms([t for _, t in g] + [t for _, t in w])
+    if grads:
+        ctx.cache["grad_norms"] = _with_total(g, values[: len(g)])
+    if weights:
+        ctx.cache["weight_norms"] = _with_total(w, values[len(g):])
+
+
+def _with_total(pairs: list[tuple[str, Any]], values: list[float]) -> dict[str, float]:
+    out = dict(zip([n for n, _ in pairs], values))
+    if out:
+        out["all"] = total_norm(values)
+    return out
+
+
+# Diagnostics that read the cached norms: when two of them are due at a step, one fused call serves both.
+_GRAD_NORM_USERS = frozenset({"grad_norm", "nonfinite"})
+_WEIGHT_NORM_USERS = frozenset({"weight_norm", "update_ratio"})
+
+
 def _grad_norms(ctx: StepContext) -> dict[str, float]:
-    return ctx.cached("grad_norms", lambda: tensor_norms(ctx.grads()))
+    if "grad_norms" not in ctx.cache:
+        _fill_norms(ctx, grads=True, weights=False)
+    return ctx.cache["grad_norms"]
 
 
 def _weight_norms(ctx: StepContext) -> dict[str, float]:
-    return ctx.cached("weight_norms", lambda: tensor_norms(ctx.params()))
+    if "weight_norms" not in ctx.cache:
+        _fill_norms(ctx, grads=False, weights=True)
+    return ctx.cache["weight_norms"]
 
 
-def _per_key(metric: str, values: dict[str, float]) -> list[Record]:
-    return [Record(metric, float(v), key=k) for k, v in values.items()]
+class _NormDiagnostic(Diagnostic):
+    """A norm diagnostic: "all" at every step it runs, per-parameter values every ``per_layer_every`` steps.
+
+    Args:
+        every: schedule of the diagnostic (default every step).
+        start: first step.
+        per_layer_every: per-parameter values are recorded at the first step the diagnostic runs and then
+            whenever at least this many steps have passed since the last per-parameter record; 1 records
+            them at every step it runs.
+    """
+
+    def __init__(self, every: int | None = None, start: int = 0, per_layer_every: int = PER_LAYER_EVERY) -> None:
+        super().__init__(every=every, start=start)
+        if isinstance(per_layer_every, bool) or not isinstance(per_layer_every, int) or per_layer_every < 1:
+            raise ConfigError(f"{self.name}: per_layer_every must be a positive int, got {per_layer_every!r}")
+        self.per_layer_every = per_layer_every
+        self._last_per_layer: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "per_layer_every": self.per_layer_every}
+
+    def per_layer_due(self, step: int) -> bool:
+        """Whether this step records per-parameter values (call once per step; it advances the schedule)."""
+        last = self._last_per_layer
+        if last is None or step < last or step - last >= self.per_layer_every:
+            self._last_per_layer = step
+            return True
+        return False
+
+    def records(self, metric: str, values: dict[str, float], step: int) -> list[Record]:
+        if not self.per_layer_due(step):
+            return [Record(metric, values["all"])] if "all" in values else []
+        return [Record(metric, v, key=k) for k, v in values.items()]
 
 
 @register
@@ -92,10 +188,11 @@ class LearningRateDiagnostic(Diagnostic):
 
 
 @register
-class GradNormDiagnostic(Diagnostic):
+class GradNormDiagnostic(_NormDiagnostic):
     """L2 norm of the gradient the user's backward produced: ``grad_norm`` for "all" and per parameter.
 
-    Cost: one fused norm over the gradients (about one read of them).
+    "all" every step, per parameter every ``per_layer_every`` steps (default 10). Cost: one fused norm
+    over the gradients (about one read of them).
     """
 
     name = "grad_norm"
@@ -106,12 +203,15 @@ class GradNormDiagnostic(Diagnostic):
     allow_nonfinite = True
 
     def compute(self, ctx: StepContext) -> list[Record]:
-        return _per_key("grad_norm", _grad_norms(ctx))
+        return self.records("grad_norm", _grad_norms(ctx), ctx.step)
 
 
 @register
-class WeightNormDiagnostic(Diagnostic):
-    """L2 norm of the parameters: ``weight_norm`` for "all" and per parameter. Cost: one read of them."""
+class WeightNormDiagnostic(_NormDiagnostic):
+    """L2 norm of the parameters: ``weight_norm`` for "all" and per parameter. Cost: one read of them.
+
+    "all" every step, per parameter every ``per_layer_every`` steps (default 10).
+    """
 
     name = "weight_norm"
     preset = "cheap"
@@ -120,16 +220,17 @@ class WeightNormDiagnostic(Diagnostic):
     allow_nonfinite = True
 
     def compute(self, ctx: StepContext) -> list[Record]:
-        return _per_key("weight_norm", _weight_norms(ctx))
+        return self.records("weight_norm", _weight_norms(ctx), ctx.step)
 
 
 @register
-class UpdateRatioDiagnostic(Diagnostic):
+class UpdateRatioDiagnostic(_NormDiagnostic):
     """Relative size of the optimizer's step: ``update_ratio`` = ||θ_after − θ_before|| / ||θ_before||.
 
-    Per parameter and "all". Needs the parameters before and after ``optimizer.step()``: the Monitor keeps a
-    copy of them on steps where this is due (memory: one copy of the parameters; time: a copy and two
-    norms).
+    "all" every step, per parameter every ``per_layer_every`` steps (default 10). Needs the parameters
+    before and after ``optimizer.step()``: the Monitor copies them, on steps where this is due, into a
+    buffer it reuses from step to step (memory: one copy of the parameters; time: a copy, a subtraction
+    and one fused norm; the norms before the update are weight_norm's when it ran at the step).
     """
 
     name = "update_ratio"
@@ -143,12 +244,16 @@ class UpdateRatioDiagnostic(Diagnostic):
         return []
 
     def compute_after_update(self, ctx: StepContext) -> list[Record]:
-        delta = tensor_norms(ctx.update())
+        update = ctx.update()
+        names = list(update)
+        delta = dict(zip(names, host_norms([update[n] for n in names])))
+        delta["all"] = total_norm(delta.values())
         # The weight norms measured before the update, when weight_norm ran this step; else computed.
         before = ctx.cache.get("weight_norms") or tensor_norms(ctx.params_before_update())
+        keys = names + ["all"] if self.per_layer_due(ctx.step) else ["all"]
         out = []
-        for k, d in delta.items():
-            w = before.get(k, float("nan"))
+        for k in keys:
+            d, w = delta[k], before.get(k, float("nan"))
             out.append(Record("update_ratio", d / w if w > 0 else (0.0 if d == 0 else float("inf")), key=k))
         return out
 
@@ -169,11 +274,12 @@ class NonFiniteDiagnostic(Diagnostic):
 
     def compute(self, ctx: StepContext) -> Output:
         norms = _grad_norms(ctx)
-        grads = ctx.grads()
         counts: dict[str, int] = {}
-        for name, value in norms.items():
-            if name != "all" and not math.isfinite(value):
-                counts[name] = int((~torch.isfinite(grads[name])).sum())
+        if not math.isfinite(norms.get("all", 0.0)):  # a non-finite entry makes the total non-finite
+            grads = ctx.grads()
+            for name, value in norms.items():
+                if name != "all" and not math.isfinite(value):
+                    counts[name] = int((~torch.isfinite(grads[name])).sum())
         counts = {k: v for k, v in counts.items() if v}
         records = [Record("nonfinite_grads", float(sum(counts.values())))]
         records += [Record("nonfinite_grads", float(v), key=k) for k, v in counts.items()]

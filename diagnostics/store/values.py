@@ -157,6 +157,12 @@ def status_rows(step: int, statuses: Iterable[Status], source: str) -> list[tupl
     for i, s in enumerate(statuses):
         if not isinstance(s, Status):
             raise StoreError(f"statuses[{i}] is a {_type_name(s)}, expected diagnostics.store.Status")
+        name, st, reason, sec, nmv = s.diagnostic, s.status, s.reason, s.seconds, s.num_matvecs
+        # Fast path for the common plain types; the general checks below name what is wrong.
+        if (type(name) is str and name and st in STATUSES and (reason is None or type(reason) is str)
+                and type(sec) is float and nmv is None):
+            rows.append((step, name, st, reason, sec, None, source))
+            continue
         where = f"statuses[{i}] (diagnostic {s.diagnostic!r})"
         _check_str(s.diagnostic, f"{where}.diagnostic")
         if s.status not in STATUSES:

@@ -237,20 +237,24 @@ class RunWriter:
         conn = self._connection()
 
         def transaction() -> None:
-            conn.executemany(
-                "INSERT OR REPLACE INTO series (step, metric, key, idx, value, source) VALUES (?, ?, ?, ?, ?, ?)",
-                series,
-            )
-            conn.executemany(
-                "INSERT OR REPLACE INTO events (step, kind, severity, metric, key, message, data, time, source) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                events_,
-            )
-            conn.executemany(
-                "INSERT OR REPLACE INTO status (step, diagnostic, status, reason, seconds, num_matvecs, source) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                status_,
-            )
+            # Empty tables are skipped: most steps have no events, and each statement costs microseconds.
+            if series:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO series (step, metric, key, idx, value, source) VALUES (?, ?, ?, ?, ?, ?)",
+                    series,
+                )
+            if events_:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO events (step, kind, severity, metric, key, message, data, time, source) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    events_,
+                )
+            if status_:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO status (step, diagnostic, status, reason, seconds, num_matvecs, source) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    status_,
+                )
             if src:
                 conn.execute(
                     "INSERT OR REPLACE INTO sources (source, step, time) VALUES (?, ?, ?)", (src, step, now)

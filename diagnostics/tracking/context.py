@@ -100,6 +100,8 @@ class StepContext:
         num_classes: from the Monitor, or None.
         cache: a dict living one step; ``cached(key, fn)`` fills it.
         state: the running diagnostic's own persistent dict (set by the Monitor before each compute).
+        due: names of the diagnostics due at this step (set by the Monitor; None when unknown), so that
+            shared work needed by several of them can be done in one pass.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class StepContext:
         num_classes: int | None = None,
         curvature_mode: str = "eval",
         max_memory_bytes: int | None = None,
+        named_parameters: list[tuple[str, torch.nn.Parameter]] | None = None,
     ) -> None:
         self.step = step
         self.model = model
@@ -128,9 +131,11 @@ class StepContext:
         self.max_memory_bytes = max_memory_bytes
         self.cache: dict[Any, Any] = {}
         self.state: dict[str, Any] = {}
+        self.due: frozenset[str] | None = None
         self._before_update: dict[str, torch.Tensor] | None = None
         self._after_update = False
-        self._named: list[tuple[str, torch.nn.Parameter]] | None = None
+        # The trainable (name, parameter) pairs, when the caller already listed them for this step.
+        self._named: list[tuple[str, torch.nn.Parameter]] | None = named_parameters
 
     # --- plain inputs ---------------------------------------------------------------------------
     @property

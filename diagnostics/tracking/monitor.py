@@ -23,6 +23,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import math
+import operator
 import os
 import platform
 import time
@@ -264,6 +265,8 @@ class Monitor:
         self._set_actions(actions)
         self._uses_loss = loss_fn is not None or any(_USES_LOSS & d.requires for d in self.diagnostics)
         self._modules = list(model.modules())
+        self._structure: list[Any] = []  # every module's parameters and children, to notice changes
+        self._all_named: list[tuple[str, nn.Parameter]] = []
         self._user_probe = probe_data is not None
         self.probe_data: list[Any] = _probe_list(probe_data, self.probe_batches)
         if self._user_probe:
@@ -274,6 +277,7 @@ class Monitor:
         self._batch_checked = False
         self._states: dict[str, dict[str, Any]] = {d.name: {} for d in self.diagnostics}
         self._pending: _Pending | None = None
+        self._snapshot: dict[str, torch.Tensor] | None = None  # parameters before the update, reused
         self._closed = False
         self._monitored = 0
         self._store_failures = 0
@@ -493,7 +497,9 @@ class Monitor:
             num_classes=self.num_classes,
             curvature_mode=self.curvature_mode,
             max_memory_bytes=self.max_memory_bytes,
+            named_parameters=self._named_parameters(),
         )
+        ctx.due = frozenset(d.name for d in due)
         pending = _Pending(step, ctx, source)
         for d, (records, events, status) in zip(due, self._run_phase(due, "compute", ctx)):
             pending.records += records
@@ -508,12 +514,56 @@ class Monitor:
         self._monitored += 1
         stop = self._stop_requested(pending)  # a collective under torch.distributed: every rank asks
         if pending.update_diags and not stop:
-            ctx._before_update = {n: p.detach().clone() for n, p in ctx.named_parameters()}
+            ctx._before_update = self._snapshot_params(ctx.named_parameters())
             self._pending = pending
             if self.optimizer is not None:
                 pending.handle = self.optimizer.register_step_post_hook(self._on_optimizer_step)
             return
         self._commit(pending)
+
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable ``(name, parameter)`` pairs in ``named_parameters()`` order.
+
+        ``model.named_parameters()`` walks the module tree in Python (about 100 us per step on a small
+        transformer); the list is kept and listed again only when a module's parameters or children
+        changed (compared by identity, a few microseconds). ``requires_grad`` is read at every step.
+        """
+        structure: list[Any] = []
+        for m in self._modules:
+            structure.extend(m._parameters.values())
+            structure.extend(m._modules.values())
+        if len(structure) != len(self._structure) or not all(map(operator.is_, structure, self._structure)):
+            self._modules = list(self.model.modules())
+            structure = []
+            for m in self._modules:
+                structure.extend(m._parameters.values())
+                structure.extend(m._modules.values())
+            self._structure = structure
+            self._all_named = list(self.model.named_parameters())
+        return [(n, p) for n, p in self._all_named if p.requires_grad]
+
+    def _snapshot_params(self, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+        """The parameters' values before ``optimizer.step()``, copied into a buffer reused across steps.
+
+        The buffer is allocated again only when the parameters change (names, shapes, dtypes, devices);
+        otherwise one fused copy refills it. Its tensors are valid until the next snapshot.
+        """
+        snap = self._snapshot
+        if snap is None or len(snap) != len(named) or any(
+            (b := snap.get(n)) is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+            for n, p in named
+        ):
+            self._snapshot = {n: p.detach().clone() for n, p in named}
+            return self._snapshot
+        dst = [snap[n] for n, _ in named]
+        src = [p.detach() for _, p in named]
+        with torch.no_grad():
+            try:
+                torch._foreach_copy_(dst, src)
+            except (RuntimeError, AttributeError, TypeError):  # no fused kernel for this mix of tensors
+                for d, s_ in zip(dst, src):
+                    d.copy_(s_)
+        return snap
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._finish_pending()
@@ -551,26 +601,29 @@ class Monitor:
         """Run ``method`` of each diagnostic inside one isolation context for the phase.
 
         The phase forks every global RNG stream and restores every module's mode once (saving numpy's
-        state alone costs ~50 us, too much to repeat per diagnostic on every step); between diagnostics
-        the torch CPU stream, the modes and the grad mode are reset (microseconds), so each diagnostic sees
-        the same state whether it runs alone or after others.
+        state alone costs ~50 us, too much to repeat per diagnostic on every step); after each diagnostic
+        that is not ``reads_only`` the torch CPU stream and the modes are reset (microseconds), and the grad
+        mode after every one, so each diagnostic sees the same state whether it runs alone or after others.
         """
         out = []
         # Diagnostics that declare ``reads_only`` (they only read tensors the step already holds) skip the
         # RNG fork; the contract suite verifies the claim with check_isolation.
         full = self.check_isolation or not all(getattr(d, "reads_only", False) for d in diags)
         with isolated(self.model, modules=self._modules, label=method) if full else contextlib.nullcontext():
-            rng = torch.get_rng_state()
-            modes = [(m, m.training) for m in self._modules]
+            rng = torch.get_rng_state() if full else None
+            modes = [(m, m.training) for m in self._modules] if full else []
             grad_enabled = torch.is_grad_enabled()
             for d in diags:
                 try:
                     out.append(self._run(d, getattr(d, method), ctx))
                 finally:
-                    torch.set_rng_state(rng)
-                    for m, flag in modes:
-                        if m.training is not flag:  # nn.Module.__setattr__ is slow; set only what changed
-                            m.training = flag
+                    # A reads_only diagnostic draws no random numbers and switches no modes (the contract
+                    # suite checks it), so the reset is skipped after it.
+                    if full and (self.check_isolation or not getattr(d, "reads_only", False)):
+                        torch.set_rng_state(rng)
+                        for m, flag in modes:
+                            if m.training is not flag:  # nn.Module.__setattr__ is slow; set only what changed
+                                m.training = flag
                     torch.set_grad_enabled(grad_enabled)
         return out
 
@@ -746,6 +799,7 @@ class Monitor:
         try:
             self._finish_pending()
         finally:
+            self._snapshot = None
             if self.writer is not None:
                 try:
                     self._wait_writes()

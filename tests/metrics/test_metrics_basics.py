@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
+from diagnostics.errors import ConfigError
 from diagnostics.metrics import get_diagnostic
 from diagnostics.metrics.base import Output
 from diagnostics.tracking import StepContext
@@ -102,3 +104,26 @@ def test_nan_loss_in_training_becomes_an_event_not_a_crash(tmp_path: Any) -> Non
     assert list(ev.kind) == ["nonfinite"]
     assert run.series(metric="nonfinite_loss").value.iloc[0] == 1.0
     assert (run.status().status == "ok").all()
+
+
+def test_per_layer_values_on_a_sparser_schedule_all_every_step(tmp_path: Any) -> None:
+    from diagnostics.store import open_run
+    from diagnostics.tracking import Monitor
+
+    model, opt, batch = setup()
+    diags = [get_diagnostic("grad_norm", per_layer_every=3), get_diagnostic("weight_norm"), "update_ratio", "loss"]
+    with Monitor(model, run=tmp_path / "r", diagnostics=diags, optimizer=opt) as mon:
+        for step in range(7):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+            loss.backward()
+            mon.step(step, batch, loss)
+            opt.step()
+    s = open_run(tmp_path / "r").series()
+    for metric, steps in (("grad_norm", [0, 3, 6]), ("weight_norm", [0]), ("update_ratio", [0])):
+        rows = s[s.metric == metric]
+        assert sorted(rows[rows.key == "all"].step) == list(range(7))
+        assert sorted(rows[rows.key == "0.weight"].step) == steps
+    with pytest.raises(ConfigError, match="per_layer_every"):
+        get_diagnostic("grad_norm", per_layer_every=0)
+    assert get_diagnostic("update_ratio", per_layer_every=1).settings()["per_layer_every"] == 1

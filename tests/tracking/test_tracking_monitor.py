@@ -362,3 +362,23 @@ def test_plain_pytorch_loop_end_to_end(tmp_path: Path) -> None:
     assert meta["model_summary"]["num_params"] == sum(p.numel() for p in model.parameters())
     assert meta["loss_reduction"] == "mean" and "model_fingerprint" in meta and "torch" in meta["versions"]
     assert set(meta["diagnostics"]) >= {"loss", "gsnr", "activation_rank"}
+
+
+def test_update_snapshot_buffer_is_reused_and_follows_parameter_changes(tmp_path: Path) -> None:
+    model, opt, batches = make()
+    with Monitor(model, loss_fn, run=tmp_path / "r", diagnostics=["update_ratio"], optimizer=opt) as mon:
+        loop(mon, model, opt, batches[:2])
+        first = mon._snapshot
+        loop(mon, model, opt, batches[2:3], start=2)
+        assert mon._snapshot is first  # refilled in place
+        names = [n for n, _ in mon._named_parameters()]
+        assert names == [n for n, p in model.named_parameters() if p.requires_grad]
+        model[0].bias.requires_grad_(False)
+        assert "0.bias" not in dict(mon._named_parameters())
+        model[0].bias.requires_grad_(True)
+        model[0] = nn.Linear(model[0].in_features, model[0].out_features)  # a replaced module is noticed
+        opt.add_param_group({"params": list(model[0].parameters())})
+        assert dict(mon._named_parameters())["0.weight"] is model[0].weight
+        loop(mon, model, opt, batches[3:4], start=3)
+    s = open_run(tmp_path / "r").series(metric="update_ratio", key="all")
+    assert len(s) == 4 and (s.value > 0).all()
