@@ -88,8 +88,16 @@ def load_runs(root: Path) -> list[RunData]:
         cfg = meta.get("config", {})
         losses = s[(s.metric == "loss") & (s.key == "all")].sort_values("step")
         truth = explosion_step(list(losses["value"]), steps=list(losses["step"]))
-        out.append(RunData(d.name, cfg.get("name", d.name), int(cfg.get("seed", 0)), truth,
-                           int(meta.get("final_step", losses["step"].max())), s))
+        out.append(
+            RunData(
+                d.name,
+                cfg.get("name", d.name),
+                int(cfg.get("seed", 0)),
+                truth,
+                int(meta.get("final_step", losses["step"].max())),
+                s,
+            )
+        )
     return out
 
 
@@ -230,10 +238,16 @@ def score(fn: Callable[..., int | None], runs: list[RunData], params: dict[str, 
 
 
 def _rank(res: dict[str, Any]) -> tuple[float, float, float]:
-    return (res["false_alarms"], -res["recall"] if res["recall"] == res["recall"] else 0.0, -(res["lead_median"] or 0))
+    return (
+        res["false_alarms"],
+        -res["recall"] if res["recall"] == res["recall"] else 0.0,
+        -(res["lead_median"] or 0),
+    )
 
 
-def calibrate(fn: Callable[..., int | None], grid: list[dict[str, Any]], runs: list[RunData]) -> dict[str, Any]:
+def calibrate(
+    fn: Callable[..., int | None], grid: list[dict[str, Any]], runs: list[RunData]
+) -> dict[str, Any]:
     """The grid point with the fewest false alarms, then highest recall, then largest median lead."""
     return min((score(fn, runs, p) for p in grid), key=_rank)
 
@@ -259,8 +273,12 @@ def _frontier(calib: list[RunData], held: list[RunData]) -> list[tuple[int, dict
 
 
 def _fmt(res: dict[str, Any]) -> str:
-    lead = "-" if res["lead_median"] is None else f"{res['lead_median']:g} [{res['lead_min']}, {res['lead_max']}]"
-    return (f"{res['detected']}/{res['exploding']} ({res['recall']:.0%}) | {res['false_alarms']}/{res['stable']} | {lead}")
+    lead = (
+        "-"
+        if res["lead_median"] is None
+        else f"{res['lead_median']:g} [{res['lead_min']}, {res['lead_max']}]"
+    )
+    return f"{res['detected']}/{res['exploding']} ({res['recall']:.0%}) | {res['false_alarms']}/{res['stable']} | {lead}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,10 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     calib = [r for r in runs if r.seed in args.calib_seeds]
     held = [r for r in runs if r.seed not in args.calib_seeds]
-    print(f"{len(runs)} runs: {sum(r.explosion is not None for r in runs)} exploding; calibration seeds "
-          f"{args.calib_seeds} ({len(calib)} runs), held-out {len(held)} runs")
+    print(
+        f"{len(runs)} runs: {sum(r.explosion is not None for r in runs)} exploding; calibration seeds "
+        f"{args.calib_seeds} ({len(calib)} runs), held-out {len(held)} runs"
+    )
     results: dict[str, Any] = {}
-    print("| detector | calibrated params | recall (held-out) | false alarms (held-out) | lead median [min, max] (held-out) | all runs |")
+    print(
+        "| detector | calibrated params | recall (held-out) | false alarms (held-out) | lead median [min, max] (held-out) | all runs |"
+    )
     print("|---|---|---|---|---|---|")
     for name, (fn, grid) in DETECTORS.items():
         try:
@@ -295,13 +317,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {shown} | {t[0]} | {t[1]} | {t[2]} | {_fmt(full)} |")
     frontier = _frontier(calib, held) if calib and held else []
     if frontier:
-        print("\nOurs calibrated under a false-alarm budget (at most k false alarms on the calibration runs):")
-        print("| k | calibrated params | calibration: recall, false alarms | held-out: recall | held-out: false alarms | held-out: lead median [min, max] |")
+        print(
+            "\nOurs calibrated under a false-alarm budget (at most k false alarms on the calibration runs):"
+        )
+        print(
+            "| k | calibrated params | calibration: recall, false alarms | held-out: recall | held-out: false alarms | held-out: lead median [min, max] |"
+        )
         print("|---|---|---|---|---|---|")
         for k, cal, test in frontier:
-            shown = ", ".join(f"{a}={b}" for a, b in cal["params"].items() if a not in ("skip", "warmup", "smooth", "rel_drop"))
+            shown = ", ".join(
+                f"{a}={b}"
+                for a, b in cal["params"].items()
+                if a not in ("skip", "warmup", "smooth", "rel_drop")
+            )
             t = _fmt(test).split(" | ")
-            print(f"| {k} | {shown} | {cal['detected']}/{cal['exploding']}, {cal['false_alarms']}/{cal['stable']} | {t[0]} | {t[1]} | {t[2]} |")
+            print(
+                f"| {k} | {shown} | {cal['detected']}/{cal['exploding']}, {cal['false_alarms']}/{cal['stable']} | {t[0]} | {t[1]} | {t[2]} |"
+            )
     results["frontier"] = [{"k": k, "calibration": c, "held_out": t} for k, c, t in frontier]
     if args.out:
         truth = {r.name: r.explosion for r in runs}

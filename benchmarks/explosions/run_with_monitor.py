@@ -67,13 +67,21 @@ class _SuiteBaselines(Diagnostic):
         return recs + [Record("activation_kurtosis", v, k) for k, v in self.probes.kurtosis.items()]
 
 
-def train_with_monitor(cfg: TrainConfig, run_dir: Path, sa_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_with_monitor(
+    cfg: TrainConfig, run_dir: Path, sa_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train one suite run with the Monitor recording every step into ``run_dir``; returns a summary."""
     model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
     model.train()
-    batches = char_batches(pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed)
+    batches = char_batches(
+        pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed
+    )
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
     )
     baselines = _SuiteBaselines()
     sa = SpectralAlignment(max_tokens=cfg.sa_tokens, **(sa_options or {}))
@@ -82,8 +90,15 @@ def train_with_monitor(cfg: TrainConfig, run_dir: Path, sa_options: dict[str, An
     step = -1
     t0 = time.perf_counter()
     sa_seconds = 0.0
-    with Monitor(model, lm_loss, run=run_dir, diagnostics=["loss", "learning_rate", "grad_norm", sa, baselines],
-                 optimizer=opt, meta=asdict(cfg), name=cfg.run_name) as mon:
+    with Monitor(
+        model,
+        lm_loss,
+        run=run_dir,
+        diagnostics=["loss", "learning_rate", "grad_norm", sa, baselines],
+        optimizer=opt,
+        meta=asdict(cfg),
+        name=cfg.run_name,
+    ) as mon:
         for step, (x, y) in enumerate(batches):
             lr = learning_rate_at(cfg, step)
             for group in opt.param_groups:
@@ -110,8 +125,12 @@ def train_with_monitor(cfg: TrainConfig, run_dir: Path, sa_options: dict[str, An
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
         seconds = time.perf_counter() - t0
-        result = {"explosion_step": explosion_step(losses), "final_step": step, "seconds": seconds,
-                  "monitor_seconds": sa_seconds}
+        result = {
+            "explosion_step": explosion_step(losses),
+            "final_step": step,
+            "seconds": seconds,
+            "monitor_seconds": sa_seconds,
+        }
         mon._wait_writes()
         for k, v in result.items():
             mon.writer.set_meta(k, v)
@@ -148,7 +167,9 @@ def measure_overhead(
     batches = list(char_batches(pydoc_tokens("train"), bs, T, steps, seed=1000))
     base_model = get_model("tiny-gpt", seed=0, block_size=T, **{**cfg.model, **(model_options or {})})
     times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
-    inside: list[float] = []  # seconds inside monitor.step (measured in the same steps as the rest: robust to load drifts)
+    inside: list[
+        float
+    ] = []  # seconds inside monitor.step (measured in the same steps as the rest: robust to load drifts)
     rest: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}
@@ -190,20 +211,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", nargs="*", default=list(ALL))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
-    parser.add_argument("--overhead", action="store_true", help="only time spectral alignment every step vs plain")
+    parser.add_argument(
+        "--overhead", action="store_true", help="only time spectral alignment every step vs plain"
+    )
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--watch", action="store_true", help="with --overhead: measure on the training forward")
-    parser.add_argument("--large", action="store_true", help="with --overhead: d_model 256, 4 layers, 32 x 128 tokens")
+    parser.add_argument(
+        "--watch", action="store_true", help="with --overhead: measure on the training forward"
+    )
+    parser.add_argument(
+        "--large", action="store_true", help="with --overhead: d_model 256, 4 layers, 32 x 128 tokens"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.overhead:
-        large = {"model_options": {"d_model": 256, "n_layers": 4}, "batch_size": 32, "block_size": 128,
-                 "steps": 20, "rounds": 2} if args.large else {}
+        large = (
+            {
+                "model_options": {"d_model": 256, "n_layers": 4},
+                "batch_size": 32,
+                "block_size": 128,
+                "steps": 20,
+                "rounds": 2,
+            }
+            if args.large
+            else {}
+        )
         res = measure_overhead(watch=args.watch, max_tokens=args.max_tokens, **large)
-        print(f"plain step {res['plain'] * 1e3:.1f} ms, with spectral_alignment every step "
-              f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%}; monitor.step / rest of the step "
-              f"{res['in_step_share']:.1%} (max_tokens={args.max_tokens}, "
-              f"{'training forward (watch)' if args.watch else 'extra forward'}{', large model' if args.large else ''})")
+        print(
+            f"plain step {res['plain'] * 1e3:.1f} ms, with spectral_alignment every step "
+            f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%}; monitor.step / rest of the step "
+            f"{res['in_step_share']:.1%} (max_tokens={args.max_tokens}, "
+            f"{'training forward (watch)' if args.watch else 'extra forward'}{', large model' if args.large else ''})"
+        )
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
@@ -215,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run is retrained from scratch
             res = train_with_monitor(cfg, run_dir)
             (run_dir / "done").write_text("1")
-            print(f"{cfg.run_name:28s} explosion_step={res['explosion_step']} final={res['final_step']} "
-                  f"{res['seconds']:.1f}s (monitor {res['monitor_seconds']:.1f}s)", flush=True)
+            print(
+                f"{cfg.run_name:28s} explosion_step={res['explosion_step']} final={res['final_step']} "
+                f"{res['seconds']:.1f}s (monitor {res['monitor_seconds']:.1f}s)",
+                flush=True,
+            )
     return 0
 
 

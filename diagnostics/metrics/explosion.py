@@ -126,8 +126,15 @@ class ExplosionDetectorCore:
         burst_layers: int | None = None,
     ) -> None:
         if statistic not in STATISTICS:
-            raise ConfigError(f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-        for name, v in (("warmup", warmup), ("smooth", smooth), ("persistence", persistence), ("min_layers", min_layers)):
+            raise ConfigError(
+                f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}"
+            )
+        for name, v in (
+            ("warmup", warmup),
+            ("smooth", smooth),
+            ("persistence", persistence),
+            ("min_layers", min_layers),
+        ):
             if int(v) < 1:
                 raise ConfigError(f"explosion detector: {name} must be >= 1, got {v}")
         if int(skip) < 0 or rel_drop < 0 or min_drop < 0 or z < 0 or min_scale < 0:
@@ -150,8 +157,20 @@ class ExplosionDetectorCore:
 
     def settings(self) -> dict[str, Any]:
         """The detector's parameters (recorded in the run's metadata)."""
-        keys = ("statistic", "skip", "warmup", "smooth", "rel_drop", "min_drop", "z", "min_scale",
-                "min_baseline", "persistence", "min_layers", "burst_layers")
+        keys = (
+            "statistic",
+            "skip",
+            "warmup",
+            "smooth",
+            "rel_drop",
+            "min_drop",
+            "z",
+            "min_scale",
+            "min_baseline",
+            "persistence",
+            "min_layers",
+            "burst_layers",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def _transform(self, value: float) -> float:
@@ -175,8 +194,19 @@ class ExplosionDetectorCore:
         candidates: list[tuple[str, dict[str, Any], float, float, float]] = []
         bursting: list[tuple[str, dict[str, Any], float, float, float]] = []
         for key, raw in values.items():
-            ls = layers.setdefault(key, {"seen": 0, "warm": [], "base": None, "scale": None, "recent": [],
-                                         "streak": 0, "calm": 0, "alarmed": False})
+            ls = layers.setdefault(
+                key,
+                {
+                    "seen": 0,
+                    "warm": [],
+                    "base": None,
+                    "scale": None,
+                    "recent": [],
+                    "streak": 0,
+                    "calm": 0,
+                    "alarmed": False,
+                },
+            )
             v = self._transform(float(raw)) if raw is not None else math.nan
             ls["seen"] += 1
             if ls["base"] is None:
@@ -227,8 +257,19 @@ class ExplosionDetectorCore:
                     continue
                 ls["alarmed"] = True
                 alarms.append(
-                    Alarm(int(step), key, self.statistic, float(m), float(ls["base"]), float(ls["scale"]),
-                          float(drop), float(threshold), int(ls["streak"]), in_alarm, float(score))
+                    Alarm(
+                        int(step),
+                        key,
+                        self.statistic,
+                        float(m),
+                        float(ls["base"]),
+                        float(ls["scale"]),
+                        float(drop),
+                        float(threshold),
+                        int(ls["streak"]),
+                        in_alarm,
+                        float(score),
+                    )
                 )
         state["last_score"] = score
         return score, alarms
@@ -288,14 +329,18 @@ def detect(series_df: pd.DataFrame, **params: Any) -> list[dict[str, Any]]:
     return detect_probes(series_probes(series_df, core.statistic), **params)
 
 
-def series_probes(series_df: pd.DataFrame, statistic: str = "sa_sign_diversity") -> list[tuple[int, dict[str, float]]]:
+def series_probes(
+    series_df: pd.DataFrame, statistic: str = "sa_sign_diversity"
+) -> list[tuple[int, dict[str, float]]]:
     """The probes of one stored run for ``statistic``: ``[(step, {layer: value})]`` in step order.
 
     Rows that exist are grouped by step, so a stored NaN (a probe that saw non-finite values) is kept
     while a layer without a record at a step has no probe there. Cost O(rows log rows).
     """
     if statistic not in STATISTICS:
-        raise ConfigError(f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        raise ConfigError(
+            f"explosion detector: statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}"
+        )
     metric = "sa_mean" if statistic == "sa_abs_mean" else statistic
     df = series_df[(series_df["metric"] == metric) & (series_df["index"] == 0)]
     if "run" in df.columns and df["run"].nunique() > 1:
@@ -344,7 +389,9 @@ class ExplosionDetector(Diagnostic):
     # A baseline after one probe, so that the contract suite's 3 steps record a score.
     contract_options: ClassVar[dict[str, Any]] = {"skip": 0, "warmup": 1, "smooth": 1, "persistence": 1}
 
-    def __init__(self, every: int | None = None, start: int = 0, *, action: Any = None, **params: Any) -> None:
+    def __init__(
+        self, every: int | None = None, start: int = 0, *, action: Any = None, **params: Any
+    ) -> None:
         super().__init__(every, start)
         self.core = ExplosionDetectorCore(**params)
         if action is not None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -197,7 +197,10 @@ def find_linear_maps(
                 )
             size = rows // qkv_groups
             labels = _QKV_NAMES if qkv_groups == 3 else tuple(f"g{i}" for i in range(qkv_groups))
-            out += [LinearMap(f"{base}.{lab}", name, kind, (i * size, (i + 1) * size)) for i, lab in enumerate(labels)]
+            out += [
+                LinearMap(f"{base}.{lab}", name, kind, (i * size, (i + 1) * size))
+                for i, lab in enumerate(labels)
+            ]
         else:
             out.append(LinearMap(base, name, kind))
     return out
@@ -271,7 +274,9 @@ def project_rows(
 class _Projector:
     """Forward pre-hook target of one module: projects its inputs on the v_1 of its maps, within budget."""
 
-    def __init__(self, kind: str, V: torch.Tensor, budget: int, generator: torch.Generator, chunk: int) -> None:
+    def __init__(
+        self, kind: str, V: torch.Tensor, budget: int, generator: torch.Generator, chunk: int
+    ) -> None:
         self.kind = kind
         self.V = V
         self.budget = budget
@@ -442,7 +447,9 @@ class SpectralAlignment(Diagnostic):
                 f"spectral_alignment: max_tokens and chunk_tokens must be >= 1, got {max_tokens}, {chunk_tokens}"
             )
         if int(power_iters) < 1 or int(init_iters) < 1:
-            raise ConfigError(f"spectral_alignment: power_iters and init_iters must be >= 1, got {power_iters}, {init_iters}")
+            raise ConfigError(
+                f"spectral_alignment: power_iters and init_iters must be >= 1, got {power_iters}, {init_iters}"
+            )
         if fused_qkv not in ("whole", "split"):
             raise ConfigError(f"spectral_alignment: fused_qkv must be 'whole' or 'split', got {fused_qkv!r}")
         self.modules = _as_patterns(modules)
@@ -476,7 +483,9 @@ class SpectralAlignment(Diagnostic):
             return spec
         if isinstance(spec, Mapping):
             return ExplosionDetectorCore(**dict(spec))
-        raise ConfigError(f"spectral_alignment: detector must be True, False, a dict of options or an ExplosionDetectorCore, got {spec!r}")
+        raise ConfigError(
+            f"spectral_alignment: detector must be True, False, a dict of options or an ExplosionDetectorCore, got {spec!r}"
+        )
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -533,7 +542,9 @@ class SpectralAlignment(Diagnostic):
                 warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W, prev))
                 continue
             try:
-                sigma, _, v, _ = top_singular_vector(W, iters=self.init_iters, tol=self.init_tol, seed=self.seed)
+                sigma, _, v, _ = top_singular_vector(
+                    W, iters=self.init_iters, tol=self.init_tol, seed=self.seed
+                )
             except DataError:  # a zero weight has no top singular vector (e.g. a zero-initialised layer)
                 out[mp.key] = (0.0, None)
                 continue
@@ -578,7 +589,9 @@ class SpectralAlignment(Diagnostic):
         return _take(batch, idx, n)
 
     @staticmethod
-    def _group(maps: list[LinearMap], vectors: Mapping[str, torch.Tensor | None]) -> dict[str, list[LinearMap]]:
+    def _group(
+        maps: list[LinearMap], vectors: Mapping[str, torch.Tensor | None]
+    ) -> dict[str, list[LinearMap]]:
         # One projector per module: maps that share a module (split fused projections) share its input.
         by_module: dict[str, list[LinearMap]] = {}
         for mp in maps:
@@ -599,8 +612,13 @@ class SpectralAlignment(Diagnostic):
         handles = []
         try:
             for mname, group in by_module.items():
-                V = torch.stack([vectors[mp.key].to(torch.promote_types(vectors[mp.key].dtype, torch.float32))
-                                 for mp in group], 1)
+                V = torch.stack(
+                    [
+                        vectors[mp.key].to(torch.promote_types(vectors[mp.key].dtype, torch.float32))
+                        for mp in group
+                    ],
+                    1,
+                )
                 proj = _Projector(group[0].kind, V, self.max_tokens, gen, self.chunk_tokens)
                 projectors[mname] = proj
                 handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
@@ -713,7 +731,9 @@ class SpectralAlignment(Diagnostic):
         if self.detector is not None:
             from diagnostics.metrics.explosion import run_detector_step
 
-            more, events = run_detector_step(self.detector, ctx, ctx.state.setdefault("detector", {}), builtin=True)
+            more, events = run_detector_step(
+                self.detector, ctx, ctx.state.setdefault("detector", {}), builtin=True
+            )
             records += more
         settings = {"num_maps": len(stats), "forward_seconds": fwd, "source": self.last_source}
         return Output(records=records, events=events, settings=settings)

@@ -28,7 +28,11 @@ def _healthy(level: float, n: int, seed: int, noise: float = 0.05) -> list[float
 
 
 def test_no_alarm_on_healthy_layers_including_one_sided_ones():
-    layers = {"a": _healthy(0.9, 200, 0), "head": _healthy(0.03, 200, 1, 0.02), "b": _healthy(0.5, 200, 2, 0.1)}
+    layers = {
+        "a": _healthy(0.9, 200, 0),
+        "head": _healthy(0.03, 200, 1, 0.02),
+        "b": _healthy(0.5, 200, 2, 0.1),
+    }
     assert detect(_series(layers), **PARAMS) == []
     # An absolute threshold (diversity < 0.2) would fire on the one-sided head every step.
     assert min(layers["head"]) < 0.2
@@ -163,8 +167,12 @@ def test_standalone_detector_after_spectral_alignment_and_stop_action(tmp_path):
 
 def test_stop_through_monitor_actions_by_event_kind(tmp_path):
     with pytest.raises(StopTraining):
-        _train(tmp_path / "u", [SpectralAlignment(detector=PARAMS)], _batches(70, 45),
-               actions={"explosion_warning": "stop"})
+        _train(
+            tmp_path / "u",
+            [SpectralAlignment(detector=PARAMS)],
+            _batches(70, 45),
+            actions={"explosion_warning": "stop"},
+        )
 
 
 def test_burst_of_layers_alarms_without_persistence():
@@ -172,6 +180,8 @@ def test_burst_of_layers_alarms_without_persistence():
     a[80:] = [0.0] * 20
     b[80:] = [0.0] * 20
     params = {**PARAMS, "persistence": 10}
-    assert detect(_series({"a": a, "b": b}), **params)[0]["step"] == 90  # 2 probes to move the median, then 10
+    assert (
+        detect(_series({"a": a, "b": b}), **params)[0]["step"] == 90
+    )  # 2 probes to move the median, then 10
     alarms = detect(_series({"a": a, "b": b}), **params, burst_layers=2)
     assert [x["step"] for x in alarms] == [80, 80]

@@ -61,8 +61,13 @@ def test_statistics_match_direct_svd_on_a_real_model():
     batch = (x, torch.randint(0, 96, (3, 8), generator=g))
     # Reference inputs of every Linear, captured by our own hooks on the same eval forward.
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1])))
-             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, a, n=n: inputs.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]))
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     with torch.no_grad():
         model.eval()
         _lm_loss(model, batch)
@@ -82,8 +87,12 @@ def test_statistics_match_direct_svd_on_a_real_model():
             v1 = -v1
         ref = alignment_statistics(alignment_cosines(xin, v1))
         assert got["sa_sigma1"][name][0] == pytest.approx(float(s[0]), rel=1e-9), name
-        for metric, field in [("sa_positive_fraction", "positive_fraction"), ("sa_sign_diversity", "sign_diversity"),
-                              ("sa_mean", "mean"), ("sa_mean_abs", "mean_abs")]:
+        for metric, field in [
+            ("sa_positive_fraction", "positive_fraction"),
+            ("sa_sign_diversity", "sign_diversity"),
+            ("sa_mean", "mean"),
+            ("sa_mean_abs", "mean_abs"),
+        ]:
             # v1 from power iteration agrees with the SVD's to ~1e-7 (its stopping rule is on 1 - |cos|).
             assert got[metric][name][0] == pytest.approx(ref[field], abs=1e-6), (name, metric)
         assert [got["sa_quantile"][name][i] for i in range(5)] == pytest.approx(ref["quantiles"], abs=1e-6)
@@ -108,7 +117,9 @@ def test_power_iteration_tracks_v1_and_sign_across_slow_weight_changes():
     lin = nn.Linear(6, 9).double()
     with torch.no_grad():
         u, _, vh = torch.linalg.svd(torch.randn(9, 6, generator=g, dtype=torch.float64), full_matrices=False)
-        lin.weight.copy_(u @ torch.diag(torch.tensor([5.0, 2.0, 1.5, 1.0, 0.5, 0.2], dtype=torch.float64)) @ vh)
+        lin.weight.copy_(
+            u @ torch.diag(torch.tensor([5.0, 2.0, 1.5, 1.0, 0.5, 0.2], dtype=torch.float64)) @ vh
+        )
     model = nn.Sequential(lin)
     d = SpectralAlignment(power_iters=1, detector=False)
     state: dict = {}
@@ -146,7 +157,9 @@ def test_sign_diversity_invariant_to_global_sign_of_v1():
         assert b["sa_sign_diversity"][key][0] == pytest.approx(a["sa_sign_diversity"][key][0], abs=1e-9)
         assert b["sa_mean_abs"][key][0] == pytest.approx(a["sa_mean_abs"][key][0], abs=1e-6)
         assert b["sa_mean"][key][0] == pytest.approx(-a["sa_mean"][key][0], abs=1e-6)
-        assert b["sa_positive_fraction"][key][0] == pytest.approx(1 - a["sa_positive_fraction"][key][0], abs=1e-9)
+        assert b["sa_positive_fraction"][key][0] == pytest.approx(
+            1 - a["sa_positive_fraction"][key][0], abs=1e-9
+        )
         assert b["sa_quantile"][key][0] == pytest.approx(-a["sa_quantile"][key][4], abs=1e-6)
 
 
@@ -177,7 +190,11 @@ class _MaxAlloc(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)}
+        seen = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if torch.is_tensor(a)
+        }
         for t in out if isinstance(out, (tuple, list)) else [out]:
             # Only new storage counts (detach, views and in-place ops allocate nothing).
             if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
@@ -268,12 +285,14 @@ def test_fused_qkv_conv1d_and_multihead_attention(mode):
     for base, w in weights.items():
         if mode == "split":
             for i, lab in enumerate("qkv"):
-                expected[f"{base}.{lab}"] = w[8 * i: 8 * (i + 1)]
+                expected[f"{base}.{lab}"] = w[8 * i : 8 * (i + 1)]
         else:
             expected[base] = w
     assert [m.key for m in maps] == list(got["sa_sigma1"]) and set(got["sa_sigma1"]) == set(expected)
     for key, w in expected.items():
-        assert got["sa_sigma1"][key][0] == pytest.approx(float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-8), key
+        assert got["sa_sigma1"][key][0] == pytest.approx(
+            float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-8
+        ), key
 
 
 def test_patterns_select_and_bad_pattern_names_the_fix():
@@ -304,8 +323,15 @@ def test_in_monitor_with_isolation_check(tmp_path):
     model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
-    with Monitor(model, _lm_loss, run=tmp_path / "r", diagnostics=["spectral_alignment"], optimizer=opt,
-                 strict=True, check_isolation=True) as mon:
+    with Monitor(
+        model,
+        _lm_loss,
+        run=tmp_path / "r",
+        diagnostics=["spectral_alignment"],
+        optimizer=opt,
+        strict=True,
+        check_isolation=True,
+    ) as mon:
         for step in range(4):
             batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
             loss = _lm_loss(model, batch)
@@ -338,7 +364,9 @@ def test_watch_measures_on_the_training_forward_without_an_extra_forward(tmp_pat
             # Reference: this forward's inputs of fc1 projected on the v1 the diagnostic holds now.
             v_before = sa._state_ref["v1"]["blocks.0.mlp.fc1"].clone() if sa._state_ref else None
             seen = {}
-            h = model.blocks[0].mlp.fc1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+            h = model.blocks[0].mlp.fc1.register_forward_pre_hook(
+                lambda m, a, seen=seen: seen.__setitem__("x", a[0].detach())
+            )
             calls.clear()
             with sa.watch(model):
                 loss = _lm_loss(model, batch)
