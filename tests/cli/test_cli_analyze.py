@@ -37,7 +37,8 @@ class Evil:
 
 def test_end_to_end_analyze_report_ls_export(runner, tdiag, ckpts, tmp_path):
     run = tmp_path / "run"
-    result = invoke(runner, tdiag, "analyze", ckpts, "--model", "mlp-digits", "--batches", "2", "--batch-size", "16", "--run", run)
+    # The default diagnostics (the standard preset) on the smallest data that still has two batches.
+    result = invoke(runner, tdiag, "analyze", ckpts, "--model", "mlp-digits", "--batches", "2", "--batch-size", "8", "--run", run)
     assert result.exit_code == 0, result.stderr
     assert "analysed 3 checkpoint(s)" in result.stdout
     assert open_run(run).series("loss")["step"].tolist() == [2, 4, 6]

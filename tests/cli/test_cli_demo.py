@@ -35,10 +35,7 @@ def test_quick_demo(runner, tdiag, tmp_path):
         assert open_run(out / "runs" / name).steps()
     assert open_run(out / "runs" / "stable-checkpoints").sources()["step"].tolist() == [15, 30]
     assert "the loss exploded at step" in result.stdout
-    # Running it again replaces its own outputs.
-    again = invoke(runner, tdiag, "demo", "--out", out, "--quick", "--quiet")
-    assert again.exit_code == 0, again.stderr
-    assert open_run(out / "runs" / "stable").series("loss")["step"].is_unique
+    assert (out / ".tdiag-demo").is_file()  # marks the directory as the demo's: a rerun may replace it
     print(f"quick demo: {seconds:.1f} s")
 
 
@@ -59,3 +56,14 @@ def test_full_demo_within_budget(runner, tdiag, tmp_path):
     assert "the loss exploded at step" in result.stdout
     assert "final loss" in result.stdout
     assert seconds < 300, f"the demo took {seconds:.0f} s (budget 300 s on 2 cores)"
+
+
+def test_demo_replaces_only_its_own_outputs(tmp_path):
+    from diagnostics.demo import MARKER, _fresh
+    from diagnostics.errors import ConfigError
+
+    (tmp_path / "runs" / "stable").mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        _fresh(tmp_path / "runs" / "stable", tmp_path)
+    (tmp_path / MARKER).write_text("")
+    assert not _fresh(tmp_path / "runs" / "stable", tmp_path).exists()
