@@ -35,7 +35,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        def show(
+            message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None
+        ) -> None:
             click.echo(f"warning: {_one_line(str(message))}", err=True)
 
         with warnings.catch_warnings():
@@ -58,17 +60,47 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command()
 @click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str))
-@click.option("--model", "model", metavar="SPEC", help="Zoo name (mlp-digits, cnn-digits, tiny-gpt), 'pkg.module:attr', 'file.py:attr' or 'hf:DIR'.")
-@click.option("--data", "data", metavar="SPEC", help="Zoo name (digits, pydoc-text, gaussian-mixture) or a spec of batches; default: the zoo model's data.")
-@click.option("--loss", "loss", metavar="SPEC", help="loss_fn(model, batch) spec; default: the zoo model's loss, else cross-entropy/MSE.")
-@click.option("--diagnostics", "diagnostics", metavar="LIST|PRESET", help="Comma-separated diagnostic names or a preset: cheap, standard, full (default standard).")
+@click.option(
+    "--model",
+    "model",
+    metavar="SPEC",
+    help="Zoo name (mlp-digits, cnn-digits, tiny-gpt), 'pkg.module:attr', 'file.py:attr' or 'hf:DIR'.",
+)
+@click.option(
+    "--data",
+    "data",
+    metavar="SPEC",
+    help="Zoo name (digits, pydoc-text, gaussian-mixture) or a spec of batches; default: the zoo model's data.",
+)
+@click.option(
+    "--loss",
+    "loss",
+    metavar="SPEC",
+    help="loss_fn(model, batch) spec; default: the zoo model's loss, else cross-entropy/MSE.",
+)
+@click.option(
+    "--diagnostics",
+    "diagnostics",
+    metavar="LIST|PRESET",
+    help="Comma-separated diagnostic names or a preset: cheap, standard, full (default standard).",
+)
 @click.option("--batches", type=int, help="Batches of data each checkpoint is measured on (default 4).")
 @click.option("--batch-size", type=int, help="Batch size for zoo data and data factories.")
 @click.option("--device", help="cpu or cuda (default cpu).")
 @click.option("--run", "run", metavar="DIR", help="Run directory to write (resumed if it exists).")
 @click.option("--force", is_flag=True, default=None, help="Recompute checkpoints already in the run.")
-@click.option("--unsafe-pickle", is_flag=True, default=None, help="Allow checkpoints that are full pickles. Loading them can run code stored in the file: only for files you trust.")
-@click.option("--config", "config_file", type=click.Path(path_type=str), help="TOML file with these options (top level or an [analyze] table); flags override it.")
+@click.option(
+    "--unsafe-pickle",
+    is_flag=True,
+    default=None,
+    help="Allow checkpoints that are full pickles. Loading them can run code stored in the file: only for files you trust.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=str),
+    help="TOML file with these options (top level or an [analyze] table); flags override it.",
+)
 @click.option("--seed", type=int, help="Seed for zoo data and data factories (default 0).")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar or summary.")
 @handle_errors
@@ -91,7 +123,9 @@ def analyze(checkpoints: tuple[str, ...], config_file: str | None, **flags: Any)
     options = merge_options(config, {"checkpoints": checkpoints, **flags})
     paths = options.pop("checkpoints", None)
     if not paths:
-        raise ConfigError("no checkpoints given: pass checkpoint files or directories (or 'checkpoints' in --config)")
+        raise ConfigError(
+            "no checkpoints given: pass checkpoint files or directories (or 'checkpoints' in --config)"
+        )
     for required in ("model", "run"):
         if not options.get(required):
             raise ConfigError(f"--{required} is required (on the command line or in --config)")
@@ -112,7 +146,9 @@ def analyze(checkpoints: tuple[str, ...], config_file: str | None, **flags: Any)
         quiet=quiet,
     )
     if not quiet:
-        skipped = f", {len(result.skipped)} already in the run (use --force to recompute)" if result.skipped else ""
+        skipped = (
+            f", {len(result.skipped)} already in the run (use --force to recompute)" if result.skipped else ""
+        )
         click.echo(
             f"analysed {len(result.analyzed)} checkpoint(s){skipped} in {result.seconds:.1f} s -> {result.run_dir}"
         )
@@ -226,8 +262,14 @@ def ls(run: str, as_json: bool, max_events: int) -> None:
         head += f": {summary['model']}, {summary['num_params']:,} parameters"
     click.echo(head)
     if summary["steps"]:
-        click.echo(f"{summary['steps']} steps, {summary['first_step']} to {summary['last_step']}"
-                   + (f"; {summary['checkpoints_analysed']} checkpoints analysed" if summary["checkpoints_analysed"] else ""))
+        click.echo(
+            f"{summary['steps']} steps, {summary['first_step']} to {summary['last_step']}"
+            + (
+                f"; {summary['checkpoints_analysed']} checkpoints analysed"
+                if summary["checkpoints_analysed"]
+                else ""
+            )
+        )
     else:
         click.echo("empty run: nothing recorded yet")
         return
@@ -238,21 +280,33 @@ def ls(run: str, as_json: bool, max_events: int) -> None:
             str(m["keys"]),
             str(m["steps"]),
             f"{m['first_step']}-{m['last_step']}",
-            _fmt(m["last_value"]) if m["last_value"] is not None else f"{_fmt(m['last_min'])} .. {_fmt(m['last_max'])}",
+            _fmt(m["last_value"])
+            if m["last_value"] is not None
+            else f"{_fmt(m['last_min'])} .. {_fmt(m['last_max'])}",
         ]
         for m in summary["metrics"]
     ]
-    click.echo(_table(rows, ["metric", "keys", "steps", "range", "last value (all, or min .. max over keys)"]))
+    click.echo(
+        _table(rows, ["metric", "keys", "steps", "range", "last value (all, or min .. max over keys)"])
+    )
     click.echo("")
     if summary["num_events"]:
         shown = len(summary["events"])
-        click.echo(f"{summary['num_events']} event(s)" + (f", first {shown}:" if shown < summary["num_events"] else ":"))
-        rows = [[str(e["step"]), e["kind"], e["severity"], e["key"] or "", _one_line(e["message"])[:90]] for e in summary["events"]]
+        click.echo(
+            f"{summary['num_events']} event(s)"
+            + (f", first {shown}:" if shown < summary["num_events"] else ":")
+        )
+        rows = [
+            [str(e["step"]), e["kind"], e["severity"], e["key"] or "", _one_line(e["message"])[:90]]
+            for e in summary["events"]
+        ]
         click.echo(_table(rows, ["step", "kind", "severity", "key", "message"]))
     else:
         click.echo("no events")
     if summary["not_ok"]:
-        click.echo("diagnostic statuses not ok: " + ", ".join(f"{k} {v}" for k, v in summary["not_ok"].items()))
+        click.echo(
+            "diagnostic statuses not ok: " + ", ".join(f"{k} {v}" for k, v in summary["not_ok"].items())
+        )
 
 
 # --------------------------------------------------------------------------------------- export
@@ -260,9 +314,23 @@ def ls(run: str, as_json: bool, max_events: int) -> None:
 
 @click.command()
 @click.argument("run", type=click.Path(path_type=str))
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None, help="Output format (default: from the file suffix, else csv).")
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=str), help="File to write.")
-@click.option("--table", type=click.Choice(["series", "events", "status", "sources"]), default="series", show_default=True, help="Which table to export.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet"]),
+    default=None,
+    help="Output format (default: from the file suffix, else csv).",
+)
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=str), help="File to write."
+)
+@click.option(
+    "--table",
+    type=click.Choice(["series", "events", "status", "sources"]),
+    default="series",
+    show_default=True,
+    help="Which table to export.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @handle_errors
 def export(run: str, fmt: str | None, output: str, table: str, quiet: bool) -> None:
@@ -282,7 +350,9 @@ def export(run: str, fmt: str | None, output: str, table: str, quiet: bool) -> N
 
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=str), help="Run directory to create.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=str), help="Run directory to create."
+)
 @click.option("--overwrite", is_flag=True, help="Replace a run already at the output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @handle_errors
@@ -307,7 +377,14 @@ def combine(runs: tuple[str, ...], output: str, overwrite: bool, quiet: bool) ->
 
 
 @click.command()
-@click.option("--out", "out", default="demo_output", show_default=True, type=click.Path(path_type=str), help="Directory for the runs, checkpoints and the report.")
+@click.option(
+    "--out",
+    "out",
+    default="demo_output",
+    show_default=True,
+    type=click.Path(path_type=str),
+    help="Directory for the runs, checkpoints and the report.",
+)
 @click.option("--quick", is_flag=True, help="A much shorter version (under a minute), for tests.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the summary.")
 @handle_errors

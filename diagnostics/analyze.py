@@ -364,7 +364,11 @@ def _resolve_diagnostics(spec: Any) -> list[Any]:
             raise ConfigError("--diagnostics is empty; give a preset (cheap, standard, full) or names")
     from diagnostics.metrics.base import PRESETS
 
-    named = {s for s in (spec if isinstance(spec, (list, tuple)) else [spec]) if isinstance(s, str) and s not in PRESETS}
+    named = {
+        s
+        for s in (spec if isinstance(spec, (list, tuple)) else [spec])
+        if isinstance(s, str) and s not in PRESETS
+    }
     diags = []
     for d in resolve_diagnostics(spec):
         if _NEEDS_TRAINING & d.requires:
@@ -405,17 +409,23 @@ class _SourcedWriter:
         self._writer = writer
         self.source: str | None = None
 
-    def write_step(self, step: int, records: Any = (), events: Any = (), statuses: Any = (), source: str | None = None) -> None:
+    def write_step(
+        self, step: int, records: Any = (), events: Any = (), statuses: Any = (), source: str | None = None
+    ) -> None:
         self._writer.write_step(step, records, events, statuses, source=source or self.source)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)
 
 
-def _make_monitor(net: Any, loss_fn: Any, run_dir: Path, diags: list[Any], probe: list[Any], config: dict) -> Any:
+def _make_monitor(
+    net: Any, loss_fn: Any, run_dir: Path, diags: list[Any], probe: list[Any], config: dict
+) -> Any:
     from diagnostics.tracking import Monitor
 
-    monitor = Monitor(net, loss_fn, run=str(run_dir), diagnostics=diags, optimizer=None, probe_data=probe, meta=config)
+    monitor = Monitor(
+        net, loss_fn, run=str(run_dir), diagnostics=diags, optimizer=None, probe_data=probe, meta=config
+    )
     if monitor.writer is not None and "source" not in inspect.signature(monitor.step).parameters:
         monitor.writer = _SourcedWriter(monitor.writer)
     if monitor.writer is not None:

@@ -98,7 +98,11 @@ class CheckpointInfo:
 
 
 def _is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and any((path / f).is_file() for f in _HF_WEIGHT_FILES)
+    return (
+        path.is_dir()
+        and (path / "config.json").is_file()
+        and any((path / f).is_file() for f in _HF_WEIGHT_FILES)
+    )
 
 
 def _number_in_name(path: Path) -> int | None:
@@ -180,7 +184,9 @@ def _torch_load(path: Path, unsafe_pickle: bool, mmap: bool) -> Any:
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: {_UNSAFE_HINT}" + (f" (it references {detail})" if detail else "")
             ) from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {_first_line(message)}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated: {_first_line(message)}"
+        ) from None
     except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated ({type(exc).__name__}: {_first_line(str(exc))})"
@@ -262,14 +268,22 @@ def _unpack(obj: Any, path: Path) -> tuple[dict[str, Any], int | None, str]:
             step = _int_or_none(obj[key])
             if step is not None:
                 break
-    fmt = "lightning" if any(k.startswith("pytorch-lightning") or k == "lightning_version" for k in obj) else "torch"
+    fmt = (
+        "lightning"
+        if any(k.startswith("pytorch-lightning") or k == "lightning_version" for k in obj)
+        else "torch"
+    )
     if _is_tensor_map(obj):
         return dict(obj), step, fmt
     for key in WEIGHT_KEYS:
         inner = obj.get(key)
         if _is_tensor_map(inner):
             return dict(inner), step, fmt
-        if inner is not None and not isinstance(inner, Mapping) and callable(getattr(inner, "state_dict", None)):
+        if (
+            inner is not None
+            and not isinstance(inner, Mapping)
+            and callable(getattr(inner, "state_dict", None))
+        ):
             return dict(inner.state_dict()), step, fmt
     keys = ", ".join(repr(k) for k in list(obj)[:8])
     raise CheckpointError(
@@ -414,7 +428,9 @@ def _candidate_prefixes(keys: Iterable[str]) -> list[str]:
     return sorted(counts, key=lambda p: (-counts[p], p.count("."), p))
 
 
-def match_state_dict(state_dict: Mapping[str, Any], model: Any, *, path: str | Path = "<checkpoint>") -> dict[str, Any]:
+def match_state_dict(
+    state_dict: Mapping[str, Any], model: Any, *, path: str | Path = "<checkpoint>"
+) -> dict[str, Any]:
     """Rename a checkpoint's keys to the model's and check that they match.
 
     Keys match as they are; else the prefix a wrapper added (``model.`` in Lightning, ``module.`` from
@@ -445,7 +461,7 @@ def match_state_dict(state_dict: Mapping[str, Any], model: Any, *, path: str | P
     candidates: list[tuple[dict[str, Any], bool]] = [(dict(state_dict), True)]
     for prefix in _candidate_prefixes(state_dict):
         # Entries outside the prefix (a LightningModule's loss buffers, say) are left behind.
-        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        stripped = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         candidates.append((stripped, prefix in _WRAPPER_PREFIXES))
     # Also the reverse: the model is the wrapper (keys saved from the bare module).
     for prefix in _candidate_prefixes(expected):
@@ -481,7 +497,9 @@ def _few(names: Sequence[str], n: int = 4) -> str:
     return shown + (f", ... {len(names) - n} more" if len(names) > n else "")
 
 
-def _check_shapes(state_dict: dict[str, Any], expected: dict[str, tuple[int, ...]], path: str | Path) -> dict[str, Any]:
+def _check_shapes(
+    state_dict: dict[str, Any], expected: dict[str, tuple[int, ...]], path: str | Path
+) -> dict[str, Any]:
     mismatched = []
     for k, v in state_dict.items():
         shape = getattr(v, "shape", None)
@@ -510,7 +528,9 @@ def apply_checkpoint(model: Any, path: str | Path, *, unsafe_pickle: bool = Fals
         # strict=False: tied aliases may be absent; match_state_dict has already checked coverage.
         model.load_state_dict(matched, strict=False)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match the model: {_first_line(str(exc))}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model: {_first_line(str(exc))}"
+        ) from None
     return step
 
 

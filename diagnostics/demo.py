@@ -90,7 +90,9 @@ _QUICK_STABLE = replace(STABLE, checkpoints=(15, 30), **_QUICK)
 _QUICK_EXPLODING = replace(EXPLODING, stop_after_explosion=3, **{**_QUICK, "steps": 50})
 
 
-def explosion_step(losses: list[float], *, factor: float = 2.0, min_step: int = 20, patience: int = 10) -> int | None:
+def explosion_step(
+    losses: list[float], *, factor: float = 2.0, min_step: int = 20, patience: int = 10
+) -> int | None:
     """First step of a loss explosion, or None.
 
     A step is *high* when its loss is not finite, or (from ``min_step`` on) exceeds ``factor`` times
@@ -143,9 +145,15 @@ class DemoResult:
 
     def summary_lines(self) -> list[str]:
         """The report's location and the three-line summary the command prints."""
-        lines = [f"report: {self.report}" if self.report else f"runs written to {self.out} (no report layer installed)"]
+        lines = [
+            f"report: {self.report}"
+            if self.report
+            else f"runs written to {self.out} (no report layer installed)"
+        ]
         if self.warning_step is not None:
-            lines.append(f"exploding run: first explosion warning at step {self.warning_step} ({self.warning_detail})")
+            lines.append(
+                f"exploding run: first explosion warning at step {self.warning_step} ({self.warning_detail})"
+            )
         else:
             lines.append("exploding run: no explosion warning fired")
         if self.explosion_step is not None:
@@ -204,13 +212,26 @@ def _train(
     tokens = pydoc_tokens("train")
     batches = char_batches(tokens, cfg.batch_size, cfg.block_size, cfg.steps, seed=cfg.seed)
     probe = char_batches(tokens, cfg.batch_size, cfg.block_size, 1, seed=cfg.seed + 1000)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_at(0), betas=(0.9, cfg.beta2), eps=cfg.eps, weight_decay=0.0)
-    meta = {"demo": {k: v for k, v in cfg.__dict__.items() if k != "model"} | {"model": dict(cfg.model)},
-            "optimizer": "AdamW"}
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr_at(0), betas=(0.9, cfg.beta2), eps=cfg.eps, weight_decay=0.0
+    )
+    meta = {
+        "demo": {k: v for k, v in cfg.__dict__.items() if k != "model"} | {"model": dict(cfg.model)},
+        "optimizer": "AdamW",
+    }
     losses: list[float] = []
     exploded_at: int | None = None
-    with Monitor(model, loss_fn, run=run_dir, diagnostics=diagnostics, optimizer=opt, probe_data=probe, meta=meta,
-                 name=cfg.name, every=every) as monitor:
+    with Monitor(
+        model,
+        loss_fn,
+        run=run_dir,
+        diagnostics=diagnostics,
+        optimizer=opt,
+        probe_data=probe,
+        meta=meta,
+        name=cfg.name,
+        every=every,
+    ) as monitor:
         for step, batch in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
@@ -222,14 +243,20 @@ def _train(
             losses.append(float(loss.detach()))
             if checkpoint_dir is not None and (step + 1) in cfg.checkpoints:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": model.state_dict(), "step": step + 1}, checkpoint_dir / f"step_{step + 1:05d}.pt")
+                torch.save(
+                    {"model": model.state_dict(), "step": step + 1},
+                    checkpoint_dir / f"step_{step + 1:05d}.pt",
+                )
             if progress is not None:
                 progress(step, losses[-1])
             if exploded_at is None:
                 exploded_at = explosion_step(losses)
             if exploded_at is not None and step >= exploded_at + cfg.stop_after_explosion:
                 break
-            if not math.isfinite(losses[-1]) and len([x for x in losses if not math.isfinite(x)]) > cfg.stop_after_explosion:
+            if (
+                not math.isfinite(losses[-1])
+                and len([x for x in losses if not math.isfinite(x)]) > cfg.stop_after_explosion
+            ):
                 break
     return losses
 
@@ -246,7 +273,9 @@ def _first_warning(run_dir: Path) -> tuple[int | None, str | None, int]:
     if warnings_.empty:
         return None, None, 0
     first = warnings_.iloc[0]
-    where = f"layer {first['key']}" if isinstance(first["key"], str) and first["key"] not in ("", "all") else None
+    where = (
+        f"layer {first['key']}" if isinstance(first["key"], str) and first["key"] not in ("", "all") else None
+    )
     detail = where or " ".join(str(first["message"]).split())[:80]
     return int(first["step"]), detail, int(len(warnings_))
 
@@ -287,8 +316,18 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
     out.mkdir(parents=True, exist_ok=True)
     stable_cfg, exploding_cfg = (_QUICK_STABLE, _QUICK_EXPLODING) if quick else (STABLE, EXPLODING)
     if quick:
-        monitored = _registered(["loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", "nonfinite",
-                                 "spectral_alignment", "explosion_detector"])
+        monitored = _registered(
+            [
+                "loss",
+                "learning_rate",
+                "grad_norm",
+                "weight_norm",
+                "update_ratio",
+                "nonfinite",
+                "spectral_alignment",
+                "explosion_detector",
+            ]
+        )
         analysed: list[Any] = _registered(["loss", "grad_norm", "weight_norm"])
         # Spectral alignment every step is most of a quick run's cost; every 5th step keeps it exercised.
         every = {"spectral_alignment": 5} if "spectral_alignment" in monitored else None
@@ -311,7 +350,9 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
     }
     checkpoint_dir = _fresh(out / "checkpoints" / "stable", out)
     _fresh(out / "report.html", out)
-    (out / MARKER).write_text("written by tdiag demo; its runs, checkpoints and report are replaced on every run\n")
+    (out / MARKER).write_text(
+        "written by tdiag demo; its runs, checkpoints and report are replaced on every run\n"
+    )
 
     stable_losses = _with_progress(stable_cfg, runs["stable"], monitored, every, checkpoint_dir, quiet)
     exploding_losses = _with_progress(exploding_cfg, runs["exploding"], monitored, every, None, quiet)
@@ -322,11 +363,17 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
 
     # Held-out text, the same batches for every checkpoint.
     analysis_data = char_batches(
-        pydoc_tokens("test"), stable_cfg.batch_size, stable_cfg.block_size, 1 if quick else 2, seed=stable_cfg.seed
+        pydoc_tokens("test"),
+        stable_cfg.batch_size,
+        stable_cfg.block_size,
+        1 if quick else 2,
+        seed=stable_cfg.seed,
     )
     analyze_checkpoints(
         checkpoint_dir,
-        model=get_model("tiny-gpt", seed=stable_cfg.seed, block_size=stable_cfg.block_size, **stable_cfg.model),
+        model=get_model(
+            "tiny-gpt", seed=stable_cfg.seed, block_size=stable_cfg.block_size, **stable_cfg.model
+        ),
         data=analysis_data,
         loss=get_loss("tiny-gpt"),
         diagnostics=analysed,
@@ -354,7 +401,11 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
 
 
 def _with_progress(
-    cfg: DemoRun, run_dir: Path, diagnostics: list[str], every: dict[str, int] | None, checkpoint_dir: Path | None,
+    cfg: DemoRun,
+    run_dir: Path,
+    diagnostics: list[str],
+    every: dict[str, int] | None,
+    checkpoint_dir: Path | None,
     quiet: bool,
 ) -> list[float]:
     if quiet:
@@ -362,6 +413,7 @@ def _with_progress(
     from tqdm.auto import tqdm
 
     with tqdm(total=cfg.steps, desc=f"train {cfg.name}", unit="step", leave=False, dynamic_ncols=True) as bar:
+
         def progress(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
@@ -376,4 +428,6 @@ def _report(out: Path, runs: dict[str, Path], quick: bool) -> Path | None:
         return None
     path = out / "report.html"
     title = "tdiag demo: a stable and an exploding tiny GPT" + (" (quick)" if quick else "")
-    return Path(build_report([runs["stable"], runs["exploding"], runs["stable-checkpoints"]], path, title=title))
+    return Path(
+        build_report([runs["stable"], runs["exploding"], runs["stable-checkpoints"]], path, title=title)
+    )

@@ -25,10 +25,11 @@ import importlib.util
 import inspect
 import itertools
 import sys
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from diagnostics.errors import ConfigError, DiagnosticsError, SpecError
 
@@ -224,7 +225,9 @@ def _hf_model(directory: str, spec: str, base_dir: Path | None) -> Any:
                 return cls(config)
         return transformers.AutoModel.from_config(config)
     except Exception as exc:  # noqa: BLE001
-        raise SpecError(f"model spec {spec!r}: building the model raised {type(exc).__name__}: {exc}") from None
+        raise SpecError(
+            f"model spec {spec!r}: building the model raised {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def resolve_model(spec: Any, *, base_dir: str | Path | None = None) -> Any:
@@ -444,7 +447,9 @@ def load_config(path: str | Path, *, section: str = "analyze") -> dict[str, Any]
         expected = CONFIG_KEYS[key]
         # bool is an int subclass: do not accept `batches = true`.
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+            names = (
+                expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+            )
             raise ConfigError(
                 f"config file {str(path)!r}: option {raw_key!r} must be {names}, got {type(value).__name__}"
             )

@@ -33,7 +33,9 @@ def checkpoints(tmp_path_factory):
 def test_records_match_a_direct_computation(checkpoints, tmp_path):
     from diagnostics.zoo import get_data, get_loss, get_model
 
-    result = analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=2, batch_size=16, run=tmp_path / "run")
+    result = analyze_checkpoints(
+        checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=2, batch_size=16, run=tmp_path / "run"
+    )
     assert result.analyzed == [2, 4, 6] and result.skipped == []
     run = open_run(tmp_path / "run")
     loss = run.series("loss").set_index("step")["value"]
@@ -60,44 +62,65 @@ def test_resume_after_interruption_without_duplicates(checkpoints, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run", on_checkpoint=stop_after_first)
+        analyze_checkpoints(
+            checkpoints,
+            model="mlp-digits",
+            diagnostics=CHEAP,
+            batches=1,
+            run=tmp_path / "run",
+            on_checkpoint=stop_after_first,
+        )
     assert open_run(tmp_path / "run").series("loss")["step"].tolist() == [2]
-    result = analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run")
+    result = analyze_checkpoints(
+        checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run"
+    )
     assert result.skipped == [2] and result.analyzed == [4, 6]
     run = open_run(tmp_path / "run")
     series = run.series()
     assert not series.duplicated(["step", "metric", "key", "index"]).any()
     assert run.series("loss")["step"].tolist() == [2, 4, 6]
     # --force recomputes every checkpoint and still writes no duplicate rows.
-    forced = analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run", force=True)
+    forced = analyze_checkpoints(
+        checkpoints, model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run", force=True
+    )
     assert forced.analyzed == [2, 4, 6]
     assert len(open_run(tmp_path / "run").series()) == len(series)
 
 
 def test_optimizer_diagnostics_are_left_out_or_refused(checkpoints, tmp_path):
-    analyze_checkpoints(checkpoints / "ckpt_0002.pt", model="mlp-digits", diagnostics="cheap", batches=1, run=tmp_path / "a")
+    analyze_checkpoints(
+        checkpoints / "ckpt_0002.pt", model="mlp-digits", diagnostics="cheap", batches=1, run=tmp_path / "a"
+    )
     names = set(open_run(tmp_path / "a").meta["diagnostics"])
     assert "update_ratio" not in names and "learning_rate" not in names and "loss" in names
     with pytest.raises(ConfigError, match="update_ratio"):
-        analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics="loss,update_ratio", run=tmp_path / "b")
+        analyze_checkpoints(
+            checkpoints, model="mlp-digits", diagnostics="loss,update_ratio", run=tmp_path / "b"
+        )
     assert not database_path(tmp_path / "b").exists()
 
 
 def test_run_of_another_model_is_refused_before_writing(checkpoints, tmp_path):
-    analyze_checkpoints(checkpoints / "ckpt_0002.pt", model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run")
+    analyze_checkpoints(
+        checkpoints / "ckpt_0002.pt", model="mlp-digits", diagnostics=CHEAP, batches=1, run=tmp_path / "run"
+    )
     before = len(open_run(tmp_path / "run").series())
     other = tmp_path / "other"
     other.mkdir()
     torch.save(torch.nn.Linear(64, 10).state_dict(), other / "w.pt")
     data = [(torch.randn(4, 64), torch.randint(0, 10, (4,)))]
     with pytest.raises(ConfigError, match="another model"):
-        analyze_checkpoints(other, model=torch.nn.Linear(64, 10), data=data, diagnostics=CHEAP, run=tmp_path / "run")
+        analyze_checkpoints(
+            other, model=torch.nn.Linear(64, 10), data=data, diagnostics=CHEAP, run=tmp_path / "run"
+        )
     assert len(open_run(tmp_path / "run").series()) == before
 
 
 def test_duplicate_steps_are_refused(checkpoints, tmp_path):
     extra = tmp_path / "dup.pt"
-    torch.save({"model": torch.load(checkpoints / "ckpt_0002.pt", weights_only=True)["model"], "step": 2}, extra)
+    torch.save(
+        {"model": torch.load(checkpoints / "ckpt_0002.pt", weights_only=True)["model"], "step": 2}, extra
+    )
     with pytest.raises(CheckpointError, match="both have step 2"):
         analyze_checkpoints([checkpoints, extra], model="mlp-digits", diagnostics=CHEAP, run=tmp_path / "run")
     assert not database_path(tmp_path / "run").exists()
@@ -115,6 +138,8 @@ def test_in_memory_model_data_and_loss(tmp_path):
         calls.append(1)
         return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
 
-    result = analyze_checkpoints(tmp_path, model=model, data=data, loss=mse, diagnostics=CHEAP, run=tmp_path / "run")
+    result = analyze_checkpoints(
+        tmp_path, model=model, data=data, loss=mse, diagnostics=CHEAP, run=tmp_path / "run"
+    )
     assert result.analyzed == [10, 20] and calls
     assert open_run(tmp_path / "run").series("loss")["step"].tolist() == [10, 20]

@@ -55,7 +55,10 @@ def test_lightning_prefix_is_stripped_and_extra_entries_left(tmp_path):
     model = make_model()
     sd = {f"model.{k}": v for k, v in model.state_dict().items()}
     sd["criterion.weight"] = torch.ones(2)  # a LightningModule's own buffer
-    torch.save({"state_dict": sd, "global_step": 40, "epoch": 1, "pytorch-lightning_version": "2.4"}, tmp_path / "x.ckpt")
+    torch.save(
+        {"state_dict": sd, "global_step": 40, "epoch": 1, "pytorch-lightning_version": "2.4"},
+        tmp_path / "x.ckpt",
+    )
     target = make_model()
     with torch.no_grad():
         for p in target.parameters():

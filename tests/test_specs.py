@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from diagnostics.errors import ConfigError, SpecError
-from diagnostics.specs import load_config, load_object, merge_options, resolve_data, resolve_loss, resolve_model
+from diagnostics.specs import (
+    load_config,
+    load_object,
+    merge_options,
+    resolve_data,
+    resolve_loss,
+    resolve_model,
+)
 
 USER_FILE = textwrap.dedent(
     """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import click
 import torch
+from click.testing import CliRunner
 
 
 def invoke(runner: CliRunner, group: click.Group, *args: str):
@@ -36,6 +38,8 @@ def save_mlp_checkpoints(folder, steps=(2, 4, 6), *, fmt: str = "dict") -> list:
         opt.step()
         if i in steps:
             path = folder / f"ckpt_{i:04d}.pt"
-            torch.save({"model": model.state_dict(), "step": i} if fmt == "dict" else model.state_dict(), path)
+            torch.save(
+                {"model": model.state_dict(), "step": i} if fmt == "dict" else model.state_dict(), path
+            )
             paths.append(path)
     return paths

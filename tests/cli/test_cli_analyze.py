@@ -15,7 +15,19 @@ from diagnostics.store import open_run
 from diagnostics.store.schema import database_path
 
 CHEAP = "loss,grad_norm,weight_norm"
-BASE = ("--model", "mlp-digits", "--data", "digits", "--batches", "1", "--batch-size", "16", "--diagnostics", CHEAP, "-q")
+BASE = (
+    "--model",
+    "mlp-digits",
+    "--data",
+    "digits",
+    "--batches",
+    "1",
+    "--batch-size",
+    "16",
+    "--diagnostics",
+    CHEAP,
+    "-q",
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +50,20 @@ class Evil:
 def test_end_to_end_analyze_report_ls_export(runner, tdiag, ckpts, tmp_path):
     run = tmp_path / "run"
     # The default diagnostics (the standard preset) on the smallest data that still has two batches.
-    result = invoke(runner, tdiag, "analyze", ckpts, "--model", "mlp-digits", "--batches", "2", "--batch-size", "8", "--run", run)
+    result = invoke(
+        runner,
+        tdiag,
+        "analyze",
+        ckpts,
+        "--model",
+        "mlp-digits",
+        "--batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--run",
+        run,
+    )
     assert result.exit_code == 0, result.stderr
     assert "analysed 3 checkpoint(s)" in result.stdout
     assert open_run(run).series("loss")["step"].tolist() == [2, 4, 6]
@@ -114,8 +139,14 @@ def _nothing_written(run) -> bool:
         (("--model", "torch.nn:NoSuchThing"), ("has no attribute 'NoSuchThing'",)),
         (("--model", "mlp-digits", "--data", "torch:pi"), ("data spec", "neither an iterable")),
         (("--model", "mlp-digits", "--loss", "torch:pi"), ("loss spec", "not callable")),
-        (("--model", "mlp-digits", "--diagnostics", "loss,hessian_nonsense"), ("unknown diagnostic 'hessian_nonsense'", "grad_norm")),
-        (("--model", "cnn-digits", "--data", "digits"), ("does not match the model", "missing key(s)", "ckpt_0002.pt")),
+        (
+            ("--model", "mlp-digits", "--diagnostics", "loss,hessian_nonsense"),
+            ("unknown diagnostic 'hessian_nonsense'", "grad_norm"),
+        ),
+        (
+            ("--model", "cnn-digits", "--data", "digits"),
+            ("does not match the model", "missing key(s)", "ckpt_0002.pt"),
+        ),
         (("--model", "mlp-digits", "--device", "cuda:7"), ("cuda",)),
     ],
 )
@@ -157,7 +188,9 @@ def test_bad_checkpoints(runner, tdiag, ckpts, tmp_path):
 def test_missing_required_options(runner, tdiag, ckpts, tmp_path):
     assert_user_error(invoke(runner, tdiag, "analyze", ckpts, "--run", tmp_path / "r"), "--model")
     assert_user_error(invoke(runner, tdiag, "analyze", ckpts, "--model", "mlp-digits"), "--run")
-    assert_user_error(invoke(runner, tdiag, "analyze", "--model", "mlp-digits", "--run", tmp_path / "r"), "no checkpoints")
+    assert_user_error(
+        invoke(runner, tdiag, "analyze", "--model", "mlp-digits", "--run", tmp_path / "r"), "no checkpoints"
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("modle = 'typo'\n")
     assert_user_error(invoke(runner, tdiag, "analyze", "--config", bad), "unknown option 'modle'")
@@ -172,7 +205,20 @@ def test_run_directory_of_another_model(runner, tdiag, ckpts, tmp_path):
 
     other.mkdir()
     torch.save(get_model("cnn-digits").state_dict(), other / "c_1.pt")
-    result = invoke(runner, tdiag, "analyze", other, "--model", "cnn-digits", "--diagnostics", CHEAP, "--batches", "1", "--run", run)
+    result = invoke(
+        runner,
+        tdiag,
+        "analyze",
+        other,
+        "--model",
+        "cnn-digits",
+        "--diagnostics",
+        CHEAP,
+        "--batches",
+        "1",
+        "--run",
+        run,
+    )
     assert_user_error(result, "another model", "--run")
     assert len(open_run(run).series()) == rows
 

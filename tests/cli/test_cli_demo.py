@@ -28,7 +28,11 @@ def test_quick_demo(runner, tdiag, tmp_path):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 4, result.stdout
-    assert lines[0].startswith("report: ") and "exploding run:" in lines[1] and lines[3].startswith("stable run: final loss")
+    assert (
+        lines[0].startswith("report: ")
+        and "exploding run:" in lines[1]
+        and lines[3].startswith("stable run: final loss")
+    )
     report = out / "report.html"
     assert report.is_file() and "stable" in report.read_text(encoding="utf-8")
     for name in ("stable", "exploding", "stable-checkpoints"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from cli_helpers import assert_user_error, invoke
-
 from diagnostics.cli.commands import COMMAND_NAMES
+
 from diagnostics.store import open_run
 from diagnostics.store.synthetic import write_synthetic_run
 
