@@ -228,9 +228,9 @@ class UpdateRatioDiagnostic(_NormDiagnostic):
     """Relative size of the optimizer's step: ``update_ratio`` = ||θ_after − θ_before|| / ||θ_before||.
 
     "all" every step, per parameter every ``per_layer_every`` steps (default 10). Needs the parameters
-    before and after ``optimizer.step()``: the Monitor copies them, on steps where this is due, into a
-    buffer it reuses from step to step (memory: one copy of the parameters; time: a copy, a subtraction
-    and one fused norm; the norms before the update are weight_norm's when it ran at the step).
+    before and after ``optimizer.step()``: the Monitor copies them on steps where this is due (memory:
+    one copy of the parameters; time: a copy, a subtraction and a norm, each one kernel when the
+    parameters share a dtype and device; the norms before the update are weight_norm's when it ran).
     """
 
     name = "update_ratio"
@@ -244,15 +244,23 @@ class UpdateRatioDiagnostic(_NormDiagnostic):
         return []
 
     def compute_after_update(self, ctx: StepContext) -> list[Record]:
-        update = ctx.update()
-        names = list(update)
-        delta = dict(zip(names, host_norms([update[n] for n in names])))
-        delta["all"] = total_norm(delta.values())
+        per_layer = self.per_layer_due(ctx.step)
+        flat = ctx.update_flat()
+        if flat is not None and not per_layer:
+            # "all" only: one reduction over the flat update instead of one per parameter.
+            with torch.no_grad():
+                delta = {"all": float(torch.linalg.vector_norm(flat))}
+            names: list[str] = []
+        else:
+            update = ctx.update()
+            names = list(update)
+            delta = dict(zip(names, host_norms([update[n] for n in names])))
+            with torch.no_grad():
+                delta["all"] = float(torch.linalg.vector_norm(flat)) if flat is not None else total_norm(delta.values())
         # The weight norms measured before the update, when weight_norm ran this step; else computed.
         before = ctx.cache.get("weight_norms") or tensor_norms(ctx.params_before_update())
-        keys = names + ["all"] if self.per_layer_due(ctx.step) else ["all"]
         out = []
-        for k in keys:
+        for k in names + ["all"]:
             d, w = delta[k], before.get(k, float("nan"))
             out.append(Record("update_ratio", d / w if w > 0 else (0.0 if d == 0 else float("inf")), key=k))
         return out

@@ -133,6 +133,7 @@ class StepContext:
         self.state: dict[str, Any] = {}
         self.due: frozenset[str] | None = None
         self._before_update: dict[str, torch.Tensor] | None = None
+        self._before_flat: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None
         self._after_update = False
         # The trainable (name, parameter) pairs, when the caller already listed them for this step.
         self._named: list[tuple[str, torch.nn.Parameter]] | None = named_parameters
@@ -258,15 +259,59 @@ class StepContext:
         return self._captured(modules, max_tokens)[0]
 
     # --- the optimizer's update ---------------------------------------------------------------------
+    def snapshot_parameters(self) -> None:
+        """Keep the trainable parameters' values before ``optimizer.step()`` (called by the Monitor).
+
+        When every parameter has the same dtype and device they are copied into one flat tensor: one copy
+        kernel instead of one per parameter, and the update is then one subtraction and its norm one
+        reduction (on CPU, per-tensor launches cost more than the arithmetic for a small model). Mixed
+        dtypes or devices fall back to one copy per parameter. Memory: one copy of the parameters.
+        """
+        named = self.named_parameters()
+        tensors = [p.detach() for _, p in named]
+        first = tensors[0] if tensors else None
+        if first is not None and all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+            self._before_flat = (_flatten(tensors), [n for n, _ in named], tensors)
+            self._before_update = None
+        else:
+            self._before_flat = None
+            self._before_update = {n: t.clone() for n, t in zip((n for n, _ in named), tensors)}
+
+    def release_snapshot(self) -> None:
+        """Drop the parameters kept by :meth:`snapshot_parameters`."""
+        self._before_flat = None
+        self._before_update = None
+
+    def update_flat(self) -> torch.Tensor | None:
+        """The update ``after - before`` as one flat tensor in ``named_parameters()`` order, or None.
+
+        None when the snapshot is not flat (mixed dtypes or devices). Only in ``compute_after_update``;
+        computed once per step. Cost: one copy and one subtraction over the parameters.
+        """
+        if not self._after_update or (self._before_flat is None and self._before_update is None):
+            raise ConfigError("ctx.update() is only available in compute_after_update (declare 'update' in requires)")
+        if self._before_flat is None:
+            return None
+
+        def diff() -> torch.Tensor:
+            before, _, tensors = self._before_flat
+            return _flatten(tensors).sub_(before)
+
+        return self.cached("update_flat", diff)
+
     def update(self) -> dict[str, torch.Tensor]:
         """The parameter change made by ``optimizer.step()``, ``{name: after - before}``.
 
         Only available in ``compute_after_update``. Cost: one subtraction per parameter (once per step).
         """
-        if not self._after_update or self._before_update is None:
+        if not self._after_update or (self._before_flat is None and self._before_update is None):
             raise ConfigError("ctx.update() is only available in compute_after_update (declare 'update' in requires)")
 
         def diff() -> dict[str, torch.Tensor]:
+            flat = self.update_flat()
+            if flat is not None:
+                _, names, tensors = self._before_flat
+                return dict(zip(names, _unflatten(flat, tensors)))
             now = dict(self.named_parameters())
             names = [n for n in self._before_update if n in now]
             after = [now[n].detach() for n in names]
@@ -281,6 +326,20 @@ class StepContext:
 
     def params_before_update(self) -> dict[str, torch.Tensor]:
         """Parameter values saved just before ``optimizer.step()`` (only in ``compute_after_update``)."""
+        if self._before_update is None and self._before_flat is not None:
+            flat, names, tensors = self._before_flat
+            self._before_update = dict(zip(names, _unflatten(flat, tensors)))  # views of the flat copy
         if self._before_update is None:
             raise ConfigError("parameters before the update are only kept for diagnostics that require 'update'")
         return self._before_update
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One new 1-D tensor holding ``tensors`` back to back (one copy kernel; no autograd graph)."""
+    with torch.no_grad():
+        return torch._utils._flatten_dense_tensors(tensors)
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``like`` (inverse of :func:`_flatten`; no copy)."""
+    return list(torch._utils._unflatten_dense_tensors(flat, like))

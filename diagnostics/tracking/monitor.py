@@ -277,7 +277,6 @@ class Monitor:
         self._batch_checked = False
         self._states: dict[str, dict[str, Any]] = {d.name: {} for d in self.diagnostics}
         self._pending: _Pending | None = None
-        self._snapshot: dict[str, torch.Tensor] | None = None  # parameters before the update, reused
         self._closed = False
         self._monitored = 0
         self._store_failures = 0
@@ -514,7 +513,7 @@ class Monitor:
         self._monitored += 1
         stop = self._stop_requested(pending)  # a collective under torch.distributed: every rank asks
         if pending.update_diags and not stop:
-            ctx._before_update = self._snapshot_params(ctx.named_parameters())
+            ctx.snapshot_parameters()
             self._pending = pending
             if self.optimizer is not None:
                 pending.handle = self.optimizer.register_step_post_hook(self._on_optimizer_step)
@@ -542,29 +541,6 @@ class Monitor:
             self._all_named = list(self.model.named_parameters())
         return [(n, p) for n, p in self._all_named if p.requires_grad]
 
-    def _snapshot_params(self, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
-        """The parameters' values before ``optimizer.step()``, copied into a buffer reused across steps.
-
-        The buffer is allocated again only when the parameters change (names, shapes, dtypes, devices);
-        otherwise one fused copy refills it. Its tensors are valid until the next snapshot.
-        """
-        snap = self._snapshot
-        if snap is None or len(snap) != len(named) or any(
-            (b := snap.get(n)) is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
-            for n, p in named
-        ):
-            self._snapshot = {n: p.detach().clone() for n, p in named}
-            return self._snapshot
-        dst = [snap[n] for n, _ in named]
-        src = [p.detach() for _, p in named]
-        with torch.no_grad():
-            try:
-                torch._foreach_copy_(dst, src)
-            except (RuntimeError, AttributeError, TypeError):  # no fused kernel for this mix of tensors
-                for d, s_ in zip(dst, src):
-                    d.copy_(s_)
-        return snap
-
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._finish_pending()
 
@@ -591,7 +567,7 @@ class Monitor:
                     status.num_matvecs if status.num_matvecs is not None else before.num_matvecs,
                 )
         finally:
-            ctx._before_update = None
+            ctx.release_snapshot()
             ctx.cache.clear()
             self._commit(pending)
 
@@ -799,7 +775,6 @@ class Monitor:
         try:
             self._finish_pending()
         finally:
-            self._snapshot = None
             if self.writer is not None:
                 try:
                     self._wait_writes()
