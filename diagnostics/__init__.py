@@ -50,6 +50,10 @@ _EXPORTS: dict[str, str] = {
     "resolve_diagnostics": "diagnostics.metrics",
     "Diagnostic": "diagnostics.metrics",
     "available_diagnostics": "diagnostics.metrics",
+    # --- Loss-explosion early warning (diagnostics.metrics) ---
+    "SpectralAlignment": "diagnostics.metrics.spectral_alignment",
+    "ExplosionDetector": "diagnostics.metrics.explosion",
+    "detect_explosions": "diagnostics.metrics.explosion",
     # --- The run store (diagnostics.store) ---
     "RunWriter": "diagnostics.store",
     "open_run": "diagnostics.store",
@@ -99,6 +103,10 @@ __all__ = [
     "resolve_diagnostics",
     "Diagnostic",
     "available_diagnostics",
+    # Loss-explosion early warning
+    "SpectralAlignment",
+    "ExplosionDetector",
+    "detect_explosions",
     # The run store
     "RunWriter",
     "open_run",
@@ -110,11 +118,15 @@ __all__ = [
 ]
 
 
+#: Public names that differ from the name inside their module.
+_ALIASES: dict[str, str] = {"detect_explosions": "detect"}
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
     globals()[name] = value
     return value
 
