@@ -17,8 +17,9 @@ compares the three runs. The printed summary says when the warning fired, when t
 (the suite's definition: the first step of 10 consecutive steps whose loss exceeds twice its running
 minimum, or a non-finite loss) and the stable run's final loss.
 
-Cost: about 2 to 4 minutes on 2 CPU cores; ``quick=True`` about 30 seconds (fewer steps, a faster
-ramp, cheap diagnostics), for tests.
+Cost: about 300 CPU-seconds, most of it spectral alignment at every step and the rank and GSNR probes,
+so a few minutes on 2 cores; ``quick=True`` about 20 CPU-seconds (smaller batches, a 20-step ramp,
+cheap diagnostics), for tests.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class DemoRun:
 # The explosion suite's matched pair (benchmarks/explosions/FINDINGS.md): the same ramp of the learning
 # rate from step 100, to 0.1 (ramp100: stable for every seed) or to 1.0 (ramp1000: explodes at steps
 # 189-195 for every seed tried).
-STABLE = DemoRun(name="stable", ramp_factor=100.0, checkpoints=(60, 120, 180, 240))
+STABLE = DemoRun(name="stable", steps=220, ramp_factor=100.0, checkpoints=(55, 110, 165, 220))
 EXPLODING = DemoRun(name="exploding", ramp_factor=1000.0)
 
 # The quick variants: smaller batches and a 20-step ramp from step 5; same story, for tests.
