@@ -222,7 +222,8 @@ def analyze_checkpoints(
 
     Args:
         checkpoints: checkpoint files, Hugging Face directories, or directories of checkpoints.
-        model: a model spec (zoo name, ``module:attr``, ``file.py:attr``, ``hf:DIR``) or an ``nn.Module``.
+        model: a model spec (zoo name, ``module:attr``, ``file.py:attr``, ``hf:DIR``) or an ``nn.Module``
+            (whose weights are overwritten by the checkpoints', and which is left in eval mode).
         data: a data spec or a list of batches; default: the zoo model's own dataset.
         loss: a loss spec or ``loss_fn(model, batch)``; default: the zoo model's loss, else the library's
             default loss.
@@ -308,7 +309,11 @@ def analyze_checkpoints(
         }
     }
     monitor = _make_monitor(net, loss_fn, run_dir, diags, data_batches, run_config)
-    batch = _concat(data_batches) if _concat_ok(data_batches) else data_batches[0]
+    # Diagnostics that look at "the step's batch" (per-sample gradients, activations) see every sample.
+    try:
+        batch = _concat(data_batches)
+    except TypeError:
+        batch = data_batches[0]
     try:
         for info in _progress(todo, total=len(todo), quiet=quiet, desc="analyze"):
             with _quiet_unsafe(unsafe_pickle):
@@ -324,14 +329,6 @@ def analyze_checkpoints(
         monitor.close()
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _concat_ok(batches: list[Any]) -> bool:
-    try:
-        _concat(batches)
-    except TypeError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
