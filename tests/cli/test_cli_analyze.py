@@ -255,3 +255,18 @@ def test_unsafe_pickle_flag_loads_with_a_warning(runner, tdiag, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "warning:" in result.stderr and "pickle" in result.stderr
     assert open_run(run).series("loss")["step"].tolist() == [5]
+
+
+def test_lightning_and_safetensors_checkpoints(runner, tdiag, ckpts, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(ckpts / "ckpt_0002.pt", weights_only=True)["model"]
+    folder = tmp_path / "mixed_formats"
+    folder.mkdir()
+    lightning = {"state_dict": {f"model.{k}": v for k, v in state.items()}, "global_step": 30, "epoch": 0}
+    torch.save(lightning, folder / "epoch=0-step=30.ckpt")
+    save_file(dict(state), folder / "weights.safetensors", metadata={"step": "10"})
+    run = tmp_path / "run"
+    result = invoke(runner, tdiag, "analyze", folder, *BASE, "--run", run)
+    assert result.exit_code == 0, result.stderr
+    assert open_run(run).series("loss")["step"].tolist() == [10, 30]
