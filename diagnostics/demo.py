@@ -335,10 +335,17 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
     else:
         # Curvature probes cost tens of gradient evaluations each: in the loop they would dominate the
         # demo's time, so they run on the checkpoints instead, with a small budget.
-        monitored = [*_standard_without({"curvature"}), *_registered(["explosion_detector"])]
+        monitored = _standard_without({"curvature"})
+        # The detector joins when it is registered and not already in the preset.
+        monitored += [n for n in _registered(["explosion_detector"]) if n not in monitored]
         # A checkpoint holds no optimizer step: those diagnostics are the in-loop runs' business.
         analysed = [
-            *_standard_without({"curvature", "optimizer", "update"}),
+            # (the detector reads a step-by-step series: a handful of checkpoints is not one)
+            *[
+                n
+                for n in _standard_without({"curvature", "optimizer", "update"})
+                if n != "explosion_detector"
+            ],
             *[{n: HESSIAN_OPTIONS} for n in _registered(["hessian_top"])],
         ]
         every = None
