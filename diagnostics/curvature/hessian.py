@@ -53,6 +53,9 @@ class _Jvp(Linearisation):
 class _Retained(Linearisation):
     """Double backward through the kept first-backward graph (``create_graph=True``)."""
 
+    # Measured on CPU: is_grads_batched (vmap over the kept graph) costs more per column than a loop.
+    batched_on_cpu = False
+
     def __init__(self, op: CurvatureOperator, f: Callable[..., Tensor], params: dict[str, Tensor]) -> None:
         self.op = op
         self.leaves = [p.detach().requires_grad_() for p in params.values()]
@@ -68,7 +71,7 @@ class _Retained(Linearisation):
         self.nbytes = saved.nbytes
 
     def _grad_outputs(self, v: Tensor) -> list[Tensor]:
-        parts = list(self.op.unflatten(v).values())
+        parts = self.op._split(v)
         return [parts[i] for i in self.index]
 
     def apply(self, v: Tensor) -> Tensor:
