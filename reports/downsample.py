@@ -71,6 +71,17 @@ def step_bins(lo: float, hi: float, nbins: int) -> np.ndarray:
     return np.linspace(lo, hi + 1, nbins + 1)
 
 
+def midpoint_edges(steps: np.ndarray) -> np.ndarray:
+    """Return ``len(steps) + 1`` edges with one cell per recorded step, split halfway between neighbours.
+
+    A single step gets the cell ``[step - 0.5, step + 0.5]``.
+    """
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mids = (steps[1:] + steps[:-1]) / 2.0
+    return np.concatenate([[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]])
+
+
 def bin_series(steps: np.ndarray, values: np.ndarray, edges: np.ndarray, how: str = "mean") -> np.ndarray:
     """Reduce one sorted series onto step bins.
 

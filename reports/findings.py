@@ -81,6 +81,27 @@ def _group_by_layer(events: list) -> list[tuple[str | None, int, int, str]]:
     return sorted(out, key=lambda t: (t[1], str(t[0])))
 
 
+def _said(msg: str | None) -> str:
+    """End of a finding that quotes an event's message: ': message', or a full stop when there is none."""
+    return f": {msg}" if msg else "."
+
+
+def _event_findings(run: str, events: list, kind: str, severity: str, label: str) -> list[Finding]:
+    """One finding per event (``label`` at step and layer, then its message), capped per kind."""
+    lines = [Finding(run, kind, severity, f"{label} at {_where(e.step, e.key)}{_said(e.message)}", e.step, e.key)
+             for e in events]
+    return _capped(lines, run, kind, severity)
+
+
+def _grouped_findings(run: str, events: list, kind: str, severity: str, label: str, unit: str) -> list[Finding]:
+    """One finding per layer (event key): its first step and message, and how many ``unit`` there were."""
+    out = []
+    for key, step, count, msg in _group_by_layer(events):
+        more = f" ({count} {unit})" if count > 1 else ""
+        out.append(Finding(run, kind, severity, f"{label} at {_where(step, key)}{more}{_said(msg)}", step, key))
+    return out
+
+
 def _capped(findings: list[Finding], run: str, kind: str, severity: str) -> list[Finding]:
     if len(findings) <= MAX_LINES_PER_KIND:
         return findings
@@ -97,25 +118,18 @@ def run_findings(run: RunView) -> list[Finding]:
 
     # --- explosion warnings and the explosion itself ---
     warnings = run.events_of("explosion_warning")
-    lines = []
-    for key, step, count, msg in _group_by_layer(warnings):
-        more = f" ({count} warnings)" if count > 1 else ""
-        text = f"Explosion warning at {_where(step, key)}{more}"
-        text += f": {msg}" if msg else "."
-        lines.append(Finding(name, "explosion_warning", "warning", text, step, key))
+    lines = _grouped_findings(name, warnings, "explosion_warning", "warning", "Explosion warning", "warnings")
     out += _capped(lines, name, "explosion_warning", "warning")
 
     explosions = run.events_of("loss_explosion")
-    loss = run.metric("loss")
     if explosions:
         e = explosions[0]
-        src = f": {e.message}" if e.message else "."
         boom_step: int | None = e.step
-        out.append(Finding(name, "loss_explosion", "error", f"The loss exploded at {_where(e.step, e.key)}{src}",
-                           e.step, e.key))
+        out.append(Finding(name, "loss_explosion", "error",
+                           f"The loss exploded at {_where(e.step, e.key)}{_said(e.message)}", e.step, e.key))
     else:
         boom_step = None
-        c = loss.curve("all") if loss is not None else None
+        c = run.curve("loss")
         if c is not None:
             boom_step = loss_explosion_step(*c)
             if boom_step is not None:
@@ -143,15 +157,11 @@ def run_findings(run: RunView) -> list[Finding]:
     # --- edge of stability ---
     eos = run.events_of("edge_of_stability")
     if eos:
-        lines = [Finding(name, "edge_of_stability", "info",
-                         f"Edge of stability at {_where(e.step, e.key)}" + (f": {e.message}" if e.message else "."),
-                         e.step, e.key) for e in eos]
-        out += _capped(lines, name, "edge_of_stability", "info")
+        out += _event_findings(name, eos, "edge_of_stability", "info", "Edge of stability")
     else:
         for metric, label in (("sharpness_ratio", "Sharpness reached 2/lr"),
                               ("adam_sharpness_ratio", "Preconditioned sharpness reached Adam's threshold")):
-            md = run.metric(metric)
-            c = md.curve("all") if md is not None else None
+            c = run.curve(metric)
             hit = _first_crossing(*c) if c is not None else None
             if hit:
                 step, count = hit
@@ -162,10 +172,7 @@ def run_findings(run: RunView) -> list[Finding]:
     # --- rank collapse ---
     rc = run.events_of("rank_collapse")
     if rc:
-        lines = [Finding(name, "rank_collapse", "warning",
-                         f"Rank collapse at {_where(e.step, e.key)}" + (f": {e.message}" if e.message else "."),
-                         e.step, e.key) for e in rc]
-        out += _capped(lines, name, "rank_collapse", "warning")
+        out += _event_findings(name, rc, "rank_collapse", "warning", "Rank collapse")
     else:
         lines = []
         for metric in RANK_METRICS:
@@ -214,22 +221,14 @@ def run_findings(run: RunView) -> list[Finding]:
                                  f"Estimator {s.diagnostic} did not converge at {s.not_converged} of {s.calls} "
                                  "steps; those values are flagged in the panels."))
     failed_diags = {s.diagnostic for s in run.status_summary if s.failed}
-    for key, step, count, msg in _group_by_layer([e for e in run.events_of("estimator_failed")
-                                                  if (e.key or e.metric) not in failed_diags]):
-        more = f" ({count} times)" if count > 1 else ""
-        lines.append(Finding(name, "estimator_failed", "warning",
-                             f"Estimator failure at {_where(step, key)}{more}" + (f": {msg}" if msg else "."), step, key))
+    unexplained = [e for e in run.events_of("estimator_failed") if (e.key or e.metric) not in failed_diags]
+    lines += _grouped_findings(name, unexplained, "estimator_failed", "warning", "Estimator failure", "times")
     out += _capped(lines, name, "estimator_failed", "warning")
 
     # --- non-finite values ---
-    lines = []
-    for key, step, count, msg in _group_by_layer(run.events_of("nonfinite")):
-        more = f" ({count} times)" if count > 1 else ""
-        lines.append(Finding(name, "nonfinite", "error",
-                             f"Non-finite value at {_where(step, key)}{more}" + (f": {msg}" if msg else "."), step, key))
+    lines = _grouped_findings(name, run.events_of("nonfinite"), "nonfinite", "error", "Non-finite value", "times")
     for metric in ("nonfinite_loss", "nonfinite_grads"):
-        md = run.metric(metric)
-        c = md.curve("all") if md is not None else None
+        c = run.curve(metric)
         if c is not None:
             with np.errstate(invalid="ignore"):
                 hit = c[1] > 0

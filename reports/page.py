@@ -1,16 +1,16 @@
 """The HTML page: inline CSS (screen and print), findings, configuration tables, then the panels.
 
 Nothing here references the network: no scripts, fonts, stylesheets or links other than in-page
-anchors. Every user-supplied string goes through :func:`html.escape`.
+anchors. Every user-supplied string goes through :func:`~.panels.esc`.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from typing import Any
 
 from .findings import Finding
+from .panels import esc
 from .views import ReportView, RunView
 
 CSS = """
@@ -62,11 +62,6 @@ META_ORDER = ("run_name", "created", "schema_version", "model_fingerprint", "los
 MAX_VALUE_CHARS = 300
 
 
-def e(x: Any) -> str:
-    """Escape a value for HTML text or attribute context."""
-    return html.escape(str(x), quote=True)
-
-
 def _value(v: Any) -> str:
     if isinstance(v, str):
         s = v
@@ -103,14 +98,14 @@ def kv_table(pairs: list[tuple[str, Any]], cls: str = "kv") -> str:
             extra = " version"
         elif k == "path":
             extra = " path"
-        rows.append(f'<tr><td>{e(k)}</td><td class="value{extra}">{e(_value(v))}</td></tr>')
+        rows.append(f'<tr><td>{esc(k)}</td><td class="value{extra}">{esc(_value(v))}</td></tr>')
     return f'<table class="{cls}"><tbody>' + "".join(rows) + "</tbody></table>\n"
 
 
 def run_config_html(run: RunView, several: bool) -> str:
     """The run's metadata: summary, configuration and versions, then the estimators' settings."""
     meta = dict(run.meta)
-    out = [f"<h3>{e('Run ' + run.name) if several else 'Run'}</h3>\n"]
+    out = [f"<h3>{esc('Run ' + run.name) if several else 'Run'}</h3>\n"]
     general = [(k, meta[k]) for k in META_ORDER if k in meta]
     summary = meta.get("model_summary")
     if isinstance(summary, dict):
@@ -135,7 +130,7 @@ def run_config_html(run: RunView, several: bool) -> str:
             s = diags[name]
             text = ", ".join(f"{k}={_value(v)}" for k, v in sorted(s.items(), key=lambda t: str(t[0]))) \
                 if isinstance(s, dict) else _value(s)
-            rows.append(f"<tr><td>{e(name)}</td><td class=\"value\">{e(text)}</td></tr>")
+            rows.append(f"<tr><td>{esc(name)}</td><td class=\"value\">{esc(text)}</td></tr>")
         out.append('<h3>Estimator settings</h3>\n<table class="kv"><thead><tr><th>diagnostic</th><th>settings'
                    "</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>\n")
     versions = meta.get("versions")
@@ -147,7 +142,7 @@ def run_config_html(run: RunView, several: bool) -> str:
         out.append("<h3>Other metadata</h3>\n" + kv_table(_flatten(rest)))
     if isinstance(summary, dict) and isinstance(summary.get("parameters"), dict):
         params = summary["parameters"]
-        rows = "".join(f"<tr><td>{e(k)}</td><td class=\"value\">{e(_value(v))}</td></tr>"
+        rows = "".join(f"<tr><td>{esc(k)}</td><td class=\"value\">{esc(_value(v))}</td></tr>"
                        for k, v in list(params.items())[:500])
         more = f"<p class=\"muted\">{len(params) - 500} more not shown.</p>" if len(params) > 500 else ""
         out.append(f"<details><summary>Model parameters ({len(params)} tensors)</summary>"
@@ -161,11 +156,11 @@ def findings_html(view: ReportView, findings: dict[str, list[Finding]]) -> str:
     several = len(view.runs) > 1
     for run in view.runs:
         if several:
-            out.append(f"<h3>{e(run.name)}</h3>\n")
+            out.append(f"<h3>{esc(run.name)}</h3>\n")
         out.append('<ul class="findings">\n')
         for f in findings[run.name]:
-            out.append(f'<li class="{e(f.severity)}" data-kind="{e(f.kind)}"><span class="sev">{e(f.severity)}'
-                       f"</span>{e(f.text)}</li>\n")
+            out.append(f'<li class="{esc(f.severity)}" data-kind="{esc(f.kind)}"><span class="sev">{esc(f.severity)}'
+                       f"</span>{esc(f.text)}</li>\n")
         out.append("</ul>\n")
     out.append("</section>\n")
     return "".join(out)
@@ -176,7 +171,7 @@ def page_html(view: ReportView, findings: dict[str, list[Finding]], sections: li
     """Assemble the document. ``sections`` are ``(anchor id, title, html)`` in order."""
     several = len(view.runs) > 1
     toc = ['<li><a href="#findings">Findings</a></li>', '<li><a href="#config">Runs and configuration</a></li>']
-    toc += [f'<li><a href="#{e(sid)}">{e(title)}</a></li>' for sid, title, _ in sections]
+    toc += [f'<li><a href="#{esc(sid)}">{esc(title)}</a></li>' for sid, title, _ in sections]
     runs_line = ", ".join(run.name for run in view.runs)
     empty_note = ""
     if all(r.empty for r in view.runs):
@@ -188,10 +183,10 @@ def page_html(view: ReportView, findings: dict[str, list[Finding]], sections: li
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         # an empty data: icon stops the browser from asking the file system or network for a favicon
         '<link rel="icon" href="data:,">\n',
-        f"<title>{e(view.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
-        f"<header>\n<h1>{e(view.title)}</h1>\n",
-        f'<p class="generated">Runs: {e(runs_line)}. Generated <span class="generated-at">{e(generated_at)}'
-        f'</span> by training-diagnostics <span class="version">{e(version)}</span>.</p>\n</header>\n',
+        f"<title>{esc(view.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
+        f"<header>\n<h1>{esc(view.title)}</h1>\n",
+        f'<p class="generated">Runs: {esc(runs_line)}. Generated <span class="generated-at">{esc(generated_at)}'
+        f'</span> by training-diagnostics <span class="version">{esc(version)}</span>.</p>\n</header>\n',
         empty_note,
         "<nav><h2>Contents</h2><ul>" + "".join(toc) + "</ul></nav>\n",
         findings_html(view, findings),

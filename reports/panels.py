@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 
-from .downsample import bin_series, step_bins
+from .downsample import bin_series, midpoint_edges, step_bins
 from .figures import (
     LEGEND_OUTSIDE,
     FigureSink,
@@ -67,19 +67,18 @@ class Panel:
 
     def render(self, view: ReportView, sink: FigureSink) -> str:
         """Return the panel's ``<section>``: heading, explanation, citation, then figures or the note."""
-        e = html.escape
-        head = (f'<section class="panel" id="panel-{self.id}">\n<h2>{e(self.title)}</h2>\n'
-                f'<p class="about">{e(self.about)}</p>\n<p class="cite">{e(self.citation)}</p>\n')
+        head = (f'<section class="panel" id="panel-{self.id}">\n<h2>{esc(self.title)}</h2>\n'
+                f'<p class="about">{esc(self.about)}</p>\n<p class="cite">{esc(self.citation)}</p>\n')
         ids = ", ".join(self.metrics)
         if not self.present(view):
-            body = f'<p class="not-recorded">Not recorded: no run has {e(ids)}.</p>\n'
+            body = f'<p class="not-recorded">Not recorded: no run has {esc(ids)}.</p>\n'
         else:
             missing = [r.name for r in view.runs if not r.has(*self.metrics)
                        and not (self.uses_status and not r.status.empty)]
             body = self.draw(view, sink)
             if missing and len(view.runs) > 1:
-                body += (f'<p class="not-recorded">Not recorded in run {e(", ".join(missing))}: '
-                         f'none of {e(ids)}.</p>\n')
+                body += (f'<p class="not-recorded">Not recorded in run {esc(", ".join(missing))}: '
+                         f'none of {esc(ids)}.</p>\n')
         return head + body + "</section>\n"
 
 
@@ -201,15 +200,11 @@ def layer_matrix(run: RunView, metric: str, keys: list[str], how: str = "mean",
     steps = np.unique(np.concatenate([md.by_key[k].steps for k in keys]))
     if len(steps) <= nbins:
         # one column per recorded step (metrics recorded every few steps would leave empty bins)
-        if len(steps) > 1:
-            mids = (steps[1:] + steps[:-1]) / 2.0
-            edges = np.concatenate([[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]])
-        else:
-            edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+        edges = midpoint_edges(steps)
     else:
         edges = step_bins(int(steps[0]), int(steps[-1]), nbins)
-    mat = np.vstack([bin_series(*md.curve(k), edges, how) if md.curve(k) else np.full(len(edges) - 1, np.nan)
-                     for k in keys])
+    curves = [md.curve(k) for k in keys]
+    mat = np.vstack([bin_series(*c, edges, how) if c else np.full(len(edges) - 1, np.nan) for c in curves])
     return mat, edges
 
 

@@ -4,10 +4,11 @@ trace, and gradient-subspace alignment."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from .downsample import minmax_indices
+from .downsample import midpoint_edges, minmax_indices
 from .figures import FigureSink, finite_or_nan, layer_colors, mark_alerts, mpl_text, plot_curve, run_color
 from .panels import Panel, add_legend, alert_steps, esc, fmt, run_label, runs_with, table_html
 from .views import ReportView, RunView
@@ -24,16 +25,31 @@ MAX_DENSITY_COLUMNS = 150
 
 def _threshold_curve(run: RunView) -> tuple[np.ndarray, np.ndarray, str] | None:
     """2/lr from ``stability_threshold``, else computed from ``learning_rate``."""
-    md = run.metric("stability_threshold")
-    c = md.curve("all") if md is not None else None
+    c = run.curve("stability_threshold")
     if c is not None:
         return c[0], c[1], "2/lr"
-    md = run.metric("learning_rate")
-    c = md.curve("all") if md is not None else None
+    c = run.curve("learning_rate")
     if c is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
             return c[0], np.where(c[1] > 0, 2.0 / c[1], np.nan), "2/lr (from learning_rate)"
     return None
+
+
+def _ratio_axes(view: ReportView, ax: Any, series: list[tuple[str, str, str]], ylabel: str, title: str,
+                alerts: tuple[str, ...] = ()) -> None:
+    """Draw ratios whose critical level is 1 (``series``: metric, label, line style) with a line at 1."""
+    for i, run in runs_with(view, *(m for m, _, _ in series)):
+        for metric, label, ls in series:
+            c = run.curve(metric)
+            if c is not None:
+                plot_curve(ax, c[0], c[1], label=run_label(view, run, label), color=run_color(i), ls=ls,
+                           keep_steps=alert_steps(run))
+        if alerts:
+            mark_alerts(ax, run.events, kinds=alerts)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left")
+    add_legend(ax, fontsize=7)
 
 
 def _draw_sharpness(view: ReportView, sink: FigureSink) -> str:
@@ -51,8 +67,7 @@ def _draw_sharpness(view: ReportView, sink: FigureSink) -> str:
             color = run_color(i)
             curves = []
             for metric, ls, what in (("sharpness", "-", "sharpness"), ("adam_sharpness", "-.", "Adam sharpness")):
-                md = run.metric(metric)
-                c = md.curve("all") if md is not None else None
+                c = run.curve(metric)
                 if c is not None:
                     plot_curve(ax, c[0], c[1], label=run_label(view, run, what), color=color, ls=ls, keep_steps=keep)
                     curves.append(c[1])
@@ -61,8 +76,7 @@ def _draw_sharpness(view: ReportView, sink: FigureSink) -> str:
                 plot_curve(ax, thr[0], thr[1], label=run_label(view, run, thr[2]), color=color, ls="--",
                            keep_steps=keep, alpha=0.7)
                 curves.append(thr[1])
-            md = run.metric("adam_threshold")
-            c = md.curve("all") if md is not None else None
+            c = run.curve("adam_threshold")
             if c is not None:
                 plot_curve(ax, c[0], c[1], label=run_label(view, run, "Adam threshold (2+2b1)/((1-b1)lr)"),
                            color=color, ls=":", keep_steps=keep, alpha=0.7)
@@ -76,19 +90,9 @@ def _draw_sharpness(view: ReportView, sink: FigureSink) -> str:
         ax.set_title("sharpness (lambda_max) against the stability threshold", loc="left")
         add_legend(ax, fontsize=7)
     if ratios:
-        ax = axes[row, 0]
-        for i, run in runs_with(view, *ratios):
-            for metric, ls in zip(ratios, ("-", "-.")):
-                md = run.metric(metric)
-                c = md.curve("all") if md is not None else None
-                if c is not None:
-                    plot_curve(ax, c[0], c[1], label=run_label(view, run, metric), color=run_color(i), ls=ls,
-                               keep_steps=alert_steps(run))
-            mark_alerts(ax, run.events, kinds=("edge_of_stability",))
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.set_ylabel("ratio (1 = edge)")
-        ax.set_title("sharpness x lr / 2 (1 is the edge of stability)", loc="left")
-        add_legend(ax, fontsize=7)
+        _ratio_axes(view, axes[row, 0], [(m, m, ls) for m, ls in zip(ratios, ("-", "-."))],
+                    "ratio (1 = edge)", "sharpness x lr / 2 (1 is the edge of stability)",
+                    alerts=("edge_of_stability",))
     axes[-1, 0].set_xlabel("step")
     return sink.render(fig, "sharpness against 2/lr")
 
@@ -343,12 +347,7 @@ def _draw_density(view: ReportView, sink: FigureSink) -> str:
             edges = c * np.sinh(t)
             sel = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), MAX_DENSITY_COLUMNS)).astype(int))
             cols = np.vstack([binned_density(*sets[j], edges) for j in sel]).T
-            xs = steps[sel].astype(float)
-            if len(xs) > 1:
-                mids = (xs[1:] + xs[:-1]) / 2
-                xedges = np.concatenate([[xs[0] - (mids[0] - xs[0])], mids, [xs[-1] + (xs[-1] - mids[-1])]])
-            else:
-                xedges = np.array([xs[0] - 0.5, xs[0] + 0.5])
+            xedges = midpoint_edges(steps[sel].astype(float))
             top = cols[np.isfinite(cols)].max() if np.isfinite(cols).any() else 1.0
             logd = np.log10(np.maximum(cols, top * 1e-8))
             mesh = hax.pcolormesh(xedges, edges, logd, cmap="magma", shading="flat", rasterized=True)
@@ -406,14 +405,13 @@ def _draw_trace(view: ReportView, sink: FigureSink) -> str:
     fig, axes = sink.new(nrows, 1, height=2.4)
     for ax, prefix in zip(axes[:, 0], prefixes):
         for i, run in runs_with(view, f"{prefix}_trace"):
-            c = run.metric(f"{prefix}_trace").curve("all")
+            c = run.curve(f"{prefix}_trace")
             if c is None:
                 continue
             s, v = c
             color = run_color(i)
             plot_curve(ax, s, v, label=run_label(view, run, "mean"), color=color, keep_steps=alert_steps(run))
-            emd = run.metric(f"{prefix}_trace_stderr")
-            ec = emd.curve("all") if emd is not None else None
+            ec = run.curve(f"{prefix}_trace_stderr")
             if ec is not None:
                 pos = np.searchsorted(ec[0], s)
                 pos = np.minimum(pos, len(ec[0]) - 1)
@@ -426,16 +424,8 @@ def _draw_trace(view: ReportView, sink: FigureSink) -> str:
         ax.set_title(f"{prefix} trace (Hutchinson / Hutch++), band: +/- 2 standard errors", loc="left")
         add_legend(ax, fontsize=7)
     if ratio:
-        ax = axes[-1, 0]
-        for i, run in runs_with(view, "trace_ratio"):
-            c = run.metric("trace_ratio").curve("all")
-            if c is not None:
-                plot_curve(ax, c[0], c[1], label=run_label(view, run, "Tr(H) lr / 2"), color=run_color(i),
-                           keep_steps=alert_steps(run))
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.set_ylabel("ratio")
-        ax.set_title("Tr(H) x lr / 2 (SGD's linear-stability bound is 1)", loc="left")
-        add_legend(ax, fontsize=7)
+        _ratio_axes(view, axes[-1, 0], [("trace_ratio", "Tr(H) lr / 2", "-")], "ratio",
+                    "Tr(H) x lr / 2 (SGD's linear-stability bound is 1)")
     axes[-1, 0].set_xlabel("step")
     return sink.render(fig, "Hessian trace over steps")
 
@@ -473,8 +463,7 @@ def _draw_subspace(view: ReportView, sink: FigureSink) -> str:
         lo = 0.0
         for i, run in runs_with(view, *metrics):
             for metric, ls in zip(metrics, LINESTYLES):
-                md = run.metric(metric)
-                c = md.curve("all") if md is not None else None
+                c = run.curve(metric)
                 if c is None:
                     continue
                 plot_curve(ax, c[0], c[1], label=run_label(view, run, metric), color=run_color(i), ls=ls,

@@ -151,6 +151,11 @@ class RunView:
         """Return one metric's data, or None when it was not recorded."""
         return self.metrics.get(name)
 
+    def curve(self, metric: str, key: str = "all") -> tuple[np.ndarray, np.ndarray] | None:
+        """Return ``(steps, values)`` of one metric's key (index 0), or None when it was not recorded."""
+        md = self.metrics.get(metric)
+        return md.curve(key) if md is not None else None
+
     def events_of(self, *kinds: str) -> list[EventView]:
         """Return the events of the given kinds, in step order."""
         return [e for e in self.events if e.kind in kinds]
@@ -187,9 +192,7 @@ def _model_order(meta: dict[str, Any]) -> dict[str, int]:
     """Return parameter name -> position in the model, from ``model_summary.parameters`` if recorded."""
     summary = meta.get("model_summary")
     params = summary.get("parameters") if isinstance(summary, dict) else None
-    if isinstance(params, dict):
-        return {str(name): i for i, name in enumerate(params)}
-    if isinstance(params, list):
+    if isinstance(params, (dict, list)):
         return {str(name): i for i, name in enumerate(params)}
     return {}
 
