@@ -97,34 +97,13 @@ def _copy_rows(conn: Any, run: Run, duplicates: dict[str, int]) -> None:
     """Copy one input's rows into the open writer connection in one transaction."""
     src = run._conn
     default = run.name  # source of in-loop rows once merged
-    copies = {
-        "series": (
-            "SELECT step, metric, key, idx, value, source FROM series",
-            "INSERT OR IGNORE INTO series (step, metric, key, idx, value, source) VALUES (?, ?, ?, ?, ?, ?)",
-            5,
-        ),
-        "events": (
-            "SELECT step, kind, severity, metric, key, message, data, time, source FROM events",
-            "INSERT OR IGNORE INTO events (step, kind, severity, metric, key, message, data, time, source) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            8,
-        ),
-        "status": (
-            "SELECT step, diagnostic, status, reason, seconds, num_matvecs, source FROM status",
-            "INSERT OR IGNORE INTO status (step, diagnostic, status, reason, seconds, num_matvecs, source) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            6,
-        ),
-        "sources": (
-            "SELECT source, step, time FROM sources",
-            "INSERT OR IGNORE INTO sources (source, step, time) VALUES (?, ?, ?)",
-            None,
-        ),
-    }
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for table, (select, insert, source_col) in copies.items():
-            cursor = src.execute(select)
+        for table, cols in schema.COLUMNS.items():
+            insert = schema.insert_sql(table, "IGNORE")
+            # the last column of a data table is its source; the sources table keeps its own
+            source_col = len(cols) - 1 if table != "sources" else None
+            cursor = src.execute(f"SELECT {', '.join(cols)} FROM {table}")
             while True:
                 rows = cursor.fetchmany(10_000)
                 if not rows:

@@ -69,7 +69,21 @@ def _text_or_none(df: pd.DataFrame, column: str, *, empty_is_none: bool = False)
     df[column] = pd.Series(values, index=df.index, dtype=object)
 
 
-class Run:
+class _Tables:
+    """Table access by name and export, shared by :class:`Run` and :class:`Runs`."""
+
+    def table(self, name: str) -> pd.DataFrame:
+        """Return one table by name: ``"series"``, ``"events"``, ``"status"`` or ``"sources"``."""
+        if name not in TABLES:
+            raise StoreError(f"unknown table {name!r}; choose one of {TABLES}")
+        return getattr(self, name)()
+
+    def export(self, path: str | os.PathLike[str], format: str = "csv", *, table: str = "series") -> Path:
+        """Write one table to a CSV or Parquet file (see :func:`export_frame`). Returns the path written."""
+        return export_frame(self.table(table), path, format)
+
+
+class Run(_Tables):
     """A run store opened read-only. Every query reads the latest committed data, so a run that is
     still being written can be followed by calling the methods again.
 
@@ -206,16 +220,6 @@ class Run:
             )
         ]
 
-    def table(self, name: str) -> pd.DataFrame:
-        """Return one table by name: ``"series"``, ``"events"``, ``"status"`` or ``"sources"``."""
-        if name not in TABLES:
-            raise StoreError(f"unknown table {name!r}; choose one of {TABLES}")
-        return getattr(self, name)()
-
-    def export(self, path: str | os.PathLike[str], format: str = "csv", *, table: str = "series") -> Path:
-        """Write one table to a CSV or Parquet file (see :func:`export_frame`). Returns the path written."""
-        return export_frame(self.table(table), path, format)
-
     # -- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -288,7 +292,11 @@ def _unique_names(runs: list[Run]) -> None:
             r.name = f"{r.name}#{i + 1}"
 
 
-class Runs:
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+class Runs(_Tables):
     """Several runs read together; every table method concatenates the runs' rows with a run column.
 
     Index by position or name (``runs["baseline"]``); iterate over :class:`Run` objects.
@@ -311,23 +319,19 @@ class Runs:
         self, metric: str | Sequence[str] | None = None, key: str | Sequence[str] | None = None
     ) -> pd.DataFrame:
         """Concatenated :meth:`Run.series` of every run (ordered by run, then step)."""
-        frames = [r.series(metric, key) for r in self.runs]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SERIES_COLUMNS)
+        return _concat([r.series(metric, key) for r in self.runs], SERIES_COLUMNS)
 
     def events(self) -> pd.DataFrame:
         """Concatenated :meth:`Run.events` of every run."""
-        frames = [r.events() for r in self.runs]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EVENT_COLUMNS)
+        return _concat([r.events() for r in self.runs], EVENT_COLUMNS)
 
     def status(self) -> pd.DataFrame:
         """Concatenated :meth:`Run.status` of every run."""
-        frames = [r.status() for r in self.runs]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STATUS_COLUMNS)
+        return _concat([r.status() for r in self.runs], STATUS_COLUMNS)
 
     def sources(self) -> pd.DataFrame:
         """Concatenated :meth:`Run.sources` of every run."""
-        frames = [r.sources() for r in self.runs]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SOURCE_COLUMNS)
+        return _concat([r.sources() for r in self.runs], SOURCE_COLUMNS)
 
     def metrics(self) -> list[str]:
         """Sorted union of the runs' metric IDs."""
@@ -336,16 +340,6 @@ class Runs:
     def steps(self) -> list[int]:
         """Sorted union of the runs' steps."""
         return sorted({s for r in self.runs for s in r.steps()})
-
-    def table(self, name: str) -> pd.DataFrame:
-        """Concatenated table by name (see :meth:`Run.table`)."""
-        if name not in TABLES:
-            raise StoreError(f"unknown table {name!r}; choose one of {TABLES}")
-        return getattr(self, name)()
-
-    def export(self, path: str | os.PathLike[str], format: str = "csv", *, table: str = "series") -> Path:
-        """Write one concatenated table to CSV or Parquet. Returns the path written."""
-        return export_frame(self.table(table), path, format)
 
     def close(self) -> None:
         """Close every run."""

@@ -82,7 +82,20 @@ CREATE TABLE IF NOT EXISTS sources (
 );
 """
 
-DATA_TABLES = ("series", "events", "status", "sources")
+#: Columns of each data table, in the order rows are written and copied.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "series": ("step", "metric", "key", "idx", "value", "source"),
+    "events": ("step", "kind", "severity", "metric", "key", "message", "data", "time", "source"),
+    "status": ("step", "diagnostic", "status", "reason", "seconds", "num_matvecs", "source"),
+    "sources": ("source", "step", "time"),
+}
+DATA_TABLES = tuple(COLUMNS)
+
+
+def insert_sql(table: str, conflict: str = "REPLACE") -> str:
+    """Return ``INSERT OR <conflict>`` of one row of all of ``table``'s columns (``?`` placeholders)."""
+    cols = COLUMNS[table]
+    return f"INSERT OR {conflict} INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
 
 
 def database_path(path: str | os.PathLike[str]) -> Path:

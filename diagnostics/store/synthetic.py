@@ -134,7 +134,8 @@ def write_synthetic_run(
         overwrite: replace an existing run at ``run_dir``.
 
     Returns:
-        The run directory. Cost: about 60k rows for the defaults, well under a second to write.
+        The run directory. Cost: about 48k series rows for the defaults (200 steps, 4 layers), written
+        in about 0.6 s on an idle CPU core (1.5 to 3 s on a loaded one), about half of it in SQLite.
     """
     if steps < 1 or layers < 1:
         raise ValueError(f"steps and layers must be >= 1, got steps={steps}, layers={layers}")

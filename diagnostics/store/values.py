@@ -17,6 +17,7 @@ from diagnostics.store.records import Event, Record, Status
 
 SEVERITIES = ("info", "warning", "error")
 STATUSES = ("ok", "not_converged", "failed")
+_VALUE_HINT = "; convert tensors with .item(), and report a failed estimate as a failed Status, not as a value"
 
 
 def _type_name(value: Any) -> str:
@@ -71,6 +72,10 @@ def dumps(value: Any, where: str) -> str:
     return json.dumps(to_json_value(value, where), sort_keys=True)
 
 
+def _type_error(obj: Any, cls: type, where: str) -> StoreError:
+    return StoreError(f"{where} is a {_type_name(obj)}, expected diagnostics.store.{cls.__name__}")
+
+
 def _check_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise StoreError(f"{where} must be an int, got {value!r} of type {_type_name(value)}")
@@ -78,6 +83,7 @@ def _check_int(value: Any, where: str) -> int:
 
 
 def _check_str(value: Any, where: str, *, optional: bool = False) -> str | None:
+    """A name: a non-empty str (or None when ``optional``)."""
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value:
@@ -85,8 +91,31 @@ def _check_str(value: Any, where: str, *, optional: bool = False) -> str | None:
     return value
 
 
+def _check_text(value: Any, where: str, *, optional: bool = False) -> str | None:
+    """Free text: any str, empty included (or None when ``optional``)."""
+    if isinstance(value, str) or (value is None and optional):
+        return value
+    raise StoreError(f"{where} must be a str{' or None' if optional else ''}, got {_type_name(value)}")
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise StoreError(f"{where} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_real(v: Any, where: str, hint: str = "") -> float:
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise StoreError(f"{where} must be a real number, got {_type_name(v)}{hint}")
+    return float(v)
+
+
 def check_step(step: Any) -> int:
     """Return ``step`` as an int, or raise StoreError."""
+    if type(step) is int:  # fast path: the ABC check in _check_int costs microseconds per call
+        return step
     return _check_int(step, "step")
 
 
@@ -104,8 +133,8 @@ def series_rows(step: int, records: Iterable[Record], source: str) -> list[tuple
     """
     rows = []
     for i, r in enumerate(records):
-        if type(r) is not Record and not isinstance(r, Record):
-            raise StoreError(f"records[{i}] is a {_type_name(r)}, expected diagnostics.store.Record")
+        if not isinstance(r, Record):
+            raise _type_error(r, Record, f"records[{i}]")
         metric, key, idx, v = r.metric, r.key, r.index, r.value
         # Fast path for the common plain types; the general checks below name what is wrong.
         if not (type(metric) is str and metric and type(key) is str and key and type(idx) is int):
@@ -114,20 +143,9 @@ def series_rows(step: int, records: Iterable[Record], source: str) -> list[tuple
             _check_str(key, f"{where}.key")
             idx = _check_int(idx, f"{where}.index")
         if type(v) is not float:
-            v = _check_value(v, f"records[{i}] (metric {metric!r}).value")
+            v = _check_real(v, f"records[{i}] (metric {metric!r}).value", _VALUE_HINT)
         rows.append((step, metric, key, idx, None if v != v else v, source))  # v != v: NaN -> NULL
     return rows
-
-
-def _check_value(v: Any, where: str) -> float:
-    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise StoreError(
-            f"{where} must be a real number, got {_type_name(v)}; convert tensors with .item(), and "
-            "report a failed estimate as a failed Status, not as a value"
-        )
-    return float(v)
 
 
 def event_rows(step: int, events: Iterable[Event], source: str, now: float) -> list[tuple]:
@@ -135,15 +153,13 @@ def event_rows(step: int, events: Iterable[Event], source: str, now: float) -> l
     rows = []
     for i, e in enumerate(events):
         if not isinstance(e, Event):
-            raise StoreError(f"events[{i}] is a {_type_name(e)}, expected diagnostics.store.Event")
+            raise _type_error(e, Event, f"events[{i}]")
         where = f"events[{i}] (kind {e.kind!r})"
         _check_str(e.kind, f"{where}.kind")
-        if e.severity not in SEVERITIES:
-            raise StoreError(f"{where}.severity must be one of {SEVERITIES}, got {e.severity!r}")
+        _check_choice(e.severity, SEVERITIES, f"{where}.severity")
         _check_str(e.metric, f"{where}.metric", optional=True)
         _check_str(e.key, f"{where}.key", optional=True)
-        if not isinstance(e.message, str):
-            raise StoreError(f"{where}.message must be a str, got {_type_name(e.message)}")
+        _check_text(e.message, f"{where}.message")
         if not isinstance(e.data, Mapping):
             raise StoreError(f"{where}.data must be a dict, got {_type_name(e.data)}")
         data = dumps(e.data, f"{where}.data")
@@ -156,21 +172,16 @@ def status_rows(step: int, statuses: Iterable[Status], source: str) -> list[tupl
     rows = []
     for i, s in enumerate(statuses):
         if not isinstance(s, Status):
-            raise StoreError(f"statuses[{i}] is a {_type_name(s)}, expected diagnostics.store.Status")
+            raise _type_error(s, Status, f"statuses[{i}]")
         name, st, reason, sec, nmv = s.diagnostic, s.status, s.reason, s.seconds, s.num_matvecs
         # Fast path for the common plain types; the general checks below name what is wrong.
-        if (type(name) is str and name and st in STATUSES and (reason is None or type(reason) is str)
-                and type(sec) is float and nmv is None):
-            rows.append((step, name, st, reason, sec, None, source))
-            continue
-        where = f"statuses[{i}] (diagnostic {s.diagnostic!r})"
-        _check_str(s.diagnostic, f"{where}.diagnostic")
-        if s.status not in STATUSES:
-            raise StoreError(f"{where}.status must be one of {STATUSES}, got {s.status!r}")
-        if s.reason is not None and not isinstance(s.reason, str):
-            raise StoreError(f"{where}.reason must be a str or None, got {_type_name(s.reason)}")
-        if isinstance(s.seconds, bool) or not isinstance(s.seconds, numbers.Real):
-            raise StoreError(f"{where}.seconds must be a number, got {s.seconds!r}")
-        matvecs = None if s.num_matvecs is None else _check_int(s.num_matvecs, f"{where}.num_matvecs")
-        rows.append((step, s.diagnostic, s.status, s.reason, float(s.seconds), matvecs, source))
+        if not (type(name) is str and name and st in STATUSES and (reason is None or type(reason) is str)
+                and type(sec) is float and (nmv is None or type(nmv) is int)):
+            where = f"statuses[{i}] (diagnostic {name!r})"
+            _check_str(name, f"{where}.diagnostic")
+            _check_choice(st, STATUSES, f"{where}.status")
+            _check_text(reason, f"{where}.reason", optional=True)
+            sec = _check_real(sec, f"{where}.seconds")
+            nmv = None if nmv is None else _check_int(nmv, f"{where}.num_matvecs")
+        rows.append((step, name, st, reason, sec, nmv, source))
     return rows

@@ -19,6 +19,9 @@ from diagnostics.errors import StoreError
 from diagnostics.store import schema, values
 from diagnostics.store.records import Event, Record, Status
 
+# Rows with the natural key of an existing row replace it (see the class docstring).
+_INSERT = {table: schema.insert_sql(table) for table in schema.DATA_TABLES}
+
 
 def _default_versions() -> dict[str, str]:
     # importlib.metadata reads installed distributions without importing them (no torch import here).
@@ -238,27 +241,11 @@ class RunWriter:
 
         def transaction() -> None:
             # Empty tables are skipped: most steps have no events, and each statement costs microseconds.
-            if series:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO series (step, metric, key, idx, value, source) VALUES (?, ?, ?, ?, ?, ?)",
-                    series,
-                )
-            if events_:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO events (step, kind, severity, metric, key, message, data, time, source) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    events_,
-                )
-            if status_:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO status (step, diagnostic, status, reason, seconds, num_matvecs, source) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    status_,
-                )
+            for table, rows in (("series", series), ("events", events_), ("status", status_)):
+                if rows:
+                    conn.executemany(_INSERT[table], rows)
             if src:
-                conn.execute(
-                    "INSERT OR REPLACE INTO sources (source, step, time) VALUES (?, ?, ?)", (src, step, now)
-                )
+                conn.execute(_INSERT["sources"], (src, step, now))
 
         self._run(transaction)
 
