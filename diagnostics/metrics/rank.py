@@ -53,24 +53,30 @@ def _rank_records(prefix: str, mats: dict[str, torch.Tensor]) -> list[Record]:
     return out
 
 
+def _describe_modules(modules: Any) -> Any:
+    """JSON form of a module selection for the run's metadata: names, patterns or class names."""
+    if modules is None:
+        return "all nn.Linear"
+    if isinstance(modules, str):
+        return modules
+    if isinstance(modules, type):
+        return modules.__name__
+    if isinstance(modules, (list, tuple)):
+        return [m.__name__ if isinstance(m, type) else str(m) for m in modules]
+    return repr(modules)  # a predicate
+
+
 def _patterns(params: str | Iterable[str] | None) -> list[str] | None:
     if params is None:
         return None
     return [params] if isinstance(params, str) else list(params)
 
 
-@register
-class WeightRankDiagnostic(Diagnostic):
-    """Effective (σ-based) and stable rank of every matrix-shaped parameter (conv kernels as out × rest).
+class _MatrixRank(Diagnostic):
+    """Ranks of one matrix per chosen parameter: the parameter patterns, settings and records they share."""
 
-    Metrics ``weight_effective_rank``, ``weight_stable_rank`` (key = parameter name). Cost: one SVD per
-    matrix, O(min(m, n)·m·n); no forward or backward pass.
-    """
-
-    name = "weight_rank"
     preset = "standard"
     default_every = 50
-    metrics: ClassVar[tuple[str, ...]] = ("weight_effective_rank", "weight_stable_rank")
 
     def __init__(self, every: int | None = None, start: int = 0, params: str | Iterable[str] | None = None) -> None:
         super().__init__(every, start)
@@ -79,12 +85,24 @@ class WeightRankDiagnostic(Diagnostic):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "params": self.params, "variant": "sigma"}
 
+
+@register
+class WeightRankDiagnostic(_MatrixRank):
+    """Effective (σ-based) and stable rank of every matrix-shaped parameter (conv kernels as out × rest).
+
+    Metrics ``weight_effective_rank``, ``weight_stable_rank`` (key = parameter name). Cost: one SVD per
+    matrix, O(min(m, n)·m·n); no forward or backward pass.
+    """
+
+    name = "weight_rank"
+    metrics: ClassVar[tuple[str, ...]] = ("weight_effective_rank", "weight_stable_rank")
+
     def compute(self, ctx: StepContext) -> list[Record]:
         return _rank_records("weight", _matrices(ctx.params(), self.params))
 
 
 @register
-class GradRankDiagnostic(Diagnostic):
+class GradRankDiagnostic(_MatrixRank):
     """Effective and stable rank of each matrix-shaped parameter's gradient (the user's ``.grad``).
 
     Metrics ``grad_effective_rank``, ``grad_stable_rank`` (key = parameter name). Cost: one SVD per
@@ -93,16 +111,7 @@ class GradRankDiagnostic(Diagnostic):
 
     name = "grad_rank"
     requires = frozenset({"grads"})
-    preset = "standard"
-    default_every = 50
     metrics: ClassVar[tuple[str, ...]] = ("grad_effective_rank", "grad_stable_rank")
-
-    def __init__(self, every: int | None = None, start: int = 0, params: str | Iterable[str] | None = None) -> None:
-        super().__init__(every, start)
-        self.params = _patterns(params)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "params": self.params, "variant": "sigma"}
 
     def compute(self, ctx: StepContext) -> list[Record]:
         mats = _matrices(ctx.grads(), self.params)
@@ -151,12 +160,9 @@ class ActivationRankDiagnostic(Diagnostic):
         self.baseline: dict[str, float] = {}
 
     def settings(self) -> dict[str, Any]:
-        mods = self.modules if self.modules is None or isinstance(self.modules, (str, list, tuple)) else repr(self.modules)
-        if isinstance(mods, tuple) and mods and isinstance(mods[0], type):
-            mods = [t.__name__ for t in mods]
         return {
             **super().settings(),
-            "modules": "all nn.Linear" if mods is None else mods if not isinstance(mods, type) else mods.__name__,
+            "modules": _describe_modules(self.modules),
             "max_tokens": self.max_tokens,
             "mode": "eval",
             "variant": "sigma",
