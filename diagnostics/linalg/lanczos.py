@@ -13,7 +13,13 @@ against the whole basis twice (Giraud et al. 2005: "twice is enough"), which rul
 converged eigenvalues that plain Lanczos produces.
 
 A Ritz pair ``(theta, y = Q_M s)`` has the exact residual ``||A y - theta y|| = ||E s||`` (``beta_m |s_m|`` in
-the tridiagonal case); it is accepted when ``||E s|| <= tol |theta|``.
+the tridiagonal case); it is accepted when ``||E s|| <= tol |theta|`` (``criterion="residual"``, the default).
+With ``criterion="eigenvalue"`` the test is on the eigenvalue's error instead: for a symmetric matrix a Ritz
+value with residual ``r`` lies within ``min(r, r^2 / gap)`` of an eigenvalue, ``gap`` being the distance to
+the rest of the spectrum (Kato-Temple; Parlett, The Symmetric Eigenvalue Problem, ch. 11). The gap is
+estimated from the other Ritz values, each moved towards ``theta`` by its own residual, so a value can be
+accepted to relative accuracy ``tol`` once ``r`` is about ``sqrt(tol |theta| gap)``: far fewer products for
+well-separated outliers.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from diagnostics.linalg.operator import LinearOperator, as_operator, gaussian_st
 __all__ = ["EigenResult", "lanczos"]
 
 _WHICH = ("LA", "SA", "both")
+_CRITERIA = ("residual", "eigenvalue")
 #: Steps beyond the number of wanted eigenvalues taken before convergence is accepted.
 MIN_EXTRA_STEPS = 4
 
@@ -44,7 +51,8 @@ class EigenResult:
             (descending) then the ``k`` smallest (ascending), ``2k`` values.
         eigenvectors: ``[P, k]`` (or ``[P, 2k]``) in the operator's dtype, or None when not requested.
         residuals: float64, ``||A y_i - theta_i y_i||`` for each pair (exact in exact arithmetic).
-        converged: bool, ``residual_i <= tol * |theta_i|``.
+        converged: bool, ``residual_i <= tol * |theta_i|`` (or the eigenvalue error estimate, with
+            ``criterion="eigenvalue"``).
         num_matvecs: products with single vectors (a ``[P, K]`` product counts ``K``).
         seconds: wall time.
         settings: the arguments and what happened (restarts, stop reason).
@@ -120,6 +128,7 @@ def lanczos(
     return_eigenvectors: bool = True,
     max_matvecs: int | None = None,
     max_seconds: float | None = None,
+    criterion: str = "residual",
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
 
@@ -130,7 +139,9 @@ def lanczos(
         op: a symmetric ``[P, P]`` LinearOperator or dense tensor.
         k: number of eigenpairs per end, ``1 <= k < P`` (``2k <= P`` for ``both``).
         which: ``"LA"``, ``"SA"`` or ``"both"``.
-        tol: relative residual tolerance, ``||A y - theta y|| <= tol |theta|``.
+        tol: relative tolerance: of the residual, ``||A y - theta y|| <= tol |theta|`` (``criterion=
+            "residual"``), or of the eigenvalue's estimated error, ``min(r, r^2 / gap) <= tol |theta|``
+            (``criterion="eigenvalue"``, where ``gap`` is estimated from the other Ritz values).
         max_steps: basis size cap (memory ``P * max_steps`` float64 numbers); a thick restart compresses
             the basis to Ritz vectors when it is full. Default ``min(P, max(2 * nwanted + 20, 40))``.
         v0: warm start, ``[P]`` (start vector) or ``[P, K]`` (block start, e.g. the previous probe's top
@@ -139,6 +150,10 @@ def lanczos(
         return_eigenvectors: also return the Ritz vectors ``[P, k]`` in the operator's dtype.
         max_matvecs: stop before exceeding this many single-vector products.
         max_seconds: stop after the step that passes this wall time.
+        criterion: ``"residual"`` (default; eigenvectors also accurate to about ``tol``) or
+            ``"eigenvalue"`` (only the eigenvalues are wanted to relative accuracy ``tol``; the
+            eigenvectors may be less accurate; the gap estimate can be optimistic while an eigenvalue
+            next to a wanted one has not been found yet).
 
     Returns:
         EigenResult. On a budget stop ``converged`` is False for the pairs that did not meet ``tol``.
@@ -159,7 +174,8 @@ def lanczos(
         >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.all_converged
         ([10.0, 9.0], True)
     """
-    return _lanczos(op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, max_seconds)
+    return _lanczos(op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, max_seconds,
+                    criterion=criterion)
 
 
 def _lanczos(
@@ -174,6 +190,7 @@ def _lanczos(
     max_matvecs: int | None,
     max_seconds: float | None,
     full_reorth: bool = True,
+    criterion: str = "residual",
 ) -> EigenResult:
     start_time = time.perf_counter()
     A = as_operator(op)
@@ -188,6 +205,8 @@ def _lanczos(
         raise ConfigError(f"lanczos: which='both' needs 2*k <= P, got k={k} and P={P}")
     if not tol > 0:
         raise ConfigError(f"lanczos: tol must be positive, got {tol}")
+    if criterion not in _CRITERIA:
+        raise ConfigError(f"lanczos: criterion must be one of {_CRITERIA}, got {criterion!r}")
     cap = min(P, max(2 * wanted.count + 20, 40)) if max_steps is None else int(max_steps)
     if cap > P:
         cap = P
@@ -365,7 +384,8 @@ def _lanczos(
         theta, S = torch.linalg.eigh(H)
         res_all = (E @ S).norm(dim=0) if E.shape[0] else torch.zeros(m, dtype=f64)
         floor = 1e-10 * float(theta.abs().max()) if m else 0.0
-        conv_all = res_all <= tol * torch.clamp(theta.abs(), min=floor)
+        bound = res_all if criterion == "residual" else _eigenvalue_error_bound(theta, res_all)
+        conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)
 
     idx = wanted.select(theta)
     n_found = idx.numel()
@@ -388,12 +408,27 @@ def _lanczos(
     settings = {
         "k": k, "which": which, "tol": tol, "max_steps": cap, "seed": seed, "warm_start": warm,
         "max_matvecs": max_matvecs, "max_seconds": max_seconds, "restarts": restarts, "stop": stop,
-        "reorthogonalization": "full" if full_reorth else "none",
+        "reorthogonalization": "full" if full_reorth else "none", "criterion": criterion,
     }
     return EigenResult(
         eigenvalues=eigenvalues, eigenvectors=vectors, residuals=residuals, converged=converged,
         num_matvecs=num_matvecs, seconds=time.perf_counter() - start_time, settings=settings,
     )
+
+
+def _eigenvalue_error_bound(theta: Tensor, res: Tensor) -> Tensor:
+    """``min(r_i, r_i^2 / gap_i)`` with ``gap_i = min_j (|theta_i - theta_j| - r_j)`` over the other Ritz values.
+
+    Each other Ritz value ``theta_j`` has an eigenvalue within ``r_j`` of it, so ``gap_i`` is a cautious
+    estimate of the distance from ``theta_i``'s eigenvalue to the rest of the spectrum seen so far.
+    """
+    if theta.numel() < 2:
+        return res
+    gap = (theta[:, None] - theta[None, :]).abs() - res[None, :]
+    gap.fill_diagonal_(float("inf"))
+    gap = gap.min(1).values
+    quad = torch.where(gap > 0, res.square() / gap.clamp_min(1e-300), torch.full_like(res, float("inf")))
+    return torch.minimum(res, quad)
 
 
 def _sentinels_converged(wanted: _Wanted, theta: Tensor, S: Tensor, conv: Tensor, new_weight: Tensor,
