@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import shutil
 import time
 from dataclasses import asdict
@@ -31,7 +30,7 @@ from torch import nn
 
 from benchmarks.explosions.configs import ALL, SEEDS
 from benchmarks.explosions.explosion import explosion_step
-from benchmarks.explosions.trainer import TrainConfig, _Probes, learning_rate_at
+from benchmarks.explosions.trainer import StopRule, TrainConfig, _Probes, set_learning_rate, setup, update
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.spectral_alignment import SpectralAlignment
 from diagnostics.store.records import Record
@@ -71,22 +70,10 @@ def train_with_monitor(
     cfg: TrainConfig, run_dir: Path, sa_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train one suite run with the Monitor recording every step into ``run_dir``; returns a summary."""
-    model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
-    model.train()
-    batches = char_batches(
-        pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed
-    )
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-    )
+    model, batches, opt = setup(cfg)
     baselines = _SuiteBaselines()
     sa = SpectralAlignment(max_tokens=cfg.sa_tokens, **(sa_options or {}))
-    losses: list[float] = []
-    exploded_at = None
+    rule = StopRule(cfg.stop_after_explosion)
     step = -1
     t0 = time.perf_counter()
     sa_seconds = 0.0
@@ -100,9 +87,7 @@ def train_with_monitor(
         name=cfg.run_name,
     ) as mon:
         for step, (x, y) in enumerate(batches):
-            lr = learning_rate_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_learning_rate(cfg, opt, step)
             probes = _Probes(model, 1)
             probes.linears = {}  # the spectral_alignment diagnostic measures the linear maps itself
             with probes:
@@ -113,20 +98,12 @@ def train_with_monitor(
             t1 = time.perf_counter()
             mon.step(step, (x, y), loss)
             sa_seconds += time.perf_counter() - t1
-            value = float(loss.detach())
-            losses.append(value)
-            if not math.isfinite(value):
+            if rule.stop(step, float(loss.detach())):
                 break
-            if exploded_at is None:
-                exploded_at = explosion_step(losses)
-            if exploded_at is not None and step >= exploded_at + cfg.stop_after_explosion:
-                break
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            update(cfg, model, opt)
         seconds = time.perf_counter() - t0
         result = {
-            "explosion_step": explosion_step(losses),
+            "explosion_step": explosion_step(rule.losses),
             "final_step": step,
             "seconds": seconds,
             "monitor_seconds": sa_seconds,
@@ -154,7 +131,8 @@ def measure_overhead(
     ``Monitor(diagnostics=[SpectralAlignment(**sa_options)])`` with ``monitor.step`` every step. Returns
     the medians (seconds), their ratio - 1 (the overhead) and ``in_step_share``: the median time inside
     ``monitor.step`` over the median time of the rest of the same steps (the share that does not depend on
-    load drifting between the two copies; on a watched step it misses the hooks' work in the forward). ``watch``: measure on the training forward
+    load drifting between the two copies; on a watched step it misses the hooks' work in the forward).
+    ``watch``: measure on the training forward
     (:meth:`SpectralAlignment.watch`) instead of an extra forward. ``model_options``, ``batch_size``,
     ``block_size`` override the suite's tiny GPT (to see how the overhead scales with the model).
     """
@@ -167,9 +145,8 @@ def measure_overhead(
     batches = list(char_batches(pydoc_tokens("train"), bs, T, steps, seed=1000))
     base_model = get_model("tiny-gpt", seed=0, block_size=T, **{**cfg.model, **(model_options or {})})
     times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
-    inside: list[
-        float
-    ] = []  # seconds inside monitor.step (measured in the same steps as the rest: robust to load drifts)
+    # seconds inside monitor.step, measured in the same steps as the rest (robust to load drifts)
+    inside: list[float] = []
     rest: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}

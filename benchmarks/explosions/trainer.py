@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from diagnostics.store.records import Record
 from diagnostics.zoo import count_parameters, get_model
 from diagnostics.zoo.data import char_batches, pydoc_tokens
 
-__all__ = ["TrainConfig", "train", "learning_rate_at"]
+__all__ = ["TrainConfig", "train", "learning_rate_at", "setup", "StopRule", "update"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,51 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
         else:
             lr *= cfg.bump_factor
     return lr
+
+
+def setup(cfg: TrainConfig) -> tuple[nn.Module, Iterator[tuple[torch.Tensor, torch.Tensor]], torch.optim.Optimizer]:
+    """The run's tiny GPT (train mode), its batches and its AdamW optimizer, all seeded from ``cfg.seed``."""
+    model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
+    model.train()
+    batches = char_batches(pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    return model, iter(batches), opt
+
+
+def set_learning_rate(cfg: TrainConfig, opt: torch.optim.Optimizer, step: int) -> float:
+    """Put the schedule's learning rate for ``step`` into every parameter group; returns it."""
+    lr = learning_rate_at(cfg, step)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class StopRule:
+    """The losses so far and when to stop: at a non-finite loss, or ``stop_after_explosion`` steps after
+    the explosion (explosion.py) was first detected."""
+
+    stop_after: int
+    losses: list[float] = field(default_factory=list)
+    exploded_at: int | None = None
+
+    def stop(self, step: int, loss: float) -> bool:
+        """Record ``loss`` of ``step``; True when training should stop before this step's update."""
+        self.losses.append(loss)
+        if not math.isfinite(loss):
+            return True
+        if self.exploded_at is None:
+            self.exploded_at = explosion_step(self.losses)
+        return self.exploded_at is not None and step >= self.exploded_at + self.stop_after
+
+
+def update(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """The optimizer step, after clipping the gradient norm to ``cfg.grad_clip`` when set."""
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
 
 
 def _kurtosis(h: torch.Tensor) -> float:
@@ -218,12 +264,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, *, record: bool =
     """
     if cfg.v1_method not in ("svd", "power"):
         raise ConfigError(f"v1_method must be 'svd' or 'power', got {cfg.v1_method!r}")
-    model = get_model("tiny-gpt", seed=cfg.seed, block_size=cfg.block_size, **cfg.model)
-    model.train()
-    batches = char_batches(pydoc_tokens("train"), cfg.batch_size, cfg.block_size, cfg.steps, seed=1000 + cfg.seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
+    model, batches, opt = setup(cfg)
     loss_fn = nn.CrossEntropyLoss()
     writer = None
     if run_dir is not None and record:
@@ -242,16 +283,14 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, *, record: bool =
                 "loss_reduction": "mean",
             },
         )
-    losses: list[float] = []
+    rule = StopRule(cfg.stop_after_explosion)
+    losses = rule.losses
     prev_v1: dict[str, torch.Tensor] = {}
-    exploded_at: int | None = None
     t0 = time.perf_counter()
     step = -1
     try:
         for step, (x, y) in enumerate(batches):
-            lr = learning_rate_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_learning_rate(cfg, opt, step)
             probes = _Probes(model, cfg.sa_tokens) if writer else None
             if probes:
                 with probes:
@@ -264,7 +303,6 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, *, record: bool =
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             gnorm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
             value = float(loss.detach())
-            losses.append(value)
             if writer:
                 recs = [
                     Record("loss", value),
@@ -276,15 +314,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, *, record: bool =
                 recs += [Record("activation_kurtosis", v, k) for k, v in probes.kurtosis.items()]
                 recs += _alignment_records(probes, prev_v1, cfg.v1_method)
                 writer.write_step(step, recs)
-            if not math.isfinite(value):
+            if rule.stop(step, value):
                 break
-            if exploded_at is None:
-                exploded_at = explosion_step(losses)
-            if exploded_at is not None and step >= exploded_at + cfg.stop_after_explosion:
-                break
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            update(cfg, model, opt)
         seconds = time.perf_counter() - t0
         result = {
             "losses": losses,
