@@ -14,6 +14,7 @@ The norm diagnostics (``grad_norm``, ``weight_norm``, ``update_ratio``) record t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -70,50 +71,63 @@ def total_norm(norms: Any) -> float:
     return math.sqrt(math.fsum(x * x for x in norms))
 
 
-def _fill_norms(ctx: StepContext, grads: bool, weights: bool) -> None:
-    """Cache the step's gradient and/or weight norms (``"grad_norms"``, ``"weight_norms"``) from one fused call.
-
-    Both are taken together when the step's due diagnostics need both (``ctx.due``): one kernel launch
-    and one host transfer instead of two.
-    """
-    named = ctx.named_parameters()
-    due = ctx.due
-    if due is not None:
-        grads = grads or ("grad_norms" not in ctx.cache and not due.isdisjoint(_GRAD_NORM_USERS))
-        weights = weights or ("weight_norms" not in ctx.cache and not due.isdisjoint(_WEIGHT_NORM_USERS))
-    # .grad is read directly (host_norms runs under no_grad): the tensors ctx.grads() would return,
-    # without a dict of detached views per step.
-    g = [(n, p.grad) for n, p in named if p.grad is not None] if grads else []
-    w = list(named) if weights else []
-    values = host_norms([t for _, t in g] + [t for _, t in w])
-    if grads:
-        ctx.cache["grad_norms"] = _with_total(g, values[: len(g)])
-    if weights:
-        ctx.cache["weight_norms"] = _with_total(w, values[len(g):])
-
-
-def _with_total(pairs: list[tuple[str, Any]], values: list[float]) -> dict[str, float]:
-    out = dict(zip([n for n, _ in pairs], values))
-    if out:
-        out["all"] = total_norm(values)
-    return out
-
-
-# Diagnostics that read the cached norms: when two of them are due at a step, one fused call serves both.
-_GRAD_NORM_USERS = frozenset({"grad_norm", "nonfinite"})
-_WEIGHT_NORM_USERS = frozenset({"weight_norm", "update_ratio"})
-
-
 def _grad_norms(ctx: StepContext) -> dict[str, float]:
-    if "grad_norms" not in ctx.cache:
-        _fill_norms(ctx, grads=True, weights=False)
-    return ctx.cache["grad_norms"]
+    """Per-parameter gradient norms and "all" (sqrt of the float64 sum of their squares), cached for the step."""
+
+    def run() -> dict[str, float]:
+        # .grad is read directly (host_norms runs under no_grad): the tensors ctx.grads() would return,
+        # without a dict of detached views per step.
+        pairs = [(n, p.grad) for n, p in ctx.named_parameters() if p.grad is not None]
+        out = dict(zip([n for n, _ in pairs], host_norms([g for _, g in pairs])))
+        if out:
+            out["all"] = total_norm(out.values())
+        return out
+
+    return ctx.cached("grad_norms", run)
 
 
-def _weight_norms(ctx: StepContext) -> dict[str, float]:
-    if "weight_norms" not in ctx.cache:
-        _fill_norms(ctx, grads=False, weights=True)
-    return ctx.cache["weight_norms"]
+class WeightNorms(Mapping[str, float]):
+    """Weight norms at a step: ``"all"`` from one reduction over the flat copy of the parameters (the copy
+    the update snapshot reuses), per-parameter norms on first access (one fused norm over views of it).
+
+    Falls back to per-tensor norms when the parameters do not share a dtype and device.
+    """
+
+    def __init__(self, ctx: StepContext) -> None:
+        self._flat = ctx.flat_parameters()
+        self._values: dict[str, float] | None = None
+        if self._flat is None:
+            self._values = tensor_norms(dict(ctx.named_parameters()))
+            self.all = self._values.get("all", float("nan"))
+        else:
+            flat, names, _ = self._flat
+            self.all = float(torch.linalg.vector_norm(flat)) if names else float("nan")
+
+    def per_parameter(self) -> dict[str, float]:
+        """``{name: norm}`` plus ``"all"``; computed on first call."""
+        if self._values is None:
+            flat, names, like = self._flat
+            views = torch._utils._unflatten_dense_tensors(flat, like)
+            self._values = {**dict(zip(names, host_norms(list(views)))), "all": self.all}
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self.all if key == "all" else self.per_parameter()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.per_parameter())
+
+    def __len__(self) -> int:
+        return len(self.per_parameter())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "all":
+            return self.all
+        return self.per_parameter().get(key, default)
+
+
+def _weight_norms(ctx: StepContext) -> WeightNorms:
+    return ctx.cached("weight_norms", lambda: WeightNorms(ctx))
 
 
 class _NormDiagnostic(Diagnostic):
@@ -145,7 +159,7 @@ class _NormDiagnostic(Diagnostic):
             return True
         return False
 
-    def records(self, metric: str, values: dict[str, float], step: int) -> list[Record]:
+    def records(self, metric: str, values: Mapping[str, float], step: int) -> list[Record]:
         if not self.per_layer_due(step):
             return [Record(metric, values["all"])] if "all" in values else []
         return [Record(metric, v, key=k) for k, v in values.items()]
@@ -248,17 +262,18 @@ class UpdateRatioDiagnostic(_NormDiagnostic):
         flat = ctx.update_flat()
         if flat is not None and not per_layer:
             # "all" only: one reduction over the flat update instead of one per parameter.
-            with torch.no_grad():
-                delta = {"all": float(torch.linalg.vector_norm(flat))}
+            delta = {"all": float(torch.linalg.vector_norm(flat))}
             names: list[str] = []
         else:
             update = ctx.update()
             names = list(update)
             delta = dict(zip(names, host_norms([update[n] for n in names])))
-            with torch.no_grad():
-                delta["all"] = float(torch.linalg.vector_norm(flat)) if flat is not None else total_norm(delta.values())
-        # The weight norms measured before the update, when weight_norm ran this step; else computed.
-        before = ctx.cache.get("weight_norms") or tensor_norms(ctx.params_before_update())
+            delta["all"] = float(torch.linalg.vector_norm(flat)) if flat is not None else total_norm(delta.values())
+        # The norms before the update: weight_norm's when it ran this step (the same flat copy the snapshot
+        # is), else from the snapshot.
+        before = ctx.cache.get("weight_norms")
+        if before is None:
+            before = WeightNorms(ctx) if ctx._before_flat is not None else tensor_norms(ctx.params_before_update())
         out = []
         for k in names + ["all"]:
             d, w = delta[k], before.get(k, float("nan"))

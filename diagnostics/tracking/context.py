@@ -267,15 +267,31 @@ class StepContext:
         reduction (on CPU, per-tensor launches cost more than the arithmetic for a small model). Mixed
         dtypes or devices fall back to one copy per parameter. Memory: one copy of the parameters.
         """
-        named = self.named_parameters()
-        tensors = [p.detach() for _, p in named]
-        first = tensors[0] if tensors else None
-        if first is not None and all(t.dtype == first.dtype and t.device == first.device for t in tensors):
-            self._before_flat = (_flatten(tensors), [n for n, _ in named], tensors)
+        flat = self.flat_parameters()  # a copy made this step already (weight norms) is reused
+        if flat is not None:
+            self._before_flat = flat
             self._before_update = None
         else:
             self._before_flat = None
-            self._before_update = {n: t.clone() for n, t in zip((n for n, _ in named), tensors)}
+            self._before_update = {n: p.detach().clone() for n, p in self.named_parameters()}
+
+    def flat_parameters(self) -> tuple[torch.Tensor, list[str], list[torch.Tensor]] | None:
+        """The trainable parameters copied back to back into one new 1-D tensor, with their names and the
+        (detached) parameters giving the shapes; None when they do not share one dtype and device.
+
+        Made once per step, before ``optimizer.step()`` (the values are those of the compute phase); the
+        update snapshot reuses it. Cost: one copy kernel; memory: one copy of the parameters.
+        """
+
+        def build() -> tuple[torch.Tensor, list[str], list[torch.Tensor]] | None:
+            named = self.named_parameters()
+            tensors = [p.detach() for _, p in named]
+            first = tensors[0] if tensors else None
+            if first is None or not all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+                return None
+            return _flatten(tensors), [n for n, _ in named], tensors
+
+        return self.cached("flat_parameters", build)
 
     def release_snapshot(self) -> None:
         """Drop the parameters kept by :meth:`snapshot_parameters`."""
@@ -335,9 +351,8 @@ class StepContext:
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One new 1-D tensor holding ``tensors`` back to back (one copy kernel; no autograd graph)."""
-    with torch.no_grad():
-        return torch._utils._flatten_dense_tensors(tensors)
+    """One new 1-D tensor holding ``tensors`` (detached) back to back: one copy kernel."""
+    return torch._utils._flatten_dense_tensors(tensors)
 
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

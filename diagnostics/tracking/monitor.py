@@ -51,7 +51,8 @@ _USES_LOSS = frozenset({"per_sample_grads", "curvature", "activations", "layer_i
 
 Action = str | Callable[[Event, int], Any]
 # Small step-cache entries that stay valid after optimizer.step() (norms measured before it).
-_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms"})
+# "flat_parameters" is the copy of the parameters the update snapshot reuses.
+_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms", "flat_parameters"})
 
 
 # --- model identity --------------------------------------------------------------------------------
