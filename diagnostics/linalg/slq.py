@@ -119,7 +119,9 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
         idx = active.nonzero().flatten()
         if idx.numel() == 0:
             break
-        V = Q[idx, j]  # [a, P]
+        # While every probe is active (the usual case) the basis is a view: no per-step gather copy.
+        every = idx.numel() == n
+        V = Q[:, j] if every else Q[idx, j]  # [a, P]
         W = matmul64(A, V.T).T
         num_matvecs += idx.numel()
         a = (V * W).sum(1)
@@ -127,20 +129,23 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
         if j + 1 == m:
             break
         w_norm = W.norm(dim=1)
-        basis = Q[idx, : j + 1]  # [a, j+1, P]
+        basis = Q[:, : j + 1] if every else Q[idx, : j + 1]  # [a, j+1, P]
         for _ in range(2):  # full reorthogonalisation, twice
             c = torch.bmm(basis, W.unsqueeze(2))
             W = W - torch.bmm(basis.transpose(1, 2), c).squeeze(2)
         b = W.norm(dim=1)
-        closed = (b <= 1e-12 * w_norm).cpu()
-        for i_local, i in enumerate(idx.tolist()):
-            if bool(closed[i_local]):
-                # The Krylov space is invariant: the quadrature is exact with j+1 nodes.
-                length[i] = j + 1
-                active[i] = False
-            else:
-                beta[i, j] = float(b[i_local])
-                Q[i, j + 1] = W[i_local] / b[i_local]
+        closed = b <= 1e-12 * w_norm
+        open_ = ~closed
+        if bool(open_.all()):
+            beta[idx, j] = b.cpu()
+            Q[idx, j + 1] = W / b[:, None]
+        else:
+            # The Krylov space is invariant for the closed probes: their quadrature is exact with j+1 nodes.
+            closed_cpu = closed.cpu()  # idx, length and active live on the CPU
+            length[idx[closed_cpu]] = j + 1
+            active[idx[closed_cpu]] = False
+            beta[idx[~closed_cpu], j] = b[open_].cpu()
+            Q[idx[~closed_cpu].to(Q.device), j + 1] = W[open_] / b[open_, None]
     nodes = torch.zeros(n, m, dtype=torch.float64)
     weights = torch.zeros(n, m, dtype=torch.float64)
     for i in range(n):
