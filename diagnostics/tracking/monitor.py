@@ -267,6 +267,7 @@ class Monitor:
         self._uses_loss = loss_fn is not None or any(_USES_LOSS & d.requires for d in self.diagnostics)
         self._modules = list(model.modules())
         self._structure: list[Any] = []  # every module's parameters and children, to notice changes
+        self._member_dicts: list[dict[str, Any]] = [d for m in self._modules for d in (m._parameters, m._modules)]
         self._all_named: list[tuple[str, nn.Parameter]] = []
         self._user_probe = probe_data is not None
         self.probe_data: list[Any] = _probe_list(probe_data, self.probe_batches)
@@ -528,17 +529,11 @@ class Monitor:
         transformer); the list is kept and listed again only when a module's parameters or children
         changed (compared by identity, a few microseconds). ``requires_grad`` is read at every step.
         """
-        structure: list[Any] = []
-        for m in self._modules:
-            structure.extend(m._parameters.values())
-            structure.extend(m._modules.values())
+        structure = [v for d in self._member_dicts for v in d.values()]
         if len(structure) != len(self._structure) or not all(map(operator.is_, structure, self._structure)):
             self._modules = list(self.model.modules())
-            structure = []
-            for m in self._modules:
-                structure.extend(m._parameters.values())
-                structure.extend(m._modules.values())
-            self._structure = structure
+            self._member_dicts = [d for m in self._modules for d in (m._parameters, m._modules)]
+            self._structure = [v for d in self._member_dicts for v in d.values()]
             self._all_named = list(self.model.named_parameters())
         return [(n, p) for n, p in self._all_named if p.requires_grad]
 
