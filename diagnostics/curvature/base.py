@@ -247,12 +247,9 @@ class CurvatureOperator:
         (a dtype conversion only for parameters whose dtype differs from the operator's)."""
         lead = vector.shape[:-1]
         pieces = vector.split(self._numels, dim=-1)
-        return [
-            x.view(*lead, *shape) if x.is_contiguous() else x.reshape(*lead, *shape)
-            for x, shape in zip(pieces, self._shapes)
-        ] if self._same_dtype else [
-            x.reshape(*lead, *shape).to(dt) for x, shape, dt in zip(pieces, self._shapes, self._dtypes)
-        ]
+        if self._same_dtype:
+            return [x.reshape(*lead, *shape) for x, shape in zip(pieces, self._shapes)]
+        return [x.reshape(*lead, *shape).to(dt) for x, shape, dt in zip(pieces, self._shapes, self._dtypes)]
 
     def _params(self) -> dict[str, Tensor]:
         named = dict(self.model.named_parameters())
