@@ -596,7 +596,8 @@ class Monitor:
                         for m, flag in modes:
                             if m.training is not flag:  # nn.Module.__setattr__ is slow; set only what changed
                                 m.training = flag
-                    torch.set_grad_enabled(grad_enabled)
+                    if torch.is_grad_enabled() is not grad_enabled:  # set_grad_enabled() builds an object
+                        torch.set_grad_enabled(grad_enabled)
         return out
 
     def _run(self, d: Diagnostic, fn: Callable[[StepContext], Any], ctx: StepContext) -> tuple[list[Record], list[Event], Status]:
