@@ -106,6 +106,10 @@ class ExplosionDetectorCore:
             value, no smoothing or persistence) raises the warning immediately for those layers: a
             sudden whole-network collapse (e.g. after a learning-rate jump) leaves no time to persist.
 
+    The defaults are the setting ``benchmarks/explosions/evaluate.py`` calibrates on the suite's seed 0
+    with at most one false alarm (``benchmarks/RESULTS_explosions.md``, k = 1 of the frontier): sign
+    diversity, min_drop 0.4, z 3, persistence 10, min_layers 2.
+
     Cost per probe: O(layers * smooth log smooth).
     """
 
@@ -117,8 +121,8 @@ class ExplosionDetectorCore:
         warmup: int = 60,
         smooth: int = 3,
         rel_drop: float = 0.5,
-        min_drop: float = 0.2,
-        z: float = 5.0,
+        min_drop: float = 0.4,
+        z: float = 3.0,
         min_scale: float = 0.02,
         min_baseline: float = 0.3,
         persistence: int = 10,

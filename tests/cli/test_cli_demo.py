@@ -39,6 +39,10 @@ def test_quick_demo(runner, tdiag, tmp_path):
         assert open_run(out / "runs" / name).steps()
     assert open_run(out / "runs" / "stable-checkpoints").sources()["step"].tolist() == [15, 30]
     assert "the loss exploded at step" in result.stdout
+    # No bare "no warning": either the warning fired or the summary says why it could not.
+    assert "first explosion warning at step" in lines[1] or "detector never armed" in lines[1]
+    events = open_run(out / "runs" / "exploding").events()
+    assert "loss_explosion" in set(events["kind"])  # the report measures the lead against this step
     assert (out / ".tdiag-demo").is_file()  # marks the directory as the demo's: a rerun may replace it
     print(f"quick demo: {seconds:.1f} s")
 
@@ -71,3 +75,30 @@ def test_demo_replaces_only_its_own_outputs(tmp_path):
         _fresh(tmp_path / "runs" / "stable", tmp_path)
     (tmp_path / MARKER).write_text("")
     assert not _fresh(tmp_path / "runs" / "stable", tmp_path).exists()
+
+
+def test_summary_lines_say_lead_lateness_and_why_no_warning(tmp_path):
+    from diagnostics.demo import DemoResult
+
+    def lines(**kw):
+        return DemoResult(
+            out=tmp_path, report=None, runs={}, stable_final_loss=2.5, stable_steps=220, **kw
+        ).summary_lines()
+
+    early = lines(warning_step=167, warning_detail="layer a", explosion_step=193)
+    assert early[1] == "exploding run: first explosion warning at step 167 (layer a)"
+    assert early[2] == "exploding run: the loss exploded at step 193, 26 steps after the warning"
+    late = lines(warning_step=200, warning_detail="layer a", explosion_step=193)
+    assert late[2].endswith("193, 7 steps before the warning")
+    unarmed = lines(detector_note="the detector never armed", stable_note="the detector never armed")
+    assert unarmed[1] == "exploding run: no explosion warning fired (the detector never armed)"
+    assert unarmed[3].endswith("no warnings (the detector never armed)")
+
+
+def test_demo_pair_is_the_suites_held_out_seed():
+    from diagnostics.demo import EXPLODING, STABLE
+
+    # Seed 1: not the calibration seed 0; batches seeded like the suite's trainer (1000 + seed).
+    assert EXPLODING.seed == STABLE.seed == 1
+    assert EXPLODING.batch_seed == 1001
+    assert (STABLE.lr_at(199), EXPLODING.lr_at(199)) == pytest.approx((0.1, 1.0))

@@ -185,3 +185,22 @@ def test_burst_of_layers_alarms_without_persistence():
     )  # 2 probes to move the median, then 10
     alarms = detect(_series({"a": a, "b": b}), **params, burst_layers=2)
     assert [x["step"] for x in alarms] == [80, 80]
+
+
+def test_defaults_are_the_calibrated_setting():
+    # benchmarks/RESULTS_explosions.md, frontier k = 1 (the setting behind 7/9 held-out, lead 46).
+    settings = ExplosionDetectorCore().settings()
+    assert {k: settings[k] for k in ("statistic", "min_drop", "z", "persistence", "min_layers")} == {
+        "statistic": "sa_sign_diversity",
+        "min_drop": 0.4,
+        "z": 3.0,
+        "persistence": 10,
+        "min_layers": 2,
+    }
+    assert (settings["skip"], settings["warmup"], settings["smooth"], settings["rel_drop"]) == (
+        40,
+        60,
+        3,
+        0.5,
+    )
+    assert settings["burst_layers"] is None
