@@ -5,7 +5,8 @@ of 64). Configurations, each on its own copy of the same model and optimizer, ti
 blocks so that machine load drifts hit all of them alike:
 
 * ``baseline``: plain loop;
-* ``cheap``: ``Monitor(diagnostics="cheap")``, every diagnostic every step; overhead = ratio of medians;
+* ``cheap``: ``Monitor(diagnostics="cheap")``, every diagnostic every step (per-parameter norms every
+  10 steps, "all" every step: the preset's defaults); overhead = ratio of medians;
 * ``standard``: ``Monitor(diagnostics="standard")`` at its default schedule (expensive ones every 50
   steps); amortised overhead = ratio of means over whole 50-step blocks, so the due steps count;
 * ``trainscope``: PyPI ``trainscope`` with its default config (tiny GPT only), when installed.
