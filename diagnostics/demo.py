@@ -23,10 +23,11 @@ the loss exploded (the suite's definition: the first step of 10 consecutive step
 twice its running minimum, or a non-finite loss; also stored as a ``loss_explosion`` event so that the
 report measures the lead against the same step) and the stable run's final loss.
 
-Cost: measured 1 min 49 s wall and 67 CPU-seconds on the 2-core machine (at a load average of 1 to 3;
-4 to 15 times longer while other jobs saturated it), most of it the training steps, spectral alignment
-at every step and the rank and GSNR probes. ``quick=True`` (smaller batches, a 20-step ramp, cheap
-diagnostics) took 19 CPU-seconds, for tests.
+Cost: measured 27 s to 59 s wall (29 to 41 CPU-seconds) on the 2-core machine at a load average of 1 to
+3.5, 1 min 49 s while other jobs saturated it; most of it the training steps, spectral alignment at every
+step and the rank and GSNR probes. ``quick=True`` (smaller batches, a 20-step ramp, cheap diagnostics)
+took 7 to 13 s wall, for tests; its runs are too short for the detector's baseline, and the summary says
+so.
 """
 
 from __future__ import annotations
