@@ -19,9 +19,10 @@ false alarms included.
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
 the Hessian's top eigenvalues, the way one would analyse a finished training job. One HTML report
 compares the three runs. The printed summary says when the warning fired (or why it could not), when
-the loss exploded (the suite's definition: the first step of 10 consecutive steps whose loss exceeds
-twice its running minimum, or a non-finite loss; also stored as a ``loss_explosion`` event so that the
-report measures the lead against the same step) and the stable run's final loss.
+the loss exploded (``diagnostics.explosion_rule.explosion_step``, the suite's definition: the first step
+of 10 consecutive steps whose loss exceeds twice its running minimum, or a non-finite loss; also stored
+as a ``loss_explosion`` event so that the report measures the lead against the same step) and the stable
+run's final loss.
 
 Cost: measured 27 s to 59 s wall (29 to 41 CPU-seconds) on the 2-core machine at a load average of 1 to
 3.5, 1 min 49 s while other jobs saturated it; most of it the training steps, spectral alignment at every
@@ -39,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from diagnostics.explosion_rule import explosion_step
 
 __all__ = ["DemoRun", "DemoResult", "STABLE", "EXPLODING", "run_demo", "explosion_step"]
 
@@ -105,33 +108,6 @@ EXPLODING = DemoRun(name="exploding", ramp_factor=1000.0, seed=DEMO_SEED)
 _QUICK = {"batch_size": 8, "block_size": 32, "ramp_start": 5, "ramp_steps": 20, "steps": 30}
 _QUICK_STABLE = replace(STABLE, checkpoints=(15, 30), **_QUICK)
 _QUICK_EXPLODING = replace(EXPLODING, stop_after_explosion=3, **{**_QUICK, "steps": 50})
-
-
-def explosion_step(
-    losses: list[float], *, factor: float = 2.0, min_step: int = 20, patience: int = 10
-) -> int | None:
-    """First step of a loss explosion, or None.
-
-    A step is *high* when its loss is not finite, or (from ``min_step`` on) exceeds ``factor`` times
-    the running minimum of the finite losses so far. The explosion step is the first step of the first
-    streak of high steps that lasts ``patience`` steps or contains a non-finite loss.
-
-    Cost: one pass over ``losses``.
-    """
-    best = math.inf
-    start: int | None = None
-    for i, value in enumerate(losses):
-        finite = math.isfinite(value)
-        if finite:
-            best = min(best, value)
-        high = not finite or (i >= min_step and value > factor * best)
-        if not high:
-            start = None
-            continue
-        start = i if start is None else start
-        if not finite or i - start + 1 >= patience:
-            return start
-    return None
 
 
 @dataclass

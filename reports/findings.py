@@ -1,8 +1,8 @@
 """Findings: the few things a reader should know first, in plain language with step and layer.
 
 Sources, in order of trust: the run's events (alerts raised while training), the status table (how
-each estimator fared) and, where no event says it, the series themselves (a loss that jumps tenfold,
-a sharpness ratio above one, non-finite values).
+each estimator fared) and, where no event says it, the series themselves (a loss explosion by the
+project's one definition, ``diagnostics.explosion_rule``; a sharpness ratio above one; non-finite values).
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+
+from diagnostics.explosion_rule import FACTOR, PATIENCE, explosion_step
 
 from .views import RunView
 
-# A loss above this multiple of its recent median counts as an explosion when no event says so.
-LOSS_EXPLOSION_FACTOR = 10.0
-LOSS_BASELINE_WINDOW = 50
 # An effective rank that falls below this fraction of its first value counts as a collapse.
 RANK_COLLAPSE_FRACTION = 0.25
 MAX_LINES_PER_KIND = 8
@@ -45,22 +43,34 @@ def _where(step: int | None, layer: str | None) -> str:
     return " in ".join(parts) if parts else ""
 
 
-def loss_explosion_step(steps: np.ndarray, values: np.ndarray, factor: float = LOSS_EXPLOSION_FACTOR,
-                        window: int = LOSS_BASELINE_WINDOW) -> int | None:
-    """Return the first step whose loss is non-finite or above ``factor`` x the median of the previous
-    ``window`` finite losses (at least 5 of them, and only while that median is positive), else None.
+def _by_step(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(steps, values)`` with each step once (its first value), in step order."""
+    steps, first = np.unique(np.asarray(steps), return_index=True)
+    return steps, np.asarray(values, dtype=np.float64)[first]
 
-    Cost O(n log window) via a rolling median.
-    """
-    if len(steps) == 0:
-        return None
-    v = np.asarray(values, dtype=np.float64)
-    bad = ~np.isfinite(v)
-    base = pd.Series(np.where(bad, np.nan, v)).rolling(window, min_periods=5).median().shift(1).to_numpy()
-    with np.errstate(invalid="ignore"):
-        jump = (base > 0) & (v > factor * base)
-    hit = np.flatnonzero(bad | jump)
-    return int(steps[hit[0]]) if len(hit) else None
+
+def loss_explosion_step(steps: np.ndarray, values: np.ndarray) -> int | None:
+    """Return the step at which the loss series exploded, else None: the explosion rule
+    (``diagnostics.explosion_rule.explosion_step``, its defaults) on the recorded steps. Cost O(n)."""
+    steps, values = _by_step(steps, values)
+    return explosion_step(values, [int(s) for s in steps])
+
+
+def _explosion_text(steps: np.ndarray, values: np.ndarray, boom_step: int) -> str:
+    """What the loss did from ``boom_step`` on, in the words of the explosion rule."""
+    steps, values = _by_step(steps, values)
+    i = int(np.searchsorted(steps, boom_step))
+    val = values[i]
+    if not np.isfinite(val):
+        return "it became non-finite"
+    # The streak starts with a finite loss above FACTOR x the lowest finite loss up to here; within
+    # the streak the lowest value cannot fall, so "above that" holds until the streak is complete.
+    lowest = float(np.min(values[: i + 1][np.isfinite(values[: i + 1])]))
+    head = f"it rose to {val:.4g}, over {FACTOR:g}x its lowest value so far ({lowest:.4g}),"
+    bad = np.flatnonzero(~np.isfinite(values[i : i + PATIENCE]))
+    if len(bad):
+        return f"{head} and became non-finite at step {int(steps[i + bad[0]])}"
+    return f"{head} and stayed above that for {PATIENCE} consecutive recorded steps"
 
 
 def _first_crossing(steps: np.ndarray, values: np.ndarray, level: float = 1.0) -> tuple[int, int] | None:
@@ -133,12 +143,9 @@ def run_findings(run: RunView) -> list[Finding]:
         if c is not None:
             boom_step = loss_explosion_step(*c)
             if boom_step is not None:
-                i = int(np.searchsorted(c[0], boom_step))
-                val = c[1][i]
-                what = "became non-finite" if not np.isfinite(val) else (
-                    f"jumped to {val:.4g}, over {LOSS_EXPLOSION_FACTOR:g}x its recent median")
+                what = _explosion_text(*c, boom_step)
                 out.append(Finding(name, "loss_explosion", "error",
-                                   f"The loss exploded at step {boom_step}: it {what} (from the loss series).",
+                                   f"The loss exploded at step {boom_step}: {what} (from the loss series).",
                                    boom_step))
     if warnings and boom_step is not None:
         first = min(e.step for e in warnings)
