@@ -271,7 +271,7 @@ class _State:
             events.append(Event("nonfinite", f"loss is {loss} at step {step}", "error", metric="loss",
                                 data={"loss": str(loss)}))  # fmt: skip
         if self.explode_at is not None and step == self.explode_at + 2:
-            events.append(Event("loss_explosion", f"loss rose to {loss:.3g}, more than 10x its recent median",
+            events.append(Event("loss_explosion", f"loss rose to {loss:.3g}, over 2x its lowest value so far",
                                 "error", metric="loss", key="all", data={"loss": loss}))  # fmt: skip
         recs = [
             Record("loss", loss),
