@@ -1,7 +1,10 @@
 """Overhead of in-loop monitoring: training-step time with and without the Monitor.
 
-Cases: the zoo's tiny GPT (2 layers, d_model 64, batches of 16 x 64 tokens) and the digits MLP (batches
-of 64). Configurations, each on its own copy of the same model and optimizer, timed in interleaved
+Cases (``--model-size tiny``, the default): the zoo's tiny GPT (2 layers, d_model 64, batches of 16 x 64
+tokens, 116k parameters) and the digits MLP (batches of 64). ``--model-size large``: one zoo TinyGPT of
+4 layers, d_model 256, 4 heads, block 128, batches of 16 x 128 tokens (3.2M parameters), where the
+Monitor's per-step cost, fixed rather than proportional to the model, is a smaller share of a longer
+step. Configurations, each on its own copy of the same model and optimizer, timed in interleaved
 blocks so that machine load drifts hit all of them alike:
 
 * ``baseline``: plain loop;
@@ -9,13 +12,15 @@ blocks so that machine load drifts hit all of them alike:
   10 steps, "all" every step: the preset's defaults); overhead = ratio of medians;
 * ``standard``: ``Monitor(diagnostics="standard")`` at its default schedule (expensive ones every 50
   steps); amortised overhead = ratio of means over whole 50-step blocks, so the due steps count;
-* ``trainscope``: PyPI ``trainscope`` with its default config (tiny GPT only), when installed.
+* ``trainscope``: PyPI ``trainscope`` with its default config (tiny GPT only, not the large one),
+  when installed.
 
 Wall time and process CPU time are both reported: on a shared, oversubscribed machine every system call
 (a SQLite commit) can cost a scheduler time slice, which CPU time does not count.
 
 It also times one GSNR evaluation (per-sample gradients by vmap plus the statistics) against one
-training step. Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--rounds 3] [--out F]``.
+training step. Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--model-size tiny|large]
+[--rounds 3] [--out F]`` (large: a 0.4 s CPU step; ``--rounds 2`` takes about 5 minutes on one core).
 """
 
 from __future__ import annotations
@@ -34,9 +39,14 @@ from typing import Any
 import torch
 
 from diagnostics.tracking import Monitor, StepContext
+from diagnostics.zoo.models import GPTConfig, TinyGPT
 from diagnostics.zoo.registry import get_data, get_loss, get_model
 
 BLOCK = 50  # steps per timed block; the standard preset's expensive diagnostics are due once per block
+
+# The larger GPT of ``--model-size large``: about 28x the tiny GPT's parameters and 0.4 s of CPU per step.
+LARGE_GPT = GPTConfig(d_model=256, n_layers=4, n_heads=4, block_size=128)
+LARGE_BATCH = 16
 
 
 class Runner:
@@ -131,9 +141,10 @@ def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[An
         r.cpu.clear()
         # Start each timed block at a multiple of BLOCK so every block holds exactly one standard due step.
         r.step_idx = BLOCK
-    for _ in range(rounds):
+    for i in range(rounds):
         for r in runners:
             r.block(BLOCK)
+        print(f"[{label}] round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
     for r in runners:
         r.close()
     base = next(r for r in runners if r.name == "baseline")
@@ -190,9 +201,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gsnr-repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     ap.add_argument("--no-trainscope", action="store_true")
+    ap.add_argument("--model-size", choices=("tiny", "large"), default="tiny",
+                    help="tiny: the zoo's tiny GPT and digits MLP; large: a 3.2M-parameter zoo GPT "
+                         "(4 layers, d_model 256, block 128, batch 16) only")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
+    if args.model_size == "large":
+        cases, gsnr_rows = run_large(args)
+    else:
+        cases, gsnr_rows = run_tiny(args)
+    text = render(cases, gsnr_rows, argv)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def run_large(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, float]]]]:
+    """The same presets and method on a larger GPT: baseline, cheap, standard (no trainscope)."""
+    gpt = TinyGPT(LARGE_GPT, seed=0)
+    num_params = sum(p.numel() for p in gpt.parameters())
+    loss = get_loss("tiny-gpt")
+    data = get_data("pydoc-text", batch_size=LARGE_BATCH, num_batches=8, block_size=LARGE_GPT.block_size)
+    c = LARGE_GPT
+    label = (f"large gpt ({c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
+             f"{LARGE_BATCH}x{c.block_size} tokens, {num_params / 1e6:.2f}M parameters)")
+    cases = [time_case(label, gpt, loss, data, args.rounds, False)]
+    return cases, [("large gpt", time_gsnr(gpt, loss, data, args.gsnr_repeats))]
+
+
+def run_tiny(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, float]]]]:
+    """The tiny GPT (with trainscope when installed) and the digits MLP."""
     gpt = get_model("tiny-gpt")
     gpt_loss = get_loss("tiny-gpt")
     gpt_data = get_data("pydoc-text", batch_size=16, num_batches=8)
@@ -206,11 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     gsnr_rows = [("tiny-gpt", time_gsnr(gpt, gpt_loss, gpt_data, args.gsnr_repeats)),
                  ("mlp-digits", time_gsnr(mlp, mlp_loss, mlp_data, args.gsnr_repeats))]
+    return cases, gsnr_rows
 
+
+def render(cases: list[dict[str, Any]], gsnr_rows: list[tuple[str, dict[str, float]]], argv: list[str] | None) -> str:
+    """Markdown tables of the cases and the GSNR timings, headed by the machine and the command."""
+    cmd = sys.argv if argv is None else [sys.argv[0], *argv]
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, python {platform.python_version()}",
-        f"Command: `{' '.join(['OMP_NUM_THREADS=1', '.venv/bin/python', *sys.argv])}`",
+        f"Command: `{' '.join(['OMP_NUM_THREADS=1', '.venv/bin/python', *cmd])}`",
         "",
     ]
     for case in cases:
@@ -228,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
               "| model | training step (ms) | GSNR (ms) | ratio |", "|---|---|---|---|"]
     for label, g in gsnr_rows:
         lines.append(f"| {label} | {g['step_ms']:.2f} | {g['gsnr_ms']:.2f} | {g['ratio']:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
