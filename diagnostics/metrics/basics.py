@@ -241,6 +241,8 @@ class WeightNormDiagnostic(_NormDiagnostic):
 class UpdateRatioDiagnostic(_NormDiagnostic):
     """Relative size of the optimizer's step: ``update_ratio`` = ||θ_after − θ_before|| / ||θ_before||.
 
+    Not recorded for a parameter whose norm is zero before the step (the ratio is undefined there).
+
     "all" every step, per parameter every ``per_layer_every`` steps (default 10). Needs the parameters
     before and after ``optimizer.step()``: the Monitor copies them on steps where this is due (memory:
     one copy of the parameters; time: a copy, a subtraction and a norm, each one kernel when the
@@ -277,7 +279,11 @@ class UpdateRatioDiagnostic(_NormDiagnostic):
         out = []
         for k in names + ["all"]:
             d, w = delta[k], before.get(k, float("nan"))
-            out.append(Record("update_ratio", d / w if w > 0 else (0.0 if d == 0 else float("inf")), key=k))
+            if not w > 0:
+                # A parameter that is exactly zero before the step (a bias at initialisation) has no
+                # relative update: the ratio is left out rather than recorded as infinite.
+                continue
+            out.append(Record("update_ratio", d / w, key=k))
         return out
 
 

@@ -127,3 +127,26 @@ def test_per_layer_values_on_a_sparser_schedule_all_every_step(tmp_path: Any) ->
     with pytest.raises(ConfigError, match="per_layer_every"):
         get_diagnostic("grad_norm", per_layer_every=0)
     assert get_diagnostic("update_ratio", per_layer_every=1).settings()["per_layer_every"] == 1
+
+
+def test_update_ratio_skips_parameters_that_are_zero_before_the_step(tmp_path):
+    import torch
+    from torch import nn
+
+    from diagnostics import Monitor, open_run
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    nn.init.zeros_(model.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with Monitor(model, run=tmp_path / "run", diagnostics=["update_ratio"], optimizer=opt,
+                 every={"update_ratio": 1}) as monitor:
+        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        monitor.step(0, batch, loss)
+        opt.step()
+    series = open_run(tmp_path / "run").series(metric="update_ratio")
+    keys = set(series.key)
+    assert "bias" not in keys and {"all", "weight"} <= keys
+    assert series.value.map(lambda v: v == v and abs(v) != float("inf")).all()
