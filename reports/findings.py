@@ -15,8 +15,12 @@ from diagnostics.explosion_rule import FACTOR, PATIENCE, explosion_step
 
 from .views import RunView
 
-# An effective rank that falls below this fraction of its first value counts as a collapse.
+# For runs whose store holds rank series but no rank_collapse events (written by other tools or older
+# versions), the same rule as the activation_rank diagnostic: an effective rank that falls below this
+# fraction of its baseline, the first value RANK_BASELINE_AFTER steps or more into the series (ranks of a
+# freshly initialised network drop early in every healthy run).
 RANK_COLLAPSE_FRACTION = 0.25
+RANK_BASELINE_AFTER = 100
 MAX_LINES_PER_KIND = 8
 
 RANK_METRICS = ("activation_effective_rank", "weight_effective_rank", "grad_effective_rank")
@@ -180,7 +184,7 @@ def run_findings(run: RunView) -> list[Finding]:
     rc = run.events_of("rank_collapse")
     if rc:
         out += _event_findings(name, rc, "rank_collapse", "warning", "Rank collapse")
-    else:
+    elif "activation_rank" not in (run.meta.get("diagnostics") or {}):
         lines = []
         for metric in RANK_METRICS:
             md = run.metric(metric)
@@ -192,12 +196,17 @@ def run_findings(run: RunView) -> list[Finding]:
                 if fin.sum() < 3:
                     continue
                 sf, vf = s[fin], v[fin]
+                after = sf >= sf[0] + RANK_BASELINE_AFTER
+                if not after.any():
+                    continue
+                sf, vf = sf[after], vf[after]
                 if vf[0] > 0 and vf.min() < RANK_COLLAPSE_FRACTION * vf[0]:
                     i = int(np.argmax(vf < RANK_COLLAPSE_FRACTION * vf[0]))
                     lines.append(Finding(
                         name, "rank_collapse", "warning",
                         f"{metric.replace('_', ' ').capitalize()} fell below {RANK_COLLAPSE_FRACTION:.0%} of "
-                        f"its first value at {_where(int(sf[i]), key)} ({vf[0]:.3g} to {vf[i]:.3g}; from the series).",
+                        f"its baseline at step {int(sf[0])} at {_where(int(sf[i]), key)} ({vf[0]:.3g} to {vf[i]:.3g}; "
+                        "from the series).",
                         int(sf[i]), key))
         out += _capped(lines, name, "rank_collapse", "warning")
 

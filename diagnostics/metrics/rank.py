@@ -126,7 +126,9 @@ class ActivationRankDiagnostic(Diagnostic):
     module name; α-ReQ only for layers with at least 12 features and tokens). Outputs are captured by
     scoped forward hooks on one no-grad, eval-mode forward over a subsample of the step's batch, at most
     ``max_tokens`` rows per layer. A ``rank_collapse`` warning event fires when a layer's effective rank
-    falls below ``collapse_ratio`` times its first recorded value.
+    falls below ``collapse_ratio`` times its baseline: its value at the first probe ``baseline_after``
+    steps or more into the run (the rank of a freshly initialised network is not a healthy reference:
+    it drops early in every run). The event fires once per collapse and re-arms when the rank recovers.
 
     Cost: one forward pass on about ``max_tokens`` tokens, plus one SVD and one covariance
     eigendecomposition per layer of at most ``max_tokens`` × features.
@@ -141,7 +143,7 @@ class ActivationRankDiagnostic(Diagnostic):
         "activation_stable_rank",
         "activation_alpha_req",
     )
-    state_keys: ClassVar[tuple[str, ...]] = ("baseline",)
+    state_keys: ClassVar[tuple[str, ...]] = ("baseline", "collapsed")
 
     def __init__(
         self,
@@ -150,6 +152,7 @@ class ActivationRankDiagnostic(Diagnostic):
         modules: Any = None,
         max_tokens: int = 1024,
         collapse_ratio: float | None = 0.25,
+        baseline_after: int = 100,
     ) -> None:
         super().__init__(every, start)
         if int(max_tokens) < 2:
@@ -157,7 +160,9 @@ class ActivationRankDiagnostic(Diagnostic):
         self.modules = modules
         self.max_tokens = int(max_tokens)
         self.collapse_ratio = collapse_ratio
+        self.baseline_after = int(baseline_after)
         self.baseline: dict[str, float] = {}
+        self.collapsed: list[str] = []
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -167,6 +172,7 @@ class ActivationRankDiagnostic(Diagnostic):
             "mode": "eval",
             "variant": "sigma",
             "collapse_ratio": self.collapse_ratio,
+            "baseline_after": self.baseline_after,
         }
 
     def compute(self, ctx: StepContext) -> Output:
@@ -190,13 +196,21 @@ class ActivationRankDiagnostic(Diagnostic):
                     # Too few non-zero covariance eigenvalues (e.g. dead ReLUs) to fit a decay: no number,
                     # rather than a made-up one; the ranks above are still recorded.
                     skipped.append(name)
+            if ctx.step - self.start < self.baseline_after or not math.isfinite(er):
+                continue
             base = self.baseline.setdefault(name, er)
-            if self.collapse_ratio is not None and math.isfinite(er) and er < self.collapse_ratio * base:
+            below = self.collapse_ratio is not None and er < self.collapse_ratio * base
+            if not below:
+                if name in self.collapsed:
+                    self.collapsed.remove(name)
+                continue
+            if name not in self.collapsed:
+                self.collapsed.append(name)
                 events.append(
                     Event(
                         kind="rank_collapse",
                         message=f"{name}: activation effective rank {er:.2f} fell below "
-                        f"{self.collapse_ratio} x its first value {base:.2f}",
+                        f"{self.collapse_ratio} x its baseline {base:.2f} (step {self.baseline_after} or later)",
                         severity="warning",
                         metric="activation_effective_rank",
                         key=name,

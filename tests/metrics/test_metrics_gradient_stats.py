@@ -114,7 +114,7 @@ def test_activation_rank_on_budget_and_alpha_req_where_defined() -> None:
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
     batch = (torch.randn(100, 20), torch.randint(0, 3, (100,)))
     ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
-    d = get_diagnostic("activation_rank", max_tokens=64)
+    d = get_diagnostic("activation_rank", max_tokens=64, baseline_after=0)
     rec = records(d.compute(ctx))
     with torch.no_grad():
         h = model[0](batch[0][:64])
@@ -128,7 +128,7 @@ def test_rank_collapse_event() -> None:
     model = nn.Sequential(nn.Linear(20, 32))
     batch = (torch.randn(64, 20), torch.zeros(64, dtype=torch.long))
     ctx = StepContext(step=0, model=model, loss_fn=lambda m, b: m(b[0]).sum(), batch=batch, loss=None)
-    d = get_diagnostic("activation_rank")
+    d = get_diagnostic("activation_rank", baseline_after=0)
     assert d.compute(ctx).events == []
     with torch.no_grad():
         model[0].weight[1:] = 0.0
@@ -136,3 +136,27 @@ def test_rank_collapse_event() -> None:
     ctx = StepContext(step=1, model=model, loss_fn=lambda m, b: m(b[0]).sum(), batch=batch, loss=None)
     (event,) = d.compute(ctx).events
     assert event.kind == "rank_collapse" and event.key == "0"
+
+
+def test_rank_collapse_waits_for_its_baseline_and_fires_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32))
+    batch = (torch.randn(64, 20), torch.zeros(64, dtype=torch.long))
+
+    def events_at(d, step):
+        ctx = StepContext(step=step, model=model, loss_fn=lambda m, b: m(b[0]).sum(), batch=batch, loss=None)
+        return d.compute(ctx).events
+
+    d = get_diagnostic("activation_rank", baseline_after=10)
+    full_rank = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight[1:] = 0.0
+    assert events_at(d, 0) == []  # collapsed, but before the baseline window: no reference yet
+    with torch.no_grad():
+        model[0].weight.copy_(full_rank)
+    assert events_at(d, 10) == []  # baseline taken here
+    with torch.no_grad():
+        model[0].weight[1:] = 0.0
+        model[0].bias.zero_()
+    assert [e.kind for e in events_at(d, 11)] == ["rank_collapse"]
+    assert events_at(d, 12) == []  # still collapsed: one event per collapse
