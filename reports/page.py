@@ -136,8 +136,10 @@ def run_config_html(run: RunView, several: bool) -> str:
     versions = meta.get("versions")
     if isinstance(versions, dict) and versions:
         out.append("<h3>Versions</h3>\n" + kv_table([(f"versions.{k}", v) for k, v in sorted(versions.items())]))
+    # diagnostic_state is the Monitor's resume state (baselines, counters, vectors): not for reading.
     rest = {k: v for k, v in meta.items()
-            if k not in META_ORDER and k not in ("config", "diagnostics", "versions", "model_summary")}
+            if k not in META_ORDER
+            and k not in ("config", "diagnostics", "versions", "model_summary", "diagnostic_state")}
     if rest:
         out.append("<h3>Other metadata</h3>\n" + kv_table(_flatten(rest)))
     if isinstance(summary, dict) and isinstance(summary.get("parameters"), dict):
