@@ -13,7 +13,7 @@ the runs differ in one knob, the peak learning rate. They use the suite's seedin
 drawn with 1000 + seed) and train on one thread as the suite does, so they are bit-identical to the
 suite's ``ramp100__s1`` / ``ramp1000__s1``: seed 1 is the first seed the detector's calibration (seed 0)
 did not see. On the suite's three ramp1000 seeds the calibrated detector warned 3 (seed 0), 26 (seed 1)
-and 53 (seed 2) steps before the explosion; ``benchmarks/RESULTS_explosions.md`` has the whole picture,
+and 53 (seed 2) steps before the explosion; ``benchmarks/RESULTS.md, "Loss-explosion early warning"`` has the whole picture,
 false alarms included.
 
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus

@@ -285,7 +285,7 @@ class HessianTop(_CurvatureDiagnostic):
     The eigenvectors stay in this diagnostic (``self.vectors``, never in the store; a resumed run starts
     cold) and are the block start of the next probe. That saves products when the top-k space moves little
     between probes (tests: a 0.01% parameter change halves them); on the zoo models trained by AdamW the
-    top-10 space rotates within a few steps and the saving is small (benchmarks/RESULTS_curvature_loop.md).
+    top-10 space rotates within a few steps and the saving is small (benchmarks/RESULTS.md, "Curvature in the loop").
     ``grad_subspace`` reads them through :data:`EIGENSPACE_CACHE_KEY`.
 
     Args:
@@ -311,7 +311,7 @@ class HessianTop(_CurvatureDiagnostic):
     name = "hessian_top"
     preset = "standard"
     # A top-10 probe costs 30-80 HVPs, each 2-3 training steps on one probe batch: every 1000 steps keeps
-    # the amortised cost near 10% of training on the zoo's tiny GPT (benchmarks/RESULTS_curvature_loop.md).
+    # the amortised cost near 10% of training on the zoo's tiny GPT (benchmarks/RESULTS.md, "Curvature in the loop").
     default_every = 1000
     _base = "top"
     _suffixes = ("eigenvalue", "residual", "converged", "bottom_eigenvalue")

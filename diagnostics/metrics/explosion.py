@@ -107,7 +107,7 @@ class ExplosionDetectorCore:
             sudden whole-network collapse (e.g. after a learning-rate jump) leaves no time to persist.
 
     The defaults are the setting ``benchmarks/explosions/evaluate.py`` calibrates on the suite's seed 0
-    with at most one false alarm (``benchmarks/RESULTS_explosions.md``, k = 1 of the frontier): sign
+    with at most one false alarm (``benchmarks/RESULTS.md, "Loss-explosion early warning"``, k = 1 of the frontier): sign
     diversity, min_drop 0.4, z 3, persistence 10, min_layers 2.
 
     Cost per probe: O(layers * smooth log smooth).

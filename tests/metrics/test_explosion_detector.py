@@ -188,7 +188,7 @@ def test_burst_of_layers_alarms_without_persistence():
 
 
 def test_defaults_are_the_calibrated_setting():
-    # benchmarks/RESULTS_explosions.md, frontier k = 1 (the setting behind 7/9 held-out, lead 46).
+    # benchmarks/RESULTS.md, "Loss-explosion early warning", frontier k = 1 (the setting behind 7/9 held-out, lead 46).
     settings = ExplosionDetectorCore().settings()
     assert {k: settings[k] for k in ("statistic", "min_drop", "z", "persistence", "min_layers")} == {
         "statistic": "sa_sign_diversity",
