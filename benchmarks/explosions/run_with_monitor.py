@@ -135,6 +135,9 @@ def measure_overhead(
     ``watch``: measure on the training forward
     (:meth:`SpectralAlignment.watch`) instead of an extra forward. ``model_options``, ``batch_size``,
     ``block_size`` override the suite's tiny GPT (to see how the overhead scales with the model).
+    ``in_step_cpu_share`` is the same split in CPU time of this thread (``monitor_cpu_ms`` over
+    ``rest_cpu_ms``, medians), which leaves out time spent waiting for a core on a loaded machine.
+    ``sa_options`` go to :class:`SpectralAlignment`.
     """
     import copy
     import statistics
@@ -148,6 +151,9 @@ def measure_overhead(
     # seconds inside monitor.step, measured in the same steps as the rest (robust to load drifts)
     inside: list[float] = []
     rest: list[float] = []
+    # the same split in CPU time of this thread (robust to waiting for a core on a loaded machine)
+    cpu_inside: list[float] = []
+    cpu_rest: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}
         for name in times:
@@ -161,26 +167,36 @@ def measure_overhead(
         for _ in range(rounds):
             for name, (model, opt, mon, sa) in setups.items():
                 for step, batch in enumerate(batches):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     with sa.watch(model) if (watch and sa is not None) else contextlib.nullcontext():
                         loss = lm_loss(model, batch)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    t1 = time.perf_counter()
+                    t1, c1 = time.perf_counter(), time.thread_time()
                     if mon is not None:
                         mon.step(step, batch, loss)
-                    t2 = time.perf_counter()
+                    t2, c2 = time.perf_counter(), time.thread_time()
                     opt.step()
                     times[name].append(time.perf_counter() - t0)
                     if mon is not None:
                         inside.append(t2 - t1)
                         rest.append(times[name][-1] - (t2 - t1))
+                        cpu_inside.append(c2 - c1)
+                        cpu_rest.append(time.thread_time() - c0 - (c2 - c1))
         for _, _, mon, _ in setups.values():
             if mon is not None:
                 mon.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     share = statistics.median(inside) / statistics.median(rest)
-    return {**med, "overhead": med["spectral_alignment"] / med["plain"] - 1.0, "in_step_share": share}
+    cpu_share = statistics.median(cpu_inside) / statistics.median(cpu_rest)
+    return {
+        **med,
+        "overhead": med["spectral_alignment"] / med["plain"] - 1.0,
+        "in_step_share": share,
+        "in_step_cpu_share": cpu_share,
+        "monitor_cpu_ms": statistics.median(cpu_inside) * 1e3,
+        "rest_cpu_ms": statistics.median(cpu_rest) * 1e3,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "--overhead", action="store_true", help="only time spectral alignment every step vs plain"
     )
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument(
+        "--detail-every", type=int, default=None, help="with --overhead: SpectralAlignment(detail_every=...)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="with --overhead: steps per block")
+    parser.add_argument("--rounds", type=int, default=None, help="with --overhead: interleaved rounds")
     parser.add_argument(
         "--watch", action="store_true", help="with --overhead: measure on the training forward"
     )
@@ -212,11 +233,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.large
             else {}
         )
-        res = measure_overhead(watch=args.watch, max_tokens=args.max_tokens, **large)
+        opts: dict[str, Any] = dict(large)
+        if args.detail_every is not None:
+            opts["detail_every"] = args.detail_every
+        if args.steps is not None:
+            opts["steps"] = args.steps
+        if args.rounds is not None:
+            opts["rounds"] = args.rounds
+        res = measure_overhead(watch=args.watch, max_tokens=args.max_tokens, **opts)
         print(
             f"plain step {res['plain'] * 1e3:.1f} ms, with spectral_alignment every step "
             f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%}; monitor.step / rest of the step "
-            f"{res['in_step_share']:.1%} (max_tokens={args.max_tokens}, "
+            f"{res['in_step_share']:.1%}; CPU time in monitor.step {res['monitor_cpu_ms']:.1f} ms / rest "
+            f"{res['rest_cpu_ms']:.1f} ms = {res['in_step_cpu_share']:.1%} (max_tokens={args.max_tokens}, "
             f"{'training forward (watch)' if args.watch else 'extra forward'}{', large model' if args.large else ''})"
         )
         return 0

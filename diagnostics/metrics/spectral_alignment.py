@@ -301,7 +301,7 @@ class _Projector:
 
 
 # --- statistics over many maps at once -------------------------------------------------------------
-def batched_alignment_statistics(cos: torch.Tensor) -> dict[str, list[Any]]:
+def batched_alignment_statistics(cos: torch.Tensor, detail: bool = True) -> dict[str, list[Any]]:
     """Alignment statistics of M cosine distributions with the same token count, in one pass.
 
     The same definitions as :func:`diagnostics.metrics.alignment_stats.alignment_statistics`, per row:
@@ -311,10 +311,13 @@ def batched_alignment_statistics(cos: torch.Tensor) -> dict[str, list[Any]]:
 
     Args:
         cos: [M, T] cosines (T >= 1).
+        detail: also compute the quantiles and the histogram (the only parts that need the sort and
+            the bincount).
 
     Returns:
         dict of per-row lists: ``positive_fraction``, ``sign_diversity``, ``mean``, ``mean_abs`` (floats),
-        ``quantiles``, ``histogram`` (lists of floats), ``num_tokens`` (ints). Cost O(M T log T).
+        ``quantiles``, ``histogram`` (lists of floats; only with ``detail``), ``num_tokens`` (ints).
+        Cost O(M T log T) with ``detail``, O(M T) without; one host transfer either way.
     """
     a = cos.detach().to(torch.float64).cpu().clamp(-1.0, 1.0)
     m, t = a.shape
@@ -324,19 +327,28 @@ def batched_alignment_statistics(cos: torch.Tensor) -> dict[str, list[Any]]:
     neg = (a < 0).sum(1).double() / t
     signed = pos + neg
     div = torch.where(signed > 0, 1.0 - (pos - neg).abs() / signed.clamp_min(1e-300), torch.ones_like(pos))
-    q = torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64), dim=1).T  # [M, 5]
-    idx = ((a + 1.0) * (NUM_BINS / 2.0)).floor().long().clamp_(0, NUM_BINS - 1)
-    idx = idx + torch.arange(m).unsqueeze(1) * NUM_BINS  # one bincount for every row
-    hist = torch.bincount(idx.reshape(-1), minlength=m * NUM_BINS).reshape(m, NUM_BINS).double() / t
-    return {
-        "positive_fraction": pos.tolist(),
-        "sign_diversity": div.tolist(),
-        "mean": a.mean(1).tolist(),
-        "mean_abs": a.abs().mean(1).tolist(),
-        "quantiles": q.tolist(),
-        "histogram": hist.tolist(),
-        "num_tokens": [t] * m,
+    # Every per-row scalar in one [M, 4 (+ 5 + NUM_BINS)] matrix: one .tolist() instead of one per field.
+    cols = [pos, div, a.mean(1), a.abs().mean(1)]
+    if detail:
+        q = torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64), dim=1).T  # [M, 5]
+        idx = ((a + 1.0) * (NUM_BINS / 2.0)).floor().long().clamp_(0, NUM_BINS - 1)
+        idx = idx + torch.arange(m).unsqueeze(1) * NUM_BINS  # one bincount for every row
+        hist = torch.bincount(idx.reshape(-1), minlength=m * NUM_BINS).reshape(m, NUM_BINS).double() / t
+        table = torch.cat([torch.stack(cols, 1), q, hist], 1).tolist()
+    else:
+        table = torch.stack(cols, 1).tolist()
+    nq = len(QUANTILES)
+    out: dict[str, list[Any]] = {
+        "positive_fraction": [r[0] for r in table],
+        "sign_diversity": [r[1] for r in table],
+        "mean": [r[2] for r in table],
+        "mean_abs": [r[3] for r in table],
     }
+    if detail:
+        out["quantiles"] = [r[4 : 4 + nq] for r in table]
+        out["histogram"] = [r[4 + nq :] for r in table]
+    out["num_tokens"] = [t] * m
+    return out
 
 
 # --- sampling the batch ----------------------------------------------------------------------------
@@ -398,13 +410,17 @@ class SpectralAlignment(Diagnostic):
         power_iters: power iterations per probe, warm-started from the previous v_1 (1 by default).
         init_iters: iterations for a map's first probe (cold start), with tolerance ``init_tol``.
         seed: seed of the private generator for the subsample (each step uses seed + step).
+        detail_every: write the distribution detail (``sa_quantile``, ``sa_histogram``: 25 of the 30
+            rows per map) on every ``detail_every``-th probe only, counting from the run's first probe
+            (default 10; 1 = every probe). p+, sign diversity, mean, mean |a| and sigma_1 are written
+            on every probe; the detector reads only those.
         detector: built-in explosion detector: False/None (default: off; the ``explosion_detector``
             diagnostic does the detection), True (default settings), a dict of
             :class:`~diagnostics.metrics.explosion.ExplosionDetectorCore` options, or a core instance.
 
     Cost per step: one no-grad forward over about ``max_tokens`` tokens, ``2 * power_iters`` products
-    with each weight, O(max_tokens * in) per map for the projections, one batched sort for the
-    statistics.
+    with each weight, O(max_tokens * in) per map for the projections, one batched pass for the
+    statistics (plus one sort on detail probes); 5 records per map, 30 on detail probes.
     """
 
     name = "spectral_alignment"
@@ -440,6 +456,7 @@ class SpectralAlignment(Diagnostic):
         init_tol: float = 1e-7,
         seed: int = 0,
         detector: Any = False,
+        detail_every: int = 10,
     ) -> None:
         super().__init__(every, start)
         if int(max_tokens) < 1 or int(chunk_tokens) < 1:
@@ -452,6 +469,9 @@ class SpectralAlignment(Diagnostic):
             )
         if fused_qkv not in ("whole", "split"):
             raise ConfigError(f"spectral_alignment: fused_qkv must be 'whole' or 'split', got {fused_qkv!r}")
+        if isinstance(detail_every, bool) or not isinstance(detail_every, int) or detail_every < 1:
+            raise ConfigError(f"spectral_alignment: detail_every must be an integer >= 1, got {detail_every!r}")
+        self.detail_every = int(detail_every)
         self.modules = _as_patterns(modules)
         self.exclude = _as_patterns(exclude)
         self.fused_qkv = fused_qkv
@@ -500,6 +520,7 @@ class SpectralAlignment(Diagnostic):
             "power_iters": self.power_iters,
             "init_iters": self.init_iters,
             "seed": self.seed,
+            "detail_every": self.detail_every,
             "mode": "eval",
             "detector": None if self.detector is None else self.detector.settings(),
         }
@@ -667,8 +688,9 @@ class SpectralAlignment(Diagnostic):
 
         Returns:
             (``{key: {positive_fraction, sign_diversity, mean, mean_abs, quantiles, histogram,
-            num_tokens, sigma1}}``, seconds of the forward pass). Maps whose module did not run get no
-            entry.
+            num_tokens, sigma1}}``, seconds of the forward pass). ``quantiles`` and ``histogram`` are
+            present on detail probes only (every ``detail_every``-th). Maps whose module did not run
+            get no entry.
         """
         import time
 
@@ -696,6 +718,10 @@ class SpectralAlignment(Diagnostic):
                     ctx.loss_fn(model, sub)
             fwd_seconds = time.perf_counter() - t0
             self.last_source = "extra_forward"
+        # The probe counter lives in the run's state, so a resumed run keeps the detail cadence.
+        probe = int(ctx.state.get("probes", 0))
+        ctx.state["probes"] = probe + 1
+        detail = probe % self.detail_every == 0
         # Group the cosine columns by token count so each group is one batched statistics pass.
         columns: dict[int, list[tuple[str, torch.Tensor]]] = {}
         for mname, proj in projectors.items():
@@ -706,7 +732,7 @@ class SpectralAlignment(Diagnostic):
                 columns.setdefault(cos.shape[0], []).append((mp.key, cos[:, j]))
         stats: dict[str, dict[str, Any]] = {}
         for cols in columns.values():
-            batched = batched_alignment_statistics(torch.stack([c for _, c in cols], 0))
+            batched = batched_alignment_statistics(torch.stack([c for _, c in cols], 0), detail)
             for i, (key, _) in enumerate(cols):
                 stats[key] = {k: v[i] for k, v in batched.items()}
                 stats[key]["sigma1"] = float(tops[key][0])
@@ -725,8 +751,9 @@ class SpectralAlignment(Diagnostic):
                 Record("sa_mean_abs", st["mean_abs"], key),
                 Record("sa_sigma1", st["sigma1"], key),
             ]
-            records += [Record("sa_quantile", float(q), key, i) for i, q in enumerate(st["quantiles"])]
-            records += [Record("sa_histogram", float(h), key, i) for i, h in enumerate(st["histogram"])]
+            if "quantiles" in st:
+                records += [Record("sa_quantile", float(q), key, i) for i, q in enumerate(st["quantiles"])]
+                records += [Record("sa_histogram", float(h), key, i) for i, h in enumerate(st["histogram"])]
         events = []
         if self.detector is not None:
             from diagnostics.metrics.explosion import run_detector_step

@@ -147,7 +147,7 @@ def test_sign_diversity_invariant_to_global_sign_of_v1():
     model = _tiny_gpt()
     g = torch.Generator().manual_seed(4)
     batch = (torch.randint(0, 96, (2, 8), generator=g), torch.randint(0, 96, (2, 8), generator=g))
-    d = SpectralAlignment(detector=False, init_iters=500)
+    d = SpectralAlignment(detector=False, init_iters=500, detail_every=1)
     state: dict = {}
     d.compute(_ctx(model, batch, 0, state, _lm_loss))  # cold start
     flipped = {"v1": {k: -v for k, v in state["v1"].items()}}  # the same v1 with every sign flipped
@@ -385,3 +385,55 @@ def test_watch_measures_on_the_training_forward_without_an_extra_forward(tmp_pat
     s = open_run(tmp_path / "w").series("sa_sign_diversity", "blocks.0.mlp.fc1")
     assert s[s.step == 3]["value"].iloc[0] == pytest.approx(last["sign_diversity"], abs=1e-6)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def _train_detail(run, detail_every, steps=25):
+    from diagnostics.tracking import Monitor
+
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    sa = SpectralAlignment(detail_every=detail_every, detector={"skip": 2, "warmup": 5, "persistence": 2})
+    with Monitor(model, _lm_loss, run=run, diagnostics=[sa], optimizer=opt, strict=True) as mon:
+        for step in range(steps):
+            batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
+            loss = _lm_loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(step, batch, loss)
+            opt.step()
+
+
+def test_detail_every_thins_only_the_distribution_detail(tmp_path):
+    from diagnostics.metrics.explosion import detect
+    from diagnostics.store import open_run
+
+    _train_detail(tmp_path / "all", 1)
+    _train_detail(tmp_path / "thin", 10)
+    full, thin = open_run(tmp_path / "all").series(), open_run(tmp_path / "thin").series()
+    for metric in ("sa_quantile", "sa_histogram"):
+        assert set(full[full.metric == metric]["step"]) == set(range(25))
+        assert set(thin[thin.metric == metric]["step"]) == {0, 10, 20}
+        # the detail that is written is the same as with detail_every=1
+        a = full[(full.metric == metric) & full.step.isin([0, 10, 20])].sort_values(["step", "key", "index"])
+        b = thin[thin.metric == metric].sort_values(["step", "key", "index"])
+        assert a["value"].tolist() == b["value"].tolist()
+    # every per-step scalar (what the detector reads), the score and the offline detector are unchanged
+    cols = ["step", "metric", "key", "index"]
+    for metric in ("sa_positive_fraction", "sa_sign_diversity", "sa_mean", "sa_mean_abs", "sa_sigma1",
+                   "explosion_score"):
+        a = full[full.metric == metric].sort_values(cols)
+        b = thin[thin.metric == metric].sort_values(cols)
+        assert len(a) == len(b) > 0 and a["value"].tolist() == b["value"].tolist(), metric
+    params = {"skip": 2, "warmup": 5, "persistence": 2, "min_baseline": 0.0}
+    assert detect(full, **params) == detect(thin, **params)
+
+
+def test_detail_every_option_and_statistics_without_detail():
+    with pytest.raises(ConfigError, match="detail_every"):
+        SpectralAlignment(detail_every=0)
+    cos = torch.rand(3, 50) * 2 - 1
+    full, lean = batched_alignment_statistics(cos), batched_alignment_statistics(cos, detail=False)
+    assert "histogram" not in lean and "quantiles" not in lean
+    for k, v in lean.items():
+        assert v == full[k], k
