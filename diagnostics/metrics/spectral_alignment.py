@@ -221,6 +221,7 @@ def project_rows(
     generator: torch.Generator | None = None,
     chunk_rows: int = 256,
     eps: float = 1e-12,
+    finish: bool = True,
 ) -> torch.Tensor:
     """Cosines of (a random subsample of) the rows of ``x`` with each column of ``V``.
 
@@ -236,6 +237,8 @@ def project_rows(
         max_rows: token budget.
         generator: private generator for the subsample (the global RNG is untouched).
         chunk_rows: rows projected at once.
+        finish: map non-finite cosines to 0 and clamp to [-1, 1] here; False leaves that to the caller
+            (:func:`batched_alignment_statistics` does it for all maps at once).
 
     Returns:
         [R, K] float32 (or float64 for float64 inputs) cosines in [-1, 1], R = min(rows, max_rows).
@@ -266,9 +269,14 @@ def project_rows(
         rows = rows.to(dtype)
         # Zero rows give 0 / eps = 0; non-finite rows give NaN, mapped to 0 (counted as neither sign).
         cos = (rows @ V).div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(eps))
-        blocks.append(torch.nan_to_num_(cos, nan=0.0, posinf=0.0, neginf=0.0))
+        blocks.append(cos)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
-    return out.clamp_(-1.0, 1.0)
+    return _finish(out) if finish else out
+
+
+def _finish(cos: torch.Tensor) -> torch.Tensor:
+    # Non-finite cosines (rows with inf/NaN entries) count as neither sign.
+    return torch.nan_to_num_(cos, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-1.0, 1.0)
 
 
 class _Projector:
@@ -292,8 +300,8 @@ class _Projector:
         x = _input_tensor(self.kind, args, kwargs)
         if x is None or x.shape[-1] != self.V.shape[0]:
             return
-        cos = project_rows(x, self.V, room, self.generator, self.chunk)
-        self.blocks.append(cos.cpu())
+        cos = project_rows(x, self.V, room, self.generator, self.chunk, finish=False)
+        self.blocks.append(cos if cos.device.type == "cpu" else cos.cpu())
         self.count += cos.shape[0]
 
     def cosines(self) -> torch.Tensor | None:
@@ -319,7 +327,7 @@ def batched_alignment_statistics(cos: torch.Tensor, detail: bool = True) -> dict
         ``quantiles``, ``histogram`` (lists of floats; only with ``detail``), ``num_tokens`` (ints).
         Cost O(M T log T) with ``detail``, O(M T) without; one host transfer either way.
     """
-    a = cos.detach().to(torch.float64).cpu().clamp(-1.0, 1.0)
+    a = _finish(cos.detach().to(device="cpu", dtype=torch.float64, copy=True))
     m, t = a.shape
     if t == 0:
         raise ConfigError("no tokens to compute alignment statistics over: the input batch is empty")
@@ -363,6 +371,21 @@ def _take(batch: Any, idx: torch.Tensor, size: int) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_take(v, idx, size) for v in batch)
     return batch
+
+
+def _resolve(model: nn.Module, maps: list[LinearMap]) -> dict[str, nn.Module]:
+    """The maps' modules by name, looked up by attribute path (cheaper than walking every module)."""
+    out: dict[str, nn.Module] = {}
+    for mp in maps:
+        if mp.module_name not in out:
+            try:
+                out[mp.module_name] = model.get_submodule(mp.module_name)
+            except AttributeError as e:
+                raise ConfigError(
+                    f"spectral_alignment: module {mp.module_name!r} is no longer in the model; "
+                    "use a new SpectralAlignment for a changed model"
+                ) from e
+    return out
 
 
 class _eval_flags:
@@ -574,16 +597,23 @@ class SpectralAlignment(Diagnostic):
                 continue
             saved[mp.key] = v.detach().to("cpu", torch.promote_types(v.dtype, torch.float32))
             out[mp.key] = (sigma, v.detach())
+        # Per shape group: 2 * power_iters + 1 batched products; the sigmas of every group then come to
+        # the host in one transfer (one sync per step, not one per group).
+        done: list[tuple[list[tuple[LinearMap, torch.Tensor, torch.Tensor]], torch.Tensor]] = []
+        sigmas: list[torch.Tensor] = []
         for (_, dtype, device), group in warm.items():
-            Ws = torch.stack([W for _, W, _ in group])  # [G, out, in]
             ct = torch.promote_types(dtype, torch.float32)
-            Ws = Ws.to(ct)
+            Ws = torch.stack([W for _, W, _ in group]).to(ct)  # [G, out, in]
             v = torch.stack([p for _, _, p in group]).to(device=device, dtype=ct).unsqueeze(2)  # [G, in, 1]
             for _ in range(self.power_iters):
-                u = torch.bmm(Ws, v)
-                v = torch.bmm(Ws.transpose(1, 2), u)
+                v = torch.bmm(Ws.transpose(1, 2), torch.bmm(Ws, v))
                 v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
-            sig = torch.linalg.vector_norm(torch.bmm(Ws, v), dim=1).reshape(-1).tolist()
+            sigmas.append(torch.linalg.vector_norm(torch.bmm(Ws, v), dim=1).reshape(-1).to("cpu", torch.float64))
+            done.append((group, v))
+        flat = torch.cat(sigmas).tolist() if sigmas else []
+        at = 0
+        for group, v in done:
+            sig, at = flat[at : at + len(group)], at + len(group)
             for i, (mp, _, prev) in enumerate(group):
                 vi = v[i, :, 0]
                 if not math.isfinite(sig[i]) or sig[i] == 0.0:
@@ -673,7 +703,7 @@ class SpectralAlignment(Diagnostic):
             yield
             return
         maps = self.maps(model)
-        modules = dict(model.named_modules())
+        modules = _resolve(model, maps)
         by_module = self._group(maps, vectors)
         count = state.get("watched", 0)
         state["watched"] = count + 1
@@ -698,7 +728,7 @@ class SpectralAlignment(Diagnostic):
         maps = self.maps(model)
         if not maps:
             return {}, 0.0
-        modules = dict(model.named_modules())
+        modules = _resolve(model, maps)
         self._state_ref = ctx.state
         watched, self._watched = self._watched, None
         tops = self._top_vectors(ctx, maps, modules)
