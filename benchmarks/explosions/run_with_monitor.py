@@ -122,6 +122,7 @@ def measure_overhead(
     model_options: dict[str, Any] | None = None,
     batch_size: int | None = None,
     block_size: int | None = None,
+    observe: bool = True,
     **sa_options: Any,
 ) -> dict[str, float]:
     """Median training-step time of the suite's base config with and without spectral alignment every step.
@@ -137,6 +138,9 @@ def measure_overhead(
     ``block_size`` override the suite's tiny GPT (to see how the overhead scales with the model).
     ``in_step_cpu_share`` is the same split in CPU time of this thread (``monitor_cpu_ms`` over
     ``rest_cpu_ms``, medians), which leaves out time spent waiting for a core on a loaded machine.
+    ``cpu_overhead`` is the whole-step CPU-time ratio of the two copies minus 1 (medians): it includes
+    the hooks' work inside the training forward. ``observe``: the Monitor's
+    ``observe_training_forward`` (False: the diagnostic always runs its own forward).
     ``sa_options`` go to :class:`SpectralAlignment`.
     """
     import copy
@@ -148,6 +152,7 @@ def measure_overhead(
     batches = list(char_batches(pydoc_tokens("train"), bs, T, steps, seed=1000))
     base_model = get_model("tiny-gpt", seed=0, block_size=T, **{**cfg.model, **(model_options or {})})
     times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
+    cpu_times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
     # seconds inside monitor.step, measured in the same steps as the rest (robust to load drifts)
     inside: list[float] = []
     rest: list[float] = []
@@ -162,7 +167,10 @@ def measure_overhead(
             mon = sa = None
             if name != "plain":
                 sa = SpectralAlignment(**sa_options)
-                mon = Monitor(model, lm_loss, run=Path(tmp) / name, diagnostics=[sa], optimizer=opt)
+                mon = Monitor(
+                    model, lm_loss, run=Path(tmp) / name, diagnostics=[sa], optimizer=opt,
+                    observe_training_forward=observe,
+                )
             setups[name] = (model, opt, mon, sa)
         for _ in range(rounds):
             for name, (model, opt, mon, sa) in setups.items():
@@ -178,6 +186,7 @@ def measure_overhead(
                     t2, c2 = time.perf_counter(), time.thread_time()
                     opt.step()
                     times[name].append(time.perf_counter() - t0)
+                    cpu_times[name].append(time.thread_time() - c0)
                     if mon is not None:
                         inside.append(t2 - t1)
                         rest.append(times[name][-1] - (t2 - t1))
@@ -189,11 +198,14 @@ def measure_overhead(
     med = {k: statistics.median(v) for k, v in times.items()}
     share = statistics.median(inside) / statistics.median(rest)
     cpu_share = statistics.median(cpu_inside) / statistics.median(cpu_rest)
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
     return {
         **med,
         "overhead": med["spectral_alignment"] / med["plain"] - 1.0,
         "in_step_share": share,
         "in_step_cpu_share": cpu_share,
+        "cpu_overhead": cpu_med["spectral_alignment"] / cpu_med["plain"] - 1.0,
+        "plain_cpu_ms": cpu_med["plain"] * 1e3,
         "monitor_cpu_ms": statistics.median(cpu_inside) * 1e3,
         "rest_cpu_ms": statistics.median(cpu_rest) * 1e3,
     }
@@ -210,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument(
         "--detail-every", type=int, default=None, help="with --overhead: SpectralAlignment(detail_every=...)"
+    )
+    parser.add_argument(
+        "--extra-forward",
+        action="store_true",
+        help="with --overhead: Monitor(observe_training_forward=False): the diagnostic runs its own forward",
     )
     parser.add_argument("--steps", type=int, default=None, help="with --overhead: steps per block")
     parser.add_argument("--rounds", type=int, default=None, help="with --overhead: interleaved rounds")
@@ -240,13 +257,21 @@ def main(argv: list[str] | None = None) -> int:
             opts["steps"] = args.steps
         if args.rounds is not None:
             opts["rounds"] = args.rounds
-        res = measure_overhead(watch=args.watch, max_tokens=args.max_tokens, **opts)
+        res = measure_overhead(
+            watch=args.watch, max_tokens=args.max_tokens, observe=not args.extra_forward, **opts
+        )
+        mode = (
+            "training forward (watch)"
+            if args.watch
+            else "extra forward" if args.extra_forward else "training forward observed by the Monitor"
+        )
         print(
             f"plain step {res['plain'] * 1e3:.1f} ms, with spectral_alignment every step "
             f"{res['spectral_alignment'] * 1e3:.1f} ms: overhead {res['overhead']:.1%}; monitor.step / rest of the step "
             f"{res['in_step_share']:.1%}; CPU time in monitor.step {res['monitor_cpu_ms']:.1f} ms / rest "
-            f"{res['rest_cpu_ms']:.1f} ms = {res['in_step_cpu_share']:.1%} (max_tokens={args.max_tokens}, "
-            f"{'training forward (watch)' if args.watch else 'extra forward'}{', large model' if args.large else ''})"
+            f"{res['rest_cpu_ms']:.1f} ms = {res['in_step_cpu_share']:.1%}; whole-step CPU time "
+            f"{res['plain_cpu_ms']:.1f} ms plain: overhead {res['cpu_overhead']:.1%} (max_tokens={args.max_tokens}, "
+            f"{mode}{', large model' if args.large else ''})"
         )
         return 0
     args.out.mkdir(parents=True, exist_ok=True)

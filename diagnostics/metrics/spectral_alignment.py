@@ -300,7 +300,8 @@ class _Projector:
         x = _input_tensor(self.kind, args, kwargs)
         if x is None or x.shape[-1] != self.V.shape[0]:
             return
-        cos = project_rows(x, self.V, room, self.generator, self.chunk, finish=False)
+        with torch.no_grad():  # on the training forward: never part of the user's graph
+            cos = project_rows(x, self.V, room, self.generator, self.chunk, finish=False)
         self.blocks.append(cos if cos.device.type == "cpu" else cos.cpu())
         self.count += cos.shape[0]
 
@@ -512,6 +513,7 @@ class SpectralAlignment(Diagnostic):
         # Set by compute (the Monitor's state dict of this diagnostic) so that watch() finds v_1.
         self._state_ref: dict[str, Any] | None = None
         self._watched: tuple[int, dict[str, list[LinearMap]], dict[str, _Projector]] | None = None
+        self._watching = False
         self.last_source: str | None = None
 
     @staticmethod
@@ -699,7 +701,7 @@ class SpectralAlignment(Diagnostic):
         """
         state = self._state_ref
         vectors = state.get("v1") if state is not None else None
-        if not vectors:
+        if not vectors or self._watching:  # nothing to project on yet, or already watched (by the Monitor)
             yield
             return
         maps = self.maps(model)
@@ -709,9 +711,23 @@ class SpectralAlignment(Diagnostic):
         state["watched"] = count + 1
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * (count + 1))
         # The hooks work on detached inputs, so the training forward's autograd graph is untouched.
-        with self._hooks(by_module, vectors, modules, gen) as projectors:
-            yield
+        self._watching = True
+        try:
+            with self._hooks(by_module, vectors, modules, gen) as projectors:
+                yield
+        finally:
+            self._watching = False
         self._watched = (id(model), by_module, projectors)
+
+    def observe_training_forward(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """What the Monitor holds open between two steps to measure on the user's training forward.
+
+        The same as :meth:`watch`; the Monitor enters it at the end of ``monitor.step`` when this
+        diagnostic is due at every step and exits it (hooks removed) at the start of the next
+        ``monitor.step`` or in ``close()``. When no forward ran in between (or only modules without
+        monitored maps did), the next probe falls back to its own forward.
+        """
+        return self.watch(model)
 
     def measure(self, ctx: StepContext) -> tuple[dict[str, dict[str, Any]], float]:
         """This step's statistics per map key (also published in ``ctx.cache[SA_CACHE_KEY]``).
@@ -733,7 +749,11 @@ class SpectralAlignment(Diagnostic):
         watched, self._watched = self._watched, None
         tops = self._top_vectors(ctx, maps, modules)
         fwd_seconds = 0.0
-        if watched is not None and watched[0] == id(model):
+        if (
+            watched is not None
+            and watched[0] == id(model)
+            and any(p.count > 0 for p in watched[2].values())  # a forward was actually observed
+        ):
             # This step's training forward was watched: its inputs were projected on the previous probe's
             # v_1 (same sign as the updated one); no extra forward.
             by_module, projectors = watched[1], watched[2]

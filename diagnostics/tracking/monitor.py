@@ -207,6 +207,13 @@ class Monitor:
             flight). Off by default: with CPU-bound steps the GIL hand-offs (5 ms switch interval) cost more
             than the commit (measured in benchmarks/overhead.py); it can help when the training thread
             mostly waits on an accelerator.
+        observe_training_forward: let diagnostics that read layer inputs and are due at every step (they
+            offer ``observe_training_forward(model)``, e.g. ``spectral_alignment``) measure on the
+            user's own training forward instead of running a forward of their own: their scoped hooks
+            are installed at the end of :meth:`step` and removed at the start of the next one (or in
+            :meth:`close`). They read detached inputs under no_grad with private generators, so
+            training is unchanged. Any forward between two steps is seen (the hooks keep the first
+            ``max_tokens`` tokens); without one, the diagnostic runs its own forward as before.
         mirrors: also send each committed step's scalars to loggers: "tensorboard", "wandb", "mlflow",
             a ``SummaryWriter``, a :class:`~diagnostics.tracking.mirrors.Mirror` or a callable
             ``f(step, scalars)`` (see :mod:`diagnostics.tracking.mirrors`); only on writing ranks.
@@ -235,6 +242,7 @@ class Monitor:
         check_isolation: bool = False,
         async_writes: bool = False,
         mirrors: Any = None,
+        observe_training_forward: bool = True,
     ) -> None:
         # Everything that can be checked is checked before the run directory is touched.
         if not isinstance(model, nn.Module):
@@ -261,6 +269,9 @@ class Monitor:
         self.probe_batches = int(probe_batches)
         self.state_every = max(1, int(state_every))
         self.check_isolation = bool(check_isolation)
+        self.observe_training_forward = bool(observe_training_forward)
+        # Hooks held open between two steps (see observe_training_forward); closed in finally.
+        self._observing: contextlib.ExitStack | None = None
         self.diagnostics: list[Diagnostic] = resolve_diagnostics(diagnostics)
         self._apply_every(every)
         self._set_actions(actions)
@@ -457,6 +468,40 @@ class Monitor:
         """
         if self._closed:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
+        self._stop_observing()
+        self._step(step, batch, loss, source)
+        self._start_observing(step)
+
+    def _start_observing(self, step: int) -> None:
+        """Install the hooks of diagnostics that measure on the next training forward (none if not due)."""
+        if not self.observe_training_forward or (not self.writes and not self._distributed):
+            return
+        chosen = [
+            d
+            for d in self.diagnostics
+            if "layer_inputs" in d.requires
+            and d.every == 1
+            and d.is_due(step + 1)
+            and callable(getattr(d, "observe_training_forward", None))
+        ]
+        if not chosen:
+            return
+        stack = contextlib.ExitStack()
+        try:
+            for d in chosen:
+                stack.enter_context(d.observe_training_forward(self.model))
+        except BaseException:
+            stack.close()
+            raise
+        self._observing = stack
+
+    def _stop_observing(self) -> None:
+        """Remove the hooks installed by the previous step (idempotent)."""
+        stack, self._observing = self._observing, None
+        if stack is not None:
+            stack.close()
+
+    def _step(self, step: int, batch: Any, loss: torch.Tensor | float | None, source: str | None) -> None:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise ConfigError(f"step must be an int, got {type(step).__name__}")
         step = int(step)
@@ -770,7 +815,10 @@ class Monitor:
             return
         self._closed = True
         try:
-            self._finish_pending()
+            try:
+                self._stop_observing()
+            finally:
+                self._finish_pending()
         finally:
             if self.writer is not None:
                 try:

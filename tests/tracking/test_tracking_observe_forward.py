@@ -1,0 +1,75 @@
+"""The Monitor measures layer-input diagnostics on the user's training forward when it can."""
+
+import torch
+from torch import nn
+
+from diagnostics.metrics.spectral_alignment import SpectralAlignment
+from diagnostics.store import open_run
+from diagnostics.tracking import Monitor
+from diagnostics.zoo.models import TinyGPT
+
+
+def _lm_loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _train(run, observe, steps=6, forward=True):
+    torch.manual_seed(0)
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    sa = SpectralAlignment()
+    sources, hooks_between = [], []
+    losses = []
+    with Monitor(model, _lm_loss, run=run, diagnostics=[sa], optimizer=opt, strict=True,
+                 observe_training_forward=observe) as mon:
+        for step in range(steps):
+            batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
+            hooks_between.append(_hooks(model))
+            loss = _lm_loss(model, batch) if forward else torch.tensor(0.0)
+            if forward:
+                opt.zero_grad()
+                loss.backward()
+            mon.step(step, batch, loss)
+            sources.append(sa.last_source)
+            losses.append(float(loss.detach()))
+            if forward:
+                opt.step()
+    return model, sources, hooks_between, losses, torch.rand(3)
+
+
+def test_training_forward_observed_training_unchanged_and_no_hooks_left(tmp_path):
+    plain, s0, h0, l0, r0 = _train(tmp_path / "a", observe=False)
+    model, s1, h1, l1, r1 = _train(tmp_path / "b", observe=True)
+    assert s0 == ["extra_forward"] * 6
+    # first probe has no v1 yet: its own forward; then the training forward of each step
+    assert s1 == ["extra_forward"] + ["training_forward"] * 5
+    assert h0 == [0] * 6 and h1[0] == 0 and all(h > 0 for h in h1[1:])  # hooks only between steps
+    assert _hooks(model) == 0  # removed by close()
+    assert l0 == l1 and torch.equal(r0, r1)  # same losses, global RNG untouched
+    for (n, p), (_, q) in zip(plain.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+    s = open_run(tmp_path / "b").series("sa_sign_diversity")
+    assert set(s["step"]) == set(range(6)) and s["value"].between(0, 1).all()
+
+
+def test_falls_back_to_its_own_forward_when_no_forward_ran(tmp_path):
+    model, sources, _, _, _ = _train(tmp_path / "c", observe=True, steps=3, forward=False)
+    assert sources == ["extra_forward"] * 3
+    assert _hooks(model) == 0
+
+
+def test_hooks_removed_when_close_follows_a_step_directly(tmp_path):
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    batch = (torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8)))
+    mon = Monitor(model, _lm_loss, run=tmp_path / "d", diagnostics=["spectral_alignment"])
+    mon.step(0, batch, _lm_loss(model, batch))
+    assert _hooks(model) > 0
+    mon.close()
+    assert _hooks(model) == 0
