@@ -3,8 +3,9 @@
 For each monitored linear map y = W x (W of shape [out, in]) with top singular triplet (sigma_1, u_1, v_1),
 the alignment of token i is a_i = <x_i, v_1> / ||x_i||. The ``spectral_alignment`` diagnostic stores,
 per map (key = module name, or ``name.q``/``name.k``/``name.v`` for a split fused projection), the
-distribution's positive fraction p+, sign diversity 1 - |2 p+ - 1|, mean, mean |a|, quantiles, a
-20-bin histogram and sigma_1 (metric IDs ``sa_*`` of CONTRACTS.md). Definition and rationale: METRICS.md,
+distribution's positive fraction p+, sign diversity 1 - |2 p+ - 1|, mean, mean |a| and sigma_1 on every
+probe, and quantiles and a 20-bin histogram on every ``detail_every``-th probe (metric IDs ``sa_*`` of
+CONTRACTS.md). Definition and rationale: METRICS.md,
 "Spectral alignment" (after Qiu, Wu, Tan, Wang, Yao 2025, arXiv 2510.04202).
 
 How it stays cheap enough to run every step:
@@ -17,7 +18,12 @@ How it stays cheap enough to run every step:
   subsampled to the token budget with a private generator and projected on v_1 in chunks of
   ``chunk_tokens`` rows, so only the cosines (``max_tokens`` floats per map) are kept: activations are
   never stored, and the memory this code adds is independent of the sequence length.
-- the statistics of all maps are computed in one batched pass (one sort, one bincount).
+- when the Monitor runs this diagnostic every step it holds the same hooks open from the end of one
+  ``monitor.step`` to the start of the next (:meth:`SpectralAlignment.observe_training_forward`), so
+  the user's training forward is measured and no extra forward runs; without an observed forward the
+  probe falls back to its own.
+- the statistics of all maps are computed in one batched pass with one host transfer (plus one sort and
+  one bincount on detail probes).
 
 Supported maps: ``nn.Linear`` (and subclasses such as attention out-projections), Hugging Face ``Conv1D``
 (weight stored [in, out]: transposed here) and ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (its
@@ -442,7 +448,8 @@ class SpectralAlignment(Diagnostic):
             diagnostic does the detection), True (default settings), a dict of
             :class:`~diagnostics.metrics.explosion.ExplosionDetectorCore` options, or a core instance.
 
-    Cost per step: one no-grad forward over about ``max_tokens`` tokens, ``2 * power_iters`` products
+    Cost per step: one no-grad forward over about ``max_tokens`` tokens (none when the Monitor observed
+    the training forward: the projections then run in its hooks), ``2 * power_iters`` products
     with each weight, O(max_tokens * in) per map for the projections, one batched pass for the
     statistics (plus one sort on detail probes); 5 records per map, 30 on detail probes.
     """
