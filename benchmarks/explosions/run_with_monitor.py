@@ -4,14 +4,15 @@ The suite's own trainer (trainer.py) records spectral alignment from an SVD of e
 training forward pass. This runner trains the same configurations (same model, data, optimizer, learning
 rate schedule and explosion rule, imported from the suite) but records through the library's path: a
 :class:`~diagnostics.tracking.Monitor` with the ``loss``, ``learning_rate`` and ``grad_norm`` diagnostics,
-the ``spectral_alignment`` diagnostic (warm-started power iteration, its own no-grad forward over a token
-budget, built-in explosion detector) and the suite's baselines (max attention logit and activation
+the ``spectral_alignment`` diagnostic (warm-started power iteration, measured on the training forward
+the Monitor observes, or with ``--extra-forward`` on its own no-grad forward over a token budget;
+built-in explosion detector) and the suite's baselines (max attention logit and activation
 kurtosis, read on the training forward by the suite's probes). The stores it writes are evaluated by
 evaluate.py like the suite's, so the numbers of the in-loop diagnostic can be compared with the offline ones.
 
 Usage (repository root, one core):
 
-    python -m benchmarks.explosions.run_with_monitor --out DIR [--configs ...] [--seeds 0 1 2]
+    python -m benchmarks.explosions.run_with_monitor --out DIR [--configs ...] [--seeds 0 1 2] [--extra-forward]
     python -m benchmarks.explosions.run_with_monitor --out DIR --overhead [--max-tokens 256]
 """
 
@@ -67,9 +68,13 @@ class _SuiteBaselines(Diagnostic):
 
 
 def train_with_monitor(
-    cfg: TrainConfig, run_dir: Path, sa_options: dict[str, Any] | None = None
+    cfg: TrainConfig, run_dir: Path, sa_options: dict[str, Any] | None = None, observe: bool = True
 ) -> dict[str, Any]:
-    """Train one suite run with the Monitor recording every step into ``run_dir``; returns a summary."""
+    """Train one suite run with the Monitor recording every step into ``run_dir``; returns a summary.
+
+    ``observe``: the Monitor's ``observe_training_forward`` (False: spectral alignment runs its own
+    no-grad forward every step, as when the results table of RESULTS.md was measured).
+    """
     model, batches, opt = setup(cfg)
     baselines = _SuiteBaselines()
     sa = SpectralAlignment(max_tokens=cfg.sa_tokens, **(sa_options or {}))
@@ -85,6 +90,7 @@ def train_with_monitor(
         optimizer=opt,
         meta=asdict(cfg),
         name=cfg.run_name,
+        observe_training_forward=observe,
     ) as mon:
         for step, (x, y) in enumerate(batches):
             set_learning_rate(cfg, opt, step)
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--extra-forward",
         action="store_true",
-        help="with --overhead: Monitor(observe_training_forward=False): the diagnostic runs its own forward",
+        help="Monitor(observe_training_forward=False): spectral alignment runs its own forward every step",
     )
     parser.add_argument("--steps", type=int, default=None, help="with --overhead: steps per block")
     parser.add_argument("--rounds", type=int, default=None, help="with --overhead: interleaved rounds")
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             if (run_dir / "done").exists():
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run is retrained from scratch
-            res = train_with_monitor(cfg, run_dir)
+            res = train_with_monitor(cfg, run_dir, observe=not args.extra_forward)
             (run_dir / "done").write_text("1")
             print(
                 f"{cfg.run_name:28s} explosion_step={res['explosion_step']} final={res['final_step']} "
