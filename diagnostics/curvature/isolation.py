@@ -8,14 +8,13 @@ streams are forked, so dropout in train mode or any random op inside the model c
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from diagnostics.errors import ConfigError
+from diagnostics.rng import fork_global_rng, initialised_cuda_devices
 
 __all__ = ["isolated", "forward_mode", "seed_private"]
 
@@ -42,9 +41,8 @@ def forward_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 def _cuda_devices() -> list[int]:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return list(range(torch.cuda.device_count()))
-    return []
+    # The model may live on any device: fork every initialised one.
+    return initialised_cuda_devices()
 
 
 @contextlib.contextmanager
@@ -53,14 +51,8 @@ def isolated(model: nn.Module, mode: str) -> Iterator[None]:
 
     Everything is restored in ``finally``, also when the body raises.
     """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices()), forward_mode(model, mode), torch.enable_grad():
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with fork_global_rng(_cuda_devices()), forward_mode(model, mode), torch.enable_grad():
+        yield
 
 
 def seed_private(seed: int) -> None:

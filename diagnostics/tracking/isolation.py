@@ -16,33 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from diagnostics.rng import fork_global_rng
+
+__all__ = ["IsolationError", "fork_global_rng", "restore_modes", "eval_mode", "isolated"]
+
 
 class IsolationError(AssertionError):
     """Raised by ``isolated(check=True)`` when the wrapped code changed state it must leave alone."""
-
-
-def _cuda_devices() -> list[int]:
-    # fork_rng over every device is slow and initialises CUDA; only the current device matters and
-    # only when CUDA is already in use.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return [torch.cuda.current_device()]
-    return []
-
-
-@contextlib.contextmanager
-def fork_global_rng() -> Iterator[None]:
-    """Save the torch (CPU and current CUDA device), numpy and Python ``random`` streams; restore them on exit.
-
-    Cost: copying the generator states (a few kilobytes), microseconds.
-    """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 @contextlib.contextmanager
