@@ -35,7 +35,7 @@ from diagnostics.metrics.curvature import HessianTop
 from diagnostics.metrics.registry import get_diagnostic
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
-from diagnostics.tracking.context import StepContext
+from diagnostics.metrics.context import StepContext
 from diagnostics.zoo.registry import get_data, get_loss, get_model
 
 

@@ -115,9 +115,9 @@ def analyze(checkpoints: tuple[str, ...], config_file: str | None, **flags: Any)
     Example:
       tdiag analyze checkpoints/ --model mlp-digits --data digits --run runs/analysis
     """
-    from diagnostics.analyze import analyze_checkpoints
+    from diagnostics.app.analyze import analyze_checkpoints
     from diagnostics.errors import ConfigError
-    from diagnostics.specs import load_config, merge_options
+    from diagnostics.app.specs import load_config, merge_options
 
     config = load_config(config_file) if config_file else {}
     options = merge_options(config, {"checkpoints": checkpoints, **flags})
@@ -390,7 +390,7 @@ def combine(runs: tuple[str, ...], output: str, overwrite: bool, quiet: bool) ->
 @handle_errors
 def demo(out: str, quick: bool, quiet: bool) -> None:
     """Train the zoo's tiny GPT twice (stable, exploding), analyse checkpoints, write a report."""
-    from diagnostics.demo import run_demo
+    from diagnostics.app.demo import run_demo
 
     result = run_demo(out, quick=quick, quiet=quiet)
     for line in result.summary_lines():

@@ -41,11 +41,11 @@ _EXPORTS: dict[str, str] = {
     "gsnr_summary": "diagnostics.gradients",
     "gradient_noise_scale": "diagnostics.gradients",
     "microbatch_gsnr": "diagnostics.gradients",
-    # --- The loss contract (diagnostics.functional) ---
-    "default_loss": "diagnostics.functional",
+    # --- The loss contract (diagnostics.loss) ---
+    "default_loss": "diagnostics.loss",
     # --- In-loop monitoring (diagnostics.tracking, diagnostics.metrics) ---
     "Monitor": "diagnostics.tracking",
-    "StepContext": "diagnostics.tracking",
+    "StepContext": "diagnostics.metrics.context",
     "get_diagnostic": "diagnostics.metrics",
     "resolve_diagnostics": "diagnostics.metrics",
     "Diagnostic": "diagnostics.metrics",

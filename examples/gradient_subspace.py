@@ -83,7 +83,7 @@ def main() -> None:
 
     # Warm against cold on the same parameters: the final model, probed from the last probe's vectors
     # (warm) and by a fresh instance (cold).
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
     def probe_cost(diag: HessianTop) -> tuple[int, list[float]]:
         ctx = StepContext(step=args.steps + 1, model=model, loss_fn=cross_entropy, batch=full, loss=None,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diagnostics.functional import ClassificationLoss, LanguageModelLoss, RegressionLoss
+from diagnostics.loss import ClassificationLoss, LanguageModelLoss, RegressionLoss
 
 DTYPE = torch.float64
 

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "cli"))
 from cli_helpers import save_mlp_checkpoints  # noqa: E402
 
-from diagnostics.analyze import analyze_checkpoints  # noqa: E402
+from diagnostics.app.analyze import analyze_checkpoints  # noqa: E402
 from diagnostics.errors import CheckpointError, ConfigError  # noqa: E402
 from diagnostics.store import open_run  # noqa: E402
 from diagnostics.store.schema import database_path  # noqa: E402

@@ -1,4 +1,4 @@
-"""The explosion rule (diagnostics.explosion_rule): the one definition of "the loss exploded at step s"."""
+"""The explosion rule (diagnostics.explosion): the one definition of "the loss exploded at step s"."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diagnostics.errors import ConfigError
-from diagnostics.explosion_rule import explosion_step
+from diagnostics.explosion import explosion_step
 
 NAN, INF = math.nan, math.inf
 
@@ -215,7 +215,7 @@ class Block:
             raise ImportError("torch is blocked")
         return None
 sys.meta_path.insert(0, Block())
-from diagnostics.explosion_rule import explosion_step
+from diagnostics.explosion import explosion_step
 import reports.findings
 assert explosion_step([1.0] * 25 + [3.0] * 10) == 25
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"

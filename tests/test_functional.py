@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from diagnostics._batch import batch_size
 from diagnostics.errors import ConfigError, DataError, LossError
-from diagnostics.functional import (
+from diagnostics.loss import (
     ClassificationLoss,
     LanguageModelLoss,
     RegressionLoss,
-    batch_size,
     check_loss,
     default_loss,
     functional_loss,

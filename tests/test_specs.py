@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diagnostics.errors import ConfigError, SpecError
-from diagnostics.specs import (
+from diagnostics.app.specs import (
     load_config,
     load_object,
     merge_options,

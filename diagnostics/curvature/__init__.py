@@ -7,7 +7,7 @@ parameters, averaged exactly over fixed batches, with forward-over-reverse and d
 from diagnostics.curvature.base import BACKENDS, DEFAULT_CACHE_BYTES, BlockView, CurvatureOperator
 from diagnostics.curvature.ggn import GGNOperator
 from diagnostics.curvature.hessian import HessianOperator
-from diagnostics.curvature.isolation import forward_mode, isolated
+from diagnostics._state import forward_mode, isolated
 
 __all__ = [
     "HessianOperator",

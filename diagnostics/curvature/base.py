@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diagnostics.curvature.isolation import _check_mode, isolated, seed_private
+from diagnostics._state import check_mode, isolated, seed_private
 from diagnostics.errors import ConfigError, DataError, NonDeterministicOperatorError
-from diagnostics.functional import batch_size, check_loss, default_loss, select_params, to_device
+from diagnostics._batch import batch_size, to_device
+from diagnostics.loss import check_loss, default_loss, select_params
 
 __all__ = ["CurvatureOperator", "BlockView", "Linearisation", "DEFAULT_CACHE_BYTES", "BACKENDS"]
 
@@ -85,7 +86,7 @@ def materialise_batches(data: Any, device: torch.device) -> list[Any]:
 
 def _all_reduce(t: Tensor) -> Tensor:
     # Guarded: a rank that failed elsewhere is noticed instead of leaving the others waiting.
-    from diagnostics.tracking.distributed import guarded_all_reduce
+    from diagnostics._distributed import guarded_all_reduce
 
     return guarded_all_reduce(t)
 
@@ -161,7 +162,7 @@ class CurvatureOperator:
             model = model.module
         self.model = model
         self.loss_fn = default_loss if loss_fn is None else loss_fn
-        self.mode = _check_mode(mode)
+        self.mode = check_mode(mode)
         self.requested_backend = backend
         self._backend = None if backend == "auto" else backend
         self.max_cache_bytes = int(max_cache_bytes)
@@ -402,7 +403,7 @@ class CurvatureOperator:
         V = self._prepare(V)
         cached = not _fresh and self._reuses()
         # Products on kept linearisations run no forward pass: no mode switch or RNG fork needed.
-        ctx = torch.enable_grad() if cached else isolated(self.model, self.mode)
+        ctx = torch.enable_grad() if cached else isolated(self.model, self.mode, grad=True)
         with ctx:
             if V.ndim == 1:
                 out = self._weighted(lambda lin: lin.apply(V), fresh=_fresh, seed=_seed)
@@ -417,13 +418,13 @@ class CurvatureOperator:
 
     def gradient(self) -> Tensor:
         """Return the mean-loss gradient over the data, flat ``[P]`` (free once the batches are linearised)."""
-        with isolated(self.model, self.mode):
+        with isolated(self.model, self.mode, grad=True):
             # A copy: with one batch the weighted sum is the cached gradient itself.
             return self._weighted(lambda lin: lin.grad).detach().clone()
 
     def loss(self) -> float:
         """Return the mean loss over the data (free once the batches are linearised)."""
-        with isolated(self.model, self.mode):
+        with isolated(self.model, self.mode, grad=True):
             return float(
                 self._weighted(lambda lin: torch.tensor(lin.loss, dtype=torch.float64, device=self.device))
             )
@@ -464,12 +465,12 @@ class CurvatureOperator:
 
         Cost of a block product: one product of this operator (the vector is embedded with zeros).
         """
-        from diagnostics.functional import _matches
+        from diagnostics.loss import matches_name
 
         patterns = [params] if isinstance(params, str) else list(params)
         names: list[str] = []
         for pat in patterns:
-            hit = [n for n in self.param_names if _matches(n, pat)]
+            hit = [n for n in self.param_names if matches_name(n, pat)]
             if not hit:
                 raise ConfigError(
                     f"block pattern {pat!r} matches none of the operator's parameters {self.param_names[:6]}"

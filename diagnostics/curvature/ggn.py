@@ -10,9 +10,9 @@ from torch import Tensor
 
 from diagnostics.curvature.backends import SavedBytes, closure_graph_bytes, folded_linearize, grads_or_none
 from diagnostics.curvature.base import CurvatureOperator, Linearisation
-from diagnostics.curvature.isolation import seed_private
+from diagnostics._state import seed_private
 from diagnostics.errors import ConfigError
-from diagnostics.functional import check_loss, functional_call_fn
+from diagnostics.loss import check_loss, functional_call_fn
 
 __all__ = ["GGNOperator"]
 

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from diagnostics.curvature.backends import SavedBytes, closure_graph_bytes, folded_linearize, grads_or_none
 from diagnostics.curvature.base import CurvatureOperator, Linearisation
-from diagnostics.curvature.isolation import seed_private
-from diagnostics.functional import check_loss, functional_call_fn
+from diagnostics._state import seed_private
+from diagnostics.loss import check_loss, functional_call_fn
 
 __all__ = ["HessianOperator"]
 

@@ -8,16 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diagnostics.curvature.isolation import isolated, seed_private
+from diagnostics._state import isolated, seed_private
 from diagnostics.errors import DataError, LossError
-from diagnostics.functional import (
-    batch_size,
-    check_loss,
-    default_loss,
-    functional_call_fn,
-    select_params,
-    to_device,
-)
+from diagnostics._batch import batch_size, to_device
+from diagnostics.loss import check_loss, default_loss, functional_call_fn, select_params
 
 __all__ = ["per_sample_gradients", "DEFAULT_MEMORY_BYTES"]
 
@@ -90,7 +84,7 @@ def per_sample_gradients(
 
     out = {k: torch.empty((n, *p.shape), dtype=p.dtype, device=device) for k, p in selected.items()}
     losses = torch.empty(n, dtype=torch.float64, device=device)
-    with isolated(model, mode):
+    with isolated(model, mode, grad=True):
         seed_private(seed)
         call = functional_call_fn(model, fn, names)
         detached = {k: p.detach() for k, p in selected.items()}

@@ -1,7 +1,7 @@
 """The contract every diagnostic keeps.
 
 A diagnostic has a stable ``name``, declares what it ``requires`` from the step, answers ``is_due(step)``
-and turns a :class:`~diagnostics.tracking.StepContext` into records. State it keeps across steps
+and turns a :class:`~diagnostics.metrics.context.StepContext` into records. State it keeps across steps
 (previous eigenvectors, EMAs, alarm counters) is listed in ``state_keys`` and round-trips through
 ``state_dict``/``load_state_dict``.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 #: What a diagnostic may ask of a step. The Monitor only does the work (hooks, snapshots, extra passes)
 #: that some due diagnostic requires.

@@ -25,7 +25,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 #: Default spacing, in steps, of the per-parameter values of the norm diagnostics ("all" is every step).
 PER_LAYER_EVERY = 10

@@ -45,7 +45,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 __all__ = [
     "EIGENSPACE_CACHE_KEY",

@@ -41,7 +41,7 @@ from diagnostics.store.records import Event, Record
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 __all__ = [
     "STATISTICS",

@@ -19,11 +19,11 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
-from diagnostics.tracking.context import leading_size, slice_batch
-from diagnostics.tracking.isolation import eval_mode
+from diagnostics._batch import leading_size, slice_batch
+from diagnostics._state import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 
 def _as_float(v: Any) -> float:

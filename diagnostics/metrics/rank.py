@@ -21,7 +21,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 #: α-ReQ fits ranks 11..100; with fewer eigenvalues than this there is nothing to fit.
 ALPHA_REQ_MIN_DIM = 12

@@ -46,7 +46,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 __all__ = ["Sharpness", "adam_preconditioner", "optimizer_family", "sgd_threshold"]
 

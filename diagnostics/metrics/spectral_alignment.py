@@ -57,7 +57,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 __all__ = [
     "SA_CACHE_KEY",
@@ -635,7 +635,7 @@ class SpectralAlignment(Diagnostic):
         return out
 
     def _subsample(self, ctx: StepContext, gen: torch.Generator) -> Any:
-        from diagnostics.tracking.context import _tokens_per_sample, leading_size
+        from diagnostics._batch import leading_size, tokens_per_sample
 
         batch = ctx.batch
         n = leading_size(batch)

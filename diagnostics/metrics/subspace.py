@@ -47,7 +47,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.tracking.context import StepContext
+    from diagnostics.metrics.context import StepContext
 
 __all__ = ["GradSubspace", "cosine_gHg"]
 

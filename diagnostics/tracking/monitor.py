@@ -41,9 +41,10 @@ from diagnostics.errors import ConfigError, DataError, LossError, StopTraining, 
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import resolve_diagnostics
 from diagnostics.store.records import Event, Record, Status
-from diagnostics.tracking import distributed as _dist
-from diagnostics.tracking.context import StepContext, detach_batch
-from diagnostics.tracking.isolation import IsolationError, eval_mode, isolated
+from diagnostics import _distributed as _dist
+from diagnostics._batch import detach_batch
+from diagnostics.metrics.context import StepContext
+from diagnostics._state import IsolationError, eval_mode, isolated
 
 ACTIONS = ("record", "warn", "checkpoint", "stop")
 # Requirements that make a diagnostic call the loss on some data.
@@ -173,7 +174,7 @@ class Monitor:
     Args:
         model: the model being trained.
         loss_fn: ``loss_fn(model, batch) -> scalar`` (mean reduction); default
-            :func:`diagnostics.functional.default_loss`. Used by diagnostics that need extra passes.
+            :func:`diagnostics.loss.default_loss`. Used by diagnostics that need extra passes.
         run: run directory (created); an existing run of the same model is resumed, one of another
             model is refused. Default ``runs/<date-time>``.
         diagnostics: a preset ("cheap" | "standard" | "full"), names, Diagnostic instances, or
@@ -352,7 +353,7 @@ class Monitor:
             raise DataError(f"{what} is None, but the selected diagnostics run the loss on the step's batch; pass the batch")
         loss_fn = self.loss_fn
         if loss_fn is None:
-            from diagnostics.functional import default_loss
+            from diagnostics.loss import default_loss
 
             loss_fn = default_loss
         try:
@@ -404,6 +405,12 @@ class Monitor:
             self._load_state(resumed_meta.get("diagnostic_state") or {})
             if not self._user_probe:
                 self._load_probe()
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Record ``key: value`` in the run's metadata (JSON-serialisable); nothing happens on ranks that do
+        not write. Integrations and ``analyze`` say here which gradients the Monitor saw."""
+        if self.writer is not None:
+            self.writer.set_meta(key, value)
 
     # --- state --------------------------------------------------------------------------------------
     def _load_state(self, saved: Mapping[str, Any]) -> None:

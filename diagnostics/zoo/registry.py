@@ -124,7 +124,7 @@ def get_data(
 
 
 def _local_loss(task: str) -> Callable:
-    # Used only when diagnostics.functional is not importable; same semantics (mean reduction).
+    # Used only when diagnostics.loss is not importable; same semantics (mean reduction).
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
         out = model(x)
@@ -139,7 +139,7 @@ def get_loss(name: str) -> Callable:
     """Default loss object ``loss_fn(model, batch) -> scalar`` for a zoo model (or dataset) name.
 
     Classification models get ``ClassificationLoss``, ``tiny-gpt`` gets ``LanguageModelLoss`` (logits
-    [B, T, V] flattened against targets [B, T]); both from :mod:`diagnostics.functional`, mean reduction.
+    [B, T, V] flattened against targets [B, T]); both from :mod:`diagnostics.loss`, mean reduction.
     """
     if name in MODELS:
         task = MODELS[name].loss

@@ -10,7 +10,7 @@ import pytest
 import torch
 from cli_helpers import assert_user_error, invoke, save_mlp_checkpoints
 
-import diagnostics.analyze as analyze_module
+import diagnostics.app.analyze as analyze_module
 from diagnostics.store import open_run
 from diagnostics.store.schema import database_path
 

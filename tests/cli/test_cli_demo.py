@@ -7,7 +7,7 @@ import time
 import pytest
 from cli_helpers import assert_user_error, invoke
 
-from diagnostics.demo import explosion_step
+from diagnostics.app.demo import explosion_step
 from diagnostics.store import open_run
 
 
@@ -67,7 +67,7 @@ def test_full_demo_within_budget(runner, tdiag, tmp_path):
 
 
 def test_demo_replaces_only_its_own_outputs(tmp_path):
-    from diagnostics.demo import MARKER, _fresh
+    from diagnostics.app.demo import MARKER, _fresh
     from diagnostics.errors import ConfigError
 
     (tmp_path / "runs" / "stable").mkdir(parents=True)
@@ -78,7 +78,7 @@ def test_demo_replaces_only_its_own_outputs(tmp_path):
 
 
 def test_summary_lines_say_lead_lateness_and_why_no_warning(tmp_path):
-    from diagnostics.demo import DemoResult
+    from diagnostics.app.demo import DemoResult
 
     def lines(**kw):
         return DemoResult(
@@ -96,7 +96,7 @@ def test_summary_lines_say_lead_lateness_and_why_no_warning(tmp_path):
 
 
 def test_demo_pair_is_the_suites_held_out_seed():
-    from diagnostics.demo import EXPLODING, STABLE
+    from diagnostics.app.demo import EXPLODING, STABLE
 
     # Seed 1: not the calibration seed 0; batches seeded like the suite's trainer (1000 + seed).
     assert EXPLODING.seed == STABLE.seed == 1

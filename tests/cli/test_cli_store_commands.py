@@ -12,7 +12,7 @@ from cli_helpers import assert_user_error, invoke
 from diagnostics.cli.commands import COMMAND_NAMES
 
 from diagnostics.store import open_run
-from diagnostics.store.synthetic import write_synthetic_run
+from diagnostics.testing.synthetic import write_synthetic_run
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

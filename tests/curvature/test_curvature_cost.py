@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from diagnostics.curvature import HessianOperator
-from diagnostics.functional import ClassificationLoss, LanguageModelLoss, functional_loss
+from diagnostics.loss import ClassificationLoss, LanguageModelLoss, functional_loss
 from tests.cases import TinyCausalTransformer
 
 

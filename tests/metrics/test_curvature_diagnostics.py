@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from diagnostics.errors import ConfigError
-from diagnostics.functional import ClassificationLoss
+from diagnostics.loss import ClassificationLoss
 from diagnostics.linalg import DenseOperator
 from diagnostics.metrics.curvature import (
     EIGENSPACE_CACHE_KEY,
@@ -22,7 +22,7 @@ from diagnostics.metrics.curvature import (
 from diagnostics.metrics.registry import preset_names
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
-from diagnostics.tracking.context import StepContext
+from diagnostics.metrics.context import StepContext
 from tests.cases import get_case
 from tests.reference import dense_ggn, dense_hessian
 

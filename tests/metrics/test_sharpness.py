@@ -10,7 +10,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.sharpness import Sharpness, adam_preconditioner, optimizer_family, sgd_threshold
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
-from diagnostics.tracking.context import StepContext
+from diagnostics.metrics.context import StepContext
 from tests.cases import get_case
 from tests.reference import dense_hessian
 

@@ -16,7 +16,7 @@ from diagnostics.metrics.spectral_alignment import (
     find_linear_maps,
     project_rows,
 )
-from diagnostics.tracking.context import StepContext
+from diagnostics.metrics.context import StepContext
 from diagnostics.zoo.models import TinyGPT
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics.functional import ClassificationLoss
+from diagnostics.loss import ClassificationLoss
 from diagnostics.metrics.curvature import HessianTop
 from diagnostics.metrics.subspace import GradSubspace
 from diagnostics.store import open_run

@@ -9,7 +9,7 @@ import pytest
 
 from diagnostics.errors import StoreError
 from diagnostics.store import open_run
-from diagnostics.store.synthetic import (
+from diagnostics.testing.synthetic import (
     SCHEDULE,
     SYNTHETIC_EVENT_KINDS,
     SYNTHETIC_METRICS,

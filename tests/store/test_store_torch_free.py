@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
         raise SystemExit("the blocker did not work")
 
     import diagnostics.store as store
-    from diagnostics.store.synthetic import write_synthetic_run
+    from diagnostics.testing.synthetic import write_synthetic_run
 
     target = sys.argv[1]
     with store.RunWriter(target + "/a") as w:

@@ -12,9 +12,9 @@ from torch import nn
 
 from diagnostics.errors import ConfigError
 from diagnostics.tracking import StepContext
-from diagnostics.tracking.context import detach_batch, slice_batch
-from diagnostics.tracking.hooks import capture_inputs, capture_outputs, concat, select_modules
-from diagnostics.tracking.isolation import IsolationError, eval_mode, isolated
+from diagnostics._batch import detach_batch, slice_batch
+from diagnostics._hooks import capture_inputs, capture_outputs, concat, select_modules
+from diagnostics._state import IsolationError, eval_mode, isolated
 
 
 def net() -> nn.Module:

@@ -11,7 +11,7 @@ NAN, INF = math.nan, math.inf
 
 
 def test_suite_uses_the_shared_rule():
-    from diagnostics.explosion_rule import explosion_step as rule
+    from diagnostics.explosion import explosion_step as rule
 
     assert explosion_step is rule
     # The suite's labels: a sustained doubling of the best loss, dated to its start; NaN at once.

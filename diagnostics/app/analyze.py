@@ -32,7 +32,7 @@ from typing import Any
 
 from diagnostics.checkpoints import CheckpointInfo, apply_checkpoint, inspect_checkpoints
 from diagnostics.errors import CheckpointError, ConfigError, DataError, LossError
-from diagnostics.specs import resolve_data, resolve_loss, resolve_model
+from diagnostics.app.specs import resolve_data, resolve_loss, resolve_model
 
 __all__ = ["AnalysisResult", "analyze_checkpoints", "DEFAULT_BATCHES", "DEFAULT_DIAGNOSTICS"]
 
@@ -107,7 +107,7 @@ def _concat(batches: list[Any]) -> Any:
 
 
 def _batch_size(batch: Any) -> int:
-    from diagnostics.tracking.context import leading_size
+    from diagnostics._batch import leading_size
 
     n = leading_size(batch)
     return int(n) if n else 1
@@ -267,7 +267,7 @@ def analyze_checkpoints(
 
         loss_fn = get_loss(model_spec)
     if loss_fn is None:
-        from diagnostics.functional import default_loss
+        from diagnostics.loss import default_loss
 
         loss_fn = default_loss
     diags = _resolve_diagnostics(diagnostics)

@@ -19,7 +19,7 @@ false alarms included.
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
 the Hessian's top eigenvalues, the way one would analyse a finished training job. One HTML report
 compares the three runs. The printed summary says when the warning fired (or why it could not), when
-the loss exploded (``diagnostics.explosion_rule.explosion_step``, the suite's definition: the first step
+the loss exploded (``diagnostics.explosion.explosion_step``, the suite's definition: the first step
 of 10 consecutive steps whose loss exceeds twice its running minimum, or a non-finite loss; also stored
 as a ``loss_explosion`` event so that the report measures the lead against the same step) and the stable
 run's final loss.
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from diagnostics.explosion_rule import explosion_step
+from diagnostics.explosion import explosion_step
 
 __all__ = ["DemoRun", "DemoResult", "STABLE", "EXPLODING", "run_demo", "explosion_step"]
 
@@ -438,7 +438,7 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
     stable_losses = _with_progress(stable_cfg, runs["stable"], monitored, every, checkpoint_dir, quiet)
     exploding_losses = _with_progress(exploding_cfg, runs["exploding"], monitored, every, None, quiet)
 
-    from diagnostics.analyze import analyze_checkpoints
+    from diagnostics.app.analyze import analyze_checkpoints
     from diagnostics.zoo import get_loss, get_model
     from diagnostics.zoo.data import char_batches, pydoc_tokens
 

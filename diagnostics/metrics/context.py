@@ -16,75 +16,12 @@ import torch
 from torch import nn
 
 from diagnostics.errors import ConfigError
-from diagnostics.tracking.hooks import ModuleSpec, capture_inputs, capture_outputs, concat, select_modules
-from diagnostics.tracking.isolation import eval_mode
+from diagnostics._batch import leading_size, slice_batch, tokens_per_sample
+from diagnostics._hooks import ModuleSpec, capture_inputs, capture_outputs, concat, select_modules
+from diagnostics._state import eval_mode
 
 #: Default cap on rows (tokens or samples) captured per module by ``activations``/``layer_inputs``.
 DEFAULT_MAX_TOKENS = 2048
-
-
-def detach_batch(batch: Any) -> Any:
-    """A detached copy of a batch (tensors cloned; tuples, lists and dicts rebuilt; other values kept)."""
-    if torch.is_tensor(batch):
-        return batch.detach().clone()
-    if isinstance(batch, Mapping):
-        return type(batch)({k: detach_batch(v) for k, v in batch.items()}) if isinstance(batch, dict) else {
-            k: detach_batch(v) for k, v in batch.items()
-        }
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(detach_batch(v) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(detach_batch(v) for v in batch)
-    return batch
-
-
-def leading_size(batch: Any) -> int | None:
-    """The leading (sample) dimension shared by the batch's tensors, or None when there is no tensor."""
-    if torch.is_tensor(batch):
-        return int(batch.shape[0]) if batch.ndim else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for v in values:
-        n = leading_size(v)
-        if n is not None:
-            return n
-    return None
-
-
-def slice_batch(batch: Any, stop: int, start: int = 0) -> Any:
-    """Samples ``start:stop`` of a batch: every tensor whose leading dimension is the batch size is cut."""
-    size = leading_size(batch)
-    if size is None or (start == 0 and stop >= size):
-        return batch
-
-    def cut(x: Any) -> Any:
-        if torch.is_tensor(x):
-            return x[start:stop] if x.ndim and x.shape[0] == size else x
-        if isinstance(x, Mapping):
-            return {k: cut(v) for k, v in x.items()}
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return type(x)(*(cut(v) for v in x))
-        if isinstance(x, (tuple, list)):
-            return type(x)(cut(v) for v in x)
-        return x
-
-    return cut(batch)
-
-
-def _tokens_per_sample(batch: Any) -> int:
-    # Token ids [N, T] (integer) or sequences of features [N, T, D] give T tokens per sample.
-    first = batch
-    while not torch.is_tensor(first):
-        if isinstance(first, Mapping) and first:
-            first = next(iter(first.values()))
-        elif isinstance(first, (tuple, list)) and first:
-            first = first[0]
-        else:
-            return 1
-    if first.ndim == 2 and not first.is_floating_point():
-        return int(first.shape[1])
-    if first.ndim == 3:
-        return int(first.shape[1])
-    return 1
 
 
 class StepContext:
@@ -143,7 +80,7 @@ class StepContext:
     def loss_fn(self) -> Callable[[nn.Module, Any], torch.Tensor]:
         """The loss contract ``loss_fn(model, batch) -> scalar``; the package default when none was given."""
         if self._loss_fn is None:
-            from diagnostics.functional import default_loss
+            from diagnostics.loss import default_loss
 
             self._loss_fn = default_loss
         return self._loss_fn
@@ -233,7 +170,7 @@ class StepContext:
                 return {}, {}
             n = leading_size(self.batch) or 1
             # Enough samples to fill the token budget, no more: the forward pass costs what it captures.
-            per = _tokens_per_sample(self.batch)
+            per = tokens_per_sample(self.batch)
             n_keep = max(1, min(n, math.ceil(max_tokens / max(per, 1))))
             sub = slice_batch(self.batch, n_keep)
             ins: dict[str, list[torch.Tensor]] = {}

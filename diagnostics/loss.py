@@ -30,8 +30,6 @@ __all__ = [
     "LanguageModelLoss",
     "DefaultLoss",
     "default_loss",
-    "batch_size",
-    "to_device",
     "split_batch",
     "select_params",
     "functional_loss",
@@ -72,43 +70,6 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     raise DataError(
         f"batch of type {type(batch).__name__} is not (inputs, targets) nor a dict with 'input'/'target' "
         "keys; pass your own loss_fn(model, batch)"
-    )
-
-
-def _tensor_leaves(batch: Any) -> list[Tensor]:
-    if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensor_leaves(v)]
-    if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _tensor_leaves(v)]
-    return []
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """Return ``batch`` with every tensor moved to ``device`` (tuples, lists and dicts rebuilt)."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(to_device(v, device) for v in batch)
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
-
-
-def batch_size(batch: Any) -> int:
-    """Return the number of samples in a batch: the leading dimension of its first tensor.
-
-    Raises:
-        DataError: the batch holds no tensor with a leading dimension.
-    """
-    for t in _tensor_leaves(batch):
-        if t.ndim > 0:
-            return int(t.shape[0])
-    raise DataError(
-        f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor with a batch dimension"
     )
 
 
@@ -194,7 +155,7 @@ default_loss = DefaultLoss()
 # --------------------------------------------------------------------------------------------------
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches_name(name: str, pattern: str) -> bool:
     # A module prefix ("blocks.0") selects all its parameters, like a glob ending in ".*".
     return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
 
@@ -233,9 +194,9 @@ def select_params(model: nn.Module, params: None | str | Iterable[str | Tensor] 
                     f"a tensor of shape {tuple(pattern.shape)} in params is not a trainable parameter of the model"
                 )
         elif isinstance(pattern, str):
-            hit = {n for n, _ in named if _matches(n, pattern)}
+            hit = {n for n, _ in named if matches_name(n, pattern)}
             if not hit:
-                if any(_matches(n, pattern) for n in frozen):
+                if any(matches_name(n, pattern) for n in frozen):
                     raise ConfigError(
                         f"params pattern {pattern!r} matches only parameters with requires_grad=False"
                     )

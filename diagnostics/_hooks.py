@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diagnostics._batch import tensor_leaves
 from diagnostics.errors import ConfigError
 
 ModuleSpec = None | str | Iterable[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
@@ -55,16 +56,7 @@ def select_modules(model: nn.Module, modules: ModuleSpec = None) -> dict[str, nn
 
 def first_tensor(x: Any) -> torch.Tensor | None:
     """The first floating tensor in a module's output or input (tuples from attention modules, dicts)."""
-    if torch.is_tensor(x):
-        return x if x.is_floating_point() else None
-    if isinstance(x, Mapping):
-        x = list(x.values())
-    if isinstance(x, (tuple, list)):
-        for item in x:
-            t = first_tensor(item)
-            if t is not None:
-                return t
-    return None
+    return next((t for t in tensor_leaves(x) if t.is_floating_point()), None)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """State isolation: run diagnostic work so that training cannot tell it happened.
 
-A diagnostic may switch modules to eval mode, draw random numbers or toggle grad mode; :func:`isolated`
-puts all of that back in ``finally``. It never touches ``.grad`` or ``requires_grad`` (saving and restoring
-them would hide a diagnostic that mutates them; the debug ``check`` reports such a diagnostic instead).
+One context manager, :func:`isolated`, serves every layer: it forks the global torch (CPU and initialised
+CUDA devices), numpy and Python ``random`` streams, restores every module's ``training`` flag and the grad
+mode in ``finally``, and can switch the forward mode (eval for a deterministic product) for the block.
+It never touches ``.grad`` or ``requires_grad``: saving and restoring them would hide a diagnostic that
+mutates them; the debug ``check`` reports such a diagnostic instead.
 """
 
 from __future__ import annotations
@@ -16,13 +18,60 @@ import numpy as np
 import torch
 from torch import nn
 
-from diagnostics.rng import fork_global_rng
+from diagnostics.errors import ConfigError
 
-__all__ = ["IsolationError", "fork_global_rng", "restore_modes", "eval_mode", "isolated"]
+__all__ = [
+    "MODES",
+    "IsolationError",
+    "check_mode",
+    "eval_mode",
+    "fork_global_rng",
+    "forward_mode",
+    "initialised_cuda_devices",
+    "isolated",
+    "restore_modes",
+    "seed_private",
+]
+
+#: Forward modes a diagnostic may ask for.
+MODES = ("eval", "train")
 
 
 class IsolationError(AssertionError):
     """Raised by ``isolated(check=True)`` when the wrapped code changed state it must leave alone."""
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` itself when it is "eval" or "train"; ConfigError otherwise."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be 'eval' or 'train', not {mode!r}")
+    return mode
+
+
+def initialised_cuda_devices(current_only: bool = False) -> list[int]:
+    """CUDA devices whose generators must be forked: none unless CUDA is already in use (forking would
+    initialise it); all of them, or only the current one when ``current_only``."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    return [torch.cuda.current_device()] if current_only else list(range(torch.cuda.device_count()))
+
+
+@contextlib.contextmanager
+def fork_global_rng(devices: Sequence[int] | None = None) -> Iterator[None]:
+    """Save the torch (CPU and ``devices``, default every initialised CUDA device), numpy and Python
+    ``random`` streams; restore them on exit, also when the body raises.
+
+    Cost: copying the generator states (a few kilobytes per device), microseconds.
+    """
+    devices = initialised_cuda_devices() if devices is None else list(devices)
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 @contextlib.contextmanager
@@ -38,11 +87,29 @@ def restore_modes(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def forward_mode(model: nn.Module, mode: str, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """Set ``model`` to ``mode`` ("eval" or "train") for the block; restore every module's flag on exit."""
+    check_mode(mode)
+    with restore_modes(list(model.modules()) if modules is None else modules):
+        model.train(mode == "train")
+        yield
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode for the block (dropout off, BatchNorm on running stats); restore each flag."""
-    with restore_modes(list(model.modules())):
-        model.eval()
+    with forward_mode(model, "eval"):
         yield
+
+
+def seed_private(seed: int) -> None:
+    """Seed the (forked) torch generators so that random ops in the model are reproducible.
+
+    Call only inside :func:`isolated`, whose fork restores the caller's streams afterwards.
+    """
+    torch.random.default_generator.manual_seed(seed)
+    for i in initialised_cuda_devices():
+        torch.cuda.default_generators[i].manual_seed(seed)
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -107,7 +174,9 @@ def _compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 @contextlib.contextmanager
 def isolated(
     model: nn.Module,
+    mode: str | None = None,
     *,
+    grad: bool | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     modules: Sequence[nn.Module] | None = None,
     check: bool = False,
@@ -117,6 +186,8 @@ def isolated(
 
     Args:
         model: the user's model.
+        mode: "eval" or "train" to switch the forward mode for the block; None leaves it as it is.
+        grad: True or False to set the grad mode for the block; None leaves it as it is.
         optimizer: compared too when ``check`` is on.
         modules: ``list(model.modules())`` precomputed by the caller (saves a traversal per call).
         check: debug option; snapshot parameters, buffers, ``.grad``, ``requires_grad``, modes, hooks, RNG
@@ -126,11 +197,17 @@ def isolated(
 
     Cost without ``check``: microseconds (generator states plus one flag per module).
     """
+    if mode is not None:
+        check_mode(mode)
     before = _snapshot(model, optimizer) if check else None
     grad_enabled = torch.is_grad_enabled()
     failed = False
     try:
         with fork_global_rng(), restore_modes(list(model.modules()) if modules is None else modules):
+            if mode is not None:
+                model.train(mode == "train")
+            if grad is not None:
+                torch.set_grad_enabled(grad)
             yield
     except BaseException:
         failed = True

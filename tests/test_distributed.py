@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics.tracking import distributed as tdist
+from diagnostics import _distributed as tdist
 
 WORLD = 2
 D_IN, HIDDEN, CLASSES, N = 5, 4, 3, 16
