@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diagnostics.errors import DiagnosticsError
+from diagnostics.cli.commands import handle_errors
 
 
 @click.command("report")
@@ -12,13 +12,9 @@ from diagnostics.errors import DiagnosticsError
 @click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False),
               help="HTML file to write.")
 @click.option("--title", default=None, help="Report title (default: the run names).")
+@handle_errors
 def report(runs: tuple[str, ...], output: str, title: str | None) -> None:
     """Write an offline HTML report of RUNS (run directories or run.sqlite files)."""
     from diagnostics.reports import build_report
 
-    try:
-        path = build_report(list(runs), output, title=title)
-    except DiagnosticsError as exc:
-        click.echo(f"tdiag report: {exc}", err=True)
-        raise SystemExit(2) from None
-    click.echo(str(path))
+    click.echo(str(build_report(list(runs), output, title=title)))

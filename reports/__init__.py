@@ -1,12 +1,13 @@
 """Self-contained HTML reports from run stores. Imports no torch.
 
 :func:`build_report` reads runs from the store into view models (:mod:`.views`), derives the findings
-(:mod:`.findings`), draws the panels (:mod:`.panels` and the ``panels_*`` modules) with matplotlib's Agg
-backend, and writes one HTML file with inline CSS and figures and no network references.
+(:mod:`.findings`), draws the panels of the catalogue (:mod:`.panels`, one module per family) with
+matplotlib's Agg backend, and writes one HTML file with inline CSS and figures and no network references.
 """
 
 from .build import build_report, render_report
-from .panels import Panel, registry
+from .panels import registry
+from .panels.base import Panel
 from .views import ReportView, RunView, load_report_view
 
 __all__ = ["build_report", "render_report", "load_report_view", "ReportView", "RunView", "Panel", "registry"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from .figures import FigureSink
 from .findings import run_findings
 from .page import page_html
 from .panels import registry
+from .panels.base import Panel
 from .views import ReportView, load_report_view
 
 
@@ -33,21 +35,44 @@ def _generated_at() -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def render_report(view: ReportView) -> str:
+def _panels(extra_panels: Iterable[Panel]) -> list[Panel]:
+    """The catalogue followed by ``extra_panels``; anchors must stay unique within the page."""
+    panels = registry() + list(extra_panels)
+    seen: set[str] = set()
+    for panel in panels:
+        if not isinstance(panel, Panel):
+            raise ConfigError(f"extra_panels: expected Panel objects, got {type(panel).__name__}")
+        if panel.id in seen:
+            raise ConfigError(f"extra_panels: panel id {panel.id!r} is already in the report; give it another id")
+        seen.add(panel.id)
+    return panels
+
+
+def render_report(view: ReportView, *, extra_panels: Iterable[Panel] = ()) -> str:
     """Render a view model to the report's HTML text.
+
+    Args:
+        view: the runs to show.
+        extra_panels: panels drawn after the catalogue's, for metrics the library's diagnostics do not
+            record (a benchmark's own probes, for example).
 
     Returns:
         The whole document. Cost: one figure render per panel with data (SVG, or PNG when large).
+
+    Raises:
+        ConfigError: an extra panel is not a :class:`Panel` or reuses a panel id.
     """
+    panels = _panels(extra_panels)
     sink = FigureSink()
     findings = {run.name: run_findings(run) for run in view.runs}
     sections = []
-    for panel in registry():
+    for panel in panels:
         sections.append((f"panel-{panel.id}", panel.title, panel.render(view, sink)))
     return page_html(view, findings, sections, _generated_at(), _version())
 
 
-def build_report(runs: Any, out_path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+def build_report(runs: Any, out_path: str | os.PathLike[str], *, title: str | None = None,
+                 extra_panels: Iterable[Panel] = ()) -> Path:
     """Write one self-contained HTML report of one or several runs.
 
     The file has inline CSS and inline figures (SVG, or base64 PNG where SVG would be large), no scripts
@@ -58,21 +83,25 @@ def build_report(runs: Any, out_path: str | os.PathLike[str], *, title: str | No
         runs: a run directory, a ``Run``, a ``Runs``, or a list of run directories / ``Run`` objects.
         out_path: the HTML file to write (parent directories are created).
         title: the report's title; default names the runs.
+        extra_panels: panels drawn after the catalogue's, for metrics the library's diagnostics do not
+            record; none by default.
 
     Returns:
         The path written. Cost: one store query per metric per run, then about a second of plotting
         for a typical run (100,000 steps x 100 layers: a few seconds).
 
     Raises:
-        ConfigError: no runs, or ``out_path`` is a directory. StoreError: a run cannot be read or the file
-        cannot be written.
+        ConfigError: no runs, ``out_path`` is a directory, or an extra panel is not a :class:`Panel` or
+        reuses a panel id. StoreError: a run cannot be read or the file cannot be written.
     """
     out = Path(out_path)
     if out.is_dir():
         raise ConfigError(f"build_report: output path {out} is a directory; give a file name such as "
                           f"{out / 'report.html'}")
+    extra = list(extra_panels)
+    _panels(extra)  # bad panels fail before the store is read
     view = load_report_view(runs, title=title)
-    text = render_report(view)
+    text = render_report(view, extra_panels=extra)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")

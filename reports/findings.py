@@ -2,7 +2,7 @@
 
 Sources, in order of trust: the run's events (alerts raised while training), the status table (how
 each estimator fared) and, where no event says it, the series themselves (a loss explosion by the
-project's one definition, ``diagnostics.explosion_rule``; a sharpness ratio above one; non-finite values).
+project's one definition, ``diagnostics.explosion``; a sharpness ratio above one; non-finite values).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diagnostics.explosion_rule import FACTOR, PATIENCE, explosion_step
+from diagnostics.explosion import FACTOR, PATIENCE, explosion_step
 
 from .views import RunView
 
@@ -55,7 +55,7 @@ def _by_step(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def loss_explosion_step(steps: np.ndarray, values: np.ndarray) -> int | None:
     """Return the step at which the loss series exploded, else None: the explosion rule
-    (``diagnostics.explosion_rule.explosion_step``, its defaults) on the recorded steps. Cost O(n)."""
+    (``diagnostics.explosion.explosion_step``, its defaults) on the recorded steps. Cost O(n)."""
     steps, values = _by_step(steps, values)
     return explosion_step(values, [int(s) for s in steps])
 

@@ -1,7 +1,7 @@
 """The HTML page: inline CSS (screen and print), findings, configuration tables, then the panels.
 
 Nothing here references the network: no scripts, fonts, stylesheets or links other than in-page
-anchors. Every user-supplied string goes through :func:`~.panels.esc`.
+anchors. Every user-supplied string goes through :func:`~.panels.base.esc`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from .findings import Finding
-from .panels import esc
+from .panels.base import esc
 from .views import ReportView, RunView
 
 CSS = """

@@ -198,8 +198,8 @@ def test_matches_the_written_definition_and_is_online(losses, gap, offset, facto
 
 def test_one_definition_everywhere():
     from benchmarks.explosions import explosion as suite
-    from diagnostics import demo
-    from reports import findings
+    from diagnostics.app import demo
+    from diagnostics.reports import findings
 
     assert suite.explosion_step is explosion_step
     assert demo.explosion_step is explosion_step
@@ -216,7 +216,7 @@ class Block:
         return None
 sys.meta_path.insert(0, Block())
 from diagnostics.explosion import explosion_step
-import reports.findings
+import diagnostics.reports.findings
 assert explosion_step([1.0] * 25 + [3.0] * 10) == 25
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
 print("ok")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from diagnostics.reports import build_report
 
-from diagnostics.store.synthetic import write_synthetic_run
+from diagnostics.testing.synthetic import write_synthetic_run
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from diagnostics.reports import build_report, registry
+from diagnostics.reports import Panel, build_report, registry
 
 from diagnostics.errors import ConfigError
 from diagnostics.store import Event, Record, RunWriter, Status, open_run, open_runs
-from diagnostics.store.synthetic import write_synthetic_run
+from diagnostics.testing.synthetic import write_synthetic_run
 
 GOLD = Path(__file__).parent / "gold" / "synthetic_report.html"
 EVIL = "<script>alert(1)</script> \"quoted\" & 'single'"
@@ -219,3 +219,47 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_cli_report_errors_are_one_error_line(tmp_path):
+    from click.testing import CliRunner
+    from diagnostics.cli.report_cmd import report
+
+    (tmp_path / "notrun").mkdir()
+    res = CliRunner().invoke(report, [str(tmp_path / "notrun"), "-o", str(tmp_path / "r.html")])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+
+
+def test_catalogue_holds_no_benchmark_panels():
+    ids = [p.id for p in registry()]
+    assert len(ids) == len(set(ids))
+    assert "baselines" not in ids
+    assert not any(m in p.metrics for p in registry() for m in ("max_attention_logit", "activation_kurtosis"))
+
+
+def _extra_panel(panel_id: str = "extra") -> Panel:
+    def draw(view, sink):
+        return "<table><tr><td>extra</td></tr></table>\n"
+
+    return Panel(id=panel_id, title="Extra", metrics=("custom_metric",), about="About.", citation="Cite.", draw=draw)
+
+
+def test_extra_panels_follow_the_catalogue(tmp_path):
+    run = _write_only(tmp_path / "run", ("loss", "custom_metric"))
+    text = build_report(run, tmp_path / "x.html", extra_panels=[_extra_panel()]).read_text(encoding="utf-8")
+    assert text.count('<section class="panel"') == len(registry()) + 1
+    assert "<td>extra</td>" in section(text, "extra")
+    assert text.index(f'id="panel-{registry()[-1].id}"') < text.index('id="panel-extra"')
+    # without them the report is the catalogue alone
+    text = build_report(run, tmp_path / "y.html").read_text(encoding="utf-8")
+    assert 'id="panel-extra"' not in text
+
+
+def test_extra_panels_are_checked(tmp_path):
+    run = _write_only(tmp_path / "run", ("loss",))
+    with pytest.raises(ConfigError, match="already in the report"):
+        build_report(run, tmp_path / "x.html", extra_panels=[_extra_panel("loss")])
+    with pytest.raises(ConfigError, match="expected Panel"):
+        build_report(run, tmp_path / "x.html", extra_panels=["not a panel"])
+    assert not (tmp_path / "x.html").exists()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
+from diagnostics.reports.findings import run_findings
+from diagnostics.reports.views import load_report_view
 from diagnostics.store import Event, Record, RunWriter
-from reports.findings import run_findings
-from reports.views import load_report_view
 
 
 def _findings(tmp_path, losses, steps=None, events=None):

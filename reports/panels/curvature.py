@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from .downsample import midpoint_edges, minmax_indices
-from .figures import FigureSink, finite_or_nan, layer_colors, mark_alerts, mpl_text, plot_curve, run_color
-from .panels import Panel, add_legend, alert_steps, esc, fmt, run_label, runs_with, table_html
-from .views import ReportView, RunView
+from ..downsample import midpoint_edges, minmax_indices
+from ..figures import FigureSink, finite_or_nan, layer_colors, mark_alerts, mpl_text, plot_curve, run_color
+from ..views import ReportView, RunView
+from .base import Panel, add_legend, alert_steps, esc, fmt, run_label, runs_with, table_html
 
 LINESTYLES = ["-", "--", ":", "-."]
 # SLQ kernel: variance SIGMA2 * max(1, lambda_max - lambda_min), as in PyHessian's density.

@@ -1,18 +1,18 @@
-"""Per-layer panels: spectral alignment, effective rank, GSNR and the explosion baselines."""
+"""Per-layer panels: spectral alignment, effective rank and GSNR."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .figures import FigureSink, alert_legend_handles, heatmap, mark_alerts, mpl_text
-from .panels import (
+from ..figures import FigureSink, alert_legend_handles, heatmap, mark_alerts, mpl_text
+from ..views import ReportView, RunView
+from .base import (
     Panel,
     layer_matrix,
     layer_rows,
     runs_with,
     scalar_rows,
 )
-from .views import ReportView, RunView
 
 MAX_DISTRIBUTION_STEPS = 4
 
@@ -109,7 +109,7 @@ SPECTRAL_ALIGNMENT = Panel(
            "spreading in the heatmap) warns of representational collapse and loss explosion. Some healthy "
            "layers (the LM head, early MLP layers) are one-sided from the start, so read changes, not levels."),
     citation=("Qiu, Wu, Tan, Wang and Yao, 2025, arXiv 2510.04202 (spectral alignment as an early warning of "
-              "loss explosion); definitions as documented in this project's METRICS notes."),
+              "loss explosion); definitions in docs/metrics.md."),
     draw=_draw_sa,
 )
 
@@ -165,23 +165,4 @@ GSNR = Panel(
     citation=("Liu et al., 2020, Understanding Why Neural Networks Generalize Well Through GSNR of Parameters; "
               "McCandlish et al., 2018, An Empirical Model of Large-Batch Training."),
     draw=_draw_gsnr,
-)
-
-
-def _draw_baselines(view: ReportView, sink: FigureSink) -> str:
-    return layer_rows(view, sink, [("max_attention_logit", "max attention logit"),
-                                   ("activation_kurtosis", "activation kurtosis")], how="max", height=2.0)
-
-
-BASELINES = Panel(
-    id="baselines",
-    title="Instability baselines: attention logits and activation kurtosis",
-    metrics=("max_attention_logit", "activation_kurtosis"),
-    about=("Signals practitioners already watch for loss explosions: the largest attention logit per attention "
-           "module (logit growth precedes attention-entropy collapse) and the kurtosis of activations (heavy "
-           "tails from outlier features). Compare their timing with the spectral-alignment warning above."),
-    citation=("Wortsman et al., 2023, Small-scale Proxies for Large-scale Transformer Training Instabilities; "
-              "Dehghani et al., 2023, Scaling Vision Transformers to 22 Billion Parameters; Zhai et al., 2023, "
-              "Stabilizing Transformer Training by Preventing Attention Entropy Collapse."),
-    draw=_draw_baselines,
 )

@@ -1,10 +1,9 @@
-"""Panels: one section of the report each, declaring the metric IDs it needs.
+"""The panel base class and the helpers every panel family shares.
 
 A :class:`Panel` is shown when any of its metrics was recorded in any run; otherwise the report shows a
 one-line "not recorded" note naming the metric IDs. Each panel carries two or three sentences on what it
-measures and how to read it, and a link-free citation. The drawing code lives in
-:mod:`panels_training`, :mod:`panels_curvature` and :mod:`panels_layers`; this module holds the base
-class and the helpers they share.
+measures and how to read it, and a link-free citation. The families (:mod:`.training`, :mod:`.curvature`,
+:mod:`.layers`) import this module only; the ordered catalogue lives in the package's ``__init__``.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from typing import Any
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 
-from .downsample import bin_series, midpoint_edges, step_bins
-from .figures import (
+from ..downsample import bin_series, midpoint_edges, step_bins
+from ..figures import (
     LEGEND_OUTSIDE,
     FigureSink,
     alert_legend_handles,
@@ -30,7 +29,7 @@ from .figures import (
     plot_curve,
     run_color,
 )
-from .views import ReportView, RunView
+from ..views import ReportView, RunView
 
 # Per-layer series are drawn as lines up to this many layers, as a layer x step heatmap beyond.
 MAX_LAYER_LINES = 10
@@ -255,23 +254,3 @@ def layer_rows(view: ReportView, sink: FigureSink, specs: list[tuple[str, str]],
         add_legend(ax, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6.5)
     axes[-1, 0].set_xlabel("step")
     return sink.render(fig, ", ".join(m for m, _ in specs) + " per layer over steps")
-
-
-def registry() -> list[Panel]:
-    """Return every panel in report order."""
-    from . import panels_curvature, panels_layers, panels_training
-
-    return [
-        panels_training.LOSS,
-        panels_curvature.SHARPNESS,
-        panels_curvature.EIGENVALUES,
-        panels_curvature.DENSITY,
-        panels_curvature.TRACE,
-        panels_curvature.SUBSPACE,
-        panels_layers.SPECTRAL_ALIGNMENT,
-        panels_layers.EFFECTIVE_RANK,
-        panels_layers.GSNR,
-        panels_training.NORMS,
-        panels_layers.BASELINES,
-        panels_training.COST,
-    ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .figures import FigureSink, mpl_text, run_color
-from .panels import Panel, esc, fmt, layer_rows, runs_with, scalar_rows, table_html
-from .views import ReportView
+from ..figures import FigureSink, mpl_text, run_color
+from ..views import ReportView
+from .base import Panel, esc, fmt, layer_rows, runs_with, scalar_rows, table_html
 
 
 def _draw_loss(view: ReportView, sink: FigureSink) -> str:
