@@ -18,9 +18,20 @@ from typing import Any
 
 import click
 
-from diagnostics.errors import DiagnosticsError
+from diagnostics.errors import ConfigError, DiagnosticsError
 
-__all__ = ["register", "analyze", "ls", "export", "combine", "demo", "COMMAND_NAMES"]
+__all__ = [
+    "register",
+    "handle_errors",
+    "analyze",
+    "ls",
+    "export",
+    "combine",
+    "demo",
+    "run_summary",
+    "COMMAND_NAMES",
+    "EXIT_USER_ERROR",
+]
 
 #: Exit code for user errors (bad spec, bad checkpoint, bad store, ...).
 EXIT_USER_ERROR = 2
@@ -116,7 +127,6 @@ def analyze(checkpoints: tuple[str, ...], config_file: str | None, **flags: Any)
       tdiag analyze checkpoints/ --model mlp-digits --data digits --run runs/analysis
     """
     from diagnostics.app.analyze import analyze_checkpoints
-    from diagnostics.errors import ConfigError
     from diagnostics.app.specs import load_config, merge_options
 
     config = load_config(config_file) if config_file else {}
@@ -397,27 +407,15 @@ def demo(out: str, quick: bool, quiet: bool) -> None:
         click.echo(line)
 
 
-COMMANDS = (analyze, ls, export, combine, demo)
-
-#: Names of every command ``register`` adds (``report`` when its module is present).
+#: Names of every command ``register`` adds.
 COMMAND_NAMES = ("analyze", "report", "ls", "export", "combine", "demo")
-
-
-def _report_command() -> click.Command | None:
-    try:
-        from diagnostics.cli import report_cmd
-    except ImportError:
-        return None
-    cmd = getattr(report_cmd, "report", None)
-    return cmd if isinstance(cmd, click.Command) else None
 
 
 def register(group: click.Group) -> click.Group:
     """Add every command to ``group`` (the ``tdiag`` click group); returns the group."""
-    group.add_command(analyze)
-    report = _report_command()
-    if report is not None:
-        group.add_command(report, name="report")
-    for cmd in (ls, export, combine, demo):
+    # Imported here, not at the top: report_cmd imports handle_errors from this module.
+    from diagnostics.cli.report_cmd import report
+
+    for cmd in (analyze, report, ls, export, combine, demo):
         group.add_command(cmd)
     return group

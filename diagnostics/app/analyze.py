@@ -9,10 +9,11 @@ every chosen diagnostic once (schedules are ignored: every checkpoint is due). T
 diagnostics that need one (the update ratio, Adam's preconditioned sharpness) are reported as skipped
 by the Monitor rather than guessed.
 
-Everything that can be checked is checked before the store is opened: the specs, every checkpoint's
-keys and shapes, the diagnostics' names, the loss on the first batch, and that an existing run
-directory belongs to this model. A failure raises a :class:`~diagnostics.errors.DiagnosticsError`
-and leaves the store untouched.
+Everything that can be checked is checked before the store is written: the specs, every checkpoint's
+keys and shapes, the diagnostics' names, that an existing run directory belongs to this model, and the
+loss (:func:`~diagnostics.loss.check_loss` on every batch of the first checkpoint's gradient pass, which
+runs before the Monitor opens the store). A failure raises a
+:class:`~diagnostics.errors.DiagnosticsError` and leaves the store untouched.
 
 The analysis resumes: each checkpoint is written in one transaction together with its source id, and
 checkpoints whose source is already in the store are skipped unless ``force=True``, which recomputes
@@ -22,7 +23,6 @@ them (rows are replaced, never duplicated).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,9 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diagnostics.checkpoints import CheckpointInfo, apply_checkpoint, inspect_checkpoints
-from diagnostics.errors import CheckpointError, ConfigError, DataError, LossError
+import torch
+
+from diagnostics._batch import concat_batches, leading_size, to_device
 from diagnostics.app.specs import resolve_data, resolve_loss, resolve_model
+from diagnostics.checkpoints import CheckpointInfo, UnsafePickleWarning, apply_checkpoint, inspect_checkpoints
+from diagnostics.errors import CheckpointError, ConfigError, DataError, DiagnosticsError
+from diagnostics.loss import check_loss, default_loss
 
 __all__ = ["AnalysisResult", "analyze_checkpoints", "DEFAULT_BATCHES", "DEFAULT_DIAGNOSTICS"]
 
@@ -68,54 +72,7 @@ class AnalysisResult:
     seconds: float = 0.0
 
 
-def _to_device(batch: Any, device: Any) -> Any:
-    import torch
-
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _concat(batches: list[Any]) -> Any:
-    """One batch holding every sample of ``batches`` (same structure), or the first batch when the
-    structure cannot be concatenated (non-tensor fields, ragged shapes)."""
-    import torch
-
-    first = batches[0]
-    if len(batches) == 1:
-        return first
-    try:
-        if torch.is_tensor(first):
-            return torch.cat(batches, dim=0)
-        if isinstance(first, dict):
-            return {k: _concat([b[k] for b in batches]) for k in first}
-        if isinstance(first, tuple) and hasattr(first, "_fields"):
-            return type(first)(*(_concat([b[i] for b in batches]) for i in range(len(first))))
-        if isinstance(first, (tuple, list)):
-            return type(first)(_concat([b[i] for b in batches]) for i in range(len(first)))
-    except (RuntimeError, KeyError, IndexError, TypeError):
-        return first
-    if all(b == first for b in batches[1:]):  # constant fields (e.g. a flag) survive
-        return first
-    raise TypeError("not concatenable")
-
-
-def _batch_size(batch: Any) -> int:
-    from diagnostics._batch import leading_size
-
-    n = leading_size(batch)
-    return int(n) if n else 1
-
-
-def _check_device(device: str) -> Any:
-    import torch
-
+def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -125,67 +82,61 @@ def _check_device(device: str) -> Any:
     return dev
 
 
-def _fingerprint(model: Any) -> str:
-    from diagnostics.tracking.monitor import model_fingerprint
+def _completed_sources(run_dir: Path, model: Any) -> set[str]:
+    """The sources an existing run has completed (empty for a new run directory).
 
-    return model_fingerprint(model)
-
-
-def _existing_run(run_dir: Path) -> Any | None:
+    Raises:
+        ConfigError: the run was written for another model.
+    """
     from diagnostics.store import open_run
     from diagnostics.store.schema import database_path
+    from diagnostics.tracking.monitor import model_fingerprint
 
     if not database_path(run_dir).is_file():
-        return None
-    return open_run(run_dir)
-
-
-def _check_run_belongs_to_model(run_dir: Path, fingerprint: str) -> set[str]:
-    """The run's completed sources; raises ConfigError when the run was written for another model."""
-    run = _existing_run(run_dir)
-    if run is None:
         return set()
-    try:
+    with open_run(run_dir) as run:
         stored = run.meta.get("model_fingerprint")
+        fingerprint = model_fingerprint(model)
         if stored is not None and stored != fingerprint:
             raise ConfigError(
                 f"run directory {str(run_dir)!r} holds a run of another model (model fingerprint {stored} "
                 f"there, {fingerprint} for --model); choose another --run directory"
             )
         return set(run.sources()["source"])
-    finally:
-        run.close()
 
 
-def _loss_on(model: Any, loss_fn: Callable[..., Any], batch: Any, where: str) -> Any:
-    import torch
-
+def _batch_loss(model: Any, loss_fn: Callable[..., Any], batch: Any, index: int) -> torch.Tensor:
     try:
         value = loss_fn(model, batch)
-    except (DataError, LossError, ConfigError):
+    except DiagnosticsError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model or loss may raise anything
         raise DataError(
-            f"the loss on {where} raised {type(exc).__name__}: {exc}; do --data and --loss fit --model?"
+            f"the loss on batch {index} raised {type(exc).__name__}: {exc}; do --data and --loss fit --model?"
         ) from None
-    if not torch.is_tensor(value) or value.numel() != 1:
-        raise LossError(
-            f"the loss on {where} returned {type(value).__name__}"
-            + (f" of shape {tuple(value.shape)}" if torch.is_tensor(value) else "")
-            + ", not a scalar tensor; --loss must return the mean loss of a batch"
-        )
-    return value.reshape(())
+    # A diverged checkpoint's non-finite loss is a measurement: the Monitor records it as an event.
+    # Anything else check_loss refuses (not a floating scalar tensor) is the user's loss to fix.
+    diverged = (
+        torch.is_tensor(value)
+        and value.ndim == 0
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value.detach()))
+    )
+    if not diverged:
+        check_loss(value, index)
+    return value
 
 
 def _gradient_pass(model: Any, loss_fn: Callable[..., Any], batches: list[Any]) -> float:
     """Mean loss over ``batches`` (weights |batch|/N) and its gradient in ``.grad``. Cost: one forward
     and backward per batch."""
-    total = sum(_batch_size(b) for b in batches)
+    sizes = [leading_size(b) or 1 for b in batches]
+    total = sum(sizes)
     model.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for i, batch in enumerate(batches):
-        weight = _batch_size(batch) / total
-        loss = _loss_on(model, loss_fn, batch, f"batch {i}")
+    for i, (batch, size) in enumerate(zip(batches, sizes)):
+        loss = _batch_loss(model, loss_fn, batch, i)
+        weight = size / total
         if loss.requires_grad:
             (loss * weight).backward()
         loss_sum += float(loss.detach()) * weight
@@ -247,8 +198,6 @@ def analyze_checkpoints(
         SpecError, CheckpointError, ConfigError, DataError, LossError, StoreError: before anything is
             written, for every problem that can be found up front.
     """
-    import torch
-
     started = time.perf_counter()
     dev = _check_device(device)
     run_dir = Path(run).expanduser()
@@ -267,18 +216,12 @@ def analyze_checkpoints(
 
         loss_fn = get_loss(model_spec)
     if loss_fn is None:
-        from diagnostics.loss import default_loss
-
         loss_fn = default_loss
     diags = _resolve_diagnostics(diagnostics)
 
     infos = inspect_checkpoints(checkpoints, model=net, unsafe_pickle=unsafe_pickle)
     _check_distinct_steps(infos)
-    fingerprint = _fingerprint(net)
-    done = _check_run_belongs_to_model(run_dir, fingerprint)
-
-    net.to(dev)
-    data_batches = [_to_device(b, dev) for b in data_batches]
+    done = _completed_sources(run_dir, net)
     todo = [info for info in infos if force or info.source not in done]
     result = AnalysisResult(run_dir=run_dir, checkpoints=infos)
     result.skipped = [info.step for info in infos if info not in todo]
@@ -286,14 +229,8 @@ def analyze_checkpoints(
         result.seconds = time.perf_counter() - started
         return result
 
-    # The loss must work on this data before anything is written.
-    with _quiet_unsafe(unsafe_pickle):
-        apply_checkpoint(net, todo[0].path, unsafe_pickle=unsafe_pickle)
-    net.eval()
-    with torch.no_grad():
-        # A non-finite value here is data worth recording (the Monitor turns it into an event).
-        _loss_on(net, loss_fn, data_batches[0], "the first batch")
-
+    net.to(dev)
+    data_batches = [to_device(b, dev) for b in data_batches]
     run_config = {
         "analyze": {
             "checkpoints": [str(i.path) for i in infos],
@@ -308,25 +245,30 @@ def analyze_checkpoints(
             **(config or {}),
         }
     }
-    monitor = _make_monitor(net, loss_fn, run_dir, diags, data_batches, run_config)
-    # Diagnostics that look at "the step's batch" (per-sample gradients, activations) see every sample.
+    # Diagnostics that look at "the step's batch" (per-sample gradients, activations) see every sample;
+    # batches that cannot be joined (ragged shapes, other structures) leave them the first batch.
     try:
-        batch = _concat(data_batches)
-    except TypeError:
+        batch = concat_batches(data_batches)
+    except (DataError, RuntimeError):
         batch = data_batches[0]
+    monitor = None
     try:
         for info in _progress(todo, total=len(todo), quiet=quiet, desc="analyze"):
             with _quiet_unsafe(unsafe_pickle):
                 apply_checkpoint(net, info.path, unsafe_pickle=unsafe_pickle)
             net.eval()
             loss_value = _gradient_pass(net, loss_fn, data_batches)
+            if monitor is None:
+                # Only now, with the loss checked on every batch, is the store opened (and created).
+                monitor = _make_monitor(net, loss_fn, run_dir, diags, data_batches, run_config)
             _monitor_step(monitor, info.step, batch, loss_value, info.source)
             net.zero_grad(set_to_none=True)
             result.analyzed.append(info.step)
             if on_checkpoint is not None:
                 on_checkpoint(info)
     finally:
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -336,8 +278,6 @@ def _quiet_unsafe(unsafe: bool) -> Any:
     # The unsafe-pickle warning is shown once by the caller (the CLI), not once per checkpoint.
     with warnings.catch_warnings():
         if unsafe:
-            from diagnostics.checkpoints import UnsafePickleWarning
-
             warnings.simplefilter("ignore", UnsafePickleWarning)
         yield
 
@@ -395,26 +335,6 @@ def _check_distinct_steps(infos: list[CheckpointInfo]) -> None:
         seen[info.step] = info
 
 
-class _SourcedWriter:
-    """Forwards to the Monitor's RunWriter, tagging each step with the checkpoint it came from.
-
-    The tag goes into the same transaction as the step's rows, so a checkpoint is listed as completed
-    only if all its rows were committed: that is what makes resuming exact.
-    """
-
-    def __init__(self, writer: Any) -> None:
-        self._writer = writer
-        self.source: str | None = None
-
-    def write_step(
-        self, step: int, records: Any = (), events: Any = (), statuses: Any = (), source: str | None = None
-    ) -> None:
-        self._writer.write_step(step, records, events, statuses, source=source or self.source)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
-
-
 def _make_monitor(
     net: Any, loss_fn: Any, run_dir: Path, diags: list[Any], probe: list[Any], config: dict
 ) -> Any:
@@ -423,24 +343,13 @@ def _make_monitor(
     monitor = Monitor(
         net, loss_fn, run=str(run_dir), diagnostics=diags, optimizer=None, probe_data=probe, meta=config
     )
-    if monitor.writer is not None and "source" not in inspect.signature(monitor.step).parameters:
-        monitor.writer = _SourcedWriter(monitor.writer)
-    if monitor.writer is not None:
-        # The Monitor describes in-loop gradients; say what the gradients of an analysis are.
-        monitor.writer.set_meta("gradients_seen", GRADIENTS_SEEN)
-        monitor.writer.set_meta("analysis_mode", "eval")
+    # The Monitor describes in-loop gradients; say what the gradients of an analysis are.
+    monitor.set_meta("gradients_seen", GRADIENTS_SEEN)
+    monitor.set_meta("analysis_mode", "eval")
     return monitor
 
 
 def _monitor_step(monitor: Any, step: int, batch: Any, loss: float, source: str) -> None:
-    if "source" in inspect.signature(monitor.step).parameters:
-        monitor.step(step, batch, loss=loss, source=source)
-        return
-    writer = monitor.writer
-    if isinstance(writer, _SourcedWriter):
-        writer.source = source
-    try:
-        monitor.step(step, batch, loss=loss)
-    finally:
-        if isinstance(writer, _SourcedWriter):
-            writer.source = None
+    # The checkpoint's source id is committed in the same transaction as its rows, so a checkpoint is
+    # listed as completed only when all of it is stored: that is what makes resuming exact.
+    monitor.step(step, batch, loss=loss, source=source)

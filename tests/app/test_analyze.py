@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "cli"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from cli_helpers import save_mlp_checkpoints  # noqa: E402
 
 from diagnostics.app.analyze import analyze_checkpoints  # noqa: E402

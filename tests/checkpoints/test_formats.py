@@ -1,4 +1,4 @@
-"""Checkpoint formats, step inference, model matching and the refusal of unsafe pickles."""
+"""Checkpoint formats: reading each safely into a state dict and a step; refusing unsafe pickles."""
 
 from __future__ import annotations
 
@@ -9,32 +9,18 @@ import warnings
 
 import pytest
 import torch
+from checkpoint_helpers import Marker, make_model
 
 from diagnostics.checkpoints import (
+    FORMATS,
     UnsafePickleWarning,
     apply_checkpoint,
     discover_checkpoints,
+    format_of,
     inspect_checkpoints,
     load_checkpoint,
-    match_state_dict,
 )
 from diagnostics.errors import CheckpointError
-
-
-def make_model(width: int = 5) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
-
-
-class Marker:
-    """Unpickling this object creates a file: proof that code stored in a pickle ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
 
 def test_raw_state_dict_and_wrapped_dicts(tmp_path):
     model = make_model()
@@ -68,26 +54,6 @@ def test_lightning_prefix_is_stripped_and_extra_entries_left(tmp_path):
     assert load_checkpoint(tmp_path / "x.ckpt")[2] == "lightning"
 
 
-def test_ddp_and_compile_prefixes(tmp_path):
-    model = make_model()
-    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
-        matched = match_state_dict({prefix + k: v for k, v in model.state_dict().items()}, model)
-        assert set(matched) == set(model.state_dict())
-
-
-def test_tied_weights_may_be_absent():
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(5, 3)
-            self.head = torch.nn.Linear(3, 5, bias=False)
-            self.head.weight = self.emb.weight
-
-    model = Tied()
-    sd = {"emb.weight": torch.zeros(5, 3)}
-    assert set(match_state_dict(sd, model)) == {"emb.weight"}
-
-
 def test_safetensors_with_step_metadata(tmp_path):
     from safetensors.torch import save_file
 
@@ -112,34 +78,6 @@ def test_huggingface_directory(tmp_path):
     assert inspect_checkpoints(d)[0].step == 301
 
 
-def test_directory_sorted_by_stored_step_else_name(tmp_path):
-    model = make_model()
-    sd = model.state_dict()
-    torch.save({"model": sd, "step": 200}, tmp_path / "z_first.pt")
-    torch.save({"model": sd, "step": 10}, tmp_path / "z_second.pt")
-    infos = inspect_checkpoints(tmp_path, model=model)
-    assert [i.path.name for i in infos] == ["z_second.pt", "z_first.pt"]
-    other = tmp_path / "named"
-    other.mkdir()
-    for n in (100, 20, 3):
-        torch.save(sd, other / f"step_{n}.pt")
-    infos = inspect_checkpoints(other)
-    assert [(i.step, i.step_source) for i in infos] == [(3, "name"), (20, "name"), (100, "name")]
-    # The same file given twice is analysed once.
-    assert len(discover_checkpoints([other, other / "step_3.pt"])) == 3
-
-
-def test_mismatching_model_lists_keys_and_file(tmp_path):
-    torch.save(make_model().state_dict(), tmp_path / "m.pt")
-    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 2))
-    with pytest.raises(CheckpointError) as info:
-        inspect_checkpoints(tmp_path / "m.pt", model=other)
-    message = str(info.value)
-    assert "m.pt" in message and "missing key(s)" in message and "1.weight" in message
-    with pytest.raises(CheckpointError, match="shape mismatch"):
-        inspect_checkpoints(tmp_path / "m.pt", model=make_model(width=7))
-
-
 @pytest.mark.parametrize("cut", [0, 10, 0.5])
 def test_corrupt_or_truncated(tmp_path, cut):
     path = tmp_path / "m.pt"
@@ -162,14 +100,6 @@ def test_garbage_and_truncated_safetensors(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(tmp_path / "m.safetensors")
-
-
-def test_empty_directory_and_missing_path(tmp_path):
-    (tmp_path / "notes.txt").write_text("no checkpoints here")
-    with pytest.raises(CheckpointError, match="holds no checkpoints"):
-        discover_checkpoints(tmp_path)
-    with pytest.raises(CheckpointError, match="not found"):
-        discover_checkpoints(tmp_path / "nope.pt")
 
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])
@@ -202,3 +132,52 @@ def test_unsafe_pickle_loads_with_a_warning(tmp_path):
     assert any(issubclass(w.category, UnsafePickleWarning) for w in caught)
     assert set(weights) == set(model.state_dict())
     assert os.path.exists(tmp_path / "whole.pt")
+
+
+# ------------------------------------------------------------------ every entry of the FORMATS table
+# One writer per format, saving the given weights with step 5; a new format adds its writer here.
+
+
+def _write_torch(folder, state_dict):
+    torch.save({"model": state_dict, "step": 5}, folder / "w.pt")
+    return folder / "w.pt"
+
+
+def _write_safetensors(folder, state_dict):
+    from safetensors.torch import save_file
+
+    save_file(state_dict, folder / "w.safetensors", metadata={"step": "5"})
+    return folder / "w.safetensors"
+
+
+def _write_huggingface(folder, state_dict):
+    from safetensors.torch import save_file
+
+    d = folder / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    save_file(state_dict, d / "model.safetensors")
+    return d
+
+
+WRITERS = {"torch": _write_torch, "safetensors": _write_safetensors, "huggingface": _write_huggingface}
+
+
+def test_every_format_has_a_writer_in_this_file():
+    assert {f.name for f in FORMATS} == set(WRITERS)
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_every_format_is_recognised_read_and_discovered(tmp_path, name):
+    model = make_model()
+    sd = model.state_dict()
+    path = WRITERS[name](tmp_path, sd)
+    assert format_of(path).name == name
+    weights, step, fmt = load_checkpoint(path)
+    assert (step, fmt) == (5, name)
+    assert all(torch.equal(weights[k], v) for k, v in sd.items())
+    assert set(load_checkpoint(path, metadata_only=True)[0]) == set(sd)
+    assert discover_checkpoints(tmp_path) == [path]
+    [info] = inspect_checkpoints(tmp_path, model=model)
+    assert (info.step, info.step_source, info.format) == (5, "stored", name)
