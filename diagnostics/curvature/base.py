@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diagnostics._kernels import twice_differentiable
 from diagnostics._state import check_mode, isolated, seed_private
 from diagnostics.errors import ConfigError, DataError, NonDeterministicOperatorError
 from diagnostics._batch import batch_size, to_device
@@ -404,7 +405,7 @@ class CurvatureOperator:
         cached = not _fresh and self._reuses()
         # Products on kept linearisations run no forward pass: no mode switch or RNG fork needed.
         ctx = torch.enable_grad() if cached else isolated(self.model, self.mode, grad=True)
-        with ctx:
+        with ctx, twice_differentiable():
             if V.ndim == 1:
                 out = self._weighted(lambda lin: lin.apply(V), fresh=_fresh, seed=_seed)
             else:
@@ -418,13 +419,13 @@ class CurvatureOperator:
 
     def gradient(self) -> Tensor:
         """Return the mean-loss gradient over the data, flat ``[P]`` (free once the batches are linearised)."""
-        with isolated(self.model, self.mode, grad=True):
+        with isolated(self.model, self.mode, grad=True), twice_differentiable():
             # A copy: with one batch the weighted sum is the cached gradient itself.
             return self._weighted(lambda lin: lin.grad).detach().clone()
 
     def loss(self) -> float:
         """Return the mean loss over the data (free once the batches are linearised)."""
-        with isolated(self.model, self.mode, grad=True):
+        with isolated(self.model, self.mode, grad=True), twice_differentiable():
             return float(
                 self._weighted(lambda lin: torch.tensor(lin.loss, dtype=torch.float64, device=self.device))
             )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diagnostics._kernels import twice_differentiable
 from diagnostics._state import isolated, seed_private
 from diagnostics.errors import DataError, LossError
 from diagnostics._batch import batch_size, to_device
@@ -84,7 +85,7 @@ def per_sample_gradients(
 
     out = {k: torch.empty((n, *p.shape), dtype=p.dtype, device=device) for k, p in selected.items()}
     losses = torch.empty(n, dtype=torch.float64, device=device)
-    with isolated(model, mode, grad=True):
+    with isolated(model, mode, grad=True), twice_differentiable():
         seed_private(seed)
         call = functional_call_fn(model, fn, names)
         detached = {k: p.detach() for k, p in selected.items()}
