@@ -51,7 +51,6 @@ def probe(diag: HessianTop, model: torch.nn.Module, loss_fn: Any, probe_data: li
           step: int) -> tuple[float, int, torch.Tensor, str]:
     ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=probe_data[0], loss=None,
                       probe_data=probe_data, num_classes=num_classes)
-    ctx.state = {}
     t0 = time.perf_counter()
     out = diag.compute(ctx)
     seconds = time.perf_counter() - t0

@@ -53,7 +53,7 @@ _EXPORTS: dict[str, str] = {
     # --- Loss-explosion early warning (diagnostics.metrics) ---
     "SpectralAlignment": "diagnostics.metrics.spectral_alignment",
     "ExplosionDetector": "diagnostics.metrics.explosion",
-    "detect_explosions": "diagnostics.metrics.explosion",
+    "detect_explosions": "diagnostics.explosion",
     # --- The run store (diagnostics.store) ---
     "RunWriter": "diagnostics.store",
     "open_run": "diagnostics.store",

@@ -9,7 +9,7 @@ a run is *exploding* when it has one, *stable* otherwise, whatever its config wa
 
 Detectors (each returns the steps where it alarms; only the first alarm counts):
 
-- ``spectral_alignment`` (ours): :func:`diagnostics.metrics.explosion.detect` on ``sa_sign_diversity``.
+- ``spectral_alignment`` (ours): :func:`diagnostics.explosion.detect` on ``sa_sign_diversity``.
 - ``grad_norm_z``: z-score of the gradient norm against an EMA mean and variance (EMA weight ``alpha``),
   alarm when z > 2.5 after ``min_obs`` steps.
 - ``loss_spike``: loss above ``factor`` times its EMA (after ``min_obs`` steps).
@@ -44,7 +44,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.explosions.explosion import explosion_step
-from diagnostics.metrics.explosion import detect_probes, series_probes
+from diagnostics.explosion import detect_probes, series_probes
 
 __all__ = ["RunData", "load_runs", "DETECTORS", "score", "calibrate", "main"]
 

@@ -1,4 +1,5 @@
-"""Top singular triplet of a matrix by warm-started power iteration."""
+"""Top singular triplet of a matrix by warm-started power iteration: to convergence for one matrix, or a
+fixed number of steps for a stack of matrices (tracking v_1 from probe to probe)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import Tensor
 from diagnostics.errors import ConfigError, DataError
 from diagnostics.linalg.operator import gaussian_start
 
-__all__ = ["top_singular_vector", "power_iteration"]
+__all__ = ["top_singular_vector", "power_iteration", "power_steps"]
 
 
 def top_singular_vector(W: Tensor, v0: Tensor | None = None, iters: int = 100, tol: float = 1e-6,
@@ -87,3 +88,44 @@ def top_singular_vector(W: Tensor, v0: Tensor | None = None, iters: int = 100, t
 
 #: Alias used in the contracts: the warm-started power iteration for the top singular triplet.
 power_iteration = top_singular_vector
+
+
+def power_steps(W: Tensor, v0: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
+    """``iters`` warm-started power-iteration steps ``v <- W^T W v / ||W^T W v||`` on a stack of matrices.
+
+    The step of :func:`top_singular_vector` without its stopping test and host syncs, batched over a
+    stack of equally shaped matrices: tracking the top right singular vector of slowly changing weights
+    costs ``2 * iters + 1`` batched products per stack. Since ``v0^T (W^T W) v0 >= 0`` a step never flips
+    the sign of ``v``, so a sign chosen once is carried along. Computed in ``W``'s dtype promoted to at
+    least float32, on ``W``'s device.
+
+    Args:
+        W: ``[G, out, in]`` (or one ``[out, in]``) matrices.
+        v0: ``[G, in]`` (or ``[in]``) unit start vectors, e.g. the previous probe's ``v``.
+        iters: number of steps (>= 1).
+
+    Returns:
+        ``(sigma, v)``: ``sigma`` ``[G]`` (or a 0-d tensor) ``= ||W v||``, a lower bound of ``sigma_1``
+        that converges with the iteration, and ``v`` ``[G, in]`` (or ``[in]``) unit vectors; both on
+        ``W``'s device, not synchronised (a zero or non-finite ``W`` gives non-finite values).
+
+    Example:
+        >>> s, v = power_steps(torch.diag(torch.tensor([3.0, 1.0])), torch.tensor([0.6, 0.8]), iters=30)
+        >>> round(float(s), 4), [round(x, 4) for x in v.tolist()]
+        (3.0, [1.0, 0.0])
+    """
+    if iters < 1:
+        raise ConfigError(f"power_steps: iters must be >= 1, got {iters}")
+    if W.dim() not in (2, 3) or v0.dim() != W.dim() - 1 or v0.shape[-1] != W.shape[-1]:
+        raise ConfigError(
+            f"power_steps: W must be [G, out, in] or [out, in] and v0 [G, in] or [in]; got {tuple(W.shape)}, "
+            f"{tuple(v0.shape)}"
+        )
+    ct = torch.promote_types(W.dtype, torch.float32)
+    Ws = W.to(ct)
+    v = v0.to(device=W.device, dtype=ct).unsqueeze(-1)
+    for _ in range(iters):
+        v = Ws.transpose(-2, -1) @ (Ws @ v)
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True)
+    sigma = torch.linalg.vector_norm(Ws @ v, dim=-2).squeeze(-1)
+    return sigma, v.squeeze(-1)

@@ -12,6 +12,7 @@ from diagnostics.metrics.registry import (
     register,
     registry,
     resolve_diagnostics,
+    variants,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "get_diagnostic",
     "preset_names",
     "resolve_diagnostics",
+    "variants",
 ]

@@ -3,14 +3,17 @@
 For a linear map y = W x (W of shape [out, in]) with SVD W = sum_k sigma_k u_k v_k^T, the alignment of
 token i is a_i = <x_i, v_1> / ||x_i|| in [-1, 1]. Since u_1^T W x = sigma_1 v_1^T x, its sign is the
 same whether the input is compared with v_1 or the output with u_1. A distribution of a_i that becomes
-one-sided (all signs equal) lets gradient steps add up along v_1 and grow sigma_1; see METRICS.md,
+one-sided (all signs equal) lets gradient steps add up along v_1 and grow sigma_1; see docs/metrics.md,
 "Spectral alignment" (after Qiu, Wu, Tan, Wang, Yao 2025, arXiv 2510.04202).
 
 These are pure tensor-in functions; the ``spectral_alignment`` diagnostic and the benchmark trainer call
-them. Statistics are returned as plain floats / lists so they can go to the store unchanged.
+them. One implementation of the statistics, :func:`batched_alignment_statistics`, serves one distribution
+and many; they are returned as plain floats / lists so they can go to the store unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -21,6 +24,8 @@ __all__ = [
     "NUM_BINS",
     "alignment_cosines",
     "alignment_statistics",
+    "batched_alignment_statistics",
+    "finish_cosines",
 ]
 
 #: Quantile levels stored under ``sa_quantile`` index 0..4.
@@ -69,14 +74,14 @@ def alignment_cosines(x: torch.Tensor, v1: torch.Tensor, eps: float = 1e-12) -> 
     return out.clamp_(-1.0, 1.0)
 
 
-def alignment_statistics(cosines: torch.Tensor) -> dict[str, float | list[float]]:
-    """Summary statistics of a cosine distribution.
+def alignment_statistics(cosines: torch.Tensor) -> dict[str, Any]:
+    """Summary statistics of one cosine distribution.
 
     - ``positive_fraction`` p+ = fraction of tokens with a_i > 0.
     - ``sign_diversity`` = 1 - |2 p+ - 1| (1: balanced signs, 0: all one sign). Exact zeros count as
       neither sign in p+, and diversity uses p+ against p- computed the same way, i.e.
-      1 - |p+ - p-| / (p+ + p-), so it is invariant to a global sign flip of v_1 even with zeros.
-      Without zeros this equals 1 - |2 p+ - 1|.
+      1 - |p+ - p-| / (p+ + p-), so it is invariant to a global sign flip of v_1 even with zeros
+      (1 when every cosine is 0: no evidence of one-sidedness). Without zeros this equals 1 - |2 p+ - 1|.
     - ``mean``, ``mean_abs``: mean of a_i and of |a_i|.
     - ``quantiles``: a_i quantiles at QUANTILES (0.05, 0.25, 0.5, 0.75, 0.95), linear interpolation.
     - ``histogram``: NUM_BINS (20) equal bins on [-1, 1], as fractions summing to 1 (the last bin
@@ -87,31 +92,69 @@ def alignment_statistics(cosines: torch.Tensor) -> dict[str, float | list[float]
         cosines: Tensor [T] (any shape is flattened) of values in [-1, 1].
 
     Returns:
-        dict with the keys above; floats and lists of floats. Cost O(T log T) (quantiles sort).
+        dict with the keys above; floats, lists of floats and an int. Cost O(T log T) (quantiles sort).
 
     Raises:
         ConfigError: if ``cosines`` is empty.
+
+    Example:
+        >>> st = alignment_statistics(torch.tensor([0.5, -0.5, 0.25, 0.75]))
+        >>> st["positive_fraction"], st["sign_diversity"], st["mean"]
+        (0.75, 0.5, 0.25)
     """
-    a = cosines.detach().reshape(-1).to(torch.float64).cpu()
-    n = a.numel()
-    if n == 0:
+    row = cosines.detach().reshape(1, -1)
+    return {k: v[0] for k, v in batched_alignment_statistics(row).items()}
+
+
+def batched_alignment_statistics(cos: torch.Tensor, detail: bool = True) -> dict[str, list[Any]]:
+    """Alignment statistics of M cosine distributions with the same token count, in one pass.
+
+    The definitions of :func:`alignment_statistics`, per row. Non-finite cosines count as 0 (neither
+    sign) and values are clamped to [-1, 1].
+
+    Args:
+        cos: [M, T] cosines (T >= 1).
+        detail: also compute the quantiles and the histogram (the only parts that need the sort and
+            the bincount).
+
+    Returns:
+        dict of per-row lists: ``positive_fraction``, ``sign_diversity``, ``mean``, ``mean_abs`` (floats),
+        ``quantiles``, ``histogram`` (lists of floats; only with ``detail``), ``num_tokens`` (ints).
+        Cost O(M T log T) with ``detail``, O(M T) without; one host transfer either way.
+    """
+    a = finish_cosines(cos.detach().to(device="cpu", dtype=torch.float64, copy=True))
+    m, t = a.shape
+    if t == 0:
         raise ConfigError("no tokens to compute alignment statistics over: the input batch is empty")
-    a = a.clamp(-1.0, 1.0)
-    pos = float((a > 0).sum()) / n
-    neg = float((a < 0).sum()) / n
+    pos = (a > 0).sum(1).double() / t
+    neg = (a < 0).sum(1).double() / t
     signed = pos + neg
-    # All-zero cosines carry no evidence of one-sidedness; 0 would read as a collapse alarm, so report 1.
-    diversity = 1.0 - abs(pos - neg) / signed if signed > 0 else 1.0
-    q = torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64))
-    # Bin index floor((a + 1) / 2 * NUM_BINS), with a == 1 folded into the last bin.
-    idx = ((a + 1.0) * (NUM_BINS / 2.0)).floor().long().clamp_(0, NUM_BINS - 1)
-    hist = torch.bincount(idx, minlength=NUM_BINS).to(torch.float64) / n
-    return {
-        "positive_fraction": pos,
-        "sign_diversity": float(diversity),
-        "mean": float(a.mean()),
-        "mean_abs": float(a.abs().mean()),
-        "quantiles": [float(v) for v in q],
-        "histogram": [float(v) for v in hist],
-        "num_tokens": n,
+    div = torch.where(signed > 0, 1.0 - (pos - neg).abs() / signed.clamp_min(1e-300), torch.ones_like(pos))
+    # Every per-row scalar in one [M, 4 (+ 5 + NUM_BINS)] matrix: one .tolist() instead of one per field.
+    cols = [pos, div, a.mean(1), a.abs().mean(1)]
+    if detail:
+        q = torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64), dim=1).T  # [M, 5]
+        idx = ((a + 1.0) * (NUM_BINS / 2.0)).floor().long().clamp_(0, NUM_BINS - 1)
+        idx = idx + torch.arange(m).unsqueeze(1) * NUM_BINS  # one bincount for every row
+        hist = torch.bincount(idx.reshape(-1), minlength=m * NUM_BINS).reshape(m, NUM_BINS).double() / t
+        table = torch.cat([torch.stack(cols, 1), q, hist], 1).tolist()
+    else:
+        table = torch.stack(cols, 1).tolist()
+    nq = len(QUANTILES)
+    out: dict[str, list[Any]] = {
+        "positive_fraction": [r[0] for r in table],
+        "sign_diversity": [r[1] for r in table],
+        "mean": [r[2] for r in table],
+        "mean_abs": [r[3] for r in table],
     }
+    if detail:
+        out["quantiles"] = [r[4 : 4 + nq] for r in table]
+        out["histogram"] = [r[4 + nq :] for r in table]
+    out["num_tokens"] = [t] * m
+    return out
+
+
+def finish_cosines(cos: torch.Tensor) -> torch.Tensor:
+    """``cos`` with non-finite entries (rows with inf/NaN inputs) set to 0, which counts as neither
+    sign, and clamped to [-1, 1]; in place. Cost O(numel)."""
+    return torch.nan_to_num_(cos, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-1.0, 1.0)

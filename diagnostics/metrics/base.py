@@ -2,14 +2,16 @@
 
 A diagnostic has a stable ``name``, declares what it ``requires`` from the step, answers ``is_due(step)``
 and turns a :class:`~diagnostics.metrics.context.StepContext` into records. State it keeps across steps
-(previous eigenvectors, EMAs, alarm counters) is listed in ``state_keys`` and round-trips through
-``state_dict``/``load_state_dict``.
+(previous eigenvectors, EMAs, alarm counters) lives in its ``state`` dict, the one declared-state
+mechanism: the Monitor saves ``state_dict()`` with the run (JSON with tensors encoded) and hands it back
+to ``load_state_dict`` on resume.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from diagnostics.store.records import Event, Record
@@ -57,20 +59,23 @@ class Diagnostic(abc.ABC):
     Subclasses set ``name`` (a stable snake_case id: renaming it is a schema change), ``requires`` (a
     subset of :data:`REQUIREMENTS`), ``preset`` (the cheapest preset that includes it) and
     ``default_every`` (its schedule in steps), and implement :meth:`compute`.
+
+    Cross-step state goes in ``self.state`` (a dict created here): plain Python values, lists, dicts with
+    string keys and tensors, which the Monitor saves with the run and restores on resume. Anything kept
+    elsewhere on the instance (caches, warm starts) is lost when a run resumes.
     """
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
     preset: ClassVar[str] = "full"
     default_every: ClassVar[int] = 1
-    state_keys: ClassVar[tuple[str, ...]] = ()
     #: Metric IDs this diagnostic may write (checked by the contract suite).
     metrics: ClassVar[tuple[str, ...]] = ()
     #: True when compute only reads tensors (no forward, no RNG): the Monitor may skip the RNG fork.
     reads_only: ClassVar[bool] = False
     #: True when non-finite values are meaningful records rather than a failure of the estimate.
     allow_nonfinite: ClassVar[bool] = False
-    #: Names of diagnostics whose step-cache entries this one reads; they run first.
+    #: Names of diagnostics whose shared step results this one reads (through StepContext); they run first.
     after: ClassVar[tuple[str, ...]] = ()
     #: Constructor options the contract suite uses on its tiny cases (short warm-ups and the like).
     contract_options: ClassVar[dict[str, Any]] = {}
@@ -85,6 +90,8 @@ class Diagnostic(abc.ABC):
             raise ConfigError(f"{self.name}: 'every' must be a positive number of steps, got {every}")
         self.every = every
         self.start = int(start)
+        #: Cross-step state saved with the run (see the class docstring).
+        self.state: dict[str, Any] = {}
 
     def is_due(self, step: int) -> bool:
         """True when the schedule asks for this diagnostic at ``step``."""
@@ -103,13 +110,22 @@ class Diagnostic(abc.ABC):
         return {"every": self.every, "start": self.start}
 
     def state_dict(self) -> dict[str, Any]:
-        """The declared cross-step state, for resuming a run."""
-        return {k: getattr(self, k) for k in self.state_keys}
+        """The cross-step state, ``self.state`` itself (not a copy), for saving with the run. Cost: none."""
+        return self.state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in self.state_keys:
-            if k in state:
-                setattr(self, k, state[k])
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restore state saved by :meth:`state_dict`, merging it into ``self.state``.
+
+        Also accepts the layout of runs saved before state lived on the diagnostic, ``{"attrs": {...},
+        "ctx": {...}}``: both parts are merged. Cost: none beyond the copy of the top-level keys.
+        """
+        if not state:
+            return
+        if set(state) <= {"attrs", "ctx"} and all(isinstance(v, Mapping) or v is None for v in state.values()):
+            merged = {**dict(state.get("attrs") or {}), **dict(state.get("ctx") or {})}
+        else:
+            merged = dict(state)
+        self.state.update(merged)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(every={self.every})"

@@ -21,6 +21,7 @@ import torch
 
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
+from diagnostics.metrics.norms import host_norms, total_norm
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
@@ -29,105 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Default spacing, in steps, of the per-parameter values of the norm diagnostics ("all" is every step).
 PER_LAYER_EVERY = 10
-
-
-def host_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """L2 norm of each tensor as a Python float, in order.
-
-    Cost: one fused norm kernel over all tensors and one device-to-host copy (no autograd graph).
-    """
-    if not tensors:
-        return []
-    with torch.no_grad():
-        try:
-            norms = torch._foreach_norm(tensors)
-        except (RuntimeError, AttributeError, TypeError):  # mixed dtypes/devices or no fused kernel
-            norms = [torch.linalg.vector_norm(v) for v in tensors]
-        try:
-            # tolist() converts each float32/float16 value to a Python float exactly.
-            return torch.stack(norms).cpu().tolist()
-        except RuntimeError:  # parameters spread over devices
-            return [float(n) for n in norms]
-
-
-def tensor_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """L2 norm of each tensor as a Python float, plus ``"all"`` = sqrt of the sum of squares.
-
-    Cost: one fused norm kernel over all tensors and one device-to-host copy.
-    """
-    if not tensors:
-        return {}
-    names = list(tensors)
-    out = dict(zip(names, host_norms([tensors[n] for n in names])))
-    out["all"] = total_norm(out.values())
-    return out
-
-
-def total_norm(norms: Any) -> float:
-    """sqrt of the sum of squares of per-tensor norms.
-
-    Summed in float64 on the host: a float32 sum of squares overflows long before the norms do.
-    """
-    return math.sqrt(math.fsum(x * x for x in norms))
-
-
-def _grad_norms(ctx: StepContext) -> dict[str, float]:
-    """Per-parameter gradient norms and "all" (sqrt of the float64 sum of their squares), cached for the step."""
-
-    def run() -> dict[str, float]:
-        # .grad is read directly (host_norms runs under no_grad): the tensors ctx.grads() would return,
-        # without a dict of detached views per step.
-        pairs = [(n, p.grad) for n, p in ctx.named_parameters() if p.grad is not None]
-        out = dict(zip([n for n, _ in pairs], host_norms([g for _, g in pairs])))
-        if out:
-            out["all"] = total_norm(out.values())
-        return out
-
-    return ctx.cached("grad_norms", run)
-
-
-class WeightNorms(Mapping[str, float]):
-    """Weight norms at a step: ``"all"`` from one reduction over the flat copy of the parameters (the copy
-    the update snapshot reuses), per-parameter norms on first access (one fused norm over views of it).
-
-    Falls back to per-tensor norms when the parameters do not share a dtype and device.
-    """
-
-    def __init__(self, ctx: StepContext) -> None:
-        self._flat = ctx.flat_parameters()
-        self._values: dict[str, float] | None = None
-        if self._flat is None:
-            self._values = tensor_norms(dict(ctx.named_parameters()))
-            self.all = self._values.get("all", float("nan"))
-        else:
-            flat, names, _ = self._flat
-            self.all = float(torch.linalg.vector_norm(flat)) if names else float("nan")
-
-    def per_parameter(self) -> dict[str, float]:
-        """``{name: norm}`` plus ``"all"``; computed on first call."""
-        if self._values is None:
-            flat, names, like = self._flat
-            views = torch._utils._unflatten_dense_tensors(flat, like)
-            self._values = {**dict(zip(names, host_norms(list(views)))), "all": self.all}
-        return self._values
-
-    def __getitem__(self, key: str) -> float:
-        return self.all if key == "all" else self.per_parameter()[key]
-
-    def __iter__(self) -> Any:
-        return iter(self.per_parameter())
-
-    def __len__(self) -> int:
-        return len(self.per_parameter())
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key == "all":
-            return self.all
-        return self.per_parameter().get(key, default)
-
-
-def _weight_norms(ctx: StepContext) -> WeightNorms:
-    return ctx.cached("weight_norms", lambda: WeightNorms(ctx))
 
 
 class _NormDiagnostic(Diagnostic):
@@ -217,7 +119,7 @@ class GradNormDiagnostic(_NormDiagnostic):
     allow_nonfinite = True
 
     def compute(self, ctx: StepContext) -> list[Record]:
-        return self.records("grad_norm", _grad_norms(ctx), ctx.step)
+        return self.records("grad_norm", ctx.grad_norms(), ctx.step)
 
 
 @register
@@ -234,7 +136,7 @@ class WeightNormDiagnostic(_NormDiagnostic):
     allow_nonfinite = True
 
     def compute(self, ctx: StepContext) -> list[Record]:
-        return self.records("weight_norm", _weight_norms(ctx), ctx.step)
+        return self.records("weight_norm", ctx.weight_norms(), ctx.step)
 
 
 @register
@@ -273,9 +175,7 @@ class UpdateRatioDiagnostic(_NormDiagnostic):
             delta["all"] = float(torch.linalg.vector_norm(flat)) if flat is not None else total_norm(delta.values())
         # The norms before the update: weight_norm's when it ran this step (the same flat copy the snapshot
         # is), else from the snapshot.
-        before = ctx.cache.get("weight_norms")
-        if before is None:
-            before = WeightNorms(ctx) if ctx._before_flat is not None else tensor_norms(ctx.params_before_update())
+        before = ctx.weight_norms_before_update()
         out = []
         for k in names + ["all"]:
             d, w = delta[k], before.get(k, float("nan"))
@@ -302,7 +202,7 @@ class NonFiniteDiagnostic(Diagnostic):
     metrics: ClassVar[tuple[str, ...]] = ("nonfinite_grads", "nonfinite_loss")
 
     def compute(self, ctx: StepContext) -> Output:
-        norms = _grad_norms(ctx)
+        norms = ctx.grad_norms()
         counts: dict[str, int] = {}
         if not math.isfinite(norms.get("all", 0.0)):  # a non-finite entry makes the total non-finite
             grads = ctx.grads()

@@ -1,8 +1,11 @@
-"""StepContext: what a diagnostic sees of one training step, with shared work cached for that step.
+"""StepContext: what a diagnostic sees of one training step, with shared work done once for that step.
 
 Expensive intermediates (per-sample gradients, a curvature operator on the probe data, captured
-activations) are computed on first request and cached in ``ctx.cache``, so three diagnostics that need
-per-sample gradients cause one vmap pass. The cache lives one step.
+activations, gradient and weight norms) are computed on first request and kept for the step, so three
+diagnostics that need per-sample gradients cause one vmap pass. Results one diagnostic produces for
+others (``hessian_top``'s eigenspace, a Hutch++ trace, ``spectral_alignment``'s statistics) are shared
+through typed methods too; the reader declares ``after`` so that the producer runs first. Everything
+lives one step.
 """
 
 from __future__ import annotations
@@ -10,18 +13,27 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from diagnostics.errors import ConfigError
 from diagnostics._batch import leading_size, slice_batch, tokens_per_sample
 from diagnostics._hooks import ModuleSpec, capture_inputs, capture_outputs, concat, select_modules
 from diagnostics._state import eval_mode
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.norms import WeightNorms, host_norms, tensor_norms, total_norm
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diagnostics.linalg.trace import TraceEstimate
+    from diagnostics.metrics.curvature_base import Eigenspace
 
 #: Default cap on rows (tokens or samples) captured per module by ``activations``/``layer_inputs``.
 DEFAULT_MAX_TOKENS = 2048
+
+# Entries still valid after optimizer.step(): norms measured before it, and the parameter copy the
+# update snapshot reuses.
+_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms", "flat_parameters"})
 
 
 class StepContext:
@@ -35,8 +47,6 @@ class StepContext:
         lr: learning rate of the optimizer's first parameter group, or None.
         probe_data: list of fixed batches for the run (curvature is measured on these).
         num_classes: from the Monitor, or None.
-        cache: a dict living one step; ``cached(key, fn)`` fills it.
-        state: the running diagnostic's own persistent dict (set by the Monitor before each compute).
         due: names of the diagnostics due at this step (set by the Monitor; None when unknown), so that
             shared work needed by several of them can be done in one pass.
     """
@@ -66,8 +76,7 @@ class StepContext:
         self.num_classes = num_classes
         self.curvature_mode = curvature_mode
         self.max_memory_bytes = max_memory_bytes
-        self.cache: dict[Any, Any] = {}
-        self.state: dict[str, Any] = {}
+        self._cache: dict[Any, Any] = {}
         self.due: frozenset[str] | None = None
         self._before_update: dict[str, torch.Tensor] | None = None
         self._before_flat: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None
@@ -92,11 +101,38 @@ class StepContext:
         lr = self.optimizer.param_groups[0].get("lr")
         return None if lr is None else float(lr.item() if torch.is_tensor(lr) else lr)
 
+    @property
+    def cache(self) -> dict[Any, Any]:
+        """The step's store of shared work (read-only view for tests and debugging).
+
+        Diagnostics use the typed methods; entries are keyed by this class and may change without notice.
+        """
+        return dict(self._cache)
+
     def cached(self, key: Any, fn: Callable[[], Any]) -> Any:
-        """``cache[key]``, computing it with ``fn()`` on first use this step."""
-        if key not in self.cache:
-            self.cache[key] = fn()
-        return self.cache[key]
+        """The value of ``fn()`` under ``key``, computed on first use this step (a private memo).
+
+        Keys of the typed methods are tuples or names of this class; a diagnostic memoising its own work
+        uses a key that names it.
+        """
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def end_compute_phase(self) -> None:
+        """Drop what is invalid after ``optimizer.step()`` or too large to keep: per-sample gradients,
+        captured activations, operators, shared results. Kept: the norms measured before the update and
+        the parameter copy the update snapshot reuses. Cost: none."""
+        for key in [k for k in self._cache if k not in _KEEP_AFTER_COMPUTE]:
+            del self._cache[key]
+
+    def begin_update_phase(self) -> None:
+        """Mark that ``optimizer.step()`` has run: :meth:`update` and the pre-update values become available."""
+        self._after_update = True
+
+    def clear(self) -> None:
+        """Drop all the step's shared work (the step is committed). Cost: none."""
+        self._cache.clear()
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Trainable parameters in ``named_parameters()`` order (listed once per step)."""
@@ -159,6 +195,110 @@ class StepContext:
 
         return self.cached(key, build)
 
+    # --- norms of the step ---------------------------------------------------------------------------
+    def grad_norms(self) -> dict[str, float]:
+        """L2 norm of each trainable parameter's ``.grad`` and ``"all"`` (sqrt of the float64 sum of squares).
+
+        Parameters without a gradient are left out (and no "all" when none has one). Computed once per
+        step; cost: one fused norm kernel over the gradients and one host transfer.
+        """
+
+        def run() -> dict[str, float]:
+            # .grad is read directly (host_norms runs under no_grad): no dict of detached views per step.
+            pairs = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+            out = dict(zip([n for n, _ in pairs], host_norms([g for _, g in pairs])))
+            if out:
+                out["all"] = total_norm(out.values())
+            return out
+
+        return self.cached("grad_norms", run)
+
+    def weight_norms(self) -> WeightNorms:
+        """L2 norms of the trainable parameters: ``"all"`` at once, per parameter on first access.
+
+        Computed once per step, before ``optimizer.step()``. Cost: one copy of the parameters into one flat
+        tensor (reused by the update snapshot) and one reduction; per-parameter norms one fused kernel more.
+        """
+        return self.cached("weight_norms", lambda: WeightNorms(self.flat_parameters(), dict(self.named_parameters())))
+
+    def weight_norms_before_update(self) -> Mapping[str, float]:
+        """The weight norms before ``optimizer.step()`` (only in ``compute_after_update``).
+
+        Those of :meth:`weight_norms` when it ran this step, else from the snapshot of the parameters.
+        Cost: none, or one reduction over the snapshot.
+        """
+        done = self._cache.get("weight_norms")
+        if done is not None:
+            return done
+        if self._before_flat is not None:
+            return WeightNorms(self._before_flat)
+        return tensor_norms(self.params_before_update())
+
+    # --- results shared between the diagnostics of the step ---------------------------------------
+    def publish_eigenspace(self, space: Eigenspace) -> None:
+        """Share a top eigenspace computed at this step (``hessian_top`` / ``ggn_top`` call it). Cost: none."""
+        self._cache[("eigenspace", space.kind, space.block)] = space
+
+    def top_eigenspace(self, kind: str = "hessian", block: str = "all") -> Eigenspace | None:
+        """The top-k eigenpairs of ``kind``'s operator on block ``block`` computed at this step, or None.
+
+        Published by ``hessian_top`` (``ggn_top`` for ``kind="ggn"``) when it is due; a reader declares
+        ``after = ("hessian_top",)`` so that the Monitor runs it afterwards. Nothing is computed here:
+        without a due ``hessian_top`` the answer is None. Cost: none.
+        """
+        return self._cache.get(("eigenspace", kind, block))
+
+    def _trace_key(self, kind: str, params: Any, num_matvecs: int, seed: int) -> tuple[Any, ...]:
+        sel = None if params is None else params if isinstance(params, str) else tuple(params)
+        return ("trace", kind, sel, int(num_matvecs), int(seed))
+
+    def has_trace(self, kind: str = "hessian", params: Any = None, *, num_matvecs: int, seed: int = 0) -> bool:
+        """Whether :meth:`trace` with these arguments was already estimated this step (then it is free)."""
+        return self._trace_key(kind, params, num_matvecs, seed) in self._cache
+
+    def trace(
+        self, kind: str = "hessian", params: Any = None, *, num_matvecs: int, seed: int = 0
+    ) -> tuple[TraceEstimate, int]:
+        """Hutch++ estimate of the trace of :meth:`curvature` ``(kind, params)``, shared for the step.
+
+        ``hessian_trace`` and ``sharpness`` (its ``trace_ratio``) ask for the same estimate; the second
+        request with the same ``num_matvecs`` and ``seed`` reuses the first (Meyer, Musco, Musco,
+        Woodruff 2021).
+
+        Returns:
+            ``(estimate, products spent by this call)``: 0 when the estimate was reused.
+
+        Raises:
+            NonFiniteProductError: a product or the estimate was not finite (nothing is kept).
+
+        Cost: ``num_matvecs`` curvature products on the first request, none after.
+        """
+        from diagnostics.linalg import hutchpp_trace
+        from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
+
+        key = self._trace_key(kind, params, num_matvecs, seed)
+        if key in self._cache:
+            return self._cache[key], 0
+        checked = FiniteChecked(self.curvature(kind, params))
+        est = hutchpp_trace(checked, num_matvecs=num_matvecs, seed=seed)
+        if not (math.isfinite(est.mean) and (math.isfinite(est.stderr) or math.isnan(est.stderr))):
+            raise NonFiniteProductError("non-finite trace estimate")
+        self._cache[key] = est
+        return est, checked.num_matvecs
+
+    def publish_alignment_statistics(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        """Share this step's spectral-alignment statistics per map key (``spectral_alignment`` calls it)."""
+        self._cache[("alignment_statistics",)] = {k: dict(v) for k, v in stats.items()}
+
+    def alignment_statistics(self) -> dict[str, dict[str, Any]] | None:
+        """This step's spectral-alignment statistics ``{map key: {positive_fraction, sign_diversity, mean,
+        mean_abs, sigma1, num_tokens, ...}}``, or None when ``spectral_alignment`` did not run.
+
+        A reader declares ``after = ("spectral_alignment",)``. Cost: none.
+        """
+        return self._cache.get(("alignment_statistics",))
+
+    # --- layer inputs and outputs ------------------------------------------------------------------
     def _captured(self, modules: ModuleSpec, max_tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         spec_key = modules if modules is None or isinstance(modules, (str, type)) else (
             tuple(modules) if isinstance(modules, (list, tuple)) else id(modules)

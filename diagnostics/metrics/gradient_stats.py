@@ -5,7 +5,7 @@ gradients g_i (population variance, guarded denominator), summarised by mean and
 tensor and over the whole model. B_simple = tr(Σ)/‖g‖² (McCandlish et al. 2018). The micro-batch
 estimator uses micro-batch gradients instead of per-sample ones; it estimates about (micro-batch size) ×
 the per-sample GSNR and is therefore stored under its own metric names. The maths lives in
-:mod:`diagnostics.gradients`.
+:mod:`diagnostics.gradients`; definitions: docs/metrics.md, "GSNR".
 """
 
 from __future__ import annotations

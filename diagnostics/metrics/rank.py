@@ -1,9 +1,10 @@
 """Rank diagnostics: effective and stable rank of weights, layer-wise gradients and activations; α-ReQ.
 
-Definitions (METRICS.md): erank(σ) = exp(−Σ p_k log p_k), p_k = σ_k / Σσ over singular values (RankMe,
-Roy & Vetterli 2007; the σ-based variant); stable rank ‖W‖_F² / ‖W‖₂²; α-ReQ = decay exponent of the
-centred covariance eigenvalues over ranks 11..100 (Agrawal et al. 2022). The maths lives in
-:mod:`diagnostics.linalg`; these classes choose the matrices and turn the numbers into records.
+Definitions (docs/metrics.md, "Effective rank"): erank(σ) = exp(−Σ p_k log p_k), p_k = σ_k / Σσ over
+singular values (RankMe, Roy & Vetterli 2007; the σ-based variant); stable rank ‖W‖_F² / ‖W‖₂²;
+α-ReQ = decay exponent of the centred covariance eigenvalues over ranks 11..100 (Agrawal et al. 2022).
+The maths lives in :mod:`diagnostics.linalg`; these classes choose the matrices and turn the numbers
+into records.
 """
 
 from __future__ import annotations
@@ -143,7 +144,6 @@ class ActivationRankDiagnostic(Diagnostic):
         "activation_stable_rank",
         "activation_alpha_req",
     )
-    state_keys: ClassVar[tuple[str, ...]] = ("baseline", "collapsed")
 
     def __init__(
         self,
@@ -161,8 +161,18 @@ class ActivationRankDiagnostic(Diagnostic):
         self.max_tokens = int(max_tokens)
         self.collapse_ratio = collapse_ratio
         self.baseline_after = int(baseline_after)
-        self.baseline: dict[str, float] = {}
-        self.collapsed: list[str] = []
+        #: Baseline effective rank per layer and the layers in collapse (saved with the run).
+        self.state.update(baseline={}, collapsed=[])
+
+    @property
+    def baseline(self) -> dict[str, float]:
+        """Baseline effective rank per layer (taken ``baseline_after`` steps into the run)."""
+        return self.state["baseline"]
+
+    @property
+    def collapsed(self) -> list[str]:
+        """Layers whose effective rank is below ``collapse_ratio`` times their baseline."""
+        return self.state["collapsed"]
 
     def settings(self) -> dict[str, Any]:
         return {

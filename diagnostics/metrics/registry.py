@@ -4,6 +4,11 @@ A diagnostic joins the registry by decorating its class with :func:`register` in
 ``diagnostics.metrics`` package; every such module is imported on first use of the registry, so a new
 family only needs a new file. Presets follow each class's ``preset`` attribute: ``cheap`` holds the
 classes whose preset is "cheap", ``standard`` adds those marked "standard", ``full`` holds everything.
+
+A *variant* (``@register(variant_of="hessian_top")``) is a registered class that needs something a preset
+cannot assume: the ``ggn_*`` twins of the curvature diagnostics need a loss with ``forward`` and
+``criterion`` (e.g. :class:`~diagnostics.loss.ClassificationLoss`). It is selected by name only and is in
+no preset; :func:`variants` lists them.
 """
 
 from __future__ import annotations
@@ -13,24 +18,41 @@ import pkgutil
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, overload
 
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import PRESETS, REQUIREMENTS, Diagnostic
 
 _REGISTRY: dict[str, type[Diagnostic]] = {}
+# name -> (class, name of the diagnostic it is a variant of)
+_VARIANTS: dict[str, tuple[type[Diagnostic], str]] = {}
 _LOADED = False
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Modules of the package that hold no diagnostics (or are being imported right now).
 _SKIP = {"base", "registry", "__init__"}
 
 
-def register(cls: type[Diagnostic]) -> type[Diagnostic]:
+@overload
+def register(cls: type[Diagnostic]) -> type[Diagnostic]: ...
+
+
+@overload
+def register(*, variant_of: str) -> Any: ...
+
+
+def register(cls: type[Diagnostic] | None = None, *, variant_of: str | None = None) -> Any:
     """Class decorator adding a Diagnostic subclass to the registry under ``cls.name``.
 
     Checks that the name is snake_case and unique, ``requires`` is a subset of REQUIREMENTS and ``preset``
-    is one of cheap/standard/full. Returns the class unchanged.
+    is one of cheap/standard/full. Returns the class unchanged. ``@register(variant_of="other")``
+    registers a variant of ``other``: selectable by name, in no preset (see the module docstring).
     """
+    if cls is None:
+        return lambda c: _add(c, variant_of)
+    return _add(cls, variant_of)
+
+
+def _add(cls: type[Diagnostic], variant_of: str | None) -> type[Diagnostic]:
     if not (isinstance(cls, type) and issubclass(cls, Diagnostic)):
         raise ConfigError(f"register() takes a Diagnostic subclass, got {cls!r}")
     name = getattr(cls, "name", None)
@@ -41,10 +63,13 @@ def register(cls: type[Diagnostic]) -> type[Diagnostic]:
         raise ConfigError(f"{cls.__name__}.requires has unknown entries {sorted(unknown)}; valid: {sorted(REQUIREMENTS)}")
     if cls.preset not in PRESETS:
         raise ConfigError(f"{cls.__name__}.preset must be one of {PRESETS}, got {cls.preset!r}")
-    existing = _REGISTRY.get(name)
+    existing = _REGISTRY.get(name) or _VARIANTS.get(name, (None, ""))[0]
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise ConfigError(f"diagnostic name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
-    _REGISTRY[name] = cls
+    if variant_of is None:
+        _REGISTRY[name] = cls
+    else:
+        _VARIANTS[name] = (cls, variant_of)
     return cls
 
 
@@ -73,9 +98,15 @@ def registry() -> dict[str, type[Diagnostic]]:
 
 
 def available_diagnostics() -> list[str]:
-    """Sorted names of every registered diagnostic."""
+    """Sorted names of every registered diagnostic (variants excepted: see :func:`variants`)."""
     _load()
     return sorted(_REGISTRY)
+
+
+def variants() -> dict[str, type[Diagnostic]]:
+    """``{name: class}`` of the registered variants, selectable by name and in no preset."""
+    _load()
+    return {n: c for n, (c, _) in _VARIANTS.items()}
 
 
 def preset_names(preset: str) -> list[str]:
@@ -90,7 +121,7 @@ def preset_names(preset: str) -> list[str]:
 def _unknown(name: str) -> ConfigError:
     return ConfigError(
         f"unknown diagnostic {name!r}; valid names: {', '.join(available_diagnostics())} "
-        f"(or a preset: {', '.join(PRESETS)})"
+        f"(variants: {', '.join(sorted(_VARIANTS))}; or a preset: {', '.join(PRESETS)})"
     )
 
 
@@ -101,7 +132,7 @@ def get_diagnostic(name: str, **options: Any) -> Diagnostic:
     it is set on the instance and read by the Monitor for the diagnostic's warning events.
     """
     _load()
-    cls = _REGISTRY.get(name)
+    cls = _REGISTRY.get(name) or _VARIANTS.get(name, (None, ""))[0]
     if cls is None:
         raise _unknown(name)
     action = options.pop("action", None)
@@ -169,7 +200,8 @@ def resolve_diagnostics(spec: Any) -> list[Diagnostic]:
 def order_by_dependencies(diags: list[Diagnostic]) -> list[Diagnostic]:
     """Stable order in which each diagnostic runs after those named in its ``after`` class attribute.
 
-    A diagnostic that reads what another publishes in ``ctx.cache`` declares
+    A diagnostic that reads what another shares through the StepContext (``ctx.top_eigenspace``,
+    ``ctx.trace``, ``ctx.alignment_statistics``) declares
     ``after: ClassVar[tuple[str, ...]] = ("other_name",)``; names not selected are ignored. Raises
     ConfigError on a cycle.
     """

@@ -17,9 +17,10 @@ ratio ``S * lr / 2`` (1 = edge of stability), reading the step size from the opt
 * ``trace_ratio = Tr(H) * lr / 2`` for SGD-like optimizers: linearly stable minima of SGD have
   ``Tr(H) <= 2 / lr`` (Wu & Su 2023).
 
-An ``edge_of_stability`` event is emitted when ``sharpness_ratio`` or ``adam_sharpness_ratio`` crosses 1 upwards (severity "warning") and when it
-comes back below ``1 - hysteresis`` (severity "info"); the side is remembered in ``ctx.state`` so a ratio
-hovering at 1 does not fire at every probe.
+An ``edge_of_stability`` event is emitted when ``sharpness_ratio`` or ``adam_sharpness_ratio`` crosses 1
+upwards (severity "warning") and when it comes back below ``1 - hysteresis`` (severity "info"); the side
+is remembered in ``self.state`` (saved with the run) so a ratio hovering at 1 does not fire at every
+probe. Definitions: docs/metrics.md, "Sharpness and edge of stability".
 """
 
 from __future__ import annotations
@@ -32,16 +33,8 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Output
-from diagnostics.metrics.curvature import (
-    FiniteChecked,
-    _check_budget,
-    _CurvatureDiagnostic,
-    _worst,
-    estimate_trace,
-    failed,
-    run_guarded,
-    trace_cache_key,
-)
+from diagnostics.linalg.finite import FiniteChecked
+from diagnostics.metrics.curvature_base import CurvatureDiagnostic, check_budget, failed, run_guarded, worst_status
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
@@ -131,7 +124,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str
 
 # --- the diagnostic ---------------------------------------------------------------------------------------
 @register
-class Sharpness(_CurvatureDiagnostic):
+class Sharpness(CurvatureDiagnostic):
     """Sharpness ``lambda_max(H)`` against the optimizer's stability threshold, and ``Tr(H) lr / 2``.
 
     Records (key = block, "all" by default): ``sharpness``; for SGD-like optimizers
@@ -144,10 +137,10 @@ class Sharpness(_CurvatureDiagnostic):
 
     Args:
         every, start: schedule (default every 500 steps).
-        params: blocks (module docstring of ``diagnostics.metrics.curvature``); whole model by default.
+        params: blocks (module docstring of ``diagnostics.metrics.curvature_base``); whole model by default.
         lr: step size to use when there is no optimizer (checkpoint analysis); else read at each step.
         trace: ``"auto"`` (default) records ``trace_ratio`` when ``hessian_trace`` ran earlier in the same
-            step with the same ``num_matvecs`` and seed (free: its estimate is reused from the step cache);
+            step with the same ``num_matvecs`` and seed (free: ``ctx.trace`` shares its estimate);
             ``True`` always estimates ``Tr(H)`` by Hutch++ with ``trace_matvecs`` products (reused when
             available); ``False`` never records it.
         tol, max_matvecs, max_seconds: Lanczos tolerance and budget per Lanczos run (one per block; a
@@ -184,7 +177,7 @@ class Sharpness(_CurvatureDiagnostic):
             raise ConfigError(f"sharpness: hysteresis must be in [0, 1), got {hysteresis!r}")
         if not isinstance(trace_matvecs, int) or trace_matvecs < 6:
             raise ConfigError(f"sharpness: trace_matvecs must be an int >= 6, got {trace_matvecs!r}")
-        _check_budget(max_matvecs, max_seconds, self.name)
+        check_budget(max_matvecs, max_seconds, self.name)
         self.lr = lr
         if trace not in (True, False, "auto"):
             raise ConfigError(f"sharpness: trace must be True, False or 'auto', got {trace!r}")
@@ -223,7 +216,7 @@ class Sharpness(_CurvatureDiagnostic):
         return float(res.eigenvalues[0]), res.all_converged, checked.num_matvecs, None
 
     def _crossing(self, ctx: StepContext, metric: str, key: str, ratio: float) -> Event | None:
-        sides = ctx.state.setdefault("side", {})
+        sides = self.state.setdefault("side", {})
         sid = f"{metric}/{key}"
         above = sides.get(sid, "below") == "above"
         if not above and ratio >= 1.0:
@@ -266,10 +259,11 @@ class Sharpness(_CurvatureDiagnostic):
                 records += [Record("stability_threshold", thr, key=key), Record("sharpness_ratio", ratio, key=key)]
                 ev = self._crossing(ctx, "sharpness_ratio", key, ratio)
                 events += [ev] if ev else []
-                cached = trace_cache_key("hessian", key, self.trace_matvecs, self.seed) in ctx.cache
-                if self.trace is True or (self.trace == "auto" and cached):
-                    out, why = run_guarded(lambda op=op, key=key: estimate_trace(
-                        ctx, op, "hessian", key, self.trace_matvecs, self.seed))
+                sel = self.block_params(key)
+                shared = ctx.has_trace("hessian", sel, num_matvecs=self.trace_matvecs, seed=self.seed)
+                if self.trace is True or (self.trace == "auto" and shared):
+                    out, why = run_guarded(lambda sel=sel: ctx.trace(
+                        "hessian", sel, num_matvecs=self.trace_matvecs, seed=self.seed))
                     if out is None:
                         return failed(f"{key} trace: {why}", total)
                     est, spent = out
@@ -300,5 +294,5 @@ class Sharpness(_CurvatureDiagnostic):
                 if not aconv:
                     statuses.append("not_converged")
                     reasons.append(f"{key}: preconditioned lambda_max not converged within the budget")
-        return Output(records=records, events=events, status=_worst(statuses), num_matvecs=total,
+        return Output(records=records, events=events, status=worst_status(statuses), num_matvecs=total,
                       reason="; ".join(dict.fromkeys(reasons)) or None, settings={"optimizer_family": family})

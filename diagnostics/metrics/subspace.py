@@ -9,13 +9,13 @@ With ``V_k`` the top-k Hessian eigenvectors of ``hessian_top`` (never recomputed
 * ``subspace_overlap_prev`` = ``(1/k) Tr(P_t P_t')`` between the latest probe and the one before it, and
   ``subspace_overlap_ref`` against a reference probe (the first at or after ``reference_step``).
 
-How the eigenvectors arrive. In ``compute`` (before ``optimizer.step()``) this diagnostic takes the step's
-:class:`~diagnostics.metrics.curvature.EigenspaceSlot` from ``ctx.cache[EIGENSPACE_CACHE_KEY]``, computes
-``g`` and ``H g`` and keeps them; in ``compute_after_update`` every ``hessian_top`` due at the step has
-attached its board to the slot (whatever the order the diagnostics ran in), so the fractions use that
-step's eigenvectors. The board is kept: at a step where ``hessian_top`` is not due, the fractions use its
-latest eigenvectors (from an earlier step). Without a ``hessian_top`` in the run only
-``grad_hessian_overlap`` is recorded, and the status reason says why.
+How the eigenvectors arrive. ``after = ("hessian_top",)`` makes the Monitor run ``hessian_top`` first;
+in ``compute`` (before ``optimizer.step()``) this diagnostic reads the step's eigenspace with
+``ctx.top_eigenspace(kind, block)``, computes ``g`` and ``H g`` and keeps them; ``compute_after_update``
+adds the update's fraction. The latest eigenspace is kept: at a step where ``hessian_top`` is not due,
+the fractions use the latest one seen at a step where both ran (give both the same schedule, the
+default, to use every probe). Without a ``hessian_top`` in the run only ``grad_hessian_overlap`` is
+recorded, and the status reason says why. Definitions: docs/metrics.md, "Gradient-subspace alignment".
 
 Read: a fraction near 1 says the gradient lives in the few high-curvature directions (typical after the
 first steps); it does not prove that learning happens there (Song et al. 2025 find that removing that
@@ -32,17 +32,8 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Output
-from diagnostics.metrics.curvature import (
-    Eigenspace,
-    EigenspaceBoard,
-    EigenspaceSlot,
-    FiniteChecked,
-    NonFiniteProductError,
-    _CurvatureDiagnostic,
-    eigenspace_slot,
-    failed,
-    run_guarded,
-)
+from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
+from diagnostics.metrics.curvature_base import CurvatureDiagnostic, Eigenspace, failed, run_guarded
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
 
@@ -69,7 +60,7 @@ def _fraction(v: Tensor, V: Tensor) -> float:
 
 
 @register
-class GradSubspace(_CurvatureDiagnostic):
+class GradSubspace(CurvatureDiagnostic):
     """Fraction of the gradient and of the update in the top-k Hessian eigenspace, and subspace overlaps.
 
     Records (key = block): ``grad_subspace_fraction``, ``update_subspace_fraction``,
@@ -93,13 +84,12 @@ class GradSubspace(_CurvatureDiagnostic):
     default_every = 1000
     metrics = ("grad_subspace_fraction", "update_subspace_fraction", "grad_hessian_overlap",
                "subspace_overlap_prev", "subspace_overlap_ref")
-    #: reads hessian_top's eigenvectors (the Monitor runs it first; the slot also works in any order).
+    #: reads hessian_top's eigenspace of the step, so the Monitor runs hessian_top first.
     after: ClassVar[tuple[str, ...]] = ("hessian_top",)
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
                  gradient: str = "probe", reference_step: int = 0, seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
-        self.name = type(self).name  # one name whatever the kind: metric IDs do not depend on it
         if self.kind == "ggn":
             self.after = ("ggn_top",)
         self.metrics = type(self).metrics
@@ -107,33 +97,34 @@ class GradSubspace(_CurvatureDiagnostic):
             raise ConfigError(f"grad_subspace: gradient must be 'probe' or 'batch', got {gradient!r}")
         self.gradient = gradient
         self.reference_step = int(reference_step)
-        self.boards: list[EigenspaceBoard] = []
+        #: latest and previous eigenspace seen per block (not saved with the run: a resumed run starts afresh).
+        self.latest: dict[str, Eigenspace] = {}
+        self.previous: dict[str, Eigenspace] = {}
         #: eigenspace step of the last probe whose overlaps were recorded, per block.
         self.reported: dict[str, int] = {}
         #: reference eigenspace per block.
         self.reference: dict[str, Eigenspace] = {}
-        self._slot: EigenspaceSlot | None = None
         self._grads: dict[str, Tensor] = {}
         self._pending: list[Record] = []
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "gradient": self.gradient, "reference_step": self.reference_step}
 
-    def _space(self, key: str) -> tuple[Eigenspace | None, Eigenspace | None]:
-        """Latest and previous eigenspace of block ``key`` over the linked boards (newest wins)."""
-        latest = prev = None
-        for b in self.boards:
-            s = b.latest.get((self.kind, key))
-            if s is not None and (latest is None or s.step > latest.step):
-                latest, prev = s, b.previous.get((self.kind, key))
-        return latest, prev
+    def _observe(self, ctx: StepContext, key: str) -> None:
+        """Take the eigenspace ``hessian_top`` published for block ``key`` at this step, if any."""
+        space = ctx.top_eigenspace(self.kind, key)
+        latest = self.latest.get(key)
+        if space is not None and (latest is None or space.step != latest.step):
+            if latest is not None:
+                self.previous[key] = latest
+            self.latest[key] = space
 
     def compute(self, ctx: StepContext) -> Output:
-        self._slot = eigenspace_slot(ctx)
         self._grads = {}
         self._pending = []
         total = 0
         for key, raw in self.operators(ctx):
+            self._observe(ctx, key)
             op = FiniteChecked(raw)
 
             def probe(raw: Any = raw, op: FiniteChecked = op) -> tuple[Tensor, Tensor]:
@@ -157,16 +148,11 @@ class GradSubspace(_CurvatureDiagnostic):
     def compute_after_update(self, ctx: StepContext) -> Output:
         from diagnostics.linalg import subspace_overlap
 
-        if self._slot is not None:
-            for b in self._slot.boards:
-                if not any(b is o for o in self.boards):
-                    self.boards.append(b)
-        self._slot = None
         records, self._pending = self._pending, []
         missing = []
         update = None
         for key, g in self._grads.items():
-            space, prev = self._space(key)
+            space, prev = self.latest.get(key), self.previous.get(key)
             if space is None:
                 missing.append(key)
                 continue

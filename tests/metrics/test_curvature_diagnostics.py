@@ -12,14 +12,13 @@ from diagnostics.errors import ConfigError
 from diagnostics.loss import ClassificationLoss
 from diagnostics.linalg import DenseOperator
 from diagnostics.metrics.curvature import (
-    EIGENSPACE_CACHE_KEY,
-    EigenspaceSlot,
+    GGNTop,
     HessianDensity,
     HessianTop,
     HessianTrace,
     parse_blocks,
 )
-from diagnostics.metrics.registry import preset_names
+from diagnostics.metrics.registry import get_diagnostic, preset_names, variants
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
 from diagnostics.metrics.context import StepContext
@@ -30,10 +29,8 @@ F64 = torch.float64
 
 
 def make_ctx(case, step: int = 0, num_classes: int | None = 3) -> StepContext:
-    ctx = StepContext(step=step, model=case.model, loss_fn=case.loss_fn, batch=case.batches[0], loss=None,
-                      probe_data=case.batches, num_classes=num_classes)
-    ctx.state = {}
-    return ctx
+    return StepContext(step=step, model=case.model, loss_fn=case.loss_fn, batch=case.batches[0], loss=None,
+                       probe_data=case.batches, num_classes=num_classes)
 
 
 def values(out, metric: str, key: str = "all") -> list[float]:
@@ -105,6 +102,11 @@ def test_ggn_variant_writes_ggn_metrics_and_matches_dense_ggn():
     case = get_case("mlp")
     d = HessianTop(kind="ggn", k=2, tol=1e-9, max_matvecs=None)
     assert d.name == "ggn_top" and "ggn_eigenvalue" in d.metrics
+    # The name in the status table is a registry key: the GGN twin is its own registered class.
+    assert type(d) is GGNTop and variants()["ggn_top"] is GGNTop and "ggn_top" not in preset_names("full")
+    assert type(get_diagnostic("ggn_top")) is GGNTop
+    with pytest.raises(ConfigError, match="ggn_top measures the ggn"):
+        GGNTop(kind="hessian")
     out = d.compute(make_ctx(case))
     assert {r.metric for r in out.records} == {"ggn_eigenvalue", "ggn_residual", "ggn_converged"}
     G = dense_ggn(case.model, case.loss_fn, case.batches, names(case.model))
@@ -197,7 +199,8 @@ class _NaNAfter(DenseOperator):
 def test_nonfinite_product_mid_lanczos_is_failed():
     case = get_case("mlp")
     ctx = make_ctx(case)
-    ctx.cache[("curvature", "hessian", None)] = _NaNAfter(torch.diag(torch.arange(1.0, 21.0, dtype=F64)), n=3)
+    op = _NaNAfter(torch.diag(torch.arange(1.0, 21.0, dtype=F64)), n=3)
+    ctx.curvature = lambda kind="hessian", params=None: op
     d = HessianTop(k=2)
     out = d.compute(ctx)
     assert out.status == "failed" and out.records == []
@@ -205,14 +208,14 @@ def test_nonfinite_product_mid_lanczos_is_failed():
     assert "all" not in d.vectors  # a failed probe leaves no warm start behind
 
 
-def test_eigenspace_is_published_through_the_step_cache():
+def test_eigenspace_is_published_through_the_step_context():
     case = get_case("mlp")
     ctx = make_ctx(case, step=7)
-    slot = ctx.cached(EIGENSPACE_CACHE_KEY, EigenspaceSlot)  # a reader that ran first
+    assert ctx.top_eigenspace("hessian", "all") is None  # a reader that ran first finds nothing
     d = HessianTop(k=2, tol=1e-8)
     d.compute(ctx)
-    assert slot.boards == [d.board]
-    space = d.board.latest[("hessian", "all")]
+    space = ctx.top_eigenspace("hessian", "all")
+    assert ctx.top_eigenspace("ggn", "all") is None
     assert space.step == 7 and space.eigenvectors.shape[1] == 2
     assert list(space.param_names) == names(case.model)
 

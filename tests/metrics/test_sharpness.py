@@ -17,11 +17,9 @@ from tests.reference import dense_hessian
 F64 = torch.float64
 
 
-def make_ctx(case, optimizer=None, step: int = 0, state: dict | None = None) -> StepContext:
-    ctx = StepContext(step=step, model=case.model, loss_fn=case.loss_fn, batch=case.batches[0], loss=None,
-                      optimizer=optimizer, probe_data=case.batches, num_classes=3)
-    ctx.state = {} if state is None else state
-    return ctx
+def make_ctx(case, optimizer=None, step: int = 0) -> StepContext:
+    return StepContext(step=step, model=case.model, loss_fn=case.loss_fn, batch=case.batches[0], loss=None,
+                       optimizer=optimizer, probe_data=case.batches, num_classes=3)
 
 
 def value(out, metric: str, key: str = "all") -> float:
@@ -143,12 +141,11 @@ def test_without_optimizer_or_lr_only_sharpness_and_with_lr_option_the_ratio():
 def test_edge_of_stability_events_remember_the_side():
     case = get_case("mlp")
     lam = Sharpness(trace=False).compute(make_ctx(case)).records[0].value
-    state: dict = {}
     d = Sharpness(trace=False, hysteresis=0.1)
 
     def probe(ratio: float, step: int):
         opt = torch.optim.SGD(case.model.parameters(), lr=2 * ratio / lam)
-        out = d.compute(make_ctx(case, opt, step=step, state=state))
+        out = d.compute(make_ctx(case, opt, step=step))
         assert value(out, "sharpness_ratio") == pytest.approx(ratio, rel=1e-3)
         return [e for e in out.events if e.kind == "edge_of_stability"]
 
@@ -160,7 +157,7 @@ def test_edge_of_stability_events_remember_the_side():
     assert probe(1.02, 4) == []
     (down,) = probe(0.8, 5)
     assert down.severity == "info" and down.data["direction"] == "down"
-    assert state["side"] == {"sharpness_ratio/all": "below"}
+    assert d.state["side"] == {"sharpness_ratio/all": "below"}
 
 
 def test_monitor_records_the_crossing_event_and_warm_starts(tmp_path):

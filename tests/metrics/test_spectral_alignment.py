@@ -8,15 +8,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
 from diagnostics.metrics.registry import get_diagnostic, preset_names
+from diagnostics.metrics.alignment_probe import Projector
 from diagnostics.metrics.spectral_alignment import (
-    SA_CACHE_KEY,
     SpectralAlignment,
-    _Projector,
     batched_alignment_statistics,
     find_linear_maps,
     project_rows,
 )
 from diagnostics.metrics.context import StepContext
+from diagnostics.metrics.explosion import ExplosionDetector
 from diagnostics.zoo.models import TinyGPT
 
 
@@ -30,10 +30,8 @@ def _sum_loss(model, batch):
     return model(batch[0]).sum()
 
 
-def _ctx(model, batch, step, state, loss_fn=_sum_loss):
-    ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None)
-    ctx.state = state
-    return ctx
+def _ctx(model, batch, step, loss_fn=_sum_loss):
+    return StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None)
 
 
 def _stats(out):
@@ -74,16 +72,15 @@ def test_statistics_match_direct_svd_on_a_real_model():
         model.train()
     for h in hooks:
         h.remove()
-    d = SpectralAlignment(max_tokens=256, init_iters=2000, init_tol=1e-14, detector=False)
-    state = {}
-    out = d.compute(_ctx(model, batch, 0, state, _lm_loss))
+    d = SpectralAlignment(max_tokens=256, init_iters=2000, init_tol=1e-14)
+    out = d.compute(_ctx(model, batch, 0, _lm_loss))
     got = _stats(out)
     assert set(got["sa_sign_diversity"]) == set(inputs) and len(inputs) == 7
     for name, xin in inputs.items():
         w = dict(model.named_modules())[name].weight.detach()
         _, s, vh = torch.linalg.svd(w, full_matrices=False)
         v1 = vh[0]
-        if torch.dot(v1, state["v1"][name].double()) < 0:  # the diagnostic's sign convention
+        if torch.dot(v1, d.state["v1"][name].double()) < 0:  # the diagnostic's sign convention
             v1 = -v1
         ref = alignment_statistics(alignment_cosines(xin, v1))
         assert got["sa_sigma1"][name][0] == pytest.approx(float(s[0]), rel=1e-9), name
@@ -121,16 +118,15 @@ def test_power_iteration_tracks_v1_and_sign_across_slow_weight_changes():
             u @ torch.diag(torch.tensor([5.0, 2.0, 1.5, 1.0, 0.5, 0.2], dtype=torch.float64)) @ vh
         )
     model = nn.Sequential(lin)
-    d = SpectralAlignment(power_iters=1, detector=False)
-    state: dict = {}
+    d = SpectralAlignment(power_iters=1)
     batch = (torch.randn(20, 6, generator=g, dtype=torch.float64),)
     prev = None
     ref_prev = None
     for step in range(60):
         with torch.no_grad():  # a slow drift of the weight, as between optimizer steps
             lin.weight.add_(0.03 * torch.randn(9, 6, generator=g, dtype=torch.float64))
-        out = d.compute(_ctx(model, batch, step, state))
-        v = state["v1"]["0"].double()
+        out = d.compute(_ctx(model, batch, step))
+        v = d.state["v1"]["0"].double()
         _, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
         # The SVD's sign is arbitrary: carry it by continuity from the diagnostic's first v1.
         ref = vh[0] if torch.dot(vh[0], v if ref_prev is None else ref_prev) >= 0 else -vh[0]
@@ -147,12 +143,12 @@ def test_sign_diversity_invariant_to_global_sign_of_v1():
     model = _tiny_gpt()
     g = torch.Generator().manual_seed(4)
     batch = (torch.randint(0, 96, (2, 8), generator=g), torch.randint(0, 96, (2, 8), generator=g))
-    d = SpectralAlignment(detector=False, init_iters=500, detail_every=1)
-    state: dict = {}
-    d.compute(_ctx(model, batch, 0, state, _lm_loss))  # cold start
-    flipped = {"v1": {k: -v for k, v in state["v1"].items()}}  # the same v1 with every sign flipped
-    a = _stats(d.compute(_ctx(model, batch, 1, state, _lm_loss)))
-    b = _stats(d.compute(_ctx(model, batch, 1, flipped, _lm_loss)))
+    d = SpectralAlignment(init_iters=500, detail_every=1)
+    d.compute(_ctx(model, batch, 0, _lm_loss))  # cold start
+    flipped = {k: -v for k, v in d.state["v1"].items()}  # the same v1 with every sign flipped
+    a = _stats(d.compute(_ctx(model, batch, 1, _lm_loss)))
+    d.state["v1"] = flipped
+    b = _stats(d.compute(_ctx(model, batch, 1, _lm_loss)))
     for key in a["sa_sign_diversity"]:
         assert b["sa_sign_diversity"][key][0] == pytest.approx(a["sa_sign_diversity"][key][0], abs=1e-9)
         assert b["sa_mean_abs"][key][0] == pytest.approx(a["sa_mean_abs"][key][0], abs=1e-6)
@@ -166,8 +162,8 @@ def test_sign_diversity_invariant_to_global_sign_of_v1():
 def test_hooks_removed_also_when_the_loss_fails():
     model = _tiny_gpt()
     batch = (torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8)))
-    d = SpectralAlignment(detector=False)
-    d.compute(_ctx(model, batch, 0, {}, _lm_loss))
+    d = SpectralAlignment()
+    d.compute(_ctx(model, batch, 0, _lm_loss))
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
     def bad(model, batch):
@@ -175,7 +171,7 @@ def test_hooks_removed_also_when_the_loss_fails():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        d.compute(_ctx(model, batch, 1, {}, bad))
+        d.compute(_ctx(model, batch, 1, bad))
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     assert model.training and all(m.training for m in model.modules())
 
@@ -212,7 +208,7 @@ def test_memory_bounded_with_long_sequences(contiguous):
         x = torch.randn(2, length, d_in)
         if not contiguous:
             x = torch.randn(length, 2, d_in).transpose(0, 1)  # [2, L, d] with strides of a transposed tensor
-        proj = _Projector("linear", V, budget, torch.Generator().manual_seed(0), chunk)
+        proj = Projector("linear", V, budget, torch.Generator().manual_seed(0), chunk)
         with _MaxAlloc() as mode:
             proj(nn.Identity(), (x,), {})
             proj(nn.Identity(), (x,), {})  # a second call finds the budget spent
@@ -225,8 +221,8 @@ def test_memory_bounded_with_long_sequences(contiguous):
 def test_token_budget_through_the_diagnostic_on_long_inputs():
     lin = nn.Linear(8, 5)
     model = nn.Sequential(lin)
-    d = SpectralAlignment(max_tokens=100, chunk_tokens=32, detector=False)
-    out = d.compute(_ctx(model, (torch.randn(1, 20_000, 8),), 0, {}))
+    d = SpectralAlignment(max_tokens=100, chunk_tokens=32)
+    out = d.compute(_ctx(model, (torch.randn(1, 20_000, 8),), 0))
     hist = _stats(out)["sa_histogram"]["0"]
     # Fractions over exactly max_tokens tokens.
     assert all(abs(v * 100 - round(v * 100)) < 1e-9 for v in hist.values())
@@ -273,9 +269,8 @@ def test_fused_qkv_conv1d_and_multihead_attention(mode):
     torch.manual_seed(5)
     model = _Fused()
     maps = find_linear_maps(model, fused_qkv=mode)
-    d = SpectralAlignment(fused_qkv=mode, init_iters=3000, init_tol=1e-15, detector=False)
-    state: dict = {}
-    got = _stats(d.compute(_ctx(model, (torch.randn(2, 5, 8, dtype=torch.float64),), 0, state)))
+    d = SpectralAlignment(fused_qkv=mode, init_iters=3000, init_tol=1e-15)
+    got = _stats(d.compute(_ctx(model, (torch.randn(2, 5, 8, dtype=torch.float64),), 0)))
     weights = {
         "qkv": model.qkv.weight.detach(),
         "c_attn": model.c_attn.weight.detach().T,  # HF Conv1D is transposed
@@ -307,12 +302,12 @@ def test_patterns_select_and_bad_pattern_names_the_fix():
         SpectralAlignment(max_tokens=0)
 
 
-def test_publishes_statistics_in_the_step_cache():
+def test_publishes_statistics_in_the_step_context():
     model = _tiny_gpt()
     batch = (torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8)))
-    ctx = _ctx(model, batch, 0, {}, _lm_loss)
-    SpectralAlignment(detector=False).compute(ctx)
-    stats = ctx.cache[SA_CACHE_KEY]
+    ctx = _ctx(model, batch, 0, _lm_loss)
+    SpectralAlignment().compute(ctx)
+    stats = ctx.alignment_statistics()
     assert "head" in stats and 0.0 <= stats["head"]["sign_diversity"] <= 1.0
 
 
@@ -353,7 +348,7 @@ def test_watch_measures_on_the_training_forward_without_an_extra_forward(tmp_pat
 
     model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sa = SpectralAlignment(detector=False)
+    sa = SpectralAlignment()
     calls = []
     counter = model.register_forward_pre_hook(lambda m, a: calls.append(1))
     g = torch.Generator().manual_seed(0)
@@ -362,7 +357,7 @@ def test_watch_measures_on_the_training_forward_without_an_extra_forward(tmp_pat
         for step in range(4):
             batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
             # Reference: this forward's inputs of fc1 projected on the v1 the diagnostic holds now.
-            v_before = sa._state_ref["v1"]["blocks.0.mlp.fc1"].clone() if sa._state_ref else None
+            v_before = sa.state["v1"]["blocks.0.mlp.fc1"].clone() if sa.state.get("v1") else None
             seen = {}
             h = model.blocks[0].mlp.fc1.register_forward_pre_hook(
                 lambda m, a, seen=seen: seen.__setitem__("x", a[0].detach())
@@ -393,8 +388,9 @@ def _train_detail(run, detail_every, steps=25):
     model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
-    sa = SpectralAlignment(detail_every=detail_every, detector={"skip": 2, "warmup": 5, "persistence": 2})
-    with Monitor(model, _lm_loss, run=run, diagnostics=[sa], optimizer=opt, strict=True) as mon:
+    sa = SpectralAlignment(detail_every=detail_every)
+    detector = ExplosionDetector(skip=2, warmup=5, persistence=2)
+    with Monitor(model, _lm_loss, run=run, diagnostics=[sa, detector], optimizer=opt, strict=True) as mon:
         for step in range(steps):
             batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
             loss = _lm_loss(model, batch)

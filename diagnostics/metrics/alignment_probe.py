@@ -1,0 +1,235 @@
+"""The in-loop measurement of spectral alignment: following v_1 and projecting layer inputs on it.
+
+- v_1 of each map is tracked by warm-started power iteration (:func:`diagnostics.linalg.power.power_steps`
+  after a cold start by :func:`diagnostics.linalg.power.top_singular_vector`), never a full SVD; the
+  warm start also carries the sign of v_1 from probe to probe, so p+ and the mean form continuous series.
+- inputs are seen by scoped forward pre-hooks (:func:`projection_hooks`); inside the hook the rows are
+  subsampled to the token budget with a private generator and projected on v_1 in chunks, so only the
+  cosines are kept: activations are never stored, and the memory added is independent of the sequence
+  length.
+
+Definitions: docs/metrics.md, "Spectral alignment".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from diagnostics.errors import DataError
+from diagnostics.linalg.power import power_steps, top_singular_vector
+from diagnostics.metrics.alignment_stats import finish_cosines
+from diagnostics.metrics.linear_maps import LinearMap
+
+__all__ = ["Projector", "group_by_module", "project_rows", "projection_hooks", "top_vectors"]
+
+
+def _input_tensor(kind: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("query" if kind == "mha" else "input", kwargs.get("x"))
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 1:
+        return None
+    return x.detach()
+
+
+def project_rows(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    max_rows: int,
+    generator: torch.Generator | None = None,
+    chunk_rows: int = 256,
+    eps: float = 1e-12,
+    finish: bool = True,
+) -> torch.Tensor:
+    """Cosines of (a random subsample of) the rows of ``x`` with each column of ``V``.
+
+    Rows are the vectors along the last dimension of ``x`` (tokens). When there are more than
+    ``max_rows`` of them, ``max_rows`` row indices are drawn uniformly (with replacement, from
+    ``generator``) and only those rows are gathered, ``chunk_rows`` at a time, so the memory used here is
+    O(chunk_rows * in + max_rows * K) whatever the number of rows of ``x`` (no reshape copy of ``x``).
+    Zero or non-finite rows get cosine 0 (counted as neither sign).
+
+    Args:
+        x: [..., in] inputs (any leading shape, any strides).
+        V: [in, K] unit columns (v_1 of K maps sharing this input).
+        max_rows: token budget.
+        generator: private generator for the subsample (the global RNG is untouched).
+        chunk_rows: rows projected at once.
+        finish: map non-finite cosines to 0 and clamp to [-1, 1] here; False leaves that to the caller
+            (:func:`~diagnostics.metrics.alignment_stats.batched_alignment_statistics` does it for all
+            maps at once).
+
+    Returns:
+        [R, K] float32 (or float64 for float64 inputs) cosines in [-1, 1], R = min(rows, max_rows).
+        Cost O(R * in * K).
+    """
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    V = V.to(device=x.device, dtype=dtype)
+    if n == 0:
+        return torch.zeros(0, V.shape[1], dtype=dtype, device=x.device)
+    # A contiguous x is viewed as [n, in] for free; otherwise rows are gathered by multi-index so that a
+    # strided x is never copied whole.
+    flat_x = x.view(-1, x.shape[-1]) if x.is_contiguous() else None
+    pick = torch.randint(n, (max_rows,), generator=generator).to(x.device) if n > max_rows else None
+    count = n if pick is None else max_rows
+    blocks = []
+    for start in range(0, count, chunk_rows):
+        stop = min(count, start + chunk_rows)
+        if pick is None:
+            idx = None if flat_x is not None else torch.arange(start, stop, device=x.device)
+        else:
+            idx = pick[start:stop]
+        if flat_x is not None:
+            rows = flat_x[start:stop] if idx is None else flat_x.index_select(0, idx)
+        else:
+            rows = x[torch.unravel_index(idx, lead)] if len(lead) > 1 else x[idx]
+        rows = rows.to(dtype)
+        # Zero rows give 0 / eps = 0; non-finite rows give NaN, mapped to 0 (counted as neither sign).
+        cos = (rows @ V).div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(eps))
+        blocks.append(cos)
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
+    return finish_cosines(out) if finish else out
+
+
+class Projector:
+    """Forward pre-hook target of one module: projects its inputs on the v_1 of its maps, within budget.
+
+    Keeps only the cosines (at most ``budget`` rows over all the forwards it sees, on the CPU), never the
+    inputs. Cost per forward: O(rows kept * in * K).
+    """
+
+    def __init__(
+        self, kind: str, V: torch.Tensor, budget: int, generator: torch.Generator, chunk: int
+    ) -> None:
+        self.kind = kind
+        self.V = V
+        self.budget = budget
+        self.generator = generator
+        self.chunk = chunk
+        self.blocks: list[torch.Tensor] = []
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        room = self.budget - self.count
+        if room <= 0:
+            return
+        x = _input_tensor(self.kind, args, kwargs)
+        if x is None or x.shape[-1] != self.V.shape[0]:
+            return
+        with torch.no_grad():  # on the training forward: never part of the user's graph
+            cos = project_rows(x, self.V, room, self.generator, self.chunk, finish=False)
+        self.blocks.append(cos if cos.device.type == "cpu" else cos.cpu())
+        self.count += cos.shape[0]
+
+    def cosines(self) -> torch.Tensor | None:
+        """The ``[R, K]`` cosines seen so far (not finished: see :func:`project_rows`), or None."""
+        return torch.cat(self.blocks, 0) if self.blocks else None
+
+
+def group_by_module(
+    maps: list[LinearMap], vectors: Mapping[str, torch.Tensor | None]
+) -> dict[str, list[LinearMap]]:
+    """The maps that have a v_1, grouped by the module whose input they share (split fused projections)."""
+    by_module: dict[str, list[LinearMap]] = {}
+    for mp in maps:
+        if vectors.get(mp.key) is not None:
+            by_module.setdefault(mp.module_name, []).append(mp)
+    return by_module
+
+
+@contextlib.contextmanager
+def projection_hooks(
+    by_module: dict[str, list[LinearMap]],
+    vectors: Mapping[str, torch.Tensor],
+    modules: dict[str, nn.Module],
+    budget: int,
+    generator: torch.Generator,
+    chunk: int,
+) -> Iterator[dict[str, Projector]]:
+    """Scoped forward pre-hooks projecting each module's inputs on its maps' v_1; removed in finally.
+
+    Yields ``{module name: Projector}``; read ``Projector.cosines()`` after the forward. Cost: the
+    projections only (see :class:`Projector`).
+    """
+    projectors: dict[str, Projector] = {}
+    handles = []
+    try:
+        for mname, group in by_module.items():
+            cols = [vectors[mp.key] for mp in group]
+            V = torch.stack([v.to(torch.promote_types(v.dtype, torch.float32)) for v in cols], 1)
+            proj = Projector(group[0].kind, V, budget, generator, chunk)
+            projectors[mname] = proj
+            handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
+        yield projectors
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def top_vectors(
+    maps: list[LinearMap],
+    modules: dict[str, nn.Module],
+    saved: dict[str, torch.Tensor],
+    *,
+    power_iters: int,
+    init_iters: int,
+    init_tol: float,
+    seed: int,
+) -> dict[str, tuple[float, torch.Tensor | None]]:
+    """sigma_1 and v_1 per map key: a cold start by :func:`top_singular_vector`, then warm steps.
+
+    ``saved`` holds the previous v_1 per map key (CPU tensors) and is updated in place; a map with a
+    saved v_1 of the right size takes ``power_iters`` steps of :func:`power_steps` from it, batched
+    over the maps of equal shape, dtype and device. A weight that became non-finite or zero keeps its
+    last good v_1 and reports sigma_1 as NaN or 0; a zero weight without a saved v_1 has none.
+
+    Returns:
+        ``{key: (sigma_1, v_1 on the weight's device or None)}``. Cost: per shape group ``2 * power_iters
+        + 1`` batched products and one host transfer for all groups; a cold start runs up to
+        ``init_iters`` iterations with two products each.
+    """
+    out: dict[str, tuple[float, torch.Tensor | None]] = {}
+    warm: dict[tuple[Any, ...], list[tuple[LinearMap, torch.Tensor, torch.Tensor]]] = {}
+    for mp in maps:
+        W = mp.weight(modules[mp.module_name])
+        prev = saved.get(mp.key)
+        if prev is not None and prev.shape[0] == W.shape[1]:
+            warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W, prev))
+            continue
+        try:
+            sigma, _, v, _ = top_singular_vector(W, iters=init_iters, tol=init_tol, seed=seed)
+        except DataError:  # a zero weight has no top singular vector (e.g. a zero-initialised layer)
+            out[mp.key] = (0.0, None)
+            continue
+        if not math.isfinite(sigma):
+            out[mp.key] = (float("nan"), None)
+            continue
+        saved[mp.key] = v.detach().to("cpu", torch.promote_types(v.dtype, torch.float32))
+        out[mp.key] = (sigma, v.detach())
+    done: list[tuple[list[tuple[LinearMap, torch.Tensor, torch.Tensor]], torch.Tensor]] = []
+    sigmas: list[torch.Tensor] = []
+    for group in warm.values():
+        sigma, v = power_steps(torch.stack([W for _, W, _ in group]), torch.stack([p for _, _, p in group]),
+                               power_iters)
+        sigmas.append(sigma.to("cpu", torch.float64))
+        done.append((group, v))
+    # The sigmas of every group come to the host in one transfer (one sync per step, not one per group).
+    flat = torch.cat(sigmas).tolist() if sigmas else []
+    at = 0
+    for group, v in done:
+        sig, at = flat[at : at + len(group)], at + len(group)
+        for i, (mp, _, prev) in enumerate(group):
+            vi = v[i]
+            if not math.isfinite(sig[i]) or sig[i] == 0.0:
+                # Checking sigma costs nothing, unlike scanning W for bad entries.
+                out[mp.key] = (sig[i] if sig[i] == 0.0 else float("nan"), prev)
+                continue
+            saved[mp.key] = vi.to("cpu", torch.promote_types(vi.dtype, torch.float32))
+            out[mp.key] = (float(sig[i]), vi)
+    return out
