@@ -6,7 +6,7 @@ rate schedule and explosion rule, imported from the suite) but records through t
 :class:`~diagnostics.tracking.Monitor` with the ``loss``, ``learning_rate`` and ``grad_norm`` diagnostics,
 the ``spectral_alignment`` diagnostic (warm-started power iteration, measured on the training forward
 the Monitor observes, or with ``--extra-forward`` on its own no-grad forward over a token budget;
-built-in explosion detector) and the suite's baselines (max attention logit and activation
+the explosion detector runs offline, in evaluate.py) and the suite's baselines (max attention logit and activation
 kurtosis, read on the training forward by the suite's probes). The stores it writes are evaluated by
 evaluate.py like the suite's, so the numbers of the in-loop diagnostic can be compared with the offline ones.
 
@@ -114,10 +114,9 @@ def train_with_monitor(
             "seconds": seconds,
             "monitor_seconds": sa_seconds,
         }
-        mon._wait_writes()
         for k, v in result.items():
-            mon.writer.set_meta(k, v)
-        mon.writer.set_meta("complete", True)
+            mon.set_meta(k, v)
+        mon.set_meta("complete", True)
     return result
 
 

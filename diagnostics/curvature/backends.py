@@ -106,5 +106,4 @@ def folded_linearize(fn: Callable[..., Any], params: Mapping[str, Tensor]) -> tu
         return torch.func.linearize(fn, params)
 
 
-def detach_dict(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach() for k, v in d.items()}
+

@@ -70,18 +70,17 @@ class NaNMaker(Diagnostic):
 
 
 class Alarm(Diagnostic):
-    """Warns at every step; counts its calls in declared state."""
+    """Warns at every step; counts its calls and remembers the last step in its declared state."""
 
     name = "alarm"
-    state_keys: ClassVar[tuple[str, ...]] = ("calls",)
 
-    def __init__(self, every: int | None = None, start: int = 0) -> None:
-        super().__init__(every, start)
-        self.calls = 0
+    @property
+    def calls(self) -> int:
+        return self.state.get("calls", 0)
 
     def compute(self, ctx: Any) -> Output:
-        self.calls += 1
-        ctx.state["last"] = ctx.step
+        self.state["calls"] = self.calls + 1
+        self.state["last"] = ctx.step
         return Output(
             records=[Record("alarm_value", float(ctx.step))],
             events=[Event("explosion_warning", f"alarm at {ctx.step}", severity="warning")],
@@ -182,12 +181,27 @@ def test_resume_restores_state_and_refuses_other_model(tmp_path: Path) -> None:
         loop(mon, model, opt, batches[:2])
     resumed = Alarm()
     with Monitor(model, loss_fn, run=tmp_path / "r", diagnostics=[resumed], optimizer=opt) as mon:
-        assert resumed.calls == 2 and mon._states["alarm"] == {"last": 1}
+        assert resumed.calls == 2 and resumed.state["last"] == 1
         loop(mon, model, opt, batches[2:], start=2)
     assert open_run(tmp_path / "r").steps() == [0, 1, 2, 3]
     other = nn.Linear(3, 3)
     with pytest.raises(StoreError, match="belongs to another model"):
         Monitor(other, loss_fn, run=tmp_path / "r", diagnostics=["loss"])
+
+
+def test_resume_reads_state_saved_in_the_attrs_ctx_layout(tmp_path: Path) -> None:
+    from diagnostics.store import RunWriter
+
+    model, opt, batches = make()
+    with Monitor(model, loss_fn, run=tmp_path / "r", diagnostics=[Alarm()], optimizer=opt) as mon:
+        loop(mon, model, opt, batches[:2])
+    with RunWriter(tmp_path / "r", resume=True) as writer:  # as runs saved before state lived on diagnostics
+        writer.set_meta("diagnostic_state", {"alarm": {"attrs": {"calls": 2}, "ctx": {"last": 1}}})
+    resumed = Alarm()
+    with Monitor(model, loss_fn, run=tmp_path / "r", diagnostics=[resumed], optimizer=opt) as mon:
+        assert resumed.calls == 2 and resumed.state["last"] == 1
+        loop(mon, model, opt, batches[2:3], start=2)
+    assert open_run(tmp_path / "r").meta["diagnostic_state"]["alarm"] == {"calls": 3, "last": 2}
 
 
 def test_per_sample_gradients_computed_once_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,3 +393,29 @@ def test_parameter_list_follows_changes_and_update_stays_exact(tmp_path: Path) -
         loop(mon, model, opt, batches[3:4], start=3)
     s = open_run(tmp_path / "r").series(metric="update_ratio", key="all")
     assert len(s) == 4 and (s.value > 0).all()
+
+
+class UpdateMode(Diagnostic):
+    """Records whether its update phase ran in inference mode or without grad."""
+
+    name = "update_mode"
+    requires = frozenset({"update"})
+
+    def compute(self, ctx: Any) -> list[Record]:
+        return []
+
+    def compute_after_update(self, ctx: Any) -> list[Record]:
+        inference = torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
+        return [Record("update_norm_seen", float(sum(float(u.norm()) for u in ctx.update().values()))),
+                Record("update_in_inference", float(inference))]
+
+
+def test_close_from_inference_mode_computes_the_pending_update(tmp_path: Path) -> None:
+    model, opt, batches = make()
+    mon = Monitor(model, loss_fn, run=tmp_path / "r", diagnostics=[UpdateMode()])
+    loop(mon, model, opt, batches[:1])
+    with torch.inference_mode():  # as frameworks close at the end of fit
+        mon.close()
+    assert torch.is_grad_enabled()
+    s = open_run(tmp_path / "r").series().set_index("metric").value
+    assert s["update_norm_seen"] > 0 and s["update_in_inference"] == 0

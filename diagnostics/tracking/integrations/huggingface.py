@@ -93,11 +93,10 @@ class DiagnosticsCallback(transformers.TrainerCallback):
                          model.register_forward_hook(self._post, with_kwargs=True)]
         clipped = bool(args.max_grad_norm and args.max_grad_norm > 0)
         seen = "clipped" if clipped else "scaled" if getattr(args, "fp16", False) else "unclipped"
-        if self.monitor.writer is not None:
-            self.monitor.writer.set_meta("gradients_seen", seen)
-            self.monitor.writer.set_meta("integration", {"framework": "transformers", "version": transformers.__version__,
-                                                         "hook": "on_pre_optimizer_step", "max_grad_norm": args.max_grad_norm,
-                                                         "gradient_accumulation_steps": args.gradient_accumulation_steps})
+        self.monitor.set_meta("gradients_seen", seen)
+        self.monitor.set_meta("integration", {"framework": "transformers", "version": transformers.__version__,
+                                              "hook": "on_pre_optimizer_step", "max_grad_norm": args.max_grad_norm,
+                                              "gradient_accumulation_steps": args.gradient_accumulation_steps})
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         loss = torch.stack(self._losses).mean() if self._losses else None
@@ -122,5 +121,4 @@ class DiagnosticsCallback(transformers.TrainerCallback):
             h.remove()
         self._handles = []
         if self.monitor is not None:
-            with torch.inference_mode(False), torch.enable_grad():
-                self.monitor.close()
+            self.monitor.close()

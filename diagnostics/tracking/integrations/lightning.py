@@ -54,10 +54,9 @@ class DiagnosticsCallback(pl.Callback):
             args = dict(self._args)
             args.setdefault("optimizer", trainer.optimizers[0] if trainer.optimizers else None)
             self.monitor = Monitor(pl_module, **args)
-        if self.monitor.writer is not None:
-            self.monitor.writer.set_meta("gradients_seen", "unscaled, unclipped (Lightning on_before_optimizer_step)")
-            self.monitor.writer.set_meta("integration", {"framework": "lightning", "version": pl.__version__,
-                                                         "accumulate_grad_batches": trainer.accumulate_grad_batches})
+        self.monitor.set_meta("gradients_seen", "unscaled, unclipped (Lightning on_before_optimizer_step)")
+        self.monitor.set_meta("integration", {"framework": "lightning", "version": pl.__version__,
+                                              "accumulate_grad_batches": trainer.accumulate_grad_batches})
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._batch = batch
@@ -76,8 +75,7 @@ class DiagnosticsCallback(pl.Callback):
 
     def _close(self) -> None:
         if self._owned and self.monitor is not None:
-            with torch.inference_mode(False), torch.enable_grad():  # a pending update may still be computed
-                self.monitor.close()
+            self.monitor.close()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
