@@ -7,18 +7,17 @@ says how to resume. ``register(group)`` adds the commands to the ``tdiag`` click
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import sys
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from diagnostics.cli.errors import EXIT_USER_ERROR, handle_errors, one_line
+from diagnostics.cli.report_cmd import report
 
-from diagnostics.errors import ConfigError, DiagnosticsError
+from diagnostics.errors import ConfigError
+from diagnostics.store.summary import run_summary
 
 __all__ = [
     "register",
@@ -33,37 +32,6 @@ __all__ = [
     "EXIT_USER_ERROR",
 ]
 
-#: Exit code for user errors (bad spec, bad checkpoint, bad store, ...).
-EXIT_USER_ERROR = 2
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one stderr line and exit code 2; warnings into one stderr line each."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def show(
-            message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None
-        ) -> None:
-            click.echo(f"warning: {_one_line(str(message))}", err=True)
-
-        with warnings.catch_warnings():
-            warnings.showwarning = show  # type: ignore[assignment]
-            warnings.simplefilter("default")
-            try:
-                return fn(*args, **kwargs)
-            except DiagnosticsError as exc:
-                click.echo(f"error: {_one_line(str(exc))}", err=True)
-                sys.exit(EXIT_USER_ERROR)
-            except KeyboardInterrupt:
-                click.echo("interrupted; run the same command again to resume", err=True)
-                sys.exit(130)
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------- analyze
@@ -185,77 +153,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def run_summary(path: str, *, max_events: int = 20) -> dict[str, Any]:
-    """What ``tdiag ls`` shows, as JSON-ready data: the run, per-metric steps and last values, events.
-
-    A metric's last value is its ``key="all"`` value at its last step (index 0 for vectors); for metrics
-    recorded only per layer the number of keys is given instead.
-
-    Raises:
-        StoreError: ``path`` is not a run store.
-    """
-    from diagnostics.store import open_run
-
-    with open_run(path) as run:
-        meta = run.meta
-        series = run.series()
-        events = run.events()
-        status = run.status()
-        sources = run.sources()
-        steps = run.steps()
-    metrics = []
-    for metric, df in series.groupby("metric", sort=True):
-        keys = sorted(df["key"].unique())
-        last_step = int(df["step"].max())
-        last = df[(df["step"] == last_step) & (df["index"] == df["index"].min())]
-        at_all = last[last["key"] == "all"]
-        last_value: float | None = None
-        if not at_all.empty:
-            last_value = float(at_all["value"].iloc[0])
-        elif len(last) == 1:
-            last_value = float(last["value"].iloc[0])
-        metrics.append(
-            {
-                "metric": metric,
-                "keys": len(keys),
-                "steps": int(df["step"].nunique()),
-                "first_step": int(df["step"].min()),
-                "last_step": last_step,
-                "last_value": last_value,
-                # Per-layer metrics: the spread over layers at the last step.
-                "last_min": float(last["value"].min()),
-                "last_max": float(last["value"].max()),
-            }
-        )
-    failed = status[status["status"] != "ok"] if not status.empty else status
-    return {
-        "run": meta.get("run_name"),
-        "path": str(Path(path)),
-        "created": meta.get("created"),
-        "model": (meta.get("model_summary") or {}).get("class"),
-        "num_params": (meta.get("model_summary") or {}).get("num_params"),
-        "steps": len(steps),
-        "first_step": steps[0] if steps else None,
-        "last_step": steps[-1] if steps else None,
-        "checkpoints_analysed": int(len(sources)),
-        "metrics": metrics,
-        "events": [
-            {
-                "step": int(e.step),
-                "kind": e.kind,
-                "severity": e.severity,
-                "key": None if e.key is None or (isinstance(e.key, float) and math.isnan(e.key)) else e.key,
-                "message": e.message,
-            }
-            for e in events.head(max_events).itertuples()
-        ],
-        "num_events": int(len(events)),
-        "not_ok": {
-            str(k): int(v) for k, v in (failed.groupby("status").size().items() if not failed.empty else [])
-        },
-    }
-
-
 @click.command()
 @click.argument("run", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -307,7 +204,7 @@ def ls(run: str, as_json: bool, max_events: int) -> None:
             + (f", first {shown}:" if shown < summary["num_events"] else ":")
         )
         rows = [
-            [str(e["step"]), e["kind"], e["severity"], e["key"] or "", _one_line(e["message"])[:90]]
+            [str(e["step"]), e["kind"], e["severity"], e["key"] or "", one_line(e["message"])[:90]]
             for e in summary["events"]
         ]
         click.echo(_table(rows, ["step", "kind", "severity", "key", "message"]))
@@ -413,9 +310,6 @@ COMMAND_NAMES = ("analyze", "report", "ls", "export", "combine", "demo")
 
 def register(group: click.Group) -> click.Group:
     """Add every command to ``group`` (the ``tdiag`` click group); returns the group."""
-    # Imported here, not at the top: report_cmd imports handle_errors from this module.
-    from diagnostics.cli.report_cmd import report
-
     for cmd in (analyze, report, ls, export, combine, demo):
         group.add_command(cmd)
     return group

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from diagnostics.cli.commands import handle_errors
+from diagnostics.cli.errors import handle_errors
 
 
 @click.command("report")

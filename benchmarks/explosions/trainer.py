@@ -1,6 +1,6 @@
 """Train the zoo's tiny GPT on stdlib text with knobs that cause loss explosions, recording every step.
 
-Per step the run store gets (metric IDs of CONTRACTS.md):
+Per step the run store gets (metric IDs as in diagnostics/store/catalog.py where they exist there):
 - ``loss``, ``nonfinite_loss``, ``learning_rate``, ``grad_norm`` (key ``all``);
 - ``max_attention_logit`` per attention module (key ``blocks.{i}.attn``): max pre-softmax logit over the
   causally allowed entries of the training batch;

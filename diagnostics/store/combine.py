@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from diagnostics.errors import StoreError
-from diagnostics.store import schema
+from diagnostics.store import catalog, schema
 from diagnostics.store.reader import Run, open_runs
 from diagnostics.store.writer import RunWriter
 
-# Meta keys that describe the combined run itself rather than being merged from the inputs.
-_OWN_KEYS = {"schema_version", "run_name", "created"}
+# Meta keys that describe the combined store itself (its name, creation, provenance) rather than being
+# merged from the inputs.
+_OWN_KEYS = catalog.own_meta_keys()
 
 
 def _merge_meta(runs: Sequence[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

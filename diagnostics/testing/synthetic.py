@@ -1,8 +1,8 @@
 """A realistic synthetic run store, for report gold files, benchmarks and tests. Pure Python and numpy.
 
-:func:`write_synthetic_run` writes every metric ID of the store contract on a plausible schedule
-(cheap metrics every step, spectral alignment every 5 steps, ranks and GSNR every 10, curvature every
-20) for a small transformer-like model, with events, per-diagnostic statuses (including one
+:func:`write_synthetic_run` writes every metric ID of the catalogue (:mod:`diagnostics.store.catalog`) on
+a plausible schedule (cheap metrics every step, spectral alignment every 5 steps, ranks and GSNR every 10,
+curvature every 20) for a small transformer-like model, with events, per-diagnostic statuses (including one
 ``not_converged`` and one ``failed`` estimate) and complete metadata. With ``explode_at`` the run shows
 the story of a loss explosion: sign diversity of some layers' spectral alignment collapses, the
 explosion score rises and warns, the loss blows up, goes to inf and then NaN, and curvature estimates
@@ -19,62 +19,50 @@ from typing import Any
 
 import numpy as np
 
+from diagnostics.store import catalog
 from diagnostics.store.records import Event, Record, Status
 from diagnostics.store.writer import RunWriter
 
-#: Every metric ID a synthetic run holds: all metric IDs of the store contract.
-SYNTHETIC_METRICS: tuple[str, ...] = (
-    # basics
-    "loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", "nonfinite_grads", "nonfinite_loss",
-    # gradients
-    "gsnr_mean", "gsnr_median", "grad_noise_scale", "gsnr_microbatch_mean", "gsnr_microbatch_median",
-    # rank
-    "weight_effective_rank", "weight_stable_rank", "grad_effective_rank", "grad_stable_rank",
-    "activation_effective_rank", "activation_stable_rank", "activation_alpha_req",
-    # curvature
-    "hessian_eigenvalue", "hessian_residual", "hessian_converged", "hessian_bottom_eigenvalue",
-    "hessian_density_node", "hessian_density_weight", "hessian_trace", "hessian_trace_stderr",
-    "ggn_eigenvalue", "ggn_residual", "ggn_converged", "ggn_bottom_eigenvalue",
-    "ggn_density_node", "ggn_density_weight", "ggn_trace", "ggn_trace_stderr",
-    # sharpness
-    "sharpness", "stability_threshold", "sharpness_ratio", "adam_sharpness", "adam_threshold",
-    "adam_sharpness_ratio", "trace_ratio",
-    # subspace
-    "grad_subspace_fraction", "update_subspace_fraction", "grad_hessian_overlap", "subspace_overlap_prev",
-    "subspace_overlap_ref",
-    # spectral alignment and the explosion detector
-    "sa_positive_fraction", "sa_sign_diversity", "sa_mean", "sa_mean_abs", "sa_quantile", "sa_histogram",
-    "sa_sigma1", "explosion_score",
-    # baselines for the explosion suite
-    "max_attention_logit", "activation_kurtosis",
-    # cost
-    "monitor_seconds",
-)  # fmt: skip
+#: Every metric ID a synthetic run holds: the whole catalogue of :mod:`diagnostics.store.catalog`.
+SYNTHETIC_METRICS: tuple[str, ...] = catalog.metric_ids()
 
 #: Event kinds a synthetic run can hold (the last three only with ``explode_at``).
 SYNTHETIC_EVENT_KINDS = (
     "edge_of_stability", "nonfinite", "estimator_failed", "explosion_warning", "loss_explosion", "rank_collapse",
 )  # fmt: skip
 
-#: Diagnostic name -> (period in steps, metrics it writes).
-SCHEDULE: dict[str, tuple[int, tuple[str, ...]]] = {
-    "basics": (1, SYNTHETIC_METRICS[0:7]),
-    "gsnr": (10, ("gsnr_mean", "gsnr_median", "grad_noise_scale")),
-    "gsnr_microbatch": (10, ("gsnr_microbatch_mean", "gsnr_microbatch_median")),
-    "rank": (10, SYNTHETIC_METRICS[12:19]),
-    "hessian_eigen": (20, SYNTHETIC_METRICS[19:23]),
-    "hessian_density": (20, ("hessian_density_node", "hessian_density_weight")),
-    "hessian_trace": (20, ("hessian_trace", "hessian_trace_stderr")),
-    "ggn_eigen": (20, SYNTHETIC_METRICS[27:31]),
-    "ggn_density": (20, ("ggn_density_node", "ggn_density_weight")),
-    "ggn_trace": (20, ("ggn_trace", "ggn_trace_stderr")),
-    "sharpness": (20, SYNTHETIC_METRICS[35:42]),
-    "subspace": (20, SYNTHETIC_METRICS[42:47]),
-    "spectral_alignment": (5, SYNTHETIC_METRICS[47:54]),
-    "explosion_detector": (5, ("explosion_score",)),
+# Synthetic diagnostic -> (period in steps, the catalogue writers whose metrics it writes). One synthetic
+# name may stand for several real diagnostics ("basics", "rank"): one status row and one rng draw per
+# name, so the store, and the report gold files built on it, stay as they are.
+_WRITERS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "basics": (1, ("loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", "nonfinite")),
+    "gsnr": (10, ("gsnr",)),
+    "gsnr_microbatch": (10, ("gsnr_microbatch",)),
+    "rank": (10, ("weight_rank", "grad_rank", "activation_rank")),
+    "hessian_eigen": (20, ("hessian_top",)),
+    "hessian_density": (20, ("hessian_density",)),
+    "hessian_trace": (20, ("hessian_trace",)),
+    "ggn_eigen": (20, ("ggn_top",)),
+    "ggn_density": (20, ("ggn_density",)),
+    "ggn_trace": (20, ("ggn_trace",)),
+    "sharpness": (20, ("sharpness",)),
+    "subspace": (20, ("grad_subspace",)),
+    "spectral_alignment": (5, ("spectral_alignment",)),
+    "explosion_detector": (5, ("explosion_detector",)),
+}
+# The explosion benchmark writes both baselines from one probe; the synthetic run keeps them apart.
+_BASELINES: dict[str, tuple[int, tuple[str, ...]]] = {
     "attention_logits": (5, ("max_attention_logit",)),
     "activation_kurtosis": (5, ("activation_kurtosis",)),
 }
+
+#: Diagnostic name -> (period in steps, metrics it writes).
+SCHEDULE: dict[str, tuple[int, tuple[str, ...]]] = {
+    **{name: (every, catalog.written_by(*writers)) for name, (every, writers) in _WRITERS.items()},
+    **_BASELINES,
+}
+if any(catalog.METRICS[m].writer != "suite_baselines" for _, ms in _BASELINES.values() for m in ms):
+    raise ValueError("the synthetic baselines must be the catalogue's suite_baselines metrics")
 
 _START = 1_735_689_600.0  # 2025-01-01T00:00:00Z: a fixed clock keeps the store reproducible
 _TOP_K = 3

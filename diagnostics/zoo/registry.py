@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from diagnostics.errors import ConfigError
+from diagnostics.loss import ClassificationLoss, LanguageModelLoss
 from diagnostics.zoo import data as _data
 from diagnostics.zoo import models as _models
 
@@ -123,18 +122,6 @@ def get_data(
         raise ConfigError(f"bad option for zoo dataset {name!r}: {exc}") from exc
 
 
-def _local_loss(task: str) -> Callable:
-    # Used only when diagnostics.loss is not importable; same semantics (mean reduction).
-    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        out = model(x)
-        if task == "language_model":
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-        return F.cross_entropy(out, y)
-
-    return loss_fn
-
-
 def get_loss(name: str) -> Callable:
     """Default loss object ``loss_fn(model, batch) -> scalar`` for a zoo model (or dataset) name.
 
@@ -147,9 +134,5 @@ def get_loss(name: str) -> Callable:
         task = DATASETS[name].task
     else:
         raise _unknown("model or dataset", name, {**MODELS, **DATASETS})
-    try:
-        from diagnostics import functional
-    except ImportError:
-        return _local_loss(task)
-    cls = functional.LanguageModelLoss if task == "language_model" else functional.ClassificationLoss
+    cls = LanguageModelLoss if task == "language_model" else ClassificationLoss
     return cls()
