@@ -17,6 +17,15 @@ reaches the accuracy target is reported, so that the comparison is at equal accu
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/curvature.py [--models mlp,cnn]
 
 A peer that cannot be imported or fails is reported with the reason, and the benchmark continues.
+
+`--model mlp1m` is a separate case about Lanczos itself at large P: a 1.1M-parameter MLP (tanh,
+64-1024-1024-10, a batch of 512 digits), top-10 Hessian eigenvalues, with the time split into products
+(the operator's own time, its first linearisation included) and bookkeeping (everything else: Gram-Schmidt,
+restarts, the Ritz problem). `--baseline-lanczos FILE` also times the `lanczos` of another copy of
+lanczos.py in the same run, for before/after figures:
+
+    git show <commit>:diagnostics/linalg/lanczos.py > /tmp/lanczos_before.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/curvature.py --model mlp1m --baseline-lanczos /tmp/lanczos_before.py
 """
 
 # ruff: noqa: B023  (closures are called within their own loop iteration)
@@ -25,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -53,6 +64,9 @@ def make_model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]
     x, y = digits_arrays("train")
     if name == "mlp":
         model = MLPDigits(hidden=(32, 32), seed=0)
+    elif name == "mlp1m":
+        model = MLPDigits(hidden=(1024, 1024), activation="tanh", seed=0)
+        x, y = x[:512], y[:512]
     else:
         model = CNNDigits(channels=(4, 8), seed=0)
         x, y = x[:512].reshape(-1, 1, 8, 8), y[:512]
@@ -447,12 +461,87 @@ def _ratio_line(task: str, o: dict, peers: list[dict]) -> None:
     print(line)
 
 
+# ------------------------------------------------------------------------------------- Lanczos at large P
+
+
+class TimedOperator:
+    """A LinearOperator that adds up the wall time and the number of the products it forwards."""
+
+    def __init__(self, op) -> None:
+        self.op, self.shape, self.dtype, self.device = op, op.shape, op.dtype, op.device
+        self.seconds, self.products = 0.0, 0
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.op @ V
+        self.seconds += time.perf_counter() - t0
+        self.products += 1 if V.dim() == 1 else V.shape[1]
+        return out
+
+
+def load_lanczos(path: str) -> Callable:
+    """``lanczos`` from a copy of lanczos.py at ``path`` (imported under its own module name)."""
+    spec = importlib.util.spec_from_file_location("lanczos_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module.lanczos
+
+
+def run_large_p(name: str, baseline: str | None, repeats: int, tols: tuple[float, ...]) -> None:
+    """Top-10 Hessian eigenvalues at P = 1.1M: total time, product time, bookkeeping share."""
+    model, data = make_model(name)
+    P = sum(p.numel() for p in model.parameters())
+    print(f"== {name}: P={P}, N={data[0].shape[0]}, top-10 Hessian eigenvalues, float32 products")
+    # The float64-basis run of the current code draws the same start vector as the baseline, so its
+    # product count matches the baseline's; the float32 basis draws its own.
+    versions = [("current", lanczos), ("current, float64 basis", lambda *a, **kw: lanczos(*a, basis_dtype=torch.float64, **kw))]
+    if baseline:
+        versions.append(("baseline", load_lanczos(baseline)))
+    found: dict[tuple[str, float], np.ndarray] = {}
+    for tol in tols:
+        for label, fn in versions:
+            best = None
+            for _ in range(repeats):
+                H = TimedOperator(HessianOperator(model, None, data))  # construction counted, as elsewhere
+                t0 = time.perf_counter()
+                res = fn(H, k=10, tol=tol, return_eigenvectors=False)
+                total = time.perf_counter() - t0
+                if best is None or total < best[0]:
+                    best = (total, H.seconds, H.products, res)
+            total, prod, n, res = best
+            found[(label, tol)] = res.eigenvalues.numpy()
+            book = total - prod
+            basis = res.settings.get("basis_dtype", "float64")
+            note = (f"converged={res.all_converged} restarts={res.settings['restarts']} basis={basis} "
+                    f"m={res.settings['max_steps']} extra passes={res.settings.get('extra_passes', '-')}")
+            print(f"  top-10 tol={tol:g} {label:<22} total {total:7.2f} s  products {prod:7.2f} s ({n} products, "
+                  f"{prod / n * 1e3:.0f} ms each)  bookkeeping {book:6.2f} s = {book / prod:6.1%} of products  "
+                  f"{note}", flush=True)
+            ROWS.append({"model": name, "task": "top-10", "method": f"{label} lanczos(tol={tol:g})", "seconds": total,
+                         "matvecs": n, "error": None, "note": f"products {prod:.2f} s; {note}"})
+        if baseline:
+            a, b = found[("current", tol)], found[("baseline", tol)]
+            print(f"  top-10 tol={tol:g} max relative difference current vs baseline: "
+                  f"{float(np.max(np.abs(a - b) / np.abs(b))):.1e}; current top-3 {np.round(a[:3], 5).tolist()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--models", "--model", dest="models", default="mlp,cnn",
+                        help="comma-separated: mlp, cnn (against peers), mlp1m (Lanczos bookkeeping at P = 1.1M)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline-lanczos", default=None,
+                        help="mlp1m: also time the lanczos of this copy of lanczos.py (e.g. from git show)")
+    parser.add_argument("--repeats", type=int, default=3, help="mlp1m: runs per setting; the fastest is reported")
+    parser.add_argument("--tols", default="1e-3,1e-5", help="mlp1m: Lanczos tolerances")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if "mlp1m" in args.models.split(","):
+        run_large_p("mlp1m", args.baseline_lanczos, args.repeats, tuple(float(t) for t in args.tols.split(",")))
+    models = [m for m in args.models.split(",") if m != "mlp1m"]
+    if not models:
+        return
     versions = {"torch": torch.__version__}
     for mod in ("pyhessian", "hessian_eigenthings", "curvlinops"):
         with contextlib.suppress(Exception):
@@ -461,7 +550,7 @@ def main() -> None:
             versions[mod] = md.version({"pyhessian": "pyhessian", "hessian_eigenthings": "hessian-eigenthings",
                                         "curvlinops": "curvlinops-for-pytorch"}[mod])
     print("versions:", versions)
-    for name in args.models.split(","):
+    for name in models:
         model, data = make_model(name)
         t0 = time.perf_counter()
         ref = reference(model, data, name)

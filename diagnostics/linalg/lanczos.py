@@ -1,16 +1,22 @@
 """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
 
 The method (Lanczos 1950; thick restart: Wu & Simon 2000, SIAM J. Matrix Anal. Appl. 22(2)) keeps an
-orthonormal float64 basis ``Q_M`` of vectors already multiplied by ``A`` and a small "frontier" ``Q_F`` of
+orthonormal basis ``Q_M`` of vectors already multiplied by ``A`` and a small "frontier" ``Q_F`` of
 orthonormal vectors not yet multiplied, with the exact relation
 
     A Q_M = Q_M H + Q_F E,        H = Q_M^T A Q_M,   E = Q_F^T A Q_M.
 
 For a single start vector the frontier is the one Lanczos residual vector, ``H`` is tridiagonal and this is
 the textbook method; keeping the relation general lets thick restarts (``Q_M`` compressed to Ritz vectors,
-``H`` diagonal) and restarts after an invariant subspace is found use the same code. Every product ``A x`` is orthogonalised
-against the whole basis twice (Giraud et al. 2005: "twice is enough"), which rules out the ghost copies of
-converged eigenvalues that plain Lanczos produces.
+``H`` diagonal) and restarts after an invariant subspace is found use the same code.
+
+The basis (one preallocated ``[m, P]`` buffer) and the frontier are in the operator's dtype and on its
+device unless told otherwise; only ``H``, ``E`` and the Ritz problem are float64 (CPU). Each product
+``w = A x`` first loses its known components (``q_j^T A x = E_xj`` by symmetry, and ``x^T A x``), then is
+orthogonalised against the whole basis by classical Gram-Schmidt, repeated only while a pass removes
+most of the vector (DGKS test: Daniel et al. 1976; Giraud et al. 2005, "twice is enough"). The basis stays
+orthonormal to working precision, which rules out the ghost copies of converged eigenvalues that plain
+Lanczos produces; the usual step reads the basis twice.
 
 A Ritz pair ``(theta, y = Q_M s)`` has the exact residual ``||A y - theta y|| = ||E s||`` (``beta_m |s_m|`` in
 the tridiagonal case); it is accepted when ``||E s|| <= tol |theta|`` (``criterion="residual"``, the default).
@@ -24,6 +30,7 @@ well-separated outliers.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,14 +39,25 @@ import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError
-from diagnostics.linalg.operator import LinearOperator, as_operator, gaussian_start, matmul64, square_dim
+from diagnostics.linalg.operator import LinearOperator, as_operator, square_dim
 
-__all__ = ["EigenResult", "lanczos"]
+__all__ = ["EigenResult", "lanczos", "DEFAULT_BASIS_BYTES"]
 
 _WHICH = ("LA", "SA", "both")
 _CRITERIA = ("residual", "eigenvalue")
 #: Steps beyond the number of wanted eigenvalues taken before convergence is accepted.
 MIN_EXTRA_STEPS = 4
+#: Memory for the basis and its workspace when neither ``max_steps`` nor ``max_memory`` is given (bytes).
+DEFAULT_BASIS_BYTES = 2 << 30
+#: The automatic basis size never goes below the wanted count plus this: a thick restart then keeps the
+#: wanted Ritz vectors and half of these, and each cycle adds the other half.
+MIN_SPARE_VECTORS = 8
+#: P-vectors of workspace beside the basis buffer (frontier, product, its orthogonalised copy, one spare),
+#: counted against ``max_memory``.
+WORK_VECTORS = 4
+#: DGKS: another Gram-Schmidt pass while a pass leaves less than this fraction of the vector's norm.
+_DGKS_ETA = 1.0 / math.sqrt(2.0)
+_MAX_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -50,12 +68,14 @@ class EigenResult:
         eigenvalues: float64 ``[k]``; ``LA`` descending, ``SA`` ascending, ``both``: the ``k`` largest
             (descending) then the ``k`` smallest (ascending), ``2k`` values.
         eigenvectors: ``[P, k]`` (or ``[P, 2k]``) in the operator's dtype, or None when not requested.
-        residuals: float64, ``||A y_i - theta_i y_i||`` for each pair (exact in exact arithmetic).
+        residuals: float64, ``||A y_i - theta_i y_i||`` for each pair (exact in exact arithmetic; with a
+            float32 basis, to about ``1e-6 ||A||``).
         converged: bool, ``residual_i <= tol * |theta_i|`` (or the eigenvalue error estimate, with
             ``criterion="eigenvalue"``).
         num_matvecs: products with single vectors (a ``[P, K]`` product counts ``K``).
         seconds: wall time.
-        settings: the arguments and what happened (restarts, stop reason).
+        settings: the arguments and what happened (restarts, stop reason, basis size, dtype, device and
+            bytes, extra Gram-Schmidt passes).
     """
 
     eigenvalues: Tensor
@@ -72,17 +92,106 @@ class EigenResult:
         return bool(self.converged.all())
 
 
-def _orthogonalise(W: Tensor, bases: list[Tensor], passes: int = 2) -> tuple[Tensor, list[Tensor]]:
-    """Classical Gram-Schmidt of the columns of ``W`` against each orthonormal basis, ``passes`` times."""
-    coeffs = [W.new_zeros(B.shape[1], W.shape[1]) for B in bases]
-    for _ in range(passes):
-        for i, B in enumerate(bases):
-            if B.shape[1] == 0:
-                continue
-            c = B.T @ W
-            W = W - B @ c
-            coeffs[i] += c
-    return W, coeffs
+def _project_out(w: Tensor, B: Tensor) -> Tensor:
+    """One classical Gram-Schmidt pass of ``w`` ``[P]`` against the orthonormal rows of ``B``, in place.
+
+    Two reads of ``B`` (one matrix-vector product each way). Returns the coefficients ``B w``.
+    """
+    c = B @ w
+    w.addmv_(B.T, c, alpha=-1.0)
+    return c
+
+
+def _fresh_direction(r: Tensor, bases: list[Tensor], threshold: float) -> Tensor | None:
+    """``r`` orthogonalised twice against each basis and normalised; None when nothing of it is left."""
+    n0 = float(r.norm())
+    for _ in range(2):
+        for B in bases:
+            if B.shape[0]:
+                _project_out(r, B)
+    n = float(r.norm())
+    if not n > threshold * n0:
+        return None
+    return r.div_(n)
+
+
+def _rotate_rows(Q: Tensor, m: int, Sk: Tensor) -> None:
+    """``Q[:K] = Sk^T Q[:m]`` in place for ``Sk`` ``[m, K]``, column chunk by column chunk.
+
+    The chunks keep the temporary at about one P-vector, so a thick restart stays within the budget.
+    """
+    K = Sk.shape[1]
+    St = Sk.T.to(dtype=Q.dtype, device=Q.device).contiguous()
+    step = max(1, Q.shape[1] // max(K, 1))
+    for lo in range(0, Q.shape[1], step):
+        Q[:K, lo : lo + step] = St @ Q[:m, lo : lo + step]
+
+
+def _orthonormal_rows(V: Tensor, rtol: float) -> Tensor:
+    """An orthonormal basis of the span of ``V``'s rows ``[K, P]`` (dependent rows dropped), ``[K', P]``."""
+    norms = V.norm(dim=1)
+    if norms.numel() == 0 or float(norms.max()) == 0.0:
+        return V[:0]
+    V = V[norms > rtol * norms.max()]
+    Qv, R = torch.linalg.qr(V.T)
+    d = R.diagonal().abs()
+    Qv = Qv[:, d > rtol * d.max()]
+    # A second pass guards against loss of orthogonality in ill-conditioned blocks.
+    Qv, _ = torch.linalg.qr(Qv)
+    return Qv.T.contiguous()
+
+
+def _resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None) -> torch.dtype:
+    if basis_dtype is None:
+        # Half-precision bases cannot be kept orthonormal to a useful accuracy.
+        return op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
+    if basis_dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"lanczos: basis_dtype must be torch.float32, torch.float64 or None, "
+                          f"got {basis_dtype!r}")
+    return basis_dtype
+
+
+def _auto_budget(device: torch.device) -> int:
+    """:data:`DEFAULT_BASIS_BYTES`, or half of the free memory of a CUDA device when that is less."""
+    budget = DEFAULT_BASIS_BYTES
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 2)
+    return budget
+
+
+def _basis_size(P: int, count: int, max_steps: int | None, max_memory: int | None, itemsize: int,
+                device: torch.device) -> tuple[int, int | None, str]:
+    """The number of basis vectors, the memory budget it was fitted to, and what decided it."""
+    floor = min(P, count + 1)
+    per_vector = P * itemsize
+    if max_steps is not None:
+        cap, source = min(int(max_steps), P), "max_steps"
+        if cap < floor:
+            raise ConfigError(f"lanczos: max_steps={max_steps} must be at least k+1={count + 1} "
+                              f"(the number of wanted eigenvalues plus one)")
+    else:
+        cap, source = min(P, max(2 * count + 20, 40)), "default"
+    if max_memory is not None:
+        if int(max_memory) <= 0:
+            raise ConfigError(f"lanczos: max_memory must be a positive number of bytes, got {max_memory}")
+        budget = int(max_memory)
+        fit = budget // per_vector - WORK_VECTORS
+        if fit < floor:
+            need = (floor + WORK_VECTORS) * per_vector
+            raise ConfigError(f"lanczos: max_memory={budget} bytes holds {max(fit, 0)} basis vectors of "
+                              f"{per_vector} bytes (P={P}) beside {WORK_VECTORS} of workspace; the wanted "
+                              f"eigenvalues need at least {floor}: give max_memory >= {need}")
+        if fit < cap:
+            cap, source = fit, "max_memory"
+        return cap, budget, source
+    if max_steps is not None:
+        return cap, None, source
+    budget = _auto_budget(device)
+    fit = budget // per_vector - WORK_VECTORS
+    if fit < cap:
+        cap, source = max(fit, min(P, count + MIN_SPARE_VECTORS)), "automatic budget"
+    return cap, budget, source
 
 
 class _Wanted:
@@ -129,6 +238,10 @@ def lanczos(
     max_matvecs: int | None = None,
     max_seconds: float | None = None,
     criterion: str = "residual",
+    *,
+    max_memory: int | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
 
@@ -141,9 +254,10 @@ def lanczos(
         which: ``"LA"``, ``"SA"`` or ``"both"``.
         tol: relative tolerance: of the residual, ``||A y - theta y|| <= tol |theta|`` (``criterion=
             "residual"``), or of the eigenvalue's estimated error, ``min(r, r^2 / gap) <= tol |theta|``
-            (``criterion="eigenvalue"``, where ``gap`` is estimated from the other Ritz values).
-        max_steps: basis size cap (memory ``P * max_steps`` float64 numbers); a thick restart compresses
-            the basis to Ritz vectors when it is full. Default ``min(P, max(2 * nwanted + 20, 40))``.
+            (``criterion="eigenvalue"``, where ``gap`` is estimated from the other Ritz values). With a
+            float32 basis, tolerances below about ``1e-6`` may not be reachable.
+        max_steps: basis size ``m`` in vectors; a thick restart compresses the basis to Ritz vectors when
+            it is full. Default ``min(P, max(2 * nwanted + 20, 40))``, lowered to fit ``max_memory``.
         v0: warm start, ``[P]`` (start vector) or ``[P, K]`` (block start, e.g. the previous probe's top
             eigenvectors: Lanczos starts from the sum of an orthonormal basis of the columns' span).
         seed: seed of a private generator for the random start and restarts; the global RNG is untouched.
@@ -154,14 +268,31 @@ def lanczos(
             ``"eigenvalue"`` (only the eigenvalues are wanted to relative accuracy ``tol``; the
             eigenvectors may be less accurate; the gap estimate can be optimistic while an eigenvalue
             next to a wanted one has not been found yet).
+        max_memory: bytes for the basis and its workspace, ``(m + 4) P itemsize <= max_memory``; the basis
+            size is lowered to fit (ConfigError if not even ``nwanted + 1`` vectors fit). None: the
+            automatic budget, :data:`DEFAULT_BASIS_BYTES` (2 GiB; at most half the free memory of a CUDA
+            device), which never lowers the basis below ``nwanted + 8`` vectors; not applied when
+            ``max_steps`` is given.
+        basis_dtype: ``torch.float32`` or ``torch.float64``; default the operator's dtype (float32 for
+            half-precision operators). float64 doubles the memory and the bookkeeping time.
+        basis_device: where the basis lives, e.g. ``"cpu"`` for a GPU operator whose basis does not fit
+            on the GPU (each product then moves two P-vectors between devices); default the operator's.
 
     Returns:
         EigenResult. On a budget stop ``converged`` is False for the pairs that did not meet ``tol``.
+        ``settings`` records ``basis_vectors`` (``m``), ``basis_bytes`` (the basis buffer),
+        ``basis_dtype``, ``basis_device``, ``memory_budget`` and ``basis_size_from`` (what set ``m``).
 
-    Cost: one matvec per step, typically ``k`` plus a few for separated outliers; ``O(P m)`` float64 work per step for the reorthogonalisation.
+    Cost: one matvec per step, typically ``k`` plus a few for separated outliers. Bookkeeping per step:
+    one Gram-Schmidt pass against the basis (two ``[m, P]`` matrix-vector products in the basis dtype,
+    a second or third pass only where the DGKS test asks for one), a few P-vector operations and
+    ``O(m^3)`` float64 work on the CPU for the Ritz problem. Memory: ``m P itemsize`` for the basis plus
+    about four P-vectors of workspace on the basis device, ``O(m^2)`` float64 on the CPU, and the
+    returned ``[P, k]`` eigenvectors.
 
     Raises:
-        ConfigError: ``k`` out of range, unknown ``which``, ``max_steps`` too small, bad ``v0`` shape.
+        ConfigError: ``k`` out of range, unknown ``which``, ``max_steps`` too small, ``max_memory`` too
+            small, bad ``v0`` shape or ``basis_dtype``.
 
     Note:
         A single start vector sees one direction per eigenspace. Exactly or nearly invariant Krylov spaces
@@ -175,7 +306,8 @@ def lanczos(
         ([10.0, 9.0], True)
     """
     return _lanczos(op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, max_seconds,
-                    criterion=criterion)
+                    criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype,
+                    basis_device=basis_device)
 
 
 def _lanczos(
@@ -191,6 +323,9 @@ def _lanczos(
     max_seconds: float | None,
     full_reorth: bool = True,
     criterion: str = "residual",
+    max_memory: int | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     start_time = time.perf_counter()
     A = as_operator(op)
@@ -207,55 +342,54 @@ def _lanczos(
         raise ConfigError(f"lanczos: tol must be positive, got {tol}")
     if criterion not in _CRITERIA:
         raise ConfigError(f"lanczos: criterion must be one of {_CRITERIA}, got {criterion!r}")
-    cap = min(P, max(2 * wanted.count + 20, 40)) if max_steps is None else int(max_steps)
-    if cap > P:
-        cap = P
-    if cap < min(P, wanted.count + 1):
-        raise ConfigError(f"lanczos: max_steps={max_steps} must be at least k+1={wanted.count + 1} "
-                          f"(the number of wanted eigenvalues plus one)")
     if max_matvecs is not None and max_matvecs < 1:
         raise ConfigError(f"lanczos: max_matvecs must be >= 1, got {max_matvecs}")
+    dtype = _resolve_basis_dtype(A.dtype, basis_dtype)
+    device = torch.device(A.device) if basis_device is None else torch.device(basis_device)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    cap, budget, size_from = _basis_size(P, wanted.count, max_steps, max_memory, itemsize, device)
 
-    device = A.device
     f64 = torch.float64
+    eps = torch.finfo(dtype).eps
+    # Breakdown thresholds relative to ||A||: float64 keeps the historical values, float32 sits above its
+    # rounding level (a remainder of a few eps ||A|| is noise, not a new direction).
+    drop_tol, near_tol, rank_rtol = max(1e-12, 8 * eps), max(1e-8, 64 * eps), max(1e-10, 10 * eps)
+    gen = torch.Generator()
     gen_seed = int(seed)
     restarts_drawn = 0
 
     def random_vector() -> Tensor:
         nonlocal restarts_drawn
         restarts_drawn += 1
-        return gaussian_start(P, 1, gen_seed * 7919 + restarts_drawn).to(device)
+        gen.manual_seed(gen_seed * 7919 + restarts_drawn)
+        return torch.randn(P, generator=gen, dtype=dtype).to(device)
 
-    # Frontier F (not yet multiplied), its coupling E = F^T A Q_M, basis Q_M and H = Q_M^T A Q_M.
+    # Frontier F (rows, not yet multiplied), its coupling E = F A Q_M^T, basis Q_M (rows) and H = Q_M A Q_M^T.
     if v0 is None:
-        start = random_vector()
-        warm = None
-        warm_cols = 0
+        start, warm, warm_cols = random_vector(), None, 0
     else:
         if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != P:
             raise ConfigError(f"lanczos: v0 must have shape [P] or [P, K] with P={P}, "
                               f"got {tuple(getattr(v0, 'shape', ()))}")
-        block = v0[:, None] if v0.dim() == 1 else v0
-        block = _orthonormal_columns(block.to(dtype=f64, device=device))
+        block = v0[None] if v0.dim() == 1 else v0.T
+        block = _orthonormal_rows(block.to(dtype=dtype, device=device), rank_rtol)
         warm = "vector" if v0.dim() == 1 or v0.shape[1] == 1 else f"block {v0.shape[1]}"
-        warm_cols = block.shape[1] if block.shape[1] > 1 else 0
+        warm_cols = block.shape[0] if block.shape[0] > 1 else 0
         # A block start begins from the sum of an orthonormal basis of its span: the Krylov space then
         # holds the whole span after about K steps and keeps growing towards the rest of the wanted
         # space. On outlier-dominated spectra this took fewer matvecs than a block Rayleigh-Ritz start.
-        start = block.sum(1, keepdim=True) if block.shape[1] else block
-    F = _orthonormal_columns(start)
-    if F.shape[1] == 0:  # a zero warm start carries no direction
-        F = _orthonormal_columns(random_vector())
-    Q = torch.empty(P, cap, dtype=f64, device=device)
-    m = 0
-    H = torch.zeros(0, 0, dtype=f64)
-    E = torch.zeros(F.shape[1], 0, dtype=f64)
-    theta = torch.zeros(0, dtype=f64)
-    S = torch.zeros(0, 0, dtype=f64)
-    res_all = torch.zeros(0, dtype=f64)
+        start = block.sum(0)
+    F = _fresh_direction(start, [], 0.0)
+    if F is None:  # a zero warm start carries no direction
+        F = _fresh_direction(random_vector(), [], 0.0)
+    F = F[None]
+    Q = torch.empty(cap, P, dtype=dtype, device=device)
+    work = torch.empty(P, dtype=dtype, device=device)
+    spare: Tensor | None = None  # the frontier when the basis is full
+    m = num_matvecs = restarts = extra_passes = 0
+    H, S, E = torch.zeros(0, 0, dtype=f64), torch.zeros(0, 0, dtype=f64), torch.zeros(1, 0, dtype=f64)
+    theta, res_all = torch.zeros(0, dtype=f64), torch.zeros(0, dtype=f64)
     conv_all = torch.zeros(0, dtype=torch.bool)
-    num_matvecs = 0
-    restarts = 0
     hard_cap = max_matvecs if max_matvecs is not None else max(50 * cap, 20 * P if P < 1000 else 0, 2000)
     scale = 0.0  # running estimate of ||A|| for breakdown tests
     stop = "converged"
@@ -274,51 +408,47 @@ def _lanczos(
         if m == P:
             stop = "invariant subspace"
             break
-        if near_invariant and m < P:
+        if near_invariant:
             # The newest Lanczos vector is tiny: the Krylov space is invariant up to ~1e-8 and would
             # hide further copies of eigenvalues it holds. Keep that vector in the frontier (so that
             # residuals stay exact) and continue from a fresh random vector, multiplied next (when no
             # direction is left, the tiny vector itself is multiplied next).
             searching_complement = True
-            r0 = random_vector()
-            r, _ = _orthogonalise(r0, [Q[:, :m], F])
-            # Nothing left of it (the basis and frontier span the space): no new direction.
-            r = _orthonormal_columns(r) if float(r.norm()) > 1e-8 * float(r0.norm()) else r[:, :0]
-            F = torch.cat([F, r], 1)
-            E = torch.cat([E, torch.zeros(r.shape[1], m, dtype=f64)], 0)
+            r = _fresh_direction(random_vector(), [Q[:m], F], near_tol)
+            if r is not None:
+                F = torch.cat([F, r[None]], 0)
+                E = torch.cat([E, torch.zeros(1, m, dtype=f64)], 0)
         near_invariant = False
-        if m >= min_steps and F.shape[1] > 0:
+        if m >= min_steps and F.shape[0] > 0:
             idx = wanted.select(theta)
             sentinels = _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m], searching_complement)
             if bool(conv_all[idx].all()) and sentinels:
                 stop = "converged"
                 break
-        if F.shape[1] == 0:
+        if F.shape[0] == 0:
             # The Krylov space became invariant. Its Ritz values are exact, but eigenvalues outside it
             # (e.g. further copies of a repeated eigenvalue) are invisible to it: continue from a fresh
             # random vector orthogonal to the basis, and stop only once that new sequence's own extreme
             # Ritz values have converged too (they then bound what the complement holds).
             searching_complement = True
-            r0 = random_vector()
-            r, _ = _orthogonalise(r0, [Q[:, :m]])
-            F = _orthonormal_columns(r) if float(r.norm()) > 1e-8 * float(r0.norm()) else r[:, :0]
-            E = torch.zeros(F.shape[1], m, dtype=f64)
-            if F.shape[1] == 0:
+            r = _fresh_direction(random_vector(), [Q[:m]], near_tol)
+            if r is None:
                 stop = "invariant subspace"
                 break
-        s = 1  # one product per step: the newest frontier vector (the Lanczos vector)
-        if num_matvecs + s > hard_cap:
+            F = r[None]
+            E = torch.zeros(1, m, dtype=f64)
+        if num_matvecs + 1 > hard_cap:
             stop = "max_matvecs" if max_matvecs is not None else "iteration cap"
             break
         if max_seconds is not None and time.perf_counter() - start_time > max_seconds:
             stop = "max_seconds"
             break
-        if m + s > cap:
+        if m + 1 > cap:
             # Thick restart: keep the Ritz vectors nearest the wanted end(s) and the frontier.
-            keep_n = min(m, cap - s, wanted.count + max(1, (cap - wanted.count) // 2))
+            keep_n = min(m, cap - 1, wanted.count + max(1, (cap - wanted.count) // 2))
             keep = wanted.keep(theta, keep_n)
             Sk = S[:, keep]
-            Q[:, :keep_n] = Q[:, :m] @ Sk.to(device)
+            _rotate_rows(Q, m, Sk)
             m = keep_n
             H = torch.diag(theta[keep])
             E = E @ Sk
@@ -327,58 +457,69 @@ def _lanczos(
             new_weight[:keep_n] = (Sk.square() * new_weight[: Sk.shape[0], None]).sum(0)
             restarts += 1
         # The newest frontier vector is the Lanczos vector; older ones (tiny remainders) are only kept.
-        X, F_rest = F[:, -s:], F[:, :-s]
-        E_x, E_rest = E[-s:], E[:-s]
+        # It usually already sits in the next basis row (written there at the end of the previous step).
+        if F[-1].data_ptr() != Q[m].data_ptr():
+            Q[m].copy_(F[-1])
+        x = Q[m]
+        F_rest, E_x, E_rest = F[:-1], E[-1], E[:-1]
+        product = A @ x.to(dtype=A.dtype, device=A.device)
+        num_matvecs += 1
+        product = product.to(dtype=dtype, device=device)
+        new_weight[m] = 1.0 if searching_complement else 0.0
 
-        W = matmul64(A, X)
-        num_matvecs += s
-        w_norm = W.norm(dim=0)
-        scale = max(scale, float(w_norm.max()))
-
-        Q[:, m : m + s] = X
-        new_weight[m : m + s] = 1.0 if searching_complement else 0.0
+        # Known components first: q_j^T A x = E_xj by symmetry, and x^T A x. Removing them before the
+        # Gram-Schmidt pass leaves that pass only rounding errors to remove, so one pass usually suffices.
+        # E_x is nonzero on the previous Lanczos vector only, except just after a restart.
+        alpha = float(torch.dot(x, product))
+        nz = E_x.nonzero()
+        lo = int(nz.min()) if nz.numel() else m
+        coef = torch.cat([E_x[lo:], torch.tensor([alpha], dtype=f64)]).to(dtype=dtype, device=device)
+        torch.addmv(product, Q[lo : m + 1].T, coef, alpha=-1.0, out=work)
+        del product
+        c_m, c_f = torch.zeros(m + 1, dtype=f64), torch.zeros(F_rest.shape[0], dtype=f64)
         if full_reorth:
-            W, (c_m, c_f) = _orthogonalise(W, [Q[:, : m + s], F_rest])
+            for p in range(_MAX_PASSES):
+                extra_passes += p > 0
+                c = _project_out(work, Q[: m + 1]).to(device="cpu", dtype=f64)
+                if F_rest.shape[0]:
+                    cf = _project_out(work, F_rest).to(device="cpu", dtype=f64)
+                    c_f += cf
+                    c = torch.cat([c, cf])
+                c_m += c[: m + 1]
+                rem = float(work.norm())
+                # DGKS with the pass's own coefficients: the norm before it was sqrt(rem^2 + |c|^2).
+                if float(c.square().sum()) <= (1.0 / _DGKS_ETA**2 - 1.0) * rem * rem:
+                    break
         else:
-            # Plain three-term recurrence (for tests that show why reorthogonalisation is needed).
-            lo = max(0, m - 1)
-            W, (c_local,) = _orthogonalise(W, [Q[:, lo : m + s]], passes=1)
-            c_m = torch.zeros(m + s, s, dtype=f64, device=device)
-            c_m[lo:] = c_local
-            c_f = torch.zeros(F_rest.shape[1], s, dtype=f64, device=device)
-        c_m, c_f = c_m.cpu(), c_f.cpu()
-        h_xx = c_m[m : m + s]
-        h_xx = 0.5 * (h_xx + h_xx.T)
-        H_new = torch.zeros(m + s, m + s, dtype=f64)
-        H_new[:m, :m] = H
-        if full_reorth:
-            H_new[m:, :m] = E_x
-            H_new[:m, m:] = E_x.T
-        else:
-            H_new[:m, m:] = c_m[:m]
-            H_new[m:, :m] = c_m[:m].T
-        H_new[m:, m:] = h_xx
-        H = H_new
+            # The plain three-term recurrence (for the tests that show why the pass is needed).
+            rem = float(work.norm())
+        # ||A x||^2 by Pythagoras over the orthonormal pieces it was split into.
+        h_xx = alpha + float(c_m[m])
+        norm_ax = math.sqrt(float(E_x.square().sum() + c_m[:m].square().sum() + c_f.square().sum())
+                            + h_xx * h_xx + rem * rem)
+        scale = max(scale, norm_ax)
+        corner = torch.cat([E_x, torch.tensor([h_xx], dtype=f64)])[None]
+        H = torch.cat([torch.cat([H, E_x[:, None]], 1), corner])
 
-        # New frontier directions from the remainder of A X; a negligible remainder means invariance.
-        rem = W.norm(dim=0)
-        keep_cols = rem > 1e-12 * max(scale, 1e-300)
-        near_invariant = bool((rem <= 1e-8 * max(scale, 1e-300)).all())
-        W = W[:, keep_cols]
-        if W.shape[1]:
-            Qw, Rw = torch.linalg.qr(W)
-            Rw_full = torch.zeros(W.shape[1], s, dtype=f64)
-            Rw_full[:, keep_cols.cpu()] = Rw.cpu()
+        # The remainder is the new frontier direction; a negligible one means invariance.
+        new_direction = rem > drop_tol * max(scale, 1e-300)
+        near_invariant = rem <= near_tol * max(scale, 1e-300)
+        nf = F_rest.shape[0]
+        E_new = torch.zeros(nf + int(new_direction), m + 1, dtype=f64)
+        E_new[:nf, :m], E_new[:nf, m] = E_rest, c_f
+        if new_direction:
+            E_new[nf, m] = rem
+            if nf == 0:
+                # Written straight into the basis row it will occupy once multiplied (no copy next step).
+                if m + 1 >= cap and spare is None:
+                    spare = torch.empty(P, dtype=dtype, device=device)
+                F = torch.div(work, rem, out=Q[m + 1] if m + 1 < cap else spare)[None]
+            else:
+                F = torch.cat([F_rest, (work / rem)[None]], 0)
         else:
-            Qw = W
-            Rw_full = torch.zeros(0, s, dtype=f64)
-        E_new = torch.zeros(F_rest.shape[1] + Qw.shape[1], m + s, dtype=f64)
-        E_new[: F_rest.shape[1], :m] = E_rest
-        E_new[: F_rest.shape[1], m:] = c_f
-        E_new[F_rest.shape[1] :, m:] = Rw_full
-        F = torch.cat([F_rest, Qw], 1)
+            F = F_rest
         E = E_new
-        m += s
+        m += 1
 
         # Rayleigh-Ritz on the multiplied basis and exact residual norms ||E s_i||.
         theta, S = torch.linalg.eigh(H)
@@ -394,7 +535,7 @@ def _lanczos(
     converged = torch.zeros(wanted.count, dtype=torch.bool)
     vectors = None
     if return_eigenvectors:
-        vectors = torch.zeros(P, wanted.count, dtype=A.dtype, device=device)
+        vectors = torch.zeros(P, wanted.count, dtype=A.dtype, device=A.device)
     # Place found pairs: top part first, bottom part after (same layout even when m < count).
     n_top = min(wanted.top, n_found)
     slots = list(range(n_top)) + [wanted.top + j for j in range(n_found - n_top)]
@@ -404,11 +545,19 @@ def _lanczos(
         residuals[slots_t] = res_all[idx]
         converged[slots_t] = conv_all[idx]
         if vectors is not None:
-            vectors[:, slots_t.to(device)] = (Q[:, :m] @ S[:, idx].to(device)).to(A.dtype)
+            Y = S[:, idx].to(dtype=dtype, device=device)
+            cols = slots_t.to(A.device)
+            step = max(1, P // n_found)  # temporaries of about one P-vector
+            for lo in range(0, P, step):
+                part = Q[:m, lo : lo + step].T @ Y
+                vectors[lo : lo + step, cols] = part.to(dtype=A.dtype, device=A.device)
     settings = {
         "k": k, "which": which, "tol": tol, "max_steps": cap, "seed": seed, "warm_start": warm,
         "max_matvecs": max_matvecs, "max_seconds": max_seconds, "restarts": restarts, "stop": stop,
         "reorthogonalization": "full" if full_reorth else "none", "criterion": criterion,
+        "basis_vectors": cap, "basis_bytes": Q.numel() * Q.element_size(),
+        "basis_dtype": str(dtype).removeprefix("torch."), "basis_device": str(device),
+        "memory_budget": budget, "basis_size_from": size_from, "extra_passes": extra_passes,
     }
     return EigenResult(
         eigenvalues=eigenvalues, eigenvectors=vectors, residuals=residuals, converged=converged,
@@ -449,19 +598,3 @@ def _sentinels_converged(wanted: _Wanted, theta: Tensor, S: Tensor, conv: Tensor
     if wanted.bottom:
         ok &= bool(conv[idx[vals.argmin()]])
     return ok
-
-
-def _orthonormal_columns(V: Tensor, rtol: float = 1e-10) -> Tensor:
-    """An orthonormal basis of the span of ``V``'s columns (dependent columns dropped)."""
-    norms = V.norm(dim=0)
-    if norms.numel() == 0 or float(norms.max()) == 0.0:
-        return V[:, :0]
-    V = V[:, norms > rtol * norms.max()]
-    V, _ = _orthogonalise(V, [], passes=0)
-    Qv, R = torch.linalg.qr(V)
-    d = R.diagonal().abs()
-    good = d > rtol * d.max()
-    Qv = Qv[:, good]
-    # A second pass guards against loss of orthogonality in ill-conditioned blocks.
-    Qv, _ = torch.linalg.qr(Qv)
-    return Qv
