@@ -10,8 +10,9 @@ from typing import Any
 
 from diagnostics.errors import ConfigError, StoreError
 
-from .figures import FigureSink
-from .findings import run_findings
+from .charts import ChartSink
+from .dashboard import dashboard_html
+from .findings import group_findings, run_findings
 from .page import page_html
 from .panels import registry
 from .panels.base import Panel
@@ -57,27 +58,31 @@ def render_report(view: ReportView, *, extra_panels: Iterable[Panel] = ()) -> st
             record (a benchmark's own probes, for example).
 
     Returns:
-        The whole document. Cost: one figure render per panel with data (SVG, or PNG when large).
+        The whole document. Cost: one static figure per chart (SVG, or PNG when large) and per heatmap.
 
     Raises:
         ConfigError: an extra panel is not a :class:`Panel` or reuses a panel id.
     """
     panels = _panels(extra_panels)
-    sink = FigureSink()
-    findings = {run.name: run_findings(run) for run in view.runs}
+    sink = ChartSink()
+    groups = {run.name: group_findings(run, run_findings(run)) for run in view.runs}
+    overview = dashboard_html(view, sink)
     sections = []
     for panel in panels:
         sections.append((f"panel-{panel.id}", panel.title, panel.render(view, sink)))
-    return page_html(view, findings, sections, _generated_at(), _version())
+    return page_html(view, groups, overview, sections, _generated_at(), _version())
 
 
 def build_report(runs: Any, out_path: str | os.PathLike[str], *, title: str | None = None,
                  extra_panels: Iterable[Panel] = ()) -> Path:
     """Write one self-contained HTML report of one or several runs.
 
-    The file has inline CSS and inline figures (SVG, or base64 PNG where SVG would be large), no scripts
-    and no network references; it prints cleanly. Every user string is escaped. Long runs are
-    downsampled for display, keeping each bucket's extremes and every alert step.
+    The file opens with an overview (a card per run and the key charts), then the findings grouped and
+    counted, the panels, and the runs' configuration folded at the end. Time series are interactive
+    (inline uPlot: zoom, values under the cursor, run and series toggles) with a static figure for
+    readers without scripts and for print; heatmaps are static. Everything is inline: no network
+    references. Every user string is escaped. Long runs are downsampled for display, keeping each
+    bucket's extremes and every alert step.
 
     Args:
         runs: a run directory, a ``Run``, a ``Runs``, or a list of run directories / ``Run`` objects.

@@ -52,8 +52,10 @@ PNG_DPI = 110
 # Figure label that asks the layout for room on the right (a legend placed outside the axes).
 LEGEND_OUTSIDE = "legend-outside"
 
-RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
-              "#7f7f7f", "#bcbd22"]
+# Runs never take an alert's colour (ALERT_STYLE: orange warnings, red explosions, purple edge of
+# stability, brown rank collapse), so an alert line is never mistaken for a run.
+RUN_COLORS = ["#1f77b4", "#2ca02c", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#7b4173", "#637939",
+              "#9c9ede", "#8c6d31"]
 
 ALERT_STYLE = {
     "explosion_warning": dict(color="#ff7f0e", ls="--", label="explosion warning"),
@@ -155,7 +157,8 @@ def _layout(fig: Any) -> None:
     main = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     for ax in main:
         _plain_log_ticks(ax)
-    if not main:
+    if not main or fig.get_layout_engine() is not None:
+        # figures made with layout="constrained" (heatmaps side by side) lay themselves out
         return
     gs = main[0].get_subplotspec().get_gridspec() if main[0].get_subplotspec() else None
     nrows = gs.nrows if gs is not None else 1

@@ -8,11 +8,13 @@ project's one definition, ``diagnostics.explosion``; a sharpness ratio above one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from diagnostics.explosion import FACTOR, PATIENCE, explosion_step
 
+from .summary import adam_threshold_label, sgd_threshold_label
 from .views import RunView
 
 # For runs whose store holds rank series but no rank_collapse events (written by other tools or older
@@ -21,7 +23,6 @@ from .views import RunView
 # freshly initialised network drop early in every healthy run).
 RANK_COLLAPSE_FRACTION = 0.25
 RANK_BASELINE_AFTER = 100
-MAX_LINES_PER_KIND = 8
 
 RANK_METRICS = ("activation_effective_rank", "weight_effective_rank", "grad_effective_rank")
 
@@ -36,6 +37,7 @@ class Finding:
     text: str
     step: int | None = None
     layer: str | None = None
+    metric: str | None = None
 
 
 def _where(step: int | None, layer: str | None) -> str:
@@ -101,26 +103,28 @@ def _said(msg: str | None) -> str:
 
 
 def _event_findings(run: str, events: list, kind: str, severity: str, label: str) -> list[Finding]:
-    """One finding per event (``label`` at step and layer, then its message), capped per kind."""
-    lines = [Finding(run, kind, severity, f"{label} at {_where(e.step, e.key)}{_said(e.message)}", e.step, e.key)
-             for e in events]
-    return _capped(lines, run, kind, severity)
+    """One finding per event (``label`` at step and layer, then its message)."""
+    return [Finding(run, kind, severity, f"{label} at {_where(e.step, e.key)}{_said(_unprefixed(e))}", e.step,
+                    e.key, e.metric) for e in events]
+
+
+def _unprefixed(e: Any) -> str:
+    """The event's message without a leading "<key>: " (the finding already names the layer)."""
+    msg = e.message or ""
+    if e.key and msg.startswith(f"{e.key}: "):
+        return msg[len(e.key) + 2:]
+    return msg
 
 
 def _grouped_findings(run: str, events: list, kind: str, severity: str, label: str, unit: str) -> list[Finding]:
     """One finding per layer (event key): its first step and message, and how many ``unit`` there were."""
     out = []
     for key, step, count, msg in _group_by_layer(events):
+        if key and msg and msg.startswith(f"{key}: "):
+            msg = msg[len(key) + 2:]
         more = f" ({count} {unit})" if count > 1 else ""
         out.append(Finding(run, kind, severity, f"{label} at {_where(step, key)}{more}{_said(msg)}", step, key))
     return out
-
-
-def _capped(findings: list[Finding], run: str, kind: str, severity: str) -> list[Finding]:
-    if len(findings) <= MAX_LINES_PER_KIND:
-        return findings
-    extra = len(findings) - MAX_LINES_PER_KIND
-    return findings[:MAX_LINES_PER_KIND] + [Finding(run, kind, severity, f"... and {extra} more (see the panels).")]
 
 
 def run_findings(run: RunView) -> list[Finding]:
@@ -133,7 +137,7 @@ def run_findings(run: RunView) -> list[Finding]:
     # --- explosion warnings and the explosion itself ---
     warnings = run.events_of("explosion_warning")
     lines = _grouped_findings(name, warnings, "explosion_warning", "warning", "Explosion warning", "warnings")
-    out += _capped(lines, name, "explosion_warning", "warning")
+    out += lines
 
     explosions = run.events_of("loss_explosion")
     if explosions:
@@ -170,8 +174,10 @@ def run_findings(run: RunView) -> list[Finding]:
     if eos:
         out += _event_findings(name, eos, "edge_of_stability", "info", "Edge of stability")
     else:
-        for metric, label in (("sharpness_ratio", "Sharpness reached 2/lr"),
-                              ("adam_sharpness_ratio", "Preconditioned sharpness reached Adam's threshold")):
+        for metric, label in (("sharpness_ratio", f"Sharpness reached its stability threshold "
+                                                   f"{sgd_threshold_label(run)}"),
+                              ("adam_sharpness_ratio", "Preconditioned sharpness reached Adam's threshold "
+                                                       f"{adam_threshold_label(run)}")):
             c = run.curve(metric)
             hit = _first_crossing(*c) if c is not None else None
             if hit:
@@ -207,8 +213,8 @@ def run_findings(run: RunView) -> list[Finding]:
                         f"{metric.replace('_', ' ').capitalize()} fell below {RANK_COLLAPSE_FRACTION:.0%} of "
                         f"its baseline at step {int(sf[0])} at {_where(int(sf[i]), key)} ({vf[0]:.3g} to {vf[i]:.3g}; "
                         "from the series).",
-                        int(sf[i]), key))
-        out += _capped(lines, name, "rank_collapse", "warning")
+                        int(sf[i]), key, metric))
+        out += lines
 
     # --- estimator failures ---
     lines = []
@@ -239,7 +245,7 @@ def run_findings(run: RunView) -> list[Finding]:
     failed_diags = {s.diagnostic for s in run.status_summary if s.failed}
     unexplained = [e for e in run.events_of("estimator_failed") if (e.key or e.metric) not in failed_diags]
     lines += _grouped_findings(name, unexplained, "estimator_failed", "warning", "Estimator failure", "times")
-    out += _capped(lines, name, "estimator_failed", "warning")
+    out += lines
 
     # --- non-finite values ---
     lines = _grouped_findings(name, run.events_of("nonfinite"), "nonfinite", "error", "Non-finite value", "times")
@@ -261,7 +267,7 @@ def run_findings(run: RunView) -> list[Finding]:
                                      f"{metric} has {int(bad.sum())} non-finite value(s)"
                                      + (f" for {key}" if key != "all" else "") + f", first at step {first}.",
                                      first, key))
-    out += _capped(lines, name, "nonfinite", "error")
+    out += lines
 
     if not out:
         out.append(Finding(name, "none", "info", "Nothing alarming was recorded: no alerts, failures or "
@@ -269,4 +275,86 @@ def run_findings(run: RunView) -> list[Finding]:
     if len(run.steps) == 1:
         out.append(Finding(name, "single_step", "info", f"Only one step ({int(run.steps[0])}) was recorded; "
                            "series are shown as single points."))
+    return out
+
+
+# --- grouping for display --------------------------------------------------------------------------------
+
+
+@dataclass
+class FindingGroup:
+    """Findings of one kind in one run: a counted summary line, the individual findings folded under it."""
+
+    kind: str
+    severity: str
+    summary: str
+    items: list[Finding]
+    step: int | None = None
+
+
+_SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+
+
+def _first_step(items: list[Finding]) -> int | None:
+    steps = [f.step for f in items if f.step is not None]
+    return min(steps) if steps else None
+
+
+def _layers_of(run: RunView, metric: str | None) -> int:
+    md = run.metric(metric) if metric else None
+    return len(md.layer_keys()) if md is not None else 0
+
+
+def _of_layers(run: RunView, items: list[Finding], metric: str | None) -> str:
+    """'3 of 13 layers' (or '3 layers' when the metric's layers are unknown)."""
+    hit = len({f.layer for f in items if f.layer})
+    total = _layers_of(run, metric)
+    unit = "layer" if hit == 1 and not total else "layers"
+    return f"{hit} of {total} {unit}" if total >= hit and total else f"{hit} {unit}"
+
+
+def _summary(run: RunView, kind: str, items: list[Finding]) -> str:
+    first = _first_step(items)
+    at = f" from step {first}" if first is not None else ""
+    if kind == "explosion_warning":
+        metric = next((e.metric for e in run.events_of("explosion_warning") if e.metric), None)
+        lead = min((f for f in items if f.step is not None), key=lambda f: f.step, default=None)
+        where = f" ({lead.layer})" if lead is not None and lead.layer else ""
+        return (f"Explosion warnings in {_of_layers(run, items, metric)}"
+                + (f" ({metric})" if metric else "") + f", first at step {first}{where}.")
+    if kind == "rank_collapse":
+        parts = []
+        by_metric: dict[str | None, list[Finding]] = {}
+        for f in items:
+            by_metric.setdefault(f.metric, []).append(f)
+        for metric, group in by_metric.items():
+            what = metric.replace("_", " ").capitalize() if metric else "Rank"
+            g_first = _first_step(group)
+            parts.append(f"{what} collapsed in {_of_layers(run, group, metric)}"
+                         + (f" from step {g_first}" if g_first is not None else ""))
+        return "; ".join(parts) + "."
+    if kind == "edge_of_stability":
+        return f"Edge of stability: {len(items)} crossings{at}."
+    if kind == "estimator_failed":
+        return f"Estimator failures: {len(items)}{at}. Failed estimates are shown as failed, not as numbers."
+    if kind == "not_converged":
+        return f"{len(items)} estimators did not converge at every probe; those values are flagged in the panels."
+    if kind == "nonfinite":
+        return f"Non-finite values in {len(items)} places{at}."
+    return f"{len(items)} findings ({kind.replace('_', ' ')}){at}."
+
+
+def group_findings(run: RunView, findings: list[Finding]) -> list[FindingGroup]:
+    """Group one run's findings by kind, in the order the kinds first appear: one line per kind, the
+    individual findings (when there are several) folded under it."""
+    kinds: dict[str, list[Finding]] = {}
+    for f in findings:
+        kinds.setdefault(f.kind, []).append(f)
+    out = []
+    for kind, items in kinds.items():
+        severity = min((f.severity for f in items), key=lambda s: _SEVERITY_RANK.get(s, 3))
+        if len(items) == 1:
+            out.append(FindingGroup(kind, severity, items[0].text, [], items[0].step))
+        else:
+            out.append(FindingGroup(kind, severity, _summary(run, kind, items), items, _first_step(items)))
     return out

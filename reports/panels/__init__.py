@@ -1,6 +1,6 @@
 """The report's panels: the ordered catalogue of sections, one per family of recorded metrics.
 
-:mod:`.base` holds the :class:`~.base.Panel` class and the drawing helpers; :mod:`.training`,
+:mod:`.base` holds the :class:`~.base.Panel` class and the drawing helpers; :mod:`.training`, :mod:`.signals`,
 :mod:`.curvature` and :mod:`.layers` define the panels, importing only :mod:`.base` and the report's
 lower modules. Every panel here shows metrics that the library's own diagnostics record; panels for
 metrics written by other tools (the explosion benchmark's baselines, for one) are passed to
@@ -9,7 +9,7 @@ metrics written by other tools (the explosion benchmark's baselines, for one) ar
 
 from __future__ import annotations
 
-from . import curvature, layers, training
+from . import curvature, layers, signals, training
 from .base import Panel
 
 __all__ = ["Panel", "registry"]
@@ -25,6 +25,7 @@ def registry() -> list[Panel]:
         curvature.TRACE,
         curvature.SUBSPACE,
         layers.SPECTRAL_ALIGNMENT,
+        signals.SIGNALS,
         layers.EFFECTIVE_RANK,
         layers.GSNR,
         training.NORMS,

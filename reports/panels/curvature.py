@@ -8,93 +8,99 @@ from typing import Any
 
 import numpy as np
 
-from ..downsample import midpoint_edges, minmax_indices
-from ..figures import FigureSink, finite_or_nan, layer_colors, mark_alerts, mpl_text, plot_curve, run_color
+from ..charts import Chart, ChartSink, Line, Mark, Rule
+from ..downsample import midpoint_edges
+from ..figures import FigureSink, layer_colors, mpl_text, run_color
+from ..summary import adam_threshold_label, sgd_threshold_label
 from ..views import ReportView, RunView
-from .base import Panel, add_legend, alert_steps, esc, fmt, run_label, runs_with, table_html
+from .base import (
+    Panel,
+    alert_marks,
+    alert_steps,
+    choose_scale,
+    esc,
+    fmt,
+    folded,
+    grid,
+    run_label,
+    runs_with,
+    table_html,
+)
 
-LINESTYLES = ["-", "--", ":", "-."]
 # SLQ kernel: variance SIGMA2 * max(1, lambda_max - lambda_min), as in PyHessian's density.
 SIGMA2 = 1e-5
 DENSITY_BINS = 160
 MAX_DENSITY_COLUMNS = 150
+EDGE_RULE = "threshold: ratio 1 (edge of stability)"
 
 
 # --- sharpness ---------------------------------------------------------------------------------------
 
 
 def _threshold_curve(run: RunView) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """2/lr from ``stability_threshold``, else computed from ``learning_rate``."""
+    """The stored stability threshold and its formula; else 2/lr computed from ``learning_rate``."""
     c = run.curve("stability_threshold")
     if c is not None:
-        return c[0], c[1], "2/lr"
+        return c[0], c[1], sgd_threshold_label(run)
     c = run.curve("learning_rate")
-    if c is not None:
+    if c is not None and run.has("sharpness"):
         with np.errstate(divide="ignore", invalid="ignore"):
-            return c[0], np.where(c[1] > 0, 2.0 / c[1], np.nan), "2/lr (from learning_rate)"
+            return c[0], np.where(c[1] > 0, 2.0 / c[1], np.nan), "2/lr (from learning_rate; momentum unknown)"
     return None
 
 
-def _ratio_axes(view: ReportView, ax: Any, series: list[tuple[str, str, str]], ylabel: str, title: str,
-                alerts: tuple[str, ...] = ()) -> None:
-    """Draw ratios whose critical level is 1 (``series``: metric, label, line style) with a line at 1."""
-    for i, run in runs_with(view, *(m for m, _, _ in series)):
-        for metric, label, ls in series:
+def _ratio_label(view: ReportView) -> str:
+    """What the ratio divides by: the formula when every run used the same one."""
+    labels = {sgd_threshold_label(r) for _, r in runs_with(view, "sharpness_ratio")}
+    return labels.pop().split(",")[0] if len(labels) == 1 else "the run's threshold"
+
+
+def sharpness_ratio_chart(view: ReportView, *, group: str, height: int = 210) -> Chart:
+    """Sharpness / threshold (and Adam's preconditioned ratio), with the edge of stability at 1."""
+    lines = []
+    marks: list[Mark] = []
+    for i, run in runs_with(view, "sharpness_ratio", "adam_sharpness_ratio"):
+        for metric, dash, what in (("sharpness_ratio", "solid", f"λmax ÷ ({sgd_threshold_label(run)})"),
+                                   ("adam_sharpness_ratio", "dashdot",
+                                    f"preconditioned λmax ÷ ({adam_threshold_label(run).split(',')[0]})")):
             c = run.curve(metric)
             if c is not None:
-                plot_curve(ax, c[0], c[1], label=run_label(view, run, label), color=run_color(i), ls=ls,
-                           keep_steps=alert_steps(run))
-        if alerts:
-            mark_alerts(ax, run.events, kinds=alerts)
-    ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, loc="left")
-    add_legend(ax, fontsize=7)
+                lines.append(Line(run_label(view, run, what), c[0], c[1], run_color(i), dash=dash, run=i,
+                                  keep=alert_steps(run)))
+        marks += alert_marks(i, run, ("edge_of_stability",))
+    title = (f"sharpness ÷ {_ratio_label(view)}" if view.has("sharpness_ratio") else
+             "preconditioned sharpness ÷ Adam's threshold")
+    return Chart(title + " (1 = edge of stability)", "ratio", lines, [Rule(1.0, EDGE_RULE)], marks,
+                 scale=choose_scale([ln.y for ln in lines]), group=group, height=height)
 
 
-def _draw_sharpness(view: ReportView, sink: FigureSink) -> str:
+def _draw_sharpness(view: ReportView, sink: ChartSink) -> str:
     top = ("sharpness", "adam_sharpness", "stability_threshold", "adam_threshold")
-    ratios = [m for m in ("sharpness_ratio", "adam_sharpness_ratio") if view.has(m)]
-    nrows = (1 if view.has(*top) else 0) + (1 if ratios else 0)
-    fig, axes = sink.new(nrows, 1, height=2.6)
-    row = 0
+    charts = []
     if view.has(*top):
-        ax = axes[row, 0]
-        row += 1
-        positive = True
+        lines = []
         for i, run in runs_with(view, *top):
             keep = alert_steps(run)
             color = run_color(i)
-            curves = []
-            for metric, ls, what in (("sharpness", "-", "sharpness"), ("adam_sharpness", "-.", "Adam sharpness")):
+            for metric, dash, what in (("sharpness", "solid", "sharpness λmax"),
+                                       ("adam_sharpness", "dashdot", "preconditioned sharpness")):
                 c = run.curve(metric)
                 if c is not None:
-                    plot_curve(ax, c[0], c[1], label=run_label(view, run, what), color=color, ls=ls, keep_steps=keep)
-                    curves.append(c[1])
-            thr = _threshold_curve(run) if run.has("sharpness") or run.has("stability_threshold") else None
+                    lines.append(Line(run_label(view, run, what), c[0], c[1], color, dash=dash, run=i, keep=keep))
+            thr = _threshold_curve(run)
             if thr is not None:
-                plot_curve(ax, thr[0], thr[1], label=run_label(view, run, thr[2]), color=color, ls="--",
-                           keep_steps=keep, alpha=0.7)
-                curves.append(thr[1])
+                lines.append(Line(run_label(view, run, f"threshold {thr[2]}"), thr[0], thr[1], color, dash="dash",
+                                  run=i, keep=keep, width=1.1))
             c = run.curve("adam_threshold")
             if c is not None:
-                plot_curve(ax, c[0], c[1], label=run_label(view, run, "Adam threshold (2+2b1)/((1-b1)lr)"),
-                           color=color, ls=":", keep_steps=keep, alpha=0.7)
-                curves.append(c[1])
-            for v in curves:
-                f = v[np.isfinite(v)]
-                positive &= bool(len(f) == 0 or f.min() > 0)
-        if positive:
-            ax.set_yscale("log")
-        ax.set_ylabel("eigenvalue")
-        ax.set_title("sharpness (lambda_max) against the stability threshold", loc="left")
-        add_legend(ax, fontsize=7)
-    if ratios:
-        _ratio_axes(view, axes[row, 0], [(m, m, ls) for m, ls in zip(ratios, ("-", "-."))],
-                    "ratio (1 = edge)", "sharpness x lr / 2 (1 is the edge of stability)",
-                    alerts=("edge_of_stability",))
-    axes[-1, 0].set_xlabel("step")
-    return sink.render(fig, "sharpness against 2/lr")
+                lines.append(Line(run_label(view, run, f"Adam threshold {adam_threshold_label(run)}"), c[0], c[1],
+                                  color, dash="dot", run=i, keep=keep, width=1.1))
+        positive = all((np.asarray(ln.y)[np.isfinite(ln.y)] > 0).all() for ln in lines)
+        charts.append(Chart("sharpness against the stability threshold", "eigenvalue", lines,
+                            scale="log" if positive else "linear", group="sharpness"))
+    if view.has("sharpness_ratio", "adam_sharpness_ratio"):
+        charts.append(sharpness_ratio_chart(view, group="sharpness"))
+    return grid([sink.chart(c) for c in charts], 2)
 
 
 SHARPNESS = Panel(
@@ -103,10 +109,11 @@ SHARPNESS = Panel(
     metrics=("sharpness", "stability_threshold", "sharpness_ratio", "adam_sharpness", "adam_threshold",
              "adam_sharpness_ratio"),
     about=("Sharpness is the largest eigenvalue of the training-loss Hessian. Gradient descent with step lr is "
-           "stable on a quadratic only while sharpness < 2/lr; full-batch training typically sharpens until it "
-           "reaches 2/lr and then hovers there (the edge of stability), so a ratio sharpness x lr / 2 near 1 is "
-           "expected, not alarming. For Adam the preconditioned sharpness is compared with (2 + 2 beta1) / "
-           "((1 - beta1) lr), 38/lr for beta1 = 0.9."),
+           "stable on a quadratic only while sharpness < 2/lr, with heavy-ball momentum β while it is < "
+           "2(1+β)/lr; full-batch training typically sharpens until it reaches that threshold and then hovers "
+           "there (the edge of stability), so a ratio sharpness ÷ threshold near 1 is expected, not alarming. "
+           "For Adam the preconditioned sharpness is compared with (2+2β₁)/((1−β₁)lr), 38/lr for β₁ = 0.9. "
+           "The labels name the formula of the threshold each run recorded."),
     citation=("Cohen et al., 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of "
               "Stability; Cohen et al., 2022, Adaptive Gradient Methods at the Edge of Stability."),
     draw=_draw_sharpness,
@@ -143,81 +150,100 @@ def _failed_curvature_steps(run: RunView, prefix: str) -> dict[int, str]:
     return out
 
 
-def _draw_eigenvalues(view: ReportView, sink: FigureSink) -> str:
+def _not_converged(run: RunView, prefix: str, steps: np.ndarray, idx: np.ndarray,
+                   mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of the eigenvalue estimates flagged as not converged."""
+    conv = run.metric(f"{prefix}_converged")
+    if conv is None or conv.curve("all") is None:
+        return np.zeros(0), np.zeros(0)
+    cs, cidx, cmat = conv.by_key["all"].table()
+    bad_s, bad_v = [], []
+    pos = np.minimum(np.searchsorted(cs, steps), len(cs) - 1)
+    for j, ix in enumerate(idx):
+        if ix in cidx:
+            cj = int(np.searchsorted(cidx, ix))
+            hit = (cs[pos] == steps) & (cmat[pos, cj] == 0)
+            bad_s.append(steps[hit])
+            bad_v.append(mat[hit, j])
+    if not bad_s:
+        return np.zeros(0), np.zeros(0)
+    bs, bv = np.concatenate(bad_s), np.concatenate(bad_v)
+    order = np.argsort(bs, kind="stable")
+    return bs[order], bv[order]
+
+
+def eigen_chart(view: ReportView, prefix: str, *, group: str, height: int = 210, bottom: bool = True) -> Chart:
+    """Top-k eigenvalues of every run (hollow red: not converged; grey marks: failed estimates)."""
+    metric = f"{prefix}_eigenvalue"
+    lines: list[Line] = []
+    marks: list[Mark] = []
+    for i, run in runs_with(view, metric, f"{prefix}_bottom_eigenvalue"):
+        keep = alert_steps(run)
+        md = run.metric(metric)
+        if md is not None and md.curve("all") is not None:
+            steps, idx, mat = md.by_key["all"].table()
+            colors = layer_colors(len(idx)) if len(view.runs) == 1 else [run_color(i)] * len(idx)
+            for j, ix in enumerate(idx):
+                # with several runs each run has one colour; the top eigenvalue is drawn thickest
+                width = 1.8 if j == 0 else 1.0
+                lines.append(Line(run_label(view, run, f"λ{ix + 1}"), steps, mat[:, j], _hex(colors[j]), run=i,
+                                  keep=keep, width=width))
+            bs, bv = _not_converged(run, prefix, steps, idx, mat)
+            if len(bs):
+                lines.append(Line(run_label(view, run, "not converged"), bs, bv, "#d62728", points=True, run=i))
+        bmd = run.metric(f"{prefix}_bottom_eigenvalue")
+        if bottom and bmd is not None and bmd.curve("all") is not None:
+            bs, bv = bmd.curve("all")
+            lines.append(Line(run_label(view, run, "bottom eigenvalue"), bs, bv,
+                              "#7f7f7f" if len(view.runs) == 1 else run_color(i), dash="dash", run=i, keep=keep))
+        marks += [Mark(float(st), "estimator_failed", i) for st in sorted(_failed_curvature_steps(run, prefix))]
+    yv = np.concatenate([np.asarray(ln.y, dtype=float) for ln in lines]) if lines else np.zeros(0)
+    yv = yv[np.isfinite(yv)]
+    scale, linthresh = "linear", None
+    if len(yv):
+        if yv.min() > 0:
+            scale = choose_scale([yv])
+        elif np.abs(yv).max() > 0:
+            scale, linthresh = "asinh", float(max(np.abs(yv).max() * 1e-2, 1e-12))
+    name = "GGN" if prefix == "ggn" else "Hessian"
+    chart = Chart(f"top-k {name} eigenvalues", "eigenvalue", lines, marks=marks, scale=scale, group=group,
+                  height=height)
+    chart.linthresh = linthresh
+    return chart
+
+
+def _hex(color: Any) -> str:
+    if isinstance(color, str):
+        return color
+    r, g, b = (int(round(255 * c)) for c in color[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _draw_eigenvalues(view: ReportView, sink: ChartSink) -> str:
     out = []
     for prefix in ("hessian", "ggn"):
         metric = f"{prefix}_eigenvalue"
         if not view.has(metric, f"{prefix}_bottom_eigenvalue"):
             continue
-        fig, axes = sink.new(2, 1, height=2.5)
-        ax, gax = axes[0, 0], axes[1, 0]
+        charts = [eigen_chart(view, prefix, group=f"eigen-{prefix}")]
+        gap_lines = []
         tables = []
         for i, run in runs_with(view, metric, f"{prefix}_bottom_eigenvalue"):
-            keep = alert_steps(run)
             md = run.metric(metric)
-            failed = _failed_curvature_steps(run, prefix)
             steps = np.zeros(0, dtype=np.int64)
             mat = np.zeros((0, 0))
             if md is not None and md.curve("all") is not None:
-                steps, idx, mat = md.by_key["all"].table()
-                colors = layer_colors(len(idx)) if len(view.runs) == 1 else [run_color(i)] * len(idx)
-                for j, ix in enumerate(idx):
-                    lab = f"lambda_{ix + 1}" if len(view.runs) == 1 else (run.name if j == 0 else None)
-                    plot_curve(ax, steps, mat[:, j], label=lab, color=colors[j], keep_steps=keep, lw=0.9)
-                conv = run.metric(f"{prefix}_converged")
-                if conv is not None and conv.curve("all") is not None:
-                    cs, cidx, cmat = conv.by_key["all"].table()
-                    bad_s, bad_v = [], []
-                    for j, ix in enumerate(idx):
-                        if ix in cidx:
-                            cj = int(np.searchsorted(cidx, ix))
-                            pos = np.searchsorted(cs, steps)
-                            pos = np.minimum(pos, len(cs) - 1)
-                            hit = (cs[pos] == steps) & (cmat[pos, cj] == 0)
-                            bad_s.append(steps[hit])
-                            bad_v.append(mat[hit, j])
-                    if bad_s and sum(len(b) for b in bad_s):
-                        bs, bv = np.concatenate(bad_s), np.concatenate(bad_v)
-                        if len(bs) > 2000:
-                            sel = np.linspace(0, len(bs) - 1, 2000).astype(int)
-                            bs, bv = bs[sel], bv[sel]
-                        ax.plot(bs, finite_or_nan(bv), ls="none", marker="o", mfc="none", mec="red", ms=4,
-                                label="not converged")
+                steps, _idx, mat = md.by_key["all"].table()
                 gaps = np.array([eigen_gap(r)[1] for r in mat]) if len(mat) else np.zeros(0)
-                plot_curve(gax, steps, gaps, label=run_label(view, run, "largest ratio lambda_m / lambda_m+1"),
-                           color=run_color(i), keep_steps=keep)
-            bmd = run.metric(f"{prefix}_bottom_eigenvalue")
-            if bmd is not None and bmd.curve("all") is not None:
-                bs, bv = bmd.curve("all")
-                plot_curve(ax, bs, bv, label=run_label(view, run, "bottom eigenvalue"),
-                           color="grey" if len(view.runs) == 1 else run_color(i), ls="--", keep_steps=keep)
-            if failed:
-                from matplotlib import transforms
-
-                fs = np.array(sorted(failed))
-                trans = transforms.blended_transform_factory(ax.transData, ax.transAxes)
-                ax.plot(fs, np.full(len(fs), 0.05), ls="none", marker="X", color="grey", ms=5,
-                        transform=trans, label="estimate failed", clip_on=False)
-            tables.append(_eigen_table(view, run, steps, mat, failed, prefix))
-        fin = [v for v in ax.get_lines() if len(v.get_ydata())]
-        yv = np.concatenate([np.asarray(v.get_ydata(), dtype=float) for v in fin]) if fin else np.zeros(0)
-        yv = yv[np.isfinite(yv)]
-        if len(yv):
-            top = float(np.max(np.abs(yv)))
-            if yv.min() > 0:
-                ax.set_yscale("log")
-            else:
-                ax.set_yscale("symlog", linthresh=max(top * 1e-2, 1e-12))
-        ax.set_ylabel("eigenvalue")
-        ax.set_title(f"top-k {prefix.upper() if prefix == 'ggn' else 'Hessian'} eigenvalues (hollow red: not "
-                     "converged)", loc="left")
-        add_legend(ax, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6.5)
-        gax.set_ylabel("gap ratio")
-        gax.set_title("bulk/outlier gap: largest ratio of consecutive top eigenvalues", loc="left")
-        add_legend(gax, fontsize=7)
-        gax.set_xlabel("step")
-        out.append(sink.render(fig, f"top {prefix} eigenvalues over steps"))
-        out.extend(tables)
+                gap_lines.append(Line(run_label(view, run, "largest λm / λm+1"), steps, gaps, run_color(i), run=i,
+                                      keep=alert_steps(run)))
+            tables.append(_eigen_table(view, run, steps, mat, _failed_curvature_steps(run, prefix), prefix))
+        if gap_lines:
+            charts.append(Chart("bulk/outlier gap: largest ratio of consecutive top eigenvalues", "gap ratio",
+                                gap_lines, group=f"eigen-{prefix}"))
+        out.append(grid([sink.chart(c) for c in charts], 2))
+        failed = any("failed" in t for t in tables)
+        out.append(folded(f"Latest {prefix} eigenvalue estimates (tables)", "".join(tables), open_=failed))
     return "".join(out)
 
 
@@ -257,10 +283,11 @@ def _eigen_table(view: ReportView, run: RunView, steps: np.ndarray, mat: np.ndar
 EIGENVALUES = Panel(
     id="eigenvalues",
     title="Top Hessian eigenvalues and the bulk/outlier gap",
-    metrics=("hessian_eigenvalue", "hessian_bottom_eigenvalue", "ggn_eigenvalue", "ggn_bottom_eigenvalue"),
+    metrics=("hessian_eigenvalue", "hessian_bottom_eigenvalue", "ggn_eigenvalue", "ggn_bottom_eigenvalue",
+             "hessian_converged", "ggn_converged"),
     about=("The k largest (algebraic) eigenvalues of the loss Hessian from Lanczos with full "
            "reorthogonalisation, and the smallest one. Network Hessians have a bulk near zero and roughly one "
-           "outlier per class; the lower plot shows the largest ratio between consecutive top eigenvalues, "
+           "outlier per class; the second chart shows the largest ratio between consecutive top eigenvalues, "
            "where a large gap separates the outliers from the bulk. Values whose Lanczos residual did not meet "
            "the tolerance are drawn hollow red; failed estimates are marked as failed and never drawn as numbers."),
     citation=("Sagun et al., 2017, Empirical Analysis of the Hessian of Over-Parametrized Neural Networks; "
@@ -328,6 +355,20 @@ def binned_density(nodes: np.ndarray, weights: np.ndarray, edges: np.ndarray) ->
     return mass / np.diff(edges)
 
 
+def _symlog_ticks(axis: Any, lo: float, hi: float, c: float) -> None:
+    """0 and signed powers of ten at least 10 x the linear range: ticks inside it would overlap."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    top = max(abs(lo), abs(hi))
+    k = math.ceil(math.log10(10 * c))
+    ticks = [0.0] if lo <= 0 <= hi else []
+    while 10.0 ** k <= top:
+        ticks += [s * 10.0 ** k for s in (-1, 1) if lo <= s * 10.0 ** k <= hi]
+        k += 1
+    axis.set_major_locator(FixedLocator(sorted(ticks)))
+    axis.set_minor_locator(NullLocator())
+
+
 def _draw_density(view: ReportView, sink: FigureSink) -> str:
     out = []
     for prefix in ("hessian", "ggn"):
@@ -348,10 +389,14 @@ def _draw_density(view: ReportView, sink: FigureSink) -> str:
             sel = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), MAX_DENSITY_COLUMNS)).astype(int))
             cols = np.vstack([binned_density(*sets[j], edges) for j in sel]).T
             xedges = midpoint_edges(steps[sel].astype(float))
+            if len(sel) > 1:
+                # the axis starts at the first probe and ends at the last, not half a probe outside
+                xedges[0], xedges[-1] = float(steps[sel][0]), float(steps[sel][-1])
             top = cols[np.isfinite(cols)].max() if np.isfinite(cols).any() else 1.0
             logd = np.log10(np.maximum(cols, top * 1e-8))
             mesh = hax.pcolormesh(xedges, edges, logd, cmap="magma", shading="flat", rasterized=True)
             hax.set_yscale("symlog", linthresh=c)
+            _symlog_ticks(hax.yaxis, lo, hi, c)
             hax.grid(False)
             fig.colorbar(mesh, ax=hax, fraction=0.04, pad=0.01).set_label("log10 density")
             hax.set_xlabel("step")
@@ -363,16 +408,17 @@ def _draw_density(view: ReportView, sink: FigureSink) -> str:
             for color, j in zip(cols4, pick):
                 n, w = sets[j]
                 s = _kernel_std(n)
-                grid = np.unique(np.concatenate([np.linspace(lo, hi, 1200),
-                                                 (n[:, None] + s * np.linspace(-4, 4, 17)[None, :]).ravel()]))
-                d = smoothed_density(n, w, grid)
-                dax.plot(grid, np.maximum(d, d.max() * 1e-5), color=color, label=f"step {int(steps[j])}", lw=0.9)
+                xs = np.unique(np.concatenate([np.linspace(lo, hi, 1200),
+                                               (n[:, None] + s * np.linspace(-4, 4, 17)[None, :]).ravel()]))
+                d = smoothed_density(n, w, xs)
+                dax.plot(xs, np.maximum(d, d.max() * 1e-5), color=color, label=f"step {int(steps[j])}", lw=0.9)
             dax.set_xscale("symlog", linthresh=c)
+            _symlog_ticks(dax.xaxis, lo, hi, c)
             dax.set_yscale("log")
             dax.set_xlabel("eigenvalue (symmetric log)")
             dax.set_ylabel("density")
             dax.set_title("individual densities", loc="left")
-            add_legend(dax, fontsize=6.5)
+            dax.legend(frameon=False, fontsize=6.5)
         out.append(sink.render(fig, f"{prefix} spectral density over steps"))
     return "".join(out)
 
@@ -396,44 +442,49 @@ DENSITY = Panel(
 # --- trace ------------------------------------------------------------------------------------------------
 
 
-def _draw_trace(view: ReportView, sink: FigureSink) -> str:
-    prefixes = [p for p in ("hessian", "ggn") if view.has(f"{p}_trace")]
-    ratio = view.has("trace_ratio")
-    nrows = len(prefixes) + (1 if ratio else 0)
-    if not nrows:
-        return ""
-    fig, axes = sink.new(nrows, 1, height=2.4)
-    for ax, prefix in zip(axes[:, 0], prefixes):
+def _draw_trace(view: ReportView, sink: ChartSink) -> str:
+    charts = []
+    for prefix in ("hessian", "ggn"):
+        if not view.has(f"{prefix}_trace"):
+            continue
+        lines: list[Line] = []
+        bands = []
         for i, run in runs_with(view, f"{prefix}_trace"):
             c = run.curve(f"{prefix}_trace")
             if c is None:
                 continue
             s, v = c
             color = run_color(i)
-            plot_curve(ax, s, v, label=run_label(view, run, "mean"), color=color, keep_steps=alert_steps(run))
+            lines.append(Line(run_label(view, run, "estimate"), s, v, color, run=i, keep=alert_steps(run), width=1.6))
             ec = run.curve(f"{prefix}_trace_stderr")
             if ec is not None:
-                pos = np.searchsorted(ec[0], s)
-                pos = np.minimum(pos, len(ec[0]) - 1)
+                pos = np.minimum(np.searchsorted(ec[0], s), len(ec[0]) - 1)
                 err = np.where(ec[0][pos] == s, ec[1][pos], np.nan)
-                idx = minmax_indices(v, 800)
-                ss, vv, ee = s[idx], finite_or_nan(v[idx]), finite_or_nan(err[idx])
-                ax.fill_between(ss, vv - 2 * ee, vv + 2 * ee, color=color, alpha=0.2, lw=0,
-                                label=run_label(view, run, "+/- 2 stderr"))
-        ax.set_ylabel("trace")
-        ax.set_title(f"{prefix} trace (Hutchinson / Hutch++), band: +/- 2 standard errors", loc="left")
-        add_legend(ax, fontsize=7)
-    if ratio:
-        _ratio_axes(view, axes[-1, 0], [("trace_ratio", "Tr(H) lr / 2", "-")], "ratio",
-                    "Tr(H) x lr / 2 (SGD's linear-stability bound is 1)")
-    axes[-1, 0].set_xlabel("step")
-    return sink.render(fig, "Hessian trace over steps")
+                hi = len(lines)
+                lines.append(Line(run_label(view, run, "+2 stderr"), s, v + 2 * err, color, width=0.5, run=i,
+                                  markers=False))
+                lines.append(Line(run_label(view, run, "−2 stderr"), s, v - 2 * err, color, width=0.5, run=i,
+                                  markers=False))
+                bands.append((hi, hi + 1, _rgba(color, 0.18)))
+        charts.append(Chart(f"{prefix} trace (Hutchinson / Hutch++), band: ± 2 standard errors", "trace", lines,
+                            bands=bands, group="trace"))
+    if view.has("trace_ratio"):
+        lines = [Line(run_label(view, run, "Tr(H)·lr/2"), *run.curve("trace_ratio"), run_color(i), run=i)
+                 for i, run in runs_with(view, "trace_ratio") if run.curve("trace_ratio") is not None]
+        charts.append(Chart("Tr(H)·lr/2 (SGD's linear-stability bound is 1)", "ratio", lines,
+                            [Rule(1.0, "bound: 1")], scale=choose_scale([ln.y for ln in lines]), group="trace"))
+    return grid([sink.chart(c) for c in charts], 2)
+
+
+def _rgba(color: str, alpha: float) -> str:
+    r, g, b = (int(color[k:k + 2], 16) for k in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
 
 
 TRACE = Panel(
     id="trace",
     title="Hessian trace",
-    metrics=("hessian_trace", "hessian_trace_stderr", "ggn_trace", "trace_ratio"),
+    metrics=("hessian_trace", "hessian_trace_stderr", "ggn_trace", "ggn_trace_stderr", "trace_ratio"),
     about=("The trace of the Hessian (sum of all eigenvalues) estimated from random probes, with a band of "
            "two standard errors: a band that is wide compared with the changes over steps means those changes "
            "are noise. Hutch++ is far more accurate than plain Hutchinson when a few outliers dominate. For SGD, "
@@ -449,33 +500,29 @@ TRACE = Panel(
 # --- gradient subspace -----------------------------------------------------------------------------------
 
 
-def _draw_subspace(view: ReportView, sink: FigureSink) -> str:
+def _draw_subspace(view: ReportView, sink: ChartSink) -> str:
     groups = [
         ("fraction of the gradient / update in the top-k Hessian subspace",
          ["grad_subspace_fraction", "update_subspace_fraction", "grad_hessian_overlap"]),
         ("overlap of the top-k subspace with the previous probe and with the reference",
          ["subspace_overlap_prev", "subspace_overlap_ref"]),
     ]
-    groups = [(t, [m for m in ms if view.has(m)]) for t, ms in groups]
-    groups = [(t, ms) for t, ms in groups if ms]
-    fig, axes = sink.new(len(groups), 1, height=2.4)
-    for ax, (title, metrics) in zip(axes[:, 0], groups):
-        lo = 0.0
+    charts = []
+    for title, metrics in groups:
+        metrics = [m for m in metrics if view.has(m)]
+        if not metrics:
+            continue
+        lines = []
         for i, run in runs_with(view, *metrics):
-            for metric, ls in zip(metrics, LINESTYLES):
+            for metric, dash in zip(metrics, ("solid", "dash", "dot", "dashdot")):
                 c = run.curve(metric)
-                if c is None:
-                    continue
-                plot_curve(ax, c[0], c[1], label=run_label(view, run, metric), color=run_color(i), ls=ls,
-                           keep_steps=alert_steps(run))
-                f = c[1][np.isfinite(c[1])]
-                if len(f):
-                    lo = min(lo, float(f.min()))
-        ax.set_ylim(-1.05 if lo < 0 else -0.03, 1.03)
-        ax.set_title(title, loc="left")
-        add_legend(ax, fontsize=7)
-    axes[-1, 0].set_xlabel("step")
-    return sink.render(fig, "gradient subspace fraction and subspace overlap")
+                if c is not None:
+                    lines.append(Line(run_label(view, run, metric), c[0], c[1], run_color(i), dash=dash, run=i,
+                                      keep=alert_steps(run)))
+        lo = min((float(np.nanmin(ln.y)) for ln in lines if np.isfinite(ln.y).any()), default=0.0)
+        charts.append(Chart(title, "fraction / overlap", lines, yrange=(-1.05 if lo < 0 else -0.03, 1.03),
+                            group="subspace"))
+    return grid([sink.chart(c) for c in charts], 2)
 
 
 SUBSPACE = Panel(

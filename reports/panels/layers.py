@@ -4,17 +4,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..figures import FigureSink, alert_legend_handles, heatmap, mark_alerts, mpl_text
+from ..charts import Chart, ChartSink, Rule
+from ..figures import FigureSink, heatmap, mpl_text
+from ..summary import explosion_score_level
 from ..views import ReportView, RunView
-from .base import (
-    Panel,
-    layer_matrix,
-    layer_rows,
-    runs_with,
-    scalar_rows,
-)
+from .base import Panel, folded, grid, overlay_chart, runs_with, scalar_rows
+from .layerviews import layer_block
 
 MAX_DISTRIBUTION_STEPS = 4
+
+
+def explosion_score_chart(view: ReportView, *, group: str, height: int = 210) -> Chart:
+    """The detector's score with each run's warning level (below it no warning can fire)."""
+    chart = overlay_chart(view, "explosion_score", "score", title="explosion score (1 = every watched layer "
+                          "past its threshold)", scale="linear",
+                          alerts=("explosion_warning", "loss_explosion"), group=group, height=height)
+    levels = [(i, run, explosion_score_level(run)) for i, run in runs_with(view, "explosion_score")]
+    levels = [(i, run, lv) for i, run, lv in levels if lv is not None]
+    if len({lv for _, _, lv in levels}) == 1:
+        # every run has the same level: one line, no run names
+        chart.rules.append(Rule(levels[0][2][0], levels[0][2][1], color="#b26a00"))
+    else:
+        for i, run, (level, label) in levels:
+            chart.rules.append(Rule(level, f"{label}: {run.name}", color=chart_color(i), run=i))
+    chart.yrange = (-0.02, 1.02)
+    return chart
+
+
+def chart_color(i: int) -> str:
+    from ..figures import run_color
+
+    return run_color(i)
 
 
 def _chosen_steps(run: RunView, steps: np.ndarray) -> list[int]:
@@ -54,32 +74,14 @@ def _histogram_at(run: RunView, layers: list[str], step: int) -> np.ndarray:
     return np.vstack(rows) if rows else np.zeros((0, nb))
 
 
-def _draw_sa(view: ReportView, sink: FigureSink) -> str:
+def _distributions(view: ReportView, sink: FigureSink) -> str:
     out = []
-    rows = runs_with(view, "sa_sign_diversity")
-    if rows:
-        fig, axes = sink.new(len(rows), 1, height=max(2.2, 0.12 * max(len(r.metric("sa_sign_diversity").layer_keys())
-                                                                      for _, r in rows) + 1.0))
-        for ax, (_i, run) in zip(axes[:, 0], rows):
-            md = run.metric("sa_sign_diversity")
-            layers = md.layer_keys() or md.keys()
-            mat, edges = layer_matrix(run, "sa_sign_diversity", layers, how="min")
-            heatmap(ax, mat, edges, layers, cmap="magma", vmin=0.0, vmax=1.0, cbar_label="sign diversity", fig=fig)
-            drawn = mark_alerts(ax, run.events, kinds=("explosion_warning", "loss_explosion"))
-            if drawn:
-                ax.legend(handles=alert_legend_handles(drawn), loc="upper left", fontsize=6.5, frameon=True)
-            ax.set_title(mpl_text("sign diversity 1 - |2 p+ - 1| per layer (lowest per step bin)"
-                                  + (f": {run.name}" if len(view.runs) > 1 else ""), 100), loc="left")
-        axes[-1, 0].set_xlabel("step")
-        out.append(sink.render(fig, "spectral-alignment sign diversity, layer by step"))
-    if view.has("explosion_score"):
-        out.append(scalar_rows(view, sink, [("explosion_score", "score")], alerts=True, log=False, height=2.0))
     for _i, run in runs_with(view, "sa_histogram"):
         md = run.metric("sa_histogram")
         layers = md.layer_keys() or md.keys()
         steps = np.unique(np.concatenate([md.by_key[k].steps for k in layers]))
         picks = _chosen_steps(run, steps)
-        fig, axes = sink.new(1, len(picks), height=max(2.2, 0.12 * len(layers) + 1.0), width=9.0, sharex=False)
+        fig, axes = sink.new(1, len(picks), height=max(2.2, 0.12 * len(layers) + 1.0), width=9.4, sharex=False)
         for j, (ax, s) in enumerate(zip(axes[0, :], picks)):
             mat = _histogram_at(run, layers, s)
             heatmap(ax, mat, np.linspace(-1, 1, 21), layers if j == 0 else [""] * len(layers), cmap="Blues",
@@ -92,9 +94,23 @@ def _draw_sa(view: ReportView, sink: FigureSink) -> str:
                               + (f": {run.name}" if len(view.runs) > 1 else ""), 100), fontsize=9, x=0.02,
                      ha="left")
         out.append(sink.render(fig, "spectral-alignment distributions at chosen steps"))
+    return "".join(out)
+
+
+def _draw_sa(view: ReportView, sink: ChartSink) -> str:
+    out = []
+    if view.has("explosion_score"):
+        chart = explosion_score_chart(view, group="sa", height=200)
+        chart.cols = 1
+        out.append(grid([sink.chart(chart)], 1))
+    if view.has("sa_sign_diversity"):
+        out.append(layer_block(view, sink, "sa_sign_diversity", "sign diversity", how="min", cmap="magma",
+                               vlim=(0.0, 1.0)))
+    out.append(folded("Distributions of the alignment at chosen steps", _distributions(view, sink)))
     extra = [m for m in ("sa_positive_fraction", "sa_mean", "sa_mean_abs", "sa_sigma1") if view.has(m)]
-    if extra and not view.has("sa_sign_diversity"):
-        out.append(layer_rows(view, sink, [(m, m) for m in extra]))
+    for metric in extra:
+        out.append(folded(f"{metric} per layer", layer_block(view, sink, metric, metric,
+                                                              log=metric == "sa_sigma1")))
     return "".join(out)
 
 
@@ -102,28 +118,42 @@ SPECTRAL_ALIGNMENT = Panel(
     id="spectral-alignment",
     title="Spectral alignment per layer",
     metrics=("sa_sign_diversity", "sa_histogram", "sa_positive_fraction", "sa_mean", "sa_quantile",
-             "explosion_score"),
+             "sa_mean_abs", "sa_sigma1", "explosion_score"),
     about=("For each linear layer, the alignment a = <x, v1> / |x| of its inputs with the top right singular "
            "vector of its weight. Sign diversity 1 - |2 p+ - 1| is 1 when inputs fall on both sides of v1 and 0 "
-           "when they are all on one side; a collapse against the layer's own earlier level (dark cells "
-           "spreading in the heatmap) warns of representational collapse and loss explosion. Some healthy "
-           "layers (the LM head, early MLP layers) are one-sided from the start, so read changes, not levels."),
+           "when they are all on one side; a collapse against the layer's own earlier level warns of "
+           "representational collapse and loss explosion. Some healthy layers (the LM head, early MLP layers) "
+           "are one-sided from the start, so read changes, not levels. The explosion score is the mean, over "
+           "the layers the detector watches, of each layer's deviation as a fraction of its threshold; a "
+           "warning needs at least min_layers layers past their thresholds, so it cannot fire below the "
+           "dashed level."),
     citation=("Qiu, Wu, Tan, Wang and Yao, 2025, arXiv 2510.04202 (spectral alignment as an early warning of "
               "loss explosion); definitions in docs/metrics.md."),
     draw=_draw_sa,
 )
 
 
-def _draw_rank(view: ReportView, sink: FigureSink) -> str:
-    return layer_rows(view, sink, [
-        ("activation_effective_rank", "activation erank"),
-        ("weight_effective_rank", "weight erank"),
-        ("grad_effective_rank", "gradient erank"),
-        ("activation_stable_rank", "activation stable rank"),
-        ("weight_stable_rank", "weight stable rank"),
-        ("grad_stable_rank", "gradient stable rank"),
-        ("activation_alpha_req", "alpha-ReQ"),
-    ], how="min", height=1.9)
+RANK_SPECS = [
+    ("activation_effective_rank", "activation erank"),
+    ("weight_effective_rank", "weight erank"),
+    ("grad_effective_rank", "gradient erank"),
+    ("activation_stable_rank", "activation stable rank"),
+    ("weight_stable_rank", "weight stable rank"),
+    ("grad_stable_rank", "gradient stable rank"),
+    ("activation_alpha_req", "alpha-ReQ"),
+]
+
+
+def _draw_rank(view: ReportView, sink: ChartSink) -> str:
+    present = [(m, lab) for m, lab in RANK_SPECS if view.has(m)]
+    if not present:
+        return ""
+    # the first recorded rank (the activations' when present) is shown, the others folded
+    (first, first_label), rest = present[0], present[1:]
+    out = layer_block(view, sink, first, first_label, how="min")
+    for metric, label in rest:
+        out += folded(f"{metric} per layer", layer_block(view, sink, metric, label, how="min"))
+    return out
 
 
 EFFECTIVE_RANK = Panel(
@@ -134,7 +164,8 @@ EFFECTIVE_RANK = Panel(
     about=("Effective rank exp(-sum p_k log p_k), p_k = sigma_k / sum sigma, over the singular values of a "
            "layer's activations, weights and gradient matrix, with the stable rank |W|_F^2 / |W|_2^2 and the "
            "alpha-ReQ decay exponent. A falling activation rank means the representation is collapsing onto "
-           "few directions; gradient ranks are naturally low. With many layers each bin shows its minimum."),
+           "few directions; gradient ranks are naturally low. The other rank metrics are folded under the "
+           "first; in the heatmaps each bin shows its minimum."),
     citation=("Roy and Vetterli, 2007, The Effective Rank: a Measure of Effective Dimensionality; Garrido et al., "
               "2023, RankMe: Assessing the Downstream Performance of Pretrained Self-Supervised Representations "
               "by Their Rank; Agrawal et al., 2022, alpha-ReQ: Assessing Representation Quality by Measuring "
@@ -143,13 +174,16 @@ EFFECTIVE_RANK = Panel(
 )
 
 
-def _draw_gsnr(view: ReportView, sink: FigureSink) -> str:
-    out = layer_rows(view, sink, [("gsnr_mean", "GSNR (mean over parameters)"),
-                                  ("gsnr_median", "GSNR (median over parameters)")], log=True, how="mean")
+def _draw_gsnr(view: ReportView, sink: ChartSink) -> str:
+    out = ""
+    if view.has("gsnr_mean"):
+        out += layer_block(view, sink, "gsnr_mean", "GSNR (mean)", log=True)
+    if view.has("gsnr_median"):
+        out += folded("gsnr_median per layer", layer_block(view, sink, "gsnr_median", "GSNR (median)", log=True))
     out += scalar_rows(view, sink, [("grad_noise_scale", "B_simple"),
-                                    ("gsnr_microbatch_mean", "micro-batch GSNR, mean (not per-sample)"),
-                                    ("gsnr_microbatch_median", "micro-batch GSNR, median (not per-sample)")],
-                       height=1.9)
+                                    ("gsnr_microbatch_mean", "micro-batch GSNR"),
+                                    ("gsnr_microbatch_median", "micro-batch GSNR")],
+                       height=1.9, group="gsnr")
     return out
 
 

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..figures import FigureSink, mpl_text, run_color
+from ..charts import ChartSink
+from ..figures import run_color
 from ..views import ReportView
-from .base import Panel, esc, fmt, layer_rows, runs_with, scalar_rows, table_html
+from .base import STORY_ALERTS, Panel, esc, fmt, folded, grid, overlay_chart, runs_with, table_html
+from .layerviews import layer_block
+
+# The loss is read on ratios (the explosion rule is "twice the running minimum"), so its axis turns
+# logarithmic from one decade on, where other metrics wait for two.
+LOSS_LOG_DECADES = 1.0
 
 
-def _draw_loss(view: ReportView, sink: FigureSink) -> str:
-    return scalar_rows(view, sink, [("loss", "loss"), ("learning_rate", "learning rate")], alerts=True)
+def loss_chart(view: ReportView, *, group: str, height: int = 210, alerts: tuple[str, ...] = STORY_ALERTS):
+    """The loss of every run, with alert marks; log axis when it spans a decade."""
+    return overlay_chart(view, "loss", "loss", title="loss", decades=LOSS_LOG_DECADES, alerts=alerts,
+                         group=group, height=height)
+
+
+def _draw_loss(view: ReportView, sink: ChartSink) -> str:
+    charts = [loss_chart(view, group="loss", alerts=STORY_ALERTS + ("rank_collapse",))]
+    if view.has("learning_rate"):
+        charts.append(overlay_chart(view, "learning_rate", "learning rate", title="learning rate", group="loss"))
+    return grid([sink.chart(c) for c in charts], 2)
 
 
 LOSS = Panel(
@@ -28,9 +43,18 @@ LOSS = Panel(
 )
 
 
-def _draw_norms(view: ReportView, sink: FigureSink) -> str:
-    return layer_rows(view, sink, [("grad_norm", "gradient norm"), ("weight_norm", "weight norm"),
-                                   ("update_ratio", "|update| / |weights|")], log=True, how="max")
+def _draw_norms(view: ReportView, sink: ChartSink) -> str:
+    specs = [("grad_norm", "gradient norm"), ("weight_norm", "weight norm"), ("update_ratio", "|update| / |weights|")]
+    specs = [(m, lab) for m, lab in specs if view.has(m)]
+    # the whole model's norms, runs overlaid; the per-layer views folded under them
+    overview = [sink.chart(overlay_chart(view, m, lab, title=f"{m} (whole model)", group="norms",
+                                         alerts=("explosion_warning", "loss_explosion", "nonfinite")))
+                for m, lab in specs]
+    out = grid(overview, 2)
+    for metric, label in specs:
+        body = layer_block(view, sink, metric, label, log=True, how="max")
+        out += folded(f"{metric} per layer", body)
+    return out
 
 
 NORMS = Panel(
@@ -40,19 +64,19 @@ NORMS = Panel(
     about=("Euclidean norms of the gradient and of the weights, per parameter tensor and for the whole model "
            "(black), and the relative update size |delta theta| / |theta|. Gradient-norm spikes and steadily "
            "growing weight norms are the classical warning signs of instability; an update ratio far above "
-           "about 1e-3 per step usually means the learning rate is too high for that layer. With many layers "
-           "the panel shows a layer x step heatmap of each bin's maximum."),
+           "about 1e-3 per step usually means the learning rate is too high for that layer. Per layer (folded): "
+           "the layers that changed most, and a layer x step heatmap of each bin's maximum."),
     citation=("Pascanu, Mikolov and Bengio, 2013, On the Difficulty of Training Recurrent Neural Networks; "
               "Wortsman et al., 2023, Small-scale Proxies for Large-scale Transformer Training Instabilities."),
     draw=_draw_norms,
 )
 
 
-def _draw_cost(view: ReportView, sink: FigureSink) -> str:
+def _draw_cost(view: ReportView, sink: ChartSink) -> str:
     out = []
     rows_plot = runs_with(view, "monitor_seconds")
     if rows_plot:
-        # total seconds per diagnostic and run: a grouped horizontal bar chart
+        # total seconds per diagnostic and run: a table with a bar in each cell
         names: list[str] = []
         totals: dict[tuple[int, str], float] = {}
         for i, run in rows_plot:
@@ -65,22 +89,25 @@ def _draw_cost(view: ReportView, sink: FigureSink) -> str:
                 totals[(i, k)] = float(v.sum())
                 if k not in names:
                     names.append(k)
-        fig, axes = sink.new(1, 1, height=max(1.6, 0.28 * len(names) * max(1, len(rows_plot)) + 0.8),
-                             sharex=False)
-        ax = axes[0, 0]
-        h = 0.8 / max(1, len(rows_plot))
-        for j, (i, run) in enumerate(rows_plot):
-            ys = np.arange(len(names)) + j * h
-            ax.barh(ys, [totals.get((i, n), 0.0) for n in names], height=h, color=run_color(i),
-                    label=mpl_text(run.name) if len(view.runs) > 1 else None)
-        ax.set_yticks(np.arange(len(names)) + h * (len(rows_plot) - 1) / 2)
-        ax.set_yticklabels([mpl_text(n, 40) for n in names])
-        ax.invert_yaxis()
-        ax.set_xlabel("total seconds spent by the monitor")
-        ax.set_title("monitor_seconds per diagnostic (sum over steps)", loc="left")
-        if len(view.runs) > 1:
-            ax.legend(frameon=False, fontsize=7)
-        out.append(sink.render(fig, "seconds spent per diagnostic"))
+        top = max(totals.values(), default=0.0) or 1.0
+        names.sort(key=lambda n: -max(totals.get((i, n), 0.0) for i, _ in rows_plot))
+        head = "".join(f'<th><span class="swatch" style="background:{run_color(i)}"></span>{esc(run.name)}</th>'
+                       for i, run in rows_plot)
+        body = []
+        for n in names:
+            cells = []
+            for i, _run in rows_plot:
+                v = totals.get((i, n))
+                if v is None:
+                    cells.append("<td></td>")
+                    continue
+                pct = 100.0 * v / top
+                cells.append(f'<td class="bar"><i style="width:{pct:.1f}%;background:{run_color(i)}"></i>'
+                             f"<span>{esc(fmt(round(v, 3)))} s</span></td>")
+            body.append(f"<tr><td>{esc(n)}</td>{''.join(cells)}</tr>")
+        out.append('<table class="cost"><caption>Seconds each diagnostic added, summed over the run (monitor_seconds)'
+                   f"</caption><thead><tr><th>diagnostic</th>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+                   "</table>\n")
     for run in view.runs:
         if not run.status_summary:
             continue
@@ -92,8 +119,11 @@ def _draw_cost(view: ReportView, sink: FigureSink) -> str:
                          fmt(s.seconds / s.calls if s.calls else float("nan")),
                          "" if s.num_matvecs is None else s.num_matvecs])
         heading = "Estimator status" + (f": {run.name}" if len(view.runs) > 1 else "")
-        out.append(f"<h3>{esc(heading)}</h3>\n" + table_html(
-            ["diagnostic", "calls", "ok", "not converged", "failed", "total s", "mean s", "matvecs"], rows))
+        failures = sum(s.failed for s in run.status_summary)
+        note = f" ({failures} failed)" if failures else ""
+        out.append(folded(heading + note, table_html(
+            ["diagnostic", "calls", "ok", "not converged", "failed", "total s", "mean s", "matvecs"], rows),
+            open_=bool(failures)))
     return "".join(out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,14 +22,29 @@ EVIL = "<script>alert(1)</script> \"quoted\" & 'single'"
 
 
 def scrub(text: str) -> str:
-    """Remove what legitimately changes between machines: time, versions, paths and figure bytes."""
+    """Remove what legitimately changes between machines: time, versions, paths and figure bytes.
+
+    The chart data (JSON) stays: it pins the numbers every chart shows. The inline styles and scripts
+    (uPlot's and the page's) are replaced by placeholders; tests below check them.
+    """
     text = re.sub(r'<span class="generated-at">[^<]*</span>', '<span class="generated-at">T</span>', text)
     text = re.sub(r'<span class="version">[^<]*</span>', '<span class="version">V</span>', text)
     text = re.sub(r'<td class="value (created|version|path)">[^<]*</td>', r'<td class="value \1">X</td>', text)
-    # figures depend on the matplotlib version; their presence and order are what the gold file pins
+    text = re.sub(r"<style>.*?</style>", "<style>CSS</style>", text, flags=re.S)
+    text = re.sub(r"<script>.*?</script>", "<script>JS</script>", text, flags=re.S)
+    # static figures: their presence and order are what the gold file pins
     text = re.sub(r"<svg\b.*?</svg>", "<svg/>", text, flags=re.S)
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,PNG", text)
     return text
+
+
+def has_figure(body: str) -> bool:
+    """A chart, a heatmap, a matplotlib figure or a table."""
+    return any(tag in body for tag in ('class="chart"', 'class="heat"', "<figure", "<table"))
+
+
+# The one URL the report carries: uPlot's banner comment, inside its inline script (reports/vendor/README.md).
+UPLOT_BANNER = re.compile(r"/\*! https://github\.com/leeoniya/uPlot \(v[0-9.]+\) \*/")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +71,8 @@ def monkeypatch_module():
 
 
 def section(html_text: str, panel_id: str) -> str:
-    m = re.search(rf'<section class="panel" id="panel-{re.escape(panel_id)}">(.*?)</section>', html_text, re.S)
+    m = re.search(rf'<section class="panel(?: absent)?" id="panel-{re.escape(panel_id)}">(.*?)</section>', html_text,
+                  re.S)
     assert m, f"no section for panel {panel_id}"
     return m.group(1)
 
@@ -75,15 +92,17 @@ def test_gold_file(stores, monkeypatch_module):
 
 def test_findings_of_an_exploding_run(boom_html):
     findings = re.search(r'<section id="findings">(.*?)</section>', boom_html, re.S).group(1)
-    assert "Explosion warning at step" in findings
+    assert "Explosion warning" in findings
     assert "The loss exploded at step 62" in findings
     assert "before the loss exploded" in findings
     assert "Rank collapse at step" in findings and "layer blocks." in findings
     assert "failed" in findings and "NonDeterministicOperatorError" in findings
     assert "Non-finite value" in findings or "non-finite" in findings
-    # the findings come before the configuration and the panels
-    assert boom_html.index('id="findings"') < boom_html.index('id="config"') < boom_html.index('id="panel-loss"')
-    assert "Estimator settings" in boom_html and "hessian_eigen" in boom_html
+    # overview, then findings, then the panels; the configuration is folded at the end
+    assert (boom_html.index('id="overview"') < boom_html.index('id="findings"') < boom_html.index('id="panel-loss"')
+            < boom_html.index('id="config"'))
+    config = boom_html[boom_html.index('id="config"'):]
+    assert "Estimator settings" in config and "hessian_eigen" in config and "<details" in config
 
 
 def test_failed_estimates_are_shown_as_failed(boom_html):
@@ -102,7 +121,7 @@ def test_every_panel_section_present_on_full_store(boom_html):
     for panel in registry():
         body = section(boom_html, panel.id)
         assert "Not recorded: no run has" not in body, panel.id
-        assert "<figure" in body or "<table" in body, panel.id
+        assert has_figure(body), panel.id
         assert '<p class="cite">' in body and "http" not in body
 
 
@@ -125,14 +144,14 @@ def test_panel_present_and_not_recorded(panel, tmp_path):
     text = build_report(with_metrics, tmp_path / "with.html").read_text(encoding="utf-8")
     body = section(text, panel.id)
     assert "Not recorded" not in body
-    assert "<figure" in body or "<table" in body
+    assert has_figure(body)
     other = ("sa_sigma1",) if panel.id != "spectral-alignment" else ("loss",)
     without = _write_only(tmp_path / "without", other)
     text = build_report(without, tmp_path / "without.html").read_text(encoding="utf-8")
     body = section(text, panel.id)
     note = re.findall(r'<p class="not-recorded">[^<]*</p>', body)
     assert len(note) == 1 and panel.metrics[0] in note[0]
-    assert "<figure" not in body
+    assert not has_figure(body)
 
 
 def test_user_strings_are_escaped(tmp_path):
@@ -145,20 +164,36 @@ def test_user_strings_are_escaped(tmp_path):
                          events=[Event("explosion_warning", EVIL, "warning", metric="loss", key=EVIL)],
                          statuses=[Status(EVIL, "failed", EVIL, 0.1)])
     text = build_report(run, tmp_path / "evil.html", title=EVIL).read_text(encoding="utf-8")
-    assert "<script" not in text.lower()
+    assert "<script>alert(1)" not in text.lower()
+    # the only script elements are the two inline scripts and the charts' JSON data
+    tags = re.findall(r"<script\b[^>]*>", text, re.I)
+    assert tags.count("<script>") == 2
+    assert all(t in ("<script>", '<script type="application/json" class="chart-data">') for t in tags), tags
     assert "alert(1)" in text  # the string is shown, escaped
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
-    assert '"quoted"' not in text and "'single'" not in text
+    outside_json = re.sub(r'<script type="application/json".*?</script>', "", text, flags=re.S)
+    assert '"quoted"' not in outside_json and "'single'" not in outside_json
     assert "&quot;quoted&quot;" in text and "&amp;" in text
+    # inside the JSON the name is escaped for HTML yet parses back to itself
+    blocks = re.findall(r'<script type="application/json" class="chart-data">(.*?)</script>', text, re.S)
+    assert blocks and all("<" not in b and ">" not in b and "&" not in b for b in blocks)
+    labels = {s["label"] for b in blocks for s in json.loads(b)["series"]}
+    assert EVIL in labels
 
 
 def test_no_network_references(boom_html):
-    low = boom_html.lower()
-    assert "http://" not in low and "https://" not in low
-    assert "@import" not in low and "<script" not in low and "<link rel=\"stylesheet\"" not in low
-    for attr in re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', boom_html, re.I):
+    # uPlot's banner comment is the one URL in the file, inside a comment of the inline script
+    assert len(UPLOT_BANNER.findall(boom_html)) == 1
+    text = UPLOT_BANNER.sub("", boom_html)
+    low = text.lower()
+    assert "http://" not in low and "https://" not in low and "//cdn" not in low
+    assert "@import" not in low and "<link rel=\"stylesheet\"" not in low
+    assert not re.search(r"<script\b[^>]*\bsrc\s*=", text, re.I), "scripts must be inline"
+    assert "sourcemappingurl" not in low
+    for attr in re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', text, re.I):
         assert attr.startswith(("data:", "#")), attr
-    assert not re.search(r"url\((?!#)", boom_html), "CSS/SVG url() must only reference in-page ids"
+    assert not re.search(r"url\((?!#)", text), "CSS/SVG url() must only reference in-page ids"
+    assert not re.search(r"\b(?:fetch|XMLHttpRequest|WebSocket|importScripts)\s*\(", text)
 
 
 def test_nan_inf_single_step_and_empty(tmp_path, monkeypatch_module):
@@ -173,15 +208,19 @@ def test_nan_inf_single_step_and_empty(tmp_path, monkeypatch_module):
     RunWriter(empty, name="empty").close()
     text = build_report(empty, tmp_path / "empty.html").read_text(encoding="utf-8")
     assert 'id="empty-note"' in text and "This run is empty" in text
-    assert "<figure" not in text
+    assert not any(tag in text for tag in ('class="chart"', 'class="heat"', "<figure"))
 
 
 def test_several_runs_overlaid(stores, tmp_path, monkeypatch_module):
     runs = open_runs([stores["healthy"], stores["boom"]])
     text = build_report(runs, tmp_path / "both.html").read_text(encoding="utf-8")
     findings = re.search(r'<section id="findings">(.*?)</section>', text, re.S).group(1)
-    assert "<h3>healthy</h3>" in findings and "&lt;script&gt;" in findings
-    assert text.count('<section class="panel"') == len(registry())
+    assert re.search(r"<h3><span[^>]*></span>healthy</h3>", findings) and "&lt;script&gt;" in findings
+    assert text.count('<section class="panel') == len(registry())
+    # one card per run, and the run switches
+    overview = re.search(r'<section id="overview">(.*?)</section>', text, re.S).group(1)
+    assert overview.count('<div class="card ') == 2
+    assert text.count('class="run-toggle"') == 2
 
 
 def test_bad_arguments(tmp_path):
@@ -248,9 +287,10 @@ def _extra_panel(panel_id: str = "extra") -> Panel:
 def test_extra_panels_follow_the_catalogue(tmp_path):
     run = _write_only(tmp_path / "run", ("loss", "custom_metric"))
     text = build_report(run, tmp_path / "x.html", extra_panels=[_extra_panel()]).read_text(encoding="utf-8")
-    assert text.count('<section class="panel"') == len(registry()) + 1
+    assert text.count('<section class="panel') == len(registry()) + 1
     assert "<td>extra</td>" in section(text, "extra")
-    assert text.index(f'id="panel-{registry()[-1].id}"') < text.index('id="panel-extra"')
+    # after the catalogue's panels with data, before the one-line notes of those without
+    assert text.index('id="panel-loss"') < text.index('id="panel-extra"') < text.index('id="panel-sharpness"')
     # without them the report is the catalogue alone
     text = build_report(run, tmp_path / "y.html").read_text(encoding="utf-8")
     assert 'id="panel-extra"' not in text

@@ -1,0 +1,279 @@
+"""What makes the report readable: the labels name the formula drawn, scales and axes, the overview,
+grouped findings, per-layer views, and the chart data's escaping."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from diagnostics.reports import build_report
+from diagnostics.reports.charts import Chart, ChartSink, Line, json_for_html
+from diagnostics.reports.findings import group_findings, run_findings
+from diagnostics.reports.panels.base import choose_scale, layer_matrix, signed_scale
+from diagnostics.reports.panels.layerviews import most_changed, row_labels
+from diagnostics.reports.summary import (
+    adam_threshold_label,
+    explosion_score_level,
+    run_outcome,
+    sgd_threshold_label,
+)
+from diagnostics.reports.views import load_report_view
+
+from diagnostics.store import Event, Record, RunWriter
+
+
+def _sharpness_run(path, *, momentum=0.0, nesterov=False, lr=0.1, steps=6, with_lr=True):
+    """A run whose sharpness diagnostic used SGD with this momentum: threshold and ratio as it stores them."""
+    if nesterov:
+        thr = 2 * (1 + momentum) / (lr * (1 + 2 * momentum))
+    else:
+        thr = 2 * (1 + momentum) / lr
+    with RunWriter(path, name="sgd") as w:
+        for step in range(steps):
+            lam = 5.0 + 8.0 * step
+            recs = [Record("loss", 1.0), Record("sharpness", lam), Record("stability_threshold", thr),
+                    Record("sharpness_ratio", lam / thr)]
+            if with_lr:
+                recs.append(Record("learning_rate", lr))
+            w.write_step(step * 10, recs)
+    return path
+
+
+def _section(text: str, panel_id: str) -> str:
+    m = re.search(rf'<section class="panel(?: absent)?" id="panel-{panel_id}">(.*?)</section>', text, re.S)
+    assert m
+    return m.group(1)
+
+
+def _chart_data(html_text: str) -> list[dict]:
+    blocks = re.findall(r'<script type="application/json" class="chart-data">(.*?)</script>', html_text, re.S)
+    return [json.loads(b) for b in blocks]
+
+
+# --- the momentum label -------------------------------------------------------------------------------------
+
+
+def test_momentum_threshold_is_labelled_with_its_formula(tmp_path):
+    run = _sharpness_run(tmp_path / "run", momentum=0.9)
+    text = build_report(run, tmp_path / "r.html").read_text(encoding="utf-8")
+    body = _section(text, "sharpness")
+    charts = _chart_data(body)
+    labels = [s["label"] for c in charts for s in c["series"]]
+    titles = [c["title"] for c in charts]
+    # the line drawn is 2(1+β)/lr = 38 for lr 0.1 and β 0.9, and it says so
+    assert any("2(1+β)/lr, β = 0.9" in lab for lab in labels), labels
+    assert not any(re.search(r"\b2/lr\b", lab) for lab in labels), labels
+    assert any("sharpness ÷ 2(1+β)/lr" in t for t in titles), titles
+    assert "sharpness x lr / 2" not in text and "sharpness × lr / 2" not in text
+    threshold = next(s for c in charts for s in c["series"] if s["label"].startswith("threshold"))
+    assert threshold["y"][0] == pytest.approx(38.0)
+    # the edge of stability is drawn at ratio 1 and labelled
+    ratio = next(c for c in charts if c["title"].startswith("sharpness ÷"))
+    assert ratio["rules"] == [{"y": 1.0, "label": "threshold: ratio 1 (edge of stability)", "color": "#333333",
+                               "dash": [6, 4], "run": None}]
+
+
+@pytest.mark.parametrize(("momentum", "nesterov", "expected"), [
+    (0.0, False, "2/lr"),
+    (0.9, False, "2(1+β)/lr, β = 0.9"),
+    (0.5, True, "2(1+β)/((1+2β)·lr), Nesterov β = 0.5"),
+])
+def test_sgd_threshold_label(tmp_path, momentum, nesterov, expected):
+    run = _sharpness_run(tmp_path / "run", momentum=momentum, nesterov=nesterov)
+    (view,) = load_report_view(run).runs
+    assert sgd_threshold_label(view) == expected
+
+
+def test_threshold_label_without_learning_rate_says_so(tmp_path):
+    run = _sharpness_run(tmp_path / "run", momentum=0.9, with_lr=False)
+    (view,) = load_report_view(run).runs
+    assert sgd_threshold_label(view) == "stability threshold (as stored)"
+
+
+def test_adam_threshold_label(tmp_path):
+    with RunWriter(tmp_path / "run", name="adam") as w:
+        for step in range(3):
+            w.write_step(step, [Record("learning_rate", 1e-3), Record("adam_threshold", 38.0 / 1e-3),
+                                Record("adam_sharpness", 100.0), Record("adam_sharpness_ratio", 100.0 / 38e3)])
+    (view,) = load_report_view(tmp_path / "run").runs
+    assert adam_threshold_label(view) == "(2+2β₁)/((1−β₁)·lr), β₁ = 0.9 (38/lr)"
+
+
+def test_edge_of_stability_finding_names_the_threshold(tmp_path):
+    run = _sharpness_run(tmp_path / "run", momentum=0.9, steps=8)  # ratio reaches 1 at step 50
+    (view,) = load_report_view(run).runs
+    eos = [f for f in run_findings(view) if f.kind == "edge_of_stability"]
+    assert len(eos) == 1 and "2(1+β)/lr, β = 0.9" in eos[0].text and "2/lr " not in eos[0].text
+
+
+# --- outcome, explosion score level ---------------------------------------------------------------------
+
+
+def _loss_run(path, losses, events=None):
+    with RunWriter(path, name="r") as w:
+        for step, loss in enumerate(losses):
+            w.write_step(step, [Record("loss", loss)], events=(events or {}).get(step, ()))
+    (view,) = load_report_view(path).runs
+    return view
+
+
+def test_outcome_stable_spike_explosion(tmp_path):
+    assert run_outcome(_loss_run(tmp_path / "a", [1.0] * 40)).kind == "stable"
+    spike = run_outcome(_loss_run(tmp_path / "b", [1.0] * 30 + [5.0] * 3 + [1.0] * 10))
+    assert (spike.kind, spike.step) == ("spike", 30) and spike.text == "spike at step 30, recovered"
+    boom = run_outcome(_loss_run(tmp_path / "c", [1.0] * 30 + [5.0] * 12))
+    assert (boom.kind, boom.step, boom.text) == ("explosion", 30, "explosion at step 30")
+
+
+def test_explosion_score_level_from_the_detector_state(tmp_path):
+    layers = {f"l{i}": {"eligible": i < 8} for i in range(12)}
+    meta = {"diagnostics": {"explosion_detector": {"min_layers": 2}},
+            "diagnostic_state": {"explosion_detector": {"detector": {"layers": layers}}}}
+    with RunWriter(tmp_path / "run", name="r", meta=meta) as w:
+        for step in range(3):
+            w.write_step(step, [Record("explosion_score", 0.1 * step)])
+    (view,) = load_report_view(tmp_path / "run").runs
+    assert explosion_score_level(view) == (0.25, "warning level 2/8 layers")
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
+    score = next(c for c in _chart_data(text) if c["title"].startswith("explosion score"))
+    assert score["rules"][0]["y"] == 0.25 and score["rules"][0]["label"] == "warning level 2/8 layers"
+
+
+# --- scales and axes ----------------------------------------------------------------------------------------
+
+
+def test_log_scale_only_beyond_two_decades():
+    assert choose_scale([np.array([1.0, 50.0])]) == "linear"
+    assert choose_scale([np.array([1.0, 500.0])]) == "log"
+    assert choose_scale([np.array([-1.0, 500.0])]) == "linear"
+    assert signed_scale([np.array([0.0, 0.01, 500.0])])[0] == "asinh"
+
+
+def test_loss_axis_turns_logarithmic_from_one_decade(tmp_path):
+    view = _loss_run(tmp_path / "run", [3.0] * 25 + [40.0] * 12)
+    assert view is not None
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
+    loss = next(c for c in _chart_data(text) if c["title"] == "loss")
+    assert loss["scale"] == "log"
+
+
+def test_heatmap_columns_start_at_the_first_recorded_step(tmp_path):
+    with RunWriter(tmp_path / "run", name="r") as w:
+        for step in (50, 100, 150, 200):
+            w.write_step(step, [Record("sa_sign_diversity", 0.5, key=f"l{i}") for i in range(3)])
+    (view,) = load_report_view(tmp_path / "run").runs
+    mat, edges = layer_matrix(view, "sa_sign_diversity", ["l0", "l1", "l2"])
+    assert edges[0] == 50 and edges[-1] == pytest.approx(200) and mat.shape == (3, 4)
+    assert not np.isnan(mat).any()
+
+
+def test_layer_colour_scale_is_shared_across_runs(tmp_path):
+    runs = []
+    for name, scale in (("small", 1e-3), ("large", 1e2)):
+        with RunWriter(tmp_path / name, name=name) as w:
+            for step in range(5):
+                w.write_step(step, [Record("gsnr_mean", scale * (1 + i), key=f"blocks.{i}.fc") for i in range(12)])
+        runs.append(tmp_path / name)
+    text = build_report(runs, tmp_path / "r.html").read_text(encoding="utf-8")
+    body = _section(text, "gsnr")
+    # one colour bar for both runs' heatmaps, on a log scale (five decades)
+    assert body.count('class="scbar"') == 1 and "GSNR (mean) (log scale)" in body
+    assert body.count('class="sheat"') == 2
+    # the most-changed charts share one y-range and one scale
+    charts = [c for c in _chart_data(body) if c["title"].startswith("gsnr_mean")]
+    assert len(charts) == 2 and charts[0]["yrange"] == charts[1]["yrange"] and charts[0]["scale"] == "log"
+
+
+# --- many layers ----------------------------------------------------------------------------------------------
+
+
+def test_row_labels_grouped_by_block_and_thinned():
+    names = [f"blocks.{b}.{part}" for b in range(3) for part in ("attn.q", "attn.k", "attn.v", "mlp.fc1",
+                                                                 "mlp.fc2", "ln1", "ln2", "ln3")] + ["head"]
+    ticks, texts, groups = row_labels(names, max_labels=100)
+    assert [g for _, g in groups] == ["blocks.0", "blocks.1", "blocks.2", ""]
+    assert texts[0] == "attn.q" and texts[-1] == "head" and len(ticks) == len(names)
+    ticks, texts, groups = row_labels(names, max_labels=8)
+    assert len(ticks) < len(names) and {0, 8, 16} <= set(ticks)
+    # few rows: full names, no groups
+    ticks, texts, groups = row_labels(names[:5], max_labels=100)
+    assert texts == names[:5] and groups == []
+
+
+def test_most_changed_layers(tmp_path):
+    with RunWriter(tmp_path / "run", name="r") as w:
+        for step in range(20):
+            w.write_step(step, [Record("activation_effective_rank", 10.0 - (step * i / 10.0 if i in (3, 7) else 0),
+                                       key=f"layer{i}") for i in range(15)])
+    (view,) = load_report_view(tmp_path / "run").runs
+    assert most_changed([(0, view)], "activation_effective_rank", 2, log=False) == ["layer3", "layer7"]
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
+    body = _section(text, "effective-rank")
+    assert "The 6 of 15 layers whose activation_effective_rank changed most" in body
+    assert "<details" in body and "All 15 layers of activation_effective_rank" in body
+
+
+def test_findings_grouped_and_counted(tmp_path):
+    layers = [f"blocks.{i}.fc" for i in range(13)]
+    events = {200: [Event("rank_collapse", f"{k}: activation effective rank fell", "warning",
+                          metric="activation_effective_rank", key=k) for k in layers[:11]]}
+    with RunWriter(tmp_path / "run", name="r") as w:
+        for step in (100, 200):
+            w.write_step(step, [Record("activation_effective_rank", 5.0, key=k) for k in layers],
+                         events=events.get(step, ()))
+    (view,) = load_report_view(tmp_path / "run").runs
+    groups = group_findings(view, run_findings(view))
+    rank = [g for g in groups if g.kind == "rank_collapse"]
+    assert len(rank) == 1 and len(rank[0].items) == 11
+    assert rank[0].summary == "Activation effective rank collapsed in 11 of 13 layers from step 200."
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
+    findings = re.search(r'<section id="findings">(.*?)</section>', text, re.S).group(1)
+    assert findings.count("<details>") == 1 and "show all 11" in findings
+    # the layer is named once, not twice
+    assert "blocks.0.fc: blocks.0.fc" not in findings
+
+
+# --- overview --------------------------------------------------------------------------------------------------
+
+
+def test_overview_cards(tmp_path):
+    warn = {25: [Event("explosion_warning", "l1: drift", "warning", metric="sa_sign_diversity", key="l1")]}
+    _loss_run(tmp_path / "boom", [1.0] * 30 + [5.0] * 12, events=warn)
+    _loss_run(tmp_path / "calm", [1.0 - 0.01 * i for i in range(40)])
+    text = build_report([tmp_path / "calm", tmp_path / "boom"], tmp_path / "r.html").read_text(encoding="utf-8")
+    overview = re.search(r'<section id="overview">(.*?)</section>', text, re.S).group(1)
+    cards = re.findall(r'<div class="card (\w+)".*?</dl></div>', overview, re.S)
+    assert cards == ["stable", "explosion"]
+    assert "Explosion at step 30" in overview
+    assert "step 25 (l1), 5 steps before the explosion" in overview
+    assert "0.61 at step 39" in overview
+    assert text.index('id="overview"') < text.index('id="findings"')
+
+
+# --- the charts' data in the page ---------------------------------------------------------------------------
+
+
+def test_json_for_html_cannot_end_its_element():
+    evil = "</script><script>alert(1)</script><!-- & \u2028\u2029 >"
+    text = json_for_html({"label": evil, "x": [1, 2]})
+    assert not any(ch in text for ch in "<>&\u2028\u2029")
+    assert json.loads(text) == {"label": evil, "x": [1, 2]}
+    with pytest.raises(ValueError):
+        json_for_html({"y": math.nan})
+
+
+def test_chart_data_keeps_extremes_and_marks_nonfinite():
+    steps = np.arange(100_000)
+    values = np.ones(100_000)
+    values[54_321] = 1e6
+    values[77_777] = math.nan
+    html = ChartSink().chart(Chart("loss", "loss", [Line("run", steps, values, "#000")]))
+    (data,) = _chart_data(html)
+    s = data["series"][0]
+    assert len(s["x"]) < 5000 and 54_321 in s["x"] and max(v for v in s["y"] if v is not None) == 1e6
+    assert 77_777 in s["bad"]
+    # the static fallback sits next to the live chart
+    assert '<div class="static">' in html and "<svg" in html
