@@ -166,6 +166,7 @@ _NONFINITE_NOTE = "counted in the report's findings (with the nonfinite events),
 _SHARP = "Sharpness and edge of stability"
 _SUBSPACE = "Gradient-subspace alignment"
 _SA = "Spectral alignment"
+_ATTN = "Attention and output logits"
 
 _METRICS: tuple[MetricSpec, ...] = (
     *_family("Training signals", _ALL, "loss",
@@ -181,9 +182,19 @@ _METRICS: tuple[MetricSpec, ...] = (
     *_family("Training signals", _ALL, "nonfinite",
              ("nonfinite_loss", SCALAR, "1 when the loss is NaN or infinite, else 0"), not_shown=_NONFINITE_NOTE),
     *_family("GSNR", _PARAM, "gsnr",
-             ("gsnr_mean", PER_LAYER, "mean over parameter entries of the per-sample GSNR"),
-             ("gsnr_median", PER_LAYER, "median over parameter entries of the per-sample GSNR")),
-    *_family("GSNR", _ALL, "gsnr", ("grad_noise_scale", SCALAR, "simple gradient noise scale tr(Sigma) / ||g||^2")),
+             ("gsnr_mean", PER_LAYER, "mean over parameter entries of the bias-corrected per-sample GSNR"),
+             ("gsnr_median", PER_LAYER, "median over parameter entries of the bias-corrected per-sample GSNR")),
+    *_family("GSNR", _PARAM, "gsnr",
+             ("gsnr_raw_mean", PER_LAYER, "mean of the uncorrected ratio mean^2 / population variance"),
+             ("gsnr_raw_median", PER_LAYER, "median of the uncorrected ratio mean^2 / population variance"),
+             not_shown="biased upwards by about 1/N; kept to compare with published numbers, the report draws "
+                       "the corrected gsnr_mean / gsnr_median"),
+    *_family("GSNR", _ALL, "gsnr", ("grad_noise_scale", SCALAR,
+                                    "gradient noise scale: running tr(Sigma) over running ||G||^2")),
+    *_family("GSNR", _ALL, "gsnr",
+             ("grad_noise_trace", SCALAR, "running average of the unbiased estimate of tr(Sigma)"),
+             ("grad_noise_sqnorm", SCALAR, "running average of the unbiased estimate of ||G||^2"),
+             not_shown="the two parts of grad_noise_scale, which the report draws; read them with open_run"),
     *_family("GSNR", _PARAM, "gsnr_microbatch",
              ("gsnr_microbatch_mean", PER_LAYER, "mean GSNR across micro-batch gradients (a different estimator)"),
              ("gsnr_microbatch_median", PER_LAYER, "median GSNR across micro-batch gradients")),
@@ -223,6 +234,24 @@ _METRICS: tuple[MetricSpec, ...] = (
              ("sa_sigma1", PER_LAYER, "top singular value estimate ||W v1|| (a lower bound that converges)")),
     *_family("Loss explosion", _ALL, "explosion_detector",
              ("explosion_score", SCALAR, "mean over eligible layers of the deviation from their baselines, in [0, 1]")),
+    *_family(_ATTN, 'attention module name (the module that made the call), and "all"', "attention_stats",
+             ("attn_logit_max", PER_LAYER, "largest pre-softmax attention logit over heads, queries and allowed keys"),
+             ("attn_entropy_mean", PER_LAYER, "mean attention entropy (nats) over heads, batch and queries"),
+             ("attn_entropy_min", PER_LAYER, "smallest per-head mean attention entropy (nats)")),
+    *_family(_ATTN, _ALL, "attention_stats",
+             ("attn_modules", SCALAR, "number of attention modules measured in the probe forward"),
+             not_shown="a check that the probe saw attention calls; read it with open_run(...).series"),
+    *_family(_ATTN, _ALL, "output_logits",
+             ("output_logit_max", SCALAR, "largest output logit over tokens and classes"),
+             ("output_log_z_mean", SCALAR, "mean over tokens of log Z = logsumexp of the output logits"),
+             ("output_log_z_max", SCALAR, "largest log Z over tokens")),
+    *_family("Adam state", _PARAM, "adam_state",
+             ("adam_update_rms", PER_LAYER, "RMS of Adam's normalised update m_hat / (sqrt(v_hat) + eps)"),
+             ("adam_update_grad_cosine", PER_LAYER, "cosine between that update and the gradient"),
+             ("adam_small_grad_fraction", PER_LAYER, "fraction of coordinates with g^2 < small_ratio * v_hat (0.01)")),
+    *_family("Adam state", _ALL, "adam_state",
+             ("adam_sqrt_v_quantile", VECTOR, "sqrt(v_hat) over all coordinates: min, q .05 .25 .5 .75 .95, max "
+              "(index 0-6)")),
     # The explosion benchmark's baselines: no registered diagnostic writes them.
     *_family("Explosion baselines", "attention module name", None,
              ("max_attention_logit", PER_LAYER, "largest pre-softmax attention logit"),

@@ -49,7 +49,12 @@ _WRITERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "subspace": (20, ("grad_subspace",)),
     "spectral_alignment": (5, ("spectral_alignment",)),
     "explosion_detector": (5, ("explosion_detector",)),
+    "attention_stats": (5, ("attention_stats",)),
+    "output_logits": (1, ("output_logits",)),
+    "adam_state": (10, ("adam_state",)),
 }
+#: Writers that draw from a generator of their own, so that adding them left every earlier draw as it was.
+_OWN_STREAM = frozenset({"attention_stats", "output_logits", "adam_state"})
 # The explosion benchmark writes both baselines from one probe; the synthetic run keeps them apart.
 _BASELINES: dict[str, tuple[int, tuple[str, ...]]] = {
     "attention_logits": (5, ("max_attention_logit",)),
@@ -189,6 +194,8 @@ class _State:
         self.drifting = set(linears[1::3])
         self.sigma1 = {m: 1.0 + 0.5 * rng.random() for m in linears}
         self.prev_top: np.ndarray | None = None
+        # A child of the run's seed: the signals below draw from it and leave self.rng's stream alone.
+        self.srng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
 
     # -- shape of the run ------------------------------------------------------------------------------
 
@@ -221,7 +228,8 @@ class _State:
         for diag, (every, _) in SCHEDULE.items():
             if step % every:
                 continue
-            seconds = float({1: 0.002, 5: 0.03, 10: 0.08, 20: 0.6}[every] * (1 + 0.2 * rng.random()))
+            draw = self.srng if diag in _OWN_STREAM else rng
+            seconds = float({1: 0.002, 5: 0.03, 10: 0.08, 20: 0.6}[every] * (1 + 0.2 * draw.random()))
             out: list[Record] = []
             status = Status(diag, "ok", None, seconds, None)
             if diverged and every > 1:
@@ -297,8 +305,16 @@ class _State:
             means.append(mean)
             medians.append(median)
             recs += [Record("gsnr_mean", mean, key=p), Record("gsnr_median", median, key=p)]
+            # The uncorrected ratio is N/(N-1) (corrected + 1/N); N = 32 here. No draw: earlier streams unchanged.
+            recs += [Record("gsnr_raw_mean", (mean + 1 / 32) * 32 / 31, key=p),
+                     Record("gsnr_raw_median", (median + 1 / 32) * 32 / 31, key=p)]  # fmt: skip
+        b_simple = float(40 * (1 + step / 20) * np.exp(self.rng.normal(0, 0.1)))
+        sqnorm = 0.5 * decay
         recs += [Record("gsnr_mean", float(np.mean(means))), Record("gsnr_median", float(np.median(medians))),
-                 Record("grad_noise_scale", float(40 * (1 + step / 20) * np.exp(self.rng.normal(0, 0.1))))]  # fmt: skip
+                 Record("gsnr_raw_mean", (float(np.mean(means)) + 1 / 32) * 32 / 31),
+                 Record("gsnr_raw_median", (float(np.median(medians)) + 1 / 32) * 32 / 31),
+                 Record("grad_noise_scale", b_simple), Record("grad_noise_trace", b_simple * sqnorm),
+                 Record("grad_noise_sqnorm", sqnorm)]  # fmt: skip
         return recs, Status("gsnr", "ok", None, seconds), []
 
     def _gsnr_microbatch(self, step, lr, sev, seconds):
@@ -466,6 +482,44 @@ class _State:
                                 f"against their baselines (score {score:.2f})", "warning", metric="explosion_score",
                                 key="all", data={"score": score, "layers": sorted(self.drifting)}))  # fmt: skip
         return [Record("explosion_score", score)], Status("explosion_detector", "ok", None, seconds), events
+
+    def _attention_stats(self, step, lr, sev, seconds):
+        r, recs, tops, means, mins = self.srng, [], [], [], []
+        for m in self.attention:
+            top = float(6 + 3 * step / self.steps + 25 * sev ** 2 + r.random())
+            mean = float(max(0.05, 3.2 - 0.4 * step / self.steps - 2.5 * min(1.0, sev) ** 2 + 0.05 * r.random()))
+            low = float(max(0.01, mean - 0.6 - 0.2 * r.random() - 0.5 * min(1.0, sev)))
+            recs += [Record("attn_logit_max", top, key=m), Record("attn_entropy_mean", mean, key=m),
+                     Record("attn_entropy_min", low, key=m)]  # fmt: skip
+            tops.append(top)
+            means.append(mean)
+            mins.append(low)
+        recs += [Record("attn_logit_max", max(tops)), Record("attn_entropy_mean", float(np.mean(means))),
+                 Record("attn_entropy_min", min(mins)), Record("attn_modules", float(len(self.attention)))]  # fmt: skip
+        return recs, Status("attention_stats", "ok", None, seconds), []
+
+    def _output_logits(self, step, lr, sev, seconds):
+        r = self.srng
+        lz = float(6.3 + 0.8 * step / self.steps + 12 * sev ** 2 + 0.05 * r.standard_normal())
+        recs = [Record("output_logit_max", float(lz + 4 + 0.3 * r.random() + 10 * sev ** 2)),
+                Record("output_log_z_mean", lz), Record("output_log_z_max", float(lz + 1.5 + 0.3 * r.random()))]  # fmt: skip
+        return recs, Status("output_logits", "ok", None, seconds), []
+
+    def _adam_state(self, step, lr, sev, seconds):
+        r, recs = self.srng, []
+        for p in self.params:
+            recs += [
+                Record("adam_update_rms", float(0.2 + 0.05 * r.random() + 0.8 * sev ** 2), key=p),
+                Record("adam_update_grad_cosine", float(0.3 + 0.1 * r.random() - 0.2 * min(1.0, sev)), key=p),
+                Record("adam_small_grad_fraction", float(0.08 + 0.02 * r.random() + 0.4 * min(1.0, sev)), key=p),
+            ]
+        recs += [Record("adam_update_rms", float(0.22 + 0.8 * sev ** 2)),
+                 Record("adam_update_grad_cosine", float(0.32 - 0.2 * min(1.0, sev))),
+                 Record("adam_small_grad_fraction", float(0.09 + 0.4 * min(1.0, sev)))]  # fmt: skip
+        base = 1e-3 * (1 + 2 * sev) * np.exp(np.array([-4.0, -2.5, -1.2, 0.0, 1.0, 2.2, 3.5]))
+        recs += [Record("adam_sqrt_v_quantile", float(v * (1 + 0.05 * r.random())), index=i)
+                 for i, v in enumerate(base)]  # fmt: skip
+        return recs, Status("adam_state", "ok", None, seconds), []
 
     def _attention_logits(self, step, lr, sev, seconds):
         recs = [Record("max_attention_logit", float(8 + 4 * step / self.steps + 30 * sev ** 2 + self.rng.random()),
