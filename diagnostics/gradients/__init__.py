@@ -4,18 +4,28 @@ from diagnostics.gradients.per_sample import DEFAULT_MEMORY_BYTES, per_sample_gr
 from diagnostics.gradients.stats import (
     GSNR_EPS,
     GSNRSummary,
+    NoiseScaleEMA,
+    NoiseScaleParts,
+    gradient_noise_parts,
     gradient_noise_scale,
     gsnr,
+    gsnr_raw,
     gsnr_summary,
     microbatch_gsnr,
+    noise_scale_parts,
 )
 
 __all__ = [
     "per_sample_gradients",
     "gsnr",
+    "gsnr_raw",
     "gsnr_summary",
     "GSNRSummary",
     "gradient_noise_scale",
+    "gradient_noise_parts",
+    "noise_scale_parts",
+    "NoiseScaleParts",
+    "NoiseScaleEMA",
     "microbatch_gsnr",
     "GSNR_EPS",
     "DEFAULT_MEMORY_BYTES",

@@ -1,11 +1,14 @@
 """Gradient statistics: GSNR from per-sample gradients, the gradient noise scale, and a micro-batch GSNR.
 
-GSNR (Liu et al. 2020): per parameter element j, r_j = mean_i(g_ij)² / var_i(g_ij) over per-sample
-gradients g_i (population variance, guarded denominator), summarised by mean and median per parameter
-tensor and over the whole model. B_simple = tr(Σ)/‖g‖² (McCandlish et al. 2018). The micro-batch
-estimator uses micro-batch gradients instead of per-sample ones; it estimates about (micro-batch size) ×
-the per-sample GSNR and is therefore stored under its own metric names. The maths lives in
-:mod:`diagnostics.gradients`; definitions: docs/metrics.md, "GSNR".
+GSNR (Liu et al. 2020), bias-corrected: per parameter element j, r_j = (m_j² − s_j²/N) / s_j² over the N
+per-sample gradients of the step's batch (m the mean, s² the unbiased variance), so that an element with
+no signal reads about 0 instead of about 1/N; summarised, unclipped, by mean and median per parameter
+tensor and over the whole model. The uncorrected ratio m²/var (population variance) is stored as
+``gsnr_raw_*``. B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) is the ratio of running averages of
+unbiased estimates of its two parts, both stored. The micro-batch estimator uses micro-batch gradients
+instead of per-sample ones; it estimates about (micro-batch size) × the per-sample GSNR and is therefore
+stored under its own metric names. The maths lives in :mod:`diagnostics.gradients`; definitions:
+docs/metrics.md, "GSNR".
 """
 
 from __future__ import annotations
@@ -41,48 +44,71 @@ def summary_records(prefix: str, summary: Any) -> list[Record]:
 
 @register
 class GSNRDiagnostic(Diagnostic):
-    """GSNR from per-sample gradients: ``gsnr_mean``, ``gsnr_median`` (per parameter and "all") and
-    ``grad_noise_scale`` (B_simple, key "all").
+    """GSNR from per-sample gradients and the gradient noise scale.
 
-    Per-sample gradients are taken in eval mode (dropout off, BatchNorm on running statistics) and shared
-    with every other diagnostic that needs them at the step. Cost: one vmap(grad) pass over the batch
-    (measured by ``benchmarks/overhead.py`` against one training step).
+    Records: ``gsnr_mean``, ``gsnr_median`` (bias-corrected, per parameter and "all"), ``gsnr_raw_mean``,
+    ``gsnr_raw_median`` (the uncorrected ratio, same keys), and, key "all", ``grad_noise_trace`` and
+    ``grad_noise_sqnorm`` (running averages of the unbiased estimates of tr(Σ) and |G|², decay
+    ``noise_ema`` per probe, debiased) and ``grad_noise_scale`` = their ratio when the averaged |G|² is
+    positive. The running averages are the diagnostic's state (saved with the run).
+
+    A "sample" is one unit of the batch's leading dimension: an image, or a whole sequence for a
+    language model. Per-sample gradients are taken in eval mode (dropout off, BatchNorm on running
+    statistics) and shared with every other diagnostic that needs them at the step. Cost: one vmap(grad)
+    pass over the batch (measured by ``benchmarks/overhead.py`` against one training step).
     """
 
     name = "gsnr"
     requires = frozenset({"per_sample_grads"})
     preset = "standard"
     default_every = 50
-    metrics: ClassVar[tuple[str, ...]] = ("gsnr_mean", "gsnr_median", "grad_noise_scale")
+    metrics: ClassVar[tuple[str, ...]] = ("gsnr_mean", "gsnr_median", "gsnr_raw_mean", "gsnr_raw_median",
+                                          "grad_noise_scale", "grad_noise_trace", "grad_noise_sqnorm")
 
-    def __init__(self, every: int | None = None, start: int = 0, params: Any = None) -> None:
+    def __init__(self, every: int | None = None, start: int = 0, params: Any = None,
+                 noise_ema: float = 0.9) -> None:
         super().__init__(every, start)
+        if not (isinstance(noise_ema, (int, float)) and 0.0 <= noise_ema < 1.0):
+            raise ConfigError(f"gsnr: noise_ema (decay per probe) must be in [0, 1), got {noise_ema!r}")
         self.params = params
+        self.noise_ema = float(noise_ema)
+        #: running averages of the two parts of B_simple (NoiseScaleEMA's state).
+        self.state.update(noise={"trace": 0.0, "sqnorm": 0.0, "count": 0})
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "params": self.params, "mode": "eval", "estimator": "per_sample",
-                "variance": "population"}
+                "variance": "unbiased", "gsnr": "bias-corrected (m^2 - s^2/N) / s^2, unclipped",
+                "gsnr_raw": "m^2 / population variance", "noise_ema": self.noise_ema}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import gradient_noise_scale, gsnr, gsnr_summary
+        from diagnostics.gradients import NoiseScaleEMA, gradient_noise_parts, gsnr, gsnr_raw, gsnr_summary
 
         n = leading_size(ctx.batch)
         if n is None or n < 2:
             return Output(status="failed", reason=f"GSNR needs a batch of at least 2 samples, got {n}")
         ps = ctx.per_sample_grads(self.params)
         records = summary_records("gsnr", gsnr_summary(gsnr(ps)))
-        b_simple = _as_float(gradient_noise_scale(ps))
-        # B_simple is infinite when the mean gradient is indistinguishable from noise at this batch size:
-        # no number is stored rather than inf (the GSNR records are still valid).
-        if math.isfinite(b_simple):
-            records.append(Record("grad_noise_scale", b_simple))
-        return Output(records=records, settings={"num_samples": n, "grad_noise_scale_defined": math.isfinite(b_simple)})
+        records += summary_records("gsnr_raw", gsnr_summary(gsnr_raw(ps)))
+        parts = gradient_noise_parts(ps)
+        if not (math.isfinite(parts.trace) and math.isfinite(parts.sqnorm)):
+            return Output(status="failed", reason="non-finite per-sample gradients")
+        ema = NoiseScaleEMA(self.noise_ema, state=self.state["noise"])
+        avg = ema.update(parts)
+        self.state["noise"] = dict(ema.state)
+        records += [Record("grad_noise_trace", avg.trace), Record("grad_noise_sqnorm", avg.sqnorm)]
+        # Infinite when the averaged |G|^2 is not positive (the mean gradient cannot be told from noise yet):
+        # no number is stored rather than inf; both parts are.
+        if math.isfinite(avg.b_simple):
+            records.append(Record("grad_noise_scale", avg.b_simple))
+        return Output(records=records, settings={"num_samples": n, "grad_noise_scale_defined": math.isfinite(avg.b_simple)})
 
 
 @register
 class MicrobatchGSNRDiagnostic(Diagnostic):
     """GSNR across micro-batch gradients: ``gsnr_microbatch_mean``, ``gsnr_microbatch_median``.
 
+    The bias-corrected estimator of ``gsnr`` over the M micro-batch gradients (N = M in its formula; with
+    few micro-batches its remaining ratio bias is large: about (M - 1)/(M - 3) for Gaussian gradients).
     The step's batch is split into ``num_microbatches`` equal parts whose gradients are taken with
     ``torch.autograd.grad`` (eval mode; ``.grad`` untouched). This estimates about (micro-batch size) ×
     the per-sample GSNR, so it is a different metric and never mixed with ``gsnr_*``.
@@ -104,7 +130,8 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_microbatches": self.num_microbatches, "mode": "eval",
-                "estimator": "microbatch"}
+                "estimator": "microbatch",
+                "gsnr": "bias-corrected (m^2 - s^2/M) / s^2 over M micro-batches, unclipped"}
 
     def compute(self, ctx: StepContext) -> Output:
         from diagnostics.gradients import gsnr_summary, microbatch_gsnr

@@ -2,7 +2,8 @@
 
 Definitions (docs/metrics.md, "Effective rank"): erank(σ) = exp(−Σ p_k log p_k), p_k = σ_k / Σσ over
 singular values (RankMe, Roy & Vetterli 2007; the σ-based variant); stable rank ‖W‖_F² / ‖W‖₂²;
-α-ReQ = decay exponent of the centred covariance eigenvalues over ranks 11..100 (Agrawal et al. 2022).
+α-ReQ = decay exponent of the centred covariance eigenvalues over ranks 11..100, cut at half of
+min(tokens − 1, features), and not recorded below 20 fitted ranks (Agrawal et al. 2022).
 The maths lives in :mod:`diagnostics.linalg`; these classes choose the matrices and turn the numbers
 into records.
 """
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from diagnostics.errors import ConfigError, DataError
+from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
@@ -24,8 +25,11 @@ from diagnostics.store.records import Event, Record
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
 
-#: α-ReQ fits ranks 11..100; with fewer eigenvalues than this there is nothing to fit.
-ALPHA_REQ_MIN_DIM = 12
+#: α-ReQ's rank window and the fewest ranks it fits (diagnostics.linalg.alpha_req): ranks 11..100, cut at
+#: half of min(tokens - 1, features); a layer with fewer than 20 ranks in the window (under 60 features or
+#: 61 tokens) gets no value, and the reason is recorded in the step's status.
+ALPHA_REQ_WINDOW = (11, 100)
+ALPHA_REQ_MIN_RANKS = 20
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +128,9 @@ class ActivationRankDiagnostic(Diagnostic):
     """Effective and stable rank and α-ReQ of chosen layers' outputs (tokens × features).
 
     Metrics ``activation_effective_rank``, ``activation_stable_rank``, ``activation_alpha_req`` (key =
-    module name; α-ReQ only for layers with at least 12 features and tokens). Outputs are captured by
+    module name; α-ReQ over ranks 11..100 cut at half of min(tokens − 1, features), only where that
+    leaves at least 20 ranks, i.e. at least 60 features and 61 tokens; a layer without a value is named,
+    with the reason, in the step's status reason). Outputs are captured by
     scoped forward hooks on one no-grad, eval-mode forward over a subsample of the step's batch, at most
     ``max_tokens`` rows per layer. A ``rank_collapse`` warning event fires when a layer's effective rank
     falls below ``collapse_ratio`` times its baseline: its value at the first probe ``baseline_after``
@@ -183,6 +189,8 @@ class ActivationRankDiagnostic(Diagnostic):
             "variant": "sigma",
             "collapse_ratio": self.collapse_ratio,
             "baseline_after": self.baseline_after,
+            "alpha_req": {"ranks": list(ALPHA_REQ_WINDOW), "edge_fraction": 0.5, "min_ranks": ALPHA_REQ_MIN_RANKS,
+                          "eigenvalues": "centred covariance", "weights": "1/i"},
         }
 
     def compute(self, ctx: StepContext) -> Output:
@@ -199,13 +207,13 @@ class ActivationRankDiagnostic(Diagnostic):
             er = float(effective_rank(x))
             records.append(Record("activation_effective_rank", er, key=name))
             records.append(Record("activation_stable_rank", float(stable_rank(x)), key=name))
-            if min(x.shape) >= ALPHA_REQ_MIN_DIM:
-                try:
-                    records.append(Record("activation_alpha_req", float(alpha_req(x)), key=name))
-                except DataError:
-                    # Too few non-zero covariance eigenvalues (e.g. dead ReLUs) to fit a decay: no number,
-                    # rather than a made-up one; the ranks above are still recorded.
-                    skipped.append(name)
+            fit = alpha_req(x, *ALPHA_REQ_WINDOW, min_ranks=ALPHA_REQ_MIN_RANKS)
+            if fit.ok and math.isfinite(fit.alpha):
+                records.append(Record("activation_alpha_req", fit.alpha, key=name))
+            else:
+                # Too few ranks to fit (narrow layer, few tokens, dead units): no number rather than one
+                # from a handful of points; the ranks above are still recorded.
+                skipped.append(f"{name}: {fit.reason}")
             if ctx.step - self.start < self.baseline_after or not math.isfinite(er):
                 continue
             base = self.baseline.setdefault(name, er)
@@ -227,4 +235,6 @@ class ActivationRankDiagnostic(Diagnostic):
                         data={"effective_rank": er, "baseline": base},
                     )
                 )
-        return Output(records=records, events=events, settings={"num_layers": len(acts), "alpha_req_skipped": skipped})
+        reason = f"alpha-ReQ not fitted for {len(skipped)} layer(s): " + "; ".join(skipped) if skipped else None
+        return Output(records=records, events=events, reason=reason[:500] if reason else None,
+                      settings={"num_layers": len(acts), "alpha_req_skipped": skipped})

@@ -3,19 +3,27 @@
 For gradient descent with step ``lr`` on a quadratic, the iteration is stable iff the top Hessian
 eigenvalue ``S = lambda_max`` stays below ``2 / lr``; full-batch GD sharpens until ``S`` reaches ``2 / lr``
 and then hovers there (the edge of stability). The diagnostic records ``S``, the threshold and their
-ratio ``S * lr / 2`` (1 = edge of stability), reading the step size from the optimizer at that step:
+ratio ``S * lr / 2`` (1 = edge of stability), reading the step size from the optimizer at that step.
 
-* SGD-like optimizers (no second-moment state): ``sharpness``, ``stability_threshold`` and
-  ``sharpness_ratio``. With heavy-ball momentum ``beta`` and dampening ``d`` the threshold is
-  ``2 (1 + beta) / (lr (1 - d))``, with Nesterov momentum ``2 (1 + beta) / (lr (1 + 2 beta))`` (both are
-  ``2 / lr`` without momentum; Cohen et al. 2021, appendix on momentum).
-* Adam / AdamW (``exp_avg_sq`` in the state): the preconditioned sharpness
-  ``lambda_max(P^{-1/2} H P^{-1/2})`` with ``P = diag(sqrt(v_hat) + eps)``, ``v_hat = v / (1 - beta2^t)``
-  (bias-corrected with the state's step ``t``), against ``(2 + 2 beta1) / ((1 - beta1) lr)``, 38/lr for
-  beta1 = 0.9 (Cohen et al. 2022): ``adam_sharpness``, ``adam_threshold``, ``adam_sharpness_ratio``;
-  ``sharpness`` (the raw lambda_max) is recorded too.
-* ``trace_ratio = Tr(H) * lr / 2`` for SGD-like optimizers: linearly stable minima of SGD have
-  ``Tr(H) <= 2 / lr`` (Wu & Su 2023).
+Thresholds exist only for a whitelist of optimizers (exact types); anything else (Lion, NAdam, RAdam,
+RMSprop, Adagrad, ..., or a subclass) gets ``sharpness`` alone and the reason in the step's status:
+
+* ``torch.optim.SGD`` (and no optimizer, with ``lr=``): ``sharpness``, ``stability_threshold`` and
+  ``sharpness_ratio``. Plain GD ``2 / lr``; heavy-ball momentum ``beta`` with dampening ``d``
+  ``2 (1 + beta) / (lr (1 - d))``; Nesterov ``2 (1 + beta) / (lr (1 + 2 beta))`` (derived in
+  :func:`sgd_threshold`). Coupled weight decay ``wd`` makes the optimizer's curvature ``H + wd I``, so the
+  ratio is ``(S + wd) / threshold``.
+* ``torch.optim.Adam`` / ``AdamW``: the preconditioned sharpness ``lambda_max(P^{-1/2} H P^{-1/2})`` with
+  ``P = diag(sqrt(v_hat) + eps)`` the denominator of the step about to be taken (Cohen et al. 2022): the
+  Monitor calls diagnostics between ``backward()`` and ``optimizer.step()``, so ``v_hat`` is formed from
+  the state's ``v_{t-1}`` and the current gradient, ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2``, bias-
+  corrected with ``t`` = state step + 1 (:func:`adam_preconditioner`; ``preconditioner="state"`` uses the
+  previous step's ``v_hat`` instead, as does a step without gradients, with a note in the status reason).
+  Threshold ``(2 + 2 beta1) / ((1 - beta1) lr)``, 38/lr for beta1 = 0.9: ``adam_sharpness``,
+  ``adam_threshold``, ``adam_sharpness_ratio``; ``sharpness`` (the raw lambda_max) is recorded too.
+  Adam's coupled weight decay is folded into the operator (``H + wd I``); AdamW's decoupled decay is not.
+* ``trace_ratio = Tr(H) * lr / 2`` for SGD: linearly stable minima of SGD have ``Tr(H) <= 2 / lr``
+  (Wu & Su 2023).
 
 An ``edge_of_stability`` event is emitted when ``sharpness_ratio`` or ``adam_sharpness_ratio`` crosses 1
 upwards (severity "warning") and when it comes back below ``1 - hysteresis`` (severity "info"); the side
@@ -26,6 +34,7 @@ probe. Definitions: docs/metrics.md, "Sharpness and edge of stability".
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -41,21 +50,46 @@ from diagnostics.store.records import Event, Record
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
 
-__all__ = ["Sharpness", "adam_preconditioner", "optimizer_family", "sgd_threshold"]
+__all__ = ["Sharpness", "adam_preconditioner", "adam_weight_decay", "optimizer_family", "sgd_rule", "sgd_threshold",
+           "unsupported_reason"]
 
 
 # --- optimizer reading -----------------------------------------------------------------------------------
+#: Optimizers with a stability threshold on a quadratic, by exact type (a subclass may change the step).
+_ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+
+#: Why the common optimizers outside the whitelist get no threshold.
+_UNSUPPORTED = {
+    "Lion": "its update is the sign of a momentum, not a linear map of the gradient, so no quadratic threshold",
+    "NAdam": "Nesterov momentum with a decaying momentum schedule: no fixed threshold has been derived here",
+    "RAdam": "the variance rectification changes the effective step over training: no fixed threshold",
+    "RMSprop": "not whitelisted (its threshold would depend on its momentum and centering options)",
+    "Adamax": "an infinity-norm preconditioner that is not the sqrt(v_hat) of Cohen et al. 2022",
+    "Adagrad": "a preconditioner that only grows, so the threshold moves every step",
+    "Adadelta": "a step size set by running averages of updates: no threshold of the form c / lr",
+    "LBFGS": "a quasi-Newton step, not a fixed linear map of the gradient",
+    "SparseAdam": "updates only the rows of a sparse gradient",
+    "ASGD": "averaging and a decaying step size: not whitelisted",
+    "Rprop": "sign-based steps with per-element step sizes: no quadratic threshold",
+}
+
+
 def optimizer_family(optimizer: torch.optim.Optimizer | None) -> str:
-    """``"adam"`` when the optimizer keeps a second moment ``exp_avg_sq`` (Adam, AdamW), else ``"sgd"``."""
-    if optimizer is None:
+    """``"sgd"`` for ``torch.optim.SGD`` (or no optimizer: plain GD with ``lr=``), ``"adam"`` for
+    ``torch.optim.Adam`` / ``AdamW``, ``"unsupported"`` for anything else (exact types: a subclass may
+    change the step, so it is not assumed to keep the parent's threshold)."""
+    if optimizer is None or type(optimizer) is torch.optim.SGD:
         return "sgd"
-    for group in optimizer.param_groups:
-        if "betas" in group:
-            return "adam"
-    for st in optimizer.state.values():
-        if isinstance(st, dict) and "exp_avg_sq" in st:
-            return "adam"
-    return "sgd"
+    if type(optimizer) in _ADAM_TYPES:
+        return "adam"
+    return "unsupported"
+
+
+def unsupported_reason(optimizer: torch.optim.Optimizer) -> str:
+    """Why ``optimizer`` gets sharpness but no threshold or ratio (recorded as the step's status reason)."""
+    name = type(optimizer).__name__
+    why = _UNSUPPORTED.get(name, "it is not in the whitelist SGD (plain, heavy-ball, Nesterov), Adam, AdamW")
+    return f"no stability threshold for {name}: {why}; only sharpness is recorded"
 
 
 def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
@@ -69,57 +103,163 @@ def _as_float(x: Any) -> float:
 def sgd_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
     """The largest curvature at which (momentum) gradient descent with step ``lr`` is stable on a quadratic.
 
-    ``2 / lr`` without momentum; ``2 (1 + beta) / (lr (1 - d))`` for heavy ball with dampening ``d``;
-    ``2 (1 + beta) / (lr (1 + 2 beta))`` for Nesterov (PyTorch's form, dampening 0).
+    On ``0.5 * lam * x^2`` PyTorch's SGD is a linear recursion in ``(x_t, x_{t-1})``; with ``a = lr * lam``:
+
+    * plain GD: ``x_{t+1} = (1 - a) x_t``, stable iff ``a < 2``: ``lam < 2 / lr``.
+    * heavy ball, ``b_t = beta b_{t-1} + (1 - d) g_t``, ``x_{t+1} = x_t - lr b_t``:
+      ``x_{t+1} = (1 + beta - (1 - d) a) x_t - beta x_{t-1}``, characteristic polynomial
+      ``z^2 - (1 + beta - (1 - d) a) z + beta``; for ``0 <= beta < 1`` its roots lie inside the unit circle
+      iff ``|1 + beta - (1 - d) a| < 1 + beta``: ``lam < 2 (1 + beta) / (lr (1 - d))``.
+    * Nesterov (dampening 0), ``x_{t+1} = x_t - lr (g_t + beta b_t)``:
+      ``x_{t+1} = (1 + beta)(1 - a) x_t - beta (1 - a) x_{t-1}``, polynomial
+      ``z^2 - (1 + beta)(1 - a) z + beta (1 - a)``; the Jury conditions ``p(1) = a > 0`` and
+      ``p(-1) = 1 + (1 + 2 beta)(1 - a) > 0`` give ``lam < 2 (1 + beta) / ((1 + 2 beta) lr)`` (then
+      ``|beta (1 - a)| < 1`` holds too). Nesterov is less tolerant of curvature than heavy ball with the same
+      beta: 3.8/lr against 1.36/lr for beta = 0.9.
+
+    ``tests/metrics/test_sharpness.py`` checks each against ``torch.optim.SGD`` on a quadratic.
 
     Example:
         >>> sgd_threshold(0.1), round(sgd_threshold(0.1, momentum=0.9), 6)
         (20.0, 38.0)
+        >>> round(sgd_threshold(0.1, momentum=0.9, nesterov=True), 6)  # 2 * 1.9 / (2.8 * 0.1)
+        13.571429
     """
     if nesterov:
         return 2.0 * (1.0 + momentum) / (lr * (1.0 + 2.0 * momentum))
     return 2.0 * (1.0 + momentum) / (lr * (1.0 - dampening))
 
 
+def sgd_rule(optimizer: torch.optim.SGD | None, lr: float) -> tuple[float | None, float, str | None]:
+    """``(threshold, weight_decay, reason)`` of plain or momentum SGD with step ``lr``.
+
+    Coupled weight decay ``wd`` adds ``wd * theta`` to the gradient, so the optimizer's curvature is
+    ``H + wd I``: the ratio is taken on ``lambda_max + wd``. ``threshold`` is None (and ``reason`` says
+    why) when the parameter groups disagree on momentum, dampening, Nesterov, weight decay or step size
+    (no single threshold), or with ``maximize=True``.
+    """
+    if optimizer is None:
+        return sgd_threshold(lr), 0.0, None
+    keys = ("momentum", "dampening", "nesterov", "weight_decay", "lr", "maximize")
+    seen = {k: {_as_float(g.get(k, 0.0) or 0.0) for g in optimizer.param_groups} for k in keys}
+    differ = [k for k, v in seen.items() if len(v) > 1]
+    if differ:
+        return None, 0.0, f"SGD parameter groups differ in {', '.join(differ)}: no single stability threshold"
+    g = optimizer.param_groups[0]
+    if g.get("maximize"):
+        return None, 0.0, "SGD with maximize=True ascends the loss: no stability threshold"
+    thr = sgd_threshold(lr, float(g.get("momentum", 0.0) or 0.0), float(g.get("dampening", 0.0) or 0.0),
+                        bool(g.get("nesterov", False)))
+    return thr, float(g.get("weight_decay", 0.0) or 0.0), None
+
+
 def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str],
-                        lr_ref: float) -> tuple[Tensor, float, str | None]:
+                        lr_ref: float, grads: Mapping[str, Tensor] | None = None,
+                        ) -> tuple[Tensor, float, str | None]:
     """The scaling ``s = P^{-1/2}`` (flat, in ``names`` order) of Adam's preconditioned sharpness.
 
-    ``P_j = (sqrt(v_hat_j) + eps) * lr_ref / lr_g`` for parameter ``j`` in group ``g``: with one learning
-    rate this is Adam's ``sqrt(v_hat) + eps``; with per-group rates it folds their ratio in, so that one
-    threshold ``(2 + 2 beta1) / ((1 - beta1) lr_ref)`` applies to every direction. Parameters without
-    optimizer state (frozen, or never given a gradient) get ``s = 0``: the optimizer does not move them.
-    ``amsgrad`` uses ``max_exp_avg_sq``.
+    Which ``v_hat``. With ``grads`` (the gradients the coming ``optimizer.step()`` will use, i.e. the
+    Monitor's ``.grad`` between ``backward()`` and ``step()``), ``P`` is exactly the denominator of that
+    step: ``g_t`` (plus ``weight_decay * theta`` for Adam's coupled weight decay), ``t`` = the state's step
+    + 1, ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` (``v_0 = 0`` before the first step), ``v_hat_t =
+    v_t / (1 - beta2^t)`` (``amsgrad``: ``max(max_exp_avg_sq, v_t) / (1 - beta2^t)``), and
+    ``P_j = sqrt(v_hat_t) + eps`` as in ``torch.optim.Adam``. Parameters without a gradient are not moved by
+    the step and get ``s = 0``. Without ``grads`` it is the bias-corrected ``v`` of the last *completed*
+    step (``exp_avg_sq / (1 - beta2^step)``), one step stale; before the first step there is none.
+
+    With per-group learning rates ``P_j`` is multiplied by ``lr_ref / lr_g``, so that one threshold
+    ``(2 + 2 beta1) / ((1 - beta1) lr_ref)`` applies to every direction.
 
     Returns:
-        ``(s [P] float64, beta1, reason)``; ``reason`` is not None when the state is missing (before the
-        first ``optimizer.step()``), in which case ``s`` is meaningless.
+        ``(s [P] float64, beta1, reason)``; ``reason`` is not None when nothing could be read (no state
+        and no gradients, or groups with different beta1), in which case ``s`` is meaningless.
     """
     groups = _group_of(optimizer)
     parts: list[Tensor] = []
-    beta1 = None
+    betas1: set[float] = set()
     seen = 0
     for n in names:
         p = model_params[n]
         g = groups.get(id(p))
         st = optimizer.state.get(p, {}) if g is not None else {}
-        key = "max_exp_avg_sq" if g is not None and g.get("amsgrad") and "max_exp_avg_sq" in st else "exp_avg_sq"
-        if g is None or key not in st or "step" not in st:
-            parts.append(torch.zeros(p.numel(), dtype=torch.float64))
+        zero = torch.zeros(p.numel(), dtype=torch.float64)
+        if g is None:
+            parts.append(zero)
             continue
-        seen += 1
         b1, b2 = (float(b) for b in g["betas"])
-        beta1 = b1 if beta1 is None else beta1
-        t = _as_float(st["step"])
-        if t < 1:
-            parts.append(torch.zeros(p.numel(), dtype=torch.float64))
-            continue
-        v_hat = st[key].detach().reshape(-1).to(torch.float64).cpu() / (1.0 - b2**t)
+        amsgrad = bool(g.get("amsgrad"))
+        step = _as_float(st["step"]) if "step" in st else 0.0
+        v_prev = st["exp_avg_sq"].detach().reshape(-1).to(torch.float64).cpu() if "exp_avg_sq" in st else zero
+        if grads is not None:
+            grad = grads.get(n)
+            if grad is None:
+                parts.append(zero)
+                continue
+            gt = grad.detach().reshape(-1).to(torch.float64).cpu()
+            wd = float(g.get("weight_decay", 0.0) or 0.0)
+            if wd and not g.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW):
+                gt = gt + wd * p.detach().reshape(-1).to(torch.float64).cpu()
+            t = step + 1.0
+            v = b2 * v_prev + (1.0 - b2) * gt.square()
+            if amsgrad and "max_exp_avg_sq" in st:
+                v = torch.maximum(st["max_exp_avg_sq"].detach().reshape(-1).to(torch.float64).cpu(), v)
+        else:
+            key = "max_exp_avg_sq" if amsgrad and "max_exp_avg_sq" in st else "exp_avg_sq"
+            if key not in st or step < 1:
+                parts.append(zero)
+                continue
+            t = step
+            v = st[key].detach().reshape(-1).to(torch.float64).cpu()
+        seen += 1
+        betas1.add(b1)
+        v_hat = v / (1.0 - b2**t)
         denom = (v_hat.sqrt() + float(g["eps"])) * (lr_ref / _as_float(g["lr"]))
         parts.append(denom.rsqrt())
-    if seen == 0 or beta1 is None:
-        return torch.zeros(0, dtype=torch.float64), 0.0, "the optimizer has no Adam state yet (before its first step)"
-    return torch.cat(parts), beta1, None
+    if seen == 0:
+        what = "no gradients for the coming step" if grads is not None else "no Adam state yet (before its first step)"
+        return torch.zeros(0, dtype=torch.float64), 0.0, f"the optimizer has {what}"
+    if len(betas1) > 1:
+        return torch.zeros(0, dtype=torch.float64), 0.0, f"Adam parameter groups differ in beta1 {sorted(betas1)}: " \
+            "no single stability threshold"
+    return torch.cat(parts), betas1.pop(), None
+
+
+def adam_weight_decay(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str]) -> Tensor | None:
+    """Per-element coupled (L2) weight decay of Adam, flat in ``names`` order, or None when there is none.
+
+    Adam's coupled ``weight_decay`` adds ``wd * theta`` to the gradient, so the preconditioned operator the
+    step sees is ``P^{-1/2} (H + diag(wd)) P^{-1/2}``. AdamW's decoupled decay multiplies the weights by
+    ``1 - lr * wd``, a contraction that is left out (it moves the threshold by a relative ``O(lr * wd)``).
+    """
+    groups = _group_of(optimizer)
+    parts = []
+    for n in names:
+        p = model_params[n]
+        g = groups.get(id(p)) or {}
+        wd = float(g.get("weight_decay", 0.0) or 0.0)
+        coupled = wd and not g.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
+        parts.append(torch.full((p.numel(),), wd if coupled else 0.0, dtype=torch.float64))
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return flat if bool((flat != 0).any()) else None
+
+
+class _Preconditioned:
+    """``diag(s) (H + diag(w)) diag(s)``: Adam's preconditioned curvature including coupled weight decay."""
+
+    def __init__(self, op: Any, s: Tensor, w: Tensor) -> None:
+        from diagnostics.linalg import ScaledOperator
+
+        self.scaled = ScaledOperator(op, s)
+        self.shape, self.dtype, self.device = self.scaled.shape, self.scaled.dtype, self.scaled.device
+        self.shift = (w * s.square()).to(dtype=self.dtype, device=self.device)
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        V = V.to(dtype=self.dtype, device=self.device)
+        return self.scaled @ V + (self.shift if V.dim() == 1 else self.shift[:, None]) * V
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.scaled.num_matvecs
 
 
 # --- the diagnostic ---------------------------------------------------------------------------------------
@@ -146,6 +286,9 @@ class Sharpness(CurvatureDiagnostic):
         tol, max_matvecs, max_seconds: Lanczos tolerance and budget per Lanczos run (one per block; a
             second for Adam's preconditioned operator); a budget stop is stored as ``not_converged``.
         hysteresis: a ratio above 1 counts as back below only under ``1 - hysteresis``.
+        preconditioner: Adam's ``v_hat``: ``"next_step"`` (default) the one ``optimizer.step()`` is about
+            to use (state plus the current gradient), ``"state"`` the bias-corrected ``v`` of the last
+            completed step.
 
     Cost: top-1 Lanczos (a handful of HVPs warm-started from the previous probe's vector) per ratio
     family (a second one for Adam's preconditioned operator), plus ``trace_matvecs`` HVPs when ``trace=True``
@@ -166,7 +309,7 @@ class Sharpness(CurvatureDiagnostic):
     def __init__(self, every: int | None = None, start: int = 0, *, params: Any = None, lr: float | None = None,
                  trace: bool | str = "auto", trace_matvecs: int = 60, tol: float = 1e-3, max_matvecs: int | None = 100,
                  max_seconds: float | None = None, warm_start: bool = True, hysteresis: float = 0.1,
-                 seed: int = 0) -> None:
+                 preconditioner: str = "next_step", seed: int = 0) -> None:
         super().__init__(every, start, kind="hessian", params=params, seed=seed)
         self.metrics = type(self).metrics
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
@@ -178,6 +321,9 @@ class Sharpness(CurvatureDiagnostic):
         if not isinstance(trace_matvecs, int) or trace_matvecs < 6:
             raise ConfigError(f"sharpness: trace_matvecs must be an int >= 6, got {trace_matvecs!r}")
         check_budget(max_matvecs, max_seconds, self.name)
+        if preconditioner not in ("next_step", "state"):
+            raise ConfigError(f"sharpness: preconditioner must be 'next_step' or 'state', got {preconditioner!r}")
+        self.preconditioner = preconditioner
         self.lr = lr
         if trace not in (True, False, "auto"):
             raise ConfigError(f"sharpness: trace must be True, False or 'auto', got {trace!r}")
@@ -194,7 +340,8 @@ class Sharpness(CurvatureDiagnostic):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "lr": self.lr, "trace": self.trace, "trace_matvecs": self.trace_matvecs,
                 "tol": self.tol, "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds,
-                "warm_start": self.warm_start, "hysteresis": self.hysteresis}
+                "warm_start": self.warm_start, "hysteresis": self.hysteresis,
+                "adam_preconditioner": self.preconditioner}
 
     # top eigenvalue, warm-started; returns (value, converged, matvecs, reason)
     def _top(self, op: Any, key: Any) -> tuple[float | None, bool, int, str | None]:
@@ -239,6 +386,7 @@ class Sharpness(CurvatureDiagnostic):
         statuses: list[str] = []
         reasons: list[str] = []
         total = 0
+        preconditioner = None
         for key, op in self.operators(ctx):
             lam, conv, spent, why = self._top(op, (key, "raw"))
             total += spent
@@ -251,11 +399,15 @@ class Sharpness(CurvatureDiagnostic):
             if lr is None:
                 reasons.append("no learning rate (no optimizer and no lr= option): thresholds not recorded")
                 continue
+            if family == "unsupported":
+                reasons.append(unsupported_reason(opt))
+                continue
             if family == "sgd":
-                group = opt.param_groups[0] if opt is not None else {}
-                thr = sgd_threshold(lr, float(group.get("momentum", 0.0) or 0.0),
-                                    float(group.get("dampening", 0.0) or 0.0), bool(group.get("nesterov", False)))
-                ratio = lam / thr
+                thr, wd, why = sgd_rule(opt, lr)
+                if thr is None:
+                    reasons.append(str(why))
+                    continue
+                ratio = (lam + wd) / thr
                 records += [Record("stability_threshold", thr, key=key), Record("sharpness_ratio", ratio, key=key)]
                 ev = self._crossing(ctx, "sharpness_ratio", key, ratio)
                 events += [ev] if ev else []
@@ -274,14 +426,22 @@ class Sharpness(CurvatureDiagnostic):
                     records.append(Record("trace_ratio", tr, key=key))
             else:
                 params = dict(ctx.model.named_parameters())
-                s, beta1, missing = adam_preconditioner(opt, params, list(op.param_names), lr)
+                names = list(op.param_names)
+                grads = None
+                if self.preconditioner == "next_step":
+                    grads = {n: g for n, g in ctx.grads().items() if n in params}
+                    if not grads:
+                        grads = None
+                        reasons.append("no gradients at this step: P from the previous step's v_hat")
+                s, beta1, missing = adam_preconditioner(opt, params, names, lr, grads=grads)
                 if missing is not None:
                     reasons.append(missing)
                     continue
-                from diagnostics.linalg import ScaledOperator
-
-                scaled = ScaledOperator(op, s.to(device=op.device))
-                alam, aconv, spent, why = self._top(scaled, (key, "adam"))
+                preconditioner = "next_step" if grads is not None else "state"
+                wd = adam_weight_decay(opt, params, names)
+                target = _Preconditioned(op, s.to(device=op.device),
+                                         wd if wd is not None else torch.zeros_like(s))
+                alam, aconv, spent, why = self._top(target, (key, "adam"))
                 total += spent
                 if alam is None:
                     return failed(f"{key} preconditioned: {why}", total)
@@ -295,4 +455,5 @@ class Sharpness(CurvatureDiagnostic):
                     statuses.append("not_converged")
                     reasons.append(f"{key}: preconditioned lambda_max not converged within the budget")
         return Output(records=records, events=events, status=worst_status(statuses), num_matvecs=total,
-                      reason="; ".join(dict.fromkeys(reasons)) or None, settings={"optimizer_family": family})
+                      reason="; ".join(dict.fromkeys(reasons)) or None,
+                      settings={"optimizer_family": family, "adam_preconditioner": preconditioner})

@@ -1,4 +1,5 @@
-"""GSNR, its summary, the gradient noise scale and the micro-batch variant against brute-force formulas."""
+"""GSNR (corrected and raw), its summary, the gradient noise scale and its parts against brute force and
+closed forms: per-sample loops, Monte Carlo against the Gaussian expectations, property tests."""
 
 from __future__ import annotations
 
@@ -7,17 +8,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
-from diagnostics.errors import DataError
+from diagnostics.errors import ConfigError, DataError
 from diagnostics.gradients import (
+    GSNR_EPS,
+    NoiseScaleEMA,
+    NoiseScaleParts,
+    gradient_noise_parts,
     gradient_noise_scale,
     gsnr,
+    gsnr_raw,
     gsnr_summary,
     microbatch_gsnr,
+    noise_scale_parts,
     per_sample_gradients,
 )
 from tests.cases import get_case
-from tests.reference import gsnr_bruteforce
 
 
 def _per_sample() -> dict[str, torch.Tensor]:
@@ -27,59 +36,194 @@ def _per_sample() -> dict[str, torch.Tensor]:
     return per_sample_gradients(c.model, c.loss_fn, (x, y))
 
 
-def test_gsnr_equals_bruteforce() -> None:
+def _loop_gsnr(ps: dict[str, torch.Tensor], corrected: bool) -> dict[str, np.ndarray]:
+    """Element by element, sample by sample, in Python floats."""
+    out = {}
+    for name, g in ps.items():
+        flat = g.reshape(g.shape[0], -1).double().numpy()
+        n = flat.shape[0]
+        vals = []
+        for j in range(flat.shape[1]):
+            col = [float(flat[i, j]) for i in range(n)]
+            m = sum(col) / n
+            ss = sum((c - m) ** 2 for c in col)
+            if corrected:
+                s2 = ss / (n - 1)
+                vals.append((m * m - s2 / n) / max(s2, GSNR_EPS))
+            else:
+                vals.append(m * m / max(ss / n, GSNR_EPS))
+        out[name] = np.array(vals).reshape(g.shape[1:])
+    return out
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_gsnr_equals_per_sample_loop(corrected: bool) -> None:
     ps = _per_sample()
-    got = gsnr(ps)
-    ref = gsnr_bruteforce(ps, eps=1e-20)
+    got = (gsnr if corrected else gsnr_raw)(ps)
+    ref = _loop_gsnr(ps, corrected)
     for n in ps:
         assert got[n].shape == ps[n].shape[1:] and got[n].dtype == torch.float64
-        np.testing.assert_allclose(got[n].numpy(), ref[n], rtol=1e-10, atol=0)
+        np.testing.assert_allclose(got[n].numpy(), ref[n], rtol=1e-10, atol=1e-300)
 
 
 def test_gsnr_edge_cases() -> None:
-    g = {"w": torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 3.0]])}
-    r = gsnr(g)["w"]
-    assert r[0] == 0  # zero mean, zero variance
-    assert r[1] == 4.0 / 1e-20  # constant gradient: variance floored at eps
-    assert r[2] == pytest.approx(4.0)  # mean 2, population variance 1
-    with pytest.raises(DataError, match="at least 2"):
-        gsnr({"w": torch.ones(1, 3)})
-    with pytest.raises(DataError):
-        gsnr({})
+    g = {"w": torch.tensor([[0.0, 2.0, 1.0, 1.0], [0.0, 2.0, 3.0, -1.0]])}
+    r, raw = gsnr(g)["w"], gsnr_raw(g)["w"]
+    assert r[0] == 0 and raw[0] == 0  # zero mean, zero variance
+    assert r[1] == 4.0 / GSNR_EPS and raw[1] == 4.0 / GSNR_EPS  # constant gradient: variance floored at eps
+    assert r[2] == pytest.approx((4.0 - 2.0 / 2) / 2.0) and raw[2] == pytest.approx(4.0)
+    assert r[3] == pytest.approx(-0.5) and raw[3] == 0.0  # no signal: the corrected estimate may be negative
+    for fn in (gsnr, gsnr_raw):
+        with pytest.raises(DataError, match="at least 2"):
+            fn({"w": torch.ones(1, 3)})
+        with pytest.raises(DataError):
+            fn({})
+
+
+def test_zero_signal_reads_about_zero_corrected_and_one_over_n_minus_3_raw() -> None:
+    """Gaussian gradients, mu = 0, N = 16: E[raw] = 1/(N-3) = 0.077, E[corrected] = 2/(N(N-3)) = 0.0096."""
+    n, elements = 16, 400_000
+    g = torch.randn(n, elements, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    raw = float(gsnr_raw({"w": g})["w"].mean())
+    cor = float(gsnr({"w": g})["w"].mean())
+    # standard errors: about 0.115 / sqrt(elements) for the corrected, N/(N-1) of that for the raw
+    assert raw == pytest.approx(1 / (n - 3), abs=1.5e-3)
+    assert cor == pytest.approx(2 / (n * (n - 3)), abs=1.5e-3)
+
+
+@pytest.mark.parametrize("snr,n", [(1.0, 32), (0.1, 16), (4.0, 64)])
+def test_corrected_gsnr_matches_the_gaussian_expectation(snr: float, n: int) -> None:
+    """E[r] = snr (N-1)/(N-3) + 2/(N(N-3)) for Gaussian gradients (the docstring's closed form)."""
+    elements = 200_000
+    gen = torch.Generator().manual_seed(1)
+    g = math.sqrt(snr) + torch.randn(n, elements, generator=gen, dtype=torch.float64)
+    r = gsnr({"w": g})["w"]
+    expected = snr * (n - 1) / (n - 3) + 2 / (n * (n - 3))
+    stderr = float(r.std()) / math.sqrt(elements)
+    assert float(r.mean()) == pytest.approx(expected, abs=4 * stderr)
+    raw = gsnr_raw({"w": g})["w"]
+    assert float(raw.mean()) == pytest.approx((snr + 1 / n) * n / (n - 3), abs=4 * stderr * n / (n - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(2, 9), st.integers(1, 5)),
+              elements=st.floats(-1e3, 1e3, allow_nan=False, width=64)),
+       st.floats(0.01, 100.0), st.randoms(use_true_random=False))
+def test_gsnr_properties(x: np.ndarray, scale: float, rnd) -> None:
+    g = torch.tensor(x)
+    n = g.shape[0]
+    r = gsnr({"w": g})["w"]
+    raw = gsnr_raw({"w": g})["w"]
+    var = g.var(0, unbiased=True)
+    ok = var > 1e-6 * (1 + g.abs().max(0).values ** 2)  # away from the eps floor
+    # an affine function of the raw ratio, bounded below by -1/N
+    torch.testing.assert_close(raw[ok], n / (n - 1) * (r[ok] + 1 / n), rtol=1e-9, atol=1e-9)
+    assert bool((r[ok] >= -1 / n - 1e-12).all()) and bool((raw >= 0).all())
+    # invariant to the order of the samples, to a common scale and to a sign flip
+    perm = list(range(n))
+    rnd.shuffle(perm)
+    torch.testing.assert_close(gsnr({"w": g[perm]})["w"][ok], r[ok], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gsnr({"w": -scale * g})["w"][ok], r[ok], rtol=1e-7, atol=1e-9)
 
 
 def test_gsnr_summary() -> None:
-    ratios = {"a": torch.tensor([1.0, 2.0, 10.0, 3.0]), "b": torch.tensor([[5.0], [7.0], [0.0]])}
+    ratios = {"a": torch.tensor([1.0, 2.0, 10.0, 3.0]), "b": torch.tensor([[5.0], [7.0], [-0.5]])}
     s = gsnr_summary(ratios)
-    assert s.mean == pytest.approx({"a": 4.0, "b": 4.0, "all": 28.0 / 7})
-    assert s.median == pytest.approx({"a": 2.5, "b": 5.0, "all": 3.0})
+    assert s.mean == pytest.approx({"a": 4.0, "b": 11.5 / 3, "all": 27.5 / 7})
+    assert s.median == pytest.approx({"a": 2.5, "b": 5.0, "all": 3.0})  # negative values kept, not clipped
 
 
-def test_gradient_noise_scale_formula() -> None:
+# --- gradient noise scale ------------------------------------------------------------------------------------
+def _loop_parts(ps: dict[str, torch.Tensor]) -> tuple[float, float]:
+    rows = [np.concatenate([g[i].reshape(-1).double().numpy() for g in ps.values()])
+            for i in range(next(iter(ps.values())).shape[0])]
+    n = len(rows)
+    mean = sum(rows) / n
+    trace = sum(float(((r - mean) ** 2).sum()) for r in rows) / (n - 1)
+    return trace, float((mean**2).sum()) - trace / n
+
+
+def test_gradient_noise_parts_and_scale_equal_loops() -> None:
     ps = _per_sample()
-    flat = np.concatenate([g.reshape(g.shape[0], -1).numpy() for g in ps.values()], axis=1)
-    n = flat.shape[0]
-    mean = flat.mean(0)
-    trace = sum(((row - mean) ** 2).sum() for row in flat) / (n - 1)
-    g2 = (mean**2).sum()
-    assert gradient_noise_scale(ps, bias_corrected=False) == pytest.approx(trace / g2, rel=1e-12)
-    corrected = g2 - trace / n
-    expected = trace / corrected if corrected > 0 else math.inf
-    assert gradient_noise_scale(ps) == pytest.approx(expected, rel=1e-12)
+    trace, g2 = _loop_parts(ps)
+    parts = gradient_noise_parts(ps)
+    assert parts.trace == pytest.approx(trace, rel=1e-12) and parts.sqnorm == pytest.approx(g2, rel=1e-10)
+    expected = trace / g2 if g2 > 0 else math.inf
+    assert gradient_noise_scale(ps) == pytest.approx(expected, rel=1e-10)
+    assert gradient_noise_scale(ps, bias_corrected=False) == pytest.approx(trace / (g2 + trace / 8), rel=1e-10)
+    # the same as McCandlish's two-batch-size form with B_small = 1, B_big = N
+    flat = torch.cat([g.reshape(8, -1).double() for g in ps.values()], 1)
+    two = noise_scale_parts(float(flat.square().sum(1).mean()), float(flat.mean(0).square().sum()), 1, 8)
+    assert two.trace == pytest.approx(trace, rel=1e-10) and two.sqnorm == pytest.approx(g2, rel=1e-9)
 
 
 def test_gradient_noise_scale_pure_noise_is_infinite() -> None:
     g = {"w": torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]])}
     assert gradient_noise_scale(g) == math.inf
+    assert gradient_noise_parts(g).sqnorm < 0
 
 
+def test_noise_scale_parts_are_unbiased_for_two_batch_sizes() -> None:
+    """Monte Carlo: g_i ~ N(G, diag(sigma^2)); the parts average to |G|^2 and tr(Sigma)."""
+    gen = torch.Generator().manual_seed(3)
+    d, trials, b_small, b_big = 50, 4000, 4, 32
+    G = torch.randn(d, generator=gen, dtype=torch.float64) * 0.3
+    sigma = torch.rand(d, generator=gen, dtype=torch.float64) + 0.5
+    samples = G + sigma * torch.randn(trials, b_big, d, generator=gen, dtype=torch.float64)
+    small = samples[:, :b_small].mean(1).square().sum(1)
+    big = samples.mean(1).square().sum(1)
+    parts = [noise_scale_parts(float(s), float(b), b_small, b_big) for s, b in zip(small, big)]
+    tr = np.array([p.trace for p in parts])
+    g2 = np.array([p.sqnorm for p in parts])
+    true_tr, true_g2 = float(sigma.square().sum()), float(G.square().sum())
+    assert tr.mean() == pytest.approx(true_tr, abs=4 * tr.std() / math.sqrt(trials))
+    assert g2.mean() == pytest.approx(true_g2, abs=4 * g2.std() / math.sqrt(trials))
+    with pytest.raises(ConfigError):
+        noise_scale_parts(1.0, 1.0, 8, 8)
+
+
+def test_noise_scale_ema_is_a_debiased_running_average_of_each_part() -> None:
+    rng = np.random.default_rng(0)
+    xs = [NoiseScaleParts(float(a), float(b)) for a, b in zip(rng.uniform(5, 10, 20), rng.normal(1, 2, 20))]
+    ema = NoiseScaleEMA(decay=0.8)
+    assert ema.value() == NoiseScaleParts(0.0, 0.0)
+    for k, p in enumerate(xs, start=1):
+        got = ema.update(p)
+        w = np.array([0.2 * 0.8 ** (k - j) for j in range(1, k + 1)])
+        w /= w.sum()
+        assert got.trace == pytest.approx(float(w @ [q.trace for q in xs[:k]]), rel=1e-12)
+        assert got.sqnorm == pytest.approx(float(w @ [q.sqnorm for q in xs[:k]]), rel=1e-9, abs=1e-12)
+        assert got.b_simple == (got.trace / got.sqnorm if got.sqnorm > 0 else math.inf)
+    resumed = NoiseScaleEMA(decay=0.8, state=dict(ema.state))
+    assert resumed.value() == ema.value()
+    assert resumed.update(xs[0]) == ema.update(xs[0])
+    with pytest.raises(ConfigError):
+        NoiseScaleEMA(decay=1.0)
+    with pytest.raises(DataError):
+        ema.update(NoiseScaleParts(math.nan, 1.0))
+
+
+# --- micro-batches ----------------------------------------------------------------------------------------
 def test_microbatch_gsnr_is_gsnr_over_microbatch_means() -> None:
     ps = _per_sample()  # 8 samples -> 4 micro-batches of 2
     micro = [{n: g[2 * m : 2 * m + 2].mean(0) for n, g in ps.items()} for m in range(4)]
-    got = microbatch_gsnr(micro)
     stacked = {n: torch.stack([mb[n] for mb in micro]) for n in ps}
-    ref = gsnr_bruteforce(stacked, eps=1e-20)
+    got, ref = microbatch_gsnr(micro), _loop_gsnr(stacked, corrected=True)
+    raw, ref_raw = microbatch_gsnr(micro, corrected=False), _loop_gsnr(stacked, corrected=False)
     for n in ps:
-        np.testing.assert_allclose(got[n].numpy(), ref[n], rtol=1e-10)
+        np.testing.assert_allclose(got[n].numpy(), ref[n], rtol=1e-10, atol=1e-300)
+        np.testing.assert_allclose(raw[n].numpy(), ref_raw[n], rtol=1e-10, atol=1e-300)
     with pytest.raises(DataError, match="at least 2"):
         microbatch_gsnr(micro[:1])
+
+
+def test_microbatch_gsnr_estimates_b_times_the_per_sample_gsnr() -> None:
+    """Gaussian samples, per-sample GSNR 0.05; micro-batches of b = 8, M = 64 of them: about 8 x 0.05."""
+    gen = torch.Generator().manual_seed(5)
+    b, m, elements, snr = 8, 64, 20_000, 0.05
+    g = math.sqrt(snr) + torch.randn(m * b, elements, generator=gen, dtype=torch.float64)
+    micro = [{"w": g[i * b : (i + 1) * b].mean(0)} for i in range(m)]
+    per_sample = float(gsnr({"w": g})["w"].mean())
+    ratio = float(microbatch_gsnr(micro)["w"].mean()) / per_sample
+    assert per_sample == pytest.approx(snr * 511 / 509 + 2 / (512 * 509), rel=0.05)
+    assert ratio / b == pytest.approx((m - 1) / (m - 3), rel=0.06)  # b x, times the ratio bias at N = M

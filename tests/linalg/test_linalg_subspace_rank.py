@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -101,9 +103,50 @@ def test_alpha_req_recovers_power_law(alpha):
     # Exact covariance spectrum i^-alpha via a centred design with orthogonal columns.
     H = scipy.linalg.hadamard(256)[:, 1 : D + 1] / np.sqrt(255)
     X = (H * np.arange(1, D + 1) ** (-alpha / 2)) @ Qx.T
-    assert alpha_req(torch.tensor(X)) == pytest.approx(alpha, rel=1e-6)
-    with pytest.raises(DataError, match="alpha_req"):
-        alpha_req(torch.tensor(rng.standard_normal((8, 5))))
+    fit = alpha_req(torch.tensor(X))
+    assert fit.ok and fit.reason is None
+    assert fit.alpha == pytest.approx(alpha, rel=1e-6) and float(fit) == fit.alpha
+    assert (fit.first, fit.last, fit.num_ranks) == (11, 75, 65)  # half of min(N - 1, D) = 150
+    assert (fit.num_samples, fit.num_features) == (256, 150) and fit.r2 == pytest.approx(1.0)
+    full = alpha_req(torch.tensor(X), last=150, edge_fraction=1.0)
+    assert (full.first, full.last) == (11, 150) and full.alpha == pytest.approx(alpha, rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_alpha_req_finite_sample_gaussian_features(alpha):
+    """N Gaussian samples with covariance spectrum i^-alpha in a random basis: within 5% when N = 32 D."""
+    D, N = 96, 32 * 96
+    gen = torch.Generator().manual_seed(int(10 * alpha))
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    scale = torch.arange(1, D + 1, dtype=torch.float64) ** (-alpha / 2)
+    X = (torch.randn(N, D, generator=gen, dtype=torch.float64) * scale) @ Q.T
+    fit = alpha_req(X)
+    assert (fit.first, fit.last) == (11, 48)
+    assert fit.alpha == pytest.approx(alpha, rel=0.05)
+    # N comparable to D: still a number (above the minimum), but biased upwards, most for flat spectra
+    small = alpha_req(X[: 2 * D])
+    assert small.ok and small.alpha > fit.alpha
+
+
+def test_alpha_req_is_nan_with_a_reason_below_the_minimum():
+    gen = torch.Generator().manual_seed(0)
+    few_features = alpha_req(torch.randn(500, 59, generator=gen))  # half of 59 = 29: ranks 11..29, 19 < 20
+    assert math.isnan(few_features.alpha) and not few_features.ok
+    assert "fewer than min_ranks = 20" in few_features.reason and "[500, 59]" in few_features.reason
+    assert alpha_req(torch.randn(500, 60, generator=gen)).ok  # 11..30: exactly 20 ranks
+    few_samples = alpha_req(torch.randn(40, 200, generator=gen))
+    assert math.isnan(few_samples.alpha) and "min(N-1, D) = 39" in few_samples.reason
+    dead = torch.randn(500, 200, generator=gen)
+    dead[:, 25:] = 0.0  # 25 live features: a rank-deficient covariance
+    fit = alpha_req(dead)
+    assert math.isnan(fit.alpha) and "positive eigenvalues" in fit.reason and fit.num_positive == 25
+    assert alpha_req(torch.randn(500, 60, generator=gen), min_ranks=30).reason is not None
+    zero = alpha_req(torch.zeros(100, 100))
+    assert math.isnan(zero.alpha) and zero.num_positive == 0
+    with pytest.raises(ConfigError, match="first"):
+        alpha_req(torch.ones(4, 4), first=10, last=5)
+    with pytest.raises(ConfigError, match="edge_fraction"):
+        alpha_req(torch.ones(4, 4), edge_fraction=0.0)
 
 
 def test_power_iteration_matches_svd_and_aligns_sign():

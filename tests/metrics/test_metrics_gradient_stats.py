@@ -39,13 +39,19 @@ def loop_grads(model: nn.Module, samples: list[Any]) -> list[dict[str, torch.Ten
     return out
 
 
-def brute_gsnr(grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def brute_gsnr(grads: list[dict[str, torch.Tensor]], corrected: bool = True) -> dict[str, torch.Tensor]:
+    """(m^2 - s^2/N) / s^2 with the unbiased variance; the raw m^2 / population variance otherwise."""
     from diagnostics.gradients import GSNR_EPS
 
     out = {}
     for name in grads[0]:
         g = torch.stack([d[name] for d in grads])
-        out[name] = g.mean(0) ** 2 / torch.clamp(g.var(0, unbiased=False), min=GSNR_EPS)
+        n = g.shape[0]
+        if corrected:
+            s2 = g.var(0, unbiased=True)
+            out[name] = (g.mean(0) ** 2 - s2 / n) / torch.clamp(s2, min=GSNR_EPS)
+        else:
+            out[name] = g.mean(0) ** 2 / torch.clamp(g.var(0, unbiased=False), min=GSNR_EPS)
     return out
 
 
@@ -67,12 +73,45 @@ def test_gsnr_matches_per_sample_loop_in_eval_mode() -> None:
     samples = [(batch[0][i : i + 1], batch[1][i : i + 1]) for i in range(8)]
     grads = loop_grads(model, samples)
     check_summary(rec, "gsnr", brute_gsnr(grads))
+    check_summary(rec, "gsnr_raw", brute_gsnr(grads, corrected=False))
     flat = torch.stack([torch.cat([g.flatten() for g in d.values()]) for d in grads])
     mean = flat.mean(0)
     trace = ((flat - mean) ** 2).sum() / (8 - 1)
     g2 = mean.square().sum() - trace / 8
-    if g2 > 0 and ("grad_noise_scale", "all") in rec:
+    # the first probe's running averages are the estimates themselves (debiased EMA)
+    assert math.isclose(rec[("grad_noise_trace", "all")], float(trace), rel_tol=1e-9)
+    assert math.isclose(rec[("grad_noise_sqnorm", "all")], float(g2), rel_tol=1e-9, abs_tol=1e-15)
+    assert (("grad_noise_scale", "all") in rec) == (g2 > 0)
+    if g2 > 0:
         assert math.isclose(rec[("grad_noise_scale", "all")], float(trace / g2), rel_tol=1e-9)
+
+
+def test_grad_noise_scale_is_the_ratio_of_running_averages_kept_in_state() -> None:
+    from diagnostics.gradients import gradient_noise_parts
+
+    d = get_diagnostic("gsnr", noise_ema=0.5)
+    parts = []
+    for step, seed in enumerate((0, 1, 2)):
+        model, batch = setup(n=16)
+        torch.manual_seed(seed)
+        batch = (torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,)))
+        ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+        rec = records(d.compute(ctx))
+        model.eval()
+        parts.append(gradient_noise_parts(loop_grads_per_sample(model, batch)))
+    w = [0.125, 0.25, 0.5]  # 0.5 * 0.5^(3-k), normalised by 1 - 0.5^3
+    tr = sum(wi * p.trace for wi, p in zip(w, parts)) / 0.875
+    g2 = sum(wi * p.sqnorm for wi, p in zip(w, parts)) / 0.875
+    assert math.isclose(rec[("grad_noise_trace", "all")], tr, rel_tol=1e-9)
+    assert math.isclose(rec[("grad_noise_sqnorm", "all")], g2, rel_tol=1e-9)
+    assert d.state["noise"]["count"] == 3
+    if g2 > 0:
+        assert math.isclose(rec[("grad_noise_scale", "all")], tr / g2, rel_tol=1e-9)
+
+
+def loop_grads_per_sample(model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+    grads = loop_grads(model, [(batch[0][i : i + 1], batch[1][i : i + 1]) for i in range(batch[0].shape[0])])
+    return {n: torch.stack([g[n] for g in grads]) for n in grads[0]}
 
 
 def test_microbatch_gsnr_matches_loop() -> None:
@@ -110,16 +149,24 @@ def test_weight_and_grad_ranks_match_linalg() -> None:
 def test_activation_rank_on_budget_and_alpha_req_where_defined() -> None:
     from diagnostics.linalg import effective_rank
 
+    from diagnostics.linalg import alpha_req
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 3))
-    batch = (torch.randn(100, 20), torch.randint(0, 3, (100,)))
+    model = nn.Sequential(nn.Linear(80, 64), nn.Tanh(), nn.Linear(64, 3))
+    batch = (torch.randn(200, 80), torch.randint(0, 3, (200,)))
     ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
-    d = get_diagnostic("activation_rank", max_tokens=64, baseline_after=0)
-    rec = records(d.compute(ctx))
+    d = get_diagnostic("activation_rank", max_tokens=128, baseline_after=0)
+    out = d.compute(ctx)
+    rec = records(out)
     with torch.no_grad():
-        h = model[0](batch[0][:64])
+        h = model[0](batch[0][:128])
     assert math.isclose(rec[("activation_effective_rank", "0")], effective_rank(h), rel_tol=1e-5)
-    assert ("activation_alpha_req", "0") in rec and ("activation_alpha_req", "2") not in rec  # 3 features
+    fit = alpha_req(h)  # 64 features, 128 tokens: ranks 11..32
+    assert (fit.first, fit.last) == (11, 32)
+    assert math.isclose(rec[("activation_alpha_req", "0")], fit.alpha, rel_tol=1e-5)
+    assert ("activation_alpha_req", "2") not in rec  # 3 features: no value, and the reason says why
+    assert out.reason.startswith("alpha-ReQ not fitted for 1 layer(s): 2: ") and "min_ranks = 20" in out.reason
+    assert d.settings()["alpha_req"]["ranks"] == [11, 100]
     assert d.baseline["0"] == rec[("activation_effective_rank", "0")]
 
 

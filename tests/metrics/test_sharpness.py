@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -79,35 +81,66 @@ def test_sgd_momentum_threshold_is_used():
     assert value(out, "stability_threshold") == pytest.approx(38.0 / 0.1 / 10 * 1.0)  # 2(1+0.9)/0.1 = 38
 
 
-def dense_adam_sharpness(case, opt) -> tuple[float, float]:
-    """lambda_max(P^{-1/2} H P^{-1/2}) with P = diag(sqrt(v / (1 - beta2^t)) + eps) read from the state."""
+def dense_adam_sharpness(case, opt, source: str = "next_step") -> tuple[float, float]:
+    """lambda_max(P^{-1/2} (H + wd I) P^{-1/2}) with P = diag(sqrt(v_hat) + eps) as torch.optim computes it.
+
+    ``"next_step"``: run the coming step on copies of the model and optimizer and read P from the state it
+    leaves (the state after the step is what the step used); ``"state"``: v / (1 - beta2^t) as stored.
+    """
     H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
     group = opt.param_groups[0]
     b1, b2 = group["betas"]
-    d = []
-    for p in case.model.parameters():
-        st = opt.state[p]
+    state_opt, params = opt, list(case.model.parameters())
+    if source == "next_step":
+        model = copy.deepcopy(case.model)
+        params = list(model.parameters())
+        for q, p in zip(params, case.model.parameters()):
+            q.grad = p.grad.clone()
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [params[i] for i, p in enumerate(case.model.parameters()) if any(p is x for x in g["params"])]}
+                  for g in opt.param_groups]
+        state_opt = type(opt)(groups)
+        state_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares the tensors
+        state_opt.step()
+    d, wd = [], []
+    for p in params:
+        st = state_opt.state[p]
+        g = next(g for g in state_opt.param_groups if any(q is p for q in g["params"]))
         t = float(st["step"])
-        g_lr = next(g["lr"] for g in opt.param_groups if any(q is p for q in g["params"]))
-        v_hat = st["exp_avg_sq"].reshape(-1).to(F64) / (1 - b2**t)
-        d.append((v_hat.sqrt() + group["eps"]) * group["lr"] / g_lr)
+        v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
+        v_hat = v.reshape(-1).to(F64) / (1 - b2**t)
+        d.append((v_hat.sqrt() + g["eps"]) * group["lr"] / g["lr"])
+        coupled = g["weight_decay"] and not g.get("decoupled_weight_decay")
+        wd.append(torch.full((p.numel(),), g["weight_decay"] if coupled else 0.0, dtype=F64))
     s = torch.cat(d).rsqrt()
-    M = s[:, None] * H * s[None, :]
+    M = s[:, None] * (H + torch.diag(torch.cat(wd))) * s[None, :]
     return float(torch.linalg.eigvalsh(M)[-1]), (2 + 2 * b1) / ((1 - b1) * group["lr"])
 
 
-@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
-def test_adam_preconditioned_sharpness_equals_dense(cls):
+def fresh_gradient(case) -> None:
+    """The gradient of the coming step, as the Monitor sees it between backward() and optimizer.step()."""
+    case.model.zero_grad()
+    case.loss_fn(case.model, case.batches[0]).backward()
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, {"weight_decay": 0.1}),
+                                    (torch.optim.Adam, {"amsgrad": True}), (torch.optim.Adam, {"weight_decay": 0.5})])
+def test_adam_preconditioned_sharpness_uses_the_coming_steps_v_hat(cls, kw):
     case = get_case("mlp")
-    opt = cls(case.model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    opt = cls(case.model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6, **kw)
     train_steps(case, opt, 5)
+    fresh_gradient(case)
     ref, thr = dense_adam_sharpness(case, opt)
     out = Sharpness(tol=1e-10, max_matvecs=None).compute(make_ctx(case, opt))
-    assert optimizer_family(opt) == "adam"
+    assert optimizer_family(opt) == "adam" and out.settings["adam_preconditioner"] == "next_step"
     assert value(out, "adam_sharpness") == pytest.approx(ref, rel=1e-7)
     assert value(out, "adam_threshold") == pytest.approx(thr) and thr == pytest.approx(38 / 0.01)
     assert value(out, "adam_sharpness_ratio") == pytest.approx(ref / thr, rel=1e-7)
     assert "sharpness_ratio" not in {r.metric for r in out.records}  # 2/lr is not Adam's threshold
+    stale, _ = dense_adam_sharpness(case, opt, source="state")
+    old = Sharpness(tol=1e-10, max_matvecs=None, preconditioner="state").compute(make_ctx(case, opt))
+    assert value(old, "adam_sharpness") == pytest.approx(stale, rel=1e-7)
+    assert old.settings["adam_preconditioner"] == "state"
 
 
 def test_adam_with_per_group_learning_rates_folds_their_ratio_into_p():
@@ -115,9 +148,51 @@ def test_adam_with_per_group_learning_rates_folds_their_ratio_into_p():
     first, second = list(case.model[0].parameters()), list(case.model[2].parameters())
     opt = torch.optim.Adam([{"params": first}, {"params": second, "lr": 0.003}], lr=0.01)
     train_steps(case, opt, 4)
+    fresh_gradient(case)
     ref, thr = dense_adam_sharpness(case, opt)
     out = Sharpness(tol=1e-10, max_matvecs=None, trace=False).compute(make_ctx(case, opt))
     assert value(out, "adam_sharpness") == pytest.approx(ref, rel=1e-7)
+
+
+def test_adam_before_its_first_step_uses_the_first_gradient():
+    case = get_case("mlp")
+    opt = torch.optim.Adam(case.model.parameters(), lr=0.01)
+    fresh_gradient(case)
+    ref, _ = dense_adam_sharpness(case, opt)  # v_hat_1 = g_1^2
+    out = Sharpness(tol=1e-10, max_matvecs=None).compute(make_ctx(case, opt))
+    assert value(out, "adam_sharpness") == pytest.approx(ref, rel=1e-7)
+
+
+def test_adam_threshold_is_the_heavy_ball_threshold_of_its_momentum_form():
+    """With P frozen, Adam is heavy ball on P^{-1/2} H P^{-1/2} with momentum beta1 and dampening beta1."""
+    for b1 in (0.0, 0.5, 0.9):
+        assert sgd_threshold(0.01, b1, b1) == pytest.approx((2 + 2 * b1) / ((1 - b1) * 0.01))
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.NAdam(ps, lr=0.01), lambda ps: torch.optim.RMSprop(ps, lr=0.01),
+                                  lambda ps: torch.optim.Adagrad(ps, lr=0.01),
+                                  lambda ps: type("MySGD", (torch.optim.SGD,), {})(ps, lr=0.01)])
+def test_optimizers_outside_the_whitelist_get_sharpness_and_a_reason(make):
+    case = get_case("mlp")
+    opt = make(case.model.parameters())
+    train_steps(case, opt, 2)
+    out = Sharpness(trace=False).compute(make_ctx(case, opt))
+    assert optimizer_family(opt) == "unsupported"
+    assert {r.metric for r in out.records} == {"sharpness"} and out.status == "ok"
+    assert f"no stability threshold for {type(opt).__name__}" in out.reason
+
+
+def test_sgd_weight_decay_shifts_the_curvature_and_mixed_groups_have_no_threshold():
+    case = get_case("mlp")
+    lam = Sharpness(trace=False, tol=1e-10, max_matvecs=None).compute(make_ctx(case)).records[0].value
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.5, weight_decay=0.3)
+    out = Sharpness(trace=False, tol=1e-10, max_matvecs=None).compute(make_ctx(case, opt))
+    assert value(out, "sharpness") == pytest.approx(lam, rel=1e-8)
+    assert value(out, "sharpness_ratio") == pytest.approx((lam + 0.3) / (2 * 1.5 / 0.1), rel=1e-8)
+    mixed = torch.optim.SGD([{"params": case.model[0].parameters()},
+                             {"params": case.model[2].parameters(), "momentum": 0.9}], lr=0.1)
+    out = Sharpness(trace=False).compute(make_ctx(case, mixed))
+    assert {r.metric for r in out.records} == {"sharpness"} and "differ in momentum" in out.reason
 
 
 def test_adam_before_its_first_step_records_raw_sharpness_only():
