@@ -1,8 +1,8 @@
 """GPU costs on a GPT-2-small-sized model: gradient, HVPs per backend, batched HVPs, top-10 eigenvalues, Monitor.
 
-Model: the zoo's TinyGPT with GPT-2 small dimensions (vocab 50257, 12 layers, d_model 768, 12 heads,
-tied embeddings: about 124M parameters), random weights; ``--model hf`` uses transformers'
-``GPT2LMHeadModel(GPT2Config())`` instead when installed. Data: synthetic uniform tokens, batches of
+Model: GPT-2 small built from its config (transformers' ``GPT2LMHeadModel(GPT2Config())``: vocab 50257,
+12 layers, d_model 768, 12 heads, tied embeddings, SDPA attention, 124.4M parameters), random weights;
+``--model zoo`` uses the zoo's TinyGPT with the same dimensions instead (no transformers needed). Data: synthetic uniform tokens, batches of
 ``--batch`` x ``--seq`` tokens. Every timing synchronises the device; figures are medians over
 ``--repeats`` after one warm-up.
 
@@ -17,9 +17,10 @@ Rows:
   ``monitor_seconds``) and the amortised overhead at the preset's default schedules
   (sum of seconds / every, relative to one training step with AdamW).
 
-Run on a CUDA machine: ``python benchmarks/gpu.py [--model zoo|hf] [--batch 8] [--seq 512] [--out F]``;
+Run on a CUDA machine: ``python benchmarks/gpu.py [--model hf|zoo] [--batch 8] [--seq 512] [--out F]``;
 the markdown table goes to stdout (and to ``--out``). Without CUDA it exits with a message;
-``--smoke`` runs the same code on a tiny model on any device, to check the script itself.
+``--smoke`` runs the same code on a tiny model on any device, to check the script itself, and
+``--dry-run`` builds the full-size model on the meta device and prints its parameter count.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, An
         base = TinyGPT(**dims, tie_weights=True, seed=0)
     model = Logits(base, args.model == "hf").to(device)
     seq = min(args.seq, dims["block_size"])
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, dims["vocab_size"], (args.batch, seq + 1), generator=g)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, dims["vocab_size"], (args.batch, seq + 1), generator=g, device="cpu")
     batch = (tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device))
 
     def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
@@ -254,16 +255,23 @@ def bench_monitor(model: nn.Module, batch: Any, loss_fn: Callable, device: torch
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("zoo", "hf"), default="zoo")
+    ap.add_argument("--model", choices=("hf", "zoo"), default="hf")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--presets", default="cheap,standard")
+    ap.add_argument("--presets", default="cheap,standard,full")
     ap.add_argument("--skip", default="", help="comma list of: hvp, top10, monitor")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default off: float32 products)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on any device, to check the script")
+    ap.add_argument("--dry-run", action="store_true", help="build the model on the meta device, print its size, exit")
     ap.add_argument("--out", help="also write the markdown table to this file")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        with torch.device("meta"):
+            model, batch, _ = build(args, torch.device("meta"))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model {args.model}: {n_params:,} parameters ({n_params / 1e6:.1f}M), batch {tuple(batch[0].shape)}")
+        return 0
     if not torch.cuda.is_available() and not args.smoke:
         print("benchmarks/gpu.py needs a CUDA GPU and torch.cuda.is_available() is False; nothing was measured. "
               "Run it on a machine with an NVIDIA GPU (or pass --smoke to check the script on a tiny model).",
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     model, batch, loss_fn = build(args, device)
     n_params = sum(p.numel() for p in model.parameters())
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device {card}, {n_params / 1e6:.1f}M parameters, batch {tuple(batch[0].shape)}", file=sys.stderr)
+    print(f"device {card}, {n_params / 1e6:.2f}M parameters, batch {tuple(batch[0].shape)}", file=sys.stderr)
     skip = set(filter(None, args.skip.split(",")))
     grad_s = bench_gradient(model, batch, loss_fn, device, args.repeats)
     if "hvp" not in skip:
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_monitor(model, batch, loss_fn, device, [p for p in args.presets.split(",") if p], args.repeats)
     mem = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     lines = [
-        f"GPU benchmark: {card}; torch {torch.__version__}; model {args.model} ({n_params / 1e6:.1f}M parameters, "
+        f"GPU benchmark: {card}; torch {torch.__version__}; model {args.model} ({n_params / 1e6:.2f}M parameters, "
         f"float32, TF32 {'on' if args.tf32 else 'off'}); batch {args.batch} x {batch[0].shape[1]} tokens{mem}",
         "",
         "| task | method | figure |",

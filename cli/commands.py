@@ -55,7 +55,7 @@ __all__ = [
     "--loss",
     "loss",
     metavar="SPEC",
-    help="loss_fn(model, batch) spec; default: the zoo model's loss, else cross-entropy/MSE.",
+    help="loss_fn(model, batch) spec; default: the zoo model's loss, the model's own loss for hf:DIR, else cross-entropy/MSE.",
 )
 @click.option(
     "--diagnostics",

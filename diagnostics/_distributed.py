@@ -31,6 +31,7 @@ __all__ = [
     "is_distributed",
     "rank",
     "rank_run_dir",
+    "sharded_norms",
     "unwrap_model",
     "world_size",
 ]
@@ -65,18 +66,34 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _compiled_module_type() -> type | None:
+    # torch._dynamo is imported only when a compiled model can exist (importing it costs about a second).
+    import sys
+
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper; other models unchanged.
+    """The module inside ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers.
 
     Functional calls (``torch.func.functional_call``) on the wrapper would run DDP's forward, which
     prepares its reducer for a backward pass that never reaches it and may broadcast buffers; calls on
-    ``model.module`` share the same parameters without touching DDP's hooks. Parameter names then lack
-    the ``module.`` prefix, so series match a single-process run.
+    ``model.module`` share the same parameters without touching DDP's hooks. A compiled model
+    (``torch.compile(model)``) is unwrapped to ``model._orig_mod``: the diagnostics' extra passes run
+    eagerly (torch.func transforms of a compiled graph are not supported, and shapes differing from the
+    training batch would trigger recompilations), on the same parameters. Parameter names then lack the
+    ``module.`` and ``_orig_mod.`` prefixes, so series match a single-process, uncompiled run.
     """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    compiled = _compiled_module_type()
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def rank_run_dir(run_dir: str | Path, r: int | None = None) -> Path:
@@ -132,6 +149,49 @@ def all_ranks_any(flag: bool) -> bool:
     t = torch.tensor([float(flag)], dtype=torch.float64, device=comm_device())
     torch.distributed.all_reduce(t)
     return float(t) > 0
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def sharded_norms(tensors: list[torch.Tensor]) -> list[float] | None:
+    """L2 norms of ``DTensor`` shards (FSDP2 parameters and gradients) as whole-tensor norms; None when no
+    tensor in ``tensors`` is a DTensor.
+
+    Sharded tensors contribute their local sums of squares to one all-reduce over their mesh; replicated
+    ones count once. Collective when a DTensor is sharded: every rank must call it with the same list.
+    Cost: one fused norm over the local shards and one all-reduce of ``len(tensors)`` float64 numbers.
+    """
+    if not any(_is_dtensor(t) for t in tensors):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    with torch.no_grad():
+        squares = torch.zeros(len(tensors), dtype=torch.float64)
+        sharded: set[int] = set()
+        exact: dict[int, float] = {}
+        group = None
+        for i, t in enumerate(tensors):
+            if _is_dtensor(t) and t.device_mesh.ndim == 1 and isinstance(t.placements[0], Shard):
+                squares[i] = float(torch.linalg.vector_norm(t.to_local().detach().double())) ** 2
+                sharded.add(i)
+                group = t.device_mesh.get_group()
+            elif _is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements):
+                # Other layouts (several mesh dimensions, partial sums): DTensor reduces them itself.
+                exact[i] = float(torch.linalg.vector_norm(t.detach()).full_tensor())
+            else:  # replicated or plain: the same on every rank
+                local = t.to_local() if _is_dtensor(t) else t
+                squares[i] = float(torch.linalg.vector_norm(local.detach().double())) ** 2
+        if group is not None:
+            n = torch.distributed.get_world_size(group)
+            for i in range(len(tensors)):
+                if i not in sharded:
+                    squares[i] /= n  # counted once after the sum over the ranks
+            squares = squares.to(comm_device())
+            torch.distributed.all_reduce(squares, group=group)
+        values = squares.cpu().sqrt().tolist()
+    return [exact.get(i, v) for i, v in enumerate(values)]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

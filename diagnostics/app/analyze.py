@@ -176,8 +176,8 @@ def analyze_checkpoints(
         model: a model spec (zoo name, ``module:attr``, ``file.py:attr``, ``hf:DIR``) or an ``nn.Module``
             (whose weights are overwritten by the checkpoints', and which is left in eval mode).
         data: a data spec or a list of batches; default: the zoo model's own dataset.
-        loss: a loss spec or ``loss_fn(model, batch)``; default: the zoo model's loss, else the library's
-            default loss.
+        loss: a loss spec or ``loss_fn(model, batch)``; default: the zoo model's loss, for ``hf:DIR`` the
+            model's own loss (``model(**batch).loss``), else the library's default loss.
         diagnostics: a preset, a comma-separated string or list of names (default ``"standard"``).
         batches: number of data batches each checkpoint is measured on (default 4).
         batch_size: batch size for zoo data and data factories that accept it.
@@ -215,6 +215,11 @@ def analyze_checkpoints(
         from diagnostics.zoo import get_loss
 
         loss_fn = get_loss(model_spec)
+    if loss_fn is None and model_spec is not None and model_spec.startswith("hf:"):
+        # A Hugging Face model computes its own mean loss from the batch's labels, as in its Trainer.
+        from diagnostics.tracking.integrations.huggingface import hf_loss
+
+        loss_fn = hf_loss
     if loss_fn is None:
         loss_fn = default_loss
     diags = _resolve_diagnostics(diagnostics)

@@ -9,7 +9,7 @@ Randomised estimators draw from private generators seeded by ``seed``; the globa
 from diagnostics.linalg.lanczos import EigenResult, lanczos
 from diagnostics.linalg.operator import DenseOperator, LinearOperator, ScaledOperator, as_operator
 from diagnostics.linalg.power import power_iteration, top_singular_vector
-from diagnostics.linalg.rank import alpha_req, effective_rank, nuclear_norm, stable_rank
+from diagnostics.linalg.rank import AlphaReqFit, alpha_req, effective_rank, nuclear_norm, stable_rank
 from diagnostics.linalg.slq import SpectralDensity, spectral_density
 from diagnostics.linalg.subspace import principal_angles, subspace_fraction, subspace_overlap
 from diagnostics.linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
@@ -39,6 +39,7 @@ __all__ = [
     "stable_rank",
     "nuclear_norm",
     "alpha_req",
+    "AlphaReqFit",
     "top_singular_vector",
     "power_iteration",
 ]

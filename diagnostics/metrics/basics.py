@@ -173,6 +173,7 @@ class UpdateRatioDiagnostic(_NormDiagnostic):
             names = list(update)
             delta = dict(zip(names, host_norms([update[n] for n in names])))
             delta["all"] = float(torch.linalg.vector_norm(flat)) if flat is not None else total_norm(delta.values())
+            names = names if per_layer else []  # not flat (mixed dtypes, FSDP shards): rows as sparse as flat
         # The norms before the update: weight_norm's when it ran this step (the same flat copy the snapshot
         # is), else from the snapshot.
         before = ctx.weight_norms_before_update()

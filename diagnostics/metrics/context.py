@@ -366,6 +366,8 @@ class StepContext:
             first = tensors[0] if tensors else None
             if first is None or not all(t.dtype == first.dtype and t.device == first.device for t in tensors):
                 return None
+            if not all(type(t) is torch.Tensor for t in tensors):  # DTensor shards (FSDP2): one norm per tensor
+                return None
             return _flatten(tensors), [n for n, _ in named], tensors
 
         return self.cached("flat_parameters", build)

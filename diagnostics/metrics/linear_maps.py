@@ -44,13 +44,13 @@ class LinearMap:
     rows: tuple[int, int] | None = None
 
     def weight(self, module: nn.Module) -> torch.Tensor:
-        """The map's weight as a detached [out, in] matrix (a view; no copy)."""
+        """The map's weight as a detached [out, in] matrix (a view; no copy, except for an FSDP2 shard,
+        whose full weight is all-gathered: one layer at a time, a collective)."""
+        w = (module.in_proj_weight if self.kind == "mha" else module.weight).detach()
+        if type(w).__name__ == "DTensor":
+            w = w.full_tensor()
         if self.kind == "conv1d":
-            w = module.weight.detach().T
-        elif self.kind == "mha":
-            w = module.in_proj_weight.detach()
-        else:
-            w = module.weight.detach()
+            w = w.T
         return w if self.rows is None else w[self.rows[0] : self.rows[1]]
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from diagnostics._distributed import sharded_norms
+
 __all__ = ["WeightNorms", "host_norms", "tensor_norms", "total_norm"]
 
 
@@ -22,6 +24,9 @@ def host_norms(tensors: list[torch.Tensor]) -> list[float]:
     """
     if not tensors:
         return []
+    sharded = sharded_norms(tensors)  # FSDP2's DTensor shards: whole-tensor norms, one all-reduce
+    if sharded is not None:
+        return sharded
     with torch.no_grad():
         try:
             norms = torch._foreach_norm(tensors)

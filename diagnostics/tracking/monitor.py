@@ -38,8 +38,10 @@ from diagnostics.tracking import probes
 from diagnostics.tracking.actions import ACTIONS, Action, ActionPolicy, run_actions
 from diagnostics.tracking.actions import save_checkpoint as _save_checkpoint
 from diagnostics.tracking.commit import CommitPipeline, PendingStep, open_store
+from diagnostics.tracking.fsdp import check_fsdp_diagnostics, gathered_replica, is_fsdp, needs_replica
 from diagnostics.tracking.identity import ModelStructure, model_fingerprint, model_summary, run_meta
 from diagnostics.tracking.runner import Runner, apply_every, observe_training_forward
+from diagnostics.tracking.setups import compile_mode, full_precision
 from diagnostics.tracking.state_codec import (
     decode_state,
     diagnostics_state,
@@ -143,6 +145,8 @@ class Monitor:
             raise ConfigError(f"probe_batches must be at least 1, got {probe_batches}")
         if meta is not None and not isinstance(meta, Mapping):
             raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
+        # A compiled graph does not see hooks added later (see diagnostics.tracking.setups).
+        observe_training_forward = observe_training_forward and compile_mode(model) != "wrapper"
         # DDP's forward would arm its reducer and broadcast buffers; diagnostics use the wrapped module.
         model = _dist.unwrap_model(model)
         self.model = model
@@ -160,6 +164,10 @@ class Monitor:
         self._observing: contextlib.ExitStack | None = None
         self.diagnostics: list[Diagnostic] = resolve_diagnostics(diagnostics)
         apply_every(self.diagnostics, every)
+        self._fsdp = is_fsdp(model)  # FSDP2: see diagnostics.tracking.fsdp
+        if self._fsdp:
+            check_fsdp_diagnostics(self.diagnostics)
+            self.observe_training_forward = False
         self._policy = ActionPolicy(actions, self.diagnostics)
         self._uses_loss = loss_fn is not None or any(_USES_LOSS & d.requires for d in self.diagnostics)
         self._structure = ModelStructure(model)
@@ -259,7 +267,8 @@ class Monitor:
         if self._closed:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
         self._stop_observing()
-        self._step(step, batch, loss, source)
+        with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
+            self._step(step, batch, loss, source)
         if self.observe_training_forward and (self.writes or self._distributed):
             self._observing = observe_training_forward(self.model, self.diagnostics, step)
 
@@ -292,7 +301,7 @@ class Monitor:
             loss_value = float(loss.detach().item()) if torch.is_tensor(loss) else float(loss)
         ctx = StepContext(
             step=step,
-            model=self.model,
+            model=gathered_replica(self.model) if self._fsdp and needs_replica(due) else self.model,
             loss_fn=self.loss_fn,
             batch=batch,
             loss=loss_value,

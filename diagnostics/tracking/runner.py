@@ -24,6 +24,7 @@ from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.context import StepContext
 from diagnostics.store.records import Event, Record, Status
 from diagnostics.tracking.identity import ModelStructure
+from diagnostics.tracking.setups import explain_failure
 
 __all__ = ["Result", "Runner", "apply_every", "observe_training_forward"]
 
@@ -167,7 +168,7 @@ class Runner:
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             records, events, status, nmv = [], [], "failed", None
-            reason = f"{type(exc).__name__}: {exc}"[:500]
+            reason = (explain_failure(exc) or f"{type(exc).__name__}: {exc}")[:500]
         if sync and _dist.end_phase(status == "failed") and status != "failed":
             if self.strict:
                 raise _dist.RemoteFailure(f"{d.name} failed on another rank at step {ctx.step}")

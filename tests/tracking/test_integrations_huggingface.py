@@ -49,10 +49,12 @@ def _diagnostics() -> list:
     return ["loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", get_diagnostic("gsnr", every=2)]
 
 
-def _train(tmp_path: Path, cb: DiagnosticsCallback, max_steps: int = STEPS, max_grad_norm: float = 0.0):  # noqa: ANN202
+def _train(tmp_path: Path, cb: DiagnosticsCallback, max_steps: int = STEPS, max_grad_norm: float = 0.0,  # noqa: ANN202
+           accumulate: int = 1):
     model = TinyHF()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=max_steps, learning_rate=0.1,
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH // accumulate,
+        gradient_accumulation_steps=accumulate, max_steps=max_steps, learning_rate=0.1,
         lr_scheduler_type="constant", max_grad_norm=max_grad_norm, report_to="none", save_strategy="no",
         logging_steps=1, use_cpu=True, disable_tqdm=True, remove_unused_columns=False, seed=0,
         dataloader_num_workers=0,
@@ -93,6 +95,27 @@ def test_hf_series_equal_plain_loop(tmp_path: Path) -> None:
     logged = [h for h in trainer.state.log_history if "diagnostics/grad_norm" in h]
     assert len(logged) == STEPS
     assert logged[-1]["diagnostics/grad_norm"] == pytest.approx(float(want.loc[(STEPS - 1, "grad_norm", "all", 0)]))
+
+
+def test_hf_gradient_accumulation_seen_once_per_optimizer_step(tmp_path: Path) -> None:
+    diags = ["loss", "grad_norm", "weight_norm", "update_ratio"]
+    cb = DiagnosticsCallback(run=tmp_path / "accumulated", diagnostics=diags)
+    _train(tmp_path, cb, accumulate=4)
+    model = TinyHF()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=BATCH, collate_fn=transformers.default_data_collator)
+    with Monitor(model, hf_loss, run=tmp_path / "plain", diagnostics=diags, optimizer=opt) as mon:
+        for step, batch in enumerate(loader):
+            opt.zero_grad()
+            loss = hf_loss(model, batch)
+            loss.backward()
+            mon.step(step, batch, loss)
+            opt.step()
+    # Four micro-batches of 2 per optimizer step: the accumulated gradient, the micro-batches' mean loss.
+    got, want = _series(tmp_path / "accumulated"), _series(tmp_path / "plain")
+    assert list(got.index) == list(want.index) and sorted(got.index.get_level_values("step").unique()) == list(range(STEPS))
+    assert torch.allclose(torch.tensor(got.to_numpy()), torch.tensor(want.to_numpy()), rtol=1e-5, atol=1e-7)
+    assert open_run(tmp_path / "accumulated").meta["integration"]["gradient_accumulation_steps"] == 4
 
 
 def test_hf_records_clipped_gradients(tmp_path: Path) -> None:

@@ -1,0 +1,202 @@
+"""A Hugging Face GPT-2 end to end: the Trainer with the DiagnosticsCallback, then ``tdiag analyze hf:DIR``.
+
+The model is built from a small ``GPT2Config`` (random weights, no download) with SDPA attention, trained a
+few steps by ``transformers.Trainer``; its ``save_pretrained`` checkpoints (the Trainer's
+``checkpoint-N`` directories) are analysed through the command line, Hessian eigenvalues included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
+
+from diagnostics.metrics import get_diagnostic, resolve_diagnostics  # noqa: E402
+from diagnostics.metrics.linear_maps import find_linear_maps  # noqa: E402
+from diagnostics.store import open_run  # noqa: E402
+from diagnostics.tracking.integrations.huggingface import DiagnosticsCallback  # noqa: E402
+
+VOCAB, SEQ, EMBD, LAYERS = 64, 12, 16, 2
+STEPS, BATCH = 4, 8
+
+DATA_FILE = f'''
+import torch
+
+def batches(batch_size=4, num_batches=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_batches):
+        ids = torch.randint(0, {VOCAB}, (batch_size, {SEQ}), generator=g)
+        out.append({{"input_ids": ids, "labels": ids}})
+    return out
+'''
+
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=SEQ, n_embd=EMBD, n_layer=LAYERS, n_head=2, bos_token_id=0,
+        eos_token_id=0, attn_implementation="sdpa",
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _dataset() -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, VOCAB, (STEPS * BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids[i], "labels": ids[i]} for i in range(len(ids))]
+
+
+def _diagnostics() -> list:
+    """The standard preset, each diagnostic due at least every other step; fused c_attn split into q, k, v."""
+    diags = []
+    for d in resolve_diagnostics("standard"):
+        if d.name == "spectral_alignment":
+            d = get_diagnostic("spectral_alignment", fused_qkv="split")
+        elif d.name == "hessian_top":
+            d = get_diagnostic("hessian_top", k=3, max_matvecs=40)
+        d.every = min(d.every, 2)
+        diags.append(d)
+    return diags
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these products are tiny, and with the cores shared more threads are much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DiagnosticsCallback, torch.nn.Module]:
+    out = tmp_path_factory.mktemp("hf_gpt2")
+    model = gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-3,
+        max_grad_norm=0.0, report_to="none", save_strategy="steps", save_steps=2, save_only_model=True,
+        logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset())
+    cb = DiagnosticsCallback(run=out / "run", diagnostics=_diagnostics(), strict=True).attach(trainer)
+    trainer.train()
+    return out, cb, model
+
+
+def test_gpt2_conv1d_maps_are_read_as_out_by_in() -> None:
+    model = gpt2()
+    maps = {m.key: m for m in find_linear_maps(model, fused_qkv="split")}
+    attn = model.get_submodule("transformer.h.0.attn.c_attn")
+    assert type(attn).__name__ == "Conv1D" and tuple(attn.weight.shape) == (EMBD, 3 * EMBD)  # [in, out]
+    for i, part in enumerate("qkv"):
+        mp = maps[f"transformer.h.0.attn.c_attn.{part}"]
+        assert mp.kind == "conv1d"
+        assert torch.equal(mp.weight(attn), attn.weight.detach().T[i * EMBD : (i + 1) * EMBD])
+    assert maps["transformer.h.0.mlp.c_fc"].weight(model.get_submodule("transformer.h.0.mlp.c_fc")).shape == (
+        4 * EMBD, EMBD,
+    )
+
+
+def test_trainer_with_callback_records_gpt2(trained) -> None:  # noqa: ANN001
+    out, cb, model = trained
+    run = open_run(out / "run")
+    status = run.status()
+    assert set(status.status) == {"ok"}, status[status.status != "ok"]
+    assert set(status.diagnostic) == {d.name for d in resolve_diagnostics("standard")}
+    assert sorted(int(s) for s in run.steps()) == list(range(STEPS))
+    series = run.series()
+    metrics = set(series.metric)
+    assert {"gsnr_mean", "weight_effective_rank", "activation_effective_rank", "hessian_eigenvalue",
+            "sa_sigma1", "update_ratio"} <= metrics
+    sa = series[series.metric == "sa_sigma1"]
+    keys = set(sa.key)
+    for layer in range(LAYERS):  # the fused Conv1D split into its query, key and value row blocks
+        assert {f"transformer.h.{layer}.attn.c_attn.{p}" for p in "qkv"} <= keys
+        assert f"transformer.h.{layer}.mlp.c_fc" in keys and f"transformer.h.{layer}.attn.c_proj" in keys
+    # sigma_1 of the key block at the last step: a lower bound converging to the block's top singular value.
+    w = model.get_submodule("transformer.h.1.attn.c_attn").weight.detach().T[EMBD : 2 * EMBD]
+    last = sa[(sa.key == "transformer.h.1.attn.c_attn.k") & (sa.step == STEPS - 1)].value.item()
+    sigma = float(torch.linalg.matrix_norm(w, ord=2))
+    assert sigma * 0.9 <= last <= sigma * (1 + 1e-5)
+    eig = series[(series.metric == "hessian_eigenvalue")]
+    assert set(eig.step) == {0, 2} and len(eig) == 6
+    assert open_run(out / "run").meta["gradients_seen"] == "unclipped"
+    assert not cb._handles
+
+
+def test_tdiag_analyze_hf_checkpoints(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    from diagnostics.cli import main
+    from diagnostics.cli.commands import register
+
+    out, _, _ = trained
+    ckpts = sorted((out / "trainer").glob("checkpoint-*"))
+    assert [c.name for c in ckpts] == ["checkpoint-2", "checkpoint-4"]
+    (tmp_path / "data.py").write_text(DATA_FILE)
+    group = type(main)(name="tdiag", commands=dict(main.commands))
+    register(group)
+    result = CliRunner().invoke(
+        group,
+        ["analyze", str(out / "trainer"), "--model", f"hf:{ckpts[0]}", "--data", f"{tmp_path / 'data.py'}:batches",
+         "--batches", "2", "--batch-size", "4", "--diagnostics", "loss,grad_norm,spectral_alignment,hessian_top",
+         "--run", str(tmp_path / "analysis"), "-q"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    run = open_run(tmp_path / "analysis")
+    status = run.status()
+    assert set(status.status) == {"ok"}, status[status.status != "ok"]
+    series = run.series()
+    assert sorted(series.step.unique()) == [2, 4]
+    eig = series[series.metric == "hessian_eigenvalue"]
+    assert len(eig[eig.step == 2]) == 10 and eig.value.notna().all()
+    # The loss defaulted to the model's own (labels in the batch): the Trainer's loss at that checkpoint.
+    assert (series[series.metric == "loss"].value > 0).all()
+    assert "transformer.h.0.attn.c_attn" in set(series[series.metric == "sa_sigma1"].key)
+
+
+def test_gpt2_gradient_checkpointing(tmp_path: Path) -> None:
+    """``gradient_checkpointing_enable()`` checkpoints only in training mode; the diagnostics' passes run in eval."""
+    from diagnostics import Monitor
+    from diagnostics.tracking.integrations.huggingface import hf_loss
+
+    model = gpt2()
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name of gradient_checkpointing_enable
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    diags = ["grad_norm", get_diagnostic("gsnr", every=1), get_diagnostic("hessian_top", k=2, every=1, max_matvecs=20)]
+
+    def train(run: Path) -> object:
+        with Monitor(model, hf_loss, run=run, diagnostics=diags, optimizer=opt) as mon:
+            for step, batch in enumerate(_batches(2)):
+                opt.zero_grad()
+                loss = hf_loss(model, batch)
+                loss.backward()
+                mon.step(step, batch, loss)
+                opt.step()
+        return open_run(run).status()
+
+    # transformers' hook on the input embeddings (requires_grad_ on their output) stops torch.func: the
+    # failure says how to remove it.
+    status = train(tmp_path / "with_hook")
+    failed = status[status.status == "failed"]
+    assert set(failed.diagnostic) == {"gsnr"}
+    assert all("model.disable_input_require_grads()" in r for r in failed.reason)
+    model.disable_input_require_grads()
+    assert set(train(tmp_path / "run").status) == {"ok"}
+
+
+def _batches(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (4, SEQ), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
