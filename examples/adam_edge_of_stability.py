@@ -14,7 +14,7 @@ crossing in [0.85, 1.15].
 Control: the unpreconditioned sharpness lambda_max(H) read against the same threshold is nowhere near 1
 (the threshold is about the preconditioned curvature the step sees).
 
-Run (one thread, about 4 minutes)::
+Run (one thread, about 7 minutes on the shared 2-core machine of examples/RESULTS.md)::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/adam_edge_of_stability.py
 """

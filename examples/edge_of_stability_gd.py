@@ -12,7 +12,7 @@ tail steps separately, lies in [0.9, 1.2] (the acceptance of the width-64 exampl
 Control: at a step size 5 times smaller the ratio stays below 0.9 over the same number of steps
 (sharpness still rises, but 2/lr is out of reach).
 
-Run (one thread, about 4 minutes)::
+Run (one thread, about 3.5 minutes on the shared 2-core machine of examples/RESULTS.md)::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/edge_of_stability_gd.py
 """

@@ -15,7 +15,7 @@ the top-10 space is above 0.8; and the top-10 space is preserved far better than
 Controls, reported: standardised inputs (a less outlier-dominated spectrum) and random labels; two random
 10-dimensional subspaces of the P = 9034 dimensions overlap about 10 / P = 0.001.
 
-Run (one thread, about 3 minutes)::
+Run (one thread, about 1.5 minutes on the shared 2-core machine of examples/RESULTS.md)::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/gradient_subspace.py
 """

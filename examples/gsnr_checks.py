@@ -22,7 +22,7 @@ scaling, and a closed form.
    N = 32. Claim: the average of the stored ``gsnr_mean`` is within +-10% of the closed form's mean over
    parameters. The uncorrected ``gsnr_raw_mean`` is shown for contrast.
 
-Run (one thread, about 2 minutes)::
+Run (one thread, about 1 minute on the shared 2-core machine of examples/RESULTS.md)::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/gsnr_checks.py
 """

@@ -8,13 +8,13 @@ The spectrum is a bulk near 0 plus about C outliers (C classes; C - 1 with cross
 Hessian has rank C - 1), so the largest gap between consecutive eigenvalues on a log scale,
 ``max_i log(lambda_i / lambda_{i+1})`` over i = 1..29, should sit after eigenvalue C or C - 1.
 
-Claim, read at step 300 (train loss about 0.2), pixel inputs: with the 10 digit classes the largest
+Claim, read at step 300 (train loss 0.2-0.35), pixel inputs: with the 10 digit classes the largest
 log-gap is at index 10 +- 1 for every width.
 Control: relabelled into 5 classes (digit mod 5), it moves to 5 +- 1.
 The other probes show where the claim stops holding: as the softmax saturates (train loss below about
 0.05) the outliers shrink into the bulk.
 
-Run (one thread, about 4 minutes)::
+Run (one thread, about 2.5 minutes on the shared 2-core machine of examples/RESULTS.md)::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/hessian_outliers.py
 """

@@ -18,7 +18,7 @@ to 10, the single-output bound does not apply, and stable SGD runs end with ``Tr
 1; the script prints ``mean_i lambda_max(J_i J_i^T) * lr / 2``, the per-sample quantity that plays the
 role of the trace there (our reading, not a result of the paper).
 
-Run (one thread, about 3 minutes)::
+Run (one thread, about 6.5 minutes on the shared 2-core machine of examples/RESULTS.md)::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/sgd_trace_stability.py
 """
