@@ -62,6 +62,8 @@ _EXPORTS: dict[str, str] = {
     # --- Errors (diagnostics.errors) ---
     "DiagnosticsError": "diagnostics.errors",
     "StopTraining": "diagnostics.errors",
+    "MisuseError": "diagnostics.errors",
+    "MisuseWarning": "diagnostics.errors",
 }
 
 __all__ = [
@@ -115,6 +117,8 @@ __all__ = [
     # Errors
     "DiagnosticsError",
     "StopTraining",
+    "MisuseError",
+    "MisuseWarning",
 ]
 
 

@@ -44,6 +44,20 @@ class SpecError(DiagnosticsError, ValueError):
     """A 'module:attr' or 'path.py:attr' specification does not resolve."""
 
 
+class MisuseError(DiagnosticsError, RuntimeError):
+    """The Monitor is used in a way that measures nothing or measures the wrong thing (``strict=True``).
+
+    Raised instead of a :class:`MisuseWarning` when the Monitor is strict; the message names the fix.
+    """
+
+
+class MisuseWarning(UserWarning):
+    """The Monitor is used in a way that measures nothing or measures the wrong thing.
+
+    Warned once per cause and diagnostic; the same message is stored as an event of kind ``misuse``.
+    """
+
+
 class StopTraining(Exception):
     """Raised by the Monitor when an alarm's action is ``"stop"``.
 

@@ -169,6 +169,14 @@ def run_findings(run: RunView) -> list[Finding]:
         out.append(Finding(name, "lead_time", "info", "The loss did not explode after the warnings in the "
                            "recorded steps."))
 
+    # --- misuse: the run measured nothing, or not what a number claims (stores before the misuse kind
+    # wrote "nothing_measured") ---
+    for e in run.events_of("misuse", "nothing_measured"):
+        who = e.key or e.data.get("diagnostic")
+        out.append(Finding(name, "misuse", "warning",
+                           f"Misuse{f' of {who}' if who else ''} at step {e.step}{_said(_unprefixed(e))}",
+                           e.step, None, e.metric))
+
     # --- edge of stability ---
     eos = run.events_of("edge_of_stability")
     if eos:
@@ -341,6 +349,9 @@ def _summary(run: RunView, kind: str, items: list[Finding]) -> str:
         return f"{len(items)} estimators did not converge at every probe; those values are flagged in the panels."
     if kind == "nonfinite":
         return f"Non-finite values in {len(items)} places{at}."
+    if kind == "misuse":
+        return (f"Misuse: {len(items)} ways the run measured nothing or not what it claims{at}; each line "
+                "names its fix.")
     return f"{len(items)} findings ({kind.replace('_', ' ')}){at}."
 
 

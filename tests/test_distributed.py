@@ -281,3 +281,43 @@ def test_helpers_without_process_group() -> None:
     assert tdist.unwrap_model(m) is m and tdist.unwrap_model(nn.DataParallel(m)) is m
     assert tdist.rank_run_dir("runs/exp", 3) == Path("runs/exp-rank3")
     assert os.fspath(tdist.rank_run_dir(Path("/a/b"), 0)) == "/a/b-rank0"
+
+
+def _budget_worker(rank: int, out: Path) -> None:
+    from diagnostics import Monitor
+
+    model = _net()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _shard(_data()[0], rank)
+    # Rank 0 trains slower (rank 1 waits for it inside the monitor's collectives), so rank 1's own timings
+    # would leave no budget where rank 0's leave some; both meet after every diagnostic that is not
+    # reads_only, so ranks running different diagnostics would not meet.
+    with Monitor(ddp, run=out / "budget", diagnostics=["weight_rank", "grad_rank", "loss"], optimizer=opt,
+                 budget=1.0, rank_zero_only=False) as mon:
+        for step in range(120):
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if rank == 0:
+                time.sleep(0.01)
+            mon.step(step, (x, y), loss)
+            opt.step()
+        (out / f"budget-state-{rank}.json").write_text(json.dumps(mon._budget.state_dict()))
+
+
+@pytest.mark.timeout(120)
+def test_budget_decisions_are_rank_zeros_on_every_rank(tmp_path: Path) -> None:
+    from diagnostics.store import open_run
+
+    launch(_budget_worker, tmp_path, deadline=90)
+    steps = []
+    for r in range(WORLD):
+        with open_run(tdist.rank_run_dir(tmp_path / "budget", r)) as run:
+            st = run.status()
+        steps.append({n: sorted(g.step) for n, g in st.groupby("diagnostic")})
+    assert steps[0] == steps[1]
+    assert len(steps[0]["weight_rank"]) >= 2 and steps[0]["loss"] == list(range(120))
+    states = [json.loads((tmp_path / f"budget-state-{r}.json").read_text()) for r in range(WORLD)]
+    assert states[0]["last"] == states[1]["last"] and states[0]["runs"] == states[1]["runs"]
+    assert states[0]["step_seconds"] > states[1]["step_seconds"]  # each rank measured its own times

@@ -45,7 +45,7 @@ from diagnostics.metrics.attention_stats import (
 )
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
-from diagnostics.store.records import Event, Record
+from diagnostics.store.records import Record
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
@@ -197,6 +197,8 @@ class AttentionStatistics(Diagnostic):
     through a Python mode (a few microseconds each), plus forming each attention call's logits again
     (O(B H L S E), as the attention itself; for ``nn.MultiheadAttention`` also two input projections).
     Memory: O(chunk_elements), never the batch's whole attention matrix. 3 records per module plus 4.
+    A forward without any attention call records ``attn_modules`` = 0 with the status
+    ``nothing_measured`` (the Monitor reports it once as a ``misuse`` event).
     """
 
     name = "attention_stats"
@@ -239,18 +241,11 @@ class AttentionStatistics(Diagnostic):
         stats = self.measure(ctx.model, ctx.loss_fn, ctx.batch)
         records = [Record("attn_modules", float(len(stats)))]
         if not stats:
-            events = []
-            if not self.state.get("warned"):
-                self.state["warned"] = True
-                events.append(Event(
-                    kind="nothing_measured",
-                    message=(f"attention_stats saw no attention call at step {ctx.step}: the model calls neither "
-                             "F.scaled_dot_product_attention, nn.MultiheadAttention nor a softmax inside an "
-                             "attention module" + (f" matching {list(self.modules)}" if self.modules else "")),
-                    severity="warning",
-                    metric="attn_modules",
-                ))
-            return Output(records=records, events=events, reason="no attention call in the forward")
+            where = f" matching {list(self.modules)}" if self.modules else ""
+            return Output(records=records, status="nothing_measured", reason=(
+                "no attention call in the forward: the model calls neither F.scaled_dot_product_attention, "
+                f"nn.MultiheadAttention nor a softmax inside an attention module{where}. Name the attention "
+                "modules with modules=[...] (a softmax inside them counts), or drop attention_stats from diagnostics"))
         means, mins, tops = [], [], []
         for name, st in stats.items():
             heads = st.head_entropy_mean()

@@ -41,7 +41,11 @@ PRESETS = ("cheap", "standard", "full")
 class Output:
     """What ``compute`` returns when a plain list of records is not enough.
 
-    ``status`` is ``"ok"``, ``"not_converged"`` or ``"failed"``; a failed output carries no records.
+    ``status`` is ``"ok"``, ``"not_converged"``, ``"failed"`` (the output carries no records),
+    ``"skipped"`` (nothing was run: an input of the step is missing) or ``"nothing_measured"`` (the model
+    has nothing this diagnostic measures: no linear layer, no attention module). For
+    ``"nothing_measured"`` ``reason`` must say what was looked for and how to fix it: the Monitor turns
+    it into a ``misuse`` event and a :class:`~diagnostics.errors.MisuseWarning`, once per diagnostic.
     ``num_matvecs`` reports the cost of curvature estimates.
     """
 

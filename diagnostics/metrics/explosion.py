@@ -69,7 +69,8 @@ class ExplosionDetector(Diagnostic):
         Monitor(model, diagnostics=["spectral_alignment", ExplosionDetector(persistence=8, action="stop")], ...)
 
     When the statistics are absent (spectral alignment not selected or not due) it records nothing and
-    says so in its status. ``explosion_score`` is recorded once any layer has a baseline.
+    says so in its status reason; when spectral alignment measured no map, its status is ``skipped``.
+    ``explosion_score`` is recorded once any layer has a baseline.
 
     Args:
         every, start: schedule (default every step; a probe is a step at which both are due).
@@ -102,6 +103,9 @@ class ExplosionDetector(Diagnostic):
         stats = ctx.alignment_statistics()
         if stats is None:
             return Output(reason="no spectral_alignment statistics this step: spectral_alignment was not due")
+        if not stats:
+            # The cause (no linear map) is reported once by spectral_alignment itself as misuse.
+            return Output(status="skipped", reason="spectral_alignment measured no linear map at this step")
         state = self.state.setdefault("detector", {})
         values = {key: st.get(self.core.field, math.nan) for key, st in stats.items()}
         score, alarms = self.core.update(state, ctx.step, values)

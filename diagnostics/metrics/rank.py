@@ -58,6 +58,13 @@ def _rank_records(prefix: str, mats: dict[str, torch.Tensor]) -> list[Record]:
     return out
 
 
+def _no_matrix(name: str, what: str) -> Output:
+    """The ``nothing_measured`` output of a rank diagnostic that found no matrix-shaped ``what``."""
+    return Output(status="nothing_measured", reason=(
+        f"no matrix-shaped {what} (2 or more dimensions): {name} measures weight matrices and conv kernels; "
+        f"drop {name} from diagnostics"))
+
+
 def _describe_modules(modules: Any) -> Any:
     """JSON form of a module selection for the run's metadata: names, patterns or class names."""
     if modules is None:
@@ -102,8 +109,9 @@ class WeightRankDiagnostic(_MatrixRank):
     name = "weight_rank"
     metrics: ClassVar[tuple[str, ...]] = ("weight_effective_rank", "weight_stable_rank")
 
-    def compute(self, ctx: StepContext) -> list[Record]:
-        return _rank_records("weight", _matrices(ctx.params(), self.params))
+    def compute(self, ctx: StepContext) -> list[Record] | Output:
+        mats = _matrices(ctx.params(), self.params)
+        return _rank_records("weight", mats) if mats else _no_matrix("weight_rank", "parameter")
 
 
 @register
@@ -118,8 +126,10 @@ class GradRankDiagnostic(_MatrixRank):
     requires = frozenset({"grads"})
     metrics: ClassVar[tuple[str, ...]] = ("grad_effective_rank", "grad_stable_rank")
 
-    def compute(self, ctx: StepContext) -> list[Record]:
+    def compute(self, ctx: StepContext) -> list[Record] | Output:
         mats = _matrices(ctx.grads(), self.params)
+        if not mats:
+            return _no_matrix("grad_rank", "parameter with a gradient")
         return _rank_records("grad", {n: m for n, m in mats.items() if bool(m.abs().max() > 0)})
 
 
@@ -197,6 +207,11 @@ class ActivationRankDiagnostic(Diagnostic):
         from diagnostics.linalg import alpha_req, effective_rank, stable_rank
 
         acts = ctx.activations(self.modules, max_tokens=self.max_tokens)
+        if not acts:
+            return Output(status="nothing_measured", settings={"num_layers": 0}, reason=(
+                f"no output captured from {_describe_modules(self.modules)} in the forward over the step's batch "
+                "(the default measures nn.Linear layers). Choose the layers with modules= (names, globs, types "
+                "such as nn.Conv2d, or a predicate), or drop activation_rank from diagnostics"))
         records: list[Record] = []
         events: list[Event] = []
         skipped: list[str] = []

@@ -28,7 +28,9 @@ RMSprop, Adagrad, ..., or a subclass) gets ``sharpness`` alone and the reason in
 An ``edge_of_stability`` event is emitted when ``sharpness_ratio`` or ``adam_sharpness_ratio`` crosses 1
 upwards (severity "warning") and when it comes back below ``1 - hysteresis`` (severity "info"); the side
 is remembered in ``self.state`` (saved with the run) so a ratio hovering at 1 does not fire at every
-probe. Definitions: docs/metrics.md, "Sharpness and edge of stability".
+probe. A ``misuse`` event (:func:`probe_mode_misuse`) says when the ratio compares eval-mode curvature
+with a model trained through dropout or BatchNorm. Definitions: docs/metrics.md, "Sharpness and edge of
+stability".
 """
 
 from __future__ import annotations
@@ -44,14 +46,15 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Output
 from diagnostics.linalg.finite import FiniteChecked
 from diagnostics.metrics.curvature_base import CurvatureDiagnostic, check_budget, failed, run_guarded, worst_status
+from diagnostics.metrics.misuse import misuse_event, train_mode_modules
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
 
-__all__ = ["Sharpness", "adam_preconditioner", "adam_weight_decay", "optimizer_family", "sgd_rule", "sgd_threshold",
-           "unsupported_reason"]
+__all__ = ["Sharpness", "adam_preconditioner", "adam_weight_decay", "optimizer_family", "probe_mode_misuse",
+           "sgd_rule", "sgd_threshold", "unsupported_reason"]
 
 
 # --- optimizer reading -----------------------------------------------------------------------------------
@@ -72,6 +75,38 @@ _UNSUPPORTED = {
     "ASGD": "averaging and a decaying step size: not whitelisted",
     "Rprop": "sign-based steps with per-element step sizes: no quadratic threshold",
 }
+
+
+#: The records that compare curvature with the optimizer's threshold.
+_RATIOS = ("sharpness_ratio", "adam_sharpness_ratio")
+
+
+def probe_mode_misuse(ctx: StepContext) -> list[Event]:
+    """A ``probe_mode`` misuse event when the threshold comparison mixes eval-mode curvature with a
+    train-mode loss, else [].
+
+    The stability threshold holds for the loss the optimizer differentiates. The curvature is that of
+    the probe batches in ``ctx.curvature_mode``; when that is ``"eval"`` while the model is in training
+    mode with dropout or BatchNorm layers (:func:`~diagnostics.metrics.misuse.train_mode_modules`), the
+    two losses differ. A model in eval mode (``tdiag analyze``), or without such layers, gives [].
+    Cost: one walk over the modules.
+    """
+    if ctx.curvature_mode != "eval":
+        return []
+    found = train_mode_modules(ctx.model)
+    if not found:
+        return []
+    return [misuse_event(
+        "probe_mode", "sharpness",
+        f"sharpness compares curvature with the optimizer's stability threshold (2/lr for SGD) at step "
+        f"{ctx.step}, which holds for the loss the optimizer differentiates; but the curvature is that of the "
+        f"eval-mode loss on the probe batches while the model trains in train mode through "
+        f"{', '.join(found)}, so sharpness_ratio is not the training loss's. Pass "
+        "Monitor(curvature_mode='train') to measure the train-mode loss (dropout masks fixed per probe batch, "
+        "BatchNorm on batch statistics), and keep probe_data to training batches (the default, a copy of "
+        "the first batch, is one).",
+        modules=found, curvature_mode=ctx.curvature_mode,
+    )]
 
 
 def optimizer_family(optimizer: torch.optim.Optimizer | None) -> str:
@@ -454,6 +489,10 @@ class Sharpness(CurvatureDiagnostic):
                 if not aconv:
                     statuses.append("not_converged")
                     reasons.append(f"{key}: preconditioned lambda_max not converged within the budget")
+        misuse = probe_mode_misuse(ctx) if any(r.metric in _RATIOS for r in records) else []
+        if misuse:
+            events += misuse
+            reasons.append("ratio of the eval-mode curvature, not the train-mode loss's (misuse: probe_mode)")
         return Output(records=records, events=events, status=worst_status(statuses), num_matvecs=total,
                       reason="; ".join(dict.fromkeys(reasons)) or None,
                       settings={"optimizer_family": family, "adam_preconditioner": preconditioner})

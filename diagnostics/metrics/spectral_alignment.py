@@ -263,6 +263,18 @@ class SpectralAlignment(Diagnostic):
         """
         return self.watch(model)
 
+    def _nothing_reason(self, model: nn.Module) -> str:
+        """Why no map was measured, and the fix (the status reason of a ``nothing_measured`` step)."""
+        maps = self.maps(model)
+        if maps:
+            return (f"none of the {len(maps)} monitored linear maps ran in the forward over the step's batch; pass "
+                    "the batch the model trains on to monitor.step, or choose maps that run with modules=[...]")
+        chosen = f" matching modules={list(self.modules)}" if self.modules else ""
+        chosen += f" outside exclude={list(self.exclude)}" if self.exclude else ""
+        return (f"the model has no nn.Linear, HF Conv1D or MultiheadAttention in-projection{chosen}: spectral "
+                "alignment measures linear maps only. Name linear layers with modules=[...], or drop "
+                "spectral_alignment (and explosion_detector, which reads it) from diagnostics")
+
     def measure(self, ctx: StepContext) -> tuple[dict[str, dict[str, Any]], float]:
         """This step's statistics per map key (also shared with ``ctx.publish_alignment_statistics``).
 
@@ -275,6 +287,7 @@ class SpectralAlignment(Diagnostic):
         model = ctx.model
         maps = self.maps(model)
         if not maps:
+            ctx.publish_alignment_statistics({})
             return {}, 0.0
         modules = resolve_modules(model, maps)
         watched, self._watched = self._watched, None
@@ -332,6 +345,9 @@ class SpectralAlignment(Diagnostic):
 
     def compute(self, ctx: StepContext) -> Output:
         stats, fwd = self.measure(ctx)
+        if not stats:
+            return Output(status="nothing_measured", reason=self._nothing_reason(ctx.model),
+                          settings={"num_maps": 0, "forward_seconds": fwd, "source": self.last_source})
         records: list[Record] = []
         for key, st in stats.items():
             records += [

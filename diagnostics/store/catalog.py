@@ -262,6 +262,10 @@ _METRICS: tuple[MetricSpec, ...] = (
     *_family("Cost", "diagnostic name (as in the status table)", None,
              ("monitor_seconds", PER_DIAGNOSTIC, "wall-clock seconds the diagnostic took at the step"),
              writer="monitor"),
+    *_family("Cost", _ALL, None,
+             ("monitor_overhead", SCALAR, "monitor time / training time over the last 200 steps (runs with a "
+              "budget)"),
+             writer="monitor"),
 )
 
 #: Every metric ID, in catalogue order (the order of ``docs/metrics.md``).
@@ -301,7 +305,10 @@ _META: tuple[MetaKey, ...] = (
     MetaKey("curvature_mode", "monitor", "eval or train: the module mode inside curvature estimates"),
     MetaKey("activation_mode", "monitor", "the module mode of the extra forward of activation diagnostics"),
     MetaKey("num_classes", "monitor", "number of classes (default k of hessian_top), or null"),
-    MetaKey("diagnostic_state", "monitor-state", "each diagnostic's declared cross-step state, for resuming"),
+    MetaKey("budget", "monitor", "the overhead budget (monitor time / training time) the schedules kept, or "
+            "null for fixed schedules"),
+    MetaKey("diagnostic_state", "monitor-state", "each diagnostic's declared cross-step state, and under a "
+            "budget the schedule's (key monitor.budget), for resuming"),
     MetaKey("last_step", "monitor-state", "the last step the Monitor committed"),
     MetaKey("analysis_mode", "analyze", "mode of the model during checkpoint analysis: eval"),
     MetaKey("integration", "integration", "{framework, version, ...}: the framework adapter that ran the "

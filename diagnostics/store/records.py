@@ -41,7 +41,9 @@ class Status:
     """How one diagnostic fared at one step.
 
     ``status`` is ``"ok"``, ``"not_converged"`` (an estimate stopped by its budget or tolerance; its
-    numbers are stored but flagged) or ``"failed"`` (no numbers stored; ``reason`` says why).
+    numbers are stored but flagged), ``"failed"`` (no numbers stored; ``reason`` says why),
+    ``"skipped"`` (not run: the step lacked what it needs, such as gradients; ``reason`` says what) or
+    ``"nothing_measured"`` (it ran but the model has nothing it measures, such as no attention module).
     """
 
     diagnostic: str

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ _TOP_K = 3
 _PROBES, _NODES = 2, 8
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _TOKENS = 256
+_TRAIN_SECONDS = 0.5
 
 
 def _modules(layers: int) -> tuple[list[str], list[str], dict[str, list[int]]]:
@@ -159,6 +161,7 @@ def write_synthetic_run(
         "loss_reduction": "mean",
         "curvature_mode": "eval",
         "num_classes": 10,
+        "budget": 0.05,
     }  # fmt: skip
     clock = [_START]
     state = _State(rng, linears, attention, params, steps, explode_at)
@@ -196,6 +199,7 @@ class _State:
         self.prev_top: np.ndarray | None = None
         # A child of the run's seed: the signals below draw from it and leave self.rng's stream alone.
         self.srng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+        self.monitor_window: deque[float] = deque(maxlen=200)  # the monitor's seconds of the last steps
 
     # -- shape of the run ------------------------------------------------------------------------------
 
@@ -248,6 +252,10 @@ class _State:
             records += out
             records.append(Record("monitor_seconds", seconds, key=diag))
             statuses.append(status)
+        # The amortised overhead against the fixed clock's half second of training per step.
+        self.monitor_window.append(sum(s.seconds for s in statuses))
+        overhead = sum(self.monitor_window) / (_TRAIN_SECONDS * len(self.monitor_window))
+        records.append(Record("monitor_overhead", overhead))
         return records, events, statuses
 
     # -- diagnostics -----------------------------------------------------------------------------------

@@ -72,8 +72,9 @@ class ActionPolicy:
         """Warning and error events paired with their actions, in order."""
         out = []
         for d, e in events:
-            # The Monitor's own estimator_failed events describe the tooling, not the training: no actions.
-            if e.kind == "estimator_failed" or e.severity not in ("warning", "error"):
+            # The Monitor's own estimator_failed and misuse events describe the tooling, not the training:
+            # no actions (misuse warns, or raises when strict, by itself).
+            if e.kind in ("estimator_failed", "misuse") or e.severity not in ("warning", "error"):
                 continue
             out.append((e, self.action_for(d, e)))
         return out

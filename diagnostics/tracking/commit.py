@@ -43,11 +43,11 @@ class PendingStep:
         self.handle: Any = None
 
     def add(self, d: Diagnostic, records: list[Record], events: list[Event], status: Status) -> None:
-        """Take the results of ``d.compute``; ``d`` waits for the update if it needs it and did not fail."""
+        """Take the results of ``d.compute``; ``d`` waits for the update if it needs it and ran without failing."""
         self.records += records
         self.events += [(d, e) for e in events]
         self.statuses[d.name] = status
-        if "update" in d.requires and status.status != "failed":
+        if "update" in d.requires and status.status not in ("failed", "skipped"):
             self.update_diags.append(d)
 
     def add_update(self, d: Diagnostic, records: list[Record], events: list[Event], status: Status) -> None:

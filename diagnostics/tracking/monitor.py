@@ -34,12 +34,14 @@ from diagnostics.errors import ConfigError, DataError
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.registry import resolve_diagnostics
+from diagnostics.tracking import budget as _budget
 from diagnostics.tracking import probes
 from diagnostics.tracking.actions import ACTIONS, Action, ActionPolicy, run_actions
 from diagnostics.tracking.actions import save_checkpoint as _save_checkpoint
 from diagnostics.tracking.commit import CommitPipeline, PendingStep, open_store
 from diagnostics.tracking.fsdp import check_fsdp_diagnostics, gathered_replica, is_fsdp, needs_replica
 from diagnostics.tracking.identity import ModelStructure, model_fingerprint, model_summary, run_meta
+from diagnostics.tracking.misuse import MisuseReporter
 from diagnostics.tracking.runner import Runner, apply_every, observe_training_forward
 from diagnostics.tracking.setups import compile_mode, full_precision
 from diagnostics.tracking.state_codec import (
@@ -71,7 +73,9 @@ class Monitor:
             without it the update is taken at the next ``step()`` or ``close()``.
         probe_data: fixed batches for curvature estimates; default: detached copies of the first
             ``probe_batches`` batches passed to :meth:`step`.
-        strict: re-raise a diagnostic's exception instead of recording it as failed.
+        strict: re-raise a diagnostic's exception instead of recording it as failed, and raise
+            :class:`~diagnostics.errors.MisuseError` where a :class:`~diagnostics.errors.MisuseWarning`
+            would be warned (docs/monitor.md, "Misuse warnings").
         num_classes: recorded and passed to diagnostics (default k of top-subspace estimates).
         every: override every diagnostic's schedule (int) or some (``{name: every}``).
         meta: extra JSON metadata stored under the run's ``config``.
@@ -105,6 +109,10 @@ class Monitor:
         mirrors: also send each committed step's scalars to loggers: "tensorboard", "wandb", "mlflow",
             a ``SummaryWriter``, a :class:`~diagnostics.tracking.mirrors.Mirror` or a callable
             ``f(step, scalars)`` (see :mod:`diagnostics.tracking.mirrors`); only on writing ranks.
+        budget: overhead budget, monitor time / training time (docs/monitor.md, "Overhead budget"): the
+            diagnostics that run passes of their own and whose schedule ``every`` does not fix are run as
+            often as it allows. ``"auto"``: 0.05 for the ``standard`` preset, fixed schedules otherwise;
+            None: fixed schedules.
     """
 
     def __init__(
@@ -131,6 +139,7 @@ class Monitor:
         async_writes: bool = False,
         mirrors: Any = None,
         observe_training_forward: bool = True,
+        budget: float | str | None = "auto",
     ) -> None:
         # Everything that can be checked is checked before the run directory is touched.
         if not isinstance(model, nn.Module):
@@ -164,6 +173,13 @@ class Monitor:
         self._observing: contextlib.ExitStack | None = None
         self.diagnostics: list[Diagnostic] = resolve_diagnostics(diagnostics)
         apply_every(self.diagnostics, every)
+        self.budget = _budget.resolve_budget(budget, diagnostics)
+        self._budget: _budget.BudgetScheduler | None = None
+        if self.budget is not None:
+            self._budget = _budget.BudgetScheduler(
+                self.budget, self.diagnostics, _budget.explicit_names(self.diagnostics, every),
+                sync=_dist.broadcast_object if _dist.is_distributed() else None,  # rank 0 decides for all
+            )
         self._fsdp = is_fsdp(model)  # FSDP2: see diagnostics.tracking.fsdp
         if self._fsdp:
             check_fsdp_diagnostics(self.diagnostics)
@@ -188,7 +204,9 @@ class Monitor:
         self._distributed = _dist.is_distributed()
         if rank_zero_only and torch.distributed.is_available() and torch.distributed.is_initialized():
             self.writes = torch.distributed.get_rank() == 0
+        self._misuse = MisuseReporter(self.strict)
         self._runner = Runner(self._structure, optimizer, strict=self.strict, check_isolation=self.check_isolation,
+                              misuse=self._misuse,
                               distributed=self._distributed)
 
         if run is None:
@@ -208,11 +226,14 @@ class Monitor:
     def _open_store(self, name: str | None, meta: Mapping[str, Any] | None, mirrors: Any, async_writes: bool) -> None:
         """Open or resume the run store (restoring diagnostics' state and probe data), then the mirrors."""
         info = run_meta(self.model, self.diagnostics, meta, curvature_mode=self.curvature_mode, num_classes=self.num_classes)
+        info["budget"] = self.budget
         self.writer, resumed_meta = open_store(self.run_dir, self.fingerprint, name, info)
         try:
             self.resumed = bool(resumed_meta)
             if resumed_meta:
                 load_diagnostics_state(self.diagnostics, resumed_meta.get("diagnostic_state") or {})
+                if self._budget is not None:
+                    self._budget.load_state_dict((resumed_meta.get("diagnostic_state") or {}).get(_budget.STATE_KEY))
                 saved = None if self._user_probe else probes.load_probe(self.run_dir)
                 if saved is not None:
                     self.probe_data = saved
@@ -236,8 +257,12 @@ class Monitor:
 
     # --- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Every diagnostic's ``state_dict()`` by name, JSON-encoded (what a resumed run restores)."""
-        return diagnostics_state(self.diagnostics)
+        """Every diagnostic's ``state_dict()`` by name, JSON-encoded (what a resumed run restores), and the
+        budget's schedule under ``"monitor.budget"``."""
+        state = diagnostics_state(self.diagnostics)
+        if self._budget is not None:
+            state[_budget.STATE_KEY] = self._budget.state_dict()
+        return state
 
     def _save_state(self) -> None:
         if self._commits is None:
@@ -267,10 +292,12 @@ class Monitor:
         if self._closed:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
         self._stop_observing()
-        with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
-            self._step(step, batch, loss, source)
-        if self.observe_training_forward and (self.writes or self._distributed):
-            self._observing = observe_training_forward(self.model, self.diagnostics, step)
+        with _budget.timed_call(self._budget):
+            with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
+                self._step(step, batch, loss, source)
+            if self.observe_training_forward and (self.writes or self._distributed):
+                due_next = self._budget.due_next if self._budget is not None else None
+                self._observing = observe_training_forward(self.model, self.diagnostics, step, due_next)
 
     def _stop_observing(self) -> None:
         """Remove the hooks installed by the previous step (idempotent)."""
@@ -280,6 +307,7 @@ class Monitor:
 
     def _step(self, step: int, batch: Any, loss: torch.Tensor | float | None, source: str | None) -> None:
         step = probes.check_step(step, loss)
+        self._misuse.saw_step(step)
         self._finish_pending()
         # Under torch.distributed every rank computes (collectives need all of them); others stop here.
         if not self.writes and not self._distributed:
@@ -292,7 +320,10 @@ class Monitor:
             self.probe_data.append(detach_batch(batch))
             if len(self.probe_data) == self.probe_batches and self._uses_loss and self.writer is not None:
                 probes.save_probe(self.run_dir, self.probe_data)
-        due = [d for d in self.diagnostics if d.is_due(step)]
+        if self._budget is not None:
+            due = self._budget.due(step, self.diagnostics)
+        else:
+            due = [d for d in self.diagnostics if d.is_due(step)]
         self.last_step = step
         if not due:
             return
@@ -324,13 +355,17 @@ class Monitor:
             ctx.snapshot_parameters()
             self._pending = pending
             if self.optimizer is not None:
-                pending.handle = self.optimizer.register_step_post_hook(lambda *_: self._finish_pending())
+                pending.handle = self.optimizer.register_step_post_hook(lambda *_: self._finish_from_hook())
             return
         self._commit(pending)
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable ``(name, parameter)`` pairs (see :class:`~diagnostics.tracking.identity.ModelStructure`)."""
         return self._structure.trainable()
+
+    def _finish_from_hook(self) -> None:
+        with _budget.timed_work(self._budget):  # monitor time between two calls, not training time
+            self._finish_pending()
 
     def _finish_pending(self) -> None:
         """Compute the update diagnostics of the pending step and commit it (once; removes the hook)."""
@@ -354,9 +389,13 @@ class Monitor:
     def _commit(self, pending: PendingStep) -> None:
         if self._commits is not None:
             records = pending.all_records()
+            if self._budget is not None:
+                records += self._budget.account(pending.statuses)
             events = [e for _, e in pending.events]
             self._commits.write(pending.step, records, events, list(pending.statuses.values()), pending.source)
-            if self._monitored % self.state_every == 0 and any(d.state_dict() for d in self.diagnostics):
+            if self._monitored % self.state_every == 0 and (
+                self._budget is not None or any(d.state_dict() for d in self.diagnostics)
+            ):
                 self._save_state()
             self._commits.mirror(pending.step, records)
         self._do_actions(pending)
@@ -396,17 +435,27 @@ class Monitor:
                     self._stop_observing()
                 finally:
                     self._finish_pending()
+                # Schedules longer than the run (a misuse event at the last step; see tracking.misuse).
+                # Diagnostics a budget schedules have no fixed schedule that could be longer than the run.
+                scheduled = self._budget.scheduled if self._budget is not None else frozenset()
+                fixed = [d for d in self.diagnostics if d.name not in scheduled]
+                events = self._misuse.schedule_events(fixed)
+                if events and self._commits is not None and self.last_step is not None:
+                    self._commits.write(self.last_step, [], events, [], None)
             finally:
                 if self._commits is not None:
                     try:
                         self._save_state()
                     finally:
                         self._commits.close()
+        self._misuse.raise_if_strict()
 
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self._misuse.steps_seen = 0  # an interrupted run is not a schedule longer than the run
         self.close()
 
     def __repr__(self) -> str:

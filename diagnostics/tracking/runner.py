@@ -22,8 +22,10 @@ from diagnostics._state import IsolationError, initialised_cuda_devices, isolate
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.context import StepContext
+from diagnostics.metrics.misuse import misuse_event
 from diagnostics.store.records import Event, Record, Status
 from diagnostics.tracking.identity import ModelStructure
+from diagnostics.tracking.misuse import MisuseReporter, missing_grads
 from diagnostics.tracking.setups import explain_failure
 
 __all__ = ["Result", "Runner", "apply_every", "observe_training_forward"]
@@ -45,20 +47,28 @@ def apply_every(diagnostics: Sequence[Diagnostic], every: int | Mapping[str, int
         names[n].every = e
 
 
-def observe_training_forward(model: nn.Module, diagnostics: Sequence[Diagnostic], step: int) -> contextlib.ExitStack | None:
+def observe_training_forward(
+    model: nn.Module,
+    diagnostics: Sequence[Diagnostic],
+    step: int,
+    due_next: Callable[[Diagnostic, int], bool] | None = None,
+) -> contextlib.ExitStack | None:
     """Enter the hooks of the diagnostics that measure on the user's next training forward.
 
     Chosen: diagnostics reading layer inputs, due at every step (so at ``step + 1``), that offer
-    ``observe_training_forward(model)``. Returns the ExitStack that removes their hooks, or None when none
+    ``observe_training_forward(model)``; ``due_next(d, step)`` says which are due at every step when
+    a budget schedules them (:meth:`~diagnostics.tracking.budget.BudgetScheduler.due_next`). Returns the
+    ExitStack that removes their hooks, or None when none
     is chosen; if entering one fails, those already entered are removed before the error propagates.
     """
+    if due_next is None:
+        due_next = lambda d, s: d.every == 1 and d.is_due(s + 1)  # noqa: E731
     chosen = [
         d
         for d in diagnostics
         if "layer_inputs" in d.requires
-        and d.every == 1
-        and d.is_due(step + 1)
         and callable(getattr(d, "observe_training_forward", None))
+        and due_next(d, step)
     ]
     if not chosen:
         return None
@@ -89,9 +99,11 @@ class Runner:
     Args:
         structure: the model and its current module list (the modes restored after each phase).
         optimizer: compared too when ``check_isolation`` is on.
-        strict: re-raise a diagnostic's exception instead of recording it as failed.
+        strict: re-raise a diagnostic's exception instead of recording it as failed, and raise
+            :class:`~diagnostics.errors.MisuseError` on misuse instead of warning.
         check_isolation: verify after every diagnostic that it left all training state unchanged.
         distributed: end each diagnostic that may issue collectives with a meeting of all ranks.
+        misuse: the Monitor's misuse reporter (a strict or lenient one of its own by default).
     """
 
     def __init__(
@@ -102,8 +114,10 @@ class Runner:
         strict: bool,
         check_isolation: bool,
         distributed: bool,
+        misuse: MisuseReporter | None = None,
     ) -> None:
         self.structure = structure
+        self.misuse = misuse if misuse is not None else MisuseReporter(strict)
         self.optimizer = optimizer
         self.strict = strict
         self.check_isolation = check_isolation
@@ -121,7 +135,27 @@ class Runner:
         Diagnostics that declare ``reads_only`` (they only read tensors the step already holds, draw no
         random numbers and switch no modes) skip the fork; the contract suite verifies the claim with
         ``check_isolation``.
+
+        In the compute phase, diagnostics that read ``.grad`` on a step without gradients are not run:
+        they get the status ``skipped`` and the first a ``no_grads`` misuse event
+        (:mod:`~diagnostics.tracking.misuse`).
         """
+        skipped: dict[str, Result] = {}
+        if method == "compute":
+            for d in diags:
+                self.misuse.ran(d.name)
+            lacking = missing_grads(diags, ctx)
+            if lacking:
+                skipped = dict(zip([d.name for d in lacking], self.misuse.skipped_for_grads(lacking, ctx.step)))
+        if not skipped:
+            return self._run_isolated(diags, method, ctx)
+        ran = iter(self._run_isolated([d for d in diags if d.name not in skipped], method, ctx))
+        return [skipped[d.name] if d.name in skipped else next(ran) for d in diags]
+
+    def _run_isolated(self, diags: Sequence[Diagnostic], method: str, ctx: StepContext) -> list[Result]:
+        """:meth:`run_phase` after the gradient check: ``method`` of each of ``diags``, isolated."""
+        if not diags:
+            return []
         model, modules = self.structure.model, self.structure.modules
         full = self.check_isolation or not all(map(_reads_only, diags))
         out = []
@@ -134,7 +168,9 @@ class Runner:
         return out
 
     def run(self, d: Diagnostic, fn: Callable[[StepContext], Any], ctx: StepContext) -> Result:
-        """Run one diagnostic phase timed; failures become a failed Status and an ``estimator_failed`` event."""
+        """Run one diagnostic phase timed; failures become a failed Status and an ``estimator_failed`` event,
+        the status ``nothing_measured`` a ``misuse`` event (reported once: see
+        :class:`~diagnostics.tracking.misuse.MisuseReporter`)."""
         t0 = time.perf_counter()
         # Under torch.distributed a diagnostic that may issue collectives ends with a meeting of all ranks
         # (skipped after RemoteFailure: that abandoned collective was the meeting).
@@ -185,4 +221,10 @@ class Runner:
                     data={"diagnostic": d.name, "reason": reason},
                 )
             ]
+        elif status == "nothing_measured":
+            events = events + [misuse_event(
+                "nothing_measured", d.name, f"{d.name} found nothing to measure at step {ctx.step}: "
+                f"{reason or 'no reason given'}", reason=reason)]
+        # Misuse events are stored and warned about once per cause and diagnostic (raised when strict).
+        events = self.misuse.filter(events)
         return records, events, Status(d.name, status, reason, seconds, nmv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..charts import ChartSink
+from ..charts import ChartSink, Rule
 from ..figures import run_color
 from ..views import ReportView
 from .base import STORY_ALERTS, Panel, esc, fmt, folded, grid, overlay_chart, runs_with, table_html
@@ -72,8 +72,23 @@ NORMS = Panel(
 )
 
 
+def _overhead_chart(view: ReportView, sink: ChartSink) -> str:
+    """The amortised overhead of each run with a budget, and a rule at each budget."""
+    if not view.has("monitor_overhead"):
+        return ""
+    rules = []
+    for i, run in runs_with(view, "monitor_overhead"):
+        budget = run.meta.get("budget")
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            label = f"budget {budget:g}" + (f": {run.name}" if len(view.runs) > 1 else "")
+            rules.append(Rule(float(budget), label, color=run_color(i), run=i))
+    chart = overlay_chart(view, "monitor_overhead", "monitor time / training time",
+                          title="amortised overhead (last 200 steps)", rules=rules, group="cost", cols=1)
+    return sink.chart(chart)
+
+
 def _draw_cost(view: ReportView, sink: ChartSink) -> str:
-    out = []
+    out = [_overhead_chart(view, sink)]
     rows_plot = runs_with(view, "monitor_seconds")
     if rows_plot:
         # total seconds per diagnostic and run: a table with a bar in each cell
@@ -130,8 +145,10 @@ def _draw_cost(view: ReportView, sink: ChartSink) -> str:
 COST = Panel(
     id="cost",
     title="Cost of monitoring",
-    metrics=("monitor_seconds",),
-    about=("Wall-clock seconds each diagnostic added to training, and how each estimator fared: ok, not "
+    metrics=("monitor_seconds", "monitor_overhead"),
+    about=("The amortised overhead of monitoring (its seconds over the training seconds of the last 200 steps) "
+           "against the run's overhead budget, when it has one; wall-clock seconds each diagnostic added to "
+           "training, and how each estimator fared: ok, not "
            "converged (numbers kept but flagged) or failed (no numbers stored; the reason is given). "
            "Curvature estimates are counted in Hessian-vector products (matvecs), each costing about two "
            "gradient evaluations."),

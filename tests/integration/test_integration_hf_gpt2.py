@@ -39,9 +39,11 @@ def batches(batch_size=4, num_batches=2, seed=0):
 
 def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
+    # No dropout: with it, the strict Monitor raises MisuseError on sharpness comparing eval-mode curvature
+    # with the threshold of the train-mode loss (tests/tracking/test_misuse.py covers that case).
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=SEQ, n_embd=EMBD, n_layer=LAYERS, n_head=2, bos_token_id=0,
-        eos_token_id=0, attn_implementation="sdpa",
+        eos_token_id=0, attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(config)
 

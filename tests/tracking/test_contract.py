@@ -1,7 +1,8 @@
 """Contract suite run over every registered diagnostic (new registrations are covered automatically).
 
-For each diagnostic, on a tiny CPU model with dropout active: records are finite and carry the declared
-metric names; they survive a store round trip; monitoring leaves training bit-identical (parameters,
+For each diagnostic, on a tiny CPU model with dropout active and an attention over four tokens (so that
+every diagnostic has something to measure, without a misuse report): records are finite and carry the
+declared metric names; they survive a store round trip; monitoring leaves training bit-identical (parameters,
 optimizer state, .grad, requires_grad, modes, global RNG); no hooks are left behind; and the numbers
 are the same when the diagnostic runs alone as inside the full preset.
 """
@@ -25,17 +26,28 @@ STEPS = 3
 NUM_CLASSES = 4
 
 
+class TinyAttention(nn.Module):
+    """Parameter-free self-attention over the 16 features read as 4 tokens of 4 (for attention_stats)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        t = h.unflatten(-1, (4, 4))
+        weights = torch.softmax(t @ t.transpose(-1, -2) / 2.0, dim=-1)
+        return (weights @ t).flatten(-2)
+
+
 class TinyNet(nn.Module):
-    """Linear 12-16 / ReLU / Dropout / Linear 16-4 in float64: small, but with dropout drawing random numbers."""
+    """Linear 12-16 / ReLU / attention / Dropout / Linear 16-4 in float64: small, but with dropout drawing
+    random numbers."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc1 = nn.Linear(12, 16)
+        self.attn = TinyAttention()
         self.drop = nn.Dropout(0.2)
         self.fc2 = nn.Linear(16, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+        return self.fc2(self.drop(self.attn(torch.relu(self.fc1(x)))))
 
 
 def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -65,9 +77,11 @@ def train(run_dir: Any = None, diagnostics: Any = None, check: bool = False, str
     model.train()
     mon = None
     if diagnostics is not None:
+        # Train-mode curvature: the model trains through dropout, and strict mode raises on the misuse of
+        # comparing eval-mode curvature with the stability threshold of the train-mode loss.
         mon = Monitor(
             model, loss_fn, run=run_dir, diagnostics=diagnostics, optimizer=opt, strict=strict,
-            num_classes=NUM_CLASSES, check_isolation=check,
+            num_classes=NUM_CLASSES, check_isolation=check, curvature_mode="train",
         )
     for step, batch in enumerate(batches):
         loss = loss_fn(model, batch)

@@ -1,0 +1,412 @@
+"""The overhead budget: run the expensive diagnostics as often as a share of the training time allows.
+
+``Monitor(..., budget=0.05)`` keeps the monitor's time at most 5% of the training time. The Monitor
+reports to a :class:`BudgetScheduler` when each of its calls starts and ends, the time its update phase
+takes between calls, and what each diagnostic cost at a step; the scheduler keeps exponential moving
+averages of
+
+* ``T``: training seconds per step (wall time between two calls of the Monitor, less the monitor's own
+  time in between, divided by the steps between them);
+* ``F``: the fixed overhead per step: everything the monitor spends that the budget does not schedule
+  (the every-step diagnostics, isolation, the commit);
+* ``c_d``: the cost of one run of each scheduled diagnostic ``d``.
+
+The rate left for the scheduled diagnostics, ``A = budget * T - F`` seconds per step, is split in equal
+shares ``a_d`` (a diagnostic that can run at every step on less than its share hands the rest back, and
+the rest is split again). With ``r = c_d / a_d``, ``d`` is due once the steps since its last run reach
+
+    I_d = 1                                  if r <= 1
+    I_d = ceil(r (L - 1) / (L - r))          otherwise, L = max(window, 2 r)
+
+the smallest gap for which ``ceil(n / I_d)`` runs in any ``n >= L`` consecutive steps cost at most
+``a_d * T * n``: runs at integer steps make a window hold one run more than ``n / I_d`` in the worst
+case, and the gap pays for it. So over any window of ``window`` (200) or more steps the amortised
+overhead, ``F`` plus the scheduled runs, stays within the budget, as long as no single run costs more
+than half its share of such a window (a costlier diagnostic gets the guarantee over ``2 r`` steps).
+
+Besides the rule, and not limited by the budget: each scheduled diagnostic's first run comes in the first
+steps (a short run shows every signal), the long probes (curvature, per-sample gradients, a default
+schedule of 100 steps or more) one per step in the order of the list so that no step stalls for all of
+them, the others at the first step; its second run comes at most ``second_after`` (100) steps later; a
+diagnostic built with an ``every`` other than its default runs at least that often. Two scheduled
+diagnostics that cannot run at every step never share a step when one can wait: of those due, the most
+overdue runs and the others follow on the next steps. A diagnostic whose ``after`` names a scheduled one
+runs with it (it reads what that one shares at the step), and its cost counts towards that one's.
+
+Every input to a decision is a measured time or a step number: no random numbers. Under torch.distributed
+rank 0's decision is broadcast (the ``sync`` callable), so every rank runs the same diagnostics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics.base import Diagnostic
+from diagnostics.store.records import Record
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "SECOND_AFTER",
+    "STATE_KEY",
+    "WINDOW",
+    "BudgetScheduler",
+    "explicit_names",
+    "resolve_budget",
+    "scheduled_names",
+    "timed_call",
+    "timed_work",
+]
+
+#: The budget of the ``standard`` preset: monitor time / training time.
+DEFAULT_BUDGET = 0.05
+#: Steps over which the amortised overhead is held within the budget.
+WINDOW = 200
+#: The second run of a scheduled diagnostic comes at most this many steps after its first.
+SECOND_AFTER = 100
+#: Key of the scheduler's state in ``Monitor.state_dict()`` (no diagnostic name has a dot).
+STATE_KEY = "monitor.budget"
+
+# Step times move slowly and are sampled at every step; a diagnostic's cost is sampled only when it runs.
+_STEP_SMOOTHING = 0.05
+_COST_SMOOTHING = 0.3
+_HEAVY = frozenset({"curvature", "per_sample_grads"})
+
+
+def resolve_budget(budget: Any, spec: Any) -> float | None:
+    """The budget a Monitor uses: ``budget`` itself, or for ``"auto"`` :data:`DEFAULT_BUDGET` when
+    ``spec`` (the Monitor's ``diagnostics``) is the ``standard`` preset and None (fixed schedules) otherwise.
+
+    Raises:
+        ConfigError: ``budget`` is neither "auto", None nor a number in (0, 1].
+    """
+    if isinstance(budget, str) and budget == "auto":
+        return DEFAULT_BUDGET if spec is None or (isinstance(spec, str) and spec == "standard") else None
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < float(budget) <= 1:
+        raise ConfigError(
+            f"budget must be a fraction of training time in (0, 1], None or 'auto'; got {budget!r}"
+        )
+    return float(budget)
+
+
+def explicit_names(diagnostics: Sequence[Diagnostic], every: int | Mapping[str, int] | None) -> set[str]:
+    """Names whose schedule the Monitor's ``every`` argument fixes: all for an int, the keys of a mapping."""
+    if every is None:
+        return set()
+    if isinstance(every, Mapping):
+        return set(every)
+    return {d.name for d in diagnostics}
+
+
+def scheduled_names(diagnostics: Sequence[Diagnostic], explicit: set[str]) -> list[str]:
+    """Names the budget schedules, in list order: every diagnostic that runs passes or decompositions of its
+    own (not ``reads_only``) and whose schedule ``every=`` does not fix. The others keep their schedules."""
+    return [d.name for d in diagnostics if not getattr(d, "reads_only", False) and d.name not in explicit]
+
+
+class BudgetScheduler:
+    """Decides at each step which scheduled diagnostics run, from measured times (see the module docstring).
+
+    Args:
+        budget: monitor time / training time, in (0, 1].
+        diagnostics: the Monitor's diagnostics (in run order).
+        explicit: names whose schedule ``every=`` fixes.
+        window: steps over which the amortised overhead is held within the budget.
+        second_after: the longest gap between a diagnostic's first and second runs.
+        sync: ``sync(names) -> names``: rank 0's decision on every rank (None: one process).
+        clock: seconds, monotonic (``time.perf_counter``; tests give a fake one).
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        diagnostics: Sequence[Diagnostic],
+        explicit: set[str] | frozenset[str] = frozenset(),
+        *,
+        window: int = WINDOW,
+        second_after: int = SECOND_AFTER,
+        sync: Callable[[list[str]], list[str]] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._clock = clock
+        self.budget = float(budget)
+        self.window = int(window)
+        self.second_after = int(second_after)
+        self._sync = sync
+        names = scheduled_names(diagnostics, set(explicit))
+        by_name = {d.name: d for d in diagnostics}
+        #: follower -> the scheduled diagnostic it runs with.
+        self.followers: dict[str, str] = {}
+        for n in names:
+            lead = next((a for a in getattr(by_name[n], "after", ()) or () if a in names and a != n), None)
+            if lead is not None:
+                self.followers[n] = lead
+        for n, lead in list(self.followers.items()):
+            while lead in self.followers:  # a chain of followers runs with its root
+                lead = self.followers[lead]
+            self.followers[n] = lead
+        self.scheduled: frozenset[str] = frozenset(names)
+        self.leaders: list[str] = [n for n in names if n not in self.followers]
+        # A diagnostic built with another ``every`` than its class's runs at least that often.
+        self.max_gap: dict[str, int] = {
+            n: by_name[n].every for n in self.leaders if by_name[n].every != type(by_name[n]).default_every
+        }
+        #: Scheduled diagnostics taken for long probes until measured: curvature, per-sample gradients, or
+        #: a default schedule of 100 steps or more. Their first runs come one per step.
+        self.heavy: frozenset[str] = frozenset(
+            n for n in self.leaders
+            if _HEAVY & by_name[n].requires or type(by_name[n]).default_every >= 100
+        )
+        self.step_seconds: float | None = None
+        self.fixed_seconds: float | None = None
+        self.cost: dict[str, float] = {}
+        self.last: dict[str, int] = {}
+        self.runs: dict[str, int] = {}
+        self._promised: dict[str, int] = {}
+        # Timing of the Monitor's calls; an entry is (step, steps since the previous call, training seconds
+        # before the call, monitor seconds of the call and of its update phase).
+        self._history: deque[tuple[int, int, float, float]] = deque(maxlen=self.window)
+        self._in_call = False
+        self._enter: float | None = None  # when the current (or last) call began
+        self._step: int | None = None  # the step the current call decided, None before it decides
+        # The last deciding call: (step, training seconds before it, steps since the call before it).
+        self._prev: tuple[int, float, int] | None = None
+        self._prev_exit: float | None = None
+        self._prev_monitor = 0.0  # its monitor seconds, growing with its update phase between calls
+        self._prev_between = 0.0  # of which between calls
+        self._prev_scheduled = 0.0  # of which the scheduled diagnostics
+
+    # --- timing -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """Time one call of ``Monitor.step`` (wrap all of it). Cost: two clock reads."""
+        self._in_call = True
+        self._enter = self._clock()
+        self._step = None
+        try:
+            yield
+        finally:
+            now = self._clock()
+            self._in_call = False
+            if self._step is None:  # the call decided nothing: its time joins the last call's
+                self._prev_monitor += now - self._enter
+                self._prev_between += now - self._enter
+            else:
+                self._prev_monitor += now - self._enter
+                self._prev_exit = now
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[None]:
+        """Time monitor work done between calls (the update phase, in the optimizer's hook)."""
+        if self._in_call:
+            yield
+            return
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            spent = self._clock() - t0
+            self._prev_monitor += spent
+            self._prev_between += spent
+
+    def observe_costs(self, seconds: Mapping[str, float]) -> None:
+        """Take the seconds of the diagnostics that ran at the last decided step (both phases).
+
+        Updates each scheduled diagnostic's cost average; the others count as fixed overhead.
+        """
+        for name, s in seconds.items():
+            if name not in self.scheduled or not math.isfinite(s):
+                continue
+            self._prev_scheduled += s
+            self.cost[name] = _average(self.cost.get(name), float(s), _COST_SMOOTHING)
+
+    def _begin(self, step: int) -> None:
+        """Close the last call's books (its monitor time, the fixed part of it, the training time since)."""
+        now = self._enter if self._enter is not None else self._clock()
+        delta, train = 1, 0.0
+        if self._prev is not None and self._prev_exit is not None:
+            prev_step, prev_train, prev_delta = self._prev
+            self._history.append((prev_step, prev_delta, prev_train, self._prev_monitor))
+            fixed = max(0.0, self._prev_monitor - self._prev_scheduled) / prev_delta
+            self.fixed_seconds = _average(self.fixed_seconds, fixed, _STEP_SMOOTHING)
+            delta = max(1, step - prev_step)
+            # Monitor work between the calls (the update phase) is not training.
+            train = max(0.0, now - self._prev_exit - self._prev_between)
+            self.step_seconds = _average(self.step_seconds, train / delta, _STEP_SMOOTHING)
+        self._prev = (step, train, delta)
+        self._prev_exit = None
+        self._prev_monitor = self._prev_between = self._prev_scheduled = 0.0
+        self._step = step
+
+    def overhead(self) -> float | None:
+        """Monitor time / training time over the last ``window`` steps, this call so far included; None
+        before any training time was measured. Cost: one pass over at most ``window`` entries."""
+        monitor = train = 0.0
+        steps = 0
+        if self._in_call and self._enter is not None:
+            monitor += self._clock() - self._enter
+        if self._step is not None:
+            monitor += self._prev_monitor  # this call's update phase, when committing from the hook
+        if self._prev is not None:
+            train += self._prev[1]
+            steps += self._prev[2]
+        for _, delta, t, m in reversed(self._history):
+            if steps >= self.window:
+                break
+            monitor, train, steps = monitor + m, train + t, steps + delta
+        return monitor / train if train > 0 else None
+
+    def account(self, statuses: Mapping[str, Any]) -> list[Record]:
+        """Take the costs of a step's diagnostics (``{name: Status}``) and return the step's
+        ``monitor_overhead`` record (none before any training time was measured)."""
+        self.observe_costs({n: s.seconds for n, s in statuses.items()})
+        ratio = self.overhead()
+        return [] if ratio is None else [Record("monitor_overhead", ratio)]
+
+    # --- decisions --------------------------------------------------------------------------------------
+    def intervals(self) -> dict[str, float]:
+        """The current gap ``I_d`` (steps) of each leading scheduled diagnostic; inf when the budget leaves it
+        nothing or it has not been measured yet. Cost: O(number of scheduled diagnostics squared)."""
+        if self.step_seconds is None:
+            return {n: math.inf for n in self.leaders}
+        rate = max(0.0, self.budget * self.step_seconds - (self.fixed_seconds or 0.0))
+        cost = {n: self._lead_cost(n) for n in self.leaders}
+        share: dict[str, float] = {}
+        open_ = list(self.leaders)
+        left = rate
+        while open_:
+            each = left / len(open_)
+            capped = [n for n in open_ if cost[n] is not None and cost[n] <= each]
+            if not capped:
+                break
+            for n in capped:  # runs at every step on less than its share: the rest goes to the others
+                share[n] = cost[n]
+                left -= cost[n]
+                open_.remove(n)
+        for n in open_:
+            share[n] = left / len(open_)
+        out: dict[str, float] = {}
+        for n in self.leaders:
+            c = cost[n]
+            if c is None or share[n] <= 0:
+                out[n] = math.inf
+                continue
+            r = c / share[n]
+            if r <= 1:
+                out[n] = 1.0
+                continue
+            span = max(self.window, 2 * r)
+            out[n] = float(math.ceil(r * (span - 1) / (span - r)))
+        return out
+
+    def _lead_cost(self, name: str) -> float | None:
+        c = self.cost.get(name)
+        if c is None:
+            return None
+        return c + sum(self.cost.get(f, 0.0) for f, lead in self.followers.items() if lead == name)
+
+    def _decide(self, step: int) -> list[str]:
+        gaps = self.intervals()
+        every_step: list[str] = []
+        waiting: list[tuple[int, float, int, str]] = []  # (class, -overdue, position, name), smallest first
+        for i, n in enumerate(self.leaders):
+            if self._promised.get(n) == step:
+                every_step.append(n)
+                continue
+            last = self.last.get(n)
+            if last is None or step < last:  # not run yet (or the steps count again from below)
+                # Before a first measurement only the kind of work tells a long probe from a short one.
+                if n in self.heavy:
+                    waiting.append((0, 0.0, i, n))
+                else:
+                    every_step.append(n)
+                continue
+            gap = step - last
+            if gap == 0:
+                continue
+            if gaps[n] == 1.0:
+                every_step.append(n)
+            elif self.runs.get(n, 0) < 2 and gap >= self.second_after:
+                waiting.append((1, -gap, i, n))
+            elif n in self.max_gap and gap >= self.max_gap[n]:
+                waiting.append((1, -gap, i, n))
+            elif gap >= gaps[n]:
+                waiting.append((2, -gap / gaps[n], i, n))
+        chosen = every_step + ([min(waiting)[3]] if waiting else [])
+        return [n for n in self.leaders if n in chosen]
+
+    def due(self, step: int, diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
+        """The diagnostics to run at ``step``: the scheduled ones the rule picks (rank 0's pick under
+        torch.distributed), their followers, and the others on their own schedules.
+
+        Call once per ``Monitor.step``, inside :meth:`call`. Cost: :meth:`intervals` plus, under
+        torch.distributed, one broadcast.
+        """
+        self._begin(step)
+        names = self._decide(step)
+        if self._sync is not None:
+            names = list(self._sync(names))
+        self._promised = {}
+        chosen = set(names) | {f for f, lead in self.followers.items() if lead in names}
+        for n in chosen:
+            self.last[n] = step
+            self.runs[n] = self.runs.get(n, 0) + 1
+        return [d for d in diagnostics if (d.name in chosen if d.name in self.scheduled else d.is_due(step))]
+
+    def due_next(self, d: Diagnostic, step: int) -> bool:
+        """Whether ``d`` will be due at ``step + 1``; True binds the next decision (hooks may be installed
+        for that step on the strength of it). Scheduled diagnostics are promised only when they run at every
+        step, and never under torch.distributed, where rank 0 decides: hooks held on a rank that rank 0 then
+        overrules would leave a measurement to a later step. Cost: :meth:`intervals`."""
+        if d.name not in self.scheduled:
+            return d.every == 1 and d.is_due(step + 1)
+        if self._sync is not None or d.name in self.followers or d.name not in self.last:
+            return False
+        if self.intervals()[d.name] != 1.0:
+            return False
+        self._promised[d.name] = step + 1
+        return True
+
+    # --- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the schedule (JSON-serialisable). Cost: small dict copies."""
+        return {
+            "budget": self.budget,
+            "step_seconds": self.step_seconds,
+            "fixed_seconds": self.fixed_seconds,
+            "cost": dict(self.cost),
+            "last": dict(self.last),
+            "runs": dict(self.runs),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue from :meth:`state_dict` (entries of diagnostics no longer scheduled are dropped)."""
+        if not state:
+            return
+        for key in ("step_seconds", "fixed_seconds"):
+            value = state.get(key)
+            setattr(self, key, None if value is None else float(value))
+        self.cost = {n: float(v) for n, v in (state.get("cost") or {}).items() if n in self.scheduled}
+        self.last = {n: int(v) for n, v in (state.get("last") or {}).items() if n in self.scheduled}
+        self.runs = {n: int(v) for n, v in (state.get("runs") or {}).items() if n in self.scheduled}
+
+
+def _average(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else old + weight * (new - old)
+
+
+def timed_call(scheduler: BudgetScheduler | None) -> contextlib.AbstractContextManager[None]:
+    """:meth:`BudgetScheduler.call`, or nothing without a budget."""
+    return scheduler.call() if scheduler is not None else contextlib.nullcontext()
+
+
+def timed_work(scheduler: BudgetScheduler | None) -> contextlib.AbstractContextManager[None]:
+    """:meth:`BudgetScheduler.work`, or nothing without a budget."""
+    return scheduler.work() if scheduler is not None else contextlib.nullcontext()

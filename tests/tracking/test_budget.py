@@ -1,0 +1,352 @@
+"""The overhead budget: the scheduler on fake clocks, then the Monitor with it on a tiny model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+from diagnostics.errors import ConfigError
+from diagnostics.metrics import Diagnostic, get_diagnostic, resolve_diagnostics
+from diagnostics.store import open_run
+from diagnostics.store.records import Record, Status
+from diagnostics.tracking import Monitor
+from diagnostics.tracking.budget import (
+    DEFAULT_BUDGET,
+    STATE_KEY,
+    BudgetScheduler,
+    explicit_names,
+    resolve_budget,
+)
+
+# What one run of each scheduled diagnostic of the standard preset costs in the simulations (seconds).
+COSTS = {
+    "gsnr": 0.004, "hessian_top": 0.05, "sharpness": 0.02, "activation_rank": 0.001, "grad_rank": 0.001,
+    "weight_rank": 0.0008, "spectral_alignment": 0.0003, "output_logits": 0.0005, "attention_stats": 0.0004,
+}
+SIGNALS = ("sharpness", "hessian_top", "gsnr", "weight_rank", "grad_rank", "activation_rank", "spectral_alignment")
+
+
+class Clock:
+    """A fake ``time.perf_counter`` the simulations move by hand."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def simulate(
+    diags: list[Diagnostic],
+    costs: dict[str, float],
+    *,
+    steps: int,
+    train: float = 0.010,
+    fixed: float = 0.0002,
+    budget: float = 0.05,
+    explicit: set[str] | None = None,
+    scheduler: BudgetScheduler | None = None,
+    start: int = 0,
+) -> tuple[BudgetScheduler, list[tuple[float, float, list[str]]]]:
+    """Train ``steps`` fake steps: ``(scheduler, [(training s, monitor s, diagnostics run)] per step)``."""
+    clock = Clock() if scheduler is None else scheduler._clock
+    sched = scheduler or BudgetScheduler(budget, diags, explicit or set(), clock=clock)
+    log = []
+    for step in range(start, start + steps):
+        clock.t += train
+        with sched.call():
+            due = sched.due(step, diags)
+            spent = fixed + sum(costs.get(d.name, 0.0) for d in due)
+            clock.t += spent
+            sched.account({d.name: Status(d.name, "ok", None, costs.get(d.name, 0.0)) for d in due})
+        log.append((train, spent, [d.name for d in due]))
+    return sched, log
+
+
+def runs_of(log: list[tuple[float, float, list[str]]], name: str) -> list[int]:
+    return [i for i, (_, _, names) in enumerate(log) if name in names]
+
+
+def worst_window(log: list[tuple[float, float, list[str]]], start: int, length: int) -> float:
+    ratios = []
+    for a in range(start, len(log) - length + 1):
+        window = log[a : a + length]
+        ratios.append(sum(m for _, m, _ in window) / sum(t for t, _, _ in window))
+    return max(ratios)
+
+
+# --- the rule, on fake timings ------------------------------------------------------------------------
+
+
+def test_amortised_overhead_stays_within_the_budget_over_windows_of_200_steps() -> None:
+    diags = resolve_diagnostics("standard")
+    sched, log = simulate(diags, COSTS, steps=3000)
+    # From step 300 the first and second runs (outside the budget) are behind every window.
+    for length in (200, 201, 333, 1000):
+        assert worst_window(log, 300, length) <= DEFAULT_BUDGET * (1 + 1e-9), length
+    # and the budget is used, not left idle: the cheaper probes run far more often than their defaults
+    assert worst_window(log, 300, 200) > 0.6 * DEFAULT_BUDGET
+    assert len(runs_of(log, "weight_rank")) > 3000 / 50
+    assert sched.intervals()["weight_rank"] < 50
+
+
+def test_the_budget_counts_the_every_step_cost_first() -> None:
+    diags = resolve_diagnostics("standard")
+    _, light = simulate(diags, COSTS, steps=1200, fixed=0.0001)
+    _, heavy = simulate(diags, COSTS, steps=1200, fixed=0.0004)
+    assert len(runs_of(heavy, "weight_rank")) < len(runs_of(light, "weight_rank"))
+    assert worst_window(heavy, 300, 200) <= DEFAULT_BUDGET * (1 + 1e-9)
+
+
+def test_first_runs_come_early_and_long_probes_one_per_step() -> None:
+    diags = resolve_diagnostics("standard")
+    sched, log = simulate(diags, COSTS, steps=20)
+    first = {n: runs_of(log, n)[0] for n in sched.leaders}
+    assert max(first.values()) < 5, first
+    heavy_first = [first[n] for n in sched.heavy]
+    assert {"gsnr", "hessian_top", "sharpness"} <= sched.heavy
+    assert len(set(heavy_first)) == len(heavy_first), first  # no step runs two long probes first
+    # and the cheap ones do not wait for the long ones
+    assert all(first[n] == 0 for n in sched.leaders if n not in sched.heavy)
+
+
+def test_expensive_probes_never_share_a_step_once_measured() -> None:
+    diags = resolve_diagnostics("standard")
+    sched, log = simulate(diags, COSTS, steps=2000)
+    gaps = sched.intervals()
+    expensive = {n for n, g in gaps.items() if g > 1}
+    assert len(expensive) >= 5
+    for step, (_, _, names) in enumerate(log):
+        if step >= 10:
+            assert len(expensive & set(names)) <= 1, (step, names)
+
+
+def test_two_points_in_300_steps_when_the_every_step_cost_takes_all_the_budget() -> None:
+    diags = resolve_diagnostics("standard")
+    # the fixed part alone is 10% of training: nothing is left for the probes
+    sched, log = simulate(diags, COSTS, steps=300, fixed=0.001)
+    assert all(math.isinf(g) for g in sched.intervals().values())
+    for name in SIGNALS:
+        assert len(runs_of(log, name)) >= 2, name
+    # after the second run the budget rules: no third run however long the run
+    sched, log = simulate(diags, COSTS, steps=2000, fixed=0.001, scheduler=sched, start=300)
+    assert all(len(runs_of(log, n)) == 0 for n in SIGNALS)
+
+
+def test_explicit_every_wins_over_the_budget() -> None:
+    diags = resolve_diagnostics("standard")
+    every = {"gsnr": 7, "hessian_top": 400}
+    for d in diags:
+        if d.name in every:
+            d.every = every[d.name]
+    sched, log = simulate(diags, COSTS, steps=1000, explicit=explicit_names(diags, every))
+    assert "gsnr" not in sched.scheduled and "hessian_top" not in sched.scheduled
+    assert runs_of(log, "gsnr") == list(range(0, 1000, 7))
+    assert runs_of(log, "hessian_top") == [0, 400, 800]
+    assert explicit_names(diags, 3) == {d.name for d in diags}
+    assert explicit_names(diags, None) == set()
+
+
+def test_an_every_given_to_the_diagnostic_is_the_longest_gap() -> None:
+    diags = [get_diagnostic("hessian_top", every=150), get_diagnostic("loss")]
+    sched, log = simulate(diags, COSTS, steps=1000, fixed=0.001)  # no budget left: only the floor
+    runs = runs_of(log, "hessian_top")
+    assert runs[0] == 0 and len(runs) >= 1000 // 150
+    assert max(b - a for a, b in zip(runs, runs[1:])) <= 150
+
+
+def test_the_schedule_depends_only_on_the_measured_times() -> None:
+    diags = resolve_diagnostics("standard")
+    _, a = simulate(diags, COSTS, steps=800)
+    _, b = simulate(resolve_diagnostics("standard"), COSTS, steps=800)
+    assert [names for _, _, names in a] == [names for _, _, names in b]
+    _, c = simulate(diags, {**COSTS, "gsnr": 0.002}, steps=800)
+    assert len(runs_of(c, "gsnr")) > len(runs_of(a, "gsnr"))
+
+
+class Leader(Diagnostic):
+    name = "leader"
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    def compute(self, ctx: Any) -> list[Record]:
+        return []
+
+
+class Follower(Leader):
+    name = "follower"
+    after: ClassVar[tuple[str, ...]] = ("leader",)
+
+
+def test_a_reader_of_a_scheduled_diagnostic_runs_with_it() -> None:
+    diags = [Leader(), Follower()]
+    sched, log = simulate(diags, {"leader": 0.02, "follower": 0.01}, steps=1500)
+    assert sched.leaders == ["leader"] and sched.followers == {"follower": "leader"}
+    assert runs_of(log, "follower") == runs_of(log, "leader") and len(runs_of(log, "leader")) > 3
+    # the follower's cost counts towards the leader's gap
+    assert worst_window(log, 300, 200) <= DEFAULT_BUDGET * (1 + 1e-9)
+
+
+def test_rank_zero_decides_for_every_rank() -> None:
+    diags = resolve_diagnostics("standard")
+    rank0, log0 = simulate(diags, COSTS, steps=400)
+    decisions = iter([[n for n in names if n in rank0.scheduled] for _, _, names in log0])
+    clock = Clock()
+    # another rank measures other times but runs what rank 0 decided
+    other = BudgetScheduler(DEFAULT_BUDGET, diags, clock=clock, sync=lambda _: next(decisions))
+    _, log1 = simulate(diags, {k: 3 * v for k, v in COSTS.items()}, steps=400, scheduler=other)
+    assert [n for _, _, n in log1] == [n for _, _, n in log0]
+    assert other.runs == rank0.runs and other.last == rank0.last
+
+
+def test_scheduler_state_round_trip_continues_the_schedule() -> None:
+    diags = resolve_diagnostics("standard")
+    sched, _ = simulate(diags, COSTS, steps=500)
+    again = BudgetScheduler(DEFAULT_BUDGET, resolve_diagnostics("standard"), clock=Clock())
+    again.load_state_dict(sched.state_dict())
+    assert again.state_dict() == sched.state_dict()
+    assert again.intervals() == sched.intervals()
+    # resumed: no first runs again, and the next runs come when the saved schedule says
+    _, log = simulate(diags, COSTS, steps=40, scheduler=again, start=500)
+    assert runs_of(log, "hessian_top") == [] and runs_of(log, "sharpness") == []
+
+
+def test_steps_counting_again_from_zero_start_the_schedule_again() -> None:
+    diags = resolve_diagnostics("standard")
+    sched, _ = simulate(diags, COSTS, steps=300)
+    _, log = simulate(diags, COSTS, steps=10, scheduler=sched, start=0)
+    first = {n: runs_of(log, n) for n in sched.leaders}
+    assert all(first[n][:1] == [0] for n in sched.leaders if n not in sched.heavy), first
+    assert sorted(first[n][0] for n in sched.heavy) == [0, 1, 2]
+
+
+def test_resolve_budget() -> None:
+    assert resolve_budget("auto", "standard") == DEFAULT_BUDGET == 0.05
+    assert resolve_budget("auto", None) == DEFAULT_BUDGET
+    assert resolve_budget("auto", "cheap") is None
+    assert resolve_budget("auto", ["gsnr", "loss"]) is None
+    assert resolve_budget(None, "standard") is None
+    assert resolve_budget(0.1, "cheap") == 0.1
+    for bad in (0, -0.1, 1.5, "lots", True):
+        with pytest.raises(ConfigError, match="budget"):
+            resolve_budget(bad, "standard")
+
+
+# --- the Monitor with a budget ------------------------------------------------------------------------
+
+
+def _train(monitor: Monitor | None, model: nn.Module, steps: int, start: int = 0, batch_size: int = 16) -> None:
+    gen = torch.Generator().manual_seed(start)
+    opt = monitor.optimizer if monitor is not None else torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(start, start + steps):
+        x = torch.randn(batch_size, 64, generator=gen)
+        y = torch.randint(0, 10, (batch_size,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if monitor is not None:
+            monitor.step(step, (x, y), loss)
+        opt.step()
+
+
+def _mlp() -> nn.Module:
+    from diagnostics.zoo import get_model
+
+    return get_model("mlp-digits", seed=0)
+
+
+def test_standard_preset_on_a_tiny_model_stores_two_points_of_every_signal(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, run=tmp_path / "run", diagnostics="standard", optimizer=opt,
+                 probe_data=[(torch.randn(8, 64), torch.randint(0, 10, (8,)))]) as monitor:
+        _train(monitor, model, 300)
+    with open_run(tmp_path / "run") as run:
+        status = run.status()
+        meta = run.meta
+        overhead = run.series("monitor_overhead")
+    calls = status.groupby("diagnostic").size()
+    for name in SIGNALS:
+        assert calls.get(name, 0) >= 2, (name, calls.to_dict())
+    assert calls["loss"] == 300 and calls["grad_norm"] == 300  # the every-step diagnostics keep every step
+    assert meta["budget"] == DEFAULT_BUDGET
+    assert len(overhead) >= 290 and (overhead.value > 0).all()
+    assert STATE_KEY in meta["diagnostic_state"]
+
+
+def _probe_list() -> list[Any]:
+    return ["weight_rank", "grad_rank", "spectral_alignment", "loss"]
+
+
+def test_a_budget_on_a_list_runs_each_probe_at_least_twice_early(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, run=tmp_path / "run", diagnostics=_probe_list(), optimizer=opt, budget=0.05) as monitor:
+        _train(monitor, model, 120)
+        sched = monitor._budget
+    assert sched is not None and sched.leaders == ["weight_rank", "grad_rank", "spectral_alignment"]
+    with open_run(tmp_path / "run") as run:
+        steps = {n: sorted(g.step) for n, g in run.status().groupby("diagnostic")}
+        assert run.meta["budget"] == 0.05
+    for name in sched.leaders:
+        assert len(steps[name]) >= 2 and steps[name][0] <= 2 and steps[name][1] <= 2 + 100, (name, steps[name])
+    assert steps["loss"] == list(range(120))
+
+
+def test_without_a_budget_the_schedules_are_fixed(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, run=tmp_path / "run", diagnostics=["weight_rank", "loss"], optimizer=opt,
+                 budget=None) as monitor:
+        _train(monitor, model, 120)
+        assert monitor._budget is None
+    with open_run(tmp_path / "run") as run:
+        assert sorted(run.status().query("diagnostic == 'weight_rank'").step) == [0, 50, 100]
+        assert "monitor_overhead" not in run.metrics()
+        assert run.meta["budget"] is None
+    # the standard preset's default budget goes with budget=None too
+    with Monitor(_mlp(), run=tmp_path / "std", diagnostics="standard", budget=None) as monitor:
+        assert monitor._budget is None and monitor.budget is None
+
+
+def test_a_budget_leaves_training_unchanged_and_no_hooks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain, watched = _mlp(), _mlp()
+    _train(None, plain, 60)
+    opt = torch.optim.SGD(watched.parameters(), lr=0.05)
+    rng_before = torch.random.get_rng_state()
+    with Monitor(watched, run=tmp_path / "run", diagnostics=_probe_list(), optimizer=opt, budget=0.5) as monitor:
+        _train(monitor, watched, 60)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), n
+    for m in watched.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert not opt._optimizer_step_post_hooks
+
+
+def test_a_resumed_run_continues_the_schedule(tmp_path: Path) -> None:
+    # A budget too small for any probe: after their two early runs the schedule runs them no more.
+    tiny = 1e-6
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, run=tmp_path / "run", diagnostics=_probe_list(), optimizer=opt, budget=tiny) as monitor:
+        _train(monitor, model, 150)
+        saved = monitor.state_dict()[STATE_KEY]
+    assert all(saved["runs"][n] == 2 for n in ("weight_rank", "grad_rank", "spectral_alignment")), saved
+    with Monitor(model, run=tmp_path / "run", diagnostics=_probe_list(), optimizer=opt, budget=tiny) as resumed:
+        assert resumed.resumed
+        assert resumed._budget.state_dict() == saved
+        _train(resumed, model, 3, start=150)
+    with Monitor(model, run=tmp_path / "fresh", diagnostics=_probe_list(), optimizer=opt, budget=tiny) as fresh:
+        _train(fresh, model, 3, start=150)
+    with open_run(tmp_path / "run") as run, open_run(tmp_path / "fresh") as other:
+        resumed_rows = run.status().query("step >= 150")
+        fresh_rows = other.status()
+    assert set(resumed_rows.diagnostic) == {"loss"}  # no probe ran again at once
+    assert {"weight_rank", "grad_rank", "spectral_alignment"} <= set(fresh_rows.diagnostic)
