@@ -293,20 +293,39 @@ class NoiseScaleEMA:
 
 
 def microbatch_gsnr(grads_list: Sequence[Mapping[str, Tensor]], eps: float = GSNR_EPS,
-                    corrected: bool = True) -> dict[str, Tensor]:
+                    corrected: bool = True, gaussian: bool = True) -> dict[str, Tensor]:
     """GSNR across micro-batch (or data-parallel rank) gradients: a *different* metric from :func:`gsnr`.
 
     :func:`gsnr` (``corrected=True``) or :func:`gsnr_raw` over the M micro-batch mean gradients ``G_m``.
     A mean over b independent samples has the per-sample mean and 1/b of the per-sample variance, so
     this estimates b x the per-sample GSNR; store it as ``gsnr_microbatch_*``, never in the same series as
-    ``gsnr_*``. The estimator's own bias is that of :func:`gsnr` with N = M: with few micro-batches
-    (M = 4: ``E[1/s^2]`` is 3 times ``1/sigma^2`` for Gaussian gradients) it is large.
+    ``gsnr_*``.
+
+    With few gradients the ratio itself is biased: for Gaussian gradients ``E[1 / s^2]`` is
+    ``(M - 1) / (M - 3)`` times ``1 / sigma^2`` (3 times at M = 4). Unlike single-sample gradients, a
+    micro-batch mean is close to Gaussian (a mean of b samples), so with ``gaussian=True`` (and
+    ``corrected``) the estimate is multiplied by ``(M - 3) / (M - 1)``, which removes that bias for
+    Gaussian gradients; it needs M >= 4 (and M >= 6 for the estimate to have a finite variance).
+
+    Raises:
+        DataError: fewer than 2 gradients, fewer than 4 with the Gaussian correction, or parameter names
+            that differ between micro-batches.
 
     Returns:
         ``{name: Tensor[...]}`` of float64 estimates. Cost: one stack and two passes.
+
+    >>> micro = [{"w": torch.tensor([x])} for x in (1.0, 2.0, 3.0, 6.0)]  # m = 3, s^2 = 14/3
+    >>> round(float(microbatch_gsnr(micro)["w"][0]), 6)  # (9 - 14/12) / (14/3) x (4 - 3) / (4 - 1)
+    0.559524
     """
     if len(grads_list) < 2:
         raise DataError(f"microbatch_gsnr needs at least 2 micro-batch gradients, got {len(grads_list)}")
+    use_factor = corrected and gaussian
+    if use_factor and len(grads_list) < 4:
+        raise DataError(
+            f"microbatch_gsnr's Gaussian correction (M - 3) / (M - 1) needs at least 4 micro-batch gradients, "
+            f"got {len(grads_list)}; use more micro-batches or pass gaussian=False"
+        )
     names = list(grads_list[0])
     for i, g in enumerate(grads_list):
         if list(g) != names:
@@ -314,4 +333,10 @@ def microbatch_gsnr(grads_list: Sequence[Mapping[str, Tensor]], eps: float = GSN
                 f"microbatch_gsnr: micro-batch {i} has parameters {list(g)[:4]}..., expected {names[:4]}..."
             )
     stacked = {k: torch.stack([g[k].detach() for g in grads_list]) for k in names}
-    return gsnr(stacked, eps=eps) if corrected else gsnr_raw(stacked, eps=eps)
+    if not corrected:
+        return gsnr_raw(stacked, eps=eps)
+    out = gsnr(stacked, eps=eps)
+    if use_factor:
+        m = len(grads_list)
+        out = {k: v * ((m - 3) / (m - 1)) for k, v in out.items()}
+    return out

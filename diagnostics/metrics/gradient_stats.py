@@ -107,8 +107,9 @@ class GSNRDiagnostic(Diagnostic):
 class MicrobatchGSNRDiagnostic(Diagnostic):
     """GSNR across micro-batch gradients: ``gsnr_microbatch_mean``, ``gsnr_microbatch_median``.
 
-    The bias-corrected estimator of ``gsnr`` over the M micro-batch gradients (N = M in its formula; with
-    few micro-batches its remaining ratio bias is large: about (M - 1)/(M - 3) for Gaussian gradients).
+    The bias-corrected estimator of ``gsnr`` over the M micro-batch gradients (N = M in its formula),
+    times (M - 3)/(M - 1), which removes the ratio's bias for Gaussian gradients (a micro-batch mean is
+    nearly Gaussian; without it the estimate would be 3 times too high at M = 4); M >= 4, default 8.
     The step's batch is split into ``num_microbatches`` equal parts whose gradients are taken with
     ``torch.autograd.grad`` (eval mode; ``.grad`` untouched). This estimates about (micro-batch size) ×
     the per-sample GSNR, so it is a different metric and never mixed with ``gsnr_*``.
@@ -122,16 +123,17 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
     default_every = 50
     metrics: ClassVar[tuple[str, ...]] = ("gsnr_microbatch_mean", "gsnr_microbatch_median")
 
-    def __init__(self, every: int | None = None, start: int = 0, num_microbatches: int = 4) -> None:
+    def __init__(self, every: int | None = None, start: int = 0, num_microbatches: int = 8) -> None:
         super().__init__(every, start)
-        if int(num_microbatches) < 2:
-            raise ConfigError(f"gsnr_microbatch: num_microbatches must be at least 2, got {num_microbatches}")
+        if int(num_microbatches) < 4:
+            raise ConfigError(f"gsnr_microbatch: num_microbatches must be at least 4 (the Gaussian ratio "
+                              f"correction (M - 3) / (M - 1) needs it), got {num_microbatches}")
         self.num_microbatches = int(num_microbatches)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_microbatches": self.num_microbatches, "mode": "eval",
                 "estimator": "microbatch",
-                "gsnr": "bias-corrected (m^2 - s^2/M) / s^2 over M micro-batches, unclipped"}
+                "gsnr": "bias-corrected (m^2 - s^2/M) / s^2 over M micro-batches, times (M - 3) / (M - 1), unclipped"}
 
     def compute(self, ctx: StepContext) -> Output:
         from diagnostics.gradients import gsnr_summary, microbatch_gsnr

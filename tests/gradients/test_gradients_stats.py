@@ -209,16 +209,21 @@ def test_microbatch_gsnr_is_gsnr_over_microbatch_means() -> None:
     micro = [{n: g[2 * m : 2 * m + 2].mean(0) for n, g in ps.items()} for m in range(4)]
     stacked = {n: torch.stack([mb[n] for mb in micro]) for n in ps}
     got, ref = microbatch_gsnr(micro), _loop_gsnr(stacked, corrected=True)
+    plain = microbatch_gsnr(micro, gaussian=False)
     raw, ref_raw = microbatch_gsnr(micro, corrected=False), _loop_gsnr(stacked, corrected=False)
     for n in ps:
-        np.testing.assert_allclose(got[n].numpy(), ref[n], rtol=1e-10, atol=1e-300)
+        np.testing.assert_allclose(got[n].numpy(), ref[n] * (4 - 3) / (4 - 1), rtol=1e-10, atol=1e-300)
+        np.testing.assert_allclose(plain[n].numpy(), ref[n], rtol=1e-10, atol=1e-300)
         np.testing.assert_allclose(raw[n].numpy(), ref_raw[n], rtol=1e-10, atol=1e-300)
     with pytest.raises(DataError, match="at least 2"):
-        microbatch_gsnr(micro[:1])
+        microbatch_gsnr(micro[:1], gaussian=False)
+    with pytest.raises(DataError, match="at least 4"):
+        microbatch_gsnr(micro[:3])
 
 
 def test_microbatch_gsnr_estimates_b_times_the_per_sample_gsnr() -> None:
-    """Gaussian samples, per-sample GSNR 0.05; micro-batches of b = 8, M = 64 of them: about 8 x 0.05."""
+    """Gaussian samples, per-sample GSNR 0.05; micro-batches of b = 8: about 8 x 0.05 with the Gaussian
+    correction at M = 64 and at M = 8 (averaged over many elements), (M-1)/(M-3) times that without."""
     gen = torch.Generator().manual_seed(5)
     b, m, elements, snr = 8, 64, 20_000, 0.05
     g = math.sqrt(snr) + torch.randn(m * b, elements, generator=gen, dtype=torch.float64)
@@ -226,4 +231,8 @@ def test_microbatch_gsnr_estimates_b_times_the_per_sample_gsnr() -> None:
     per_sample = float(gsnr({"w": g})["w"].mean())
     ratio = float(microbatch_gsnr(micro)["w"].mean()) / per_sample
     assert per_sample == pytest.approx(snr * 511 / 509 + 2 / (512 * 509), rel=0.05)
-    assert ratio / b == pytest.approx((m - 1) / (m - 3), rel=0.06)  # b x, times the ratio bias at N = M
+    assert ratio / b == pytest.approx(1.0, rel=0.06)
+    plain = float(microbatch_gsnr(micro, gaussian=False)["w"].mean()) / per_sample
+    assert plain / b == pytest.approx((m - 1) / (m - 3), rel=0.06)  # the ratio bias at N = M
+    few = [{"w": g[i * b : (i + 1) * b].mean(0)} for i in range(8)]
+    assert float(microbatch_gsnr(few)["w"].mean()) / per_sample / b == pytest.approx(1.0, rel=0.15)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
+from diagnostics.errors import ConfigError
 from diagnostics.metrics import get_diagnostic
 from diagnostics.metrics.base import Output
 from diagnostics.tracking import StepContext
@@ -117,10 +119,13 @@ def loop_grads_per_sample(model: nn.Module, batch: Any) -> dict[str, torch.Tenso
 def test_microbatch_gsnr_matches_loop() -> None:
     model, batch = setup(n=12)
     ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
-    rec = records(get_diagnostic("gsnr_microbatch", num_microbatches=3).compute(ctx))
+    rec = records(get_diagnostic("gsnr_microbatch", num_microbatches=4).compute(ctx))
     model.eval()
-    parts = [(batch[0][i * 4 : (i + 1) * 4], batch[1][i * 4 : (i + 1) * 4]) for i in range(3)]
-    check_summary(rec, "gsnr_microbatch", brute_gsnr(loop_grads(model, parts)))
+    parts = [(batch[0][i * 3 : (i + 1) * 3], batch[1][i * 3 : (i + 1) * 3]) for i in range(4)]
+    ref = {n: r * (4 - 3) / (4 - 1) for n, r in brute_gsnr(loop_grads(model, parts)).items()}
+    check_summary(rec, "gsnr_microbatch", ref)
+    with pytest.raises(ConfigError, match="at least 4"):
+        get_diagnostic("gsnr_microbatch", num_microbatches=3)
     assert not any(k[0].startswith("gsnr_mean") for k in rec)
 
 
