@@ -42,11 +42,27 @@ def _warning_text(run: RunView, boom: int | None) -> str:
     return "not monitored (no explosion detector)"
 
 
+def _latest_ratio(run: RunView) -> str:
+    """"; latest ratio R at step S" from the last finite sharpness ratio, or ""."""
+    for metric in ("sharpness_ratio", "adam_sharpness_ratio"):
+        c = run.curve(metric)
+        if c is None:
+            continue
+        s, v = c
+        ok = np.isfinite(v)
+        if ok.any():
+            i = np.flatnonzero(ok)[-1]
+            return f"; latest ratio {v[i]:.2g} at step {int(s[i])}"
+    return ""
+
+
 def _eos_text(run: RunView) -> str:
     ups = [e for e in run.events_of("edge_of_stability") if e.data.get("direction", "up") != "down"]
     if ups:
+        # A crossing early in training (Adam before its second moments settle) reads differently from one
+        # the run stays at: the latest ratio says which.
         more = f" ({len(ups)} crossings)" if len(ups) > 1 else ""
-        return f"crossed at step {ups[0].step}{more}"
+        return f"crossed at step {ups[0].step}{more}{_latest_ratio(run)}"
     for metric in ("sharpness_ratio", "adam_sharpness_ratio"):
         c = run.curve(metric)
         if c is None:
