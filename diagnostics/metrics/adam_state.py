@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from diagnostics.errors import ConfigError
@@ -160,7 +161,9 @@ def _quantiles(total: ParamStats) -> list[float]:
     sample = torch.cat(total.sample) if total.sample else torch.zeros(0)
     if sample.numel() == 0:
         return []
-    inner = torch.quantile(sample.double(), torch.tensor(QUANTILES[1:-1], dtype=torch.float64)).tolist()
+    # numpy selects by partition, O(n); torch.quantile sorts, about 10x slower at 10^5 coordinates. Both
+    # interpolate linearly between order statistics, so the values are the same.
+    inner = np.quantile(sample.double().numpy(), QUANTILES[1:-1]).tolist()
     return [total.v_min, *inner, total.v_max]
 
 
