@@ -26,6 +26,16 @@ lanczos.py in the same run, for before/after figures:
 
     git show <commit>:diagnostics/linalg/lanczos.py > /tmp/lanczos_before.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/curvature.py --model mlp1m --baseline-lanczos /tmp/lanczos_before.py
+
+`--model gpt2-small` is GPT-2 small (124M parameters, random init, 4 x 128 tokens of the stdlib text) on
+CPU: top-k Hessian eigenvalues with residuals, time, products and peak memory (max RSS), ours against
+hessian-eigenthings and curvlinops + eigsh, each method in its own process, optionally under an
+address-space limit; `--model gpt2-smoke` is a tiny configuration of the same path (seconds). Options and
+details in benchmarks/curvature_gpt2.py:
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/curvature.py --model gpt2-small --as-gib 22 --threads 2 \
+        --runs hvp,ours:1:1e-3,ours:5:1e-2,ours:10:1e-2,curvlinops:1:1e-3,eigenthings:1:20
+    .venv/bin/python benchmarks/curvature.py --model gpt2-smoke --results /tmp/smoke.jsonl
 """
 
 # ruff: noqa: B023  (closures are called within their own loop iteration)
@@ -39,6 +49,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse.linalg as sla
@@ -527,9 +538,18 @@ def run_large_p(name: str, baseline: str | None, repeats: int, tols: tuple[float
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if any(a.rsplit("=", 1)[-1].startswith("gpt2-") for a in argv):
+        # GPT-2 small (124M) on CPU against the peers: its own driver, one process per method.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import curvature_gpt2
+
+        curvature_gpt2.main(argv)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", "--model", dest="models", default="mlp,cnn",
-                        help="comma-separated: mlp, cnn (against peers), mlp1m (Lanczos bookkeeping at P = 1.1M)")
+                        help="comma-separated: mlp, cnn (against peers), mlp1m (Lanczos bookkeeping at P = 1.1M); "
+                             "gpt2-small / gpt2-smoke: see benchmarks/curvature_gpt2.py (its own options)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baseline-lanczos", default=None,
                         help="mlp1m: also time the lanczos of this copy of lanczos.py (e.g. from git show)")
