@@ -19,8 +19,8 @@ from .base import (
 from .layerviews import layer_block
 
 _ALERTS = ("explosion_warning", "loss_explosion", "nonfinite")
-ATTENTION = (("attn_logit_max", "largest attention logit"), ("attn_entropy_min", "lowest head entropy (nats)"),
-             ("attn_entropy_mean", "mean attention entropy (nats)"))
+ATTENTION = (("attn_logit_max", "largest attention logit"), ("attn_entropy_min", "min entropy (nats)"),
+             ("attn_entropy_mean", "mean entropy (nats)"))
 LOGITS = (("output_logit_max", "largest output logit"), ("output_log_z_mean", "mean log Z"),
           ("output_log_z_max", "largest log Z"))
 ADAM = (("adam_update_rms", "RMS of m̂ / (√v̂ + ε)"), ("adam_update_grad_cosine", "cos(update, gradient)"),
