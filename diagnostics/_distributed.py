@@ -29,6 +29,7 @@ __all__ = [
     "end_phase",
     "guarded_all_reduce",
     "is_distributed",
+    "is_dtensor",
     "rank",
     "rank_run_dir",
     "sharded_norms",
@@ -151,8 +152,13 @@ def all_ranks_any(flag: bool) -> bool:
     return float(t) > 0
 
 
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters), without importing it.
+
+    >>> is_dtensor(torch.zeros(2))
+    False
+    """
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local") and hasattr(t, "full_tensor")
 
 
 def sharded_norms(tensors: list[torch.Tensor]) -> list[float] | None:
@@ -163,7 +169,7 @@ def sharded_norms(tensors: list[torch.Tensor]) -> list[float] | None:
     ones count once. Collective when a DTensor is sharded: every rank must call it with the same list.
     Cost: one fused norm over the local shards and one all-reduce of ``len(tensors)`` float64 numbers.
     """
-    if not any(_is_dtensor(t) for t in tensors):
+    if not any(is_dtensor(t) for t in tensors):
         return None
     from torch.distributed.tensor import Replicate, Shard
 
@@ -173,15 +179,15 @@ def sharded_norms(tensors: list[torch.Tensor]) -> list[float] | None:
         exact: dict[int, float] = {}
         group = None
         for i, t in enumerate(tensors):
-            if _is_dtensor(t) and t.device_mesh.ndim == 1 and isinstance(t.placements[0], Shard):
+            if is_dtensor(t) and t.device_mesh.ndim == 1 and isinstance(t.placements[0], Shard):
                 squares[i] = float(torch.linalg.vector_norm(t.to_local().detach().double())) ** 2
                 sharded.add(i)
                 group = t.device_mesh.get_group()
-            elif _is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements):
+            elif is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements):
                 # Other layouts (several mesh dimensions, partial sums): DTensor reduces them itself.
                 exact[i] = float(torch.linalg.vector_norm(t.detach()).full_tensor())
             else:  # replicated or plain: the same on every rank
-                local = t.to_local() if _is_dtensor(t) else t
+                local = t.to_local() if is_dtensor(t) else t
                 squares[i] = float(torch.linalg.vector_norm(local.detach().double())) ** 2
         if group is not None:
             n = torch.distributed.get_world_size(group)

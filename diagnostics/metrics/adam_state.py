@@ -47,7 +47,8 @@ from diagnostics.store.records import Record
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
 
-__all__ = ["AdamState", "ParamStats", "QUANTILES", "adam_statistics", "adam_optimizer"]
+__all__ = ["AdamState", "ParamStats", "QUANTILES", "adam_optimizer", "adam_statistics", "coming_gradient",
+           "coming_second_moment", "decoupled_decay"]
 
 #: Quantile levels of ``adam_sqrt_v_quantile`` (index 0..6).
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -99,6 +100,47 @@ def _scalar(x: Any) -> float:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
+def decoupled_decay(opt: Any, group: Mapping[str, Any]) -> bool:
+    """True when ``group``'s weight decay is AdamW's decoupled one (it never enters the gradient)."""
+    return isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
+def coming_gradient(opt: Any, group: Mapping[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The gradient Adam's coming ``step()`` consumes for ``p`` given its ``grad`` (normally ``p.grad``), in
+    ``dtype`` on ``grad``'s device: complex as real pairs, negated under ``maximize``, plus
+    ``weight_decay * p`` for coupled decay.
+
+    Cost: one or two elementwise passes over ``p``.
+    """
+    g = grad.detach()
+    g = (torch.view_as_real(g) if g.is_complex() else g).to(dtype)
+    if group.get("maximize", False):
+        g = -g
+    wd = _scalar(group.get("weight_decay", 0.0))
+    if wd and not decoupled_decay(opt, group):
+        theta = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+        g = g + wd * theta.to(device=g.device, dtype=dtype).reshape(g.shape)
+    return g
+
+
+def coming_second_moment(group: Mapping[str, Any], state: Mapping[str, Any], g: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(v_t, t)``: the second moment Adam's coming step forms from its state and gradient ``g``
+    (:func:`coming_gradient`), ``v_t = beta2 v_{t-1} + (1 - beta2) g^2`` (``v_0 = 0``), the running maximum
+    with ``max_exp_avg_sq`` under ``amsgrad``, and ``t`` = the state's step + 1. ``v_hat = v_t / (1 - beta2^t)``.
+
+    Cost: two elementwise passes over ``g``.
+    """
+    b2 = _scalar(group["betas"][1])
+    t = _scalar(state.get("step", 0)) + 1
+    v = state.get("exp_avg_sq")
+    like = {"device": g.device, "dtype": g.dtype}
+    v = (1 - b2) * g * g if v is None else _real(v).to(**like).reshape(g.shape) * b2 + (1 - b2) * g * g
+    if group.get("amsgrad", False) and state.get("max_exp_avg_sq") is not None:
+        v = torch.maximum(_real(state["max_exp_avg_sq"]).to(**like).reshape(g.shape), v)
+    return v, t
+
+
 def adam_statistics(
     opt: torch.optim.Adam, names: Mapping[int, str], small_ratio: float = 0.01, stride: int = 1
 ) -> dict[str, ParamStats]:
@@ -114,27 +156,16 @@ def adam_statistics(
     with torch.no_grad():
         for gi, group in enumerate(opt.param_groups):
             b1, b2 = (_scalar(b) for b in group["betas"])
-            eps, wd = _scalar(group["eps"]), _scalar(group.get("weight_decay", 0.0))
-            decoupled = isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+            eps = _scalar(group["eps"])
             for pi, p in enumerate(group["params"]):
                 if p.grad is None or p.grad.is_sparse:
                     continue
                 st = opt.state.get(p, {})
                 wdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                g = p.grad.detach()
-                g = (torch.view_as_real(g) if g.is_complex() else g).to(wdt)
-                if group.get("maximize", False):
-                    g = -g
-                if wd and not decoupled:
-                    theta = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
-                    g = g + wd * theta.to(wdt)
-                t = _scalar(st.get("step", 0)) + 1
+                g = coming_gradient(opt, group, p, p.grad, wdt)
+                v, t = coming_second_moment(group, st, g)
                 m = st.get("exp_avg")
-                v = st.get("exp_avg_sq")
                 m = (1 - b1) * g if m is None else _real(m).to(wdt) * b1 + (1 - b1) * g
-                v = (1 - b2) * g * g if v is None else _real(v).to(wdt) * b2 + (1 - b2) * g * g
-                if group.get("amsgrad", False) and st.get("max_exp_avg_sq") is not None:
-                    v = torch.maximum(_real(st["max_exp_avg_sq"]).to(wdt), v)
                 vhat = v / (1 - b2**t)
                 root = vhat.sqrt()
                 u = (m / (1 - b1**t)) / (root + eps)

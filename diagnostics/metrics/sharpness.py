@@ -46,6 +46,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Output
 from diagnostics.linalg.finite import FiniteChecked
 from diagnostics.metrics.curvature_base import CurvatureDiagnostic, check_budget, failed, run_guarded, worst_status
+from diagnostics.metrics.adam_state import coming_gradient, coming_second_moment, decoupled_decay
 from diagnostics.metrics.misuse import misuse_event, train_mode_modules
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record
@@ -224,20 +225,13 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str
         b1, b2 = (float(b) for b in g["betas"])
         amsgrad = bool(g.get("amsgrad"))
         step = _as_float(st["step"]) if "step" in st else 0.0
-        v_prev = st["exp_avg_sq"].detach().reshape(-1).to(torch.float64).cpu() if "exp_avg_sq" in st else zero
         if grads is not None:
             grad = grads.get(n)
             if grad is None:
                 parts.append(zero)
                 continue
-            gt = grad.detach().reshape(-1).to(torch.float64).cpu()
-            wd = float(g.get("weight_decay", 0.0) or 0.0)
-            if wd and not g.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW):
-                gt = gt + wd * p.detach().reshape(-1).to(torch.float64).cpu()
-            t = step + 1.0
-            v = b2 * v_prev + (1.0 - b2) * gt.square()
-            if amsgrad and "max_exp_avg_sq" in st:
-                v = torch.maximum(st["max_exp_avg_sq"].detach().reshape(-1).to(torch.float64).cpu(), v)
+            gt = coming_gradient(optimizer, g, p, grad.reshape(p.shape).cpu(), torch.float64).reshape(-1)
+            v, t = coming_second_moment(g, st, gt)
         else:
             key = "max_exp_avg_sq" if amsgrad and "max_exp_avg_sq" in st else "exp_avg_sq"
             if key not in st or step < 1:
@@ -272,7 +266,7 @@ def adam_weight_decay(optimizer: torch.optim.Optimizer, model_params: dict[str, 
         p = model_params[n]
         g = groups.get(id(p)) or {}
         wd = float(g.get("weight_decay", 0.0) or 0.0)
-        coupled = wd and not g.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
+        coupled = wd and not decoupled_decay(optimizer, g)
         parts.append(torch.full((p.numel(),), wd if coupled else 0.0, dtype=torch.float64))
     flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     return flat if bool((flat != 0).any()) else None

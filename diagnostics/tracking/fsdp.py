@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diagnostics._distributed import is_dtensor
 from diagnostics.errors import ConfigError
 
 __all__ = ["FSDP_DIAGNOSTICS", "check_fsdp_diagnostics", "gathered_replica", "is_fsdp", "needs_replica"]
@@ -61,10 +62,6 @@ def _fsdp_module_type() -> type | None:
     return FSDPModule
 
 
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
 def is_fsdp(model: nn.Module) -> bool:
     """True when ``model`` (or a submodule) was sharded with ``fully_shard``.
 
@@ -75,7 +72,7 @@ def is_fsdp(model: nn.Module) -> bool:
     fsdp = _fsdp_module_type()
     if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
         return True
-    return any(_is_dtensor(p) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def check_fsdp_diagnostics(diagnostics: Iterable[Any]) -> None:
@@ -125,7 +122,7 @@ def gathered_replica(model: nn.Module) -> nn.Module:
 
     def full(p: nn.Parameter) -> nn.Parameter:
         if id(p) not in params:
-            value = p.full_tensor() if _is_dtensor(p) else p
+            value = p.full_tensor() if is_dtensor(p) else p
             params[id(p)] = nn.Parameter(value.detach().clone(), requires_grad=p.requires_grad)
         return params[id(p)]
 
