@@ -7,6 +7,8 @@ everywhere.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "batch_size",
     "slice_batch",
     "tokens_per_sample",
+    "samples_for_tokens",
     "concat_batches",
 ]
 
@@ -124,6 +127,19 @@ def tokens_per_sample(batch: Any) -> int:
     if first.ndim == 3:
         return int(first.shape[1])
     return 1
+
+
+def samples_for_tokens(batch: Any, max_tokens: int) -> int | None:
+    """How many samples (at least 1, at most the batch) hold about ``max_tokens`` tokens; None without a
+    leading dimension.
+
+    >>> samples_for_tokens(torch.zeros(8, 16, dtype=torch.long), 40)  # 16 tokens a sample
+    3
+    """
+    n = leading_size(batch)
+    if n is None:
+        return None
+    return max(1, min(n, math.ceil(max_tokens / max(1, tokens_per_sample(batch)))))
 
 
 def concat_batches(batches: Sequence[Any]) -> Any:

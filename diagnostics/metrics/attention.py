@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from diagnostics._batch import leading_size, slice_batch, tokens_per_sample
+from diagnostics._batch import leading_size, samples_for_tokens, slice_batch
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.attention_stats import (
@@ -164,11 +164,8 @@ class AttentionProbe:
 
 def first_samples(batch: Any, max_tokens: int) -> Any:
     """The first samples of the batch holding about ``max_tokens`` tokens (no random numbers drawn)."""
-    n = leading_size(batch)
-    if n is None:
-        return batch
-    keep = max(1, min(n, math.ceil(max_tokens / max(1, tokens_per_sample(batch)))))
-    return batch if keep >= n else slice_batch(batch, keep)
+    n, keep = leading_size(batch), samples_for_tokens(batch, max_tokens)
+    return batch if n is None or keep is None or keep >= n else slice_batch(batch, keep)
 
 
 def _as_patterns(modules: str | Iterable[str] | None) -> tuple[str, ...]:

@@ -31,7 +31,6 @@ by the Monitor right after this one) reads them with ``ctx.alignment_statistics(
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from diagnostics._batch import leading_size, map_tensors, tokens_per_sample
+from diagnostics._batch import leading_size, map_tensors, samples_for_tokens
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_probe import (
@@ -75,11 +74,8 @@ __all__ = [
 
 def _subsample(batch: Any, max_tokens: int, gen: torch.Generator) -> Any:
     """A random subsample (in order) of the batch's samples holding about ``max_tokens`` tokens."""
-    n = leading_size(batch)
-    if n is None:
-        return batch
-    keep = max(1, min(n, math.ceil(max_tokens / max(1, tokens_per_sample(batch)))))
-    if keep >= n:
+    n, keep = leading_size(batch), samples_for_tokens(batch, max_tokens)
+    if n is None or keep is None or keep >= n:
         return batch
     idx = torch.randperm(n, generator=gen)[:keep].sort().values
     return map_tensors(batch, lambda t: t.index_select(0, idx.to(t.device)) if t.ndim and t.shape[0] == n else t)
