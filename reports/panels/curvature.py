@@ -38,12 +38,13 @@ EDGE_RULE = "threshold: ratio 1 (edge of stability)"
 
 
 def _threshold_curve(run: RunView) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """The stored stability threshold and its formula; else 2/lr computed from ``learning_rate``."""
+    """The stored stability threshold and its formula; else 2/lr computed from ``learning_rate``, except for
+    runs whose optimizer has a threshold of its own (Adam's, on the preconditioned sharpness)."""
     c = run.curve("stability_threshold")
     if c is not None:
         return c[0], c[1], sgd_threshold_label(run)
     c = run.curve("learning_rate")
-    if c is not None and run.has("sharpness"):
+    if c is not None and run.has("sharpness") and not run.has("adam_threshold"):
         with np.errstate(divide="ignore", invalid="ignore"):
             return c[0], np.where(c[1] > 0, 2.0 / c[1], np.nan), "2/lr (from learning_rate; momentum unknown)"
     return None

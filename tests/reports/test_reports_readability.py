@@ -102,6 +102,24 @@ def test_adam_threshold_label(tmp_path):
     assert adam_threshold_label(view) == "(2+2β₁)/((1−β₁)·lr), β₁ = 0.9 (38/lr)"
 
 
+def test_adam_run_gets_no_sgd_threshold_from_its_learning_rate(tmp_path):
+    """An Adam run's raw sharpness is not compared with 2/lr: its threshold is the preconditioned one."""
+    from diagnostics.reports.panels.curvature import _threshold_curve
+
+    with RunWriter(tmp_path / "adam", name="adam") as w:
+        for step in range(3):
+            w.write_step(step, [Record("learning_rate", 1e-3), Record("sharpness", 50.0),
+                                Record("adam_threshold", 38.0 / 1e-3), Record("adam_sharpness", 100.0)])
+    (adam,) = load_report_view(tmp_path / "adam").runs
+    assert _threshold_curve(adam) is None
+    with RunWriter(tmp_path / "gd", name="gd") as w:  # no stored threshold: 2/lr from the learning rate
+        for step in range(3):
+            w.write_step(step, [Record("learning_rate", 0.1), Record("sharpness", 5.0)])
+    (gd,) = load_report_view(tmp_path / "gd").runs
+    curve = _threshold_curve(gd)
+    assert curve is not None and curve[1][0] == 20.0 and "2/lr" in curve[2]
+
+
 def test_edge_of_stability_finding_names_the_threshold(tmp_path):
     run = _sharpness_run(tmp_path / "run", momentum=0.9, steps=8)  # ratio reaches 1 at step 50
     (view,) = load_report_view(run).runs
