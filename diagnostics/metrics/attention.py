@@ -60,6 +60,17 @@ _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 ROOT_KEY = "(model)"
 
 
+def _first_rows(mask: Any, q: torch.Tensor) -> Any:
+    """A mask broadcast against queries ``q`` cut to ``q``'s samples: only a mask with the same number of
+    dimensions carries a batch dimension (a shorter one broadcasts over the batch and stays whole)."""
+    if not torch.is_tensor(mask):
+        return mask
+    mask = mask.detach()
+    if mask.dim() == q.dim() and mask.shape[0] > q.shape[0]:
+        return mask[: q.shape[0]]
+    return mask
+
+
 class _Mode(TorchFunctionMode):
     """Hands the attention calls to the probe, then runs every call unchanged."""
 
@@ -88,10 +99,19 @@ class AttentionProbe:
         chunk_elements: logit entries formed at once.
     """
 
-    def __init__(self, model: nn.Module, modules: tuple[str, ...] = (), chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: tuple[str, ...] = (),
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        max_tokens: int | None = None,
+    ):
         self.model = model
         self.patterns = modules
         self.chunk_elements = chunk_elements
+        # On the training forward the calls see the whole batch: keep the first samples holding about
+        # max_tokens query positions, so the cost is the same as the extra forward's.
+        self.max_tokens = max_tokens
         self.stats: dict[str, AttentionStats] = {}
         self.calls = 0
         self._stack: list[tuple[str, nn.Module]] = []
@@ -101,6 +121,16 @@ class AttentionProbe:
 
     def _current(self) -> tuple[str, nn.Module] | None:
         return self._stack[-1] if self._stack else None
+
+    def _first(self, t: Any) -> Any:
+        """The first samples of a [B, ..., L, E] tensor holding about ``max_tokens`` queries, detached."""
+        if not torch.is_tensor(t):
+            return t
+        t = t.detach()
+        if self.max_tokens is None or t.dim() < 3:
+            return t
+        keep = max(1, self.max_tokens // max(1, t.shape[-2]))
+        return t[:keep] if keep < t.shape[0] else t
 
     def _add(self, st: AttentionStats) -> None:
         cur = self._current()
@@ -113,14 +143,21 @@ class AttentionProbe:
     def on_sdpa(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
         p = {**dict(zip(names, args)), **kwargs}
-        self._add(sdpa_statistics(
-            p["query"], p["key"], p.get("attn_mask"), bool(p.get("is_causal", False)), p.get("scale"),
-            bool(p.get("enable_gqa", False)), self.chunk_elements,
-        ))
+        q, k, mask = self._first(p["query"]), self._first(p["key"]), p.get("attn_mask")
+        mask = _first_rows(mask, q)
+        with torch.no_grad():
+            self._add(sdpa_statistics(
+                q, k, mask, bool(p.get("is_causal", False)),
+                p.get("scale"), bool(p.get("enable_gqa", False)), self.chunk_elements,
+            ))
 
     def on_mha(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        q, k, mask = mha_query_key(*args, **kwargs)
-        self._add(sdpa_statistics(q, k, mask, chunk_elements=self.chunk_elements))
+        with torch.no_grad():
+            q, k, mask = mha_query_key(*args, **kwargs)
+            if self.max_tokens is not None:
+                q, k = self._first(q), self._first(k)
+                mask = _first_rows(mask, q)
+            self._add(sdpa_statistics(q, k, mask, chunk_elements=self.chunk_elements))
 
     def on_softmax(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cur = self._current()
@@ -133,13 +170,21 @@ class AttentionProbe:
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2 or dim not in (-1, x.dim() - 1):
             return
-        self._add(logit_statistics(x, self.chunk_elements))
+        with torch.no_grad():
+            self._add(logit_statistics(self._first(x), self.chunk_elements))
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[AttentionProbe]:
-        """Hooks on every module (which module is running) and the mode, removed in ``finally``."""
+        """Hooks on every module (which module is running) and the mode, removed in ``finally``.
+
+        The mode is active only while the model's own forward runs (entered by a forward pre-hook on the
+        model, left by its forward hook), so the rest of a training step, the optimizer's many small
+        calls above all, does not pass through it.
+        """
         handles = []
         stack = self._stack
+        mode = _Mode(self)
+        depth = [0]
 
         def push(name: str, module: nn.Module) -> Any:
             return lambda _m, _a: stack.append((name, module))
@@ -148,17 +193,30 @@ class AttentionProbe:
             if stack:
                 stack.pop()
 
+        def enter(_m: nn.Module, _a: Any) -> None:
+            depth[0] += 1
+            if depth[0] == 1:
+                mode.__enter__()
+
+        def leave(_m: nn.Module, _a: Any, _o: Any) -> None:
+            depth[0] -= 1
+            if depth[0] == 0:
+                mode.__exit__(None, None, None)
+
         try:
+            handles.append(self.model.register_forward_pre_hook(enter))
+            handles.append(self.model.register_forward_hook(leave, always_call=True))
             for name, module in self.model.named_modules():
                 if not name:
                     continue
                 handles.append(module.register_forward_pre_hook(push(name, module)))
                 handles.append(module.register_forward_hook(pop, always_call=True))
-            with _Mode(self):
-                yield self
+            yield self
         finally:
             for h in handles:
                 h.remove()
+            if depth[0] > 0:  # a forward that raised before its forward hook
+                mode.__exit__(None, None, None)
             stack.clear()
 
 
@@ -190,7 +248,9 @@ class AttentionStatistics(Diagnostic):
         modules: glob patterns of module names to record (None: every module making an attention call).
         chunk_elements: logit entries formed at once (memory about six float32 buffers of that size).
 
-    Cost per step: one no-grad forward over about ``max_tokens`` tokens with every torch call passing
+    Cost per step: when the Monitor observes the training forward (the diagnostic is due at every
+    step), forming the logits again on the first samples of it; otherwise one no-grad forward over
+    about ``max_tokens`` tokens. Either way every torch call of that forward passes
     through a Python mode (a few microseconds each), plus forming each attention call's logits again
     (O(B H L S E), as the attention itself; for ``nn.MultiheadAttention`` also two input projections).
     Memory: O(chunk_elements), never the batch's whole attention matrix. 3 records per module plus 4.
@@ -221,10 +281,12 @@ class AttentionStatistics(Diagnostic):
         self.max_tokens = int(max_tokens)
         self.modules = _as_patterns(modules)
         self.chunk_elements = int(chunk_elements)
+        self._observed: tuple[int, AttentionProbe] | None = None
+        self.last_source: str | None = None
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "max_tokens": self.max_tokens, "modules": list(self.modules) or "all",
-                "chunk_elements": self.chunk_elements, "mode": "eval"}
+                "chunk_elements": self.chunk_elements}
 
     def measure(self, model: nn.Module, loss_fn: Any, batch: Any) -> dict[str, AttentionStats]:
         """``{module name: statistics}`` of one no-grad, eval-mode forward over the batch's first samples."""
@@ -234,8 +296,25 @@ class AttentionStatistics(Diagnostic):
             loss_fn(model, sub)
         return probe.stats
 
+    @contextlib.contextmanager
+    def observe_training_forward(self, model: nn.Module) -> Iterator[None]:
+        """Read the attention calls of the user's next training forward (held open by the Monitor between
+        two steps when this diagnostic is due at every step), on the first samples holding about
+        ``max_tokens`` queries. The statistics are formed from detached tensors under no_grad, so the
+        training graph is untouched; the training forward runs in train mode (dropout as in training).
+        When no forward ran before the next ``compute``, that step falls back to its own forward.
+        """
+        probe = AttentionProbe(model, self.modules, self.chunk_elements, max_tokens=self.max_tokens)
+        with probe.watch():
+            yield
+        self._observed = (id(model), probe)
+
     def compute(self, ctx: StepContext) -> Output:
-        stats = self.measure(ctx.model, ctx.loss_fn, ctx.batch)
+        observed, self._observed = self._observed, None
+        if observed is not None and observed[0] == id(ctx.model) and observed[1].calls:
+            stats, self.last_source = observed[1].stats, "training_forward"
+        else:
+            stats, self.last_source = self.measure(ctx.model, ctx.loss_fn, ctx.batch), "extra_forward"
         records = [Record("attn_modules", float(len(stats)))]
         if not stats:
             where = f" matching {list(self.modules)}" if self.modules else ""
@@ -260,4 +339,4 @@ class AttentionStatistics(Diagnostic):
             records.append(Record("attn_logit_max", max(tops)))
         if means:
             records += [Record("attn_entropy_mean", sum(means) / len(means)), Record("attn_entropy_min", min(mins))]
-        return Output(records=records, settings={"modules": list(stats)})
+        return Output(records=records, settings={"modules": list(stats), "source": self.last_source})

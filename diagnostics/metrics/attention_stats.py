@@ -82,18 +82,20 @@ def _floor(dtype: torch.dtype) -> float:
 
 def _chunk(s: torch.Tensor, allowed: torch.Tensor | None, floor: float) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
-    """(largest allowed logit, per-head entropy sum, per-head row count) of logits ``s`` [H, c, S]."""
+    """(largest allowed logit, per-head entropy sum, per-head row count) of logits ``s`` [H, c, S] or
+    [n, H, c, S] (n samples at once)."""
     masked = s <= floor
     if allowed is not None:
         masked = masked | ~allowed
     s = s.masked_fill(masked, -math.inf)
-    row_ok = (~masked).any(-1)  # [H, c]
     top = s.amax(-1)  # -inf on rows with nothing allowed
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    logp = (s - lse).masked_fill_(masked, 0.0)
-    ent = -(logp.exp().masked_fill_(masked, 0.0) * logp).sum(-1)
+    row_ok = top > -math.inf
+    # entr(p) = -p log p is 0 at p = 0, so masked entries drop out; rows with nothing allowed give NaN
+    # here and 0 below.
+    ent = torch.special.entr(torch.softmax(s, -1)).sum(-1)
     ent = torch.where(row_ok, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
-    return top.amax(), ent.sum(-1), row_ok.sum(-1)
+    dims = (0, -1) if s.dim() == 4 else (-1,)
+    return top.amax(), ent.sum(dims), row_ok.sum(dims)
 
 
 def _finish(tops: list[torch.Tensor], ent: torch.Tensor, rows: torch.Tensor) -> AttentionStats:
@@ -125,6 +127,14 @@ def logit_statistics(logits: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_E
     ent = torch.zeros(heads, dtype=torch.float64, device=s.device)
     rows = torch.zeros(heads, dtype=torch.float64, device=s.device)
     tops = []
+    per = chunk_elements // max(1, heads * length * keys)
+    if per >= 2:  # whole samples fit in a chunk: fewer, larger kernels
+        for b in range(0, s.shape[0], per):
+            top, e, r = _chunk(s[b:b + per].to(wd), None, floor)
+            tops.append(top)
+            ent += e.double()
+            rows += r.double()
+        return _finish(tops, ent, rows)
     for b in range(s.shape[0]):
         for l0 in range(0, length, step):
             top, e, r = _chunk(s[b, :, l0:l0 + step].to(wd), None, floor)

@@ -55,7 +55,7 @@ def observe_training_forward(
 ) -> contextlib.ExitStack | None:
     """Enter the hooks of the diagnostics that measure on the user's next training forward.
 
-    Chosen: diagnostics reading layer inputs, due at every step (so at ``step + 1``), that offer
+    Chosen: diagnostics reading layer inputs or activations, due at every step (so at ``step + 1``), that offer
     ``observe_training_forward(model)``; ``due_next(d, step)`` says which are due at every step when
     a budget schedules them (:meth:`~diagnostics.tracking.budget.BudgetScheduler.due_next`). Returns the
     ExitStack that removes their hooks, or None when none
@@ -66,7 +66,7 @@ def observe_training_forward(
     chosen = [
         d
         for d in diagnostics
-        if "layer_inputs" in d.requires
+        if d.requires & {"layer_inputs", "activations"}
         and callable(getattr(d, "observe_training_forward", None))
         and due_next(d, step)
     ]

@@ -379,3 +379,27 @@ def test_monitored_training_is_bit_identical(tmp_path) -> None:
     assert {"attn_logit_max", "attn_entropy_min", "output_log_z_mean", "adam_update_rms"} <= set(series.metric)
     keys = set(series[series.metric == "attn_entropy_min"].key)
     assert keys == {"transformer.h.0.attn", "transformer.h.1.attn", "all"}
+
+
+def test_observed_training_forward_matches_its_own_forward() -> None:
+    model = gpt2("sdpa").eval()  # no dropout: the training forward and the diagnostic's own forward agree
+    ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(0))
+    ctx = StepContext(step=0, model=model, loss_fn=lm_loss, batch=(ids, ids), loss=None)
+    own = AttentionStatistics(max_tokens=14).compute(ctx)
+    diag = AttentionStatistics(max_tokens=14)  # the first two sequences of the training batch
+    with diag.observe_training_forward(model):
+        assert not torch.overrides._is_torch_function_mode_enabled()  # only inside the model's forward
+        loss = lm_loss(model, (ids, ids))
+        assert not torch.overrides._is_torch_function_mode_enabled()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    loss.backward()  # the training graph is intact
+    ref = gpt2("sdpa").eval()
+    lm_loss(ref, (ids, ids)).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
+    out = diag.compute(ctx)
+    assert (out.settings["source"], own.settings["source"]) == ("training_forward", "extra_forward")
+    got = {(r.metric, r.key): r.value for r in out.records}
+    want = {(r.metric, r.key): r.value for r in own.records}
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
+    # nothing observed at the next step: it falls back to its own forward
+    assert diag.compute(ctx).settings["source"] == "extra_forward"
