@@ -169,10 +169,13 @@ def adam_statistics(
                 vhat = v / (1 - b2**t)
                 root = vhat.sqrt()
                 u = (m / (1 - b1**t)) / (root + eps)
+                # Dot products in the working dtype (one fused pass each, no float64 copies of the
+                # parameter); the per-parameter results are added up in Python floats.
+                uf, gf = u.reshape(-1), g.reshape(-1)
+                low, high = torch.aminmax(root)
                 sums = torch.stack([
-                    (u * u).sum(dtype=torch.float64), (g * g).sum(dtype=torch.float64),
-                    (u * g).sum(dtype=torch.float64), (g * g < small_ratio * vhat).sum().to(torch.float64),
-                    root.min().double(), root.max().double(),
+                    torch.dot(uf, uf), torch.dot(gf, gf), torch.dot(uf, gf),
+                    (gf * gf < small_ratio * vhat.reshape(-1)).sum().to(wdt), low, high,
                 ]).tolist()
                 name = names.get(id(p), f"group{gi}.param{pi}")
                 ps = ParamStats(g.numel(), sums[0], sums[1], sums[2], int(sums[3]), sums[4], sums[5],
@@ -225,7 +228,7 @@ class AdamState(Diagnostic):
 
     def __init__(
         self, every: int | None = None, start: int = 0, *, small_ratio: float = 0.01,
-        max_quantile_coords: int = 1 << 20,
+        max_quantile_coords: int = 1 << 16,
     ) -> None:
         super().__init__(every, start)
         if not float(small_ratio) > 0 or int(max_quantile_coords) < 1:
