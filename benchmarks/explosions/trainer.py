@@ -59,6 +59,8 @@ class TrainConfig:
             ``bump_factor`` over that many steps (an instability that builds up rather than a jump).
         beta1, beta2, eps, weight_decay: AdamW settings.
         grad_clip: max gradient norm (None: no clipping).
+        z_loss: weight of the z-loss, z_loss * mean(log Z^2) over positions, added to the cross-entropy
+            (PaLM's auxiliary loss that keeps the output log-partition near 0; 0: none).
         seed: model init and batch-sampling seed.
         sa_tokens: tokens per layer used for the alignment statistics (evenly strided subsample).
         v1_method: "svd" (full ``torch.linalg.svd`` per weight and step: the exact reference the suite
@@ -83,6 +85,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    z_loss: float = 0.0
     seed: int = 0
     sa_tokens: int = 256
     v1_method: str = "svd"

@@ -150,6 +150,8 @@ class GPTConfig:
             out-projection and MLP second layer), which are also scaled by 1/sqrt(2 n_layers) as in GPT-2.
         tie_weights: share the token embedding with the LM head.
         bias: biases in linear layers.
+        norm: ``"pre"`` (LayerNorm before attention, MLP and head) or ``"none"`` (no LayerNorm at all; the
+            unnormalised twin that loss-explosion studies compare against).
     """
 
     vocab_size: int = 96
@@ -166,8 +168,11 @@ class GPTConfig:
     residual_init_scale: float = 1.0
     tie_weights: bool = False
     bias: bool = True
+    norm: str = "pre"
 
     def __post_init__(self) -> None:
+        if self.norm not in ("pre", "none"):
+            raise ConfigError(f"GPTConfig.norm must be 'pre' or 'none', got {self.norm!r}")
         for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -229,14 +234,18 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _norm(cfg: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = _norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = _norm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -275,7 +284,7 @@ class TinyGPT(nn.Module):
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
             self.emb_dropout = nn.Dropout(cfg.dropout)
             self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
-            self.ln_f = nn.LayerNorm(cfg.d_model)
+            self.ln_f = _norm(cfg)
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self._init_weights()
         if cfg.tie_weights:
