@@ -3,11 +3,12 @@
 A run's store (record.py) becomes a :class:`RunSignals`: one float array per signal over steps
 0..final_step (NaN where nothing was recorded), per-layer matrices for sigma_1 and sign diversity, and
 the run's labels. A *score* turns signals into one number per step, higher meaning "more alarming",
-using only steps up to t, with its baseline learned from the run itself:
+using only steps up to t, with its baseline learned from the run itself: the library's
+:class:`~diagnostics.explosion.signal_detector.Feature` (the same code that warns in the loop):
 
-- ``z`` (half-life h): (x_t - mean) / sd, mean and variance exponentially weighted over the steps before
+- ``z`` (half-life h): (y_t - mean) / sd, mean and variance exponentially weighted over the steps before
   t with half-life h (the baseline moves with the run; no fixed window, no step marker);
-- ``growth`` (window w): x_t - x_{t-w} (on a log scale for positive signals: a growth rate).
+- ``growth`` (window w): y_t - y_{t-w} (on a log scale for positive signals: a growth rate).
 
 Every signal detector gets the same four settings: z with h = 25 and 100, growth with w = 10 and 50.
 """
@@ -23,7 +24,7 @@ import numpy as np
 
 from benchmarks.explosions.explosion import explosion_step
 
-__all__ = ["RunSignals", "load_run", "ema_z", "growth", "SETTINGS", "transform"]
+__all__ = ["RunSignals", "load_run", "score_signal", "SETTINGS"]
 
 #: (metric, key) of the whole-model signals read from a store, by signal name.
 SCALARS: dict[str, tuple[str, str]] = {
@@ -105,65 +106,16 @@ def load_run(run_dir: str | Path, mechanisms: dict[str, tuple[str, str]]) -> Run
     return out
 
 
-def transform(x: np.ndarray, kind: str) -> np.ndarray:
-    """``log`` (positive signals; non-positive -> NaN), ``slog`` (sign * log1p |x|) or ``raw``."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if kind == "log":
-            return np.where(x > 0, np.log(np.where(x > 0, x, 1.0)), np.nan)
-        if kind == "slog":
-            return np.sign(x) * np.log1p(np.abs(x))
-    return x.astype(float)
-
-
-def ema_z(x: np.ndarray, half_life: int, min_obs: int = 20) -> np.ndarray:
-    """Causal z-score of each entry against the exponentially weighted mean and variance of the finite
-    entries before it (half-life in steps); NaN for the first ``min_obs`` finite entries. A non-finite
-    entry after that scores +inf (a signal that overflowed has left its range). Cost O(n)."""
-    alpha = 1.0 - 0.5 ** (1.0 / half_life)
-    out = np.full(x.shape, np.nan)
-    mean = var = 0.0
-    seen = 0
-    for t, v in enumerate(x):
-        if not math.isfinite(v):
-            if seen >= min_obs:
-                out[t] = math.inf
-            continue
-        if seen >= min_obs:
-            sd = math.sqrt(var) + 1e-3 * abs(mean) + 1e-8
-            out[t] = (v - mean) / sd
-        if seen == 0:
-            mean, var = v, 0.0
-        else:
-            d = v - mean
-            mean += alpha * d
-            var = (1 - alpha) * (var + alpha * d * d)
-        seen += 1
-    return out
-
-
-def growth(x: np.ndarray, window: int) -> np.ndarray:
-    """x_t - x_{t-window} (NaN where either is missing; +inf where x_t is not finite but was)."""
-    out = np.full(x.shape, np.nan)
-    if len(x) > window:
-        a, b = x[window:], x[:-window]
-        with np.errstate(invalid="ignore"):
-            d = a - b
-        d = np.where(~np.isfinite(a) & np.isfinite(b), np.inf, d)
-        out[window:] = d
-    return out
-
-
 def score_signal(x: np.ndarray, setting: tuple[str, int], kind: str, direction: str) -> np.ndarray:
-    """One setting's score of signal ``x``: transformed by ``kind``, then z or growth, signed by
-    ``direction`` ("up", "down" or "both" = absolute value)."""
-    y = transform(x, kind)
+    """One setting's score of signal ``x`` per step: the library's
+    :class:`~diagnostics.explosion.signal_detector.Feature` (transform ``kind``, method and window from
+    ``setting``, ``direction``) fed the steps in order; NaN entries count as not recorded."""
+    from diagnostics.explosion.signal_detector import Feature
+
     how, n = setting
-    s = ema_z(y, n) if how == "z" else growth(y, n)
-    if direction == "down":
-        s = -s
-    elif direction == "both":
-        s = np.abs(s)
-    return s
+    feature = Feature("signal", transform=kind, direction=direction, method=how, window=n)
+    state: dict[str, Any] = {}
+    return np.array([feature.update(state, None if math.isnan(v) else float(v)) for v in x], dtype=float)
 
 
 def summarise(run: RunSignals) -> dict[str, Any]:

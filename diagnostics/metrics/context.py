@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,13 +27,14 @@ from diagnostics.metrics.norms import WeightNorms, host_norms, tensor_norms, tot
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.linalg.trace import TraceEstimate
     from diagnostics.metrics.curvature_base import Eigenspace
+    from diagnostics.store.records import Record
 
 #: Default cap on rows (tokens or samples) captured per module by ``activations``/``layer_inputs``.
 DEFAULT_MAX_TOKENS = 2048
 
 # Entries still valid after optimizer.step(): norms measured before it, and the parameter copy the
 # update snapshot reuses.
-_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms", "flat_parameters"})
+_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms", "flat_parameters", "records"})
 
 
 class StepContext:
@@ -285,6 +286,22 @@ class StepContext:
             raise NonFiniteProductError("non-finite trace estimate")
         self._cache[key] = est
         return est, checked.num_matvecs
+
+    def publish_records(self, records: Iterable[Record]) -> None:
+        """Share a diagnostic's records of this step (the runner calls it after each diagnostic)."""
+        table = self._cache.setdefault("records", {})
+        for r in records:
+            if r.index == 0:
+                table[(r.metric, r.key)] = r.value
+
+    def recorded(self, metric: str, key: str = "all") -> float | None:
+        """The value a diagnostic that ran earlier in this step recorded for ``(metric, key)`` (index 0), or
+        None. A reader declares the writers in ``after``. Cost: none."""
+        return self._cache.get("records", {}).get((metric, key))
+
+    def recorded_keys(self, metric: str) -> dict[tuple[str, str], float]:
+        """Every key's value of ``metric`` recorded earlier in this step (index 0). Cost: O(records)."""
+        return {mk: v for mk, v in self._cache.get("records", {}).items() if mk[0] == metric}
 
     def publish_alignment_statistics(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
         """Share this step's spectral-alignment statistics per map key (``spectral_alignment`` calls it)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from diagnostics.errors import ConfigError
+from diagnostics.explosion.defaults import DEFAULT_METHOD, DEFAULT_SIGNAL_DETECTOR
 from diagnostics.explosion.detector import (
     STATISTICS,
     Alarm,
@@ -22,8 +24,10 @@ from diagnostics.explosion.detector import (
     detect_probes,
     series_probes,
 )
+from diagnostics.explosion.signal_detector import SignalAlarm, SignalDetectorCore
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
+from diagnostics.store.catalog import METRICS
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +62,24 @@ def alarm_event(alarm: Alarm) -> Event:
     )
 
 
+def signal_alarm_event(alarm: SignalAlarm) -> Event:
+    """The ``explosion_warning`` event of the signal detector's alarm; its data is the alarm."""
+    top = sorted(alarm.features.items(), key=lambda kv: -abs(kv[1]) if kv[1] == kv[1] else 0.0)[:3]
+    detail = ", ".join(f"{name} {value:.3g}" for name, value in top)
+    return Event(
+        kind="explosion_warning",
+        severity="warning",
+        metric="explosion_score",
+        key="all",
+        message=(f"explosion score {alarm.score:.3g} above its threshold {alarm.threshold:.3g} at step "
+                 f"{alarm.step} ({detail}): a loss explosion may follow"),
+        data=alarm.as_dict(),
+    )
+
+
+_SIGNAL_OPTIONS = ("features", "threshold", "weights", "bias", "center", "scale", "persistence")
+
+
 @register
 class ExplosionDetector(Diagnostic):
     """The explosion detector in the loop: ``explosion_score`` (key all) and ``explosion_warning`` events.
@@ -85,21 +107,50 @@ class ExplosionDetector(Diagnostic):
     preset = "standard"
     default_every = 1
     reads_only = True
+    allow_nonfinite = True  # the score of a signal that overflowed is +inf
     after: ClassVar[tuple[str, ...]] = ("spectral_alignment",)
     metrics: ClassVar[tuple[str, ...]] = ("explosion_score",)
     # A baseline after one probe, so that the contract suite's 3 steps record a score.
-    contract_options: ClassVar[dict[str, Any]] = {"skip": 0, "warmup": 1, "smooth": 1, "persistence": 1}
+    contract_options: ClassVar[dict[str, Any]] = {"method": "spectral_alignment", "skip": 0, "warmup": 1,
+                                                  "smooth": 1, "persistence": 1}
 
-    def __init__(self, every: int | None = None, start: int = 0, *, action: Any = None, **params: Any) -> None:
+    def __init__(self, every: int | None = None, start: int = 0, *, action: Any = None, method: str | None = None,
+                 **params: Any) -> None:
         super().__init__(every, start)
-        self.core = ExplosionDetectorCore(**params)
+        self.method = DEFAULT_METHOD if method is None else method
+        if self.method == "spectral_alignment":
+            self.core: ExplosionDetectorCore | None = ExplosionDetectorCore(**params)
+            self.signal_core: SignalDetectorCore | None = None
+        elif self.method == "signals":
+            unknown = set(params) - set(_SIGNAL_OPTIONS)
+            if unknown:
+                raise ConfigError(f"explosion_detector(method='signals') takes {', '.join(_SIGNAL_OPTIONS)}; got "
+                                  f"{sorted(unknown)} (spectral-alignment options need method='spectral_alignment')")
+            spec = {**DEFAULT_SIGNAL_DETECTOR, **params} if "features" not in params else dict(params)
+            if "threshold" not in spec:
+                raise ConfigError("explosion_detector(method='signals', features=...) needs a threshold")
+            features = spec.pop("features")
+            self.core, self.signal_core = None, SignalDetectorCore(features, **spec)
+            writers = []
+            for metric, _ in self.signal_core.signals:
+                spec_m = METRICS.get(metric)
+                if spec_m is None or spec_m.diagnostic is None:
+                    raise ConfigError(f"explosion_detector: no diagnostic writes the metric {metric!r}; use metric "
+                                      "IDs of registered diagnostics (docs/metrics.md)")
+                writers.append(spec_m.diagnostic)
+            self.after = tuple(dict.fromkeys(writers))
+        else:
+            raise ConfigError(f"explosion_detector: method must be 'signals' or 'spectral_alignment', got {method!r}")
         if action is not None:
             self.action = action
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), **self.core.settings()}
+        core = self.core.settings() if self.core is not None else self.signal_core.settings()
+        return {**super().settings(), "method": self.method, **core}
 
     def compute(self, ctx: StepContext) -> Output:
+        if self.signal_core is not None:
+            return self._compute_signals(ctx)
         stats = ctx.alignment_statistics()
         if stats is None:
             return Output(reason="no spectral_alignment statistics this step: spectral_alignment was not due")
@@ -112,3 +163,20 @@ class ExplosionDetector(Diagnostic):
         has_base = any(ls.get("base") is not None for ls in state.get("layers", {}).values())
         records = [Record("explosion_score", float(score))] if has_base else []
         return Output(records=records, events=[alarm_event(a) for a in alarms])
+
+    def _compute_signals(self, ctx: StepContext) -> Output:
+        values: dict[tuple[str, str], float] = {}
+        for metric, key in self.signal_core.signals:
+            if key == "*":
+                values.update(ctx.recorded_keys(metric))
+            else:
+                v = ctx.recorded(metric, key)
+                if v is not None:
+                    values[(metric, key)] = v
+        if not values:
+            return Output(reason=(f"none of {', '.join(m for m, _ in self.signal_core.signals)} was recorded this "
+                                  f"step: add {', '.join(self.after)} to the diagnostics, due at the same steps"))
+        state = self.state.setdefault("signals", {})
+        score, alarm = self.signal_core.update(state, ctx.step, values)
+        records = [] if math.isnan(score) else [Record("explosion_score", float(score))]
+        return Output(records=records, events=[] if alarm is None else [signal_alarm_event(alarm)])

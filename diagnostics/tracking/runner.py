@@ -193,6 +193,7 @@ class Runner:
                 bad = next((r for r in records if not math.isfinite(r.value)), None)
                 if bad is not None:
                     raise FloatingPointError(f"non-finite value {bad.value} in {bad.metric}[{bad.key}, {bad.index}]")
+            ctx.publish_records(records)  # for diagnostics that read this step's values (``after``)
         except IsolationError:
             raise
         except Exception as exc:  # noqa: BLE001 - a diagnostic must never break the user's training

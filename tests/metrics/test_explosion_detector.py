@@ -100,3 +100,36 @@ def test_stop_through_monitor_actions_by_event_kind(tmp_path):
             _batches(70, 45),
             actions={"explosion_warning": "stop"},
         )
+
+
+def test_signal_method_reads_this_steps_records_and_matches_offline(tmp_path):
+    from diagnostics.explosion.signal_detector import SignalDetectorCore, detect_signals
+    from diagnostics.store import open_run
+
+    spec = {"features": [{"metric": "loss", "transform": "log", "method": "z", "window": 10, "min_obs": 5}],
+            "threshold": 4.0}
+    det = ExplosionDetector(method="signals", **spec)
+    assert det.after == ("loss",)
+    # the detector is listed first: its 'after' makes the Monitor run the loss diagnostic before it
+    _train(tmp_path / "r", [det, "loss"], _batches(70, 45))
+    run = open_run(tmp_path / "r")
+    events = run.events()
+    online = events[events.kind == "explosion_warning"]
+    offline = detect_signals(run.series(), SignalDetectorCore(**spec))
+    assert list(online["step"]) == [a["step"] for a in offline] == [45]
+    assert "loss[all]:z10" in online["message"].iloc[0]
+    assert len(run.series("explosion_score")) == 70 - 5
+
+
+def test_signal_method_says_which_diagnostic_is_missing(tmp_path):
+    from diagnostics.errors import ConfigError
+    from diagnostics.store import open_run
+
+    det = ExplosionDetector(method="signals", features=[{"metric": "grad_norm"}], threshold=3.0)
+    _train(tmp_path / "r", [det], _batches(3, 99))
+    status = open_run(tmp_path / "r").status()
+    assert "add grad_norm to the diagnostics" in status[status.diagnostic == "explosion_detector"].reason.iloc[0]
+    with pytest.raises(ConfigError, match="no diagnostic writes"):
+        ExplosionDetector(method="signals", features=[{"metric": "made_up"}], threshold=1.0)
+    with pytest.raises(ConfigError, match="method='spectral_alignment'"):
+        ExplosionDetector(method="signals", skip=3)

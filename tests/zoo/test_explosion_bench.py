@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.explosions import score as score_mod
-from benchmarks.explosions.signals import RunSignals, ema_z, growth, load_run
+from benchmarks.explosions.signals import RunSignals, load_run, score_signal
 
 
 def test_auroc_matches_sklearn_with_ties() -> None:
@@ -26,33 +26,15 @@ def test_auroc_matches_sklearn_with_ties() -> None:
 
 def test_scores_are_causal() -> None:
     rng = np.random.default_rng(1)
-    x = rng.normal(size=300)
+    x = np.exp(rng.normal(size=300))
     y = x.copy()
-    y[200:] += 50.0  # the future changes
-    for fn in (lambda v: ema_z(v, 25), lambda v: growth(v, 10)):
-        a, b = fn(x), fn(y)
+    y[200:] *= 50.0  # the future changes
+    for setting in (("z", 25), ("growth", 10)):
+        a, b = score_signal(x, setting, "log", "up"), score_signal(y, setting, "log", "up")
         np.testing.assert_array_equal(a[:200], b[:200])
         assert not np.array_equal(a[200:], b[200:])
-
-
-def test_ema_z_against_a_loop() -> None:
-    x = np.random.default_rng(2).normal(size=80)
-    z = ema_z(x, 10, min_obs=5)
-    alpha = 1 - 0.5 ** (1 / 10)
-    w = np.array([])
-    for t in range(5, 80):
-        # exponentially weighted mean and variance of x[:t] (first entry the initial mean)
-        mean, var = x[0], 0.0
-        for v in x[1:t]:
-            d = v - mean
-            mean += alpha * d
-            var = (1 - alpha) * (var + alpha * d * d)
-        want = (x[t] - mean) / (math.sqrt(var) + 1e-3 * abs(mean) + 1e-8)
-        w = np.append(w, want)
-    np.testing.assert_allclose(z[5:], w, rtol=1e-12)
-    assert np.isnan(z[:5]).all()
-    x[40] = np.inf
-    assert ema_z(x, 10, min_obs=5)[40] == np.inf
+    down = score_signal(x, ("z", 25), "log", "down")
+    np.testing.assert_array_equal(down[20:], -score_signal(x, ("z", 25), "log", "up")[20:])
 
 
 def fake_run(name: str, mech: str, explosion: int | None, seed: int, lead_signal: bool) -> RunSignals:
