@@ -6,7 +6,9 @@ Usage (repository root):
     python -m benchmarks.explosions.bench record --out runs/bench [--quick] [--workers 2]
     # score the detectors on the complete runs; prints the tables and writes the JSON
     python -m benchmarks.explosions.bench score --runs runs/bench [--json benchmarks/explosions/bench_results.json]
-    # both
+    # a healthy pre-LN run outside the suite, and the default detector's alarms on it
+    python -m benchmarks.explosions.bench healthy --out runs/bench
+    # all three
     python -m benchmarks.explosions.bench all --out runs/bench [--quick]
 
 The suite (family.py): five mechanisms plus a learning-rate ramp, each an exploding member and a twin
@@ -154,9 +156,27 @@ def alignment_table(check: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def label_tables(res: dict[str, Any]) -> str:
+    """Markdown: loss spikes per mechanism; the selected detector under other divergence rules."""
+    from benchmarks.explosions.labels import SPIKE_FACTOR
+
+    lines = ["", f"## Loss spikes (loss > {SPIKE_FACTOR} x the median of the 20 before it)", "",
+             "| mechanism / member | runs | spikes that recovered | spikes followed by an explosion within 50 steps |",
+             "|---|---|---|---|"]
+    for name, row in res["spikes"].items():
+        lines.append(f"| {name} | {row['runs']} | {row['recovered']} | {row['before_explosion']} |")
+    lines += ["", f"## The divergence rule's factor and patience (selected detector, {res['selected']['winner']}, "
+              "its setting refitted on all runs)", "", "| factor | patience | exploding runs | AUROC H=50 |",
+              "|---|---|---|---|"]
+    for row in res["label_sensitivity"]:
+        lines.append(f"| {row['factor']} | {row['patience']} | {row['exploding_runs']} | {_fmt(row['auroc_50'])} |")
+    return "\n".join(lines)
+
+
 def score(runs_dir: Path, json_out: Path | None, quick: bool) -> dict[str, Any]:
     from benchmarks.explosions.alignment_check import sign_diversity_vs_sigma_growth
-    from benchmarks.explosions.score import evaluate
+    from benchmarks.explosions.labels import label_sensitivity, spike_table
+    from benchmarks.explosions.score import START, auroc, evaluate, select_default
 
     runs = load(runs_dir, quick)
     if not runs:
@@ -164,18 +184,65 @@ def score(runs_dir: Path, json_out: Path | None, quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = evaluate(runs)
     res["alignment_check"] = sign_diversity_vs_sigma_growth(runs)
+    res["selected"] = select_default(runs, res)
+    full_scores = res["selected"].pop("_full_scores")
+    res["spikes"] = spike_table(runs)
+    res["label_sensitivity"] = label_sensitivity(runs, full_scores, auroc, START)
     res["seconds"] = time.perf_counter() - t0
     print(tables(res))
     print(alignment_table(res["alignment_check"]))
+    sel = res["selected"]
+    print(f"\n## Selected default\n\n{sel['winner']} ({sel['method']}): held-out AUROC at H = 50 "
+          f"{sel['heldout_auroc_50']:.3f} (95% lower bound {sel['heldout_auroc_50_lower']:.3f}) against the next "
+          f"best, {sel['best_other']}, {sel['best_other_auroc_50']:.3f}: "
+          f"{'above' if sel['beats_best_other'] else 'NOT above'}; recall at lead >= 10 "
+          f"{sel['heldout_recall_10']:.2f} with {sel['heldout_false_alarms']:.0%} of stable runs alarmed "
+          f"(target 0.7 at <= 10%: {'met' if sel['meets_recall_target'] else 'NOT met'}).\n"
+          f"Options refitted on all runs: {json.dumps(sel['options'])}")
+    print(label_tables(res))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(res, indent=1, default=str))
     return res
 
 
+def healthy(out: Path) -> dict[str, Any]:
+    """Record a healthy pre-LN run outside the suite (learning rate 3e-3, 1,200 steps, warm-up and cosine
+    decay, seed 7) and run the library's default detector over it (the offline path, the same code as
+    the Monitor's); prints and returns its alarms."""
+    from dataclasses import replace
+
+    import torch
+
+    from benchmarks.explosions.family import BASE
+    from benchmarks.explosions.record import train
+    from diagnostics.explosion.defaults import DEFAULT_METHOD, DEFAULT_SIGNAL_DETECTOR
+    from diagnostics.explosion.detector import detect
+    from diagnostics.explosion.signal_detector import SignalDetectorCore, detect_signals
+    from diagnostics.store import open_run
+
+    torch.set_num_threads(1)
+    cfg = replace(BASE, name="healthy-preln-lr3e-3", lr=3e-3, steps=1200, seed=7)
+    run_dir = out / cfg.run_name
+    if not _complete(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train(cfg, run_dir)
+    with open_run(run_dir) as run:
+        series, meta = run.series(), run.meta
+    if DEFAULT_METHOD == "signals":
+        alarms = detect_signals(series, SignalDetectorCore(**DEFAULT_SIGNAL_DETECTOR))
+    else:
+        alarms = detect(series)
+    loss = series[series.metric == "loss"]["value"]
+    print(f"{cfg.run_name}: {meta['final_step'] + 1} steps, explosion step {meta['explosion_step']}, final loss "
+          f"{loss.iloc[-1]:.3f}; default detector ({DEFAULT_METHOD}): {len(alarms)} alarm(s)"
+          + (f" at steps {[a['step'] for a in alarms]}" if alarms else ""))
+    return {"run": cfg.run_name, "alarms": alarms, "explosion_step": meta["explosion_step"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["record", "score", "all"])
+    parser.add_argument("what", choices=["record", "score", "all", "healthy"])
     parser.add_argument("--out", "--runs", dest="out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -185,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         record(args.out, args.quick, args.workers)
     if args.what in ("score", "all"):
         score(args.out, args.json, args.quick)
+    if args.what in ("healthy", "all"):
+        healthy(args.out)
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from benchmarks.explosions.signals import SETTINGS, RunSignals, score_signal
 
-__all__ = ["Detector", "DETECTORS", "feature_matrix", "FEATURES"]
+__all__ = ["Detector", "DETECTORS", "feature_matrix", "FEATURES", "library_feature"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,12 @@ class Detector:
 
 
 def _scalar(signal: str, kind: str, direction: str) -> Callable[[RunSignals, Any], np.ndarray]:
+    from benchmarks.explosions.signals import SCALARS
+
     def fn(run: RunSignals, setting: Any) -> np.ndarray:
         return score_signal(run.scalars[signal], setting, kind, direction)
 
+    fn.feature = (SCALARS[signal][0], SCALARS[signal][1], kind, direction)  # type: ignore[attr-defined]
     return fn
 
 
@@ -51,6 +54,8 @@ def _layers_max(matrix: str, kind: str, direction: str) -> Callable[[RunSignals,
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps stay NaN
             return np.nanmax(np.stack(cols, 1), axis=1)
 
+    metric = {"sigma1": "sa_sigma1", "sign_diversity": "sa_sign_diversity"}[matrix]
+    fn.feature = (metric, "*", kind, direction)  # type: ignore[attr-defined]
     return fn
 
 
@@ -131,6 +136,17 @@ FEATURES: tuple[tuple[str, Any], ...] = tuple(
                  "sa_sign_diversity")
     for setting in (("z", 100), ("growth", 50))
 )
+
+
+def library_feature(name: str, setting: Any) -> dict[str, Any]:
+    """The :class:`~diagnostics.explosion.signal_detector.Feature` options that score like detector ``name``
+    at ``setting`` (for shipping); ValueError for detectors the library's features cannot express."""
+    fn = DETECTORS[name].fn
+    if not hasattr(fn, "feature"):
+        raise ValueError(f"detector {name} has no single-feature form in the library")
+    metric, key, kind, direction = fn.feature
+    how, window = setting
+    return {"metric": metric, "key": key, "transform": kind, "direction": direction, "method": how, "window": window}
 
 
 def feature_matrix(run: RunSignals, cache: dict[tuple[str, str, Any], np.ndarray]) -> np.ndarray:

@@ -222,3 +222,64 @@ def _metrics(runs: list[RunSignals], h: Held, renamed: bool = False) -> dict[str
 def _run_summary(r: RunSignals) -> dict[str, Any]:
     return {"name": r.name, "mechanism": r.mechanism, "member": r.member, "seed": r.seed,
             "explosion": r.explosion, "final_step": r.final_step, "perturbation": r.perturbation}
+
+
+TRIVIAL = ("learning_rate", "step")
+
+
+def select_default(runs: list[RunSignals], results: dict[str, Any]) -> dict[str, Any]:
+    """The detector to ship: the non-trivial detector with the best pooled held-out AUROC at H = 50,
+    refitted on every run (its setting by AUROC at H = 50 over all runs, its threshold so that at most 10%
+    of all stable runs alarm), as options of the library's detector; plus the acceptance check."""
+    from benchmarks.explosions.detectors import FEATURES, library_feature
+
+    dets = results["detectors"]
+    ranked = sorted((d for d in dets if d not in TRIVIAL and not math.isnan(dets[d]["pooled"]["auroc_50"])),
+                    key=lambda d: -dets[d]["pooled"]["auroc_50"])
+    winner = ranked[0]
+    cache: dict = {}
+    stable = [r for r in runs if r.explosion is None]
+    if winner == COMBINATION:
+        model = _fit_combination(runs, cache)
+        scaler, logistic = model[0], model[1]
+        def full_scores(r: RunSignals) -> np.ndarray:
+            return logistic.decision_function(scaler.transform(feature_matrix(r, cache)))
+
+        scores = {r.name: full_scores(r)[window(r)] for r in runs}
+        options: dict[str, Any] = {
+            "features": [library_feature(n, s) for n, s in FEATURES],
+            "weights": [float(w) for w in logistic.coef_[0]], "bias": float(logistic.intercept_[0]),
+            "center": [float(c) for c in scaler.mean_], "scale": [float(c) for c in scaler.scale_],
+        }
+        method = "signals"
+    else:
+        best, chosen = -1.0, None
+        for setting in DETECTORS[winner].settings:
+            auc = _pooled_auc(runs, {r.name: DETECTORS[winner].fn(r, setting)[window(r)] for r in runs}, 50)
+            if chosen is None or auc > best:
+                best, chosen = auc, setting
+        def full_scores(r: RunSignals, chosen=chosen) -> np.ndarray:
+            return DETECTORS[winner].fn(r, chosen)
+
+        scores = {r.name: full_scores(r)[window(r)] for r in runs}
+        if winner == "sa_detector":
+            method, options = "spectral_alignment", {"statistic": chosen[0], "persistence": chosen[1]}
+        else:
+            method, options = "signals", {"features": [library_feature(winner, chosen)]}
+    tau = _threshold(stable, scores)
+    if method == "signals":
+        options["threshold"] = tau
+        options["persistence"] = 1
+    others = [d for d in dets if d != winner]
+    best_other = max(others, key=lambda d: dets[d]["pooled"]["auroc_50"] if not math.isnan(dets[d]["pooled"]["auroc_50"]) else -1)
+    lower = dets[winner]["interval"]["auroc_50"][0]
+    return {
+        "winner": winner, "method": method, "options": options, "_full_scores": full_scores,
+        "heldout_auroc_50": dets[winner]["pooled"]["auroc_50"], "heldout_auroc_50_lower": lower,
+        "best_other": best_other, "best_other_auroc_50": dets[best_other]["pooled"]["auroc_50"],
+        "beats_best_other": bool(lower > dets[best_other]["pooled"]["auroc_50"]),
+        "heldout_recall_10": dets[winner]["pooled"]["recall_10"],
+        "heldout_false_alarms": dets[winner]["pooled"]["false_alarms"],
+        "meets_recall_target": bool(dets[winner]["pooled"]["recall_10"] >= 0.7
+                                    and dets[winner]["pooled"]["false_alarms"] <= 0.10),
+    }
