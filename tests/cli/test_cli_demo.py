@@ -95,10 +95,13 @@ def test_summary_lines_say_lead_lateness_and_why_no_warning(tmp_path):
     assert unarmed[3].endswith("no warnings (the detector never armed)")
 
 
-def test_demo_pair_is_the_suites_held_out_seed():
-    from diagnostics.app.demo import EXPLODING, STABLE
+def test_demo_pair_differs_in_the_ramp_and_the_stable_run_keeps_its_rate():
+    from diagnostics.app.demo import _QUICK_STABLE, EXPLODING, STABLE
 
-    # Seed 1: not the calibration seed 0; batches seeded like the suite's trainer (1000 + seed).
+    # Batches seeded like the first suite's trainer (1000 + seed).
     assert EXPLODING.seed == STABLE.seed == 1
     assert EXPLODING.batch_seed == 1001
-    assert (STABLE.lr_at(199), EXPLODING.lr_at(199)) == pytest.approx((0.1, 1.0))
+    assert (STABLE.lr_at(199), EXPLODING.lr_at(199)) == pytest.approx((1e-3, 1.0))
+    # the stable run never ramps, in the quick version either
+    assert [STABLE.lr_at(s) for s in range(STABLE.steps)] == pytest.approx([1e-3] * STABLE.steps)
+    assert [_QUICK_STABLE.lr_at(s) for s in range(_QUICK_STABLE.steps)] == pytest.approx([1e-3] * _QUICK_STABLE.steps)
