@@ -199,12 +199,18 @@ def _eligible_from_series(run: RunView, settings: dict[str, Any]) -> int | None:
 
 
 def explosion_score_level(run: RunView) -> tuple[float, str] | None:
-    """``(level, label)``: the score with ``min_layers`` of the eligible layers fully past their
-    deviation thresholds. A warning needs that many layers in alarm, each contributing 1 to the mean,
-    so below this level the detector cannot warn; None when the run did not record the score."""
+    """``(level, label)``: the score below which the detector cannot warn. For the signal detector
+    (``method`` "signals") its threshold; for the spectral-alignment detector the score with
+    ``min_layers`` of the eligible layers fully past their deviation thresholds (a warning needs that many
+    layers in alarm, each contributing 1 to the mean). None when the run did not record the score."""
     if not run.has("explosion_score"):
         return None
     settings = _detector_settings(run)
+    if settings.get("method") == "signals":
+        threshold = settings.get("threshold")
+        if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+            return None
+        return float(threshold), f"warning threshold {float(threshold):.3g}"
     min_layers = int(settings.get("min_layers", 2))
     eligible = _eligible_from_state(run)
     how = ""

@@ -233,7 +233,9 @@ _METRICS: tuple[MetricSpec, ...] = (
              ("sa_histogram", PER_LAYER_VECTOR, "fraction of tokens in 20 equal bins over [-1, 1] (index 0-19)"),
              ("sa_sigma1", PER_LAYER, "top singular value estimate ||W v1|| (a lower bound that converges)")),
     *_family("Loss explosion", _ALL, "explosion_detector",
-             ("explosion_score", SCALAR, "mean over eligible layers of the deviation from their baselines, in [0, 1]")),
+             ("explosion_score", SCALAR, "the detector's score: its signal's deviation from the run's own baseline "
+              "(a warning fires above the threshold), or, for the spectral-alignment detector, the mean over "
+              "eligible layers of the deviation from their baselines, in [0, 1]")),
     *_family(_ATTN, 'attention module name (the module that made the call), and "all"', "attention_stats",
              ("attn_logit_max", PER_LAYER, "largest pre-softmax attention logit over heads, queries and allowed keys"),
              ("attn_entropy_mean", PER_LAYER, "mean attention entropy (nats) over heads, batch and queries"),

@@ -16,8 +16,12 @@ MAX_DISTRIBUTION_STEPS = 4
 
 def explosion_score_chart(view: ReportView, *, group: str, height: int = 210) -> Chart:
     """The detector's score with each run's warning level (below it no warning can fire)."""
-    chart = overlay_chart(view, "explosion_score", "score", title="explosion score (1 = every watched layer "
-                          "past its threshold)", scale="linear",
+    methods = {str((r.meta.get("diagnostics") or {}).get("explosion_detector", {}).get("method", "spectral_alignment"))
+               for _, r in runs_with(view, "explosion_score")}
+    bounded = methods == {"spectral_alignment"}
+    title = ("explosion score (1 = every watched layer past its threshold)" if bounded
+             else "explosion score (a warning fires above the threshold)")
+    chart = overlay_chart(view, "explosion_score", "score", title=title, scale="linear",
                           alerts=("explosion_warning", "loss_explosion"), group=group, height=height)
     levels = [(i, run, explosion_score_level(run)) for i, run in runs_with(view, "explosion_score")]
     levels = [(i, run, lv) for i, run, lv in levels if lv is not None]
@@ -27,7 +31,8 @@ def explosion_score_chart(view: ReportView, *, group: str, height: int = 210) ->
     else:
         for i, run, (level, label) in levels:
             chart.rules.append(Rule(level, f"{label}: {run.name}", color=chart_color(i), run=i))
-    chart.yrange = (-0.02, 1.02)
+    if bounded:
+        chart.yrange = (-0.02, 1.02)
     return chart
 
 
