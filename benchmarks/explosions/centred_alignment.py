@@ -124,8 +124,8 @@ def analyse(runs: list[dict[str, np.ndarray]]) -> dict[str, float]:
     stats = {"1 - sd": lambda r: 1 - r["sd"], "1 - sd_centred": lambda r: 1 - r["sd_centred"],
              "t_stat": lambda r: r["t_stat"], "mean_offset": lambda r: r["mean_offset"]}
     for label, fn in stats.items():
-        fwd = stack(lambda r: fn(r)[:-LAG]), stack(lambda r: r["log_sigma1"][LAG:] - r["log_sigma1"][:-LAG])
-        rev = stack(lambda r: fn(r)[LAG:]), stack(lambda r: r["log_sigma1"][LAG:] - r["log_sigma1"][:-LAG])
+        fwd = stack(lambda r, fn=fn: fn(r)[:-LAG]), stack(lambda r: r["log_sigma1"][LAG:] - r["log_sigma1"][:-LAG])
+        rev = stack(lambda r, fn=fn: fn(r)[LAG:]), stack(lambda r: r["log_sigma1"][LAG:] - r["log_sigma1"][:-LAG])
         res[f"{label} vs next {LAG} steps' log sigma_1 growth"] = _corr(*fwd)
         res[f"{label} vs previous {LAG} steps' log sigma_1 growth"] = _corr(*rev)
     return res

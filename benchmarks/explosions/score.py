@@ -147,7 +147,7 @@ def evaluate(runs: list[RunSignals], detectors: list[str] | None = None, seed: i
             if det == COMBINATION:
                 model = _fit_combination(calib, cache)
 
-                def score_of(r: RunSignals) -> np.ndarray:
+                def score_of(r: RunSignals, model=model) -> np.ndarray:
                     return model.decision_function(feature_matrix(r, cache)[window(r)])
 
                 chosen: Any = "logistic(C=0.1)"

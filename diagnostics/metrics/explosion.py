@@ -174,7 +174,7 @@ class ExplosionDetector(Diagnostic):
                 if v is not None:
                     values[(metric, key)] = v
         if not values:
-            return Output(reason=(f"none of {', '.join(m for m, _ in self.signal_core.signals)} was recorded this "
+            return Output(status="skipped", reason=(f"none of {', '.join(m for m, _ in self.signal_core.signals)} was recorded this "
                                   f"step: add {', '.join(self.after)} to the diagnostics, due at the same steps"))
         state = self.state.setdefault("signals", {})
         score, alarm = self.signal_core.update(state, ctx.step, values)

@@ -8,7 +8,7 @@ from diagnostics.errors import StopTraining
 from diagnostics.metrics.explosion import ExplosionDetector, detect
 from diagnostics.metrics.spectral_alignment import SpectralAlignment
 
-PARAMS = dict(skip=5, warmup=20, smooth=3, persistence=4, min_layers=1, z=4.0, min_drop=0.15)
+PARAMS = dict(method="spectral_alignment", skip=5, warmup=20, smooth=3, persistence=4, min_layers=1, z=4.0, min_drop=0.15)
 
 
 class _OneLinear(nn.Module):
@@ -58,7 +58,7 @@ def test_online_events_equal_offline_detect(tmp_path):
     run = open_run(tmp_path / "r")
     events = run.events()
     online = events[events.kind == "explosion_warning"]
-    offline = detect(run.series(), **PARAMS)
+    offline = detect(run.series(), **{k: v for k, v in PARAMS.items() if k != "method"})
     assert list(online["step"]) == [a["step"] for a in offline] and len(offline) == 1
     assert list(online["key"]) == ["lin"] and 45 <= offline[0]["step"] <= 52
     assert set(online["severity"]) == {"warning"}

@@ -389,7 +389,7 @@ def _train_detail(run, detail_every, steps=25):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
     sa = SpectralAlignment(detail_every=detail_every)
-    detector = ExplosionDetector(skip=2, warmup=5, persistence=2)
+    detector = ExplosionDetector(method="spectral_alignment", skip=2, warmup=5, persistence=2)
     with Monitor(model, _lm_loss, run=run, diagnostics=[sa, detector], optimizer=opt, strict=True) as mon:
         for step in range(steps):
             batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
