@@ -71,6 +71,8 @@ def _layers_mean(matrix: str, kind: str, direction: str) -> Callable[[RunSignals
             series = np.nanmean(mat, axis=1)
         return score_signal(series, setting, kind, direction)
 
+    metric = {"sigma1": "sa_sigma1", "sign_diversity": "sa_sign_diversity"}[matrix]
+    fn.feature = (metric, "*mean", kind, direction)  # type: ignore[attr-defined]
     return fn
 
 

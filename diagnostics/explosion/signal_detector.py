@@ -47,7 +47,8 @@ class Feature:
     """One signal's causal score (module docstring). ``window``: half-life (z) or lag (growth) in probes.
 
     ``key="*"`` scores every key of the metric (each layer, say) on its own baseline and takes the largest
-    score over keys at each probe.
+    score over keys at each probe; ``key="*mean"`` scores the mean over keys at each probe (values that
+    are NaN left out).
     """
 
     metric: str
@@ -240,6 +241,9 @@ class SignalDetectorCore:
 
 
 def _feature_score(f: Feature, state: dict[str, Any], values: Mapping[tuple[str, str], float]) -> float:
+    if f.key == "*mean":
+        kept = [float(v) for (metric, _), v in values.items() if metric == f.metric and not math.isnan(v)]
+        return f.update(state, sum(kept) / len(kept) if kept else None)
     if f.key != "*":
         return f.update(state, values.get((f.metric, f.key)))
     keyed = state.setdefault("keys", {})
@@ -261,7 +265,7 @@ def signal_probes(
         raise ConfigError("detect() takes the series of one run; filter series_df by its 'run' column first")
     wanted = set(signals)
     metrics = {m for m, _ in wanted}
-    every_key = {m for m, k in wanted if k == "*"}
+    every_key = {m for m, k in wanted if k in ("*", "*mean")}
     df = series_df[series_df["metric"].isin(metrics) & (series_df["index"] == 0)]
     out: dict[int, dict[tuple[str, str], float]] = {}
     for step, metric, key, value in zip(df["step"], df["metric"], df["key"], df["value"]):

@@ -167,7 +167,7 @@ class ExplosionDetector(Diagnostic):
     def _compute_signals(self, ctx: StepContext) -> Output:
         values: dict[tuple[str, str], float] = {}
         for metric, key in self.signal_core.signals:
-            if key == "*":
+            if key in ("*", "*mean"):
                 values.update(ctx.recorded_keys(metric))
             else:
                 v = ctx.recorded(metric, key)

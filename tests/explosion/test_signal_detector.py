@@ -94,3 +94,13 @@ def test_every_key_takes_the_largest_score_over_keys() -> None:
     score, alarm = core.update(state, 1, {("sa_sigma1", "a"): 1.1, ("sa_sigma1", "b"): 2.0})
     assert score == pytest.approx(math.log(2.0)) and alarm is not None
     assert core.signals == [("sa_sigma1", "*")]
+
+
+def test_mean_over_keys_is_scored_as_one_series() -> None:
+    f = Feature("sa_sign_diversity", key="*mean", transform="raw", direction="down", method="growth", window=1)
+    core = SignalDetectorCore([f], threshold=0.1)
+    state: dict = {}
+    core.update(state, 0, {("sa_sign_diversity", "a"): 0.8, ("sa_sign_diversity", "b"): 0.6})
+    score, _ = core.update(state, 1, {("sa_sign_diversity", "a"): 0.2, ("sa_sign_diversity", "b"): math.nan,
+                                      ("sa_sign_diversity", "c"): 0.4})
+    assert score == pytest.approx(-(0.3 - 0.7))

@@ -115,3 +115,31 @@ def test_gpt_without_normalisation() -> None:
     assert plain(ids).shape == normed(ids).shape == (2, 8, 96)
     with pytest.raises(ConfigError, match="norm"):
         get_model("tiny-gpt", norm="post")
+
+
+@pytest.mark.parametrize("det,setting", [("sa_sign_diversity", ("z", 25)), ("sigma1", ("growth", 10)),
+                                         ("grad_norm", ("z", 25)), ("attn_logit_max", ("growth", 10))])
+def test_benchmark_scores_are_the_library_detectors(det: str, setting: tuple) -> None:
+    from benchmarks.explosions.detectors import DETECTORS, library_feature
+    from diagnostics.explosion.signal_detector import SignalDetectorCore
+
+    rng = np.random.default_rng(3)
+    run = fake_run("r", "m", 200, 0, True)
+    run.layers = {"sigma1": np.exp(rng.normal(size=(220, 3))), "sign_diversity": rng.random((220, 3))}
+    run.layers["sigma1"][50, 1] = np.nan  # a layer without a record at a step
+    run.layer_names = ["a", "b", "c"]
+    run.scalars["attn_logit_max"] = rng.normal(size=220) * 5
+    bench = DETECTORS[det].fn(run, setting)
+    core = SignalDetectorCore([library_feature(det, setting)], threshold=1e9)
+    metric = core.features[0].metric
+    matrix = {"sa_sigma1": "sigma1", "sa_sign_diversity": "sign_diversity"}.get(metric)
+    state: dict = {}
+    lib = []
+    for t in range(run.steps):
+        if matrix:
+            vals = {(metric, k): float(run.layers[matrix][t, j]) for j, k in enumerate(run.layer_names)
+                    if not np.isnan(run.layers[matrix][t, j])}
+        else:
+            vals = {(metric, "all"): float(run.scalars[det][t])}
+        lib.append(core.update(state, t, vals)[0])
+    np.testing.assert_allclose(np.nan_to_num(bench, nan=-7.0), np.nan_to_num(np.array(lib), nan=-7.0), rtol=1e-12)
