@@ -218,7 +218,7 @@ def healthy(out: Path) -> dict[str, Any]:
     from benchmarks.explosions.record import train
     from diagnostics.explosion.defaults import DEFAULT_METHOD, DEFAULT_SIGNAL_DETECTOR
     from diagnostics.explosion.detector import detect
-    from diagnostics.explosion.signal_detector import SignalDetectorCore, detect_signals
+    from diagnostics.explosion.signal_detector import SignalDetectorCore, detect_signals, signal_probes
     from diagnostics.store import open_run
 
     torch.set_num_threads(1)
@@ -229,14 +229,21 @@ def healthy(out: Path) -> dict[str, Any]:
         train(cfg, run_dir)
     with open_run(run_dir) as run:
         series, meta = run.series(), run.meta
+    peak = ""
     if DEFAULT_METHOD == "signals":
-        alarms = detect_signals(series, SignalDetectorCore(**DEFAULT_SIGNAL_DETECTOR))
+        core = SignalDetectorCore(**DEFAULT_SIGNAL_DETECTOR)
+        alarms = detect_signals(series, core)
+        state: dict[str, Any] = {}
+        scores = [(core.update(state, step, values)[0], step) for step, values in signal_probes(series, core.signals)]
+        top = max((sc for sc in scores if sc[0] == sc[0]), default=None)
+        if top is not None:
+            peak = f", highest score {top[0]:.2f} at step {top[1]} (threshold {core.threshold:.2f})"
     else:
         alarms = detect(series)
     loss = series[series.metric == "loss"]["value"]
     print(f"{cfg.run_name}: {meta['final_step'] + 1} steps, explosion step {meta['explosion_step']}, final loss "
           f"{loss.iloc[-1]:.3f}; default detector ({DEFAULT_METHOD}): {len(alarms)} alarm(s)"
-          + (f" at steps {[a['step'] for a in alarms]}" if alarms else ""))
+          + (f" at steps {[a['step'] for a in alarms]}" if alarms else "") + peak)
     return {"run": cfg.run_name, "alarms": alarms, "explosion_step": meta["explosion_step"]}
 
 

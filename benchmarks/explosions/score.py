@@ -265,7 +265,8 @@ def select_default(runs: list[RunSignals], results: dict[str, Any]) -> dict[str,
         if winner == "sa_detector":
             method, options = "spectral_alignment", {"statistic": chosen[0], "persistence": chosen[1]}
         else:
-            method, options = "signals", {"features": [library_feature(winner, chosen)]}
+            # the benchmark scores from step START on: the shipped feature's first score comes there too
+            method, options = "signals", {"features": [{**library_feature(winner, chosen), "min_obs": START}]}
     tau = _threshold(stable, scores)
     if method == "signals":
         options["threshold"] = tau
