@@ -342,16 +342,20 @@ def _detector_note(run_dir: Path) -> str | None:
     with open_run(run_dir) as run:
         settings = (run.meta.get("diagnostics") or {}).get("explosion_detector")
         scores = run.series("explosion_score")
-        probes = run.series("sa_sign_diversity")
+        if settings and settings.get("method") == "signals":
+            features = settings.get("features") or [{}]
+            metric = str(features[0].get("metric", "sa_sign_diversity"))
+            needed = max(int(f.get("min_obs", 20)) for f in features) + 1
+        else:
+            metric = "sa_sign_diversity"
+            needed = int((settings or {}).get("skip", 0)) + int((settings or {}).get("warmup", 0))
+        probes = run.series(metric)
     if not settings:
         return "the explosion detector did not run"
     if not scores.empty:
         return None
-    needed = int(settings.get("skip", 0)) + int(settings.get("warmup", 0))
     seen = int(probes["step"].nunique()) if not probes.empty else 0
-    return (
-        f"the detector never armed: its baseline needs {needed} spectral-alignment probes, the run had {seen}"
-    )
+    return f"the detector never armed: its baseline needs {needed} probes of {metric}, the run had {seen}"
 
 
 #: A file the demo leaves in its output directory: only directories carrying it are ever cleaned.

@@ -98,9 +98,11 @@ class ExplosionDetectorCore:
             value, no smoothing or persistence) raises the warning immediately for those layers: a
             sudden whole-network collapse (e.g. after a learning-rate jump) leaves no time to persist.
 
-    The defaults are the setting ``benchmarks/explosions/evaluate.py`` calibrates on the suite's seed 0
-    with at most one false alarm (``benchmarks/RESULTS.md, "Loss-explosion early warning"``, k = 1 of the frontier): sign
-    diversity, min_drop 0.4, z 3, persistence 10, min_layers 2.
+    The defaults are the setting ``benchmarks/explosions/evaluate.py`` calibrated on the first explosion
+    suite's seed 0 with at most one false alarm: sign diversity, min_drop 0.4, z 3, persistence 10,
+    min_layers 2. The Monitor's default is now the signal detector the loss-explosion benchmark selected
+    (:mod:`diagnostics.explosion.defaults`); on that benchmark this detector scores a held-out AUROC of
+    0.31 (``benchmarks/RESULTS.md``, "Loss-explosion benchmark").
 
     Cost per probe: O(layers * smooth log smooth).
     """
