@@ -94,6 +94,31 @@ def _sa_detector(run: RunSignals, setting: Any) -> np.ndarray:
     return out
 
 
+def _trainscope(name: str) -> Callable[[RunSignals, Any], np.ndarray]:
+    """trainscope's anomaly detector ``name`` (its defaults) fed the finite losses in order, as
+    ``TrainScope.step`` feeds it; the score is 1 at steps within 10 after one of its alarms, else 0."""
+
+    def fn(run: RunSignals, setting: Any) -> np.ndarray:
+        from trainscope.core.detectors import make_detector
+
+        det = make_detector({"name": name})
+        out = np.zeros(run.steps)
+        for t, v in enumerate(run.scalars["loss"]):
+            if np.isfinite(v) and det.update(float(v)) is not None:
+                out[t:t + 10] = 1.0
+        return out
+
+    return fn
+
+
+def _trainscope_available() -> bool:
+    try:
+        import trainscope.core.detectors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _learning_rate(run: RunSignals, setting: Any) -> np.ndarray:
     return run.scalars["lr"].astype(float)
 
@@ -129,6 +154,11 @@ DETECTORS: dict[str, Detector] = {
         Detector("step", (None,), _step, "trivial: the step number"),
     )
 }
+# trainscope (the bench extra) reads only the loss; its detectors have one setting each, their defaults.
+if _trainscope_available():
+    for _name in ("z_score", "percentile", "changepoint"):
+        DETECTORS[f"trainscope_{_name}"] = Detector(f"trainscope_{_name}", (None,), _trainscope(_name),
+                                                     f"trainscope's {_name} detector on the loss (its defaults)")
 
 #: (detector, setting) pairs whose scores are the features of the learned combination
 FEATURES: tuple[tuple[str, Any], ...] = tuple(

@@ -234,7 +234,9 @@ def select_default(runs: list[RunSignals], results: dict[str, Any]) -> dict[str,
     from benchmarks.explosions.detectors import FEATURES, library_feature
 
     dets = results["detectors"]
-    ranked = sorted((d for d in dets if d not in TRIVIAL and not math.isnan(dets[d]["pooled"]["auroc_50"])),
+    # trivial references and peers' detectors (trainscope) are baselines, not candidates to ship
+    ranked = sorted((d for d in dets if d not in TRIVIAL and not d.startswith("trainscope_")
+                     and not math.isnan(dets[d]["pooled"]["auroc_50"])),
                     key=lambda d: -dets[d]["pooled"]["auroc_50"])
     winner = ranked[0]
     cache: dict = {}
