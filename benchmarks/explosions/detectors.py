@@ -42,6 +42,10 @@ def _scalar(signal: str, kind: str, direction: str) -> Callable[[RunSignals, Any
     return fn
 
 
+#: per-layer matrix of RunSignals -> the metric ID it was read from
+_LAYER_METRIC = {"sigma1": "sa_sigma1", "sign_diversity": "sa_sign_diversity"}
+
+
 def _layers_max(matrix: str, kind: str, direction: str) -> Callable[[RunSignals, Any], np.ndarray]:
     """Score each layer's series, then take the largest score over layers per step."""
 
@@ -54,8 +58,7 @@ def _layers_max(matrix: str, kind: str, direction: str) -> Callable[[RunSignals,
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps stay NaN
             return np.nanmax(np.stack(cols, 1), axis=1)
 
-    metric = {"sigma1": "sa_sigma1", "sign_diversity": "sa_sign_diversity"}[matrix]
-    fn.feature = (metric, "*", kind, direction)  # type: ignore[attr-defined]
+    fn.feature = (_LAYER_METRIC[matrix], "*", kind, direction)  # type: ignore[attr-defined]
     return fn
 
 
@@ -71,8 +74,7 @@ def _layers_mean(matrix: str, kind: str, direction: str) -> Callable[[RunSignals
             series = np.nanmean(mat, axis=1)
         return score_signal(series, setting, kind, direction)
 
-    metric = {"sigma1": "sa_sigma1", "sign_diversity": "sa_sign_diversity"}[matrix]
-    fn.feature = (metric, "*mean", kind, direction)  # type: ignore[attr-defined]
+    fn.feature = (_LAYER_METRIC[matrix], "*mean", kind, direction)  # type: ignore[attr-defined]
     return fn
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from benchmarks.explosions.detectors import DETECTORS, feature_matrix
-from benchmarks.explosions.signals import RunSignals
+from benchmarks.explosions.signals import RunSignals, summarise
 
 __all__ = ["START", "HORIZONS", "LEADS", "evaluate", "auroc", "auprc"]
 
@@ -77,11 +77,11 @@ def labels(run: RunSignals, horizon: int) -> np.ndarray:
     return (run.explosion - steps) <= horizon
 
 
-def first_alarm(run: RunSignals, score: np.ndarray, tau: float) -> int | None:
-    w = window(run)
-    s = _clean(score[w])
-    hit = np.flatnonzero(s > tau)
-    return int(hit[0] + w.start) if hit.size else None
+def first_alarm(scores: np.ndarray, tau: float) -> int | None:
+    """The step of the first score above ``tau`` among a run's evaluated steps (``scores`` over its
+    :func:`window`, which starts at ``START``), or None."""
+    hit = np.flatnonzero(_clean(scores) > tau)
+    return int(hit[0] + START) if hit.size else None
 
 
 @dataclass
@@ -168,15 +168,14 @@ def evaluate(runs: list[RunSignals], detectors: list[str] | None = None, seed: i
             for r in test:
                 s = score_of(r)
                 h.scores[r.name] = s
-                hit = np.flatnonzero(_clean(s) > tau)
-                h.alarms[r.name] = int(hit[0] + START) if hit.size else None
+                h.alarms[r.name] = first_alarm(s, tau)
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(runs), len(runs)) for _ in range(BOOTSTRAP)]
-    out: dict[str, Any] = {"runs": [_run_summary(r) for r in runs], "detectors": {}}
+    out: dict[str, Any] = {"runs": [summarise(r) for r in runs], "detectors": {}}
     for det in names:
         h = held[det]
         pooled = _metrics(runs, h)
-        boot = [_metrics([runs[i] for i in idx], h, renamed=True) for idx in draws]
+        boot = [_metrics([runs[i] for i in idx], h, bootstrap=True) for idx in draws]
         intervals = {k: [_pct(boot, k, 2.5), _pct(boot, k, 97.5)] for k in pooled}
         per_mech = {m: _metrics([r for r in runs if r.mechanism == m], h) for m in mechanisms}
         out["detectors"][det] = {
@@ -194,15 +193,16 @@ def _pct(boot: list[dict[str, float]], key: str, q: float) -> float:
     return float(np.percentile(values, q)) if values else math.nan
 
 
-def _metrics(runs: list[RunSignals], h: Held, renamed: bool = False) -> dict[str, float]:
-    """AUROC/AUPRC per horizon, recall per lead, false-alarm share, over ``runs`` (repeats allowed)."""
+def _metrics(runs: list[RunSignals], h: Held, bootstrap: bool = False) -> dict[str, float]:
+    """AUROC/AUPRC per horizon, recall per lead, false-alarm share, over ``runs`` (repeats allowed).
+    ``bootstrap``: AUPRC at H = 50 only (the intervals need no other)."""
     res: dict[str, float] = {}
     scores = [h.scores[r.name] for r in runs]
     s = np.concatenate(scores) if scores else np.zeros(0)
     for horizon in HORIZONS:
         y = np.concatenate([labels(r, horizon) for r in runs]) if runs else np.zeros(0, bool)
         res[f"auroc_{horizon}"] = auroc(s, y)
-        res[f"auprc_{horizon}"] = auprc(s, y) if not renamed or horizon == 50 else math.nan
+        res[f"auprc_{horizon}"] = auprc(s, y) if not bootstrap or horizon == 50 else math.nan
     exploding = [r for r in runs if r.explosion is not None]
     stable = [r for r in runs if r.explosion is None]
     for lead in LEADS:
@@ -217,13 +217,6 @@ def _metrics(runs: list[RunSignals], h: Held, renamed: bool = False) -> dict[str
              and h.alarms[r.name] < r.perturbation]
     res["early_alarms"] = len(early) / len(exploding) if exploding else math.nan
     return res
-
-
-def _run_summary(r: RunSignals) -> dict[str, Any]:
-    return {"name": r.name, "mechanism": r.mechanism, "member": r.member, "seed": r.seed,
-            "explosion": r.explosion, "final_step": r.final_step, "perturbation": r.perturbation}
-
-
 TRIVIAL = ("learning_rate", "step")
 
 
