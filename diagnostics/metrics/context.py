@@ -34,7 +34,7 @@ DEFAULT_MAX_TOKENS = 2048
 
 # Entries still valid after optimizer.step(): norms measured before it, and the parameter copy the
 # update snapshot reuses.
-_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms", "flat_parameters", "records"})
+_KEEP_AFTER_COMPUTE = frozenset({"grad_norms", "weight_norms", "flat_parameters", "records", "records_index"})
 
 
 class StepContext:
@@ -288,20 +288,26 @@ class StepContext:
         return est, checked.num_matvecs
 
     def publish_records(self, records: Iterable[Record]) -> None:
-        """Share a diagnostic's records of this step (the runner calls it after each diagnostic)."""
-        table = self._cache.setdefault("records", {})
-        for r in records:
-            if r.index == 0:
-                table[(r.metric, r.key)] = r.value
+        """Share a diagnostic's records of this step (the runner calls it after each diagnostic). Cost: O(1);
+        the records are indexed only when a reader asks (:meth:`recorded`)."""
+        self._cache.setdefault("records", []).append(records)
+
+    def _recorded_table(self) -> dict[tuple[str, str], float]:
+        lists = self._cache.get("records", [])
+        table = self._cache.get("records_index")
+        if table is None or table[0] != len(lists):
+            values = {(r.metric, r.key): r.value for rs in lists for r in rs if r.index == 0}
+            table = self._cache["records_index"] = (len(lists), values)
+        return table[1]
 
     def recorded(self, metric: str, key: str = "all") -> float | None:
         """The value a diagnostic that ran earlier in this step recorded for ``(metric, key)`` (index 0), or
-        None. A reader declares the writers in ``after``. Cost: none."""
-        return self._cache.get("records", {}).get((metric, key))
+        None. A reader declares the writers in ``after``. Cost: O(records of the step) once per step."""
+        return self._recorded_table().get((metric, key))
 
     def recorded_keys(self, metric: str) -> dict[tuple[str, str], float]:
         """Every key's value of ``metric`` recorded earlier in this step (index 0). Cost: O(records)."""
-        return {mk: v for mk, v in self._cache.get("records", {}).items() if mk[0] == metric}
+        return {mk: v for mk, v in self._recorded_table().items() if mk[0] == metric}
 
     def publish_alignment_statistics(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
         """Share this step's spectral-alignment statistics per map key (``spectral_alignment`` calls it)."""
