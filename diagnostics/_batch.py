@@ -8,7 +8,6 @@ everywhere.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 

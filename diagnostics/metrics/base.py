@@ -10,8 +10,8 @@ to ``load_state_dict`` on resume.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from diagnostics.store.records import Event, Record

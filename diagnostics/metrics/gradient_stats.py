@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from diagnostics._batch import leading_size, slice_batch
+from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
-from diagnostics._batch import leading_size, slice_batch
-from diagnostics._state import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext

@@ -43,10 +43,16 @@ import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError
-from diagnostics.metrics.base import Output
 from diagnostics.linalg.finite import FiniteChecked
-from diagnostics.metrics.curvature_base import CurvatureDiagnostic, check_budget, failed, run_guarded, worst_status
 from diagnostics.metrics.adam_state import coming_gradient, coming_second_moment, decoupled_decay
+from diagnostics.metrics.base import Output
+from diagnostics.metrics.curvature_base import (
+    CurvatureDiagnostic,
+    check_budget,
+    failed,
+    run_guarded,
+    worst_status,
+)
 from diagnostics.metrics.misuse import misuse_event, train_mode_modules
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Event, Record

@@ -152,9 +152,7 @@ def test_weight_and_grad_ranks_match_linalg() -> None:
 
 
 def test_activation_rank_on_budget_and_alpha_req_where_defined() -> None:
-    from diagnostics.linalg import effective_rank
-
-    from diagnostics.linalg import alpha_req
+    from diagnostics.linalg import alpha_req, effective_rank
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(80, 64), nn.Tanh(), nn.Linear(64, 3))

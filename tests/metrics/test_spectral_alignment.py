@@ -6,17 +6,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.errors import ConfigError
-from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
-from diagnostics.metrics.registry import get_diagnostic, preset_names
 from diagnostics.metrics.alignment_probe import Projector
+from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
+from diagnostics.metrics.context import StepContext
+from diagnostics.metrics.explosion import ExplosionDetector
+from diagnostics.metrics.registry import get_diagnostic, preset_names
 from diagnostics.metrics.spectral_alignment import (
     SpectralAlignment,
     batched_alignment_statistics,
     find_linear_maps,
     project_rows,
 )
-from diagnostics.metrics.context import StepContext
-from diagnostics.metrics.explosion import ExplosionDetector
 from diagnostics.zoo.models import TinyGPT
 
 

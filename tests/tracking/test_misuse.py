@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from diagnostics.reports.findings import run_findings
+from diagnostics.reports.views import load_report_view
 from torch import nn
 
 from diagnostics import MisuseError, MisuseWarning, Monitor, open_run
-from diagnostics.reports.findings import run_findings
-from diagnostics.reports.views import load_report_view
 
 STEPS = 4
 
