@@ -126,12 +126,12 @@ SPECTRAL_ALIGNMENT = Panel(
              "sa_mean_abs", "sa_sigma1", "explosion_score"),
     about=("For each linear layer, the alignment a = <x, v1> / |x| of its inputs with the top right singular "
            "vector of its weight. Sign diversity 1 - |2 p+ - 1| is 1 when inputs fall on both sides of v1 and 0 "
-           "when they are all on one side; a collapse against the layer's own earlier level warns of "
-           "representational collapse and loss explosion. Some healthy layers (the LM head, early MLP layers) "
-           "are one-sided from the start, so read changes, not levels. The explosion score is the mean, over "
-           "the layers the detector watches, of each layer's deviation as a fraction of its threshold; a "
-           "warning needs at least min_layers layers past their thresholds, so it cannot fire below the "
-           "dashed level."),
+           "when they are all on one side; for uncentred inputs it mostly tracks where the mean input lies "
+           "along v1. Some healthy layers (the LM head, early MLP layers) are one-sided from the start, so "
+           "read changes, not levels. The explosion score is the default detector's: the mean sign diversity "
+           "over layers, as a falling z-score against the run's own history; a warning fires above the dashed "
+           "threshold. On the loss-explosion benchmark it ranks the steps before an explosion no better than "
+           "the learning rate and rarely warns in time (docs/explosions.md)."),
     citation=("Qiu, Wu, Tan, Wang and Yao, 2025, arXiv 2510.04202 (spectral alignment as an early warning of "
               "loss explosion); definitions in docs/metrics.md."),
     draw=_draw_sa,
