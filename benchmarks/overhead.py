@@ -209,7 +209,7 @@ def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats:
             t_step.append(t1 - t0)
             t_gsnr.append(t2 - t1)
     s, g = statistics.median(t_step), statistics.median(t_gsnr)
-    return {"step_ms": s * 1e3, "gsnr_ms": g * 1e3, "ratio": g / s}
+    return {"step_ms": s * 1e3, "gsnr_ms": g * 1e3, "ratio": g / s, "samples": out.settings["num_samples"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,9 +290,10 @@ def render(cases: list[dict[str, Any]], gsnr_rows: list[tuple[str, dict[str, flo
                          f"{row['cpu_mean_overhead_pct']:+.1f}% |")
         lines += [f"- {n}" for n in case["notes"]] + [""]
     lines += ["### GSNR (per-sample gradients by vmap + statistics) vs one training step", "",
-              "| model | training step (ms) | GSNR (ms) | ratio |", "|---|---|---|---|"]
+              "| model | training step (ms) | GSNR at its default (ms) | samples used | ratio |",
+              "|---|---|---|---|---|"]
     for label, g in gsnr_rows:
-        lines.append(f"| {label} | {g['step_ms']:.2f} | {g['gsnr_ms']:.2f} | {g['ratio']:.2f}x |")
+        lines.append(f"| {label} | {g['step_ms']:.2f} | {g['gsnr_ms']:.2f} | {g['samples']} | {g['ratio']:.2f}x |")
     return "\n".join(lines)
 
 

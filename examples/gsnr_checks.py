@@ -78,7 +78,7 @@ def train_with_gsnr(random_labels: bool, probes: tuple[int, ...], probe_size: in
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(0)
     kept = None
-    with Monitor(model, cross_entropy, run=run_dir, diagnostics=[get_diagnostic("gsnr", every=1)], optimizer=opt,
+    with Monitor(model, cross_entropy, run=run_dir, diagnostics=[get_diagnostic("gsnr", every=1, max_samples=None)], optimizer=opt,
                  strict=True) as monitor:
         for step in range(max(probes) + 1):
             if step in probes:
@@ -130,7 +130,7 @@ def microbatch_check(model: nn.Module, size: int, micro: tuple[int, ...], step: 
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(7))[:size]
     batch = (x[perm], y[perm])
     ctx = StepContext(step=0, model=model, loss_fn=cross_entropy, batch=batch, loss=None)
-    per_sample = _value(get_diagnostic("gsnr").compute(ctx), "gsnr_mean")
+    per_sample = _value(get_diagnostic("gsnr", max_samples=None).compute(ctx), "gsnr_mean")
     say(f"\n2. micro-batch against per-sample GSNR, real-label model at step {step}, one batch of {size}: "
         f"per-sample gsnr_mean {per_sample:.5f}")
     checks = []
@@ -162,7 +162,7 @@ def closed_form_check(batches: int, n: int, say) -> list[tuple[str, float, bool]
         return 0.5 * (m(xb)[:, 0] - yb).square().mean()
 
     gen = torch.Generator().manual_seed(11)
-    diag = get_diagnostic("gsnr")
+    diag = get_diagnostic("gsnr", max_samples=None)
     stored, raw, per_elem = [], [], torch.zeros(d, dtype=torch.float64)
     from diagnostics.gradients import gsnr, per_sample_gradients
 

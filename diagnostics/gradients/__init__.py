@@ -3,9 +3,11 @@
 from diagnostics.gradients.per_sample import DEFAULT_MEMORY_BYTES, per_sample_gradients
 from diagnostics.gradients.stats import (
     GSNR_EPS,
+    GradientMoments,
     GSNRSummary,
     NoiseScaleEMA,
     NoiseScaleParts,
+    gradient_moments,
     gradient_noise_parts,
     gradient_noise_scale,
     gsnr,
@@ -17,6 +19,8 @@ from diagnostics.gradients.stats import (
 
 __all__ = [
     "per_sample_gradients",
+    "gradient_moments",
+    "GradientMoments",
     "gsnr",
     "gsnr_raw",
     "gsnr_summary",

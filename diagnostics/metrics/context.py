@@ -152,30 +152,35 @@ class StepContext:
         return self.cached("params", lambda: {n: p.detach() for n, p in self.named_parameters()})
 
     # --- shared expensive intermediates -----------------------------------------------------------
-    def per_sample_grads(self, params: Any = None, mode: str = "eval") -> dict[str, torch.Tensor]:
+    def per_sample_grads(self, params: Any = None, mode: str = "eval",
+                         max_samples: int | None = None) -> dict[str, torch.Tensor]:
         """Per-sample gradients ``{name: [N, *shape]}`` of the step's batch; computed once per step.
 
         ``mode="eval"`` (default) takes them with dropout off and BatchNorm on running statistics: a
         single sample has no batch statistics, and dropout would make each sample's gradient random.
+        ``max_samples`` keeps only the batch's first ``max_samples`` samples (None: all of them).
 
-        Cost: one vmap(grad) pass over the batch, about the cost of N single-sample backward passes
-        batched (chunked to ``max_memory_bytes``).
+        Cost: one vmap(grad) pass over the (kept) samples, about the cost of N single-sample backward
+        passes batched (chunked to ``max_memory_bytes``).
         """
         from diagnostics.gradients import per_sample_gradients
 
         if mode not in ("eval", "train"):
             raise ConfigError(f"per-sample gradient mode must be 'eval' or 'train', got {mode!r}")
         pkey = None if params is None else params if isinstance(params, str) else tuple(params)
+        n = leading_size(self.batch)
+        keep = n if max_samples is None or n is None else min(n, int(max_samples))
 
         def run() -> dict[str, torch.Tensor]:
+            batch = self.batch if keep == n else slice_batch(self.batch, keep)
             with contextlib.ExitStack() as stack:
                 if mode == "eval":
                     stack.enter_context(eval_mode(self.model))
                 return per_sample_gradients(
-                    self.model, self.loss_fn, self.batch, params=params, max_memory_bytes=self.max_memory_bytes
+                    self.model, self.loss_fn, batch, params=params, max_memory_bytes=self.max_memory_bytes
                 )
 
-        return self.cached(("per_sample_grads", pkey, mode), run)
+        return self.cached(("per_sample_grads", pkey, mode, keep), run)
 
     def curvature(self, kind: str = "hessian", params: Any = None) -> Any:
         """A Hessian or GGN operator of the mean loss on the fixed probe data; built once per step.

@@ -42,6 +42,10 @@ def summary_records(prefix: str, summary: Any) -> list[Record]:
     return out
 
 
+#: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step.
+DEFAULT_GSNR_SAMPLES = 8
+
+
 @register
 class GSNRDiagnostic(Diagnostic):
     """GSNR from per-sample gradients and the gradient noise scale.
@@ -54,8 +58,11 @@ class GSNRDiagnostic(Diagnostic):
 
     A "sample" is one unit of the batch's leading dimension: an image, or a whole sequence for a
     language model. Per-sample gradients are taken in eval mode (dropout off, BatchNorm on running
-    statistics) and shared with every other diagnostic that needs them at the step. Cost: one vmap(grad)
-    pass over the batch (measured by ``benchmarks/overhead.py`` against one training step).
+    statistics) from the batch's first ``max_samples`` samples (default 8; None: the whole batch) and
+    shared with every other diagnostic that needs them at the step. Fewer samples cost less and give a
+    noisier estimate: the corrected ratio's remaining bias is a relative ``2 / (N - 3)`` for Gaussian
+    gradients (docs/metrics.md, "GSNR"). Cost: one vmap(grad) pass over N samples and one pass over
+    their gradients (``benchmarks/overhead.py`` measures it against one training step).
     """
 
     name = "gsnr"
@@ -66,11 +73,16 @@ class GSNRDiagnostic(Diagnostic):
                                           "grad_noise_scale", "grad_noise_trace", "grad_noise_sqnorm")
 
     def __init__(self, every: int | None = None, start: int = 0, params: Any = None,
-                 noise_ema: float = 0.9) -> None:
+                 noise_ema: float = 0.9, max_samples: int | None = DEFAULT_GSNR_SAMPLES) -> None:
         super().__init__(every, start)
         if not (isinstance(noise_ema, (int, float)) and 0.0 <= noise_ema < 1.0):
             raise ConfigError(f"gsnr: noise_ema (decay per probe) must be in [0, 1), got {noise_ema!r}")
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                        or max_samples < 2):
+            raise ConfigError(f"gsnr: max_samples must be an integer >= 2 (samples per estimate) or None "
+                              f"(the whole batch), got {max_samples!r}")
         self.params = params
+        self.max_samples = max_samples
         self.noise_ema = float(noise_ema)
         #: running averages of the two parts of B_simple (NoiseScaleEMA's state).
         self.state.update(noise={"trace": 0.0, "sqnorm": 0.0, "count": 0})
@@ -78,18 +90,21 @@ class GSNRDiagnostic(Diagnostic):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "params": self.params, "mode": "eval", "estimator": "per_sample",
                 "variance": "unbiased", "gsnr": "bias-corrected (m^2 - s^2/N) / s^2, unclipped",
-                "gsnr_raw": "m^2 / population variance", "noise_ema": self.noise_ema}
+                "gsnr_raw": "m^2 / population variance", "noise_ema": self.noise_ema,
+                "max_samples": self.max_samples}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import NoiseScaleEMA, gradient_noise_parts, gsnr, gsnr_raw, gsnr_summary
+        from diagnostics.gradients import NoiseScaleEMA, gradient_moments, gsnr_summary
 
         n = leading_size(ctx.batch)
         if n is None or n < 2:
             return Output(status="failed", reason=f"GSNR needs a batch of at least 2 samples, got {n}")
-        ps = ctx.per_sample_grads(self.params)
-        records = summary_records("gsnr", gsnr_summary(gsnr(ps)))
-        records += summary_records("gsnr_raw", gsnr_summary(gsnr_raw(ps)))
-        parts = gradient_noise_parts(ps)
+        if self.max_samples is not None:
+            n = min(n, self.max_samples)
+        moments = gradient_moments(ctx.per_sample_grads(self.params, max_samples=n))
+        records = summary_records("gsnr", gsnr_summary(moments.gsnr()))
+        records += summary_records("gsnr_raw", gsnr_summary(moments.gsnr_raw()))
+        parts = moments.noise_parts()
         if not (math.isfinite(parts.trace) and math.isfinite(parts.sqnorm)):
             return Output(status="failed", reason="non-finite per-sample gradients")
         ema = NoiseScaleEMA(self.noise_ema, state=self.state["noise"])

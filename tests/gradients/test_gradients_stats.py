@@ -236,3 +236,37 @@ def test_microbatch_gsnr_estimates_b_times_the_per_sample_gsnr() -> None:
     assert plain / b == pytest.approx((m - 1) / (m - 3), rel=0.06)  # the ratio bias at N = M
     few = [{"w": g[i * b : (i + 1) * b].mean(0)} for i in range(8)]
     assert float(microbatch_gsnr(few)["w"].mean()) / per_sample / b == pytest.approx(1.0, rel=0.15)
+
+
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=12))
+def test_median_is_numpys_with_ties_and_even_counts(values: list[int]) -> None:
+    from diagnostics.gradients.stats import _median
+
+    assert _median(torch.tensor(values, dtype=torch.float64)) == float(np.median(values))
+
+
+def test_gradient_moments_serve_gsnr_and_noise_parts_from_one_pass() -> None:
+    from diagnostics.gradients import gradient_moments
+
+    g = {"w": torch.randn(6, 4, 3, dtype=torch.float64), "b": torch.randn(6, 3, dtype=torch.float64)}
+    moments = gradient_moments(g)
+    flat = torch.cat([t.reshape(6, -1) for t in g.values()], 1)
+    assert moments.n == 6
+    torch.testing.assert_close(moments.var["w"], g["w"].var(0, correction=1))
+    torch.testing.assert_close(moments.mean["b"], g["b"].mean(0))
+    parts = moments.noise_parts()
+    trace = float(flat.var(0, correction=1).sum())
+    assert math.isclose(parts.trace, trace, rel_tol=1e-12)
+    assert math.isclose(parts.sqnorm, float(flat.mean(0).square().sum()) - trace / 6, rel_tol=1e-12)
+    # float32 gradients: the statistics agree with float64 ones to float32 accuracy
+    g32 = {k: v.float() for k, v in g.items()}
+    for k, v in gradient_moments(g32).gsnr().items():
+        torch.testing.assert_close(v, moments.gsnr()[k], rtol=1e-4, atol=1e-6)
+
+
+def test_median_of_large_inputs_is_numpys() -> None:
+    from diagnostics.gradients.stats import _median
+
+    x = torch.randn(10_000, dtype=torch.float64)
+    assert _median(x) == float(np.median(x.numpy()))
+    assert _median(x[:9_999]) == float(torch.kthvalue(x[:9_999], 5_000).values)

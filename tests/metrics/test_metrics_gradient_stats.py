@@ -88,10 +88,27 @@ def test_gsnr_matches_per_sample_loop_in_eval_mode() -> None:
         assert math.isclose(rec[("grad_noise_scale", "all")], float(trace / g2), rel_tol=1e-9)
 
 
+def test_gsnr_uses_the_first_max_samples_samples() -> None:
+    model, batch = setup(n=16)
+    model.eval()
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    out = get_diagnostic("gsnr").compute(ctx)
+    assert out.settings["num_samples"] == 8  # the default subsample
+    first8 = [(batch[0][i : i + 1], batch[1][i : i + 1]) for i in range(8)]
+    check_summary(records(out), "gsnr", brute_gsnr(loop_grads(model, first8)))
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    out = get_diagnostic("gsnr", max_samples=None).compute(ctx)
+    assert out.settings["num_samples"] == 16
+    every = [(batch[0][i : i + 1], batch[1][i : i + 1]) for i in range(16)]
+    check_summary(records(out), "gsnr", brute_gsnr(loop_grads(model, every)))
+    with pytest.raises(ConfigError, match="max_samples"):
+        get_diagnostic("gsnr", max_samples=1)
+
+
 def test_grad_noise_scale_is_the_ratio_of_running_averages_kept_in_state() -> None:
     from diagnostics.gradients import gradient_noise_parts
 
-    d = get_diagnostic("gsnr", noise_ema=0.5)
+    d = get_diagnostic("gsnr", noise_ema=0.5, max_samples=None)
     parts = []
     for step, seed in enumerate((0, 1, 2)):
         model, batch = setup(n=16)
