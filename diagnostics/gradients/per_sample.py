@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diagnostics._batch import batch_size, to_device
 from diagnostics._kernels import twice_differentiable
 from diagnostics._state import isolated, seed_private
 from diagnostics.errors import DataError, LossError
-from diagnostics._batch import batch_size, to_device
 from diagnostics.loss import check_loss, default_loss, functional_call_fn, select_params
 
 __all__ = ["per_sample_gradients", "DEFAULT_MEMORY_BYTES"]
