@@ -525,7 +525,8 @@ def run_large_p(name: str, baseline: str | None, repeats: int, tols: tuple[float
             book = total - prod
             basis = res.settings.get("basis_dtype", "float64")
             note = (f"converged={res.all_converged} restarts={res.settings['restarts']} basis={basis} "
-                    f"m={res.settings['max_steps']} extra passes={res.settings.get('extra_passes', '-')}")
+                    f"m={res.settings['max_steps']} extra passes={res.settings.get('extra_passes', '-')} "
+                    f"skipped subtractions={res.settings.get('skipped_passes', '-')}")
             print(f"  top-10 tol={tol:g} {label:<22} total {total:7.2f} s  products {prod:7.2f} s ({n} products, "
                   f"{prod / n * 1e3:.0f} ms each)  bookkeeping {book:6.2f} s = {book / prod:6.1%} of products  "
                   f"{note}", flush=True)
