@@ -3,10 +3,12 @@
 - v_1 of each map is tracked by warm-started power iteration (:func:`diagnostics.linalg.power.power_steps`
   after a cold start by :func:`diagnostics.linalg.power.top_singular_vector`), never a full SVD; the
   warm start also carries the sign of v_1 from probe to probe, so p+ and the mean form continuous series.
-- inputs are seen by scoped forward pre-hooks (:func:`projection_hooks`); inside the hook the rows are
-  subsampled to the token budget with a private generator and projected on v_1 in chunks, so only the
-  cosines are kept: activations are never stored, and the memory added is independent of the sequence
-  length.
+- inputs are seen by scoped forward pre-hooks (:func:`projection_hooks`); inside the hook only a token
+  subsample of the rows is gathered (one draw from a private generator per forward, shared by the
+  modules), so the memory added is the token budget times the input width per module, independent of
+  the sequence length; after the forward :func:`project_all` projects every module's rows on its v_1
+  in a few batched products (one per input width), on the device, leaving one host transfer for the
+  statistics.
 
 Definitions: docs/metrics.md, "Spectral alignment".
 """
@@ -26,7 +28,8 @@ from diagnostics.linalg.power import power_steps, top_singular_vector
 from diagnostics.metrics.alignment_stats import finish_cosines
 from diagnostics.metrics.linear_maps import LinearMap
 
-__all__ = ["Projector", "group_by_module", "project_rows", "projection_hooks", "top_vectors"]
+__all__ = ["Projector", "RowSampler", "gather_rows", "group_by_module", "project_all", "project_rows",
+           "projection_hooks", "top_vectors"]
 
 
 def _input_tensor(kind: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
@@ -97,21 +100,58 @@ def project_rows(
     return finish_cosines(out) if finish else out
 
 
-class Projector:
-    """Forward pre-hook target of one module: projects its inputs on the v_1 of its maps, within budget.
+class RowSampler:
+    """The token rows the hooks of one forward keep: one uniform draw (with replacement, from a private
+    generator) per distinct row count and budget, shared by every module that sees that many rows.
 
-    Keeps only the cosines (at most ``budget`` rows over all the forwards it sees, on the CPU), never the
-    inputs. Cost per forward: O(rows kept * in * K).
+    Sharing the draw keeps one ``randint`` per forward instead of one per module, and makes every map's
+    cosines come from the same token positions. Each map's sample is still uniform over its own rows.
     """
 
-    def __init__(
-        self, kind: str, V: torch.Tensor, budget: int, generator: torch.Generator, chunk: int
-    ) -> None:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self._picks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def pick(self, n: int, k: int, device: torch.device) -> torch.Tensor | None:
+        """``k`` row indices in ``[0, n)`` on ``device``, or None when all ``n <= k`` rows are kept."""
+        if n <= k:
+            return None
+        key = (n, k, device)
+        idx = self._picks.get(key)
+        if idx is None:
+            idx = torch.randint(n, (k,), generator=self.generator).to(device)
+            self._picks[key] = idx
+        return idx
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """A ``[R, in]`` copy of the rows ``idx`` of ``x`` ``[..., in]`` (all rows when None).
+
+    A contiguous ``x`` is viewed as ``[n, in]``; a strided one is indexed by multi-index, so it is never
+    copied whole. Cost: one gather of R rows.
+    """
+    lead = x.shape[:-1]
+    if x.is_contiguous():
+        flat = x.view(-1, x.shape[-1])
+        return flat.clone() if idx is None else flat.index_select(0, idx)
+    if idx is None:
+        return x.reshape(-1, x.shape[-1]).clone()
+    return x[torch.unravel_index(idx, lead)] if len(lead) > 1 else x[idx]
+
+
+class Projector:
+    """Forward pre-hook target of one module: keeps a token subsample of its inputs within budget.
+
+    The hook only gathers rows (at most ``budget`` over all the forwards it sees, on the input's device);
+    :func:`project_all` projects the rows of every module at once after the forward. Memory:
+    ``budget * in`` values per module, whatever the sequence length. Cost per forward: one gather.
+    """
+
+    def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler) -> None:
         self.kind = kind
         self.V = V
         self.budget = budget
-        self.generator = generator
-        self.chunk = chunk
+        self.sampler = sampler
         self.blocks: list[torch.Tensor] = []
         self.count = 0
 
@@ -122,14 +162,58 @@ class Projector:
         x = _input_tensor(self.kind, args, kwargs)
         if x is None or x.shape[-1] != self.V.shape[0]:
             return
+        n = math.prod(x.shape[:-1])
+        if n == 0:
+            return
         with torch.no_grad():  # on the training forward: never part of the user's graph
-            cos = project_rows(x, self.V, room, self.generator, self.chunk, finish=False)
-        self.blocks.append(cos if cos.device.type == "cpu" else cos.cpu())
-        self.count += cos.shape[0]
+            rows = gather_rows(x, self.sampler.pick(n, room, x.device))
+        self.blocks.append(rows)
+        self.count += rows.shape[0]
 
-    def cosines(self) -> torch.Tensor | None:
-        """The ``[R, K]`` cosines seen so far (not finished: see :func:`project_rows`), or None."""
-        return torch.cat(self.blocks, 0) if self.blocks else None
+    def rows(self) -> torch.Tensor | None:
+        """The ``[R, in]`` rows kept so far, or None."""
+        if not self.blocks:
+            return None
+        if len(self.blocks) > 1:
+            self.blocks = [torch.cat(self.blocks, 0)]
+        return self.blocks[0]
+
+    def cosines(self, chunk_rows: int = 256) -> torch.Tensor | None:
+        """The ``[R, K]`` cosines of the rows kept (not finished: see :func:`project_rows`), or None."""
+        return project_all({"": self}, chunk_rows).get("")
+
+
+def project_all(projectors: Mapping[str, Projector], chunk_rows: int = 256,
+                eps: float = 1e-12) -> dict[str, torch.Tensor]:
+    """Cosines of every projector's rows with its V: ``{name: [R, K]}`` (not finished).
+
+    Modules whose rows and V have the same shapes, dtype and device are projected together, one batched
+    product per ``chunk_rows`` rows: a transformer's maps fall into a few such groups (one per input
+    width), so the kernel count does not grow with the number of layers. Zero rows give cosine 0,
+    non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0).
+    Cost: O(R * in * K) per module.
+    """
+    groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for name, proj in projectors.items():
+        rows = proj.rows()
+        if rows is None or rows.shape[0] == 0:
+            continue
+        key = (tuple(rows.shape), proj.V.shape[1], rows.dtype, rows.device)
+        groups.setdefault(key, []).append((name, rows, proj.V))
+    out: dict[str, torch.Tensor] = {}
+    for (_, _, dtype, device), items in groups.items():
+        dtype = torch.promote_types(dtype, torch.float32)
+        X = torch.stack([r for _, r, _ in items]) if len(items) > 1 else items[0][1][None]
+        V = torch.stack([v.to(device=device, dtype=dtype) for _, _, v in items])  # [G, in, K]
+        blocks = []
+        for lo in range(0, X.shape[1], chunk_rows):
+            part = X[:, lo : lo + chunk_rows].to(dtype)
+            norms = torch.linalg.vector_norm(part, dim=2, keepdim=True).clamp_min_(eps)
+            blocks.append(torch.bmm(part, V).div_(norms))
+        cos = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        for i, (name, _, _) in enumerate(items):
+            out[name] = cos[i]
+    return out
 
 
 def group_by_module(
@@ -150,20 +234,20 @@ def projection_hooks(
     modules: dict[str, nn.Module],
     budget: int,
     generator: torch.Generator,
-    chunk: int,
 ) -> Iterator[dict[str, Projector]]:
-    """Scoped forward pre-hooks projecting each module's inputs on its maps' v_1; removed in finally.
+    """Scoped forward pre-hooks keeping a token subsample of each module's inputs; removed in finally.
 
-    Yields ``{module name: Projector}``; read ``Projector.cosines()`` after the forward. Cost: the
-    projections only (see :class:`Projector`).
+    Yields ``{module name: Projector}``; after the forward, :func:`project_all` gives the cosines. Cost:
+    one gather per module and forward (see :class:`Projector`).
     """
     projectors: dict[str, Projector] = {}
     handles = []
+    sampler = RowSampler(generator)
     try:
         for mname, group in by_module.items():
             cols = [vectors[mp.key] for mp in group]
             V = torch.stack([v.to(torch.promote_types(v.dtype, torch.float32)) for v in cols], 1)
-            proj = Projector(group[0].kind, V, budget, generator, chunk)
+            proj = Projector(group[0].kind, V, budget, sampler)
             projectors[mname] = proj
             handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
         yield projectors

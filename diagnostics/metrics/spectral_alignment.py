@@ -15,8 +15,10 @@ enough to run every step:
 
 - v_1 is tracked by warm-started power iteration, one step per probe by default (two products with W),
   never a full SVD; the warm start carries the sign of v_1 from probe to probe.
-- inputs are projected on v_1 inside scoped forward pre-hooks during one no-grad, eval-mode forward over
-  a random subsample of the step's batch holding about ``max_tokens`` tokens; only the cosines are kept.
+- scoped forward pre-hooks keep a token subsample (about ``max_tokens`` rows per map, the same token
+  positions for every map) of the inputs seen in one no-grad, eval-mode forward over a random subsample
+  of the step's batch; after it the rows of all maps are projected on their v_1 in a few batched
+  products (one per input width).
 - when the Monitor runs this diagnostic every step it holds the same hooks open from the end of one
   ``monitor.step`` to the start of the next (:meth:`SpectralAlignment.observe_training_forward`), so
   the user's training forward is measured and no extra forward runs; without an observed forward the
@@ -44,6 +46,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_probe import (
     Projector,
     group_by_module,
+    project_all,
     project_rows,
     projection_hooks,
     top_vectors,
@@ -98,7 +101,8 @@ class SpectralAlignment(Diagnostic):
         fused_qkv, qkv_patterns, qkv_groups: fused projections as one map or split (see
             :func:`~diagnostics.metrics.linear_maps.find_linear_maps`).
         max_tokens: token budget per map and step (subsample with a private generator).
-        chunk_tokens: rows projected at once inside a hook (bounds the memory added per map).
+        chunk_tokens: rows projected at once after the forward (bounds the temporaries of the batched
+            projection).
         power_iters: power iterations per probe, warm-started from the previous v_1 (1 by default).
         init_iters: iterations for a map's first probe (cold start), with tolerance ``init_tol``.
         seed: seed of the private generator for the subsample (each step uses seed + step).
@@ -112,7 +116,8 @@ class SpectralAlignment(Diagnostic):
 
     Cost per step: one no-grad forward over about ``max_tokens`` tokens (none when the Monitor observed
     the training forward: the projections then run in its hooks), ``2 * power_iters + 1`` products
-    with each weight, O(max_tokens * in) per map for the projections, one batched pass for the
+    with each weight, O(max_tokens * in) per map for the projections (kept rows: ``max_tokens * in``
+    values per map until the step's probe), one batched pass for the
     statistics (plus one sort on detail probes); 5 records per map, 30 on detail probes.
     """
 
@@ -176,6 +181,7 @@ class SpectralAlignment(Diagnostic):
         self.seed = int(seed)
         self._maps: list[LinearMap] | None = None
         self._model_id: int | None = None
+        self._modules: dict[str, nn.Module] | None = None
         self._watched: tuple[int, dict[str, list[LinearMap]], dict[str, Projector]] | None = None
         self._watching = False
         self.last_source: str | None = None
@@ -209,7 +215,15 @@ class SpectralAlignment(Diagnostic):
                 qkv_groups=self.qkv_groups,
             )
             self._model_id = id(model)
+            self._modules = None
         return self._maps
+
+    def modules_of(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The monitored maps' modules by name (looked up once per model)."""
+        maps = self.maps(model)
+        if self._modules is None:
+            self._modules = resolve_modules(model, maps)
+        return self._modules
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[None]:
@@ -235,7 +249,7 @@ class SpectralAlignment(Diagnostic):
             yield
             return
         maps = self.maps(model)
-        modules = resolve_modules(model, maps)
+        modules = self.modules_of(model)
         by_module = group_by_module(maps, vectors)
         count = self.state.get("watched", 0)
         self.state["watched"] = count + 1
@@ -243,7 +257,7 @@ class SpectralAlignment(Diagnostic):
         # The hooks work on detached inputs, so the training forward's autograd graph is untouched.
         self._watching = True
         try:
-            with projection_hooks(by_module, vectors, modules, self.max_tokens, gen, self.chunk_tokens) as projectors:
+            with projection_hooks(by_module, vectors, modules, self.max_tokens, gen) as projectors:
                 yield
         finally:
             self._watching = False
@@ -285,7 +299,7 @@ class SpectralAlignment(Diagnostic):
         if not maps:
             ctx.publish_alignment_statistics({})
             return {}, 0.0
-        modules = resolve_modules(model, maps)
+        modules = self.modules_of(model)
         watched, self._watched = self._watched, None
         tops = top_vectors(
             maps,
@@ -312,7 +326,7 @@ class SpectralAlignment(Diagnostic):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
             sub = _subsample(ctx.batch, self.max_tokens, gen)
             t0 = time.perf_counter()
-            with projection_hooks(by_module, vectors, modules, self.max_tokens, gen, self.chunk_tokens) as projectors:
+            with projection_hooks(by_module, vectors, modules, self.max_tokens, gen) as projectors:
                 with torch.no_grad(), eval_mode(model):
                     ctx.loss_fn(model, sub)
             fwd_seconds = time.perf_counter() - t0
@@ -323,10 +337,7 @@ class SpectralAlignment(Diagnostic):
         detail = probe % self.detail_every == 0
         # Group the cosine columns by token count so each group is one batched statistics pass.
         columns: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        for mname, proj in projectors.items():
-            cos = proj.cosines()
-            if cos is None or cos.shape[0] == 0:
-                continue
+        for mname, cos in project_all(projectors, self.chunk_tokens).items():
             for j, mp in enumerate(by_module[mname]):
                 columns.setdefault(cos.shape[0], []).append((mp.key, cos[:, j]))
         stats: dict[str, dict[str, Any]] = {}

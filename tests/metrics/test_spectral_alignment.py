@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.errors import ConfigError
-from diagnostics.metrics.alignment_probe import Projector
+from diagnostics.metrics.alignment_probe import Projector, RowSampler, project_all
 from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.explosion import ExplosionDetector
@@ -200,7 +200,7 @@ class _MaxAlloc(TorchDispatchMode):
 
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_memory_bounded_with_long_sequences(contiguous):
-    # The largest tensor allocated while projecting does not grow with the sequence length.
+    # The largest tensor allocated while keeping and projecting rows does not grow with the sequence length.
     d_in, budget, chunk = 32, 256, 64
     V = torch.nn.functional.normalize(torch.randn(d_in, 3), dim=0)
     peaks = []
@@ -208,14 +208,31 @@ def test_memory_bounded_with_long_sequences(contiguous):
         x = torch.randn(2, length, d_in)
         if not contiguous:
             x = torch.randn(length, 2, d_in).transpose(0, 1)  # [2, L, d] with strides of a transposed tensor
-        proj = Projector("linear", V, budget, torch.Generator().manual_seed(0), chunk)
+        proj = Projector("linear", V, budget, RowSampler(torch.Generator().manual_seed(0)))
         with _MaxAlloc() as mode:
             proj(nn.Identity(), (x,), {})
             proj(nn.Identity(), (x,), {})  # a second call finds the budget spent
-        assert proj.cosines().shape == (budget, 3)
+            cos = proj.cosines(chunk)
+        assert cos.shape == (budget, 3)
+        torch.testing.assert_close(cos, project_rows(proj.rows(), V, budget, finish=False))
         peaks.append(mode.max_numel)
     assert peaks[0] == peaks[1]
-    assert peaks[1] <= max(chunk * d_in, budget * 3)
+    assert peaks[1] <= budget * d_in
+
+
+def test_maps_of_one_width_are_projected_together_and_share_token_positions():
+    torch.manual_seed(0)
+    x = torch.randn(4, 50, 16)
+    V1, V2 = (torch.nn.functional.normalize(torch.randn(16, 1), dim=0) for _ in range(2))
+    sampler = RowSampler(torch.Generator().manual_seed(3))
+    a, b = Projector("linear", V1, 64, sampler), Projector("linear", V2, 64, sampler)
+    a(nn.Identity(), (x,), {})
+    b(nn.Identity(), (2.0 * x,), {})
+    torch.testing.assert_close(2.0 * a.rows(), b.rows())  # the same token positions
+    cos = project_all({"a": a, "b": b})
+    rows = a.rows()
+    for name, V in (("a", V1), ("b", V2)):
+        torch.testing.assert_close(cos[name][:, 0], alignment_cosines(rows, V[:, 0]))
 
 
 def test_token_budget_through_the_diagnostic_on_long_inputs():
