@@ -136,6 +136,7 @@ class BudgetScheduler:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._clock = clock
+        self._intervals_memo: tuple[Any, dict[str, float]] | None = None
         self.budget = float(budget)
         self.window = int(window)
         self.second_after = int(second_after)
@@ -276,6 +277,15 @@ class BudgetScheduler:
         nothing or it has not been measured yet. Cost: O(number of scheduled diagnostics squared)."""
         if self.step_seconds is None:
             return {n: math.inf for n in self.leaders}
+        # due() and due_next() ask several times per step with the same measurements.
+        key = (self.step_seconds, self.fixed_seconds, tuple(self.cost.items()))
+        if self._intervals_memo is not None and self._intervals_memo[0] == key:
+            return dict(self._intervals_memo[1])
+        out = self._intervals()
+        self._intervals_memo = (key, out)
+        return dict(out)
+
+    def _intervals(self) -> dict[str, float]:
         rate = max(0.0, self.budget * self.step_seconds - (self.fixed_seconds or 0.0))
         cost = {n: self._lead_cost(n) for n in self.leaders}
         share: dict[str, float] = {}
