@@ -24,6 +24,9 @@ case, and the gap pays for it. So over any window of ``window`` (200) or more st
 overhead, ``F`` plus the scheduled runs, stays within the budget, as long as no single run costs more
 than half its share of such a window (a costlier diagnostic gets the guarantee over ``2 r`` steps).
 
+A run's cost is the second run's measurement, then a moving average: the first run carries one-time work (a cold
+start, an extra forward before one was observed, first-call imports).
+
 Besides the rule, and not limited by the budget: each scheduled diagnostic's first run comes in the first
 steps (a short run shows every signal), the long probes (curvature, per-sample gradients, a default
 schedule of 100 steps or more) one per step in the order of the list so that no step stalls for all of
@@ -226,7 +229,12 @@ class BudgetScheduler:
             if name not in self.scheduled or not math.isfinite(s):
                 continue
             self._prev_scheduled += s
-            self.cost[name] = _average(self.cost.get(name), float(s), _COST_SMOOTHING)
+            if self.runs.get(name, 0) == 2:
+                # The first run carries one-time work (a cold start instead of a warm one, an extra forward
+                # before a forward was observed, first-call imports): the second replaces it.
+                self.cost[name] = float(s)
+            else:
+                self.cost[name] = _average(self.cost.get(name), float(s), _COST_SMOOTHING)
 
     def _begin(self, step: int) -> None:
         """Close the last call's books (its monitor time, the fixed part of it, the training time since)."""

@@ -350,3 +350,25 @@ def test_a_resumed_run_continues_the_schedule(tmp_path: Path) -> None:
         fresh_rows = other.status()
     assert set(resumed_rows.diagnostic) == {"loss"}  # no probe ran again at once
     assert {"weight_rank", "grad_rank", "spectral_alignment"} <= set(fresh_rows.diagnostic)
+
+
+def test_the_first_runs_one_time_cost_does_not_set_the_schedule() -> None:
+    # A first run that costs 1000x the later ones (a cold start, an extra forward, first-call imports)
+    # must not starve the diagnostic for the rest of the run: the second run's cost replaces it.
+    diags = resolve_diagnostics("standard")
+    clock = Clock()
+    sched = BudgetScheduler(DEFAULT_BUDGET, diags, set(), clock=clock)
+    seen: dict[str, int] = {}
+    for step in range(1200):
+        clock.t += 0.010
+        with sched.call():
+            due = sched.due(step, diags)
+            costs = {}
+            for d in due:
+                seen[d.name] = seen.get(d.name, 0) + 1
+                base = COSTS.get(d.name, 0.0)
+                costs[d.name] = base * (1000 if seen[d.name] == 1 and d.name == "weight_rank" else 1)
+            clock.t += 0.0002 + sum(costs.values())
+            sched.account({n: Status(n, "ok", None, c) for n, c in costs.items()})
+    assert sched.intervals()["weight_rank"] < 50
+    assert seen["weight_rank"] > 1200 / 50
