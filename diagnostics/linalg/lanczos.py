@@ -47,22 +47,21 @@ import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError
+from diagnostics.linalg.lanczos_basis import (
+    DEFAULT_BASIS_BYTES,
+    MIN_SPARE_VECTORS,
+    WORK_VECTORS,
+    _basis_size,
+    _resolve_basis_dtype,
+)
 from diagnostics.linalg.operator import LinearOperator, as_operator, square_dim
 
-__all__ = ["EigenResult", "lanczos", "DEFAULT_BASIS_BYTES"]
+__all__ = ["EigenResult", "lanczos", "DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS"]
 
 _WHICH = ("LA", "SA", "both")
 _CRITERIA = ("residual", "eigenvalue")
 #: Steps beyond the number of wanted eigenvalues taken before convergence is accepted.
 MIN_EXTRA_STEPS = 4
-#: Memory for the basis and its workspace when neither ``max_steps`` nor ``max_memory`` is given (bytes).
-DEFAULT_BASIS_BYTES = 2 << 30
-#: The automatic basis size never goes below the wanted count plus this: a thick restart then keeps the
-#: wanted Ritz vectors and half of these, and each cycle adds the other half.
-MIN_SPARE_VECTORS = 8
-#: P-vectors of workspace beside the basis buffer (frontier, product, its orthogonalised copy, one spare),
-#: counted against ``max_memory``.
-WORK_VECTORS = 4
 #: DGKS: another Gram-Schmidt pass while a pass leaves less than this fraction of the vector's norm.
 _DGKS_ETA = 1.0 / math.sqrt(2.0)
 _MAX_PASSES = 3
@@ -151,59 +150,6 @@ def _orthonormal_rows(V: Tensor, rtol: float) -> Tensor:
     # A second pass guards against loss of orthogonality in ill-conditioned blocks.
     Qv, _ = torch.linalg.qr(Qv)
     return Qv.T.contiguous()
-
-
-def _resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None) -> torch.dtype:
-    if basis_dtype is None:
-        # Half-precision bases cannot be kept orthonormal to a useful accuracy.
-        return op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
-    if basis_dtype not in (torch.float32, torch.float64):
-        raise ConfigError(f"lanczos: basis_dtype must be torch.float32, torch.float64 or None, "
-                          f"got {basis_dtype!r}")
-    return basis_dtype
-
-
-def _auto_budget(device: torch.device) -> int:
-    """:data:`DEFAULT_BASIS_BYTES`, or half of the free memory of a CUDA device when that is less."""
-    budget = DEFAULT_BASIS_BYTES
-    if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 2)
-    return budget
-
-
-def _basis_size(P: int, count: int, max_steps: int | None, max_memory: int | None, itemsize: int,
-                device: torch.device) -> tuple[int, int | None, str]:
-    """The number of basis vectors, the memory budget it was fitted to, and what decided it."""
-    floor = min(P, count + 1)
-    per_vector = P * itemsize
-    if max_steps is not None:
-        cap, source = min(int(max_steps), P), "max_steps"
-        if cap < floor:
-            raise ConfigError(f"lanczos: max_steps={max_steps} must be at least k+1={count + 1} "
-                              f"(the number of wanted eigenvalues plus one)")
-    else:
-        cap, source = min(P, max(2 * count + 20, 40)), "default"
-    if max_memory is not None:
-        if int(max_memory) <= 0:
-            raise ConfigError(f"lanczos: max_memory must be a positive number of bytes, got {max_memory}")
-        budget = int(max_memory)
-        fit = budget // per_vector - WORK_VECTORS
-        if fit < floor:
-            need = (floor + WORK_VECTORS) * per_vector
-            raise ConfigError(f"lanczos: max_memory={budget} bytes holds {max(fit, 0)} basis vectors of "
-                              f"{per_vector} bytes (P={P}) beside {WORK_VECTORS} of workspace; the wanted "
-                              f"eigenvalues need at least {floor}: give max_memory >= {need}")
-        if fit < cap:
-            cap, source = fit, "max_memory"
-        return cap, budget, source
-    if max_steps is not None:
-        return cap, None, source
-    budget = _auto_budget(device)
-    fit = budget // per_vector - WORK_VECTORS
-    if fit < cap:
-        cap, source = max(fit, min(P, count + MIN_SPARE_VECTORS)), "automatic budget"
-    return cap, budget, source
 
 
 class _Wanted:
