@@ -82,7 +82,7 @@ def _overhead_chart(view: ReportView, sink: ChartSink) -> str:
         if isinstance(budget, (int, float)) and not isinstance(budget, bool):
             label = f"budget {budget:g}" + (f": {run.name}" if len(view.runs) > 1 else "")
             rules.append(Rule(float(budget), label, color=run_color(i), run=i))
-    chart = overlay_chart(view, "monitor_overhead", "monitor time / training time",
+    chart = overlay_chart(view, "monitor_overhead", "monitor ÷ training time",
                           title="amortised overhead (last 200 steps)", rules=rules, group="cost", cols=1)
     return sink.chart(chart)
 
