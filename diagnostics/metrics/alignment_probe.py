@@ -52,8 +52,8 @@ def project_rows(
 
     Rows are the vectors along the last dimension of ``x`` (tokens). When there are more than
     ``max_rows`` of them, ``max_rows`` row indices are drawn uniformly (with replacement, from
-    ``generator``) and only those rows are gathered, ``chunk_rows`` at a time, so the memory used here is
-    O(chunk_rows * in + max_rows * K) whatever the number of rows of ``x`` (no reshape copy of ``x``).
+    ``generator``) and only those rows are gathered (:func:`gather_rows`), so the memory used here is
+    O(max_rows * in) whatever the number of rows of ``x`` (no reshape copy of ``x``).
     Zero or non-finite rows get cosine 0 (counted as neither sign).
 
     Args:
@@ -70,34 +70,27 @@ def project_rows(
         [R, K] float32 (or float64 for float64 inputs) cosines in [-1, 1], R = min(rows, max_rows).
         Cost O(R * in * K).
     """
-    lead = x.shape[:-1]
-    n = math.prod(lead)
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    V = V.to(device=x.device, dtype=dtype)
+    n = math.prod(x.shape[:-1])
     if n == 0:
+        dtype = torch.promote_types(x.dtype, torch.float32)
         return torch.zeros(0, V.shape[1], dtype=dtype, device=x.device)
-    # A contiguous x is viewed as [n, in] for free; otherwise rows are gathered by multi-index so that a
-    # strided x is never copied whole.
-    flat_x = x.view(-1, x.shape[-1]) if x.is_contiguous() else None
     pick = torch.randint(n, (max_rows,), generator=generator).to(x.device) if n > max_rows else None
-    count = n if pick is None else max_rows
-    blocks = []
-    for start in range(0, count, chunk_rows):
-        stop = min(count, start + chunk_rows)
-        if pick is None:
-            idx = None if flat_x is not None else torch.arange(start, stop, device=x.device)
-        else:
-            idx = pick[start:stop]
-        if flat_x is not None:
-            rows = flat_x[start:stop] if idx is None else flat_x.index_select(0, idx)
-        else:
-            rows = x[torch.unravel_index(idx, lead)] if len(lead) > 1 else x[idx]
-        rows = rows.to(dtype)
-        # Zero rows give 0 / eps = 0; non-finite rows give NaN, mapped to 0 (counted as neither sign).
-        cos = (rows @ V).div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(eps))
-        blocks.append(cos)
-    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
+    out = _cosines(gather_rows(x, pick)[None], V[None], chunk_rows, eps)[0]
     return finish_cosines(out) if finish else out
+
+
+def _cosines(X: torch.Tensor, V: torch.Tensor, chunk_rows: int, eps: float) -> torch.Tensor:
+    """``[G, R, K]`` cosines of the rows of ``X`` ``[G, R, in]`` with the columns of ``V`` ``[G, in, K]``,
+    one batched product per ``chunk_rows`` rows, in float32 or wider. Zero rows give 0 / eps = 0,
+    non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0)."""
+    dtype = torch.promote_types(X.dtype, torch.float32)
+    V = V.to(device=X.device, dtype=dtype)
+    blocks = []
+    for lo in range(0, X.shape[1], chunk_rows):
+        part = X[:, lo : lo + chunk_rows].to(dtype)
+        norms = torch.linalg.vector_norm(part, dim=2, keepdim=True).clamp_min_(eps)
+        blocks.append(torch.bmm(part, V).div_(norms))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
 
 class RowSampler:
@@ -205,12 +198,7 @@ def project_all(projectors: Mapping[str, Projector], chunk_rows: int = 256,
         dtype = torch.promote_types(dtype, torch.float32)
         X = torch.stack([r for _, r, _ in items]) if len(items) > 1 else items[0][1][None]
         V = torch.stack([v.to(device=device, dtype=dtype) for _, _, v in items])  # [G, in, K]
-        blocks = []
-        for lo in range(0, X.shape[1], chunk_rows):
-            part = X[:, lo : lo + chunk_rows].to(dtype)
-            norms = torch.linalg.vector_norm(part, dim=2, keepdim=True).clamp_min_(eps)
-            blocks.append(torch.bmm(part, V).div_(norms))
-        cos = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        cos = _cosines(X, V, chunk_rows, eps)
         for i, (name, _, _) in enumerate(items):
             out[name] = cos[i]
     return out
