@@ -51,8 +51,8 @@ from diagnostics.linalg.lanczos_basis import (
     DEFAULT_BASIS_BYTES,
     MIN_SPARE_VECTORS,
     WORK_VECTORS,
-    _basis_size,
-    _resolve_basis_dtype,
+    basis_size,
+    resolve_basis_dtype,
 )
 from diagnostics.linalg.operator import LinearOperator, as_operator, square_dim
 
@@ -306,10 +306,10 @@ def _lanczos(
         raise ConfigError(f"lanczos: criterion must be one of {_CRITERIA}, got {criterion!r}")
     if max_matvecs is not None and max_matvecs < 1:
         raise ConfigError(f"lanczos: max_matvecs must be >= 1, got {max_matvecs}")
-    dtype = _resolve_basis_dtype(A.dtype, basis_dtype)
+    dtype = resolve_basis_dtype(A.dtype, basis_dtype)
     device = torch.device(A.device) if basis_device is None else torch.device(basis_device)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    cap, budget, size_from = _basis_size(P, wanted.count, max_steps, max_memory, itemsize, device)
+    cap, budget, size_from = basis_size(P, wanted.count, max_steps, max_memory, itemsize, device)
 
     f64 = torch.float64
     eps = torch.finfo(dtype).eps
@@ -445,22 +445,24 @@ def _lanczos(
         del product
         c_m, c_f = torch.zeros(m + 1, dtype=f64), torch.zeros(F_rest.shape[0], dtype=f64)
         if full_reorth:
+            # The frontier's older rows (tiny remainders, rarely any) are a second block: no copy of the basis.
+            blocks = [Q[: m + 1], F_rest] if F_rest.shape[0] else [Q[: m + 1]]
             for p in range(_MAX_PASSES):
                 extra_passes += p > 0
-                basis = Q[: m + 1] if not F_rest.shape[0] else torch.cat([Q[: m + 1], F_rest])
-                c_dev = basis @ work
-                c = c_dev.to(device="cpu", dtype=f64)
-                rem_before = float(work.norm())
-                if p == 0 and float(c.abs().max()) <= semi_tol * rem_before:
-                    # Already orthogonal to the basis to within semi_tol: subtracting would only remove
-                    # rounding, at the cost of a second read of the whole basis. Not subtracting keeps the
-                    # Lanczos relation exact (the coefficients are not folded into H either); the basis
-                    # stays semi-orthogonal, which keeps the Ritz values as accurate as a fully
-                    # orthogonal basis would (Simon 1984) and rules out ghost eigenvalues.
-                    rem = rem_before
-                    skipped_passes += 1
-                    break
-                work.addmv_(basis.T, c_dev, alpha=-1.0)
+                coefs = [B @ work for B in blocks]
+                c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in coefs])
+                if p == 0:
+                    rem = float(work.norm())
+                    if float(c.abs().max()) <= semi_tol * rem:
+                        # Already orthogonal to the basis to within semi_tol: subtracting would only remove
+                        # rounding, at the cost of a second read of the whole basis. Not subtracting keeps
+                        # the Lanczos relation exact (the coefficients are not folded into H either); the
+                        # basis stays semi-orthogonal, which keeps the Ritz values as accurate as a fully
+                        # orthogonal basis would (Simon 1984) and rules out ghost eigenvalues.
+                        skipped_passes += 1
+                        break
+                for B, cb in zip(blocks, coefs):
+                    work.addmv_(B.T, cb, alpha=-1.0)
                 c_m += c[: m + 1]
                 c_f += c[m + 1 :]
                 rem = float(work.norm())

@@ -10,7 +10,8 @@ import torch
 
 from diagnostics.errors import ConfigError
 
-__all__ = ["DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS"]
+__all__ = ["DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS", "auto_budget", "basis_size",
+           "resolve_basis_dtype"]
 
 #: Memory for the basis and its workspace when neither ``max_steps`` nor ``max_memory`` is given (bytes).
 DEFAULT_BASIS_BYTES = 2 << 30
@@ -21,7 +22,9 @@ MIN_SPARE_VECTORS = 8
 #: counted against ``max_memory``.
 WORK_VECTORS = 4
 
-def _resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None) -> torch.dtype:
+def resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None) -> torch.dtype:
+    """The basis dtype: ``basis_dtype`` when given (float32 or float64), else the operator's (float32 for
+    half-precision operators)."""
     if basis_dtype is None:
         # Half-precision bases cannot be kept orthonormal to a useful accuracy.
         return op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
@@ -31,7 +34,7 @@ def _resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None)
     return basis_dtype
 
 
-def _auto_budget(device: torch.device) -> int:
+def auto_budget(device: torch.device) -> int:
     """:data:`DEFAULT_BASIS_BYTES`, or half of the free memory of a CUDA device when that is less."""
     budget = DEFAULT_BASIS_BYTES
     if device.type == "cuda" and torch.cuda.is_available():
@@ -40,7 +43,7 @@ def _auto_budget(device: torch.device) -> int:
     return budget
 
 
-def _basis_size(P: int, count: int, max_steps: int | None, max_memory: int | None, itemsize: int,
+def basis_size(P: int, count: int, max_steps: int | None, max_memory: int | None, itemsize: int,
                 device: torch.device) -> tuple[int, int | None, str]:
     """The number of basis vectors, the memory budget it was fitted to, and what decided it."""
     floor = min(P, count + 1)
@@ -67,7 +70,7 @@ def _basis_size(P: int, count: int, max_steps: int | None, max_memory: int | Non
         return cap, budget, source
     if max_steps is not None:
         return cap, None, source
-    budget = _auto_budget(device)
+    budget = auto_budget(device)
     fit = budget // per_vector - WORK_VECTORS
     if fit < cap:
         cap, source = max(fit, min(P, count + MIN_SPARE_VECTORS)), "automatic budget"
