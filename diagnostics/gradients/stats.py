@@ -109,7 +109,8 @@ def gradient_moments(per_sample: Mapping[str, Tensor]) -> GradientMoments:
         per_sample: ``{name: Tensor[N, ...]}`` with N >= 2, e.g. from :func:`per_sample_gradients`.
 
     Returns:
-        :class:`GradientMoments`. Cost: one float64 copy and one fused pass per tensor.
+        :class:`GradientMoments`. Cost: two passes over each tensor in its own precision (float32 for
+        half-precision input); the results are float64.
     """
     _check(per_sample, "gradient_moments")
     mean, var, n = {}, {}, 0
