@@ -1,4 +1,4 @@
-"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
+"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos on a semi-orthogonal basis.
 
 The method (Lanczos 1950; thick restart: Wu & Simon 2000, SIAM J. Matrix Anal. Appl. 22(2)) keeps an
 orthonormal basis ``Q_M`` of vectors already multiplied by ``A`` and a small "frontier" ``Q_F`` of
@@ -201,7 +201,7 @@ def lanczos(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
 ) -> EigenResult:
-    """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
+    """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos on a semi-orthogonal basis.
 
     ``LA`` gives the ``k`` largest *algebraic* eigenvalues (sharpness is the largest algebraic, not the
     largest magnitude), ``SA`` the ``k`` smallest, ``both`` the ``k`` largest then the ``k`` smallest.

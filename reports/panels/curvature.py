@@ -286,8 +286,8 @@ EIGENVALUES = Panel(
     title="Top Hessian eigenvalues and the bulk/outlier gap",
     metrics=("hessian_eigenvalue", "hessian_bottom_eigenvalue", "ggn_eigenvalue", "ggn_bottom_eigenvalue",
              "hessian_converged", "ggn_converged"),
-    about=("The k largest (algebraic) eigenvalues of the loss Hessian from Lanczos with full "
-           "reorthogonalisation, and the smallest one. Network Hessians have a bulk near zero and roughly one "
+    about=("The k largest (algebraic) eigenvalues of the loss Hessian from Lanczos on a basis kept "
+           "orthogonal to within the square root of the working precision, and the smallest one. Network Hessians have a bulk near zero and roughly one "
            "outlier per class; the second chart shows the largest ratio between consecutive top eigenvalues, "
            "where a large gap separates the outliers from the bulk. Values whose Lanczos residual did not meet "
            "the tolerance are drawn hollow red; failed estimates are marked as failed and never drawn as numbers."),
