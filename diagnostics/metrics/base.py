@@ -77,6 +77,9 @@ class Diagnostic(abc.ABC):
     metrics: ClassVar[tuple[str, ...]] = ()
     #: True when compute only reads tensors (no forward, no RNG): the Monitor may skip the RNG fork.
     reads_only: ClassVar[bool] = False
+    #: Whether an overhead budget schedules it; None: exactly when it is not ``reads_only`` (it runs passes
+    #: or decompositions of its own). A reader whose own arithmetic costs a real share of a step sets True.
+    budgeted: ClassVar[bool | None] = None
     #: True when non-finite values are meaningful records rather than a failure of the estimate.
     allow_nonfinite: ClassVar[bool] = False
     #: Names of diagnostics whose shared step results this one reads (through StepContext); they run first.

@@ -20,9 +20,13 @@ the rest is split again). With ``r = c_d / a_d``, ``d`` is due once the steps si
 
 the smallest gap for which ``ceil(n / I_d)`` runs in any ``n >= L`` consecutive steps cost at most
 ``a_d * T * n``: runs at integer steps make a window hold one run more than ``n / I_d`` in the worst
-case, and the gap pays for it. So over any window of ``window`` (200) or more steps the amortised
-overhead, ``F`` plus the scheduled runs, stays within the budget, as long as no single run costs more
-than half its share of such a window (a costlier diagnostic gets the guarantee over ``2 r`` steps).
+case, and the gap pays for it. The gaps alone leave windows over the budget where a costly run meets the
+cheaper ones' runs, so a run due by its gap runs only when :class:`~.budget_window.WindowLedger` has room
+for its estimated cost: every window of ``window`` (200) or more steps ending at the step stays within the
+budget. A run turned away keeps its turn (the others wait behind it); one costlier than any window can pay
+runs once the window holds no other such run (its gap keeps its average within the budget over ``2 r``
+steps). So over any window of ``window`` or more steps the amortised overhead, ``F`` plus the scheduled
+runs, stays within the budget up to the error of the cost estimates, as long as ``F`` fits in it.
 
 A run's cost is the second run's measurement, then a moving average: the first run carries one-time work (a cold
 start, an extra forward before one was observed, first-call imports).
@@ -52,6 +56,7 @@ from typing import Any
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.store.records import Record
+from diagnostics.tracking.budget_window import WindowLedger
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -59,6 +64,7 @@ __all__ = [
     "STATE_KEY",
     "WINDOW",
     "BudgetScheduler",
+    "budgeted",
     "explicit_names",
     "resolve_budget",
     "scheduled_names",
@@ -109,9 +115,16 @@ def explicit_names(diagnostics: Sequence[Diagnostic], every: int | Mapping[str, 
 
 
 def scheduled_names(diagnostics: Sequence[Diagnostic], explicit: set[str]) -> list[str]:
-    """Names the budget schedules, in list order: every diagnostic that runs passes or decompositions of its
-    own (not ``reads_only``) and whose schedule ``every=`` does not fix. The others keep their schedules."""
-    return [d.name for d in diagnostics if not getattr(d, "reads_only", False) and d.name not in explicit]
+    """Names the budget schedules, in list order: every diagnostic that is :func:`budgeted` and whose schedule
+    ``every=`` does not fix. The others keep their schedules."""
+    return [d.name for d in diagnostics if budgeted(d) and d.name not in explicit]
+
+
+def budgeted(d: Diagnostic) -> bool:
+    """Whether a budget schedules ``d``: its ``budgeted`` flag, or when unset, whether it runs passes or
+    decompositions of its own (it is not ``reads_only``)."""
+    flag = getattr(d, "budgeted", None)
+    return bool(flag) if flag is not None else not getattr(d, "reads_only", False)
 
 
 class BudgetScheduler:
@@ -174,6 +187,12 @@ class BudgetScheduler:
         self.last: dict[str, int] = {}
         self.runs: dict[str, int] = {}
         self._promised: dict[str, int] = {}
+        self._ledger = WindowLedger(self.budget, self.window)
+        self._reserved: str | None = None  # the run the ledger turned away last, first in line
+        # Of the current decision: runs outside the budget (first and second runs, a given every) and runs
+        # the ledger admitted (a gap of the rule came due); with their followers.
+        self._exempt_now: set[str] = set()
+        self._admitted_now: set[str] = set()
         # Timing of the Monitor's calls; an entry is (step, steps since the previous call, training seconds
         # before the call, monitor seconds of the call and of its update phase).
         self._history: deque[tuple[int, int, float, float]] = deque(maxlen=self.window)
@@ -186,6 +205,8 @@ class BudgetScheduler:
         self._prev_monitor = 0.0  # its monitor seconds, growing with its update phase between calls
         self._prev_between = 0.0  # of which between calls
         self._prev_scheduled = 0.0  # of which the scheduled diagnostics
+        self._prev_exempt = 0.0  # of which runs outside the budget
+        self._prev_admitted = 0.0  # of which runs the ledger admitted
 
     # --- timing -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -229,6 +250,10 @@ class BudgetScheduler:
             if name not in self.scheduled or not math.isfinite(s):
                 continue
             self._prev_scheduled += s
+            if name in self._exempt_now:
+                self._prev_exempt += s
+            elif name in self._admitted_now:
+                self._prev_admitted += s
             if self.runs.get(name, 0) == 2:
                 # The first run carries one-time work (a cold start instead of a warm one, an extra forward
                 # before a forward was observed, first-call imports): the second replaces it.
@@ -243,6 +268,7 @@ class BudgetScheduler:
         if self._prev is not None and self._prev_exit is not None:
             prev_step, prev_train, prev_delta = self._prev
             self._history.append((prev_step, prev_delta, prev_train, self._prev_monitor))
+            self._ledger.close(prev_delta, prev_train, self._prev_monitor, self._prev_exempt, self._prev_admitted)
             fixed = max(0.0, self._prev_monitor - self._prev_scheduled) / prev_delta
             self.fixed_seconds = _average(self.fixed_seconds, fixed, _STEP_SMOOTHING)
             delta = max(1, step - prev_step)
@@ -252,6 +278,7 @@ class BudgetScheduler:
         self._prev = (step, train, delta)
         self._prev_exit = None
         self._prev_monitor = self._prev_between = self._prev_scheduled = 0.0
+        self._prev_exempt = self._prev_admitted = 0.0
         self._step = step
 
     def overhead(self) -> float | None:
@@ -334,6 +361,7 @@ class BudgetScheduler:
         gaps = self.intervals()
         every_step: list[str] = []
         waiting: list[tuple[int, float, int, str]] = []  # (class, -overdue, position, name), smallest first
+        first: set[str] = set()  # first runs among every_step
         for i, n in enumerate(self.leaders):
             if self._promised.get(n) == step:
                 every_step.append(n)
@@ -345,6 +373,7 @@ class BudgetScheduler:
                     waiting.append((0, 0.0, i, n))
                 else:
                     every_step.append(n)
+                    first.add(n)
                 continue
             gap = step - last
             if gap == 0:
@@ -357,8 +386,35 @@ class BudgetScheduler:
                 waiting.append((1, -gap, i, n))
             elif gap >= gaps[n]:
                 waiting.append((2, -gap / gaps[n], i, n))
-        chosen = every_step + ([min(waiting)[3]] if waiting else [])
+        pick = min(waiting) if waiting else None
+        if pick is not None and pick[0] == 2:
+            # A run the ledger turned away keeps its turn: the others wait until it fits, or it would starve
+            # behind cheaper ones that always fit.
+            pick = next((w for w in waiting if w[0] == 2 and w[3] == self._reserved), pick)
+            if self._admit(pick[3], [n for n in every_step if n not in first]):
+                self._reserved = None
+            else:
+                self._reserved, pick = pick[3], None
+        self._exempt_now = first | ({pick[3]} if pick is not None and pick[0] < 2 else set())
+        self._admitted_now = {pick[3]} if pick is not None and pick[0] == 2 else set()
+        chosen = every_step + ([pick[3]] if pick is not None else [])
         return [n for n in self.leaders if n in chosen]
+
+    def _admit(self, name: str, every_step: list[str]) -> bool:
+        """Whether ``name``, due by its gap, fits now: every window of at least ``window`` steps ending at this
+        call stays within the budget (:class:`WindowLedger`), with the fixed part and the scheduled runs of
+        every step counted first. A run costlier than any window can pay for runs once no other admitted run
+        is in the window (its gap keeps its average within the budget over ``2 r`` steps)."""
+        cost = self._lead_cost(name)
+        if cost is None or self.step_seconds is None or self._prev is None:
+            return True
+        fixed = self.fixed_seconds or 0.0
+        steady = sum(self._lead_cost(n) or 0.0 for n in every_step)
+        _, train, delta = self._prev
+        if cost <= self._ledger.room(train, fixed * delta + steady):
+            return True
+        most = (self.budget * self.step_seconds - fixed - steady) * self.window
+        return cost > most and self._ledger.quiet()
 
     def due(self, step: int, diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
         """The diagnostics to run at ``step``: the scheduled ones the rule picks (rank 0's pick under
@@ -373,6 +429,8 @@ class BudgetScheduler:
             names = list(self._sync(names))
         self._promised = {}
         chosen = set(names) | {f for f, lead in self.followers.items() if lead in names}
+        for kind in (self._exempt_now, self._admitted_now):
+            kind.update(f for f, lead in self.followers.items() if lead in kind)
         for n in chosen:
             self.last[n] = step
             self.runs[n] = self.runs.get(n, 0) + 1

@@ -19,14 +19,17 @@ from diagnostics.tracking.budget import (
     DEFAULT_BUDGET,
     STATE_KEY,
     BudgetScheduler,
+    budgeted,
     explicit_names,
     resolve_budget,
+    scheduled_names,
 )
 
 # What one run of each scheduled diagnostic of the standard preset costs in the simulations (seconds).
 COSTS = {
     "gsnr": 0.004, "hessian_top": 0.05, "sharpness": 0.02, "activation_rank": 0.001, "grad_rank": 0.001,
     "weight_rank": 0.0008, "spectral_alignment": 0.0003, "output_logits": 0.0005, "attention_stats": 0.0004,
+    "adam_state": 0.0002,
 }
 SIGNALS = ("sharpness", "hessian_top", "gsnr", "weight_rank", "grad_rank", "activation_rank", "spectral_alignment")
 
@@ -372,3 +375,56 @@ def test_the_first_runs_one_time_cost_does_not_set_the_schedule() -> None:
             sched.account({n: Status(n, "ok", None, c) for n, c in costs.items()})
     assert sched.intervals()["weight_rank"] < 50
     assert seen["weight_rank"] > 1200 / 50
+
+
+def test_what_the_budget_schedules() -> None:
+    standard = resolve_diagnostics("standard")
+    names = scheduled_names(standard, set())
+    # Adam state only reads, but its passes over every parameter cost a share of a step: scheduled.
+    assert "adam_state" in names and "hessian_top" in names and "gsnr" in names
+    assert not {"loss", "grad_norm", "weight_norm", "update_ratio", "nonfinite", "explosion_detector"} & set(names)
+    assert "adam_state" not in scheduled_names(standard, explicit_names(standard, {"adam_state": 10}))
+
+    class Probe(Diagnostic):
+        name = "test_probe"
+
+        def compute(self, ctx: Any) -> list[Record]:
+            return []
+
+    class Cheap(Probe):
+        name = "test_cheap_reader"
+        reads_only = True
+
+    class Reader(Cheap):
+        name = "test_costly_reader"
+        budgeted = True
+
+    assert [budgeted(Reader()), budgeted(Cheap()), budgeted(Probe())] == [True, False, True]
+
+
+def test_a_run_costlier_than_any_window_still_runs_and_the_others_hold_the_budget() -> None:
+    # The every-step part leaves 200 steps x (5% of 10 ms - 0.2 ms) = 0.06 s per window; one GSNR run costs 0.08 s.
+    diags = resolve_diagnostics(["weight_rank", "gsnr", "loss"])
+    costs = {"weight_rank": 0.0008, "gsnr": 0.08}
+    sched, log = simulate(diags, costs, steps=6000)
+    late = [s for s in runs_of(log, "gsnr") if s >= 300]
+    assert len(late) >= 3, late  # not starved by the cheaper probe, which always fits
+    assert all(b - a >= sched.intervals()["gsnr"] for a, b in zip(late, late[1:]))
+    assert len([s for s in runs_of(log, "weight_rank") if s >= 300]) > 5700 / 50
+    # Windows without a GSNR run hold the budget; a window with one holds only that run beyond it.
+    for a in range(300, len(log) - 200):
+        window = log[a : a + 200]
+        spent = sum(m for _, m, _ in window) - sum(costs["gsnr"] for *_, ns in window if "gsnr" in ns)
+        assert spent <= DEFAULT_BUDGET * sum(t for t, _, _ in window) * (1 + 1e-9), a
+
+
+def test_a_run_turned_away_keeps_its_turn() -> None:
+    # hessian_top's runs cost most of a window: it must still come back at about its gap.
+    diags = resolve_diagnostics("standard")
+    costs = dict(COSTS, hessian_top=0.055)
+    sched, log = simulate(diags, costs, steps=9000)
+    late = [s for s in runs_of(log, "hessian_top") if s >= 300]
+    gap = sched.intervals()["hessian_top"]
+    assert len(late) >= 2 and all(b - a <= gap + 200 for a, b in zip(late, late[1:])), (late, gap)
+    for length in (200, 333, 1000):
+        assert worst_window(log, 300, length) <= DEFAULT_BUDGET * (1 + 1e-9), length
