@@ -80,7 +80,7 @@ def combine_runs(
         merged, conflicts = _merge_meta(runs.runs)
         merged["combined_from"] = [{"name": r.name, "path": str(r.path.parent)} for r in runs]
         merged["combine_conflicts"] = conflicts
-        duplicates = {"series": 0, "events": 0, "status": 0, "sources": 0}
+        duplicates = dict.fromkeys(schema.COLUMNS, 0)
         with RunWriter(out, name=name, resume=False, overwrite=overwrite) as writer:
             for key, value in merged.items():
                 writer.set_meta(key, value)
@@ -100,7 +100,10 @@ def _copy_rows(conn: Any, run: Run, duplicates: dict[str, int]) -> None:
     default = run.name  # source of in-loop rows once merged
     conn.execute("BEGIN IMMEDIATE")
     try:
+        present = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table, cols in schema.COLUMNS.items():
+            if table not in present:  # a version 1 input has no vectors table
+                continue
             insert = schema.insert_sql(table, "IGNORE")
             # the last column of a data table is its source; the sources table keeps its own
             source_col = len(cols) - 1 if table != "sources" else None

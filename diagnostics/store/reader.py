@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from diagnostics.errors import StoreError
-from diagnostics.store import schema
+from diagnostics.store import schema, vectors
 
 SERIES_COLUMNS = ["run", "step", "metric", "key", "index", "value", "source"]
 EVENT_COLUMNS = ["run", "step", "kind", "severity", "metric", "key", "message", "data", "time", "source"]
@@ -115,6 +115,8 @@ class Run(_Tables):
             raise StoreError(f"{db} is empty: no run has been written there yet")
         schema.check_version(version, db, writable=False)
         self.schema_version = version
+        # Version 1 stores have no vectors table (read as they are: see the schema module).
+        self._has_vectors = bool(self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'vectors'"))
         self.name = name or self.meta.get("run_name") or db.parent.name
 
     # -- queries -------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ class Run(_Tables):
         Returns:
             DataFrame with columns run, step (int64), metric, key, index (int64), value (float64; NaN and
             +-inf as written), source (None for in-loop rows, else the checkpoint the row came from),
-            ordered by step, metric, key, index.
+            ordered by step, metric, key, index. Values stored as vectors (per layer) come back as rows.
         """
         conditions, params = [], []
         for column, value in (("metric", metric), ("key", key)):
@@ -157,6 +159,10 @@ class Run(_Tables):
             params,
         )
         df = pd.DataFrame(rows, columns=SERIES_COLUMNS[1:])
+        stored_as_vectors = self._vector_frame(metric, key)
+        if stored_as_vectors is not None:
+            df = pd.concat([df, stored_as_vectors], ignore_index=True) if len(df) else stored_as_vectors
+            df = df.sort_values(["step", "metric", "key", "index", "source"], kind="stable", ignore_index=True)
         df["step"] = df["step"].astype("int64")
         df["index"] = df["index"].astype("int64")
         # NULL is how NaN is stored (schema module docstring): back to NaN.
@@ -164,6 +170,28 @@ class Run(_Tables):
         _text_or_none(df, "source", empty_is_none=True)
         df.insert(0, "run", self.name)
         return df
+
+    def _vector_frame(
+        self, metric: str | Sequence[str] | None, key: str | Sequence[str] | None
+    ) -> pd.DataFrame | None:
+        """The vector rows of ``metric`` expanded to long-format columns (step .. source), filtered by
+        ``key``; None when there are none. Cost: one indexed query and one numpy expansion."""
+        if not self._has_vectors:
+            return None
+        cond, params = _filter("metric", metric)
+        rows = self._query(
+            f"SELECT step, metric, idx, keys, data, source FROM vectors {f'WHERE {cond}' if cond else ''}", params
+        )
+        if not rows:
+            return None
+        try:
+            df = pd.DataFrame(vectors.expand(rows))
+        except ValueError as exc:
+            raise StoreError(f"cannot read run store {self.path}: {exc}") from exc
+        if key is not None:
+            wanted = [key] if isinstance(key, str) else list(key)
+            df = df[df["key"].isin(wanted)]
+        return df if len(df) else None
 
     def events(self) -> pd.DataFrame:
         """Return events ordered by step: run, step, kind, severity, metric, key, message, data (dict),
@@ -209,14 +237,16 @@ class Run(_Tables):
 
     def metrics(self) -> list[str]:
         """Return the sorted metric IDs that have at least one row."""
-        return [r[0] for r in self._query("SELECT DISTINCT metric FROM series ORDER BY metric")]
+        union = " UNION SELECT metric FROM vectors" if self._has_vectors else ""
+        return [r[0] for r in self._query(f"SELECT DISTINCT metric FROM series{union} ORDER BY metric")]
 
     def steps(self) -> list[int]:
         """Return the sorted steps that have any series, event or status row."""
         return [
             r[0]
             for r in self._query(
-                "SELECT step FROM series UNION SELECT step FROM events UNION SELECT step FROM status ORDER BY step"
+                "SELECT step FROM series UNION SELECT step FROM events UNION SELECT step FROM status"
+                + (" UNION SELECT step FROM vectors" if self._has_vectors else "") + " ORDER BY step"
             )
         ]
 

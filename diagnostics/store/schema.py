@@ -1,12 +1,19 @@
 """The on-disk layout of a run store: one SQLite file, its tables, its schema version and connections.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)              value is JSON
     series(step, metric, key, idx, value, source)       long format, one row per scalar
+    vectors(step, metric, idx, keys, data, source)      one metric's values over many keys at a step
     events(step, kind, severity, metric, key, message, data, time, source)
     status(step, diagnostic, status, reason, seconds, num_matvecs, source)
     sources(source TEXT PRIMARY KEY, step, time)        inputs (checkpoints) fully analysed
+
+``vectors`` holds what would be many ``series`` rows of one metric and index at one step (a value per
+layer): ``keys`` is a JSON list and ``data`` the float64 values in that order (little-endian; NaN and
+infinities as they are). See :mod:`diagnostics.store.vectors` for which rows go there; the reader expands
+them into the long format. Version 1 had no ``vectors`` table; the reader reads version 1 stores as they
+are, and a writer that resumes one adds the table.
 
 ``source`` is ``''`` for rows written without a source (the in-loop Monitor) and otherwise names the
 input that produced the row (a checkpoint path). Each data table has a unique natural key that includes
@@ -27,14 +34,29 @@ from pathlib import Path
 from diagnostics.errors import SchemaVersionError, StoreError
 
 #: Version of the table layout written by this package. Bump it (and add a migration) on any change.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: The oldest schema version the reader reads without migrating it (later versions only added tables).
+READABLE_FROM = 1
 
 #: File name of the database inside a run directory.
 DB_FILENAME = "run.sqlite"
 
-# Each entry migrates a store from version v to v + 1 inside one transaction. Version 1 is the first
-# layout, so there is nothing to migrate yet; a store claiming an older version is refused.
-MIGRATIONS: dict[int, list[str]] = {}
+_VECTORS_SQL = [
+    """CREATE TABLE IF NOT EXISTS vectors (
+    step   INTEGER NOT NULL,
+    metric TEXT    NOT NULL,
+    idx    INTEGER NOT NULL,
+    keys   TEXT    NOT NULL,
+    data   BLOB    NOT NULL,
+    source TEXT    NOT NULL DEFAULT ''
+)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS vectors_by_metric ON vectors (metric, step, idx, source)",
+]
+
+# Each entry migrates a store from version v to v + 1 inside one transaction; a store claiming a version
+# older than the first is refused.
+MIGRATIONS: dict[int, list[str]] = {1: _VECTORS_SQL}
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -80,7 +102,7 @@ CREATE TABLE IF NOT EXISTS sources (
     step   INTEGER NOT NULL,
     time   REAL    NOT NULL
 );
-"""
+""" + "".join(f"{statement};\n" for statement in _VECTORS_SQL)
 
 #: Columns of each data table, in the order rows are written and copied.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -88,6 +110,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "events": ("step", "kind", "severity", "metric", "key", "message", "data", "time", "source"),
     "status": ("step", "diagnostic", "status", "reason", "seconds", "num_matvecs", "source"),
     "sources": ("source", "step", "time"),
+    "vectors": ("step", "metric", "idx", "keys", "data", "source"),
 }
 DATA_TABLES = tuple(COLUMNS)
 
@@ -182,7 +205,7 @@ def check_version(version: int, path: Path, *, writable: bool) -> None:
             f"run store {path} has schema version {version}, which this training-diagnostics (schema "
             f"{SCHEMA_VERSION}) cannot migrate; open it with the package version that wrote it and export it"
         )
-    if version < SCHEMA_VERSION and not writable:
+    if version < READABLE_FROM and not writable:
         raise StoreError(
             f"run store {path} has the old schema version {version}; open it once with RunWriter(..., "
             f"resume=True) to migrate it to version {SCHEMA_VERSION}"

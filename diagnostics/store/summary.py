@@ -1,7 +1,7 @@
 """A run at a glance: what ``tdiag ls`` prints, as JSON-ready data. Imports no torch.
 
-The per-metric figures are SQL aggregates over the series table, so summarising a run costs one pass
-over its index rather than loading every row into pandas.
+The per-metric figures are SQL aggregates over the series and vectors tables, so summarising a run costs
+one pass over their indexes rather than loading every row into pandas.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diagnostics.store import catalog
+from diagnostics.store import catalog, vectors
 from diagnostics.store.reader import open_run
 
 __all__ = ["run_summary"]
@@ -30,12 +30,37 @@ ORDER BY s.metric, s.key != 'all', s.key, s.source
 """
 _STEPS = """
 SELECT COUNT(*), MIN(step), MAX(step)
-FROM (SELECT step FROM series UNION SELECT step FROM events UNION SELECT step FROM status)
+FROM (SELECT step FROM series UNION SELECT step FROM events UNION SELECT step FROM status{vectors})
+"""
+# Metrics with vector rows (per-layer values): their figures combine both tables, metric by metric.
+_VECTOR_METRICS = "SELECT DISTINCT metric FROM vectors ORDER BY metric"
+_BOTH_STEPS = """
+SELECT COUNT(*), MIN(step), MAX(step)
+FROM (SELECT step FROM series WHERE metric = ?1 UNION SELECT step FROM vectors WHERE metric = ?1)
 """
 
 
 def _value(v: Any) -> float:
     return math.nan if v is None else float(v)  # NULL is how the store keeps NaN
+
+
+def _combined_figures(run: Any, metric: str) -> tuple[int, int, int, int, list[tuple[str, float]]]:
+    """``(keys, steps, first step, last step, [(key, value)] at the last step and lowest index)`` of a
+    metric with vector rows, over its long rows and its vector rows together."""
+    keys = {r[0] for r in run._query("SELECT DISTINCT key FROM series WHERE metric = ?", (metric,))}
+    cache: dict[str, list[str]] = {}
+    for (text,) in run._query("SELECT DISTINCT keys FROM vectors WHERE metric = ?", (metric,)):
+        keys.update(vectors.keys_of(text, cache))
+    steps, first, last = run._query(_BOTH_STEPS, (metric,))[0]
+    idx = run._query("SELECT min(i) FROM (SELECT min(idx) AS i FROM series WHERE metric = ?1 AND step = ?2 "
+                     "UNION ALL SELECT min(idx) FROM vectors WHERE metric = ?1 AND step = ?2)", (metric, last))[0][0]
+    rows = [(k, _value(v)) for k, v in run._query(
+        "SELECT key, value FROM series WHERE metric = ? AND step = ? AND idx = ? ORDER BY key != 'all', key, source",
+        (metric, last, idx))]
+    for text, data in run._query("SELECT keys, data FROM vectors WHERE metric = ? AND step = ? AND idx = ? "
+                                 "ORDER BY source", (metric, last, idx)):
+        rows += zip(vectors.keys_of(text, cache), vectors.unpack(data).tolist())
+    return len(keys), int(steps), int(first), int(last), rows
 
 
 def run_summary(path: str | os.PathLike[str], *, max_events: int = 20) -> dict[str, Any]:
@@ -62,7 +87,10 @@ def run_summary(path: str | os.PathLike[str], *, max_events: int = 20) -> dict[s
         meta = run.meta
         per_metric = run._query(_PER_METRIC)
         last_rows = run._query(_LAST_ROWS)
-        num_steps, first_step, last_step = run._query(_STEPS)[0]
+        with_vectors = [r[0] for r in run._query(_VECTOR_METRICS)] if run._has_vectors else []
+        combined = {m: _combined_figures(run, m) for m in with_vectors}
+        num_steps, first_step, last_step = run._query(
+            _STEPS.format(vectors=" UNION SELECT step FROM vectors" if run._has_vectors else ""))[0]
         num_sources = run._query("SELECT COUNT(*) FROM sources")[0][0]
         not_ok = run._query("SELECT status, COUNT(*) FROM status WHERE status != 'ok' GROUP BY status ORDER BY status")
         events = run.events()
@@ -70,8 +98,13 @@ def run_summary(path: str | os.PathLike[str], *, max_events: int = 20) -> dict[s
     last_by_metric: dict[str, list[tuple[str, float]]] = {}
     for metric, key, value in last_rows:
         last_by_metric.setdefault(metric, []).append((key, _value(value)))
+    figures = {metric: (keys, steps, first, last) for metric, keys, steps, first, last, _ in per_metric}
+    for metric, (keys, steps, first, last, rows) in combined.items():
+        figures[metric] = (keys, steps, first, last)
+        last_by_metric[metric] = rows
     metrics = []
-    for metric, keys, steps, first, last, _ in per_metric:
+    for metric in sorted(figures):
+        keys, steps, first, last = figures[metric]
         rows = last_by_metric.get(metric, [])
         at_all = [v for k, v in rows if k == "all"]
         last_value = at_all[0] if at_all else rows[0][1] if len(rows) == 1 else None

@@ -16,11 +16,22 @@ from types import TracebackType
 from typing import Any
 
 from diagnostics.errors import StoreError
-from diagnostics.store import schema, values
+from diagnostics.store import schema, values, vectors
 from diagnostics.store.records import Event, Record, Status
 
 # Rows with the natural key of an existing row replace it (see the class docstring).
 _INSERT = {table: schema.insert_sql(table) for table in schema.DATA_TABLES}
+
+
+def _drop_other_form(conn: sqlite3.Connection, long_rows: list[tuple], vector_rows: list[tuple]) -> None:
+    """Before a step is written again: remove the rows its new rows replace but stored in the other form
+    (a metric's per-layer values as rows where they are now a vector, or the other way round), so that a
+    rewrite replaces rather than duplicates whichever form the first write used."""
+    for step, metric, idx, keys, _, source in vector_rows:
+        conn.executemany("DELETE FROM series WHERE metric = ? AND key = ? AND step = ? AND idx = ? AND source = ?",
+                         [(metric, k, step, idx, source) for k in json.loads(keys)])
+    groups = {(r[0], r[1], r[3], r[5]) for r in long_rows if r[2] != "all"}
+    conn.executemany("DELETE FROM vectors WHERE step = ? AND metric = ? AND idx = ? AND source = ?", sorted(groups))
 
 
 def _default_versions() -> dict[str, str]:
@@ -74,6 +85,8 @@ class RunWriter:
         self._conn: sqlite3.Connection | None = None
         # One connection, possibly shared with a background writer thread: keep BEGIN..COMMIT atomic.
         self._lock = threading.RLock()
+        # The last step written per source (loaded on first use): a step at or below it is a rewrite.
+        self._last_step: dict[str, int | None] = {}
         if name is not None and (not isinstance(name, str) or not name):
             raise StoreError(f"run name must be a non-empty str, got {name!r}")
         # Validate metadata first: a bad value must not leave a half-created run behind.
@@ -154,8 +167,8 @@ class RunWriter:
     @staticmethod
     def _count_steps(conn: sqlite3.Connection) -> int:
         return conn.execute(
-            "SELECT count(*) FROM (SELECT step FROM series UNION SELECT step FROM events "
-            "UNION SELECT step FROM status)"
+            "SELECT count(*) FROM (SELECT step FROM series UNION SELECT step FROM vectors UNION "
+            "SELECT step FROM events UNION SELECT step FROM status)"
         ).fetchone()[0]
 
     def _initialise(self, new: bool, name: str | None, meta_rows: list[tuple[str, str]]) -> None:
@@ -225,7 +238,11 @@ class RunWriter:
         ``source`` is given it is also marked as completed (see :meth:`completed_sources`) in the same
         transaction, so a source is listed only if all its rows were committed.
 
-        Cost: one SQLite transaction; about a microsecond per record plus one WAL append.
+        The records of one metric and index over many keys (per layer) are stored as one vector row
+        (:mod:`diagnostics.store.vectors`); the reader gives them back as rows.
+
+        Cost: one SQLite transaction: an index entry per stored row (one per vector) and one WAL append of
+        the pages they touched.
 
         Raises:
             StoreError: a record, event or status is invalid (the message names it), the writer is
@@ -234,20 +251,35 @@ class RunWriter:
         step = values.check_step(step)
         src = values.check_source(source)
         now = float(self._clock())
-        series = values.series_rows(step, records, src)
+        series, vector_rows = vectors.split_rows(values.series_rows(step, records, src))
         events_ = values.event_rows(step, events, src, now)
         status_ = values.status_rows(step, statuses, src)
         conn = self._connection()
 
         def transaction() -> None:
+            if self._is_rewrite(conn, step, src):
+                _drop_other_form(conn, series, vector_rows)
             # Empty tables are skipped: most steps have no events, and each statement costs microseconds.
-            for table, rows in (("series", series), ("events", events_), ("status", status_)):
+            for table, rows in (("series", series), ("vectors", vector_rows), ("events", events_),
+                                ("status", status_)):
                 if rows:
                     conn.executemany(_INSERT[table], rows)
             if src:
                 conn.execute(_INSERT["sources"], (src, step, now))
 
         self._run(transaction)
+        last = self._last_step.get(src)
+        self._last_step[src] = step if last is None else max(last, step)
+
+    def _is_rewrite(self, conn: sqlite3.Connection, step: int, src: str) -> bool:
+        """Whether ``step`` of ``src`` may already have rows (it is not after the last step written)."""
+        if src not in self._last_step:
+            self._last_step[src] = conn.execute(
+                "SELECT max(s) FROM (SELECT max(step) AS s FROM series WHERE source = ? UNION ALL "
+                "SELECT max(step) FROM vectors WHERE source = ? UNION ALL SELECT max(step) FROM status "
+                "WHERE source = ?)", (src, src, src)).fetchone()[0]
+        last = self._last_step[src]
+        return last is not None and step <= last
 
     def _run(self, body: Callable[[], Any]) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ def test_per_rank_rows_stay_apart_and_meta_conflicts_are_recorded(tmp_path):
     assert meta["combine_conflicts"] == {"config": {"rank0": {"lr": 0.1}, "rank1": {"lr": 0.2}},
                                          "rank": {"rank0": 0, "rank1": 1}}  # fmt: skip
     assert [r["name"] for r in meta["combined_from"]] == ["rank0", "rank1"]
-    assert meta["combine_duplicates"] == {"series": 0, "events": 0, "status": 0, "sources": 0}
+    assert meta["combine_duplicates"] == {"series": 0, "events": 0, "status": 0, "sources": 0, "vectors": 0}
 
 
 def test_per_job_checkpoint_runs_keep_sources_and_drop_duplicates(tmp_path):

@@ -272,6 +272,7 @@ def test_older_schema_is_migrated_by_the_writer(tmp_path, monkeypatch):
     with RunWriter(tmp_path) as w:
         w.write_step(0, [Record("loss", 1.0)])
     monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema, "READABLE_FROM", SCHEMA_VERSION + 1)  # a change the reader cannot skip
     monkeypatch.setitem(schema.MIGRATIONS, SCHEMA_VERSION, ["ALTER TABLE series ADD COLUMN note TEXT"])
     with pytest.raises(StoreError, match="open it once with RunWriter"):
         open_run(tmp_path)
@@ -279,6 +280,29 @@ def test_older_schema_is_migrated_by_the_writer(tmp_path, monkeypatch):
         w.write_step(1, [Record("loss", 0.5)])
     run = open_run(tmp_path)
     assert run.meta["schema_version"] == SCHEMA_VERSION + 1 and run.steps() == [0, 1]
+
+
+def test_a_version_1_store_is_read_as_it_is_and_migrated_by_a_resuming_writer(tmp_path):
+    layers = [Record("grad_norm", float(i), key=f"layer{i}.weight") for i in range(6)]
+    with RunWriter(tmp_path) as w:
+        # Written long, as version 1 did: one row per layer (too few keys to become a vector).
+        for r in layers[:3]:
+            w.write_step(0, [Record("loss", 1.0), r])
+    conn = sqlite3.connect(tmp_path / "run.sqlite")
+    conn.execute("DROP TABLE vectors")
+    conn.commit()
+    conn.close()
+    _set_version(tmp_path, 1)
+    with open_run(tmp_path) as run:
+        assert run.schema_version == 1 and run.metrics() == ["grad_norm", "loss"] and run.steps() == [0]
+        assert sorted(run.series("grad_norm").key) == ["layer0.weight", "layer1.weight", "layer2.weight"]
+    with RunWriter(tmp_path) as w:  # resuming migrates: the vectors table appears, old rows stay
+        w.write_step(1, [Record("loss", 0.5), *layers])
+    with open_run(tmp_path) as run:
+        assert run.meta["schema_version"] == SCHEMA_VERSION == 2
+        df = run.series("grad_norm")
+        assert list(df.step) == [0, 0, 0, 1, 1, 1, 1, 1, 1] and df.value.tolist()[3:] == [0, 1, 2, 3, 4, 5]
+        assert run._query("SELECT count(*) FROM vectors")[0][0] == 1
 
 
 def test_not_a_store(tmp_path):
