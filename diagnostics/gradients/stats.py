@@ -95,6 +95,21 @@ class GradientMoments:
         n = self.n
         return {k: m.square() / (self.var[k] * (n - 1) / n).clamp_min(eps) for k, m in self.mean.items()}
 
+    def microbatch_gsnr(self, eps: float = GSNR_EPS, gaussian: bool = True) -> dict[str, Tensor]:
+        """:func:`microbatch_gsnr` (corrected) of the N micro-batch gradients these moments are over: the
+        corrected ratio times ``(N - 3) / (N - 1)`` with ``gaussian``.
+
+        Raises:
+            DataError: fewer than 4 gradients with the Gaussian correction.
+        """
+        out = self.gsnr(eps)
+        if gaussian:
+            if self.n < 4:
+                raise DataError(f"microbatch_gsnr's Gaussian correction (M - 3) / (M - 1) needs at least 4 "
+                                f"micro-batch gradients, got {self.n}; use more micro-batches or pass gaussian=False")
+            out = {k: v * ((self.n - 3) / (self.n - 1)) for k, v in out.items()}
+        return out
+
     def noise_parts(self) -> NoiseScaleParts:
         """:func:`gradient_noise_parts`: unbiased ``tr(Sigma)`` and ``|G|^2``."""
         trace = float(sum(v.sum() for v in self.var.values()))

@@ -25,6 +25,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.norms import WeightNorms, host_norms, tensor_norms, total_norm
 
 if TYPE_CHECKING:  # pragma: no cover
+    from diagnostics.gradients.stats import GradientMoments
     from diagnostics.linalg.trace import TraceEstimate
     from diagnostics.metrics.curvature_base import Eigenspace
     from diagnostics.store.records import Record
@@ -50,6 +51,8 @@ class StepContext:
         num_classes: from the Monitor, or None.
         due: names of the diagnostics due at this step (set by the Monitor; None when unknown), so that
             shared work needed by several of them can be done in one pass.
+        microbatch_moments: the moments of the step's gradient-accumulation micro-batch gradients when the
+            user reported them (``Monitor.microbatch``) and there were at least two, else None.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class StepContext:
         self.max_memory_bytes = max_memory_bytes
         self._cache: dict[Any, Any] = {}
         self.due: frozenset[str] | None = None
+        self.microbatch_moments: GradientMoments | None = None
         self._before_update: dict[str, torch.Tensor] | None = None
         self._before_flat: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None
         self._after_update = False

@@ -130,6 +130,11 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
     the per-sample GSNR, so it is a different metric and never mixed with ``gsnr_*``.
     Cost: ``num_microbatches`` forward and backward passes on 1/num_microbatches of the batch (about one
     training step).
+
+    With gradient accumulation, call ``monitor.microbatch()`` after each micro-batch's backward: a step
+    with at least 4 of them uses those micro-batch gradients instead (no extra pass: their moments are
+    read off the accumulating ``.grad``, :mod:`diagnostics.gradients.accumulation`; training mode, as the
+    user's passes ran), and ``settings`` says ``source: "accumulation"`` and how many there were.
     """
 
     name = "gsnr_microbatch"
@@ -137,6 +142,8 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
     preset = "full"
     default_every = 50
     metrics: ClassVar[tuple[str, ...]] = ("gsnr_microbatch_mean", "gsnr_microbatch_median")
+    #: Reads the micro-batch gradients of the user's gradient accumulation when the Monitor was given them.
+    uses_accumulation: ClassVar[bool] = True
 
     def __init__(self, every: int | None = None, start: int = 0, num_microbatches: int = 8) -> None:
         super().__init__(every, start)
@@ -153,6 +160,13 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
     def compute(self, ctx: StepContext) -> Output:
         from diagnostics.gradients import gsnr_summary, microbatch_gsnr
 
+        accumulated = ctx.microbatch_moments
+        if accumulated is not None and accumulated.n >= 4:
+            records = summary_records("gsnr_microbatch", gsnr_summary(accumulated.microbatch_gsnr()))
+            if any(not math.isfinite(r.value) for r in records):
+                return Output(status="failed", reason="non-finite micro-batch GSNR")
+            return Output(records=records, settings={"source": "accumulation", "microbatches": accumulated.n,
+                                                     "mode": "train"})
         n = leading_size(ctx.batch)
         m = self.num_microbatches
         if n is None or n < m:
@@ -169,4 +183,4 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
         records = summary_records("gsnr_microbatch", gsnr_summary(microbatch_gsnr(grads_list)))
         if any(not math.isfinite(r.value) for r in records):
             return Output(status="failed", reason="non-finite micro-batch GSNR")
-        return Output(records=records, settings={"microbatch_size": size})
+        return Output(records=records, settings={"source": "split", "microbatch_size": size})

@@ -31,6 +31,7 @@ from torch import nn
 from diagnostics import _distributed as _dist
 from diagnostics._batch import detach_batch
 from diagnostics.errors import ConfigError, DataError
+from diagnostics.gradients.accumulation import AccumulatedMoments
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.registry import resolve_diagnostics
@@ -195,6 +196,9 @@ class Monitor:
             for i, b in enumerate(self.probe_data):
                 self._check_batch(b, f"probe_data[{i}]")
         self._batch_checked = False
+        # Moments of the step's micro-batch gradients (Monitor.microbatch), when a diagnostic reads them.
+        self._accumulated = (AccumulatedMoments() if any(getattr(d, "uses_accumulation", False) for d in self.diagnostics)
+                             else None)
         self._pending: PendingStep | None = None
         self._closed = False
         self._monitored = 0
@@ -293,11 +297,30 @@ class Monitor:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
         self._stop_observing()
         with _budget.timed_call(self._budget):
-            with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
-                self._step(step, batch, loss, source)
+            try:
+                with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
+                    self._step(step, batch, loss, source)
+            finally:
+                if self._accumulated is not None:  # the next step accumulates afresh
+                    self._accumulated.reset()
             if self.observe_training_forward and (self.writes or self._distributed):
                 due_next = self._budget.due_next if self._budget is not None else None
                 self._observing = observe_training_forward(self.model, self.diagnostics, step, due_next)
+
+    def microbatch(self) -> None:
+        """Report one micro-batch of gradient accumulation: call after each micro-batch's ``backward()``,
+        before ``monitor.step`` and ``optimizer.step()``.
+
+        Diagnostics that read micro-batch gradients (``gsnr_microbatch``) then use the step's micro-batches
+        (the change of ``.grad`` over each) instead of running passes of their own. A no-op when none is
+        monitored. Reads ``.grad`` only. Cost: five elementwise passes over the gradients per micro-batch;
+        memory: three copies of the gradients while the step accumulates.
+        """
+        if self._closed:
+            raise ConfigError("monitor.microbatch() called after close(); create a new Monitor to resume the run")
+        if self._accumulated is not None:
+            with _budget.timed_work(self._budget):  # monitor time, not training time
+                self._accumulated.observe(self._named_parameters())
 
     def _stop_observing(self) -> None:
         """Remove the hooks installed by the previous step (idempotent)."""
@@ -344,6 +367,8 @@ class Monitor:
             named_parameters=self._named_parameters(),
         )
         ctx.due = frozenset(d.name for d in due)
+        if self._accumulated is not None:
+            ctx.microbatch_moments = self._accumulated.moments()
         pending = PendingStep(step, ctx, source)
         for d, result in zip(due, self._runner.run_phase(due, "compute", ctx)):
             pending.add(d, *result)

@@ -227,3 +227,55 @@ def test_rank_collapse_waits_for_its_baseline_and_fires_once() -> None:
         model[0].bias.zero_()
     assert [e.kind for e in events_at(d, 11)] == ["rank_collapse"]
     assert events_at(d, 12) == []  # still collapsed: one event per collapse
+
+
+def test_microbatch_gsnr_reads_the_users_accumulation(tmp_path) -> None:
+    from diagnostics.store import open_run
+    from diagnostics.tracking import Monitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    twin = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    twin.load_state_dict(model.state_dict())
+    opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin))
+    gen = torch.Generator().manual_seed(1)
+    steps = [[(torch.randn(3, 3, generator=gen, dtype=torch.float64), torch.randint(0, 2, (3,), generator=gen))
+              for _ in range(5)] for _ in range(2)]
+    refs = []
+    with Monitor(model, loss_fn, run=tmp_path / "run", diagnostics=["gsnr_microbatch", "loss"], optimizer=opt,
+                 every={"gsnr_microbatch": 1}) as monitor:
+        for step, parts in enumerate(steps):
+            refs.append({n: r * (5 - 3) / (5 - 1) for n, r in brute_gsnr(loop_grads(model, parts)).items()})
+            opt.zero_grad(set_to_none=True)
+            for part in parts:
+                (loss_fn(model, part) / len(parts)).backward()  # the usual scaled accumulation
+                monitor.microbatch()
+            monitor.step(step, parts[0], None)
+            opt.step()
+    for parts in steps:  # the same training without the Monitor
+        twin_opt.zero_grad(set_to_none=True)
+        for part in parts:
+            (loss_fn(twin, part) / len(parts)).backward()
+        twin_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    with open_run(tmp_path / "run") as run:
+        df = run.series(["gsnr_microbatch_mean", "gsnr_microbatch_median"])
+    assert sorted(df.step.unique()) == [0, 1]
+    for step, ref in enumerate(refs):
+        rec = {(r.metric, r.key): r.value for r in df[df.step == step].itertuples()}
+        check_summary(rec, "gsnr_microbatch", ref)
+
+
+def test_microbatch_gsnr_with_fewer_than_4_reported_splits_the_batch() -> None:
+    from diagnostics.gradients import gradient_moments
+
+    model, batch = setup(n=12)
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    ctx.microbatch_moments = gradient_moments({"0.weight": torch.randn(3, 4, 3, dtype=torch.float64)})
+    out = get_diagnostic("gsnr_microbatch", num_microbatches=4).compute(ctx)
+    assert out.settings["source"] == "split" and out.settings["microbatch_size"] == 3
+    ctx = StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None)
+    ctx.microbatch_moments = gradient_moments({"0.weight": torch.randn(5, 4, 3, dtype=torch.float64)})
+    out = get_diagnostic("gsnr_microbatch", num_microbatches=4).compute(ctx)
+    assert out.settings == {"source": "accumulation", "microbatches": 5, "mode": "train"}

@@ -81,6 +81,29 @@ def test_lightning_series_equal_plain_loop(tmp_path: Path) -> None:
     assert meta["integration"]["framework"] == "lightning"
 
 
+def test_lightning_accumulation_feeds_the_micro_batch_gsnr(tmp_path: Path) -> None:
+    from diagnostics.gradients import microbatch_gsnr
+
+    diags = [get_diagnostic("gsnr_microbatch", every=1), "loss"]
+    cb = DiagnosticsCallback(run=tmp_path / "lightning", diagnostics=diags)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path), callbacks=[cb], accumulate_grad_batches=5)
+    trainer.fit(Tiny(), _loader())
+    # The same step by hand: the gradient of each of the 5 batches at the initial weights.
+    model = Tiny()
+    grads = []
+    for x, y in _loader():
+        gs = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+        grads.append({n: g for (n, _), g in zip(model.named_parameters(), gs)})
+    want = {n: float(v.mean()) for n, v in microbatch_gsnr(grads).items()}
+    got = open_run(tmp_path / "lightning").series("gsnr_microbatch_mean")
+    assert list(got.step) == [0] * 5 and len(got) == 5
+    for row in got.itertuples():
+        if row.key != "all":
+            assert abs(row.value - want[row.key]) <= 1e-4 * max(1.0, abs(want[row.key])), (row.key, row.value)
+
+
 class AlarmAt(Diagnostic):
     name = "alarm_at"
     reads_only = True

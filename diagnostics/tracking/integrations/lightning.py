@@ -64,6 +64,12 @@ class DiagnosticsCallback(pl.Callback):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
 
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        # With accumulate_grad_batches > 1 each backward is one micro-batch (gsnr_microbatch reads them; the
+        # AMP scale is the same for every micro-batch of a step, and the ratio does not depend on it).
+        if self.monitor is not None and trainer.accumulate_grad_batches > 1 and not torch.is_inference_mode_enabled():
+            self.monitor.microbatch()
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.monitor is None or torch.is_inference_mode_enabled():
             return
