@@ -15,14 +15,17 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from diagnostics.gradients.accumulation import AccumulatedMoments
 from diagnostics.metrics import get_diagnostic
 from diagnostics.metrics.context import StepContext
-from diagnostics.zoo.models import GPTConfig, TinyGPT
-from diagnostics.zoo.registry import get_data, get_loss, get_model
+
+# Run as a script (python benchmarks/NAME.py): the repository root holds the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpt_cases import gpt_case  # noqa: E402
 
 MICROBATCHES = 8
 
@@ -33,14 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    if args.model_size == "large":
-        cfg = GPTConfig(d_model=256, n_layers=4, n_heads=4, block_size=128)
-        model = TinyGPT(cfg, seed=0)
-        data = get_data("pydoc-text", batch_size=16, num_batches=4, block_size=cfg.block_size)
-    else:
-        model = get_model("tiny-gpt")
-        data = get_data("pydoc-text", batch_size=16, num_batches=4)
-    loss_fn = get_loss("tiny-gpt")
+    model, loss_fn, data = gpt_case(args.model_size, num_batches=4)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     acc = AccumulatedMoments()
