@@ -312,7 +312,9 @@ class Monitor:
         before ``monitor.step`` and ``optimizer.step()``.
 
         Diagnostics that read micro-batch gradients (``gsnr_microbatch``) then use the step's micro-batches
-        (the change of ``.grad`` over each) instead of running passes of their own. A no-op when none is
+        (the change of ``.grad`` over each) instead of running passes of their own. The micro-batches must
+        accumulate into ``.grad``: a ``zero_grad()`` between them makes each change the difference of two
+        micro-batch gradients, which nothing after the fact can tell apart. A no-op when none is
         monitored. Reads ``.grad`` only. Cost: five elementwise passes over the gradients per micro-batch;
         memory: three copies of the gradients while the step accumulates.
         """
