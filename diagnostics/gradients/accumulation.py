@@ -47,8 +47,10 @@ class AccumulatedMoments:
                 last = self._last.get(name)
                 if grad is None and last is None:
                     continue
-                dtype = torch.float64 if (grad if grad is not None else last).dtype == torch.float64 else torch.float32
-                now = last if grad is None else grad.detach().to(dtype, copy=True)
+                if grad is None:  # no backward reached it since: its gradient this micro-batch is zero
+                    now = last
+                else:
+                    now = grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32, copy=True)
                 g = now if last is None else now - last
                 self._last[name] = now
                 mean = self._mean.get(name)

@@ -400,8 +400,4 @@ def microbatch_gsnr(grads_list: Sequence[Mapping[str, Tensor]], eps: float = GSN
     stacked = {k: torch.stack([g[k].detach() for g in grads_list]) for k in names}
     if not corrected:
         return gsnr_raw(stacked, eps=eps)
-    out = gsnr(stacked, eps=eps)
-    if use_factor:
-        m = len(grads_list)
-        out = {k: v * ((m - 3) / (m - 1)) for k, v in out.items()}
-    return out
+    return gradient_moments(stacked).microbatch_gsnr(eps, gaussian=use_factor)

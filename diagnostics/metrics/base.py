@@ -80,6 +80,9 @@ class Diagnostic(abc.ABC):
     #: Whether an overhead budget schedules it; None: exactly when it is not ``reads_only`` (it runs passes
     #: or decompositions of its own). A reader whose own arithmetic costs a real share of a step sets True.
     budgeted: ClassVar[bool | None] = None
+    #: True when it reads the micro-batch gradients of the user's gradient accumulation
+    #: (``StepContext.microbatch_moments``, fed by ``Monitor.microbatch``).
+    uses_accumulation: ClassVar[bool] = False
     #: True when non-finite values are meaningful records rather than a failure of the estimate.
     allow_nonfinite: ClassVar[bool] = False
     #: Names of diagnostics whose shared step results this one reads (through StepContext); they run first.

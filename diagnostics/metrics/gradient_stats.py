@@ -142,8 +142,7 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
     preset = "full"
     default_every = 50
     metrics: ClassVar[tuple[str, ...]] = ("gsnr_microbatch_mean", "gsnr_microbatch_median")
-    #: Reads the micro-batch gradients of the user's gradient accumulation when the Monitor was given them.
-    uses_accumulation: ClassVar[bool] = True
+    uses_accumulation = True
 
     def __init__(self, every: int | None = None, start: int = 0, num_microbatches: int = 8) -> None:
         super().__init__(every, start)

@@ -100,9 +100,8 @@ def _copy_rows(conn: Any, run: Run, duplicates: dict[str, int]) -> None:
     default = run.name  # source of in-loop rows once merged
     conn.execute("BEGIN IMMEDIATE")
     try:
-        present = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table, cols in schema.COLUMNS.items():
-            if table not in present:  # a version 1 input has no vectors table
+            if table == "vectors" and not run._has_vectors:  # a version 1 input
                 continue
             insert = schema.insert_sql(table, "IGNORE")
             # the last column of a data table is its source; the sources table keeps its own

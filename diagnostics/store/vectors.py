@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_KEYS", "pack", "split_rows", "unpack"]
+__all__ = ["MIN_KEYS", "expand", "keys_of", "pack", "split_rows", "unpack"]
 
 #: Fewest keys of one metric and index at a step for its rows to be stored as a vector.
 MIN_KEYS = 4

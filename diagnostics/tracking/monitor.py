@@ -197,8 +197,7 @@ class Monitor:
                 self._check_batch(b, f"probe_data[{i}]")
         self._batch_checked = False
         # Moments of the step's micro-batch gradients (Monitor.microbatch), when a diagnostic reads them.
-        self._accumulated = (AccumulatedMoments() if any(getattr(d, "uses_accumulation", False) for d in self.diagnostics)
-                             else None)
+        self._accumulated = AccumulatedMoments() if any(d.uses_accumulation for d in self.diagnostics) else None
         self._pending: PendingStep | None = None
         self._closed = False
         self._monitored = 0
@@ -369,8 +368,8 @@ class Monitor:
             named_parameters=self._named_parameters(),
         )
         ctx.due = frozenset(d.name for d in due)
-        if self._accumulated is not None:
-            ctx.microbatch_moments = self._accumulated.moments()
+        if self._accumulated is not None and any(d.uses_accumulation for d in due):
+            ctx.microbatch_moments = self._accumulated.moments()  # float64 copies: only when read
         pending = PendingStep(step, ctx, source)
         for d, result in zip(due, self._runner.run_phase(due, "compute", ctx)):
             pending.add(d, *result)
