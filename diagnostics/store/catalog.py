@@ -267,6 +267,8 @@ _METRICS: tuple[MetricSpec, ...] = (
     *_family("Cost", _ALL, None,
              ("monitor_overhead", SCALAR, "monitor time / training time over the last 200 steps (runs with a "
               "budget)"),
+             ("monitor_stride", SCALAR, "steps between runs of the every-step diagnostics (runs with a budget; "
+              "above 1 when they alone took more than half of it)"),
              writer="monitor"),
 )
 

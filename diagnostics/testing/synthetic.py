@@ -256,6 +256,7 @@ class _State:
         self.monitor_window.append(sum(s.seconds for s in statuses))
         overhead = sum(self.monitor_window) / (_TRAIN_SECONDS * len(self.monitor_window))
         records.append(Record("monitor_overhead", overhead))
+        records.append(Record("monitor_stride", 1.0))  # half-second steps: every-step diagnostics every step
         return records, events, statuses
 
     # -- diagnostics -----------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ runs once the window holds no other such run (its gap keeps its average within t
 steps). So over any window of ``window`` or more steps the amortised overhead, ``F`` plus the scheduled
 runs, stays within the budget up to the error of the cost estimates, as long as ``F`` fits in it.
 
+``F`` is made to fit: the every-step diagnostics whose ``every`` was not given (:attr:`BudgetScheduler.thinned`)
+may take at most :data:`EVERY_STEP_SHARE` of the budget. From the measured fixed part of a call that runs
+them (``F_with``) and of one that runs nothing (``F_without``) they run together every ``s`` steps, the
+smallest ``s`` with ``(F_with + (s - 1) F_without) / s <= EVERY_STEP_SHARE * budget * T``, at most
+:data:`MAX_STRIDE` (:meth:`BudgetScheduler.stride`).
+
 A run's cost is the second run's measurement, then a moving average: the first run carries one-time work (a cold
 start, an extra forward before one was observed, first-call imports).
 
@@ -60,6 +66,8 @@ from diagnostics.tracking.budget_window import WindowLedger
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "EVERY_STEP_SHARE",
+    "MAX_STRIDE",
     "SECOND_AFTER",
     "STATE_KEY",
     "WINDOW",
@@ -80,11 +88,18 @@ WINDOW = 200
 SECOND_AFTER = 100
 #: Key of the scheduler's state in ``Monitor.state_dict()`` (no diagnostic name has a dot).
 STATE_KEY = "monitor.budget"
+#: The share of the budget the every-step diagnostics may take before they are thinned (the rest is the
+#: scheduled probes').
+EVERY_STEP_SHARE = 0.5
+#: The every-step diagnostics run at least every this many steps, whatever the budget.
+MAX_STRIDE = 10
 
 # Step times move slowly and are sampled at every step; a diagnostic's cost is sampled only when it runs.
 _STEP_SMOOTHING = 0.05
 _COST_SMOOTHING = 0.3
 _HEAVY = frozenset({"curvature", "per_sample_grads"})
+# Stands for the thinned diagnostics in rank 0's broadcast decision (no diagnostic name has a dot).
+_THINNED_TOKEN = "monitor.every_step"
 
 
 def resolve_budget(budget: Any, spec: Any) -> float | None:
@@ -181,8 +196,20 @@ class BudgetScheduler:
             n for n in self.leaders
             if _HEAVY & by_name[n].requires or type(by_name[n]).default_every >= 100
         )
+        #: Every-step diagnostics the budget thins when they alone take more than their share of it:
+        #: those not scheduled whose schedule is every step and whose ``every`` was not given.
+        self.thinned: frozenset[str] = frozenset(
+            d.name for d in diagnostics
+            if d.name not in self.scheduled and d.name not in explicit and d.every == 1
+        )
         self.step_seconds: float | None = None
         self.fixed_seconds: float | None = None
+        # The fixed part of a call that ran the thinned diagnostics, and of one that did not.
+        self.fixed_with: float | None = None
+        self.fixed_without: float | None = None
+        self._thin_last: int | None = None  # the last step the thinned diagnostics ran
+        self._thin_promised: int | None = None
+        self._prev_thin = False
         self.cost: dict[str, float] = {}
         self.last: dict[str, int] = {}
         self.runs: dict[str, int] = {}
@@ -271,6 +298,13 @@ class BudgetScheduler:
             self._ledger.close(prev_delta, prev_train, self._prev_monitor, self._prev_exempt, self._prev_admitted)
             fixed = max(0.0, self._prev_monitor - self._prev_scheduled) / prev_delta
             self.fixed_seconds = _average(self.fixed_seconds, fixed, _STEP_SMOOTHING)
+            # Sampled once per stride, not at every step: weighted as a diagnostic's cost is.
+            # A call without them is sampled when no scheduled run came with it (the isolation and commit such
+            # a run brings are part of its cost, not of a call that runs nothing), unless none ever was.
+            if self._prev_thin:
+                self.fixed_with = _average(self.fixed_with, fixed * prev_delta, _COST_SMOOTHING)
+            elif self._prev_scheduled == 0.0 or self.fixed_without is None:
+                self.fixed_without = _average(self.fixed_without, fixed * prev_delta, _COST_SMOOTHING)
             delta = max(1, step - prev_step)
             # Monitor work between the calls (the update phase) is not training.
             train = max(0.0, now - self._prev_exit - self._prev_between)
@@ -304,7 +338,10 @@ class BudgetScheduler:
         ``monitor_overhead`` record (none before any training time was measured)."""
         self.observe_costs({n: s.seconds for n, s in statuses.items()})
         ratio = self.overhead()
-        return [] if ratio is None else [Record("monitor_overhead", ratio)]
+        out = [] if ratio is None else [Record("monitor_overhead", ratio)]
+        if self.thinned:
+            out.append(Record("monitor_stride", float(self.stride())))
+        return out
 
     # --- decisions --------------------------------------------------------------------------------------
     def intervals(self) -> dict[str, float]:
@@ -351,13 +388,33 @@ class BudgetScheduler:
             out[n] = float(math.ceil(r * (span - 1) / (span - r)))
         return out
 
+    def stride(self) -> int:
+        """Steps between runs of the :attr:`thinned` diagnostics: 1 while their calls' fixed part fits in
+        :data:`EVERY_STEP_SHARE` of the budget, else the smallest ``s`` for which one call with them and
+        ``s - 1`` without fit it, at most :data:`MAX_STRIDE`. Cost: a few float operations."""
+        if not self.thinned or self.step_seconds is None or self.fixed_with is None:
+            return 1
+        room = EVERY_STEP_SHARE * self.budget * self.step_seconds
+        if self.fixed_with <= room:
+            return 1
+        without = self.fixed_without or 0.0
+        if room <= without:
+            return MAX_STRIDE
+        return max(1, min(MAX_STRIDE, math.ceil((self.fixed_with - without) / (room - without))))
+
+    def _thin_due(self, step: int) -> bool:
+        if self._thin_promised == step:
+            return True
+        last = self._thin_last
+        return last is None or step < last or step - last >= self.stride()
+
     def _lead_cost(self, name: str) -> float | None:
         c = self.cost.get(name)
         if c is None:
             return None
         return c + sum(self.cost.get(f, 0.0) for f, lead in self.followers.items() if lead == name)
 
-    def _decide(self, step: int) -> list[str]:
+    def _decide(self, step: int, thin: bool = False) -> list[str]:
         gaps = self.intervals()
         every_step: list[str] = []
         waiting: list[tuple[int, float, int, str]] = []  # (class, -overdue, position, name), smallest first
@@ -391,7 +448,7 @@ class BudgetScheduler:
             # A run the ledger turned away keeps its turn: the others wait until it fits, or it would starve
             # behind cheaper ones that always fit.
             pick = next((w for w in waiting if w[0] == 2 and w[3] == self._reserved), pick)
-            if self._admit(pick[3], [n for n in every_step if n not in first]):
+            if self._admit(pick[3], [n for n in every_step if n not in first], thin):
                 self._reserved = None
             else:
                 self._reserved, pick = pick[3], None
@@ -400,7 +457,7 @@ class BudgetScheduler:
         chosen = every_step + ([pick[3]] if pick is not None else [])
         return [n for n in self.leaders if n in chosen]
 
-    def _admit(self, name: str, every_step: list[str]) -> bool:
+    def _admit(self, name: str, every_step: list[str], thin: bool = False) -> bool:
         """Whether ``name``, due by its gap, fits now: every window of at least ``window`` steps ending at this
         call stays within the budget (:class:`WindowLedger`), with the fixed part and the scheduled runs of
         every step counted first. A run costlier than any window can pay for runs once no other admitted run
@@ -411,7 +468,14 @@ class BudgetScheduler:
         fixed = self.fixed_seconds or 0.0
         steady = sum(self._lead_cost(n) or 0.0 for n in every_step)
         _, train, delta = self._prev
-        if cost <= self._ledger.room(train, fixed * delta + steady):
+        # This call's own fixed part: with or without the thinned diagnostics, once both were measured.
+        this_call = self.fixed_with if thin else self.fixed_without
+        thinning = this_call is not None and self.stride() > 1
+        now = this_call if thinning else fixed * delta
+        # A window ending at a later call with them sits above the average of the thinned pattern by up to
+        # the difference: kept free, or that window would go over by it.
+        peak = max(0.0, (self.fixed_with or 0.0) - fixed) if thinning else 0.0
+        if cost + peak <= self._ledger.room(train, now + steady):
             return True
         most = (self.budget * self.step_seconds - fixed - steady) * self.window
         return cost > most and self._ledger.quiet()
@@ -424,9 +488,13 @@ class BudgetScheduler:
         torch.distributed, one broadcast.
         """
         self._begin(step)
-        names = self._decide(step)
+        thin = self._thin_due(step)
+        names = self._decide(step, thin)
         if self._sync is not None:
-            names = list(self._sync(names))
+            # The stride comes from this rank's clock: rank 0's decision holds for the thinned ones too.
+            names = list(self._sync(names + [_THINNED_TOKEN] if thin else names))
+            thin = _THINNED_TOKEN in names
+            names = [n for n in names if n != _THINNED_TOKEN]
         self._promised = {}
         chosen = set(names) | {f for f, lead in self.followers.items() if lead in names}
         for kind in (self._exempt_now, self._admitted_now):
@@ -434,7 +502,15 @@ class BudgetScheduler:
         for n in chosen:
             self.last[n] = step
             self.runs[n] = self.runs.get(n, 0) + 1
-        return [d for d in diagnostics if (d.name in chosen if d.name in self.scheduled else d.is_due(step))]
+        self._thin_promised = None
+        out = [
+            d for d in diagnostics
+            if (d.name in chosen if d.name in self.scheduled else d.is_due(step) and (thin or d.name not in self.thinned))
+        ]
+        self._prev_thin = thin and any(d.name in self.thinned for d in out)
+        if self._prev_thin:
+            self._thin_last = step
+        return out
 
     def due_next(self, d: Diagnostic, step: int) -> bool:
         """Whether ``d`` will be due at ``step + 1``; True binds the next decision (hooks may be installed
@@ -442,7 +518,14 @@ class BudgetScheduler:
         step, and never under torch.distributed, where rank 0 decides: hooks held on a rank that rank 0 then
         overrules would leave a measurement to a later step. Cost: :meth:`intervals`."""
         if d.name not in self.scheduled:
-            return d.every == 1 and d.is_due(step + 1)
+            if not (d.every == 1 and d.is_due(step + 1)):
+                return False
+            if d.name not in self.thinned:
+                return True
+            if self._sync is not None or not self._thin_due(step + 1):
+                return False
+            self._thin_promised = step + 1
+            return True
         if self._sync is not None or d.name in self.followers or d.name not in self.last:
             return False
         if self.intervals()[d.name] != 1.0:
@@ -457,6 +540,8 @@ class BudgetScheduler:
             "budget": self.budget,
             "step_seconds": self.step_seconds,
             "fixed_seconds": self.fixed_seconds,
+            "fixed_with": self.fixed_with,
+            "fixed_without": self.fixed_without,
             "cost": dict(self.cost),
             "last": dict(self.last),
             "runs": dict(self.runs),
@@ -466,7 +551,7 @@ class BudgetScheduler:
         """Continue from :meth:`state_dict` (entries of diagnostics no longer scheduled are dropped)."""
         if not state:
             return
-        for key in ("step_seconds", "fixed_seconds"):
+        for key in ("step_seconds", "fixed_seconds", "fixed_with", "fixed_without"):
             value = state.get(key)
             setattr(self, key, None if value is None else float(value))
         self.cost = {n: float(v) for n, v in (state.get("cost") or {}).items() if n in self.scheduled}

@@ -84,7 +84,25 @@ def _overhead_chart(view: ReportView, sink: ChartSink) -> str:
             rules.append(Rule(float(budget), label, color=run_color(i), run=i))
     chart = overlay_chart(view, "monitor_overhead", "monitor ÷ training time",
                           title="amortised overhead (last 200 steps)", rules=rules, group="cost", cols=1)
-    return sink.chart(chart)
+    return sink.chart(chart) + _stride_note(view)
+
+
+def _stride_note(view: ReportView) -> str:
+    """A sentence per run whose every-step diagnostics the budget thinned (``monitor_stride`` above 1)."""
+    notes = []
+    for _, run in runs_with(view, "monitor_stride"):
+        curve = run.metric("monitor_stride").curve("all")
+        if curve is None:
+            continue
+        values = curve[1][np.isfinite(curve[1])]
+        if not values.size or values.max() <= 1:
+            continue
+        who = f"{esc(run.name)}: t" if len(view.runs) > 1 else "T"
+        notes.append(f"<p class=\"chart-note\">{who}he every-step diagnostics (loss, norms, update ratio, ...) alone took "
+                     f"more than half of the budget, so they ran every {int(values.min())} to {int(values.max())} "
+                     "steps (monitor_stride); give them every= (e.g. <code>every={'grad_norm': 1}</code>) or a "
+                     "larger budget to keep them at every step.</p>\n")
+    return "".join(notes)
 
 
 def _draw_cost(view: ReportView, sink: ChartSink) -> str:
@@ -145,9 +163,10 @@ def _draw_cost(view: ReportView, sink: ChartSink) -> str:
 COST = Panel(
     id="cost",
     title="Cost of monitoring",
-    metrics=("monitor_seconds", "monitor_overhead"),
+    metrics=("monitor_seconds", "monitor_overhead", "monitor_stride"),
     about=("The amortised overhead of monitoring (its seconds over the training seconds of the last 200 steps) "
-           "against the run's overhead budget, when it has one; wall-clock seconds each diagnostic added to "
+           "against the run's overhead budget, when it has one (and how far apart the budget spaced the every-step "
+           "diagnostics, when it had to); wall-clock seconds each diagnostic added to "
            "training, and how each estimator fared: ok, not "
            "converged (numbers kept but flagged) or failed (no numbers stored; the reason is given). "
            "Curvature estimates are counted in Hessian-vector products (matvecs), each costing about two "

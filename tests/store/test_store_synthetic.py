@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 def test_every_metric_and_meta_key(runs):
     healthy, exploding = runs
     assert sorted(healthy.metrics()) == sorted(SYNTHETIC_METRICS) == sorted(exploding.metrics())
-    assert sorted({m for _, ms in SCHEDULE.values() for m in ms} | {"monitor_seconds", "monitor_overhead"}) == sorted(
+    assert sorted({m for _, ms in SCHEDULE.values() for m in ms} | {"monitor_seconds", "monitor_overhead", "monitor_stride"}) == sorted(
         SYNTHETIC_METRICS
     )
     assert CONTRACT_METAKEYS <= set(healthy.meta)

@@ -16,7 +16,9 @@ from diagnostics.store import open_run
 from diagnostics.store.records import Record, Status
 from diagnostics.tracking import Monitor
 from diagnostics.tracking.budget import (
+    _THINNED_TOKEN,
     DEFAULT_BUDGET,
+    MAX_STRIDE,
     STATE_KEY,
     BudgetScheduler,
     budgeted,
@@ -104,6 +106,36 @@ def test_the_budget_counts_the_every_step_cost_first() -> None:
     _, heavy = simulate(diags, COSTS, steps=1200, fixed=0.0004)
     assert len(runs_of(heavy, "weight_rank")) < len(runs_of(light, "weight_rank"))
     assert worst_window(heavy, 300, 200) <= DEFAULT_BUDGET * (1 + 1e-9)
+
+
+def test_every_step_diagnostics_over_half_the_budget_are_thinned_and_the_budget_holds() -> None:
+    diags = resolve_diagnostics("standard")
+    # the every-step part alone: 1.8 ms of a 30 ms step, 6% against a 5% budget
+    every_step = {"grad_norm": 0.0005, "weight_norm": 0.0005, "update_ratio": 0.0005, "loss": 0.0001}
+    sched, log = simulate(diags, {**COSTS, **every_step}, steps=3000, train=0.030)
+    assert set(every_step) <= sched.thinned and not sched.thinned & sched.scheduled
+    # one call with them and s - 1 without fit in half the budget: s = ceil(1.6 / (0.75 - 0.2)) = 3
+    assert sched.stride() == 3
+    for length in (200, 333, 1000):
+        assert worst_window(log, 300, length) <= DEFAULT_BUDGET * (1 + 1e-9), length
+    loss = runs_of(log, "loss")
+    assert runs_of(log, "grad_norm") == loss  # together, so one commit carries them
+    late = [i for i in loss if i >= 300]
+    assert loss[0] == 0 and {b - a for a, b in zip(late, late[1:])} == {3}
+    # the other half of the budget is the probes': they keep running after their early runs
+    assert len([i for i in runs_of(log, "weight_rank") if i > 300]) > 10
+    # without thinning the every-step part alone would be over the budget (the previous behaviour)
+    _, pinned = simulate(diags, {**COSTS, **every_step}, steps=600, train=0.030, explicit=set(every_step))
+    assert runs_of(pinned, "loss") == list(range(600)) and worst_window(pinned, 300, 200) > DEFAULT_BUDGET
+
+
+def test_the_stride_is_capped() -> None:
+    diags = resolve_diagnostics("standard")
+    # a 1 ms step: even the calls without the every-step diagnostics take more than half the budget
+    sched, log = simulate(diags, {**COSTS, "loss": 0.0005}, steps=400, train=0.001)
+    assert sched.stride() == MAX_STRIDE
+    loss = runs_of(log, "loss")
+    assert max(b - a for a, b in zip(loss, loss[1:])) == MAX_STRIDE
 
 
 def test_first_runs_come_early_and_long_probes_one_per_step() -> None:
@@ -197,7 +229,9 @@ def test_a_reader_of_a_scheduled_diagnostic_runs_with_it() -> None:
 def test_rank_zero_decides_for_every_rank() -> None:
     diags = resolve_diagnostics("standard")
     rank0, log0 = simulate(diags, COSTS, steps=400)
-    decisions = iter([[n for n in names if n in rank0.scheduled] for _, _, names in log0])
+    # rank 0's broadcast: its scheduled picks, and whether the every-step diagnostics run
+    decisions = iter([[n for n in names if n in rank0.scheduled] + [_THINNED_TOKEN] * bool(rank0.thinned & set(names))
+                      for _, _, names in log0])
     clock = Clock()
     # another rank measures other times but runs what rank 0 decided
     other = BudgetScheduler(DEFAULT_BUDGET, diags, clock=clock, sync=lambda _: next(decisions))
@@ -273,12 +307,18 @@ def test_standard_preset_on_a_tiny_model_stores_two_points_of_every_signal(tmp_p
         status = run.status()
         meta = run.meta
         overhead = run.series("monitor_overhead")
+        stride = run.series("monitor_stride")
     calls = status.groupby("diagnostic").size()
     for name in SIGNALS:
         assert calls.get(name, 0) >= 2, (name, calls.to_dict())
-    assert calls["loss"] == 300 and calls["grad_norm"] == 300  # the every-step diagnostics keep every step
+    # On this model's sub-millisecond steps the every-step diagnostics alone take more than half the budget:
+    # they run together, every MAX_STRIDE steps at the least, and the stored stride says how often.
+    loss_steps = sorted(status[status.diagnostic == "loss"].step)
+    assert loss_steps == sorted(status[status.diagnostic == "grad_norm"].step)
+    assert loss_steps[0] == 0 and max(b - a for a, b in zip(loss_steps, loss_steps[1:])) <= MAX_STRIDE
+    assert len(loss_steps) >= 300 // MAX_STRIDE and stride.value.max() > 1
     assert meta["budget"] == DEFAULT_BUDGET
-    assert len(overhead) >= 290 and (overhead.value > 0).all()
+    assert len(overhead) >= len(loss_steps) and (overhead.value > 0).all()
     assert STATE_KEY in meta["diagnostic_state"]
 
 
@@ -298,7 +338,20 @@ def test_a_budget_on_a_list_runs_each_probe_at_least_twice_early(tmp_path: Path)
         assert run.meta["budget"] == 0.05
     for name in sched.leaders:
         assert len(steps[name]) >= 2 and steps[name][0] <= 2 and steps[name][1] <= 2 + 100, (name, steps[name])
-    assert steps["loss"] == list(range(120))
+    # the loss's call costs more than half the budget of a sub-millisecond step: thinned, never beyond MAX_STRIDE
+    loss = steps["loss"]
+    assert loss[0] == 0 and max(b - a for a, b in zip(loss, loss[1:])) <= MAX_STRIDE and len(loss) < 120
+
+
+def test_every_given_keeps_an_every_step_diagnostic_at_every_step(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, run=tmp_path / "run", diagnostics=_probe_list(), optimizer=opt, budget=0.05,
+                 every={"loss": 1}) as monitor:
+        _train(monitor, model, 60)
+        assert "loss" not in monitor._budget.thinned
+    with open_run(tmp_path / "run") as run:
+        assert sorted(run.status().query("diagnostic == 'loss'").step) == list(range(60))
 
 
 def test_without_a_budget_the_schedules_are_fixed(tmp_path: Path) -> None:
