@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from diagnostics import _distributed as tdist
+from diagnostics.tracking.budget import MAX_STRIDE
 
 WORLD = 2
 D_IN, HIDDEN, CLASSES, N = 5, 4, 3, 16
@@ -317,7 +318,10 @@ def test_budget_decisions_are_rank_zeros_on_every_rank(tmp_path: Path) -> None:
             st = run.status()
         steps.append({n: sorted(g.step) for n, g in st.groupby("diagnostic")})
     assert steps[0] == steps[1]
-    assert len(steps[0]["weight_rank"]) >= 2 and steps[0]["loss"] == list(range(120))
+    # the every-step diagnostics too run where rank 0 decided (the budget may space them out)
+    loss = steps[0]["loss"]
+    assert len(steps[0]["weight_rank"]) >= 2 and loss[0] == 0
+    assert max(b - a for a, b in zip(loss, loss[1:])) <= MAX_STRIDE
     states = [json.loads((tmp_path / f"budget-state-{r}.json").read_text()) for r in range(WORLD)]
     assert states[0]["last"] == states[1]["last"] and states[0]["runs"] == states[1]["runs"]
     assert states[0]["step_seconds"] > states[1]["step_seconds"]  # each rank measured its own times

@@ -462,8 +462,9 @@ class Monitor:
                 finally:
                     self._finish_pending()
                 # Schedules longer than the run (a misuse event at the last step; see tracking.misuse).
-                # Diagnostics a budget schedules have no fixed schedule that could be longer than the run.
-                scheduled = self._budget.scheduled if self._budget is not None else frozenset()
+                # Diagnostics a budget schedules (or spaces out) have no fixed schedule that could be longer
+                # than the run.
+                scheduled = self._budget.scheduled | self._budget.thinned if self._budget is not None else frozenset()
                 fixed = [d for d in self.diagnostics if d.name not in scheduled]
                 events = self._misuse.schedule_events(fixed)
                 if events and self._commits is not None and self.last_step is not None:
