@@ -299,11 +299,12 @@ class BudgetScheduler:
             fixed = max(0.0, self._prev_monitor - self._prev_scheduled) / prev_delta
             self.fixed_seconds = _average(self.fixed_seconds, fixed, _STEP_SMOOTHING)
             # Sampled once per stride, not at every step: weighted as a diagnostic's cost is.
-            # A call without them is sampled when no scheduled run came with it (the isolation and commit such
-            # a run brings are part of its cost, not of a call that runs nothing), unless none ever was.
-            if self._prev_thin:
+            # Sampled from calls that ran no scheduled diagnostic (the isolation and commit such a run brings
+            # are part of its cost, not of the every-step part), unless none ever was.
+            alone = self._prev_scheduled == 0.0
+            if self._prev_thin and (alone or self.fixed_with is None):
                 self.fixed_with = _average(self.fixed_with, fixed * prev_delta, _COST_SMOOTHING)
-            elif self._prev_scheduled == 0.0 or self.fixed_without is None:
+            elif not self._prev_thin and (alone or self.fixed_without is None):
                 self.fixed_without = _average(self.fixed_without, fixed * prev_delta, _COST_SMOOTHING)
             delta = max(1, step - prev_step)
             # Monitor work between the calls (the update phase) is not training.
