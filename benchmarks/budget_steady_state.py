@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         with open_run(run_dir) as run:
             overhead = run.series("monitor_overhead")
+            stride = run.series("monitor_stride")
             status = run.status()
     late = status[status.step >= args.warmup]
     every_step = late[~late.diagnostic.isin(scheduled)].seconds.sum()
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{every_step / (args.steps - args.warmup) * 1e3:.2f} ms |")
     print(f"| ... over the step outside monitor.step (forward, backward, optimizer step) | "
           f"{every_step / train_late:.1%} |")
+    late_stride = stride[stride.step >= args.warmup].value
+    if len(late_stride):
+        print(f"| every-step diagnostics' spacing (monitor_stride) at steps >= {args.warmup} | "
+              f"{int(late_stride.min())}-{int(late_stride.max())} steps |")
     print(f"| scheduled runs at steps >= {args.warmup} | "
           f"{', '.join(f'{k} {v}' for k, v in sorted(runs.items())) or 'none'} |")
     return 0

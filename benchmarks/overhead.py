@@ -224,11 +224,17 @@ def own_accounting(run_dir: Path, last_step: int) -> str:
 
     with open_run(run_dir) as run:
         s = run.series("monitor_overhead")
+        stride = run.series("monitor_stride")
     if len(s) == 0:
         return "standard-budget: no monitor_overhead recorded"
     last = s.iloc[-1]
+    spacing = ""
+    if len(stride):
+        late = stride[stride.step >= stride.step.max() - 200].value
+        spacing = (f"; every-step diagnostics every {int(late.min())}-{int(late.max())} steps over the last 200 "
+                   f"(monitor_stride)")
     return (f"standard-budget's own accounting at step {int(last['step'])} of {last_step}: monitor time / training "
-            f"time over the last 200 or more steps (monitor_overhead) = {100 * float(last['value']):.1f}%")
+            f"time over the last 200 or more steps (monitor_overhead) = {100 * float(last['value']):.1f}%{spacing}")
 
 
 def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats: int) -> dict[str, float]:

@@ -80,6 +80,10 @@ class Diagnostic(abc.ABC):
     #: Whether an overhead budget schedules it; None: exactly when it is not ``reads_only`` (it runs passes
     #: or decompositions of its own). A reader whose own arithmetic costs a real share of a step sets True.
     budgeted: ClassVar[bool | None] = None
+    #: False when its hooks on the user's training forward (``observe_training_forward``) cost time the
+    #: Monitor cannot see (spread over the forward's ops rather than in a hook it could time): an overhead
+    #: budget then never holds them open, and each run takes its own, measured, forward.
+    cheap_to_observe: ClassVar[bool] = True
     #: True when it reads the micro-batch gradients of the user's gradient accumulation
     #: (``StepContext.microbatch_moments``, fed by ``Monitor.microbatch``).
     uses_accumulation: ClassVar[bool] = False

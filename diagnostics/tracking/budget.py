@@ -516,7 +516,7 @@ class BudgetScheduler:
     def due_next(self, d: Diagnostic, step: int) -> bool:
         """Whether ``d`` will be due at ``step + 1``; True binds the next decision (hooks may be installed
         for that step on the strength of it). Scheduled diagnostics are promised only when they run at every
-        step, and never under torch.distributed, where rank 0 decides: hooks held on a rank that rank 0 then
+        step and are ``cheap_to_observe``, and never under torch.distributed, where rank 0 decides: hooks held on a rank that rank 0 then
         overrules would leave a measurement to a later step. Cost: :meth:`intervals`."""
         if d.name not in self.scheduled:
             if not (d.every == 1 and d.is_due(step + 1)):
@@ -528,6 +528,8 @@ class BudgetScheduler:
             self._thin_promised = step + 1
             return True
         if self._sync is not None or d.name in self.followers or d.name not in self.last:
+            return False
+        if not d.cheap_to_observe:  # its hooks' cost would pass for training time
             return False
         if self.intervals()[d.name] != 1.0:
             return False

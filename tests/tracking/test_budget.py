@@ -481,3 +481,17 @@ def test_a_run_turned_away_keeps_its_turn() -> None:
     assert len(late) >= 2 and all(b - a <= gap + 200 for a, b in zip(late, late[1:])), (late, gap)
     for length in (200, 333, 1000):
         assert worst_window(log, 300, length) <= DEFAULT_BUDGET * (1 + 1e-9), length
+
+
+def test_a_budget_holds_hooks_open_only_for_diagnostics_cheap_to_observe() -> None:
+    diags = resolve_diagnostics("standard")
+    cheap = {n: 1e-6 for n in COSTS}  # every scheduled diagnostic fits at every step
+    sched, _ = simulate(diags, cheap, steps=300)
+    by_name = {d.name: d for d in diags}
+    assert sched.intervals()["attention_stats"] == sched.intervals()["spectral_alignment"] == 1.0
+    step = 299
+    # spectral alignment's hooks only gather rows: it may read the user's next forward
+    assert sched.due_next(by_name["spectral_alignment"], step)
+    # attention statistics intercept every op of the forward, a cost the budget would take for training time
+    assert not by_name["attention_stats"].cheap_to_observe
+    assert not sched.due_next(by_name["attention_stats"], step)
