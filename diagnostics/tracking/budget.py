@@ -298,9 +298,9 @@ class BudgetScheduler:
             self._ledger.close(prev_delta, prev_train, self._prev_monitor, self._prev_exempt, self._prev_admitted)
             fixed = max(0.0, self._prev_monitor - self._prev_scheduled) / prev_delta
             self.fixed_seconds = _average(self.fixed_seconds, fixed, _STEP_SMOOTHING)
-            # Sampled once per stride, not at every step: weighted as a diagnostic's cost is.
-            # Sampled from calls that ran no scheduled diagnostic (the isolation and commit such a run brings
-            # are part of its cost, not of the every-step part), unless none ever was.
+            # Sampled once per stride rather than at every step, so weighted as a diagnostic's cost is; from
+            # calls that ran no scheduled diagnostic (the isolation and commit such a run brings are part of
+            # its cost, not of the every-step part), unless none ever was.
             alone = self._prev_scheduled == 0.0
             if self._prev_thin and (alone or self.fixed_with is None):
                 self.fixed_with = _average(self.fixed_with, fixed * prev_delta, _COST_SMOOTHING)
@@ -504,10 +504,12 @@ class BudgetScheduler:
             self.last[n] = step
             self.runs[n] = self.runs.get(n, 0) + 1
         self._thin_promised = None
-        out = [
-            d for d in diagnostics
-            if (d.name in chosen if d.name in self.scheduled else d.is_due(step) and (thin or d.name not in self.thinned))
-        ]
+        def runs(d: Diagnostic) -> bool:
+            if d.name in self.scheduled:
+                return d.name in chosen
+            return d.is_due(step) and (thin or d.name not in self.thinned)
+
+        out = [d for d in diagnostics if runs(d)]
         self._prev_thin = thin and any(d.name in self.thinned for d in out)
         if self._prev_thin:
             self._thin_last = step
@@ -516,8 +518,9 @@ class BudgetScheduler:
     def due_next(self, d: Diagnostic, step: int) -> bool:
         """Whether ``d`` will be due at ``step + 1``; True binds the next decision (hooks may be installed
         for that step on the strength of it). Scheduled diagnostics are promised only when they run at every
-        step and are ``cheap_to_observe``, and never under torch.distributed, where rank 0 decides: hooks held on a rank that rank 0 then
-        overrules would leave a measurement to a later step. Cost: :meth:`intervals`."""
+        step and are ``cheap_to_observe``, and never under torch.distributed, where rank 0 decides: hooks
+        held on a rank that rank 0 then overrules would leave a measurement to a later step. Cost:
+        :meth:`intervals`."""
         if d.name not in self.scheduled:
             if not (d.every == 1 and d.is_due(step + 1)):
                 return False

@@ -303,3 +303,20 @@ def test_extra_panels_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="expected Panel"):
         build_report(run, tmp_path / "x.html", extra_panels=["not a panel"])
     assert not (tmp_path / "x.html").exists()
+
+
+def test_cost_panel_says_when_the_budget_spaced_out_the_every_step_diagnostics(tmp_path):
+    run = tmp_path / "spaced"
+    with RunWriter(run, name="spaced", meta={"budget": 0.05}) as w:
+        for step in range(0, 40, 4):
+            w.write_step(step, [Record("loss", 1.0), Record("monitor_overhead", 0.04),
+                                Record("monitor_stride", 1.0 if step < 8 else 4.0)],
+                         events=[], statuses=[Status("loss", "ok", None, 0.001)])
+    text = build_report(run, tmp_path / "spaced.html").read_text(encoding="utf-8")
+    assert "so they ran every 1 to 4 steps (monitor_stride)" in text
+    # a run whose stride stayed 1 gets no such sentence
+    with RunWriter(tmp_path / "dense", name="dense", meta={"budget": 0.05}) as w:
+        for step in range(10):
+            w.write_step(step, [Record("loss", 1.0), Record("monitor_overhead", 0.04), Record("monitor_stride", 1.0)],
+                         events=[], statuses=[Status("loss", "ok", None, 0.001)])
+    assert "monitor_stride);" not in build_report(tmp_path / "dense", tmp_path / "dense.html").read_text(encoding="utf-8")
