@@ -232,6 +232,8 @@ class BudgetScheduler:
         self._prev_monitor = 0.0  # its monitor seconds, growing with its update phase between calls
         self._prev_between = 0.0  # of which between calls
         self._prev_scheduled = 0.0  # of which the scheduled diagnostics
+        self._prev_pinned = 0.0  # of which the other diagnostics that keep their schedules
+        self._pinned_seconds: float | None = None  # their average per call
         self._prev_exempt = 0.0  # of which runs outside the budget
         self._prev_admitted = 0.0  # of which runs the ledger admitted
 
@@ -274,7 +276,11 @@ class BudgetScheduler:
         Updates each scheduled diagnostic's cost average; the others count as fixed overhead.
         """
         for name, s in seconds.items():
-            if name not in self.scheduled or not math.isfinite(s):
+            if not math.isfinite(s):
+                continue
+            if name not in self.scheduled:
+                if name not in self.thinned:  # fixed by every= (or its own schedule): not what thinning saves
+                    self._prev_pinned += s
                 continue
             self._prev_scheduled += s
             if name in self._exempt_now:
@@ -301,18 +307,21 @@ class BudgetScheduler:
             # Sampled once per stride rather than at every step, so weighted as a diagnostic's cost is; from
             # calls that ran no scheduled diagnostic (the isolation and commit such a run brings are part of
             # its cost, not of the every-step part), unless none ever was.
+            # The diagnostics that keep their schedules (every=) run whatever the stride: left out of both.
             alone = self._prev_scheduled == 0.0
+            self._pinned_seconds = _average(self._pinned_seconds, self._prev_pinned, _STEP_SMOOTHING)
+            call = max(0.0, fixed * prev_delta - self._prev_pinned)
             if self._prev_thin and (alone or self.fixed_with is None):
-                self.fixed_with = _average(self.fixed_with, fixed * prev_delta, _COST_SMOOTHING)
+                self.fixed_with = _average(self.fixed_with, call, _COST_SMOOTHING)
             elif not self._prev_thin and (alone or self.fixed_without is None):
-                self.fixed_without = _average(self.fixed_without, fixed * prev_delta, _COST_SMOOTHING)
+                self.fixed_without = _average(self.fixed_without, call, _COST_SMOOTHING)
             delta = max(1, step - prev_step)
             # Monitor work between the calls (the update phase) is not training.
             train = max(0.0, now - self._prev_exit - self._prev_between)
             self.step_seconds = _average(self.step_seconds, train / delta, _STEP_SMOOTHING)
         self._prev = (step, train, delta)
         self._prev_exit = None
-        self._prev_monitor = self._prev_between = self._prev_scheduled = 0.0
+        self._prev_monitor = self._prev_between = self._prev_scheduled = self._prev_pinned = 0.0
         self._prev_exempt = self._prev_admitted = 0.0
         self._step = step
 
@@ -472,10 +481,11 @@ class BudgetScheduler:
         # This call's own fixed part: with or without the thinned diagnostics, once both were measured.
         this_call = self.fixed_with if thin else self.fixed_without
         thinning = this_call is not None and self.stride() > 1
-        now = this_call if thinning else fixed * delta
+        pinned = self._pinned_seconds or 0.0
+        now = this_call + pinned if thinning else fixed * delta
         # A window ending at a later call with them sits above the average of the thinned pattern by up to
         # the difference: kept free, or that window would go over by it.
-        peak = max(0.0, (self.fixed_with or 0.0) - fixed) if thinning else 0.0
+        peak = max(0.0, (self.fixed_with or 0.0) + pinned - fixed) if thinning else 0.0
         if cost + peak <= self._ledger.room(train, now + steady):
             return True
         most = (self.budget * self.step_seconds - fixed - steady) * self.window
