@@ -2,8 +2,9 @@
 
 It trains the zoo's tiny character-level GPT twice on the stdlib ``pydoc_data.topics`` text with AdamW,
 both runs monitored in the loop by the whole standard preset under the Monitor's 5% overhead budget
-(curvature probes included: each runs early, then as often as the budget allows), spectral alignment at
-every step and Adam state every 10 steps, plus the explosion detector when it is registered:
+(curvature probes included: each runs early, then as often as the budget allows), spectral alignment,
+the explosion detector (when it is registered), the loss and the norms at every step and Adam state every
+10 steps:
 
 - **stable**: learning rate 1e-3 throughout, the setting the model trains well at: no ramp, no collapse;
 - **exploding**: the same, with the learning rate ramped geometrically from step 100 to 1.0 over 100
@@ -430,8 +431,11 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         ]
         # Fixed, not budgeted: the detector reads spectral alignment at every step, and the exploding run's
         # story is told step by step in Adam's update RMS, which the budget would thin on this tiny model.
-        # The other every-step diagnostics are left to the budget (on this model it spaces them out).
-        fixed = (("spectral_alignment", 1), ("explosion_detector", 1), ("adam_state", 10))
+        # The loss and the norms are the curves the story is read against: also kept at every step (with
+        # spectral alignment at every step the calls alone take more than half of the budget on this model,
+        # so the budget would space them 10 steps apart).
+        cheap = ("loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", "nonfinite")
+        fixed = (("spectral_alignment", 1), ("explosion_detector", 1), ("adam_state", 10), *((n, 1) for n in cheap))
         every = {n: k for n, k in fixed if n in monitored} or None
 
     runs_dir = out / "runs"

@@ -317,6 +317,6 @@ def test_cost_panel_says_when_the_budget_spaced_out_the_every_step_diagnostics(t
     # a run whose stride stayed 1 gets no such sentence
     with RunWriter(tmp_path / "dense", name="dense", meta={"budget": 0.05}) as w:
         for step in range(10):
-            w.write_step(step, [Record("loss", 1.0), Record("monitor_overhead", 0.04), Record("monitor_stride", 1.0)],
-                         events=[], statuses=[Status("loss", "ok", None, 0.001)])
+            records = [Record("loss", 1.0), Record("monitor_overhead", 0.04), Record("monitor_stride", 1.0)]
+            w.write_step(step, records, events=[], statuses=[Status("loss", "ok", None, 0.001)])
     assert "monitor_stride);" not in build_report(tmp_path / "dense", tmp_path / "dense.html").read_text(encoding="utf-8")
