@@ -110,6 +110,39 @@ class GradientMoments:
             out = {k: v * ((self.n - 3) / (self.n - 1)) for k, v in out.items()}
         return out
 
+    def summaries(self, eps: float = GSNR_EPS) -> tuple[GSNRSummary, GSNRSummary]:
+        """``(gsnr_summary(self.gsnr(eps)), gsnr_summary(self.gsnr_raw(eps)))``, the second mostly mapped
+        from the first.
+
+        Where no variance is floored (every ``s^2 >= eps N / (N - 1)``) the raw ratio is the increasing
+        affine map ``N / (N - 1) * (corrected + 1 / N)`` of the corrected one, so its means and medians are
+        the mapped means and medians; the tensors with a floored element (unused embedding rows, a bias
+        whose gradient is structurally zero) are summarised from their raw ratios, and so is ``"all"``
+        then. Cost: one :func:`gsnr_summary` plus the floored tensors' and, if any, one pooled median.
+        """
+        corrected = self.gsnr(eps)
+        first = gsnr_summary(corrected)
+        n = self.n
+        scale, shift = n / (n - 1), 1.0 / (n - 1)
+        floor = eps * n / (n - 1)
+        mean: dict[str, float] = {}
+        median: dict[str, float] = {}
+        direct: dict[str, Tensor] = {}
+        for k, v in self.var.items():
+            if bool((v < floor).any()):
+                direct[k] = self.mean[k].square() / (v * (n - 1) / n).clamp_min(eps)
+                mean[k], median[k] = float(direct[k].mean()), _median(direct[k])
+            else:
+                mean[k], median[k] = scale * first.mean[k] + shift, scale * first.median[k] + shift
+        if direct:
+            pooled = torch.cat([(direct[k] if k in direct else corrected[k] * scale + shift).reshape(-1)
+                                for k in corrected])
+            mean["all"], median["all"] = float(pooled.mean()), _median(pooled)
+        else:
+            mean["all"] = scale * first.mean["all"] + shift
+            median["all"] = scale * first.median["all"] + shift
+        return first, GSNRSummary(mean=mean, median=median)
+
     def noise_parts(self) -> NoiseScaleParts:
         """:func:`gradient_noise_parts`: unbiased ``tr(Sigma)`` and ``|G|^2``."""
         trace = float(sum(v.sum() for v in self.var.values()))

@@ -94,7 +94,7 @@ class GSNRDiagnostic(Diagnostic):
                 "max_samples": self.max_samples}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import NoiseScaleEMA, gradient_moments, gsnr_summary
+        from diagnostics.gradients import NoiseScaleEMA, gradient_moments
 
         n = leading_size(ctx.batch)
         if n is None or n < 2:
@@ -102,8 +102,8 @@ class GSNRDiagnostic(Diagnostic):
         if self.max_samples is not None:
             n = min(n, self.max_samples)
         moments = gradient_moments(ctx.per_sample_grads(self.params, max_samples=n))
-        records = summary_records("gsnr", gsnr_summary(moments.gsnr()))
-        records += summary_records("gsnr_raw", gsnr_summary(moments.gsnr_raw()))
+        corrected, raw = moments.summaries()
+        records = summary_records("gsnr", corrected) + summary_records("gsnr_raw", raw)
         parts = moments.noise_parts()
         if not (math.isfinite(parts.trace) and math.isfinite(parts.sqnorm)):
             return Output(status="failed", reason="non-finite per-sample gradients")

@@ -17,6 +17,7 @@ from diagnostics.gradients import (
     GSNR_EPS,
     NoiseScaleEMA,
     NoiseScaleParts,
+    gradient_moments,
     gradient_noise_parts,
     gradient_noise_scale,
     gsnr,
@@ -270,3 +271,27 @@ def test_median_of_large_inputs_is_numpys() -> None:
     x = torch.randn(10_000, dtype=torch.float64)
     assert _median(x) == float(np.median(x.numpy()))
     assert _median(x[:9_999]) == float(torch.kthvalue(x[:9_999], 5_000).values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 9), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       zero=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_both_summaries_match_the_direct_ones(n, sizes, zero, seed):
+    """The raw summary mapped from the corrected one equals the one computed from the raw ratios, with and
+    without floored variances (constant elements: zero, or a constant non-zero gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_sample = {}
+    for i, size in enumerate(sizes):
+        g = torch.randn(n, size, generator=gen, dtype=torch.float64) + 0.3
+        if zero[i]:
+            g[:, : max(1, size // 3)] = 0.0  # structurally zero gradient
+            g[:, -1] = 0.5  # the same gradient for every sample: zero variance, non-zero mean
+        per_sample[f"p{i}"] = g
+    moments = gradient_moments(per_sample)
+    corrected, raw = moments.summaries()
+    want_c, want_r = gsnr_summary(moments.gsnr()), gsnr_summary(moments.gsnr_raw())
+    for got, want in ((corrected, want_c), (raw, want_r)):
+        assert got.mean.keys() == want.mean.keys() and got.median.keys() == want.median.keys()
+        for k in want.mean:
+            assert got.mean[k] == pytest.approx(want.mean[k], rel=1e-12, abs=1e-12), k
+            assert got.median[k] == pytest.approx(want.median[k], rel=1e-12, abs=1e-12), k
