@@ -32,6 +32,38 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def measure(size: str, repeats: int) -> dict[str, float]:
+    """Median milliseconds of a training step, the per-sample gradients, the moments and both ways to
+    summarise them, on the ``size`` GPT."""
+    torch.manual_seed(0)
+    model, loss_fn, data = gpt_case(size, num_batches=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = data[0]
+    sub = tuple(t[:DEFAULT_GSNR_SAMPLES] for t in batch)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        opt.step()
+
+    grads = per_sample_gradients(model, loss_fn, sub)
+    moments = gradient_moments(grads)
+    parts = {
+        "step": step,
+        "psg": lambda: per_sample_gradients(model, loss_fn, sub),
+        "moments": lambda: gradient_moments(grads),
+        "two": lambda: (gsnr_summary(moments.gsnr()), gsnr_summary(moments.gsnr_raw())),
+        "one": moments.summaries,
+    }
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for i in range(repeats + 1):
+        for k, fn in parts.items():
+            seconds = _timed(fn)
+            if i:  # the first round warms the caches
+                times[k].append(seconds)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -41,32 +73,7 @@ def main(argv: list[str] | None = None) -> int:
           "summaries() (ms) | GSNR before / step | GSNR now / step |")
     print("|---|---|---|---|---|---|---|---|")
     for size in ("tiny", "large"):
-        torch.manual_seed(0)
-        model, loss_fn, data = gpt_case(size, num_batches=2)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        batch = data[0]
-        sub = tuple(t[:DEFAULT_GSNR_SAMPLES] for t in batch)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            opt.step()
-
-        grads = per_sample_gradients(model, loss_fn, sub)
-        moments = gradient_moments(grads)
-        times: dict[str, list[float]] = {k: [] for k in ("step", "psg", "moments", "two", "one")}
-        for i in range(args.repeats + 1):
-            row = {
-                "step": _timed(step),
-                "psg": _timed(lambda: per_sample_gradients(model, loss_fn, sub)),
-                "moments": _timed(lambda: gradient_moments(grads)),
-                "two": _timed(lambda: (gsnr_summary(moments.gsnr()), gsnr_summary(moments.gsnr_raw()))),
-                "one": _timed(moments.summaries),
-            }
-            if i:  # the first round warms the caches
-                for k, v in row.items():
-                    times[k].append(v)
-        m = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        m = measure(size, args.repeats)
         before = (m["psg"] + m["moments"] + m["two"]) / m["step"]
         now = (m["psg"] + m["moments"] + m["one"]) / m["step"]
         print(f"| {size} GPT | {m['step']:.1f} | {m['psg']:.1f} | {m['moments']:.1f} | {m['two']:.1f} | "
