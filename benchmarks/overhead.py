@@ -231,8 +231,8 @@ def own_accounting(run_dir: Path, last_step: int) -> str:
     spacing = ""
     if len(stride):
         late = stride[stride.step >= stride.step.max() - 200].value
-        spacing = (f"; every-step diagnostics every {int(late.min())}-{int(late.max())} steps over the last 200 "
-                   f"(monitor_stride)")
+        spacing = (f"; every-step diagnostics every {int(late.min())}-{int(late.max())} steps over the last "
+                   "200 (monitor_stride)")
     return (f"standard-budget's own accounting at step {int(last['step'])} of {last_step}: monitor time / training "
             f"time over the last 200 or more steps (monitor_overhead) = {100 * float(last['value']):.1f}%{spacing}")
 

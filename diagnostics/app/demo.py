@@ -434,9 +434,9 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         # The loss and the norms are the curves the story is read against: also kept at every step (with
         # spectral alignment at every step the calls alone take more than half of the budget on this model,
         # so the budget would space them 10 steps apart).
-        cheap = ("loss", "learning_rate", "grad_norm", "weight_norm", "update_ratio", "nonfinite")
-        fixed = (("spectral_alignment", 1), ("explosion_detector", 1), ("adam_state", 10), *((n, 1) for n in cheap))
-        every = {n: k for n, k in fixed if n in monitored} or None
+        fixed = {"spectral_alignment": 1, "explosion_detector": 1, "adam_state": 10,
+                 **{n: 1 for n in preset_names("cheap")}}
+        every = {n: k for n, k in fixed.items() if n in monitored} or None
 
     runs_dir = out / "runs"
     runs = {

@@ -123,24 +123,20 @@ class GradientMoments:
         corrected = self.gsnr(eps)
         first = gsnr_summary(corrected)
         n = self.n
-        scale, shift = n / (n - 1), 1.0 / (n - 1)
-        floor = eps * n / (n - 1)
-        mean: dict[str, float] = {}
-        median: dict[str, float] = {}
-        direct: dict[str, Tensor] = {}
-        for k, v in self.var.items():
-            if bool((v < floor).any()):
-                direct[k] = self.mean[k].square() / (v * (n - 1) / n).clamp_min(eps)
-                mean[k], median[k] = float(direct[k].mean()), _median(direct[k])
-            else:
-                mean[k], median[k] = scale * first.mean[k] + shift, scale * first.median[k] + shift
-        if direct:
-            pooled = torch.cat([(direct[k] if k in direct else corrected[k] * scale + shift).reshape(-1)
-                                for k in corrected])
+
+        def to_raw(corrected_value: Any) -> Any:  # floats and tensors alike
+            return corrected_value * (n / (n - 1)) + 1.0 / (n - 1)
+
+        mean = {k: to_raw(v) for k, v in first.mean.items()}
+        median = {k: to_raw(v) for k, v in first.median.items()}
+        floored = [k for k, v in self.var.items() if bool((v < eps * n / (n - 1)).any())]
+        if floored:
+            direct = {k: self.mean[k].square() / (self.var[k] * (n - 1) / n).clamp_min(eps) for k in floored}
+            for k, r in direct.items():
+                mean[k], median[k] = float(r.mean()), _median(r)
+            pooled = torch.cat([(direct[k] if k in direct else to_raw(r)).reshape(-1)
+                                for k, r in corrected.items()])
             mean["all"], median["all"] = float(pooled.mean()), _median(pooled)
-        else:
-            mean["all"] = scale * first.mean["all"] + shift
-            median["all"] = scale * first.median["all"] + shift
         return first, GSNRSummary(mean=mean, median=median)
 
     def noise_parts(self) -> NoiseScaleParts:

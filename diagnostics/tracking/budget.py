@@ -28,11 +28,12 @@ runs once the window holds no other such run (its gap keeps its average within t
 steps). So over any window of ``window`` or more steps the amortised overhead, ``F`` plus the scheduled
 runs, stays within the budget up to the error of the cost estimates, as long as ``F`` fits in it.
 
-``F`` is made to fit: the every-step diagnostics whose ``every`` was not given (:attr:`BudgetScheduler.thinned`)
-may take at most :data:`EVERY_STEP_SHARE` of the budget. From the measured fixed part of a call that runs
-them (``F_with``) and of one that runs nothing (``F_without``) they run together every ``s`` steps, the
-smallest ``s`` with ``(F_with + (s - 1) F_without) / s <= EVERY_STEP_SHARE * budget * T``, at most
-:data:`MAX_STRIDE` (:meth:`BudgetScheduler.stride`).
+``F`` is made to fit: the every-step diagnostics whose ``every`` was not given
+(:attr:`BudgetScheduler.thinned`) may take at most :data:`EVERY_STEP_SHARE` of the budget. From the
+measured fixed part of a call that runs them (``F_with``) and of one that does not (``F_without``), both
+without the diagnostics ``every=`` pins, they run together every ``s`` steps, the smallest ``s`` with
+``(F_with + (s - 1) F_without) / s <= EVERY_STEP_SHARE * budget * T``, at most :data:`MAX_STRIDE`
+(:meth:`BudgetScheduler.stride`).
 
 A run's cost is the second run's measurement, then a moving average: the first run carries one-time work (a cold
 start, an extra forward before one was observed, first-call imports).
@@ -304,10 +305,10 @@ class BudgetScheduler:
             self._ledger.close(prev_delta, prev_train, self._prev_monitor, self._prev_exempt, self._prev_admitted)
             fixed = max(0.0, self._prev_monitor - self._prev_scheduled) / prev_delta
             self.fixed_seconds = _average(self.fixed_seconds, fixed, _STEP_SMOOTHING)
-            # Sampled once per stride rather than at every step, so weighted as a diagnostic's cost is; from
-            # calls that ran no scheduled diagnostic (the isolation and commit such a run brings are part of
-            # its cost, not of the every-step part), unless none ever was.
-            # The diagnostics that keep their schedules (every=) run whatever the stride: left out of both.
+            # The two call costs are sampled once per stride rather than at every step, so weighted as a
+            # diagnostic's cost is; from calls that ran no scheduled diagnostic (the isolation and commit such
+            # a run brings are part of its cost), unless none ever did; and without the diagnostics pinned by
+            # every=, which run whatever the stride.
             alone = self._prev_scheduled == 0.0
             self._pinned_seconds = _average(self._pinned_seconds, self._prev_pinned, _STEP_SMOOTHING)
             call = max(0.0, fixed * prev_delta - self._prev_pinned)

@@ -100,10 +100,10 @@ def _stride_note(view: ReportView) -> str:
         the = f"{esc(run.name)}: the" if len(view.runs) > 1 else "The"
         low, high = int(values.min()), int(values.max())
         spacing = f"{low} to {high}" if low < high else f"{high}"
-        notes.append(f'<p class="chart-note">{the} every-step diagnostics (loss, norms, update ratio, ...) alone '
-                     f"took more than half of the budget, so they ran every {spacing} steps (monitor_stride); "
-                     "give them every= (e.g. <code>every={'grad_norm': 1}</code>) or a larger budget to keep "
-                     "them at every step.</p>\n")
+        notes.append(f'<p class="chart-note">{the} every-step diagnostics (loss, norms, update ratio, ...) '
+                     f"alone took more than half of the budget, so they ran every {spacing} steps "
+                     "(monitor_stride); give them every= (e.g. <code>every={'grad_norm': 1}</code>) or a larger "
+                     "budget to keep them at every step.</p>\n")
     return "".join(notes)
 
 
