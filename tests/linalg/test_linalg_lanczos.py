@@ -20,7 +20,9 @@ def _check_pairs(A, res, rtol=1e-8):
     """Values match eigvalsh; residuals reported equal ||A y - theta y||; vectors orthonormal."""
     Y = res.eigenvectors.to(torch.float64)
     true_res = (A @ Y - Y * res.eigenvalues).norm(dim=0)
-    np.testing.assert_allclose(res.residuals, true_res, rtol=1e-3, atol=1e-11 * float(A.norm()))
+    # The basis is orthonormal to about tau m (tau = 1.5e-10 for float64 here), so a Ritz vector's true
+    # residual can differ from ||E s|| by about that times ||A||; the rounding of the check itself is far below.
+    np.testing.assert_allclose(res.residuals, true_res, rtol=1e-3, atol=1e-9 * float(A.norm()))
     assert torch.allclose(Y.T @ Y, torch.eye(Y.shape[1], dtype=torch.float64), atol=1e-9)
 
 
