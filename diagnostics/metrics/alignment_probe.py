@@ -85,11 +85,13 @@ def _cosines(X: torch.Tensor, V: torch.Tensor, chunk_rows: int, eps: float) -> t
     non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0)."""
     dtype = torch.promote_types(X.dtype, torch.float32)
     V = V.to(device=X.device, dtype=dtype)
+    Vt = V.transpose(1, 2)
     blocks = []
     for lo in range(0, X.shape[1], chunk_rows):
         part = X[:, lo : lo + chunk_rows].to(dtype)
-        norms = torch.linalg.vector_norm(part, dim=2, keepdim=True).clamp_min_(eps)
-        blocks.append(torch.bmm(part, V).div_(norms))
+        norms = torch.linalg.vector_norm(part, dim=2).clamp_min_(eps).unsqueeze(1)
+        # [G, K, R] = V^T X^T: few rows times a matrix, several times faster on CPU than X V with few columns.
+        blocks.append(torch.bmm(Vt, part.transpose(1, 2)).div_(norms).transpose(1, 2))
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
 
@@ -234,7 +236,8 @@ def projection_hooks(
     try:
         for mname, group in by_module.items():
             cols = [vectors[mp.key] for mp in group]
-            V = torch.stack([v.to(torch.promote_types(v.dtype, torch.float32)) for v in cols], 1)
+            V = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)  # a view for one map
+            V = V.to(torch.promote_types(V.dtype, torch.float32))
             proj = Projector(group[0].kind, V, budget, sampler)
             projectors[mname] = proj
             handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
@@ -242,6 +245,23 @@ def projection_hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+class _Group:
+    """The maps of one weight shape, dtype and device, with their v_1 stacked as one tensor."""
+
+    __slots__ = ("maps", "rows", "v")
+
+    def __init__(self, maps: list[LinearMap]) -> None:
+        self.maps = maps
+        self.v: torch.Tensor | None = None  # [G, in], the last step's v_1 of every map
+        self.rows: tuple[torch.Tensor, ...] = ()  # views of v, the objects stored in ``saved``
+
+    def previous(self, saved: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The stacked previous v_1: this group's own tensor when ``saved`` still holds its rows (no copy)."""
+        if self.v is not None and all(saved.get(mp.key) is r for mp, r in zip(self.maps, self.rows)):
+            return self.v
+        return torch.stack([saved[mp.key] for mp in self.maps])
 
 
 def top_vectors(
@@ -253,26 +273,30 @@ def top_vectors(
     init_iters: int,
     init_tol: float,
     seed: int,
+    groups: dict[tuple[Any, ...], Any] | None = None,
 ) -> dict[str, tuple[float, torch.Tensor | None]]:
     """sigma_1 and v_1 per map key: a cold start by :func:`top_singular_vector`, then warm steps.
 
-    ``saved`` holds the previous v_1 per map key (CPU tensors) and is updated in place; a map with a
-    saved v_1 of the right size takes ``power_iters`` steps of :func:`power_steps` from it, batched
-    over the maps of equal shape, dtype and device. A weight that became non-finite or zero keeps its
-    last good v_1 and reports sigma_1 as NaN or 0; a zero weight without a saved v_1 has none.
+    ``saved`` holds the previous v_1 per map key (float32 or wider, on the weight's device) and is updated
+    in place; a map with a saved v_1 of the right size takes ``power_iters`` steps of :func:`power_steps`
+    from it, batched over the maps of equal shape, dtype and device. A weight that became non-finite or
+    zero keeps its last good v_1 and reports sigma_1 as NaN or 0; a zero weight without a saved v_1 has
+    none. ``groups``: a dict the caller keeps from step to step (empty at first); the v_1 of a group then
+    stay stacked between steps instead of being stacked again.
 
     Returns:
         ``{key: (sigma_1, v_1 on the weight's device or None)}``. Cost: per shape group ``2 * power_iters
         + 1`` batched products and one host transfer for all groups; a cold start runs up to
         ``init_iters`` iterations with two products each.
     """
+    groups = {} if groups is None else groups
     out: dict[str, tuple[float, torch.Tensor | None]] = {}
-    warm: dict[tuple[Any, ...], list[tuple[LinearMap, torch.Tensor, torch.Tensor]]] = {}
+    warm: dict[tuple[Any, ...], list[tuple[LinearMap, torch.Tensor]]] = {}
     for mp in maps:
         W = mp.weight(modules[mp.module_name])
         prev = saved.get(mp.key)
         if prev is not None and prev.shape[0] == W.shape[1]:
-            warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W, prev))
+            warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W))
             continue
         try:
             sigma, _, v, _ = top_singular_vector(W, iters=init_iters, tol=init_tol, seed=seed)
@@ -282,26 +306,36 @@ def top_vectors(
         if not math.isfinite(sigma):
             out[mp.key] = (float("nan"), None)
             continue
-        saved[mp.key] = v.detach().to("cpu", torch.promote_types(v.dtype, torch.float32))
-        out[mp.key] = (sigma, v.detach())
-    done: list[tuple[list[tuple[LinearMap, torch.Tensor, torch.Tensor]], torch.Tensor]] = []
+        v = v.detach()
+        saved[mp.key] = v.to(torch.promote_types(v.dtype, torch.float32))
+        out[mp.key] = (sigma, v)
+    done: list[tuple[_Group, torch.Tensor, torch.Tensor]] = []
     sigmas: list[torch.Tensor] = []
-    for group in warm.values():
-        sigma, v = power_steps(torch.stack([W for _, W, _ in group]), torch.stack([p for _, _, p in group]),
-                               power_iters)
-        sigmas.append(sigma.to("cpu", torch.float64))
-        done.append((group, v))
+    for gkey, members in warm.items():
+        names = [mp.key for mp, _ in members]
+        group = groups.get(gkey)
+        if group is None or [mp.key for mp in group.maps] != names:
+            group = groups[gkey] = _Group([mp for mp, _ in members])
+        prev = group.previous(saved)
+        W = members[0][1][None] if len(members) == 1 else torch.stack([W for _, W in members])
+        sigma, v = power_steps(W, prev, power_iters)
+        sigmas.append(sigma.to(torch.float64))
+        done.append((group, v, prev))
     # The sigmas of every group come to the host in one transfer (one sync per step, not one per group).
     flat = torch.cat(sigmas).tolist() if sigmas else []
     at = 0
-    for group, v in done:
-        sig, at = flat[at : at + len(group)], at + len(group)
-        for i, (mp, _, prev) in enumerate(group):
-            vi = v[i]
-            if not math.isfinite(sig[i]) or sig[i] == 0.0:
-                # Checking sigma costs nothing, unlike scanning W for bad entries.
-                out[mp.key] = (sig[i] if sig[i] == 0.0 else float("nan"), prev)
-                continue
-            saved[mp.key] = vi.to("cpu", torch.promote_types(vi.dtype, torch.float32))
-            out[mp.key] = (float(sig[i]), vi)
+    for group, v, prev in done:
+        sig, at = flat[at : at + len(group.maps)], at + len(group.maps)
+        if all(math.isfinite(x) and x != 0.0 for x in sig):
+            group.v, group.rows = v, v.unbind(0)
+        else:
+            # A weight that blew up or became zero keeps its last good v_1: checking sigma costs nothing,
+            # unlike scanning W for bad entries.
+            bad = torch.tensor([not (math.isfinite(x) and x != 0.0) for x in sig], device=v.device)
+            v = torch.where(bad[:, None], prev.to(v.dtype), v)
+            group.v, group.rows = v, v.unbind(0)
+            sig = [x if x == 0.0 or math.isfinite(x) else float("nan") for x in sig]
+        for mp, vi, s_ in zip(group.maps, group.rows, sig):
+            saved[mp.key] = vi
+            out[mp.key] = (float(s_), vi)
     return out

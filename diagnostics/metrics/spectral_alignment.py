@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from diagnostics import _distributed as _dist
 from diagnostics._batch import leading_size, map_tensors, samples_for_tokens
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
@@ -126,6 +127,7 @@ class SpectralAlignment(Diagnostic):
     preset = "standard"
     default_every = 1
     allow_nonfinite = True  # sigma_1 of a weight that has blown up is stored as the inf/NaN it is
+    budgeted = True  # scheduled by a budget whether or not this step's call only reads (``reads_only``)
     metrics: ClassVar[tuple[str, ...]] = (
         "sa_positive_fraction",
         "sa_sign_diversity",
@@ -182,9 +184,20 @@ class SpectralAlignment(Diagnostic):
         self._maps: list[LinearMap] | None = None
         self._model_id: int | None = None
         self._modules: dict[str, nn.Module] | None = None
+        self._groups: dict[Any, Any] = {}  # the v_1 stacked per weight shape between steps (top_vectors)
         self._watched: tuple[int, dict[str, list[LinearMap]], dict[str, Projector]] | None = None
         self._watching = False
         self.last_source: str | None = None
+
+    @property
+    def reads_only(self) -> bool:  # type: ignore[override]
+        """True when the next ``compute`` only reads: the training forward it observed left rows to project,
+        so it runs no forward, switches no mode and draws only from private generators (the Monitor then
+        skips the RNG fork, which costs more than the statistics on a small model). False under
+        torch.distributed, where its weights may be gathered by collectives."""
+        watched = self._watched
+        return (watched is not None and any(p.count > 0 for p in watched[2].values())
+                and not _dist.is_distributed())
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -216,6 +229,7 @@ class SpectralAlignment(Diagnostic):
             )
             self._model_id = id(model)
             self._modules = None
+            self._groups = {}
         return self._maps
 
     def modules_of(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -309,6 +323,7 @@ class SpectralAlignment(Diagnostic):
             init_iters=self.init_iters,
             init_tol=self.init_tol,
             seed=self.seed,
+            groups=self._groups,
         )
         fwd_seconds = 0.0
         if (
