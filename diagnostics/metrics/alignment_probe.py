@@ -28,8 +28,8 @@ from diagnostics.linalg.power import power_steps, top_singular_vector
 from diagnostics.metrics.alignment_stats import finish_cosines
 from diagnostics.metrics.linear_maps import LinearMap
 
-__all__ = ["Projector", "RowSampler", "gather_rows", "group_by_module", "project_all", "project_rows",
-           "projection_hooks", "top_vectors"]
+__all__ = ["Projector", "RowSampler", "cosine_matrices", "gather_rows", "group_by_module", "project_all",
+           "project_rows", "projection_hooks", "top_vectors"]
 
 
 def _input_tensor(kind: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
@@ -178,6 +178,26 @@ class Projector:
         return project_all({"": self}, chunk_rows).get("")
 
 
+def _grouped_cosines(projectors: Mapping[str, Projector], chunk_rows: int,
+                     eps: float) -> list[tuple[list[str], torch.Tensor]]:
+    """``[(module names, [G, R, K] cosines)]``, one batched projection per group of modules whose rows and
+    V have the same shapes, dtype and device."""
+    groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for name, proj in projectors.items():
+        rows = proj.rows()
+        if rows is None or rows.shape[0] == 0:
+            continue
+        key = (tuple(rows.shape), proj.V.shape[1], rows.dtype, rows.device)
+        groups.setdefault(key, []).append((name, rows, proj.V))
+    out = []
+    for (_, _, dtype, device), items in groups.items():
+        dtype = torch.promote_types(dtype, torch.float32)
+        X = torch.stack([r for _, r, _ in items]) if len(items) > 1 else items[0][1][None]
+        V = torch.stack([v.to(device=device, dtype=dtype) for _, _, v in items])  # [G, in, K]
+        out.append(([name for name, _, _ in items], _cosines(X, V, chunk_rows, eps)))
+    return out
+
+
 def project_all(projectors: Mapping[str, Projector], chunk_rows: int = 256,
                 eps: float = 1e-12) -> dict[str, torch.Tensor]:
     """Cosines of every projector's rows with its V: ``{name: [R, K]}`` (not finished).
@@ -188,22 +208,26 @@ def project_all(projectors: Mapping[str, Projector], chunk_rows: int = 256,
     non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0).
     Cost: O(R * in * K) per module.
     """
-    groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
-    for name, proj in projectors.items():
-        rows = proj.rows()
-        if rows is None or rows.shape[0] == 0:
-            continue
-        key = (tuple(rows.shape), proj.V.shape[1], rows.dtype, rows.device)
-        groups.setdefault(key, []).append((name, rows, proj.V))
-    out: dict[str, torch.Tensor] = {}
-    for (_, _, dtype, device), items in groups.items():
-        dtype = torch.promote_types(dtype, torch.float32)
-        X = torch.stack([r for _, r, _ in items]) if len(items) > 1 else items[0][1][None]
-        V = torch.stack([v.to(device=device, dtype=dtype) for _, _, v in items])  # [G, in, K]
-        cos = _cosines(X, V, chunk_rows, eps)
-        for i, (name, _, _) in enumerate(items):
-            out[name] = cos[i]
-    return out
+    return {name: cos[i] for names, cos in _grouped_cosines(projectors, chunk_rows, eps)
+            for i, name in enumerate(names)}
+
+
+def cosine_matrices(projectors: Mapping[str, Projector], by_module: Mapping[str, list[LinearMap]],
+                    chunk_rows: int = 256, eps: float = 1e-12) -> list[tuple[list[str], torch.Tensor]]:
+    """The cosines of :func:`project_all` as one ``[M, R]`` matrix per token count R, with its M map keys.
+
+    Each row is one map's cosines (the column of its module's V that belongs to it, ``by_module``'s
+    order), ready for :func:`~diagnostics.metrics.alignment_stats.batched_alignment_statistics`; no
+    per-map slicing. Cost: that of :func:`project_all` plus one copy of the cosines.
+    """
+    parts: dict[int, tuple[list[str], list[torch.Tensor]]] = {}
+    for names, cos in _grouped_cosines(projectors, chunk_rows, eps):
+        g, r, k = cos.shape
+        keys = [mp.key for name in names for mp in by_module[name][:k]]
+        entry = parts.setdefault(r, ([], []))
+        entry[0].extend(keys)
+        entry[1].append(cos.transpose(1, 2).reshape(g * k, r))
+    return [(keys, mats[0] if len(mats) == 1 else torch.cat(mats, 0)) for keys, mats in parts.values()]
 
 
 def group_by_module(
@@ -259,7 +283,7 @@ class _Group:
 
     def previous(self, saved: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The stacked previous v_1: this group's own tensor when ``saved`` still holds its rows (no copy)."""
-        if self.v is not None and all(saved.get(mp.key) is r for mp, r in zip(self.maps, self.rows)):
+        if self.v is not None and all(saved.get(mp.key) is r for mp, r in zip(self.maps, self.rows, strict=False)):
             return self.v
         return torch.stack([saved[mp.key] for mp in self.maps])
 
@@ -335,7 +359,7 @@ def top_vectors(
             v = torch.where(bad[:, None], prev.to(v.dtype), v)
             group.v, group.rows = v, v.unbind(0)
             sig = [x if x == 0.0 or math.isfinite(x) else float("nan") for x in sig]
-        for mp, vi, s_ in zip(group.maps, group.rows, sig):
+        for mp, vi, s_ in zip(group.maps, group.rows, sig, strict=True):
             saved[mp.key] = vi
             out[mp.key] = (float(s_), vi)
     return out

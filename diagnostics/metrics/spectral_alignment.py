@@ -46,8 +46,8 @@ from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_probe import (
     Projector,
+    cosine_matrices,
     group_by_module,
-    project_all,
     project_rows,
     projection_hooks,
     top_vectors,
@@ -350,15 +350,11 @@ class SpectralAlignment(Diagnostic):
         probe = int(self.state.get("probes", 0))
         self.state["probes"] = probe + 1
         detail = probe % self.detail_every == 0
-        # Group the cosine columns by token count so each group is one batched statistics pass.
-        columns: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        for mname, cos in project_all(projectors, self.chunk_tokens).items():
-            for j, mp in enumerate(by_module[mname]):
-                columns.setdefault(cos.shape[0], []).append((mp.key, cos[:, j]))
+        # One [maps, tokens] matrix per token count, so each is one batched statistics pass.
         stats: dict[str, dict[str, Any]] = {}
-        for cols in columns.values():
-            batched = batched_alignment_statistics(torch.stack([c for _, c in cols], 0), detail)
-            for i, (key, _) in enumerate(cols):
+        for keys, matrix in cosine_matrices(projectors, by_module, self.chunk_tokens):
+            batched = batched_alignment_statistics(matrix, detail)
+            for i, key in enumerate(keys):
                 stats[key] = {k: v[i] for k, v in batched.items()}
                 stats[key]["sigma1"] = float(tops[key][0])
         ordered = {mp.key: stats[mp.key] for mp in maps if mp.key in stats}

@@ -6,12 +6,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.errors import ConfigError
-from diagnostics.metrics.alignment_probe import Projector, RowSampler, project_all
+from diagnostics.metrics.alignment_probe import Projector, RowSampler, cosine_matrices, project_all, top_vectors
 from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.explosion import ExplosionDetector
 from diagnostics.metrics.registry import get_diagnostic, preset_names
 from diagnostics.metrics.spectral_alignment import (
+    LinearMap,
     SpectralAlignment,
     batched_alignment_statistics,
     find_linear_maps,
@@ -233,6 +234,54 @@ def test_maps_of_one_width_are_projected_together_and_share_token_positions():
     rows = a.rows()
     for name, V in (("a", V1), ("b", V2)):
         torch.testing.assert_close(cos[name][:, 0], alignment_cosines(rows, V[:, 0]))
+
+
+def test_cosine_matrices_hold_each_maps_cosines_in_its_row():
+    torch.manual_seed(1)
+    sampler = RowSampler(torch.Generator().manual_seed(4))
+    x16, x8 = torch.randn(3, 40, 16), torch.randn(3, 40, 8)
+    V3 = torch.nn.functional.normalize(torch.randn(16, 3), dim=0)  # a split fused projection: 3 maps
+    V1, V8 = torch.nn.functional.normalize(torch.randn(16, 1), dim=0), torch.nn.functional.normalize(torch.randn(8, 1), dim=0)
+    projs = {"qkv": Projector("linear", V3, 64, sampler), "fc": Projector("linear", V1, 64, sampler),
+             "narrow": Projector("linear", V8, 32, sampler)}
+    projs["qkv"](nn.Identity(), (x16,), {})
+    projs["fc"](nn.Identity(), (x16 * 0.5,), {})
+    projs["narrow"](nn.Identity(), (x8,), {})
+    by_module = {"qkv": [LinearMap(f"qkv.{p}", "qkv", "linear", (i, i + 1)) for i, p in enumerate("qkv")],
+                 "fc": [LinearMap("fc", "fc", "linear")], "narrow": [LinearMap("narrow", "narrow", "linear")]}
+    per_module = project_all(projs)
+    got = {key: row for keys, matrix in cosine_matrices(projs, by_module) for key, row in zip(keys, matrix, strict=True)}
+    assert sorted(got) == ["fc", "narrow", "qkv.k", "qkv.q", "qkv.v"]
+    for name, maps in by_module.items():
+        for j, mp in enumerate(maps):
+            torch.testing.assert_close(got[mp.key], per_module[name][:, j])
+    assert got["narrow"].shape == (32,) and got["fc"].shape == (64,)
+
+
+def test_top_vectors_kept_stacked_between_steps_match_fresh_stacks_and_keep_v1_of_a_blown_up_weight():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)).double()
+    maps = find_linear_maps(model)
+    modules = dict(model.named_modules())
+    kept, fresh, groups = {}, {}, {}
+    kw = dict(power_iters=1, init_iters=200, init_tol=1e-10, seed=0)
+    for step in range(6):
+        with torch.no_grad():
+            for lin in model:
+                lin.weight.add_(0.05 * torch.randn_like(lin.weight))
+            if step == 4:
+                model[1].weight[0, 0] = float("inf")
+        a = top_vectors(maps, modules, kept, groups=groups, **kw)
+        b = top_vectors(maps, modules, fresh, **kw)
+        for key in a:
+            assert a[key][0] == b[key][0] or math.isnan(a[key][0]) and math.isnan(b[key][0])
+            torch.testing.assert_close(a[key][1], b[key][1])
+        if step == 3:
+            before = {k: v.clone() for k, v in kept.items()}
+    assert math.isnan(a["1"][0]) and math.isfinite(a["0"][0])
+    torch.testing.assert_close(kept["1"], before["1"])  # the blown-up weight keeps its last good v_1
+    assert not torch.equal(kept["0"], before["0"])  # while the other map of its shape moves on
+    assert len(groups) == 2 and groups[((6, 6), torch.float64, torch.device("cpu"))].v.shape == (2, 6)
 
 
 def test_token_budget_through_the_diagnostic_on_long_inputs():
