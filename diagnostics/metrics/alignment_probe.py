@@ -79,16 +79,21 @@ def project_rows(
     return finish_cosines(out) if finish else out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` in ``dtype`` on ``device``; ``t`` itself when it already is (a per-call saving on small maps)."""
+    return t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
+
+
 def _cosines(X: torch.Tensor, V: torch.Tensor, chunk_rows: int, eps: float) -> torch.Tensor:
     """``[G, R, K]`` cosines of the rows of ``X`` ``[G, R, in]`` with the columns of ``V`` ``[G, in, K]``,
     one batched product per ``chunk_rows`` rows, in float32 or wider. Zero rows give 0 / eps = 0,
     non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0)."""
     dtype = torch.promote_types(X.dtype, torch.float32)
-    V = V.to(device=X.device, dtype=dtype)
+    V = _as(V, dtype, X.device)
     Vt = V.transpose(1, 2)
     blocks = []
     for lo in range(0, X.shape[1], chunk_rows):
-        part = X[:, lo : lo + chunk_rows].to(dtype)
+        part = _as(X[:, lo : lo + chunk_rows], dtype, X.device)
         norms = torch.linalg.vector_norm(part, dim=2).clamp_min_(eps).unsqueeze(1)
         # [G, K, R] = V^T X^T: few rows times a matrix, several times faster on CPU than X V with few columns.
         blocks.append(torch.bmm(Vt, part.transpose(1, 2)).div_(norms).transpose(1, 2))
@@ -106,6 +111,7 @@ class RowSampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
         self._picks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._gathered: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def pick(self, n: int, k: int, device: torch.device) -> torch.Tensor | None:
         """``k`` row indices in ``[0, n)`` on ``device``, or None when all ``n <= k`` rows are kept."""
@@ -117,6 +123,20 @@ class RowSampler:
             idx = torch.randint(n, (k,), generator=self.generator).to(device)
             self._picks[key] = idx
         return idx
+
+
+    def gather_kept(self, x: torch.Tensor, keep: int) -> torch.Tensor:
+        """``keep`` rows of ``x`` gathered after the forward (:meth:`Projector.rows`), once per input.
+
+        Modules that read the same tensor (the query, key and value projections of one input) share one
+        gather. Only for inputs the projectors still hold, so equal addresses mean the same memory."""
+        key = (x.data_ptr(), x.dtype, x.device, tuple(x.shape), x.stride(), x._version, keep)
+        rows = self._gathered.get(key)
+        if rows is None:
+            with torch.no_grad():
+                rows = gather_rows(x, self.pick(math.prod(x.shape[:-1]), keep, x.device))
+            self._gathered[key] = rows
+        return rows
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -134,12 +154,22 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return x[torch.unravel_index(idx, lead)] if len(lead) > 1 else x[idx]
 
 
+#: An input whose storage holds at most this many times the rows a hook keeps is gathered after the
+#: forward instead of inside it (the hook keeps a reference): inside the forward a gather costs several
+#: times its own time on small layers (benchmarks/RESULTS.md, "Spectral alignment every step"), while the
+#: memory kept stays within a small multiple of the token budget.
+DEFER_FACTOR = 4
+
+
 class Projector:
     """Forward pre-hook target of one module: keeps a token subsample of its inputs within budget.
 
     The hook only gathers rows (at most ``budget`` over all the forwards it sees, on the input's device);
-    :func:`project_all` projects the rows of every module at once after the forward. Memory:
-    ``budget * in`` values per module, whatever the sequence length. Cost per forward: one gather.
+    :func:`project_all` projects the rows of every module at once after the forward. An input whose
+    storage is at most :data:`DEFER_FACTOR` times the rows kept is gathered when the rows are read
+    (:meth:`rows`) rather than in the forward, unless it was modified in place in between (then those
+    rows are gathered from nothing and left out). Memory: ``DEFER_FACTOR * budget * in`` values per
+    module at most, whatever the sequence length. Cost per forward: one gather.
     """
 
     def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler) -> None:
@@ -147,7 +177,8 @@ class Projector:
         self.V = V
         self.budget = budget
         self.sampler = sampler
-        self.blocks: list[torch.Tensor] = []
+        #: gathered rows, or (input, its version, rows to keep) for an input gathered when read
+        self.blocks: list[Any] = []
         self.count = 0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -160,17 +191,28 @@ class Projector:
         n = math.prod(x.shape[:-1])
         if n == 0:
             return
-        with torch.no_grad():  # on the training forward: never part of the user's graph
-            rows = gather_rows(x, self.sampler.pick(n, room, x.device))
-        self.blocks.append(rows)
-        self.count += rows.shape[0]
+        keep = min(n, room)
+        if x.untyped_storage().nbytes() <= DEFER_FACTOR * keep * x.shape[-1] * x.element_size():
+            self.blocks.append((x, x._version, keep))
+        else:
+            with torch.no_grad():  # on the training forward: never part of the user's graph
+                self.blocks.append(gather_rows(x, self.sampler.pick(n, room, x.device)))
+        self.count += keep
 
     def rows(self) -> torch.Tensor | None:
-        """The ``[R, in]`` rows kept so far, or None."""
-        if not self.blocks:
+        """The ``[R, in]`` rows kept so far, or None. Cost: the gathers left from the forward."""
+        blocks = []
+        for b in self.blocks:
+            if isinstance(b, tuple):
+                x, version, keep = b
+                if x._version != version:  # modified in place since the forward: its rows are gone
+                    continue
+                b = self.sampler.gather_kept(x, keep)
+            blocks.append(b)
+        if not blocks:
+            self.blocks = []
             return None
-        if len(self.blocks) > 1:
-            self.blocks = [torch.cat(self.blocks, 0)]
+        self.blocks = [blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)]
         return self.blocks[0]
 
     def cosines(self, chunk_rows: int = 256) -> torch.Tensor | None:
@@ -193,7 +235,7 @@ def _grouped_cosines(projectors: Mapping[str, Projector], chunk_rows: int,
     for (_, _, dtype, device), items in groups.items():
         dtype = torch.promote_types(dtype, torch.float32)
         X = torch.stack([r for _, r, _ in items]) if len(items) > 1 else items[0][1][None]
-        V = torch.stack([v.to(device=device, dtype=dtype) for _, _, v in items])  # [G, in, K]
+        V = torch.stack([_as(v, dtype, device) for _, _, v in items])  # [G, in, K]
         out.append(([name for name, _, _ in items], _cosines(X, V, chunk_rows, eps)))
     return out
 
@@ -261,7 +303,7 @@ def projection_hooks(
         for mname, group in by_module.items():
             cols = [vectors[mp.key] for mp in group]
             V = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)  # a view for one map
-            V = V.to(torch.promote_types(V.dtype, torch.float32))
+            V = _as(V, torch.promote_types(V.dtype, torch.float32), V.device)
             proj = Projector(group[0].kind, V, budget, sampler)
             projectors[mname] = proj
             handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))

@@ -284,6 +284,29 @@ def test_top_vectors_kept_stacked_between_steps_match_fresh_stacks_and_keep_v1_o
     assert len(groups) == 2 and groups[((6, 6), torch.float64, torch.device("cpu"))].v.shape == (2, 6)
 
 
+def test_small_inputs_are_gathered_after_the_forward_once_per_input_and_never_after_an_inplace_change():
+    torch.manual_seed(5)
+    V = torch.nn.functional.normalize(torch.randn(8, 1), dim=0)
+    sampler = RowSampler(torch.Generator().manual_seed(0))
+    q, k, big = (Projector("linear", V, 16, sampler) for _ in range(3))
+    x = torch.randn(2, 20, 8)  # 40 rows: within DEFER_FACTOR x 16, kept by reference
+    q(nn.Identity(), (x,), {})
+    k(nn.Identity(), (x,), {})
+    large = torch.randn(4, 50, 8)  # 200 rows: gathered inside the hook
+    big(nn.Identity(), (large,), {})
+    assert isinstance(q.blocks[0], tuple) and torch.is_tensor(big.blocks[0])
+    assert q.rows() is k.rows()  # one gather for the two modules reading the same tensor
+    assert q.rows().shape == (16, 8) and big.rows().shape == (16, 8)
+    flat = x.reshape(-1, 8)
+    assert all(any(torch.equal(r, f) for f in flat) for r in q.rows())  # rows of x itself
+
+    later = Projector("linear", V, 16, RowSampler(torch.Generator().manual_seed(0)))
+    y = torch.randn(2, 20, 8)
+    later(nn.Identity(), (y,), {})
+    y.mul_(2.0)  # changed in place before the rows were read: they no longer exist
+    assert later.count == 16 and later.rows() is None
+
+
 def test_token_budget_through_the_diagnostic_on_long_inputs():
     lin = nn.Linear(8, 5)
     model = nn.Sequential(lin)
