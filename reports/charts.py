@@ -157,7 +157,9 @@ def chart_payload(chart: Chart, reduced: list[tuple[np.ndarray, np.ndarray]]) ->
             "bad": _steps(x[bad]) if bad.any() else [],
         })
     return {
-        "title": chart.title, "ylabel": chart.ylabel, "scale": chart.scale, "linthresh": chart.linthresh,
+        "title": chart.title, "ylabel": chart.ylabel, "scale": chart.scale,
+        # 6 significant digits like the values: the last bits of a float vary with the CPU's arithmetic
+        "linthresh": None if chart.linthresh is None else float(f"{chart.linthresh:.6g}"),
         "yrange": list(chart.yrange) if chart.yrange else None, "group": chart.group, "height": chart.height,
         "series": series,
         "rules": [{"y": float(f"{r.y:.6g}"), "label": r.label, "color": r.color, "dash": DASHES.get(r.dash),

@@ -126,7 +126,8 @@ def test_basis_bytes_respect_max_memory():
     assert (s["basis_vectors"] + WORK_VECTORS) * P * 4 <= budget
     assert s["basis_vectors"] == budget // (P * 4) - WORK_VECTORS  # the budget binds: 17 - 4 vectors
     assert res.all_converged
-    np.testing.assert_allclose(res.eigenvalues, [9.0, 8.0, 7.0], rtol=1e-5)
+    # A float32 basis: length-P dot products round at about eps32 sqrt(P) = 7e-5 relative here.
+    np.testing.assert_allclose(res.eigenvalues, [9.0, 8.0, 7.0], rtol=1e-4)
     with pytest.raises(ConfigError, match=r"max_memory=.*give max_memory >= "):
         lanczos(Diagonal(d), k=k, max_memory=4 * P * 4)
 
