@@ -3,12 +3,15 @@
 - v_1 of each map is tracked by warm-started power iteration (:func:`diagnostics.linalg.power.power_steps`
   after a cold start by :func:`diagnostics.linalg.power.top_singular_vector`), never a full SVD; the
   warm start also carries the sign of v_1 from probe to probe, so p+ and the mean form continuous series.
-- inputs are seen by scoped forward pre-hooks (:func:`projection_hooks`); inside the hook only a token
-  subsample of the rows is gathered (one draw from a private generator per forward, shared by the
-  modules), so the memory added is the token budget times the input width per module, independent of
-  the sequence length; after the forward :func:`project_all` projects every module's rows on its v_1
-  in a few batched products (one per input width), on the device, leaving one host transfer for the
-  statistics.
+- inputs are seen by scoped forward pre-hooks (:func:`projection_hooks`); only a token subsample of the
+  rows is kept (one draw from a private generator per row count, shared by the modules), gathered inside
+  the hook for a large input and after the forward for a small one (the hook then keeps a reference, at
+  most :data:`DEFER_FACTOR` times the rows it keeps), so the memory added is a small multiple of the
+  token budget times the input width per module, independent of the sequence length; after the forward
+  :func:`project_all` (or :func:`cosine_matrices`) projects every module's rows on its v_1 in a few
+  batched products (one per input width), on the device, leaving one host transfer for the statistics.
+- products of a stack of matrices with one vector each are taken as row vectors times matrices
+  (``v^T W^T``, ``u^T W``): on CPU a batched product with a single column is several times slower.
 
 Definitions: docs/metrics.md, "Spectral alignment".
 """
