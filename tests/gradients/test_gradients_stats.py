@@ -295,3 +295,17 @@ def test_both_summaries_match_the_direct_ones(n, sizes, zero, seed):
         for k in want.mean:
             assert got.mean[k] == pytest.approx(want.mean[k], rel=1e-12, abs=1e-12), k
             assert got.median[k] == pytest.approx(want.median[k], rel=1e-12, abs=1e-12), k
+
+
+@pytest.mark.parametrize("k", [4096, 4097, 10_000, 10_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_median_of_large_tensors_equals_numpys(k, dtype):
+    from diagnostics.gradients.stats import _median
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(k, generator=g, dtype=torch.float64).to(dtype)
+    x[:7] = x[7]  # ties at the middle are possible in real ratios
+    x[-3:] = float("inf")
+    assert _median(x) == pytest.approx(float(np.median(x.numpy())), rel=1e-6)
+    x[k // 3] = float("nan")
+    assert math.isnan(_median(x))
