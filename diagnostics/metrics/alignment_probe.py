@@ -195,12 +195,24 @@ class Projector:
         if n == 0:
             return
         keep = min(n, room)
-        if x.untyped_storage().nbytes() <= DEFER_FACTOR * keep * x.shape[-1] * x.element_size():
+        if self._deferrable(x, keep):
             self.blocks.append((x, x._version, keep))
         else:
             with torch.no_grad():  # on the training forward: never part of the user's graph
                 self.blocks.append(gather_rows(x, self.sampler.pick(n, room, x.device)))
         self.count += keep
+
+    @staticmethod
+    def _deferrable(x: torch.Tensor, keep: int) -> bool:
+        """Whether ``x`` may be kept by reference: small storage, and a version counter to check it against
+        (inference-mode tensors have none; tensors without a plain storage are gathered at once)."""
+        if x.is_inference():
+            return False
+        try:
+            nbytes = x.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return False
+        return nbytes <= DEFER_FACTOR * keep * x.shape[-1] * x.element_size()
 
     def rows(self) -> torch.Tensor | None:
         """The ``[R, in]`` rows kept so far, or None. Cost: the gathers left from the forward."""

@@ -300,6 +300,11 @@ def test_small_inputs_are_gathered_after_the_forward_once_per_input_and_never_af
     flat = x.reshape(-1, 8)
     assert all(any(torch.equal(r, f) for f in flat) for r in q.rows())  # rows of x itself
 
+    with torch.inference_mode():  # no version counter: gathered inside the hook
+        frozen = Projector("linear", V, 16, RowSampler(torch.Generator().manual_seed(0)))
+        frozen(nn.Identity(), (torch.randn(2, 20, 8),), {})
+    assert torch.is_tensor(frozen.blocks[0]) and frozen.rows().shape == (16, 8)
+
     later = Projector("linear", V, 16, RowSampler(torch.Generator().manual_seed(0)))
     y = torch.randn(2, 20, 8)
     later(nn.Identity(), (y,), {})
