@@ -118,25 +118,31 @@ class GradientMoments:
         affine map ``N / (N - 1) * (corrected + 1 / N)`` of the corrected one, so its means and medians are
         the mapped means and medians; the tensors with a floored element (unused embedding rows, a bias
         whose gradient is structurally zero) are summarised from their raw ratios, and so is ``"all"``
-        then. Cost: one :func:`gsnr_summary` plus the floored tensors' and, if any, one pooled median.
+        then. Cost: one pass over all elements at once (no per-tensor tensor operations), one selection
+        per tensor and one pooled, plus the floored tensors' and, if any, one more pooled selection.
         """
-        corrected = self.gsnr(eps)
-        first = gsnr_summary(corrected)
+        names = list(self.mean)
+        sizes = [self.mean[k].numel() for k in names]
+        m = torch.cat([self.mean[k].reshape(-1) for k in names]).cpu()
+        v = torch.cat([self.var[k].reshape(-1) for k in names]).cpu()
         n = self.n
+        corrected = ((m.square() - v / n) / v.clamp_min(eps)).numpy()
+        first = _flat_summary(names, sizes, corrected)
 
-        def to_raw(corrected_value: Any) -> Any:  # floats and tensors alike
+        def to_raw(corrected_value: Any) -> Any:  # floats and arrays alike
             return corrected_value * (n / (n - 1)) + 1.0 / (n - 1)
 
-        mean = {k: to_raw(v) for k, v in first.mean.items()}
-        median = {k: to_raw(v) for k, v in first.median.items()}
-        floored = [k for k, v in self.var.items() if bool((v < eps * n / (n - 1)).any())]
-        if floored:
-            direct = {k: self.mean[k].square() / (self.var[k] * (n - 1) / n).clamp_min(eps) for k in floored}
-            for k, r in direct.items():
-                mean[k], median[k] = float(r.mean()), _median(r)
-            pooled = torch.cat([(direct[k] if k in direct else to_raw(r)).reshape(-1)
-                                for k, r in corrected.items()])
-            mean["all"], median["all"] = float(pooled.mean()), _median(pooled)
+        mean = {k: to_raw(x) for k, x in first.mean.items()}
+        median = {k: to_raw(x) for k, x in first.median.items()}
+        floored = (v < eps * n / (n - 1)).numpy()
+        if floored.any():
+            direct = (m.square() / (v * (n - 1) / n).clamp_min(eps)).numpy()
+            pooled = to_raw(corrected)
+            for name, (a, b) in zip(names, _bounds(sizes), strict=True):
+                if floored[a:b].any():
+                    pooled[a:b] = direct[a:b]
+                    mean[name], median[name] = float(direct[a:b].mean()), _median_np(direct[a:b])
+            mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
         return first, GSNRSummary(mean=mean, median=median)
 
     def noise_parts(self) -> NoiseScaleParts:
@@ -220,25 +226,47 @@ def gsnr_raw(per_sample: Mapping[str, Tensor], eps: float = GSNR_EPS) -> dict[st
     return gradient_moments(per_sample).gsnr_raw(eps)
 
 
-def _median(x: Tensor) -> float:
-    """The median, the average of the two middle values for an even count (torch.median returns the lower).
+def _median_np(a: np.ndarray) -> float:
+    """The median of a 1-D array, the average of the two middle values for an even count; NaN if any.
 
-    Large inputs: one numpy introselect at the upper middle and the maximum of the half below it, about
-    5x faster than ``np.median``, which selects both middle values at once (benchmarks/RESULTS.md,
-    "GSNR's medians"). NaN anywhere gives NaN, as ``np.median`` does.
+    One introselect at the upper middle and the maximum of the half below it: about 5x faster than
+    ``np.median``, which selects both middle values at once (benchmarks/RESULTS.md, "GSNR's medians").
     """
-    x = x.reshape(-1).cpu()
-    k = x.numel()
-    if k >= 4096 and x.dtype in (torch.float32, torch.float64):
-        h = k // 2
-        part = np.partition(x.numpy(), h)
-        upper = part[h:]
-        if np.isnan(upper.max()):  # NaN sorts last, so any NaN is in the upper half
-            return float("nan")
-        return float(part[h]) if k % 2 else float((part[:h].max() + part[h]) / 2)
-    lo = torch.kthvalue(x, (k + 1) // 2).values
-    hi = lo if k % 2 else torch.kthvalue(x, k // 2 + 1).values
-    return float((lo + hi) / 2)
+    k = a.size
+    if k == 0:
+        return float("nan")
+    h = k // 2
+    part = np.partition(a, h)
+    if np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
+        return float("nan")
+    return float(part[h]) if k % 2 else float((part[:h].max() + part[h]) / 2)
+
+
+def _median(x: Tensor) -> float:
+    """:func:`_median_np` of a tensor's elements (on the CPU; float64 unless float32)."""
+    x = x.detach().reshape(-1).cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float64)
+    return _median_np(x.numpy())
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive segments of the given sizes."""
+    stops = np.cumsum(sizes).tolist()
+    return [(stop - size, stop) for size, stop in zip(sizes, stops, strict=True)]
+
+
+def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSNRSummary:
+    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64), in the order of ``names``."""
+    mean: dict[str, float] = {}
+    median: dict[str, float] = {}
+    for name, (a, b) in zip(names, _bounds(sizes), strict=True):
+        seg = values[a:b]
+        mean[name] = float(seg.mean()) if seg.size else float("nan")
+        median[name] = _median_np(seg)
+    mean["all"] = float(values.mean())
+    median["all"] = _median_np(values)
+    return GSNRSummary(mean=mean, median=median)
 
 
 @dataclass(frozen=True)
@@ -262,16 +290,13 @@ def gsnr_summary(ratios: Mapping[str, Tensor]) -> GSNRSummary:
 
     Returns:
         :class:`GSNRSummary` with ``mean`` and ``median`` dicts keyed by parameter name and ``"all"``
-        (metrics ``gsnr_mean`` / ``gsnr_median``). Cost: one sort-free selection per tensor.
+        (metrics ``gsnr_mean`` / ``gsnr_median``). Cost: one copy of all elements into one float64 array,
+        one sort-free selection per tensor and one over all of them.
     """
     if not ratios:
         raise DataError("gsnr_summary: no ratios given")
-    mean = {k: float(v.mean()) for k, v in ratios.items()}
-    median = {k: _median(v) for k, v in ratios.items()}
-    pooled = torch.cat([v.reshape(-1).to(torch.float64) for v in ratios.values()])
-    mean["all"] = float(pooled.mean())
-    median["all"] = _median(pooled)
-    return GSNRSummary(mean=mean, median=median)
+    pooled = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in ratios.values()]).cpu()
+    return _flat_summary(list(ratios), [v.numel() for v in ratios.values()], pooled.numpy())
 
 
 # --- the gradient noise scale ------------------------------------------------------------------------------

@@ -309,3 +309,16 @@ def test_median_of_large_tensors_equals_numpys(k, dtype):
     assert _median(x) == pytest.approx(float(np.median(x.numpy())), rel=1e-6)
     x[k // 3] = float("nan")
     assert math.isnan(_median(x))
+
+
+def test_gsnr_summary_matches_numpy_per_tensor_and_pooled():
+    g = torch.Generator().manual_seed(3)
+    ratios = {"a": torch.randn(7, generator=g, dtype=torch.float64), "b": torch.randn(4, 6, generator=g),
+              "c": torch.randn(5000, generator=g, dtype=torch.float64)}
+    got = gsnr_summary(ratios)
+    pooled = np.concatenate([r.double().reshape(-1).numpy() for r in ratios.values()])
+    for k, r in ratios.items():
+        assert got.mean[k] == pytest.approx(float(np.mean(r.double().numpy())), rel=1e-12)
+        assert got.median[k] == pytest.approx(float(np.median(r.double().numpy())), rel=1e-12)
+    assert got.mean["all"] == pytest.approx(float(pooled.mean()), rel=1e-12)
+    assert got.median["all"] == pytest.approx(float(np.median(pooled)), rel=1e-12)
