@@ -126,7 +126,8 @@ class GradientMoments:
         m = torch.cat([self.mean[k].reshape(-1) for k in names]).cpu()
         v = torch.cat([self.var[k].reshape(-1) for k in names]).cpu()
         n = self.n
-        corrected = ((m.square() - v / n) / v.clamp_min(eps)).numpy()
+        # In place where possible: at millions of elements fresh temporaries cost more than the arithmetic.
+        corrected = m.square().sub_(v, alpha=1.0 / n).div_(v.clamp_min(eps)).numpy()
         first = _flat_summary(names, sizes, corrected)
 
         def to_raw(corrected_value: Any) -> Any:  # floats and arrays alike
@@ -136,12 +137,14 @@ class GradientMoments:
         median = {k: to_raw(x) for k, x in first.median.items()}
         floored = (v < eps * n / (n - 1)).numpy()
         if floored.any():
-            direct = (m.square() / (v * (n - 1) / n).clamp_min(eps)).numpy()
-            pooled = to_raw(corrected)
+            pooled = corrected  # mapped to raw in place: the corrected summary is already taken
+            pooled *= n / (n - 1)
+            pooled += 1.0 / (n - 1)
             for name, (a, b) in zip(names, _bounds(sizes), strict=True):
                 if floored[a:b].any():
-                    pooled[a:b] = direct[a:b]
-                    mean[name], median[name] = float(direct[a:b].mean()), _median_np(direct[a:b])
+                    direct = (m[a:b].square() / (v[a:b] * ((n - 1) / n)).clamp_min(eps)).numpy()
+                    pooled[a:b] = direct
+                    mean[name], median[name] = float(direct.mean()), _median_np(direct)
             mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
         return first, GSNRSummary(mean=mean, median=median)
 
