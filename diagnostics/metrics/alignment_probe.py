@@ -170,8 +170,8 @@ class Projector:
     The hook only gathers rows (at most ``budget`` over all the forwards it sees, on the input's device);
     :func:`project_all` projects the rows of every module at once after the forward. An input whose
     storage is at most :data:`DEFER_FACTOR` times the rows kept is gathered when the rows are read
-    (:meth:`rows`) rather than in the forward, unless it was modified in place in between (then those
-    rows are gathered from nothing and left out). Memory: ``DEFER_FACTOR * budget * in`` values per
+    (:meth:`rows`) rather than in the forward; if it was modified in place in between, its rows are
+    left out. Memory: ``DEFER_FACTOR * budget * in`` values per
     module at most, whatever the sequence length. Cost per forward: one gather.
     """
 
