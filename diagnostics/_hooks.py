@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,6 +21,37 @@ from diagnostics._batch import tensor_leaves
 from diagnostics.errors import ConfigError
 
 ModuleSpec = None | str | Iterable[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
+
+
+class HookClock:
+    """Seconds spent inside the hooks it wrapped, since the last :meth:`take`.
+
+    A diagnostic's hooks on the user's training forward run between two calls of the Monitor, where
+    the Monitor's own clock would count them as training: wrapping them here lets the Monitor charge
+    them to the diagnostic instead. Wall time on the host (on CUDA, the launches, not the kernels).
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook`` with its wall time added to this clock. Cost: two clock reads per call."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+    def take(self) -> float:
+        """The seconds since the last call (and start counting afresh)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def select_modules(model: nn.Module, modules: ModuleSpec = None) -> dict[str, nn.Module]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diagnostics._hooks import HookClock
 from diagnostics.errors import DataError
 from diagnostics.linalg.power import power_steps, top_singular_vector
 from diagnostics.metrics.alignment_stats import finish_cosines
@@ -305,11 +306,13 @@ def projection_hooks(
     modules: dict[str, nn.Module],
     budget: int,
     generator: torch.Generator,
+    clock: HookClock | None = None,
 ) -> Iterator[dict[str, Projector]]:
     """Scoped forward pre-hooks keeping a token subsample of each module's inputs; removed in finally.
 
     Yields ``{module name: Projector}``; after the forward, :func:`project_all` gives the cosines. Cost:
-    one gather per module and forward (see :class:`Projector`).
+    one gather per module and forward (see :class:`Projector`); ``clock`` (optional) adds up the hooks'
+    time.
     """
     projectors: dict[str, Projector] = {}
     handles = []
@@ -321,7 +324,8 @@ def projection_hooks(
             V = _as(V, torch.promote_types(V.dtype, torch.float32), V.device)
             proj = Projector(group[0].kind, V, budget, sampler)
             projectors[mname] = proj
-            handles.append(modules[mname].register_forward_pre_hook(proj, with_kwargs=True))
+            hook = proj if clock is None else clock.wrap(proj)
+            handles.append(modules[mname].register_forward_pre_hook(hook, with_kwargs=True))
         yield projectors
     finally:
         for h in handles:

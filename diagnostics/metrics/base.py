@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from diagnostics._hooks import HookClock
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,6 +107,9 @@ class Diagnostic(abc.ABC):
         self.start = int(start)
         #: Cross-step state saved with the run (see the class docstring).
         self.state: dict[str, Any] = {}
+        #: Time of this diagnostic's hooks on the user's training forward, taken by the Monitor at its
+        #: next call and charged to this diagnostic (its monitor time, not training time).
+        self.hook_clock = HookClock()
 
     def is_due(self, step: int) -> bool:
         """True when the schedule asks for this diagnostic at ``step``."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from diagnostics._hooks import first_tensor
+from diagnostics._hooks import HookClock, first_tensor
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.attention import first_samples
@@ -133,14 +133,14 @@ class OutputLogits(Diagnostic):
         return {**super().settings(), "max_tokens": self.max_tokens}
 
     @contextlib.contextmanager
-    def _hook(self, model: nn.Module, st: LogitStats) -> Iterator[None]:
+    def _hook(self, model: nn.Module, st: LogitStats, clock: HookClock | None = None) -> Iterator[None]:
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
             z = output_tensor(out)
             room = self.max_tokens - st.tokens
             if z is not None and room > 0:
                 st.add(z, room)
 
-        handle = model.register_forward_hook(hook)
+        handle = model.register_forward_hook(hook if clock is None else clock.wrap(hook))
         try:
             yield
         finally:
@@ -154,7 +154,7 @@ class OutputLogits(Diagnostic):
         ran before the next ``compute``, that step falls back to its own forward.
         """
         st = LogitStats()
-        with self._hook(model, st):
+        with self._hook(model, st, self.hook_clock):
             yield
         self._observed = (id(model), st)
 

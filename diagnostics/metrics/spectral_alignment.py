@@ -273,7 +273,8 @@ class SpectralAlignment(Diagnostic):
         # The hooks work on detached inputs, so the training forward's autograd graph is untouched.
         self._watching = True
         try:
-            with projection_hooks(by_module, vectors, modules, self.max_tokens, gen) as projectors:
+            hooks = projection_hooks(by_module, vectors, modules, self.max_tokens, gen, self.hook_clock)
+            with hooks as projectors:
                 yield
         finally:
             self._watching = False

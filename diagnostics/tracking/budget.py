@@ -6,7 +6,8 @@ takes between calls, and what each diagnostic cost at a step; the scheduler keep
 averages of
 
 * ``T``: training seconds per step (wall time between two calls of the Monitor, less the monitor's own
-  time in between, divided by the steps between them);
+  time in between: its update phase, and its diagnostics' hooks on the training forward, which count
+  as the cost of the diagnostic they belong to; divided by the steps between them);
 * ``F``: the fixed overhead per step: everything the monitor spends that the budget does not schedule
   (the every-step diagnostics, isolation, the commit);
 * ``c_d``: the cost of one run of each scheduled diagnostic ``d``.
@@ -237,6 +238,7 @@ class BudgetScheduler:
         self._pinned_seconds: float | None = None  # their average per call
         self._prev_exempt = 0.0  # of which runs outside the budget
         self._prev_admitted = 0.0  # of which runs the ledger admitted
+        self._carry = 0.0  # hook seconds inside the training step, for the next deciding call
 
     # --- timing -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -270,6 +272,12 @@ class BudgetScheduler:
             spent = self._clock() - t0
             self._prev_monitor += spent
             self._prev_between += spent
+
+    def charge(self, seconds: float) -> None:
+        """Take monitor work done inside the training step since the last call (the diagnostics' hooks on
+        the training forward): call before :meth:`call`. It counts as the next deciding call's monitor time
+        and not as training time, as the diagnostic it belongs to runs at that call."""
+        self._carry += float(seconds)
 
     def observe_costs(self, seconds: Mapping[str, float]) -> None:
         """Take the seconds of the diagnostics that ran at the last decided step (both phases).
@@ -318,12 +326,13 @@ class BudgetScheduler:
                 self.fixed_without = _average(self.fixed_without, call, _COST_SMOOTHING)
             delta = max(1, step - prev_step)
             # Monitor work between the calls (the update phase) is not training.
-            train = max(0.0, now - self._prev_exit - self._prev_between)
+            train = max(0.0, now - self._prev_exit - self._prev_between - self._carry)
             self.step_seconds = _average(self.step_seconds, train / delta, _STEP_SMOOTHING)
         self._prev = (step, train, delta)
         self._prev_exit = None
         self._prev_monitor = self._prev_between = self._prev_scheduled = self._prev_pinned = 0.0
         self._prev_exempt = self._prev_admitted = 0.0
+        self._prev_monitor, self._carry = self._carry, 0.0
         self._step = step
 
     def overhead(self) -> float | None:

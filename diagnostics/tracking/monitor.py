@@ -19,6 +19,7 @@ out the actions of warning events (:mod:`~.actions`). A failing diagnostic becom
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 from collections.abc import Callable, Mapping
@@ -172,6 +173,7 @@ class Monitor:
         self.observe_training_forward = bool(observe_training_forward)
         # Hooks held open between two steps (see observe_training_forward); closed in finally.
         self._observing: contextlib.ExitStack | None = None
+        self._hook_seconds: dict[str, float] = {}  # the diagnostics' hook time taken at this call
         self.diagnostics: list[Diagnostic] = resolve_diagnostics(diagnostics)
         apply_every(self.diagnostics, every)
         self.budget = _budget.resolve_budget(budget, diagnostics)
@@ -295,6 +297,10 @@ class Monitor:
         if self._closed:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
         self._stop_observing()
+        # What the diagnostics' hooks spent inside the training step since the last call is theirs.
+        self._hook_seconds = {d.name: s for d in self.diagnostics if (s := d.hook_clock.take())}
+        if self._budget is not None and self._hook_seconds:
+            self._budget.charge(sum(self._hook_seconds.values()))
         with _budget.timed_call(self._budget):
             try:
                 with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
@@ -371,8 +377,10 @@ class Monitor:
         if self._accumulated is not None and any(d.uses_accumulation for d in due):
             ctx.microbatch_moments = self._accumulated.moments()  # float64 copies: only when read
         pending = PendingStep(step, ctx, source)
-        for d, result in zip(due, self._runner.run_phase(due, "compute", ctx)):
-            pending.add(d, *result)
+        for d, (records, events, status) in zip(due, self._runner.run_phase(due, "compute", ctx)):
+            if d.name in self._hook_seconds:
+                status = dataclasses.replace(status, seconds=status.seconds + self._hook_seconds[d.name])
+            pending.add(d, records, events, status)
         # Free per-sample gradients, captured activations and operators before the update.
         ctx.end_compute_phase()
         self._monitored += 1

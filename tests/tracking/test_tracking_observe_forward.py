@@ -1,10 +1,15 @@
 """The Monitor measures layer-input diagnostics on the user's training forward when it can."""
 
+import contextlib
+import time
+
 import torch
 from torch import nn
 
+from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.spectral_alignment import SpectralAlignment
 from diagnostics.store import open_run
+from diagnostics.store.records import Record
 from diagnostics.tracking import Monitor
 from diagnostics.zoo.models import TinyGPT
 
@@ -73,3 +78,67 @@ def test_hooks_removed_when_close_follows_a_step_directly(tmp_path):
     assert _hooks(model) > 0
     mon.close()
     assert _hooks(model) == 0
+
+
+class _SlowObserver(Diagnostic):
+    """Reads activations on the training forward through a hook that takes 0.2 s."""
+
+    name = "slow_observer"
+    requires = frozenset({"activations"})
+    default_every = 1
+    budgeted = False
+
+    def observe_training_forward(self, model):
+        @contextlib.contextmanager
+        def hooked():
+            handle = model.register_forward_hook(self.hook_clock.wrap(lambda *_: time.sleep(0.2)))
+            try:
+                yield
+            finally:
+                handle.remove()
+
+        return hooked()
+
+    def compute(self, ctx):
+        return [Record("slow_observer_value", 1.0)]
+
+
+def test_hook_time_on_the_training_forward_is_the_diagnostics_not_training(tmp_path):
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    slow = _SlowObserver()
+    with Monitor(model, _lm_loss, run=tmp_path / "r", diagnostics=[slow], optimizer=opt, budget=0.05,
+                 every={"slow_observer": 1}) as mon:
+        for step in range(5):
+            batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
+            opt.zero_grad()
+            _lm_loss(model, batch).backward()
+            opt.step()
+            mon.step(step, batch)
+        history = list(mon._budget._history)  # (step, steps since the last call, training s, monitor s)
+        # The 0.2 s of each observed forward is not training time (a step here takes a few ms) but the
+        # monitor's, at the call after it.
+        assert [h[0] for h in history] == [0, 1, 2, 3]
+        assert history[0][3] < 0.2 and all(h[3] >= 0.2 for h in history[1:])
+        assert all(h[2] < 0.2 for h in history)
+        assert mon._budget.overhead() > 1.0
+    assert _hooks(model) == 0
+    s = open_run(tmp_path / "r").series("monitor_seconds")
+    s = s[s.key == "slow_observer"].set_index("step")["value"]
+    # The diagnostic's stored cost holds it too, from step 1 (step 0 had no observed forward).
+    assert s.loc[0] < 0.2 and (s.loc[1:] >= 0.2).all() and len(s) == 5
+
+
+def test_hook_clock_adds_up_the_wrapped_hooks_time_and_restarts_on_take():
+    from diagnostics._hooks import HookClock
+
+    clock = HookClock()
+    hook = clock.wrap(lambda x: time.sleep(0.05) or x + 1)
+    assert hook(1) == 2 and hook(2) == 3
+    assert clock.take() >= 0.1
+    assert clock.take() == 0.0
+    failing = clock.wrap(lambda: time.sleep(0.05) or 1 / 0)
+    with contextlib.suppress(ZeroDivisionError):
+        failing()
+    assert clock.take() >= 0.05  # counted even when the hook raises
