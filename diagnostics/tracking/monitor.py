@@ -298,7 +298,8 @@ class Monitor:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
         self._stop_observing()
         # What the diagnostics' hooks spent inside the training step since the last call is theirs.
-        self._hook_seconds = {d.name: s for d in self.diagnostics if (s := d.hook_clock.take())}
+        self._hook_seconds = {d.name: s for d in self.diagnostics
+                              if (clock := getattr(d, "hook_clock", None)) is not None and (s := clock.take())}
         if self._budget is not None and self._hook_seconds:
             self._budget.charge(sum(self._hook_seconds.values()))
         with _budget.timed_call(self._budget):
