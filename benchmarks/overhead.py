@@ -215,8 +215,9 @@ def own_accounting(run_dir: Path, last_step: int) -> str:
     """The budgeted Monitor's own measure of its overhead (``monitor_overhead``: its time over the training
     time of the last 200 or more steps, the window the budget holds), at the end of the timed blocks.
 
-    It times the Monitor's own calls, so it does not see the work of hooks inside the user's forward, but
-    neither does it see differences between the model copies of the configurations, which on this
+    It times the Monitor's own calls and the hooks its diagnostics keep on the training forward
+    (spectral alignment's and the output logits'), not the rest of the user's step, so it does not see
+    differences between the model copies of the configurations, which on this
     machine move the step time by several percent either way (a configuration doing more work can
     measure faster than the baseline).
     """
