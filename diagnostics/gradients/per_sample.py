@@ -1,7 +1,9 @@
-"""Per-sample gradients by ``torch.func.vmap`` of ``grad``, chunked to a memory budget."""
+"""Per-sample gradients: from one batched backward layer by layer where the layers allow it, else by
+``torch.func.vmap`` of ``grad`` chunked to a memory budget."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -11,13 +13,43 @@ from torch import Tensor, nn
 from diagnostics._batch import batch_size, to_device
 from diagnostics._kernels import twice_differentiable
 from diagnostics._state import isolated, seed_private
-from diagnostics.errors import DataError, LossError
+from diagnostics.errors import ConfigError, DataError, LossError
+from diagnostics.gradients.per_sample_layers import layer_owners, layerwise_per_sample_gradients
 from diagnostics.loss import check_loss, default_loss, functional_call_fn, select_params
 
 __all__ = ["per_sample_gradients", "DEFAULT_MEMORY_BYTES"]
 
 #: Default memory budget for one vmapped chunk.
 DEFAULT_MEMORY_BYTES = 256 << 20
+_METHODS = ("auto", "layers", "vmap")
+#: Largest difference between the two methods, relative to a tensor's largest per-sample entry, that
+#: still counts as agreement (rounding of float32 sums is about 1e-6 of it; a wrong split is O(1)).
+_AGREEMENT_RTOL = 1e-3
+#: ``{model: {(parameter names, batch layout): whether the layer-wise gradients matched vmap's}}``.
+_LAYERWISE_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+
+
+def _layout(obj: Any) -> Any:
+    """The batch's structure with each tensor's number of dimensions and dtype (not its sizes)."""
+    if isinstance(obj, Tensor):
+        return ("T", obj.dim(), str(obj.dtype))
+    if isinstance(obj, Mapping):
+        return tuple((k, _layout(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0])))
+    if isinstance(obj, (tuple, list)):
+        return tuple(_layout(v) for v in obj)
+    return type(obj).__name__
+
+
+def _agree(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Every tensor of ``a`` within ``_AGREEMENT_RTOL`` of its largest entry in ``b``, or of 1e-3 of the
+    largest entry of all (a gradient that is zero up to rounding, such as a key bias's, has no scale of its
+    own)."""
+    scales = {k: float(ref.abs().max()) if ref.numel() else 0.0 for k, ref in b.items()}
+    floor = 1e-3 * max(scales.values(), default=0.0)
+    for k, ref in b.items():
+        if ref.numel() and float((a[k] - ref).abs().max()) > _AGREEMENT_RTOL * max(scales[k], floor) + 1e-30:
+            return False
+    return True
 
 
 def _in_dims(obj: Any, n: int) -> Any:
@@ -51,6 +83,7 @@ def per_sample_gradients(
     *,
     mode: str = "eval",
     seed: int = 0,
+    method: str = "auto",
 ) -> dict[str, Tensor]:
     """Return the gradient of each sample's loss, ``{name: Tensor[N, *param.shape]}``.
 
@@ -59,16 +92,33 @@ def per_sample_gradients(
     mean of the per-sample gradients (when every sample carries the same weight in the mean: not for
     token losses with padding or ``ignore_index``).
 
-    Computed by ``torch.func.vmap(torch.func.grad(...))`` over chunks of samples sized to
-    ``max_memory_bytes`` (default 256 MiB; a sample is budgeted at 4 x P x itemsize), falling back to a
-    loop over samples if an op has no batching rule. Cost: about one batched backward pass (vmap) per
-    chunk. The model runs in ``mode`` (``"eval"`` by default: BatchNorm with batch statistics is not
-    defined on one sample); random ops use a private seed; the model and global RNG are left unchanged.
+    Two methods (``method``):
+
+    * ``"layers"``: one forward and one backward over the whole batch, each layer's per-sample gradient
+      formed from its input and output gradient (:mod:`diagnostics.gradients.per_sample_layers`). Needs
+      every selected parameter to belong to an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` and
+      eval mode. It gives N times the gradient of sample i's share of the batch loss, which is sample i's
+      own loss gradient when the loss is a mean of equally weighted per-sample losses. Cost: about one
+      training step on the N samples.
+    * ``"vmap"``: ``torch.func.vmap(torch.func.grad(...))`` over chunks of samples sized to
+      ``max_memory_bytes`` (default 256 MiB; a sample is budgeted at 4 x P x itemsize), falling back to a
+      loop over samples if an op has no batching rule. Cost: about one batched backward pass (vmap) per
+      chunk; on small models, where per-operation overhead dominates, about twice ``"layers"``.
+    * ``"auto"`` (default): ``"layers"`` where it applies, once it has matched ``"vmap"`` on the first
+      call for this model, parameter selection and batch layout (that call computes both and returns
+      vmap's result); where it did not match (e.g. a loss that weights samples unequally), ``"vmap"``
+      from then on. Otherwise ``"vmap"``.
+
+    The model runs in ``mode`` (``"eval"`` by default: BatchNorm with batch statistics is not defined on
+    one sample); random ops use a private seed; the model, ``.grad`` and the global RNG are left unchanged.
 
     Raises:
         LossError: the loss of a sample is not a finite scalar (names the sample).
         DataError: the batch is empty.
+        ConfigError: unknown ``method``, or ``"layers"`` where it does not apply.
     """
+    if method not in _METHODS:
+        raise ConfigError(f"per_sample_gradients: method must be one of {_METHODS}, got {method!r}")
     fn = default_loss if loss_fn is None else loss_fn
     selected = select_params(model, params)
     names = list(selected)
@@ -77,6 +127,47 @@ def per_sample_gradients(
     n = batch_size(batch)
     if n <= 0:
         raise DataError("per_sample_gradients got an empty batch")
+    owners = layer_owners(model, selected) if method != "vmap" and mode == "eval" else None
+    if method == "layers" and owners is None:
+        raise ConfigError("per_sample_gradients(method='layers') needs eval mode and every selected "
+                          "parameter in an nn.Linear, nn.Embedding or nn.LayerNorm; use method='vmap' or "
+                          "'auto'")
+    if owners is not None:
+        checks = _LAYERWISE_CHECKED.setdefault(model, {})
+        key = (tuple(names), _layout(batch))
+        trusted = method == "layers" or checks.get(key)
+        if trusted is not False:
+            try:
+                with isolated(model, mode, grad=True):
+                    seed_private(seed)
+                    got = layerwise_per_sample_gradients(model, lambda: fn(model, batch), selected, owners, n)
+            except RuntimeError:
+                # E.g. an in-place update of a shared lookup widened to the batch; vmap reports real errors.
+                if method == "layers":
+                    raise
+                got = None
+            if got is None:
+                if method == "layers":
+                    raise ConfigError("per_sample_gradients(method='layers'): a layer is applied to "
+                                      "something that cannot be split by sample; use method='vmap' or 'auto'")
+                checks[key] = False
+            elif not torch.isfinite(got[1]):
+                pass  # vmap below names the sample whose loss is not finite
+            elif trusted:
+                return got[0]
+            else:
+                reference = _vmapped(model, fn, batch, selected, max_memory_bytes, mode, seed, n)
+                checks[key] = _agree(got[0], reference)
+                return reference
+    return _vmapped(model, fn, batch, selected, max_memory_bytes, mode, seed, n)
+
+
+def _vmapped(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor], batch: Any,
+             selected: dict[str, Tensor], max_memory_bytes: int | None, mode: str, seed: int,
+             n: int) -> dict[str, Tensor]:
+    """Per-sample gradients by vmap over chunks of samples (the ``"vmap"`` method)."""
+    names = list(selected)
+    device = next(iter(selected.values())).device
     dims = _in_dims(batch, n)
     numel = sum(p.numel() for p in selected.values())
     itemsize = max(p.element_size() for p in selected.values())

@@ -164,8 +164,10 @@ class StepContext:
         single sample has no batch statistics, and dropout would make each sample's gradient random.
         ``max_samples`` keeps only the batch's first ``max_samples`` samples (None: all of them).
 
-        Cost: one vmap(grad) pass over the (kept) samples, about the cost of N single-sample backward
-        passes batched (chunked to ``max_memory_bytes``).
+        Cost: one batched forward and backward over the (kept) samples where every parameter is in an
+        ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` (after a first call that also runs the vmap
+        method to check that both agree), else one vmap(grad) pass, chunked to ``max_memory_bytes``
+        (:func:`diagnostics.gradients.per_sample_gradients`).
         """
         from diagnostics.gradients import per_sample_gradients
 
@@ -181,7 +183,8 @@ class StepContext:
                 if mode == "eval":
                     stack.enter_context(eval_mode(self.model))
                 return per_sample_gradients(
-                    self.model, self.loss_fn, batch, params=params, max_memory_bytes=self.max_memory_bytes
+                    self.model, self.loss_fn, batch, params=params, max_memory_bytes=self.max_memory_bytes,
+                    mode=mode,
                 )
 
         return self.cached(("per_sample_grads", pkey, mode, keep), run)

@@ -42,7 +42,8 @@ def summary_records(prefix: str, summary: Any) -> list[Record]:
     return out
 
 
-#: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step.
+#: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost at most about one
+#: training step of a batch of 16 (benchmarks/RESULTS.md).
 DEFAULT_GSNR_SAMPLES = 8
 
 
@@ -61,8 +62,10 @@ class GSNRDiagnostic(Diagnostic):
     statistics) from the batch's first ``max_samples`` samples (default 8; None: the whole batch) and
     shared with every other diagnostic that needs them at the step. Fewer samples cost less and give a
     noisier estimate: the corrected ratio's remaining bias is a relative ``2 / (N - 3)`` for Gaussian
-    gradients (docs/metrics.md, "GSNR"). Cost: one vmap(grad) pass over N samples and one pass over
-    their gradients (``benchmarks/overhead.py`` measures it against one training step).
+    gradients (docs/metrics.md, "GSNR"). Cost: the per-sample gradients of N samples (one batched forward
+    and backward for models of ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm``, else one vmap(grad)
+    pass: :func:`diagnostics.gradients.per_sample_gradients`) and one pass over them
+    (``benchmarks/overhead.py`` measures it against one training step).
     """
 
     name = "gsnr"

@@ -209,7 +209,8 @@ def test_per_sample_gradients_computed_once_per_step(tmp_path: Path, monkeypatch
 
     calls = []
 
-    def fake(model: Any, loss_fn: Any, batch: Any, params: Any = None, max_memory_bytes: Any = None) -> dict:
+    def fake(model: Any, loss_fn: Any, batch: Any, params: Any = None, max_memory_bytes: Any = None,
+             mode: str = "eval") -> dict:
         calls.append(1)
         return {n: torch.zeros(8, *p.shape) for n, p in model.named_parameters()}
 
