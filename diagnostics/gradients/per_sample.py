@@ -96,10 +96,10 @@ def per_sample_gradients(
 
     * ``"layers"``: one forward and one backward over the whole batch, each layer's per-sample gradient
       formed from its input and output gradient (:mod:`diagnostics.gradients.per_sample_layers`). Needs
-      every selected parameter to belong to an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` and
-      eval mode. It gives N times the gradient of sample i's share of the batch loss, which is sample i's
-      own loss gradient when the loss is a mean of equally weighted per-sample losses. Cost: about one
-      training step on the N samples.
+      every selected parameter to belong to an ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` or
+      Hugging Face ``Conv1D``, and eval mode. It gives N times the gradient of sample i's share of the
+      batch loss, which is sample i's own loss gradient when the loss is a mean of equally weighted
+      per-sample losses. Cost: about one training step on the N samples.
     * ``"vmap"``: ``torch.func.vmap(torch.func.grad(...))`` over chunks of samples sized to
       ``max_memory_bytes`` (default 256 MiB; a sample is budgeted at 4 x P x itemsize), falling back to a
       loop over samples if an op has no batching rule. Cost: about one batched backward pass (vmap) per
@@ -130,8 +130,8 @@ def per_sample_gradients(
     owners = layer_owners(model, selected) if method != "vmap" and mode == "eval" else None
     if method == "layers" and owners is None:
         raise ConfigError("per_sample_gradients(method='layers') needs eval mode and every selected "
-                          "parameter in an nn.Linear, nn.Embedding or nn.LayerNorm; use method='vmap' or "
-                          "'auto'")
+                          "parameter in an nn.Linear, nn.Embedding, nn.LayerNorm or Hugging Face Conv1D; "
+                          "use method='vmap' or 'auto'")
     if owners is not None:
         checks = _LAYERWISE_CHECKED.setdefault(model, {})
         key = (tuple(names), _layout(batch))

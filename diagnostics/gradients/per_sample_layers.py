@@ -1,7 +1,8 @@
 """Per-sample gradients from one batched backward pass, layer by layer.
 
 For the layers whose parameter gradient is a sum over positions of a product of the layer's input and the
-gradient of its output (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``), the gradient of sample i is
+gradient of its output (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, Hugging Face's ``Conv1D``,
+GPT-2's linear map with its weight stored transposed), the gradient of sample i is
 that sum taken over sample i's positions only. One forward records each layer's input, one backward to
 the layers' outputs (``torch.autograd.grad`` with the outputs as inputs, so autograd skips the batch's
 weight gradients) gives the output gradients, and a batched product per layer gives every sample's
@@ -32,7 +33,16 @@ __all__ = ["SUPPORTED_LAYERS", "layer_owners", "layerwise_per_sample_gradients"]
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``y = x W + b``, ``W`` of shape ``[in, out]``), told by its class, so that
+    transformers is never imported here."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
 def _supported(module: nn.Module) -> bool:
+    if _is_hf_conv1d(module):
+        return True
     if type(module) not in SUPPORTED_LAYERS:
         return False
     if isinstance(module, nn.Embedding):
@@ -120,12 +130,14 @@ def _accumulate(module: nn.Module, attrs: dict[str, str], x: Tensor, g: Tensor, 
             torch.mul(value, n, out=out[name])
             written.add(name)
 
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         g2 = g.reshape(n, -1, g.shape[-1])
         if "weight" in attrs:
             name = attrs["weight"]
             x2 = x.reshape(n, -1, x.shape[-1]).to(g2.dtype)
-            out[name].baddbmm_(g2.transpose(1, 2), x2, beta=1 if name in written else 0, alpha=n)
+            # nn.Linear's weight is [out, in]: sum_t g_t x_t^T; Conv1D's is [in, out]: sum_t x_t g_t^T.
+            a, b = (g2.transpose(1, 2), x2) if isinstance(module, nn.Linear) else (x2.transpose(1, 2), g2)
+            out[name].baddbmm_(a, b, beta=1 if name in written else 0, alpha=n)
             written.add(name)
         if "bias" in attrs:
             add(attrs["bias"], g2.sum(1))

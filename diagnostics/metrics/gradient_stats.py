@@ -63,9 +63,9 @@ class GSNRDiagnostic(Diagnostic):
     shared with every other diagnostic that needs them at the step. Fewer samples cost less and give a
     noisier estimate: the corrected ratio's remaining bias is a relative ``2 / (N - 3)`` for Gaussian
     gradients (docs/metrics.md, "GSNR"). Cost: the per-sample gradients of N samples (one batched forward
-    and backward for models of ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm``, else one vmap(grad)
-    pass: :func:`diagnostics.gradients.per_sample_gradients`) and one pass over them
-    (``benchmarks/overhead.py`` measures it against one training step).
+    and backward for models of ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` and Hugging Face
+    ``Conv1D``, else one vmap(grad) pass: :func:`diagnostics.gradients.per_sample_gradients`) and one
+    pass over them (``benchmarks/overhead.py`` measures it against one training step).
     """
 
     name = "gsnr"

@@ -109,6 +109,23 @@ def test_huggingface_gpt_neox_with_sdpa() -> None:
     assert_matches_loop(model, hf_loss, tokens(3, 5, vocab=23), tol=1e-5)
 
 
+def test_huggingface_gpt2_conv1d_and_position_ids() -> None:
+    # GPT-2's maps are Conv1D (weight [in, out]); its position embedding is looked up with ids [1, T].
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=23, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+
+    def hf_loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=batch[0], labels=batch[1]).loss
+
+    owners = layer_owners(model, dict(model.named_parameters()))
+    assert owners is not None and any(type(m).__name__ == "Conv1D" for m, _ in owners)
+    assert_matches_loop(model, hf_loss, tokens(3, 5, vocab=23), tol=1e-5)
+
+
 def test_unsupported_layers_use_vmap() -> None:
     c = get_case("cnn_bn")  # Conv2d and BatchNorm2d
     assert layer_owners(c.model, dict(c.model.named_parameters())) is None
