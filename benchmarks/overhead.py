@@ -23,9 +23,10 @@ blocks so that machine load drifts hit all of them alike:
 Wall time and process CPU time are both reported: on a shared, oversubscribed machine every system call
 (a SQLite commit) can cost a scheduler time slice, which CPU time does not count.
 
-It also times one GSNR evaluation (per-sample gradients by vmap plus the statistics) against one
-training step. Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--model-size tiny|large]
-[--rounds 3] [--out F]`` (large: a 0.4 s CPU step; ``--rounds 2`` takes about 5 minutes on one core).
+It also times one GSNR evaluation (per-sample gradients, layer by layer or by vmap, plus the statistics)
+against one training step. Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py
+[--model-size tiny|large] [--rounds 3] [--out F]`` (large: a 0.4 s CPU step; ``--rounds 2`` takes about
+5 minutes on one core).
 """
 
 from __future__ import annotations
@@ -343,7 +344,7 @@ def render(cases: list[dict[str, Any]], gsnr_rows: list[tuple[str, dict[str, flo
                          f"{row['cpu_median_ms']:.2f} | {row['cpu_median_overhead_pct']:+.1f}% | "
                          f"{row['cpu_mean_overhead_pct']:+.1f}% |")
         lines += [f"- {n}" for n in case["notes"]] + [""]
-    lines += ["### GSNR (per-sample gradients by vmap + statistics) vs one training step", "",
+    lines += ["### GSNR at its default (per-sample gradients + statistics) vs one training step", "",
               "| model | training step (ms) | GSNR at its default (ms) | samples used | ratio |",
               "|---|---|---|---|---|"]
     for label, g in gsnr_rows:

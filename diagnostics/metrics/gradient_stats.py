@@ -42,8 +42,8 @@ def summary_records(prefix: str, summary: Any) -> list[Record]:
     return out
 
 
-#: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost at most about one
-#: training step of a batch of 16 (benchmarks/RESULTS.md).
+#: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step
+#: or less on the benchmarks' models (benchmarks/RESULTS.md, "GSNR: per-sample gradients layer by layer").
 DEFAULT_GSNR_SAMPLES = 8
 
 
