@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,6 +51,12 @@ def _entry(rank: int, fn, init_file: str, out: str) -> None:  # noqa: ANN001
     )
     try:
         fn(rank, Path(out))
+        (Path(out) / f"rank{rank}.done").touch()
+    except BaseException:
+        # Kept for the parent: when one rank raises, the other can die in a collective (SIGABRT) and be
+        # the one torch reports.
+        (Path(out) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
     finally:
         torch.distributed.destroy_process_group()
 
@@ -59,12 +67,25 @@ def launch(fn, tmp_path: Path, deadline: float = 90.0) -> None:  # noqa: ANN001
         _entry, args=(fn, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
     )
     end = time.monotonic() + deadline
-    while not ctx.join(timeout=1.0):  # join raises ProcessRaisedException when a worker failed
-        if time.monotonic() > end:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers still running after {deadline} s (hang)")
+    try:
+        while not ctx.join(timeout=1.0):  # join raises when a worker failed
+            if time.monotonic() > end:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"distributed workers still running after {deadline} s (hang)")
+    except torch.multiprocessing.ProcessExitedException as exc:
+        errors = sorted(tmp_path.glob("rank*.error"))
+        if errors:
+            details = "\n".join(f"--- {e.stem}:\n{e.read_text()}" for e in errors)
+            raise AssertionError(f"{exc}\nworker tracebacks:\n{details}") from exc
+        if exc.signal_name and all((tmp_path / f"rank{r}.done").exists() for r in range(WORLD)):
+            # Every rank finished its work and wrote its findings; a rank then died while gloo tore down
+            # (seen as SIGABRT, "terminate called without an active exception", in a few runs out of ten
+            # of the FSDP2 tests). The tests check the findings.
+            warnings.warn(f"distributed teardown: {exc}", stacklevel=2)
+            return
+        raise
 
 
 # --- workers (module level: spawn pickles them by name) ----------------------------------------------
@@ -268,6 +289,31 @@ def test_exception_on_one_rank_ends_both(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="boom on rank 1|failed on another rank"):
         launch(_raises_worker, tmp_path, deadline=90)
     assert time.monotonic() - t0 < 90
+
+
+def _aborts_at_exit_worker(rank: int, out: Path) -> None:
+    import atexit
+
+    (out / f"found{rank}.json").write_text("{}")
+    if rank == 1:
+        atexit.register(os.abort)  # dies by SIGABRT after its work, as gloo's teardown sometimes does
+
+
+def _aborts_in_work_worker(rank: int, out: Path) -> None:
+    if rank == 1:
+        os.abort()
+    torch.distributed.barrier()
+
+
+@pytest.mark.timeout(120)
+def test_launch_tolerates_a_crash_after_the_work_but_not_during_it(tmp_path: Path) -> None:
+    (tmp_path / "after").mkdir()
+    (tmp_path / "during").mkdir()
+    with pytest.warns(UserWarning, match="distributed teardown"):
+        launch(_aborts_at_exit_worker, tmp_path / "after", deadline=60)
+    assert (tmp_path / "after" / "found1.json").exists()
+    with pytest.raises((torch.multiprocessing.ProcessExitedException, AssertionError), match="SIGABRT"):
+        launch(_aborts_in_work_worker, tmp_path / "during", deadline=60)
 
 
 def test_helpers_without_process_group() -> None:
