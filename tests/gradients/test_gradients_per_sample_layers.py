@@ -151,12 +151,12 @@ def test_auto_checks_against_vmap_once_then_uses_layers(monkeypatch: pytest.Monk
     model = tiny_gpt()
     vmapped = []
     real = per_sample_module._vmapped
-    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: vmapped.append(1) or real(*a))
+    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: vmapped.append(a[-1]) or real(*a))
     for seed in range(3):
         batch = tokens(5, 6, seed=seed)
         got = per_sample_gradients(model, lm_loss, batch)
         assert_close(got, per_sample_gradients_loop(model, lm_loss, batch, list(got)))
-    assert len(vmapped) == 1  # the first call's check only
+    assert vmapped == [2]  # the first call's check, on its first two samples
     assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [True]
 
 
@@ -171,12 +171,12 @@ def test_auto_keeps_vmap_where_the_layers_disagree(monkeypatch: pytest.MonkeyPat
 
     vmapped = []
     real = per_sample_module._vmapped
-    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: vmapped.append(1) or real(*a))
+    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: vmapped.append(a[-1]) or real(*a))
     for seed in range(2):
         batch = tokens(5, 6, seed=seed)
         got = per_sample_gradients(model, summed, batch)
         assert_close(got, per_sample_gradients_loop(model, summed, batch, list(got)))
-    assert len(vmapped) == 2
+    assert vmapped == [2, 5, 5]  # the check on two samples, then vmap on the whole batch at each call
     assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [False]
 
 
