@@ -1,9 +1,9 @@
 """Per-sample gradients from one batched backward pass, layer by layer.
 
 For the layers whose parameter gradient is a sum over positions of a product of the layer's input and the
-gradient of its output (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, Hugging Face's ``Conv1D``,
-GPT-2's linear map with its weight stored transposed), the gradient of sample i is
-that sum taken over sample i's positions only. One forward records each layer's input, one backward to
+gradient of its output (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, and Hugging Face's ``Conv1D``,
+GPT-2's linear map with its weight stored transposed), the gradient of sample i is that sum taken over
+sample i's positions only. One forward records each layer's input, one backward to
 the layers' outputs (``torch.autograd.grad`` with the outputs as inputs, so autograd skips the batch's
 weight gradients) gives the output gradients, and a batched product per layer gives every sample's
 parameter gradient: the cost of one training step on the N samples instead of N single-sample ones.
@@ -56,8 +56,8 @@ Owners = list[tuple[nn.Module, dict[str, str]]]
 def layer_owners(model: nn.Module, selected: dict[str, Tensor]) -> Owners | None:
     """The modules that own the selected parameters, each with ``{attribute: parameter name}``.
 
-    Returns None when a selected parameter is owned by a module of another type (a module that FSDP has
-    sharded among them), or not as its ``weight`` or ``bias``, or by no module, or is a tensor subclass.
+    Returns None when a selected parameter is owned by a module of another type (FSDP's sharded modules
+    among them), or not as its ``weight`` or ``bias``, or by no module, or is a tensor subclass.
     A parameter shared by several supported modules (tied embeddings) is listed under each; their
     gradients add. Cost: one walk over the modules.
     """
