@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diagnostics._batch import batch_size, to_device
+from diagnostics._batch import batch_size, slice_batch, to_device
 from diagnostics._kernels import twice_differentiable
 from diagnostics._state import isolated, seed_private
 from diagnostics.errors import ConfigError, DataError, LossError
-from diagnostics.gradients.per_sample_layers import layer_owners, layerwise_per_sample_gradients
+from diagnostics.gradients.per_sample_layers import Owners, layer_owners, layerwise_per_sample_gradients
 from diagnostics.loss import check_loss, default_loss, functional_call_fn, select_params
 
 __all__ = ["per_sample_gradients", "DEFAULT_MEMORY_BYTES"]
@@ -124,9 +124,7 @@ def per_sample_gradients(
         raise ConfigError(f"per_sample_gradients: method must be one of {_METHODS}, got {method!r}")
     fn = default_loss if loss_fn is None else loss_fn
     selected = select_params(model, params)
-    names = list(selected)
-    device = next(iter(selected.values())).device
-    batch = to_device(batch, device)
+    batch = to_device(batch, next(iter(selected.values())).device)
     n = batch_size(batch)
     if n <= 0:
         raise DataError("per_sample_gradients got an empty batch")
@@ -136,38 +134,52 @@ def per_sample_gradients(
                           "parameter in an nn.Linear, nn.Embedding, nn.LayerNorm or Hugging Face Conv1D; "
                           "use method='vmap' or 'auto'")
     if owners is not None:
-        checks = _LAYERWISE_CHECKED.setdefault(model, {})
-        key = (tuple(names), _layout(batch))
-        trusted = method == "layers" or checks.get(key)
-        if trusted is not False:
-            try:
-                with isolated(model, mode, grad=True):
-                    seed_private(seed)
-                    got = layerwise_per_sample_gradients(model, lambda: fn(model, batch), selected, owners, n)
-            except RuntimeError:
-                # E.g. an in-place update of a shared lookup widened to the batch; vmap reports real errors.
-                if method == "layers":
-                    raise
-                got = None
-            if got is None:
-                if method == "layers":
-                    raise ConfigError("per_sample_gradients(method='layers'): a layer is applied to "
-                                      "something that cannot be split by sample; use method='vmap' or 'auto'")
-                checks[key] = False
-            elif not torch.isfinite(got[1]):
-                pass  # vmap below names the sample whose loss is not finite
-            elif trusted:
-                return got[0]
-            else:
-                # The check: vmap on the first few samples only (a sample's gradient does not depend on
-                # the others in eval mode), so the first call holds little more than one set of gradients.
-                m = min(n, _CHECK_SAMPLES)
-                head = _map(batch, _in_dims(batch, n), lambda t: t[:m])
-                reference = _vmapped(model, fn, head, selected, max_memory_bytes, mode, seed, m)
-                checks[key] = _agree({k: v[:m] for k, v in got[0].items()}, reference)
-                if checks[key]:
-                    return got[0]
+        found = _layerwise_checked(model, fn, batch, selected, owners, method == "layers", max_memory_bytes,
+                                   seed, n)
+        if found is not None:
+            return found
     return _vmapped(model, fn, batch, selected, max_memory_bytes, mode, seed, n)
+
+
+def _layerwise_checked(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor], batch: Any,
+                       selected: dict[str, Tensor], owners: Owners, strict: bool,
+                       max_memory_bytes: int | None, seed: int, n: int) -> dict[str, Tensor] | None:
+    """The ``"layers"`` method's gradients (eval mode), or None where ``"auto"`` is to use vmap instead.
+
+    ``strict`` (``method="layers"``) raises where the layers cannot be split by sample and skips the check;
+    otherwise the first call for this model, parameter selection and batch layout compares the result
+    with vmap on the first :data:`_CHECK_SAMPLES` samples (a sample's gradient does not depend on the
+    others in eval mode, so the check holds little more than one set of gradients) and remembers the
+    verdict. A non-finite loss gives None: vmap then names the sample.
+    """
+    checks = _LAYERWISE_CHECKED.setdefault(model, {})
+    key = (tuple(selected), _layout(batch))
+    if not strict and checks.get(key) is False:
+        return None
+    try:
+        with isolated(model, "eval", grad=True):
+            seed_private(seed)
+            got = layerwise_per_sample_gradients(model, lambda: fn(model, batch), selected, owners, n)
+    except RuntimeError:
+        # E.g. an in-place update of a shared lookup widened to the batch; vmap reports real errors.
+        if strict:
+            raise
+        got = None
+    if got is None:
+        if strict:
+            raise ConfigError("per_sample_gradients(method='layers'): a layer is applied to something that "
+                              "cannot be split by sample; use method='vmap' or 'auto'")
+        checks[key] = False
+        return None
+    grads, loss = got
+    if not torch.isfinite(loss):
+        return None
+    if strict or checks.get(key):
+        return grads
+    m = min(n, _CHECK_SAMPLES)
+    reference = _vmapped(model, fn, slice_batch(batch, m), selected, max_memory_bytes, "eval", seed, m)
+    checks[key] = _agree({k: v[:m] for k, v in grads.items()}, reference)
+    return grads if checks[key] else None
 
 
 def _vmapped(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor], batch: Any,

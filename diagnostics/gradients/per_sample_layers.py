@@ -3,10 +3,10 @@
 For the layers whose parameter gradient is a sum over positions of a product of the layer's input and the
 gradient of its output (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, and Hugging Face's ``Conv1D``,
 GPT-2's linear map with its weight stored transposed), the gradient of sample i is that sum taken over
-sample i's positions only. One forward records each layer's input, one backward to
-the layers' outputs (``torch.autograd.grad`` with the outputs as inputs, so autograd skips the batch's
-weight gradients) gives the output gradients, and a batched product per layer gives every sample's
-parameter gradient: the cost of one training step on the N samples instead of N single-sample ones.
+sample i's positions only. One forward records each layer's input, one backward to the layers' outputs
+(``torch.autograd.grad`` with the outputs as inputs, so autograd skips the batch's weight gradients)
+gives the output gradients, and a batched product per layer gives every sample's parameter gradient:
+the cost of one training step on the N samples instead of N single-sample ones.
 
 The gradient found this way is N times the gradient of sample i's share of the batch loss. It equals the
 gradient of the sample's own loss (:func:`diagnostics.gradients.per_sample_gradients`'s definition) when the
@@ -181,8 +181,8 @@ def layerwise_per_sample_gradients(
     ``call`` runs the forward and returns the batch's (mean) loss over ``n`` samples; the caller sets the
     mode, the RNG and the grad mode. Returns None when a layer call cannot be split by sample
     (:class:`_Unsupported`) or the loss does not depend on any recorded call. Cost: one forward and one
-    backward to the layers' outputs over the batch, plus
-    one batched product per layer call (the FLOPs of the batch's weight gradients).
+    backward to the layers' outputs over the batch, plus one batched product per layer call (the FLOPs
+    of the batch's weight gradients).
     """
     recorder = _Recorder(owners, n)
     try:

@@ -147,11 +147,17 @@ def test_as_many_positions_as_samples_is_refused_not_guessed() -> None:
     assert_close(got, per_sample_gradients_loop(model, lm_loss, batch, list(got)))
 
 
-def test_auto_checks_against_vmap_once_then_uses_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_gpt()
-    vmapped = []
+@pytest.fixture
+def vmapped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of samples of each vmap call ``per_sample_gradients`` makes."""
+    calls: list[int] = []
     real = per_sample_module._vmapped
-    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: vmapped.append(a[-1]) or real(*a))
+    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
+
+
+def test_auto_checks_against_vmap_once_then_uses_layers(vmapped: list[int]) -> None:
+    model = tiny_gpt()
     for seed in range(3):
         batch = tokens(5, 6, seed=seed)
         got = per_sample_gradients(model, lm_loss, batch)
@@ -160,7 +166,7 @@ def test_auto_checks_against_vmap_once_then_uses_layers(monkeypatch: pytest.Monk
     assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [True]
 
 
-def test_auto_keeps_vmap_where_the_layers_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_keeps_vmap_where_the_layers_disagree(vmapped: list[int]) -> None:
     # A summed loss is not a mean over samples: the layer-wise gradients come out N times too large.
     model = tiny_gpt()
 
@@ -169,9 +175,6 @@ def test_auto_keeps_vmap_where_the_layers_disagree(monkeypatch: pytest.MonkeyPat
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1),
                                            reduction="sum")
 
-    vmapped = []
-    real = per_sample_module._vmapped
-    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: vmapped.append(a[-1]) or real(*a))
     for seed in range(2):
         batch = tokens(5, 6, seed=seed)
         got = per_sample_gradients(model, summed, batch)
