@@ -38,8 +38,8 @@ def _timed(fn) -> float:
 
 
 def measure(size: str, repeats: int) -> dict[str, float]:
-    """Median milliseconds of a training step, the per-sample gradients, the moments and both ways to
-    summarise them, on the ``size`` GPT."""
+    """Median milliseconds of a training step, the per-sample gradients by each method, the moments and
+    both ways to summarise them, on the ``size`` model (``tiny`` or ``large`` GPT, ``mlp``)."""
     torch.manual_seed(0)
     if size == "mlp":
         model, loss_fn = get_model("mlp-digits"), get_loss("mlp-digits")

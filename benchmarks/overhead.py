@@ -218,9 +218,9 @@ def own_accounting(run_dir: Path, last_step: int) -> str:
 
     It times the Monitor's own calls and the hooks its diagnostics keep on the training forward
     (spectral alignment's and the output logits'), not the rest of the user's step, so it does not see
-    differences between the model copies of the configurations, which on this
-    machine move the step time by several percent either way (a configuration doing more work can
-    measure faster than the baseline).
+    differences between the model copies of the configurations, which on this machine move the step
+    time by several percent either way (a configuration doing more work can measure faster than the
+    baseline).
     """
     from diagnostics.store import open_run
 

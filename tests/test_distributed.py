@@ -81,8 +81,8 @@ def launch(fn, tmp_path: Path, deadline: float = 90.0) -> None:  # noqa: ANN001
             raise AssertionError(f"{exc}\nworker tracebacks:\n{details}") from exc
         if exc.signal_name and all((tmp_path / f"rank{r}.done").exists() for r in range(WORLD)):
             # Every rank finished its work and wrote its findings; a rank then died while gloo tore down
-            # (seen as SIGABRT, "terminate called without an active exception", in a few runs out of ten
-            # of the FSDP2 tests). The tests check the findings.
+            # (seen as SIGABRT, "terminate called without an active exception", in about 3 of 45 runs of
+            # the FSDP2 tests). The tests check the findings.
             warnings.warn(f"distributed teardown: {exc}", stacklevel=2)
             return
         raise
