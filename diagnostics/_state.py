@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,20 +57,34 @@ def initialised_cuda_devices(current_only: bool = False) -> list[int]:
     return [torch.cuda.current_device()] if current_only else list(range(torch.cuda.device_count()))
 
 
+_forks = threading.local()  # ``depth``: fork_global_rng blocks open on this thread
+
+
 @contextlib.contextmanager
 def fork_global_rng(devices: Sequence[int] | None = None) -> Iterator[None]:
     """Save the torch (CPU and ``devices``, default every initialised CUDA device), numpy and Python
     ``random`` streams; restore them on exit, also when the body raises.
 
-    Cost: copying the generator states (a few kilobytes per device), microseconds.
+    A fork inside another on the same thread (a library call such as ``per_sample_gradients`` or a
+    curvature product inside the Monitor's isolated phase) forks only the torch generators, which
+    :func:`seed_private` reseeds; numpy's and Python's streams are left to the outermost fork, which
+    restores them when it exits. Saving and restoring numpy's generator alone costs about 0.1 ms, a
+    tenth of a small model's per-sample gradients.
+
+    Cost: copying the generator states (a few kilobytes per device): about 0.1 ms for the outermost
+    fork, a few microseconds for a nested one.
     """
     devices = initialised_cuda_devices() if devices is None else list(devices)
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=devices):
-        try:
+    depth = getattr(_forks, "depth", 0)
+    py_state = random.getstate() if depth == 0 else None
+    np_state = np.random.get_state() if depth == 0 else None
+    _forks.depth = depth + 1
+    try:
+        with torch.random.fork_rng(devices=devices):
             yield
-        finally:
+    finally:
+        _forks.depth = depth
+        if depth == 0:
             random.setstate(py_state)
             np.random.set_state(np_state)
 

@@ -14,7 +14,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.tracking import StepContext
 from diagnostics._batch import detach_batch, slice_batch
 from diagnostics._hooks import capture_inputs, capture_outputs, concat, select_modules
-from diagnostics._state import IsolationError, eval_mode, isolated
+from diagnostics._state import IsolationError, eval_mode, fork_global_rng, isolated
 
 
 def net() -> nn.Module:
@@ -78,6 +78,52 @@ def test_isolated_restores_rng_modes_and_grad_mode() -> None:
     assert all(mod.training for mod in m.modules())
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1]) and expect[2] == got[2]
+
+
+def test_nested_forks_restore_every_stream_when_the_outermost_exits() -> None:
+    m = net()
+    torch.manual_seed(2)
+    np.random.seed(2)
+    random.seed(2)
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(2)
+    np.random.seed(2)
+    random.seed(2)
+    with fork_global_rng():
+        torch.rand(2)
+        with isolated(m, "eval"), fork_global_rng():  # two levels below the outermost
+            torch.rand(100)
+            np.random.rand(100)
+            random.random()
+        np.random.rand(5)  # numpy's and Python's streams are left to the outermost fork
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1]) and expect[2] == got[2]
+
+
+def test_a_nested_fork_restores_torch_itself_and_the_depth_survives_an_error() -> None:
+    with fork_global_rng():
+        before = torch.random.get_rng_state()
+        with pytest.raises(RuntimeError), fork_global_rng():
+            torch.rand(10)
+            raise RuntimeError("inside")
+        assert torch.equal(torch.random.get_rng_state(), before)
+    np.random.seed(3)
+    expect = np.random.rand(2)
+    np.random.seed(3)
+    with fork_global_rng():  # outermost again after the error: numpy is saved and restored
+        np.random.rand(7)
+    assert np.array_equal(np.random.rand(2), expect)
+
+
+def test_only_the_outermost_fork_saves_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = np.random.get_state
+    monkeypatch.setattr(np.random, "get_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with fork_global_rng():
+        for _ in range(3):
+            with isolated(net(), "eval"):
+                pass
+    assert len(calls) == 1
 
 
 def test_isolated_check_reports_mutation() -> None:
