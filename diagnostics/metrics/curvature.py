@@ -103,7 +103,8 @@ class HessianTop(_HessianOrGGN):
         tol: relative residual tolerance of Lanczos.
         max_matvecs, max_seconds: budget per probe and block (the top run and, with ``bottom``, the
             bottom run together); Lanczos stops early and the probe is stored as ``not_converged`` with its
-            flags.
+            flags. The next probe starts from these eigenvectors, not from the stopped Krylov basis, so
+            successive capped probes need not converge (``benchmarks/capped_probes.py``).
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
 

@@ -1,0 +1,56 @@
+"""Whether capping a curvature probe's products spreads its cost: successive capped ``hessian_top``
+probes of one fixed model, each warm-started from the previous probe's Ritz vectors, against uncapped
+probes.
+
+The zoo's tiny GPT at its initialisation, 16 sequences of the stdlib text as probe data, top-10 Hessian
+eigenvalues at the diagnostic's default tolerance (1e-3). The model does not change between probes, so
+a capped sequence that continued the computation would reach the uncapped values.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/capped_probes.py [--caps 30 20] [--probes 8]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diagnostics.metrics import get_diagnostic  # noqa: E402
+from diagnostics.metrics.context import StepContext  # noqa: E402
+from diagnostics.zoo.registry import get_data, get_loss, get_model  # noqa: E402
+
+
+def probes(model, loss_fn, batch, cap: int | None, count: int) -> list[tuple[str, int, float, float]]:
+    """``(status, products, lambda_1, lambda_10)`` of ``count`` successive probes with ``max_matvecs=cap``."""
+    d = get_diagnostic("hessian_top", max_matvecs=cap)
+    out = []
+    for step in range(count):
+        ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None, probe_data=[batch])
+        res = d.compute(ctx)
+        ev = [r.value for r in res.records if r.metric.endswith("eigenvalue")]
+        out.append((res.status, res.num_matvecs, ev[0] if ev else float("nan"), ev[-1] if ev else float("nan")))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--caps", type=int, nargs="+", default=[30, 20])
+    ap.add_argument("--probes", type=int, default=8)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, loss_fn = get_model("tiny-gpt"), get_loss("tiny-gpt")
+    batch = get_data("pydoc-text", batch_size=16, num_batches=1)[0]
+    print("| max_matvecs | probe | status | products | lambda_1 | lambda_10 |")
+    print("|---|---|---|---|---|---|")
+    for cap in [None, *args.caps]:
+        for i, (status, n, top, tenth) in enumerate(probes(model, loss_fn, batch, cap, 2 if cap is None else args.probes)):
+            print(f"| {cap if cap is not None else 'none (default 300)'} | {i + 1} | {status} | {n} | {top:.4f} | {tenth:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
