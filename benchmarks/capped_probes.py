@@ -31,7 +31,8 @@ def probes(model, loss_fn, batch, cap: int | None, count: int) -> list[tuple[str
         ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None, probe_data=[batch])
         res = d.compute(ctx)
         ev = [r.value for r in res.records if r.metric.endswith("eigenvalue")]
-        out.append((res.status, res.num_matvecs, ev[0] if ev else float("nan"), ev[-1] if ev else float("nan")))
+        ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None,
+                          probe_data=[batch])
     return out
 
 
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| max_matvecs | probe | status | products | lambda_1 | lambda_10 |")
     print("|---|---|---|---|---|---|")
     for cap in [None, *args.caps]:
-        for i, (status, n, top, tenth) in enumerate(probes(model, loss_fn, batch, cap, 2 if cap is None else args.probes)):
-            print(f"| {cap if cap is not None else 'none (default 300)'} | {i + 1} | {status} | {n} | {top:.4f} | {tenth:.4f} |")
+        label = "default (300)" if cap is None else cap
+        runs = probes(model, loss_fn, batch, cap, 2 if cap is None else args.probes)
+        for i, (status, n, top, tenth) in enumerate(runs):
+            print(f"| {label} | {i + 1} | {status} | {n} | {top:.4f} | {tenth:.4f} |")
     return 0
 
 
