@@ -28,11 +28,11 @@ def probes(model, loss_fn, batch, cap: int | None, count: int) -> list[tuple[str
     d = get_diagnostic("hessian_top", max_matvecs=cap)
     out = []
     for step in range(count):
-        ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None, probe_data=[batch])
-        res = d.compute(ctx)
-        ev = [r.value for r in res.records if r.metric.endswith("eigenvalue")]
         ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None,
                           probe_data=[batch])
+        res = d.compute(ctx)
+        ev = [r.value for r in res.records if r.metric.endswith("eigenvalue")] or [float("nan")]
+        out.append((res.status, res.num_matvecs, ev[0], ev[-1]))
     return out
 
 
