@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,7 @@ from diagnostics.linalg.lanczos_basis import (
 )
 from diagnostics.linalg.operator import LinearOperator, as_operator, square_dim
 
-__all__ = ["EigenResult", "lanczos", "DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS"]
+__all__ = ["EigenResult", "LanczosRun", "lanczos", "DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS"]
 
 _WHICH = ("LA", "SA", "both")
 _CRITERIA = ("residual", "eigenvalue")
@@ -272,6 +273,90 @@ def lanczos(
                     basis_device=basis_device)
 
 
+class LanczosRun:
+    """:func:`lanczos` in slices: each :meth:`advance` runs products until the eigenpairs are found or
+    that call's limit is reached; the next call continues the same Krylov basis.
+
+    Sliced or not, the arithmetic is the same: a run advanced one product at a time returns exactly what
+    one :func:`lanczos` call with the same arguments returns. Between calls the run holds its basis
+    (``max_memory``) and the operator, which must not change meanwhile (an operator on a snapshot of the
+    parameters, for a probe spread over training steps). ``max_matvecs`` caps the whole run.
+
+    Example:
+        >>> run = LanczosRun(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)), k=2, tol=1e-10)
+        >>> while run.advance(max_matvecs=3) is None:
+        ...     pass
+        >>> [round(x, 8) for x in run.result.eigenvalues.tolist()]
+        [10.0, 9.0]
+    """
+
+    def __init__(
+        self,
+        op: LinearOperator | Tensor,
+        k: int = 1,
+        which: str = "LA",
+        tol: float = 1e-6,
+        max_steps: int | None = None,
+        v0: Tensor | None = None,
+        seed: int = 0,
+        return_eigenvectors: bool = True,
+        max_matvecs: int | None = None,
+        criterion: str = "residual",
+        *,
+        max_memory: int | None = None,
+        basis_dtype: torch.dtype | None = None,
+        basis_device: torch.device | str | None = None,
+    ) -> None:
+        """Validate the arguments and draw the start vector (no product yet). Raises as :func:`lanczos`."""
+        self._steps: Generator[EigenResult | None, str | None, EigenResult] | None = _lanczos_steps(
+            op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, None,
+            criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype, basis_device=basis_device)
+        #: The final result once the run has ended, else None.
+        self.result: EigenResult | None = None
+        self._step()
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has ended (converged, or stopped by ``max_matvecs`` or an invariant subspace)."""
+        return self.result is not None
+
+    def _step(self) -> None:
+        try:
+            next(self._steps)
+        except StopIteration as end:
+            self.result, self._steps = end.value, None
+
+    def advance(self, max_matvecs: int | None = None, max_seconds: float | None = None) -> EigenResult | None:
+        """Continue the run: the result once it has ended, else None after ``max_matvecs`` products or
+        after the product that passes ``max_seconds`` (at least one product per call).
+
+        Cost: the products it runs and their bookkeeping, as in :func:`lanczos`.
+        """
+        if self.result is None and self._steps is None:
+            raise ConfigError("LanczosRun: advance() after close(); start a new run")
+        start, products = time.perf_counter(), 0
+        while self.result is None:
+            if products and ((max_matvecs is not None and products >= max_matvecs)
+                             or (max_seconds is not None and time.perf_counter() - start >= max_seconds)):
+                return None
+            self._step()
+            products += 1
+        return self.result
+
+    def interim(self) -> EigenResult:
+        """The eigenpairs found so far, without eigenvectors (``settings["stop"]`` is ``"paused"``), or
+        the final result. Cost: O(k) on the host; the run continues as if it had not been asked."""
+        if self.result is not None or self._steps is None:
+            return self.result
+        return self._steps.send("interim")
+
+    def close(self) -> None:
+        """Free the basis of an unfinished run (it cannot be advanced after)."""
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+
+
 def _lanczos(
     op: LinearOperator | Tensor,
     k: int,
@@ -289,7 +374,39 @@ def _lanczos(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
 ) -> EigenResult:
-    start_time = time.perf_counter()
+    """:func:`lanczos` with the three-term recurrence's Gram-Schmidt pass optional (``full_reorth``)."""
+    steps = _lanczos_steps(op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs,
+                           max_seconds, full_reorth, criterion, max_memory, basis_dtype, basis_device)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _lanczos_steps(
+    op: LinearOperator | Tensor,
+    k: int,
+    which: str,
+    tol: float,
+    max_steps: int | None,
+    v0: Tensor | None,
+    seed: int,
+    return_eigenvectors: bool,
+    max_matvecs: int | None,
+    max_seconds: float | None,
+    full_reorth: bool = True,
+    criterion: str = "residual",
+    max_memory: int | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+) -> Generator[EigenResult | None, str | None, EigenResult]:
+    """The method, pausing before each product: yields None there (sent ``"interim"``, it yields the
+    eigenpairs found so far without vectors, and pauses again) and returns the :class:`EigenResult`.
+
+    ``seconds`` and ``max_seconds`` count the time spent inside the generator only, not the pauses.
+    """
+    spent, resumed = 0.0, time.perf_counter()
     A = as_operator(op)
     P = square_dim(A, "lanczos")
     if which not in _WHICH:
@@ -369,6 +486,46 @@ def _lanczos(
     searching_complement = False
     near_invariant = False
 
+    def collect(with_vectors: bool, why: str) -> EigenResult:
+        """The wanted pairs found so far, in output order, with their quality and the settings."""
+        idx = wanted.select(theta)
+        n_found = idx.numel()
+        eigenvalues = torch.full((wanted.count,), float("nan"), dtype=f64)
+        residuals = torch.full((wanted.count,), float("inf"), dtype=f64)
+        converged = torch.zeros(wanted.count, dtype=torch.bool)
+        vectors = None
+        if with_vectors:
+            vectors = torch.zeros(P, wanted.count, dtype=A.dtype, device=A.device)
+        # Place found pairs: top part first, bottom part after (same layout even when m < count).
+        n_top = min(wanted.top, n_found)
+        slots = list(range(n_top)) + [wanted.top + j for j in range(n_found - n_top)]
+        if n_found:
+            slots_t = torch.tensor(slots, dtype=torch.long)
+            eigenvalues[slots_t] = theta[idx]
+            residuals[slots_t] = res_all[idx]
+            converged[slots_t] = conv_all[idx]
+            if vectors is not None:
+                Y = S[:, idx].to(dtype=dtype, device=device)
+                cols = slots_t.to(A.device)
+                step = max(1, P // n_found)  # temporaries of about one P-vector
+                for lo in range(0, P, step):
+                    part = Q[:m, lo : lo + step].T @ Y
+                    vectors[lo : lo + step, cols] = part.to(dtype=A.dtype, device=A.device)
+        settings = {
+            "k": k, "which": which, "tol": tol, "max_steps": cap, "seed": seed, "warm_start": warm,
+            "max_matvecs": max_matvecs, "max_seconds": max_seconds, "restarts": restarts, "stop": why,
+            "reorthogonalization": "full" if full_reorth else "none", "criterion": criterion,
+            "basis_vectors": cap, "basis_bytes": Q.numel() * Q.element_size(),
+            "basis_dtype": str(dtype).removeprefix("torch."), "basis_device": str(device),
+            "memory_budget": budget, "basis_size_from": size_from, "extra_passes": extra_passes,
+            "skipped_passes": skipped_passes,
+        }
+        return EigenResult(
+            eigenvalues=eigenvalues, eigenvectors=vectors, residuals=residuals, converged=converged,
+            num_matvecs=num_matvecs, settings=settings,
+            seconds=spent if why == "paused" else spent + time.perf_counter() - resumed,
+        )
+
     while True:
         # Converged or the whole space explored: done.
         if m == P:
@@ -406,7 +563,7 @@ def _lanczos(
         if num_matvecs + 1 > hard_cap:
             stop = "max_matvecs" if max_matvecs is not None else "iteration cap"
             break
-        if max_seconds is not None and time.perf_counter() - start_time > max_seconds:
+        if max_seconds is not None and spent + time.perf_counter() - resumed > max_seconds:
             stop = "max_seconds"
             break
         if m + 1 > cap:
@@ -422,6 +579,12 @@ def _lanczos(
             res_all, conv_all = res_all[keep], conv_all[keep]
             new_weight[:keep_n] = (Sk.square() * new_weight[: Sk.shape[0], None]).sum(0)
             restarts += 1
+        # A pause before the product (LanczosRun.advance stops here; lanczos() never does).
+        spent += time.perf_counter() - resumed
+        request = yield None
+        while request == "interim":
+            request = yield collect(False, "paused")
+        resumed = time.perf_counter()
         # The newest frontier vector is the Lanczos vector; older ones (tiny remainders) are only kept.
         # It usually already sits in the next basis row (written there at the end of the previous step).
         if F[-1].data_ptr() != Q[m].data_ptr():
@@ -512,42 +675,7 @@ def _lanczos(
         bound = res_all if criterion == "residual" else _eigenvalue_error_bound(theta, res_all)
         conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)
 
-    idx = wanted.select(theta)
-    n_found = idx.numel()
-    eigenvalues = torch.full((wanted.count,), float("nan"), dtype=f64)
-    residuals = torch.full((wanted.count,), float("inf"), dtype=f64)
-    converged = torch.zeros(wanted.count, dtype=torch.bool)
-    vectors = None
-    if return_eigenvectors:
-        vectors = torch.zeros(P, wanted.count, dtype=A.dtype, device=A.device)
-    # Place found pairs: top part first, bottom part after (same layout even when m < count).
-    n_top = min(wanted.top, n_found)
-    slots = list(range(n_top)) + [wanted.top + j for j in range(n_found - n_top)]
-    if n_found:
-        slots_t = torch.tensor(slots, dtype=torch.long)
-        eigenvalues[slots_t] = theta[idx]
-        residuals[slots_t] = res_all[idx]
-        converged[slots_t] = conv_all[idx]
-        if vectors is not None:
-            Y = S[:, idx].to(dtype=dtype, device=device)
-            cols = slots_t.to(A.device)
-            step = max(1, P // n_found)  # temporaries of about one P-vector
-            for lo in range(0, P, step):
-                part = Q[:m, lo : lo + step].T @ Y
-                vectors[lo : lo + step, cols] = part.to(dtype=A.dtype, device=A.device)
-    settings = {
-        "k": k, "which": which, "tol": tol, "max_steps": cap, "seed": seed, "warm_start": warm,
-        "max_matvecs": max_matvecs, "max_seconds": max_seconds, "restarts": restarts, "stop": stop,
-        "reorthogonalization": "full" if full_reorth else "none", "criterion": criterion,
-        "basis_vectors": cap, "basis_bytes": Q.numel() * Q.element_size(),
-        "basis_dtype": str(dtype).removeprefix("torch."), "basis_device": str(device),
-        "memory_budget": budget, "basis_size_from": size_from, "extra_passes": extra_passes,
-        "skipped_passes": skipped_passes,
-    }
-    return EigenResult(
-        eigenvalues=eigenvalues, eigenvectors=vectors, residuals=residuals, converged=converged,
-        num_matvecs=num_matvecs, seconds=time.perf_counter() - start_time, settings=settings,
-    )
+    return collect(return_eigenvectors, stop)
 
 
 def _eigenvalue_error_bound(theta: Tensor, res: Tensor) -> Tensor:
