@@ -227,24 +227,33 @@ class _Call(nn.Module):
         return self._fn(self.m, *args)
 
 
-def _constants(model: nn.Module, selected: Sequence[str]) -> dict[str, Tensor]:
+def _constants(model: nn.Module, selected: Sequence[str], state: Mapping[str, Tensor] | None = None
+               ) -> dict[str, Tensor]:
     sel = set(selected)
-    const = {n: p.detach() for n, p in model.named_parameters() if n not in sel}
+    if state is None:
+        const = {n: p.detach() for n, p in model.named_parameters() if n not in sel}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+    else:
+        const = {n: state[n] for n, _ in model.named_parameters() if n not in sel}
+        buffers = {n: state[n] for n, _ in model.named_buffers()}
     # Buffers are cloned: a train-mode forward updates them in place (BatchNorm running statistics).
-    const.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    const.update({n: b.clone() for n, b in buffers.items()})
     return const
 
 
 def functional_call_fn(
-    model: nn.Module, fn: Callable[..., Any], selected: Sequence[str]
+    model: nn.Module, fn: Callable[..., Any], selected: Sequence[str],
+    state: Mapping[str, Tensor] | None = None,
 ) -> Callable[..., Any]:
     """Return ``g(params, *args) = fn(model_with(params), *args)`` as a pure function of ``params``.
 
     ``params`` is a dict keyed by the names in ``selected``; every other parameter enters detached and
-    every buffer as a private copy. Works under ``torch.func`` transforms (grad, jvp, vmap, linearize).
+    every buffer as a private copy, taken from the model or, when given, from ``state`` (a snapshot
+    keyed by parameter and buffer names). Works under ``torch.func`` transforms (grad, jvp, vmap,
+    linearize).
     """
     wrapper = _Call(model, fn)
-    const = {"m." + k: v for k, v in _constants(model, selected).items()}
+    const = {"m." + k: v for k, v in _constants(model, selected, state).items()}
 
     def call(params: Mapping[str, Tensor], *args: Any) -> Any:
         full = dict(const)

@@ -210,6 +210,7 @@ class CurvatureOperator:
         self.num_matvecs = 0
         self._cache: dict[int, Linearisation] = {}
         self._cache_bytes = 0
+        self._state: dict[str, Tensor] | None = None  # the parameters and buffers frozen by freeze()
         self._batched_ok = True
         # Single batch, one process: the weight |b|/N is 1, so products skip the weighting passes.
         self._unit_weight = len(self.batches) == 1 and not self.distributed
@@ -254,8 +255,29 @@ class CurvatureOperator:
         return [x.reshape(*lead, *shape).to(dt) for x, shape, dt in zip(pieces, self._shapes, self._dtypes)]
 
     def _params(self) -> dict[str, Tensor]:
+        if self._state is not None:
+            return {n: self._state[n] for n in self.param_names}
         named = dict(self.model.named_parameters())
         return {n: named[n].detach() for n in self.param_names}
+
+    def freeze(self) -> CurvatureOperator:
+        """Fix the point the curvature is taken at: later products use a copy of the parameters and
+        buffers as they are now, whatever training does to the model meanwhile (for a probe spread over
+        training steps). Drops linearisations built before. Returns the operator itself.
+
+        Cost: one copy of the parameters and buffers, held until the operator is freed.
+        """
+        with torch.no_grad():
+            state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            state.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
+        self._state = state
+        self.clear_cache()
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """Whether :meth:`freeze` fixed the parameters and buffers the products use."""
+        return self._state is not None
 
     def _flat(
         self, parts: Mapping[str, Tensor | None] | Iterable[Tensor | None], batched: int | None = None

@@ -152,7 +152,7 @@ class GGNOperator(CurvatureOperator):
             )
 
     def _build(self, backend: str, index: int) -> Linearisation:
-        call = functional_call_fn(self.model, self.loss_fn.forward, self.param_names)
+        call = functional_call_fn(self.model, self.loss_fn.forward, self.param_names, self._state)
         batch = self.batches[index]
         fwd = lambda p: call(p, batch)  # noqa: E731
         crit = lambda z: self.loss_fn.criterion(z, batch)  # noqa: E731

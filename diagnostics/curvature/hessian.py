@@ -105,7 +105,7 @@ class HessianOperator(CurvatureOperator):
     kind = "hessian"
 
     def _loss_of_params(self, index: int) -> Callable[[dict[str, Tensor]], Tensor]:
-        call = functional_call_fn(self.model, self.loss_fn, self.param_names)
+        call = functional_call_fn(self.model, self.loss_fn, self.param_names, self._state)
         batch = self.batches[index]
 
         def f(params: dict[str, Tensor]) -> Tensor:
