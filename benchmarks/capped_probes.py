@@ -1,10 +1,11 @@
 """Whether capping a curvature probe's products spreads its cost: successive capped ``hessian_top``
-probes of one fixed model, each warm-started from the previous probe's Ritz vectors, against uncapped
-probes.
+probes of one fixed model, resumed (the default: the next probe continues the stopped Lanczos run) or
+restarted (``resume=False``: each probe starts again from the previous probe's Ritz vectors), against
+uncapped probes.
 
 The zoo's tiny GPT at its initialisation, 16 sequences of the stdlib text as probe data, top-10 Hessian
 eigenvalues at the diagnostic's default tolerance (1e-3). The model does not change between probes, so
-a capped sequence that continued the computation would reach the uncapped values.
+a capped sequence that continued the computation reaches the uncapped values.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/capped_probes.py [--caps 30 20] [--probes 8]``
 """
@@ -23,9 +24,11 @@ from diagnostics.metrics.context import StepContext  # noqa: E402
 from diagnostics.zoo.registry import get_data, get_loss, get_model  # noqa: E402
 
 
-def probes(model, loss_fn, batch, cap: int | None, count: int) -> list[tuple[str, int, float, float]]:
-    """``(status, products, lambda_1, lambda_10)`` of ``count`` successive probes with ``max_matvecs=cap``."""
-    d = get_diagnostic("hessian_top", max_matvecs=cap)
+def probes(model, loss_fn, batch, cap: int | None, count: int, resume: bool
+           ) -> list[tuple[str, int, float, float]]:
+    """``(status, products, lambda_1, lambda_10)`` of successive probes with ``max_matvecs=cap``: ``count``
+    of them, or fewer when one ends with status ok."""
+    d = get_diagnostic("hessian_top", max_matvecs=cap, resume=resume)
     out = []
     for step in range(count):
         ctx = StepContext(step=step, model=model, loss_fn=loss_fn, batch=batch, loss=None,
@@ -33,6 +36,8 @@ def probes(model, loss_fn, batch, cap: int | None, count: int) -> list[tuple[str
         res = d.compute(ctx)
         ev = [r.value for r in res.records if r.metric.endswith("eigenvalue")] or [float("nan")]
         out.append((res.status, res.num_matvecs, ev[0], ev[-1]))
+        if res.status == "ok":
+            break
     return out
 
 
@@ -45,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, loss_fn = get_model("tiny-gpt"), get_loss("tiny-gpt")
     batch = get_data("pydoc-text", batch_size=16, num_batches=1)[0]
-    print("| max_matvecs | probe | status | products | lambda_1 | lambda_10 |")
-    print("|---|---|---|---|---|---|")
-    for cap in [None, *args.caps]:
+    print("| max_matvecs | resume | probe | status | products | lambda_1 | lambda_10 |")
+    print("|---|---|---|---|---|---|---|")
+    for cap, resume in [(None, True), *((c, r) for c in args.caps for r in (True, False))]:
         label = "default (300)" if cap is None else cap
-        runs = probes(model, loss_fn, batch, cap, 2 if cap is None else args.probes)
-        for i, (status, n, top, tenth) in enumerate(runs):
-            print(f"| {label} | {i + 1} | {status} | {n} | {top:.4f} | {tenth:.4f} |")
+        for i, (status, n, top, tenth) in enumerate(probes(model, loss_fn, batch, cap, args.probes, resume)):
+            print(f"| {label} | {resume} | {i + 1} | {status} | {n} | {top:.4f} | {tenth:.4f} |")
     return 0
 
 

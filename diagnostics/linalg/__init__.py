@@ -6,7 +6,8 @@ carry their quality (residuals, converged flags, standard errors, num_matvecs, s
 Randomised estimators draw from private generators seeded by ``seed``; the global RNG is never touched.
 """
 
-from diagnostics.linalg.lanczos import EigenResult, LanczosRun, lanczos
+from diagnostics.linalg.lanczos import EigenResult, lanczos
+from diagnostics.linalg.lanczos_run import LanczosRun
 from diagnostics.linalg.operator import DenseOperator, LinearOperator, ScaledOperator, as_operator
 from diagnostics.linalg.power import power_iteration, top_singular_vector
 from diagnostics.linalg.rank import AlphaReqFit, alpha_req, effective_rank, nuclear_norm, stable_rank

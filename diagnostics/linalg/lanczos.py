@@ -55,9 +55,10 @@ from diagnostics.linalg.lanczos_basis import (
     basis_size,
     resolve_basis_dtype,
 )
+from diagnostics.linalg.lanczos_ritz import Wanted, eigenvalue_error_bound, sentinels_converged
 from diagnostics.linalg.operator import LinearOperator, as_operator, square_dim
 
-__all__ = ["EigenResult", "LanczosRun", "lanczos", "DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS"]
+__all__ = ["EigenResult", "lanczos", "DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS"]
 
 _WHICH = ("LA", "SA", "both")
 _CRITERIA = ("residual", "eigenvalue")
@@ -153,38 +154,6 @@ def _orthonormal_rows(V: Tensor, rtol: float) -> Tensor:
     return Qv.T.contiguous()
 
 
-class _Wanted:
-    """Which Ritz values are wanted, in output order, and which to keep at a thick restart."""
-
-    def __init__(self, which: str, k: int) -> None:
-        self.top = k if which in ("LA", "both") else 0
-        self.bottom = k if which in ("SA", "both") else 0
-        self.count = self.top + self.bottom
-
-    def select(self, theta: Tensor, top: int | None = None, bottom: int | None = None) -> Tensor:
-        top = self.top if top is None else top
-        bottom = self.bottom if bottom is None else bottom
-        order = torch.argsort(theta)  # ascending
-        m = theta.shape[0]
-        top = min(top, m)
-        bottom = min(bottom, m - top)
-        parts = []
-        if top:
-            parts.append(order[m - top :].flip(0))
-        if bottom:
-            parts.append(order[:bottom])
-        return torch.cat(parts) if parts else order[:0]
-
-    def keep(self, theta: Tensor, count: int) -> Tensor:
-        """The ``count`` Ritz values nearest the wanted end(s), wanted ones first."""
-        extra = count - self.count
-        if self.top and self.bottom:
-            return self.select(theta, self.top + extra // 2, self.bottom + extra - extra // 2)
-        if self.top:
-            return self.select(theta, count, 0)
-        return self.select(theta, 0, count)
-
-
 def lanczos(
     op: LinearOperator | Tensor,
     k: int = 1,
@@ -273,90 +242,6 @@ def lanczos(
                     basis_device=basis_device)
 
 
-class LanczosRun:
-    """:func:`lanczos` in slices: each :meth:`advance` runs products until the eigenpairs are found or
-    that call's limit is reached; the next call continues the same Krylov basis.
-
-    Sliced or not, the arithmetic is the same: a run advanced one product at a time returns exactly what
-    one :func:`lanczos` call with the same arguments returns. Between calls the run holds its basis
-    (``max_memory``) and the operator, which must not change meanwhile (an operator on a snapshot of the
-    parameters, for a probe spread over training steps). ``max_matvecs`` caps the whole run.
-
-    Example:
-        >>> run = LanczosRun(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)), k=2, tol=1e-10)
-        >>> while run.advance(max_matvecs=3) is None:
-        ...     pass
-        >>> [round(x, 8) for x in run.result.eigenvalues.tolist()]
-        [10.0, 9.0]
-    """
-
-    def __init__(
-        self,
-        op: LinearOperator | Tensor,
-        k: int = 1,
-        which: str = "LA",
-        tol: float = 1e-6,
-        max_steps: int | None = None,
-        v0: Tensor | None = None,
-        seed: int = 0,
-        return_eigenvectors: bool = True,
-        max_matvecs: int | None = None,
-        criterion: str = "residual",
-        *,
-        max_memory: int | None = None,
-        basis_dtype: torch.dtype | None = None,
-        basis_device: torch.device | str | None = None,
-    ) -> None:
-        """Validate the arguments and draw the start vector (no product yet). Raises as :func:`lanczos`."""
-        self._steps: Generator[EigenResult | None, str | None, EigenResult] | None = _lanczos_steps(
-            op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, None,
-            criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype, basis_device=basis_device)
-        #: The final result once the run has ended, else None.
-        self.result: EigenResult | None = None
-        self._step()
-
-    @property
-    def done(self) -> bool:
-        """Whether the run has ended (converged, or stopped by ``max_matvecs`` or an invariant subspace)."""
-        return self.result is not None
-
-    def _step(self) -> None:
-        try:
-            next(self._steps)
-        except StopIteration as end:
-            self.result, self._steps = end.value, None
-
-    def advance(self, max_matvecs: int | None = None, max_seconds: float | None = None) -> EigenResult | None:
-        """Continue the run: the result once it has ended, else None after ``max_matvecs`` products or
-        after the product that passes ``max_seconds`` (at least one product per call).
-
-        Cost: the products it runs and their bookkeeping, as in :func:`lanczos`.
-        """
-        if self.result is None and self._steps is None:
-            raise ConfigError("LanczosRun: advance() after close(); start a new run")
-        start, products = time.perf_counter(), 0
-        while self.result is None:
-            if products and ((max_matvecs is not None and products >= max_matvecs)
-                             or (max_seconds is not None and time.perf_counter() - start >= max_seconds)):
-                return None
-            self._step()
-            products += 1
-        return self.result
-
-    def interim(self) -> EigenResult:
-        """The eigenpairs found so far, without eigenvectors (``settings["stop"]`` is ``"paused"``), or
-        the final result. Cost: O(k) on the host; the run continues as if it had not been asked."""
-        if self.result is not None or self._steps is None:
-            return self.result
-        return self._steps.send("interim")
-
-    def close(self) -> None:
-        """Free the basis of an unfinished run (it cannot be advanced after)."""
-        if self._steps is not None:
-            self._steps.close()
-            self._steps = None
-
-
 def _lanczos(
     op: LinearOperator | Tensor,
     k: int,
@@ -414,7 +299,7 @@ def _lanczos_steps(
     k = int(k)
     if k < 1 or k >= P:
         raise ConfigError(f"lanczos: k={k} must satisfy 1 <= k < P, the operator's dimension P={P}")
-    wanted = _Wanted(which, k)
+    wanted = Wanted(which, k)
     if wanted.count > P:
         raise ConfigError(f"lanczos: which='both' needs 2*k <= P, got k={k} and P={P}")
     if not tol > 0:
@@ -544,7 +429,7 @@ def _lanczos_steps(
         near_invariant = False
         if m >= min_steps and F.shape[0] > 0:
             idx = wanted.select(theta)
-            sentinels = _sentinels_converged(wanted, theta, S, conv_all, new_weight[:m], searching_complement)
+            sentinels = sentinels_converged(wanted, theta, S, conv_all, new_weight[:m], searching_complement)
             if bool(conv_all[idx].all()) and sentinels:
                 stop = "converged"
                 break
@@ -672,42 +557,7 @@ def _lanczos_steps(
         theta, S = torch.linalg.eigh(H)
         res_all = (E @ S).norm(dim=0) if E.shape[0] else torch.zeros(m, dtype=f64)
         floor = 1e-10 * float(theta.abs().max()) if m else 0.0
-        bound = res_all if criterion == "residual" else _eigenvalue_error_bound(theta, res_all)
+        bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all)
         conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)
 
     return collect(return_eigenvectors, stop)
-
-
-def _eigenvalue_error_bound(theta: Tensor, res: Tensor) -> Tensor:
-    """``min(r_i, r_i^2 / gap_i)`` with ``gap_i = min_j (|theta_i - theta_j| - r_j)`` over the other Ritz values.
-
-    Each other Ritz value ``theta_j`` has an eigenvalue within ``r_j`` of it, so ``gap_i`` is a cautious
-    estimate of the distance from ``theta_i``'s eigenvalue to the rest of the spectrum seen so far.
-    """
-    if theta.numel() < 2:
-        return res
-    gap = (theta[:, None] - theta[None, :]).abs() - res[None, :]
-    gap.fill_diagonal_(float("inf"))
-    gap = gap.min(1).values
-    quad = torch.where(gap > 0, res.square() / gap.clamp_min(1e-300), torch.full_like(res, float("inf")))
-    return torch.minimum(res, quad)
-
-
-def _sentinels_converged(wanted: _Wanted, theta: Tensor, S: Tensor, conv: Tensor, new_weight: Tensor,
-                         searching: bool) -> bool:
-    """After an invariant subspace: the extreme Ritz pairs of the newly explored part have converged."""
-    if not searching:
-        return True
-    if not bool((new_weight > 0).any()):
-        return False
-    on_new = (S.square() * new_weight[:, None]).sum(0) > 0.5
-    if not bool(on_new.any()):
-        return False
-    idx = on_new.nonzero().flatten()
-    vals = theta[idx]
-    ok = True
-    if wanted.top:
-        ok &= bool(conv[idx[vals.argmax()]])
-    if wanted.bottom:
-        ok &= bool(conv[idx[vals.argmin()]])
-    return ok

@@ -19,7 +19,9 @@ Sharing with other diagnostics. ``hessian_top`` publishes each block's eigenspac
 
 Failures. A product that is not finite stops the estimate: the output is ``failed`` with the reason and
 no numbers. A compute budget (``max_matvecs`` / ``max_seconds``) that stops Lanczos early gives
-``not_converged`` with the (flagged) numbers found so far. Definitions: docs/metrics.md, "Hessian spectra".
+``not_converged`` with the (flagged) numbers found so far; ``hessian_top`` then continues the stopped run
+at its next probe, on the operator frozen at the step the run began (``resume``). Definitions:
+docs/metrics.md, "Hessian spectra".
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
 
 if TYPE_CHECKING:  # pragma: no cover
+    from diagnostics.linalg import EigenResult
     from diagnostics.metrics.context import StepContext
 
 __all__ = [
@@ -78,6 +81,16 @@ class _HessianOrGGN(CurvatureDiagnostic):
 
 
 # --- hessian_top -----------------------------------------------------------------------------------------
+class _UnfinishedRun:
+    """A top run stopped by a probe's budget: the Lanczos state, its (frozen) operator and its step."""
+
+    def __init__(self, lanczos: Any, op: FiniteChecked, raw: Any, step: int, k: int) -> None:
+        self.lanczos, self.op, self.raw, self.step, self.k = lanczos, op, raw, step, k
+
+    def close(self) -> None:
+        self.lanczos.close()
+
+
 @register
 class HessianTop(_HessianOrGGN):
     """Top-k eigenvalues of the loss Hessian (or GGN) on the probe data, by warm-started Lanczos.
@@ -102,9 +115,17 @@ class HessianTop(_HessianOrGGN):
         bottom: also estimate the smallest eigenvalue (a second, separately warm-started Lanczos run).
         tol: relative residual tolerance of Lanczos.
         max_matvecs, max_seconds: budget per probe and block (the top run and, with ``bottom``, the
-            bottom run together); Lanczos stops early and the probe is stored as ``not_converged`` with its
-            flags. The next probe starts from these eigenvectors, not from the stopped Krylov basis, so
-            successive capped probes need not converge (``benchmarks/capped_probes.py``).
+            bottom run together). A probe that reaches it stores the pairs found so far as
+            ``not_converged`` (with ``resume``, the top run's pairs so far, without ``hessian_probe_step``
+            until it ends).
+        resume: a top run stopped by the budget continues at the next probe where it stopped: same
+            Krylov basis, same operator, frozen at the parameters of the step the run began
+            (:meth:`~diagnostics.curvature.base.CurvatureOperator.freeze`), so a sequence of capped probes
+            ends with the eigenpairs an uncapped probe at that step would give. The ended run's records
+            carry ``hessian_probe_step`` (the step it describes) when it spanned probes. Between probes the
+            run holds its basis (at most 2 GiB, see :func:`~diagnostics.linalg.lanczos`), a copy of the
+            parameters and the operator's linearisation. False: each probe starts afresh from the previous
+            probe's eigenvectors, and capped probes need not converge (``benchmarks/capped_probes.py``).
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
 
@@ -118,12 +139,13 @@ class HessianTop(_HessianOrGGN):
     # A top-10 probe costs 30-80 HVPs, each 2-3 training steps on one probe batch: every 1000 steps keeps
     # the amortised cost near 10% of training on the zoo's tiny GPT (benchmarks/RESULTS.md, "Curvature in the loop").
     default_every = 1000
-    _suffixes = ("eigenvalue", "residual", "converged", "bottom_eigenvalue")
+    _suffixes = ("eigenvalue", "residual", "converged", "bottom_eigenvalue", "probe_step")
     metrics: ClassVar[tuple[str, ...]] = tuple("hessian_" + s for s in _suffixes)
 
     def __init__(self, every: int | None = None, start: int = 0, *, k: int | None = None, kind: str | None = None,
                  params: Any = None, bottom: bool = False, tol: float = 1e-3, max_matvecs: int | None = 300,
-                 max_seconds: float | None = None, warm_start: bool = True, seed: int = 0) -> None:
+                 max_seconds: float | None = None, resume: bool = True, warm_start: bool = True,
+                 seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ConfigError(f"{self.name}: k must be a positive int or None (number of classes, else 10), got {k!r}")
@@ -136,16 +158,20 @@ class HessianTop(_HessianOrGGN):
         self.max_matvecs = max_matvecs
         self.max_seconds = max_seconds
         self.warm_start = bool(warm_start)
+        self.resume = bool(resume)
         if not self.bottom:
-            self.metrics = self.metrics[:3]
+            self.metrics = self.metrics[:3] + self.metrics[4:]
         #: previous probe's eigenvectors per block (warm start); bottom vectors under (block, "bottom").
         self.vectors: dict[Any, Tensor] = {}
         #: ``num_matvecs`` of the last probe per block (for benchmarks and tests).
         self.last_matvecs: dict[str, int] = {}
+        #: top runs stopped by the budget, per block, continued by the next probe (``resume``).
+        self.unfinished: dict[str, _UnfinishedRun] = {}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "bottom": self.bottom, "tol": self.tol,
-                "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds, "warm_start": self.warm_start}
+                "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds, "resume": self.resume,
+                "warm_start": self.warm_start}
 
     def _k_for(self, ctx: StepContext, dim: int) -> int:
         if self.k is not None:
@@ -159,6 +185,47 @@ class HessianTop(_HessianOrGGN):
         v = self.vectors.get(key) if self.warm_start else None
         return v if v is not None and v.shape[0] == dim else None
 
+    def _top_run(self, ctx: StepContext, key: str, raw: Any, dim: int, k: int
+                 ) -> tuple[EigenResult | None, str | None, int, int, bool]:
+        """This probe's top run of block ``key``: ``(result, or with ``paused`` the pairs found so far;
+        the failure reason; products spent by this probe; the step whose operator it is; paused)``.
+
+        Cost: up to the per-probe budget of products; with ``resume``, the first pause of a run copies the
+        parameters and buffers (:meth:`~diagnostics.curvature.base.CurvatureOperator.freeze`).
+        """
+        from diagnostics.linalg import LanczosRun, lanczos
+
+        if not self.resume:
+            op = FiniteChecked(raw)
+            res, why = run_guarded(lambda: lanczos(
+                op, k=k, which="LA", tol=self.tol, v0=self._warm(key, dim), seed=self.seed,
+                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
+            return res, why, op.num_matvecs, ctx.step, False
+        run = self.unfinished.pop(key, None)
+        if run is not None and run.k != k:  # the number of classes changed: the old run answers another question
+            run.close()
+            run = None
+        if run is None:
+            op = FiniteChecked(raw)
+            lz, why = run_guarded(lambda: LanczosRun(op, k=k, which="LA", tol=self.tol, v0=self._warm(key, dim),
+                                                     seed=self.seed))
+            if lz is None:
+                return None, why, op.num_matvecs, ctx.step, False
+            run = _UnfinishedRun(lz, op, raw, ctx.step, k)
+        before = run.op.num_matvecs
+        res, why = run_guarded(lambda: run.lanczos.advance(self.max_matvecs, self.max_seconds))
+        used = run.op.num_matvecs - before
+        if why is not None:
+            run.close()
+            return None, why, used, run.step, False
+        if res is not None:
+            return res, None, used, run.step, False
+        # Stopped by the budget: the operator keeps this step's parameters for the products still to come.
+        if not run.raw.frozen:
+            run.raw.freeze()
+        self.unfinished[key] = run
+        return run.lanczos.interim(), None, used, run.step, True
+
     def compute(self, ctx: StepContext) -> Output:
         from diagnostics.linalg import lanczos
 
@@ -171,13 +238,10 @@ class HessianTop(_HessianOrGGN):
         for key, raw in self.operators(ctx):
             dim = int(raw.shape[0])
             k = self._k_for(ctx, dim)
-            op = FiniteChecked(raw)
-            res, why = run_guarded(lambda op=op, k=k, key=key, dim=dim: lanczos(
-                op, k=k, which="LA", tol=self.tol, v0=self._warm(key, dim), seed=self.seed,
-                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
-            total += op.num_matvecs
+            res, why, used, began, paused = self._top_run(ctx, key, raw, dim, k)
+            total += used
             found = torch.isfinite(res.eigenvalues) if res is not None else None
-            budget_stop = res is not None and res.settings.get("stop") in ("max_matvecs", "max_seconds")
+            budget_stop = res is not None and (paused or res.settings.get("stop") in ("max_matvecs", "max_seconds"))
             if res is None or not (bool(found.all()) or budget_stop):
                 # A failed block stores nothing and forgets its warm start (the vectors may be garbage).
                 self.vectors.pop(key, None)
@@ -185,11 +249,18 @@ class HessianTop(_HessianOrGGN):
                 reasons.append(f"{key}: {why or 'Lanczos returned non-finite eigenvalues'}")
                 continue
             self.last_matvecs[key] = res.num_matvecs
-            if not bool(found.all()):
-                # The budget ran out before k Ritz values existed: store the ones found, flagged.
+            if paused or not bool(found.all()):
+                # The budget ran out first: store the pairs found so far, flagged.
                 statuses.append("not_converged")
-                reasons.append(f"{key}: stopped by {res.settings.get('stop')} after {res.num_matvecs} products, "
-                               f"{int(found.sum())} of {k} eigenvalues found")
+                if paused:
+                    limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
+                             else "max_seconds")
+                    reasons.append(f"{key}: stopped by {limit} after {used} products; the run of step {began} "
+                                   f"continues at the next probe ({res.num_matvecs} products in all, "
+                                   f"{int(found.sum())} of {k} eigenvalues found)")
+                else:
+                    reasons.append(f"{key}: stopped by {res.settings.get('stop')} after {res.num_matvecs} products, "
+                                   f"{int(found.sum())} of {k} eigenvalues found")
                 for i in range(k):
                     if bool(found[i]):
                         records.append(Record(p + "eigenvalue", float(res.eigenvalues[i]), key=key, index=i))
@@ -199,15 +270,17 @@ class HessianTop(_HessianOrGGN):
             self.vectors[key] = res.eigenvectors.detach()
             names = tuple(raw.param_names)
             numels = tuple(raw.param_slices[n].stop - raw.param_slices[n].start for n in names)
-            ctx.publish_eigenspace(Eigenspace(self.kind, key, ctx.step, res.eigenvalues.clone(),
+            ctx.publish_eigenspace(Eigenspace(self.kind, key, began, res.eigenvalues.clone(),
                                               res.eigenvectors.detach(), res.converged.clone(), names, numels))
             for i in range(k):
                 records.append(Record(p + "eigenvalue", float(res.eigenvalues[i]), key=key, index=i))
                 records.append(Record(p + "residual", float(res.residuals[i]), key=key, index=i))
                 records.append(Record(p + "converged", float(bool(res.converged[i])), key=key, index=i))
+            if began != ctx.step:
+                records.append(Record(p + "probe_step", float(began), key=key))
             ok = res.all_converged
             details[key] = {"num_matvecs": res.num_matvecs, "stop": res.settings.get("stop"),
-                            "warm_start": res.settings.get("warm_start")}
+                            "warm_start": res.settings.get("warm_start"), "probe_step": began}
             if self.bottom:
                 # The bottom run spends what the top run left of the block's budget.
                 left_mv = None if self.max_matvecs is None else self.max_matvecs - res.num_matvecs

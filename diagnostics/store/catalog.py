@@ -149,6 +149,9 @@ def _curvature(p: str) -> list[MetricSpec]:
              not_shown=_RESIDUAL_NOTE),
         spec("converged", VECTOR, "top", "1 when the eigenvalue's residual is within tol * |theta|, else 0"),
         spec("bottom_eigenvalue", SCALAR, "top", f"smallest algebraic eigenvalue of the {name}", {"bottom": True}),
+        spec("probe_step", SCALAR, "top", "the step whose curvature the eigenvalues describe, for a run that "
+             "spanned several probes (stored with them when it ends)",
+             not_shown="the eigenvalue charts plot a run at the step it ended; this series says which step it measured"),
         spec("density_node", VECTOR, "density", "SLQ quadrature nodes (Ritz values), index = probe * steps + j"),
         spec("density_weight", VECTOR, "density", "SLQ quadrature weights; each probe's weights sum to 1"),
         spec("trace", SCALAR, "trace", f"trace of the {name} by Hutch++"),

@@ -186,6 +186,7 @@ class _State:
         self.nonfinite_step = max(1, steps // 3) if steps > 3 else None
         # One not-converged and one failed estimate in every run, on curvature steps (every 20).
         self.not_converged_step = 20 * ((steps - 1) // 40)
+        self._spanned: set[str] = set()  # prefixes whose spanned run has been written
         self.failed_step = self.not_converged_step + 20 if self.not_converged_step + 20 < steps else 0
         self.eos_active = False
         self.warned = False
@@ -385,6 +386,11 @@ class _State:
                      Record(f"{prefix}_converged", float(converged[i]), index=i)]  # fmt: skip
         bottom = -0.05 * eig[0] * self.rng.random() if prefix == "hessian" else 1e-6 * self.rng.random()
         recs.append(Record(f"{prefix}_bottom_eigenvalue", float(bottom)))
+        unconverged = prefix == "hessian" and step == self.not_converged_step
+        if step >= self.not_converged_step and not unconverged and prefix not in self._spanned:
+            # A run that began at an earlier probe and ended here says which step it measured.
+            self._spanned.add(prefix)
+            recs.append(Record(f"{prefix}_probe_step", float(max(0, step - 20))))
         return recs, status, []
 
     def _hessian_eigen(self, step, lr, sev, seconds):

@@ -58,6 +58,63 @@ def medium_case(seed: int = 0):
 
 
 # --- hessian_top ----------------------------------------------------------------------------------------
+
+def _nudge(model: nn.Module, seed: int) -> None:
+    """What an optimizer step does to the parameters: a change in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype), alpha=0.05)
+
+
+def test_capped_probes_resume_and_end_at_the_eigenvalues_of_the_step_they_began():
+    case = medium_case()
+    truth = torch.linalg.eigvalsh(dense_hessian(case.model, case.loss_fn, case.batches, names(case.model)))
+    whole = HessianTop(k=4, tol=1e-8).compute(make_ctx(case))
+    assert whole.status == "ok" and not values(whole, "hessian_probe_step")
+    d = HessianTop(k=4, tol=1e-8, max_matvecs=5)
+    outs = []
+    for step in range(0, 200, 10):
+        out = d.compute(make_ctx(case, step=step))
+        outs.append(out)
+        _nudge(case.model, step)  # training moves on between probes
+        if out.status == "ok":
+            break
+    assert len(outs) > 2 and all(o.num_matvecs <= 5 for o in outs)
+    assert all(o.status == "not_converged" and "continues at the next probe" in o.reason for o in outs[:-1])
+    last = outs[-1]
+    assert last.status == "ok" and values(last, "hessian_probe_step") == [0.0]
+    got = torch.tensor(values(last, "hessian_eigenvalue"), dtype=F64)
+    assert torch.allclose(got, truth.flip(0)[:4], rtol=1e-7)  # the Hessian of step 0, not of the last probe
+    assert torch.allclose(got, torch.tensor(values(whole, "hessian_eigenvalue"), dtype=F64), rtol=1e-9)
+    assert sum(o.num_matvecs for o in outs) == whole.num_matvecs
+    assert not d.unfinished
+
+
+def test_without_resume_capped_probes_start_again():
+    case = medium_case()
+    d = HessianTop(k=4, tol=1e-8, max_matvecs=5, resume=False)
+    for step in range(3):
+        out = d.compute(make_ctx(case, step=step))
+        assert out.status == "not_converged" and "max_matvecs" in out.reason
+        assert out.num_matvecs == 5 and not d.unfinished
+    assert not values(out, "hessian_probe_step")
+
+
+def test_a_resumed_run_shares_the_eigenspace_of_the_step_it_began():
+    case = medium_case()
+    d = HessianTop(k=2, tol=1e-8, max_matvecs=6)
+    step = 0
+    while True:
+        ctx = make_ctx(case, step=step)
+        out = d.compute(ctx)
+        if out.status == "ok":
+            break
+        assert ctx.top_eigenspace("hessian", "all") is None  # nothing shared while the run is unfinished
+        step += 1
+    assert step > 0 and ctx.top_eigenspace("hessian", "all").step == 0
+
+
 def test_hessian_top_matches_dense_eigenvalues_and_bottom():
     case = get_case("mlp")
     H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))

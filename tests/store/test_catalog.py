@@ -137,7 +137,7 @@ def test_catalogue_entries_are_well_formed():
     assert all(re.fullmatch(r"[a-z][a-z0-9_]*", m) for m in METRICS)
     assert all(spec.meaning and spec.keys and spec.family for spec in METRICS.values())
     assert catalog.written_by("hessian_top") == ("hessian_eigenvalue", "hessian_residual", "hessian_converged",
-                                                 "hessian_bottom_eigenvalue")
+                                                 "hessian_bottom_eigenvalue", "hessian_probe_step")
     with pytest.raises(KeyError, match="no_such_writer"):
         catalog.written_by("no_such_writer")
 
