@@ -90,6 +90,9 @@ class Diagnostic(abc.ABC):
     uses_accumulation: ClassVar[bool] = False
     #: True when non-finite values are meaningful records rather than a failure of the estimate.
     allow_nonfinite: ClassVar[bool] = False
+    #: True when a call honours ``StepContext.probe_seconds`` and continues at its next call what the
+    #: limit stopped (see :attr:`unfinished_run`).
+    resumable: ClassVar[bool] = False
     #: Names of diagnostics whose shared step results this one reads (through StepContext); they run first.
     after: ClassVar[tuple[str, ...]] = ()
     #: Constructor options the contract suite uses on its tiny cases (short warm-ups and the like).
@@ -110,6 +113,13 @@ class Diagnostic(abc.ABC):
         #: Time of this diagnostic's hooks on the user's training forward, taken by the Monitor at its
         #: next call and charged to this diagnostic (its monitor time, not training time).
         self.hook_clock = HookClock()
+
+    @property
+    def unfinished_run(self) -> bool:
+        """True while a run stopped by its per-call limit (``StepContext.probe_seconds``) waits for the
+        next ``compute`` to continue it (``hessian_top``); the budget's Monitor then calls it at the next
+        step while that run is the diagnostic's first."""
+        return False
 
     def is_due(self, step: int) -> bool:
         """True when the schedule asks for this diagnostic at ``step``."""

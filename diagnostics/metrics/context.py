@@ -82,6 +82,9 @@ class StepContext:
         self.max_memory_bytes = max_memory_bytes
         self._cache: dict[Any, Any] = {}
         self.due: frozenset[str] | None = None
+        #: Seconds one call of a resumable probe may take at this step (set by the Monitor's budget), or
+        #: None for no limit beyond the diagnostic's own.
+        self.probe_seconds: float | None = None
         self.microbatch_moments: GradientMoments | None = None
         self._before_update: dict[str, torch.Tensor] | None = None
         self._before_flat: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None

@@ -124,8 +124,10 @@ class HessianTop(_HessianOrGGN):
             ends with the eigenpairs an uncapped probe at that step would give. The ended run's records
             carry ``hessian_probe_step`` (the step it describes) when it spanned probes. Between probes the
             run holds its basis (at most 2 GiB, see :func:`~diagnostics.linalg.lanczos`), a copy of the
-            parameters and the operator's linearisation. False: each probe starts afresh from the previous
-            probe's eigenvectors, and capped probes need not converge (``benchmarks/capped_probes.py``).
+            parameters and the operator's linearisation. Under the Monitor's budget each probe is also cut
+            at ``ctx.probe_seconds`` (the budget's per-call time), and an unfinished first run continues
+            at every step. False: each probe starts afresh from the previous probe's eigenvectors, and
+            capped probes need not converge (``benchmarks/capped_probes.py``).
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
 
@@ -136,6 +138,7 @@ class HessianTop(_HessianOrGGN):
 
     name = "hessian_top"
     preset = "standard"
+    resumable = True
     # A top-10 probe costs 30-80 HVPs, each 2-3 training steps on one probe batch: every 1000 steps keeps
     # the amortised cost near 10% of training on the zoo's tiny GPT (benchmarks/RESULTS.md, "Curvature in the loop").
     default_every = 1000
@@ -167,6 +170,10 @@ class HessianTop(_HessianOrGGN):
         self.last_matvecs: dict[str, int] = {}
         #: top runs stopped by the budget, per block, continued by the next probe (``resume``).
         self.unfinished: dict[str, _UnfinishedRun] = {}
+
+    @property
+    def unfinished_run(self) -> bool:
+        return bool(self.unfinished)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "bottom": self.bottom, "tol": self.tol,
@@ -213,7 +220,9 @@ class HessianTop(_HessianOrGGN):
                 return None, why, op.num_matvecs, ctx.step, False
             run = _UnfinishedRun(lz, op, raw, ctx.step, k)
         before = run.op.num_matvecs
-        res, why = run_guarded(lambda: run.lanczos.advance(self.max_matvecs, self.max_seconds))
+        limits = [x for x in (self.max_seconds, ctx.probe_seconds) if x is not None]
+        seconds = min(limits) if limits else None
+        res, why = run_guarded(lambda: run.lanczos.advance(self.max_matvecs, seconds))
         used = run.op.num_matvecs - before
         if why is not None:
             run.close()
@@ -254,7 +263,9 @@ class HessianTop(_HessianOrGGN):
                 statuses.append("not_converged")
                 if paused:
                     limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
-                             else "max_seconds")
+                             else "max_seconds" if self.max_seconds is not None
+                             and (ctx.probe_seconds is None or self.max_seconds <= ctx.probe_seconds)
+                             else f"the budget's {ctx.probe_seconds:.3g} s per call")
                     reasons.append(f"{key}: stopped by {limit} after {used} products; the run of step {began} "
                                    f"continues at the next probe ({res.num_matvecs} products in all, "
                                    f"{int(found.sum())} of {k} eigenvalues found)")

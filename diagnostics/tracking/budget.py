@@ -198,6 +198,10 @@ class BudgetScheduler:
             n for n in self.leaders
             if _HEAVY & by_name[n].requires or type(by_name[n]).default_every >= 100
         )
+        #: Scheduled diagnostics whose calls stop at the budget's per-call time (:meth:`probe_seconds`) and
+        #: continue at the next call; their first runs wait for a measured training step, and continue
+        #: at every step until they end (:meth:`carry_on`).
+        self.sliced: frozenset[str] = frozenset(n for n in self.leaders if by_name[n].resumable)
         #: Every-step diagnostics the budget thins when they alone take more than their share of it:
         #: those not scheduled whose schedule is every step and whose ``every`` was not given.
         self.thinned: frozenset[str] = frozenset(
@@ -222,6 +226,7 @@ class BudgetScheduler:
         # the ledger admitted (a gap of the rule came due); with their followers.
         self._exempt_now: set[str] = set()
         self._admitted_now: set[str] = set()
+        self._carried_now: set[str] = set()  # first runs continued at this call (carry_on)
         # Timing of the Monitor's calls; an entry is (step, steps since the previous call, training seconds
         # before the call, monitor seconds of the call and of its update phase).
         self._history: deque[tuple[int, int, float, float]] = deque(maxlen=self.window)
@@ -296,6 +301,8 @@ class BudgetScheduler:
                 self._prev_exempt += s
             elif name in self._admitted_now:
                 self._prev_admitted += s
+            if name in self._carried_now:
+                continue  # a slice of a first run, not the cost of a run
             if self.runs.get(name, 0) == 2:
                 # The first run carries one-time work (a cold start instead of a warm one, an extra forward
                 # before a forward was observed, first-call imports): the second replaces it.
@@ -447,6 +454,8 @@ class BudgetScheduler:
             if last is None or step < last:  # not run yet (or the steps count again from below)
                 # Before a first measurement only the kind of work tells a long probe from a short one.
                 if n in self.heavy:
+                    if n in self.sliced and self.probe_seconds() is None:
+                        continue  # its calls are cut to a share of the step time, not measured yet
                     waiting.append((0, 0.0, i, n))
                 else:
                     every_step.append(n)
@@ -517,6 +526,7 @@ class BudgetScheduler:
             thin = _THINNED_TOKEN in names
             names = [n for n in names if n != _THINNED_TOKEN]
         self._promised = {}
+        self._carried_now = set()
         chosen = set(names) | {f for f, lead in self.followers.items() if lead in names}
         for kind in (self._exempt_now, self._admitted_now):
             kind.update(f for f, lead in self.followers.items() if lead in kind)
@@ -533,6 +543,25 @@ class BudgetScheduler:
         self._prev_thin = thin and any(d.name in self.thinned for d in out)
         if self._prev_thin:
             self._thin_last = step
+        return out
+
+    def probe_seconds(self) -> float | None:
+        """Seconds one call of a resumable probe may take (``StepContext.probe_seconds``): what the budget
+        allows a whole window, ``budget * window * T``, so that no step stalls for a long probe; None before
+        a training step was measured, and under torch.distributed (each rank's clock would stop its run
+        at another product, and the products' collectives would no longer meet)."""
+        if self.step_seconds is None or self._sync is not None:
+            return None
+        return self.budget * self.window * self.step_seconds
+
+    def carry_on(self, names: Sequence[str]) -> list[str]:
+        """Of ``names`` (diagnostics with an unfinished run that :meth:`due` did not choose at this step),
+        the ones whose unfinished run is their first: they run at this step too, so a first measurement
+        comes within a few steps, a slice per step. Their seconds count as the first run's (outside the
+        budget) and not as the cost of a run. Call after :meth:`due`, in the same call."""
+        out = [n for n in names if n in self.sliced and self.runs.get(n, 0) == 1]
+        self._exempt_now |= set(out)
+        self._carried_now |= set(out)
         return out
 
     def due_next(self, d: Diagnostic, step: int) -> bool:

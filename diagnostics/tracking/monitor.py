@@ -353,6 +353,10 @@ class Monitor:
                 probes.save_probe(self.run_dir, self.probe_data)
         if self._budget is not None:
             due = self._budget.due(step, self.diagnostics)
+            unfinished = [d.name for d in self.diagnostics if d.unfinished_run and d not in due]
+            if unfinished:  # a first run stopped by the per-call limit continues at every step until it ends
+                carried = set(self._budget.carry_on(unfinished))
+                due = [d for d in self.diagnostics if d in due or d.name in carried]
         else:
             due = [d for d in self.diagnostics if d.is_due(step)]
         self.last_step = step
@@ -375,6 +379,8 @@ class Monitor:
             named_parameters=self._named_parameters(),
         )
         ctx.due = frozenset(d.name for d in due)
+        if self._budget is not None:
+            ctx.probe_seconds = self._budget.probe_seconds()
         if self._accumulated is not None and any(d.uses_accumulation for d in due):
             ctx.microbatch_moments = self._accumulated.moments()  # float64 copies: only when read
         pending = PendingStep(step, ctx, source)

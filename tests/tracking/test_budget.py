@@ -191,7 +191,8 @@ def test_an_every_given_to_the_diagnostic_is_the_longest_gap() -> None:
     diags = [get_diagnostic("hessian_top", every=150), get_diagnostic("loss")]
     sched, log = simulate(diags, COSTS, steps=1000, fixed=0.001)  # no budget left: only the floor
     runs = runs_of(log, "hessian_top")
-    assert runs[0] == 0 and len(runs) >= 1000 // 150
+    # Its calls are cut to a share of the training step: the first waits for one step to be measured.
+    assert runs[0] == 1 and len(runs) >= 1000 // 150
     assert max(b - a for a, b in zip(runs, runs[1:])) <= 150
 
 
@@ -505,3 +506,85 @@ def test_diagnostics_pinned_by_every_do_not_count_against_the_every_step_half() 
     sched, log = simulate(diags, costs, steps=400, train=0.030, explicit={"spectral_alignment"})
     assert "spectral_alignment" not in sched.thinned | sched.scheduled
     assert sched.stride() == 1 and runs_of(log, "loss") == list(range(400))
+
+
+# --- a long probe's first run, a slice per step ------------------------------------------------------------
+
+
+def test_a_resumable_first_run_is_carried_on_outside_the_budget_and_only_the_first() -> None:
+    diags = [get_diagnostic("hessian_top"), get_diagnostic("loss")]
+    sched, log = simulate(diags, COSTS, steps=3)
+    assert runs_of(log, "hessian_top") == [1]  # waits for a measured step
+    assert sched.probe_seconds() == pytest.approx(DEFAULT_BUDGET * sched.window * sched.step_seconds)
+    clock = sched._clock
+    cost = sched.cost.get("hessian_top")
+    clock.t += 0.010
+    with sched.call():
+        due = sched.due(3, diags)
+        assert [d.name for d in due] == ["loss"]
+        assert sched.carry_on(["hessian_top"]) == ["hessian_top"]
+        clock.t += 5.0  # a slice far over the budget: booked as the first run's, not as a run's cost
+        sched.account({"hessian_top": Status("hessian_top", "ok", None, 5.0), "loss": Status("loss", "ok", None, 0)})
+    assert sched.cost.get("hessian_top") == cost and sched.runs["hessian_top"] == 1
+    sched.runs["hessian_top"] = 2
+    assert sched.carry_on(["hessian_top"]) == []  # later runs continue at their scheduled calls only
+    ranked = BudgetScheduler(DEFAULT_BUDGET, diags, set(), sync=lambda names: names)
+    ranked.step_seconds = 0.01
+    assert ranked.probe_seconds() is None  # under torch.distributed every rank must stop at the same product
+
+
+def _medium_mlp() -> tuple[nn.Module, Any]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    data = [(torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 4, (64,)))]
+    return model, data
+
+
+def test_the_monitor_spreads_a_first_probe_over_steps_and_it_measures_its_first_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diagnostics.loss import ClassificationLoss
+    from tests.reference import dense_hessian
+
+    # One product per call (any positive time allows one): the first run takes a step per product.
+    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
+                        lambda self: None if self.step_seconds is None else 1e-12)
+    plain, data = _medium_mlp()
+    model, _ = _medium_mlp()
+    loss_fn = ClassificationLoss()
+    params_at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def train(m: nn.Module, monitor: Monitor | None, steps: int) -> None:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for step in range(steps):
+            params_at[step] = {n: p.detach().clone() for n, p in m.named_parameters()}
+            loss = loss_fn(m, data[0])
+            opt.zero_grad()
+            loss.backward()
+            if monitor is not None:
+                monitor.step(step, data[0], loss)
+            opt.step()
+
+    train(plain, None, 60)
+    top = get_diagnostic("hessian_top", k=3, tol=1e-8)
+    with Monitor(model, loss_fn, run=tmp_path / "run", diagnostics=[top], probe_data=data, budget=0.05) as monitor:
+        train(model, monitor, 60)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n  # training as without the monitor
+    run = open_run(tmp_path / "run")
+    st = run.status()
+    st = st[st.diagnostic == "hessian_top"].sort_values("step")
+    ended = st[st.status == "ok"].step.iloc[0]
+    spread = st[st.step <= ended]
+    assert list(spread.step) == list(range(1, ended + 1)) and ended > 5  # one slice at each step
+    assert (spread.num_matvecs.iloc[:-1] == 1).all()
+    assert all("continues at the next probe" in r for r in spread.reason.iloc[:-1])
+    probe_step = run.series("hessian_probe_step")
+    assert list(probe_step.step) == [ended] and list(probe_step.value) == [1.0]
+    # The eigenvalues stored at the end are those of the Hessian at step 1's parameters.
+    reference = _medium_mlp()[0]
+    reference.load_state_dict(params_at[1])
+    names = [n for n, _ in reference.named_parameters()]
+    truth = torch.linalg.eigvalsh(dense_hessian(reference, loss_fn, data, names)).flip(0)[:3]
+    got = run.series("hessian_eigenvalue")
+    got = torch.tensor(got[got.step == ended].sort_values("index").value.to_numpy())
+    assert torch.allclose(got, truth, rtol=1e-6)

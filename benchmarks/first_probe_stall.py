@@ -1,0 +1,96 @@
+"""The longest step of a run's first steps under the ``standard`` preset's budget, with ``hessian_top``'s
+first run cut into slices (the default) and run whole (``resume=False``), in one process.
+
+The 3.2M-parameter GPT of ``benchmarks/gpt_cases.py`` (``--size large``, 32 x 128 tokens per step, AdamW)
+or the zoo's tiny GPT (``--size tiny``); ``Monitor(diagnostics="standard")`` at its default 5% budget.
+Per configuration: every step's wall time (training and ``monitor.step``), the slowest steps and what ran
+in them, and the step at which ``hessian_top`` stored its first converged eigenvalues (and the step they
+describe).
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/first_probe_stall.py [--size large] [--steps 40]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpt_cases import gpt_case  # noqa: E402
+from diagnostics.metrics import get_diagnostic, resolve_diagnostics  # noqa: E402
+from diagnostics.store import open_run  # noqa: E402
+from diagnostics.tracking import Monitor  # noqa: E402
+
+
+def run(model: torch.nn.Module, loss_fn, batches: list, steps: int, resume: bool, out: Path) -> dict:
+    """Train ``steps`` steps under the standard preset; per-step seconds and hessian_top's first result."""
+    diags = [get_diagnostic("hessian_top", resume=False) if d.name == "hessian_top" and not resume else d
+             for d in resolve_diagnostics("standard")]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seconds = []
+    with Monitor(model, loss_fn, run=out, diagnostics=diags, optimizer=opt, budget=0.05) as monitor:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            batch = batches[step % len(batches)]
+            loss = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            monitor.step(step, batch, loss)
+            opt.step()
+            seconds.append(time.perf_counter() - t0)
+    store = open_run(out)
+    status = store.status()
+    ran = {s: sorted(status[status.step == s].diagnostic) for s in range(steps)}
+    top = status[status.diagnostic == "hessian_top"].sort_values("step")
+    ok = top[top.status == "ok"]
+    first_ok = int(ok.step.iloc[0]) if len(ok) else None
+    probe = store.series("hessian_probe_step")
+    described = first_ok
+    if first_ok is not None and len(probe[probe.step == first_ok]):
+        described = int(probe[probe.step == first_ok].value.iloc[0])
+    return {"seconds": seconds, "ran": ran, "first_ok": first_ok, "described": described,
+            "hessian_calls": list(top.step)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("tiny", "large"), default="large")
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    base, loss_fn, batches = gpt_case(args.size, num_batches=4, batch_size=32 if args.size == "large" else 16)
+    print(f"Machine: torch {torch.__version__}, threads 1; model {args.size}, "
+          f"{sum(p.numel() for p in base.parameters())} parameters, {args.steps} steps")
+    print("Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/first_probe_stall.py "
+          f"--size {args.size} --steps {args.steps}`\n")
+    print("| hessian_top | median step (s) | slowest steps (s, step: what ran) | hessian_top calls | first ok at "
+          "step (describes step) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for resume in (True, False):
+            res = run(copy.deepcopy(base), loss_fn, batches, args.steps, resume, Path(tmp) / f"r{resume}")
+            secs = res["seconds"]
+            order = sorted(range(len(secs)), key=lambda s: -secs[s])[:3]
+            slow = "; ".join(f"{secs[s]:.1f} (step {s}: {', '.join(n for n in res['ran'][s] if n not in _CHEAP)})"
+                             for s in order)
+            median = sorted(secs)[len(secs) // 2]
+            calls = res["hessian_calls"]
+            print(f"| {'sliced (resume=True)' if resume else 'whole (resume=False)'} | {median:.2f} | {slow} | "
+                  f"{len(calls)} (steps {calls[0]}-{calls[-1]}) | {res['first_ok']} ({res['described']}) |",
+                  flush=True)
+    return 0
+
+
+#: Every-step diagnostics left out of the "what ran" column.
+_CHEAP = {"loss", "learning_rate", "grad_norm", "weight_norm", "update_norm", "nonfinite", "explosion_detector",
+          "spectral_alignment", "output_logits", "attention_stats", "adam_state"}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
