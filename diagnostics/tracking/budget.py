@@ -558,7 +558,10 @@ class BudgetScheduler:
         """Of ``names`` (diagnostics with an unfinished run that :meth:`due` did not choose at this step),
         the ones whose unfinished run is their first: they run at this step too, so a first measurement
         comes within a few steps, a slice per step. Their seconds count as the first run's (outside the
-        budget) and not as the cost of a run. Call after :meth:`due`, in the same call."""
+        budget) and not as the cost of a run; not at a call that runs another long probe's first or second
+        run (one long probe per step). Call after :meth:`due`, in the same call."""
+        if (self._exempt_now & self.heavy) - set(names):
+            return []
         out = [n for n in names if n in self.sliced and self.runs.get(n, 0) == 1]
         self._exempt_now |= set(out)
         self._carried_now |= set(out)
