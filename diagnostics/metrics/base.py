@@ -118,7 +118,7 @@ class Diagnostic(abc.ABC):
     def unfinished_run(self) -> bool:
         """True while a run stopped by its per-call limit (``StepContext.probe_seconds``) waits for the
         next ``compute`` to continue it (``hessian_top``); the budget's Monitor then calls it at the next
-        step while that run is the diagnostic's first."""
+        step."""
         return False
 
     def is_due(self, step: int) -> bool:

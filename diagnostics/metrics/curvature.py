@@ -115,9 +115,8 @@ class HessianTop(_HessianOrGGN):
         bottom: also estimate the smallest eigenvalue (a second, separately warm-started Lanczos run).
         tol: relative residual tolerance of Lanczos.
         max_matvecs, max_seconds: budget per probe and block (the top run and, with ``bottom``, the
-            bottom run together). A probe that reaches it stores the pairs found so far as
-            ``not_converged`` (with ``resume``, the top run's pairs so far, without ``hessian_probe_step``
-            until it ends).
+            bottom run together). A probe that reaches it is ``not_converged``: with ``resume`` it stores
+            no numbers until the run ends, without it the pairs found so far, flagged.
         resume: a top run stopped by the budget continues at the next probe where it stopped: same
             Krylov basis, same operator, frozen at the parameters of the step the run began
             (:meth:`~diagnostics.curvature.base.CurvatureOperator.freeze`), so a sequence of capped probes
@@ -258,20 +257,23 @@ class HessianTop(_HessianOrGGN):
                 reasons.append(f"{key}: {why or 'Lanczos returned non-finite eigenvalues'}")
                 continue
             self.last_matvecs[key] = res.num_matvecs
-            if paused or not bool(found.all()):
+            if paused:
+                # Nothing stored yet: the pairs found so far would be superseded by the run's result, and
+                # plotted beside it they would read as a curvature that changed.
+                statuses.append("not_converged")
+                limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
+                         else "max_seconds" if self.max_seconds is not None
+                         and (ctx.probe_seconds is None or self.max_seconds <= ctx.probe_seconds)
+                         else f"the budget's {ctx.probe_seconds:.3g} s per call")
+                reasons.append(f"{key}: stopped by {limit} after {used} products; the run of step {began} "
+                               f"continues at the next probe ({res.num_matvecs} products in all, "
+                               f"{int(found.sum())} of {k} eigenvalues found so far)")
+                continue
+            if not bool(found.all()):
                 # The budget ran out first: store the pairs found so far, flagged.
                 statuses.append("not_converged")
-                if paused:
-                    limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
-                             else "max_seconds" if self.max_seconds is not None
-                             and (ctx.probe_seconds is None or self.max_seconds <= ctx.probe_seconds)
-                             else f"the budget's {ctx.probe_seconds:.3g} s per call")
-                    reasons.append(f"{key}: stopped by {limit} after {used} products; the run of step {began} "
-                                   f"continues at the next probe ({res.num_matvecs} products in all, "
-                                   f"{int(found.sum())} of {k} eigenvalues found)")
-                else:
-                    reasons.append(f"{key}: stopped by {res.settings.get('stop')} after {res.num_matvecs} products, "
-                                   f"{int(found.sum())} of {k} eigenvalues found")
+                reasons.append(f"{key}: stopped by {res.settings.get('stop')} after {res.num_matvecs} products, "
+                               f"{int(found.sum())} of {k} eigenvalues found")
                 for i in range(k):
                     if bool(found[i]):
                         records.append(Record(p + "eigenvalue", float(res.eigenvalues[i]), key=key, index=i))

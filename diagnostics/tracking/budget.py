@@ -58,7 +58,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from diagnostics.errors import ConfigError
@@ -199,8 +199,8 @@ class BudgetScheduler:
             if _HEAVY & by_name[n].requires or type(by_name[n]).default_every >= 100
         )
         #: Scheduled diagnostics whose calls stop at the budget's per-call time (:meth:`probe_seconds`) and
-        #: continue at the next call; their first runs wait for a measured training step, and continue
-        #: at every step until they end (:meth:`carry_on`).
+        #: continue at the next call; their first runs wait for a measured training step, and a run cut
+        #: into calls continues at every step until it ends (:meth:`carry_on`).
         self.sliced: frozenset[str] = frozenset(n for n in self.leaders if by_name[n].resumable)
         #: Every-step diagnostics the budget thins when they alone take more than their share of it:
         #: those not scheduled whose schedule is every step and whose ``every`` was not given.
@@ -226,7 +226,10 @@ class BudgetScheduler:
         # the ledger admitted (a gap of the rule came due); with their followers.
         self._exempt_now: set[str] = set()
         self._admitted_now: set[str] = set()
-        self._carried_now: set[str] = set()  # first runs continued at this call (carry_on)
+        # Sliced runs: the seconds of the calls of each unfinished run so far, and the names whose run
+        # goes on after the current call (the Monitor says so in :meth:`account`).
+        self._partial: dict[str, float] = {}
+        self._unfinished_now: frozenset[str] = frozenset()
         # Timing of the Monitor's calls; an entry is (step, steps since the previous call, training seconds
         # before the call, monitor seconds of the call and of its update phase).
         self._history: deque[tuple[int, int, float, float]] = deque(maxlen=self.window)
@@ -301,8 +304,11 @@ class BudgetScheduler:
                 self._prev_exempt += s
             elif name in self._admitted_now:
                 self._prev_admitted += s
-            if name in self._carried_now:
-                continue  # a slice of a first run, not the cost of a run
+            if name in self.sliced:
+                s = self._partial.pop(name, 0.0) + float(s)
+                if name in self._unfinished_now:
+                    self._partial[name] = s
+                    continue  # the run goes on: its cost is known when it ends
             if self.runs.get(name, 0) == 2:
                 # The first run carries one-time work (a cold start instead of a warm one, an extra forward
                 # before a forward was observed, first-call imports): the second replaces it.
@@ -360,9 +366,11 @@ class BudgetScheduler:
             monitor, train, steps = monitor + m, train + t, steps + delta
         return monitor / train if train > 0 else None
 
-    def account(self, statuses: Mapping[str, Any]) -> list[Record]:
-        """Take the costs of a step's diagnostics (``{name: Status}``) and return the step's
-        ``monitor_overhead`` record (none before any training time was measured)."""
+    def account(self, statuses: Mapping[str, Any], unfinished: Iterable[str] = ()) -> list[Record]:
+        """Take the costs of a step's diagnostics (``{name: Status}``; ``unfinished``: those whose run
+        continues at a later call) and return the step's ``monitor_overhead`` record (none before any
+        training time was measured)."""
+        self._unfinished_now = frozenset(unfinished)
         self.observe_costs({n: s.seconds for n, s in statuses.items()})
         ratio = self.overhead()
         out = [] if ratio is None else [Record("monitor_overhead", ratio)]
@@ -526,7 +534,6 @@ class BudgetScheduler:
             thin = _THINNED_TOKEN in names
             names = [n for n in names if n != _THINNED_TOKEN]
         self._promised = {}
-        self._carried_now = set()
         chosen = set(names) | {f for f, lead in self.followers.items() if lead in names}
         for kind in (self._exempt_now, self._admitted_now):
             kind.update(f for f, lead in self.followers.items() if lead in kind)
@@ -556,15 +563,16 @@ class BudgetScheduler:
 
     def carry_on(self, names: Sequence[str]) -> list[str]:
         """Of ``names`` (diagnostics with an unfinished run that :meth:`due` did not choose at this step),
-        the ones whose unfinished run is their first: they run at this step too, so a first measurement
-        comes within a few steps, a slice per step. Their seconds count as the first run's (outside the
-        budget) and not as the cost of a run; not at a call that runs another long probe's first or second
-        run (one long probe per step). Call after :meth:`due`, in the same call."""
+        those that continue it at this step: all sliced ones, so a run cut into calls ends within a few
+        steps, a slice per step; none at a call that runs another long probe's first or second run (one
+        long probe per step). Their seconds are booked as the run's: outside the budget for a first or
+        second run, as a run the ledger admitted (with the cost of a whole run) for later ones; the cost
+        of the run is the sum of its calls (:meth:`account`). Call after :meth:`due`, in the same call."""
         if (self._exempt_now & self.heavy) - set(names):
             return []
-        out = [n for n in names if n in self.sliced and self.runs.get(n, 0) == 1]
-        self._exempt_now |= set(out)
-        self._carried_now |= set(out)
+        out = [n for n in names if n in self.sliced]
+        for n in out:
+            (self._exempt_now if self.runs.get(n, 0) <= 2 else self._admitted_now).add(n)
         return out
 
     def due_next(self, d: Diagnostic, step: int) -> bool:

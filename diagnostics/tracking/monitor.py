@@ -354,7 +354,7 @@ class Monitor:
         if self._budget is not None:
             due = self._budget.due(step, self.diagnostics)
             unfinished = [d.name for d in self.diagnostics if d.unfinished_run and d not in due]
-            if unfinished:  # a first run stopped by the per-call limit continues at every step until it ends
+            if unfinished:  # a run stopped by the per-call limit continues at every step until it ends
                 carried = set(self._budget.carry_on(unfinished))
                 due = [d for d in self.diagnostics if d in due or d.name in carried]
         else:
@@ -431,7 +431,8 @@ class Monitor:
         if self._commits is not None:
             records = pending.all_records()
             if self._budget is not None:
-                records += self._budget.account(pending.statuses)
+                unfinished = [d.name for d in self.diagnostics if d.unfinished_run]
+                records += self._budget.account(pending.statuses, unfinished)
             events = [e for _, e in pending.events]
             self._commits.write(pending.step, records, events, list(pending.statuses.values()), pending.source)
             if self._monitored % self.state_every == 0 and (

@@ -82,6 +82,7 @@ def test_capped_probes_resume_and_end_at_the_eigenvalues_of_the_step_they_began(
             break
     assert len(outs) > 2 and all(o.num_matvecs <= 5 for o in outs)
     assert all(o.status == "not_converged" and "continues at the next probe" in o.reason for o in outs[:-1])
+    assert not any(o.records for o in outs[:-1])  # nothing stored until the run ends
     last = outs[-1]
     assert last.status == "ok" and values(last, "hessian_probe_step") == [0.0]
     got = torch.tensor(values(last, "hessian_eigenvalue"), dtype=F64)
@@ -197,14 +198,17 @@ def test_warm_start_reduces_products_on_a_slowly_changing_model():
 
 def test_budget_exhaustion_is_not_converged_and_stored_as_such(tmp_path):
     case = medium_case()
-    d = HessianTop(k=4, tol=1e-10, max_matvecs=6)
+    resumed = HessianTop(k=4, tol=1e-10, max_matvecs=6).compute(make_ctx(case))
+    assert resumed.status == "not_converged" and "max_matvecs" in resumed.reason and not resumed.records
+    d = HessianTop(k=4, tol=1e-10, max_matvecs=6, resume=False)
     out = d.compute(make_ctx(case))
     assert out.status == "not_converged" and out.num_matvecs <= 6
     assert 0.0 in values(out, "hessian_converged")
     assert "max_matvecs" in out.reason
     # Through the Monitor: flagged numbers in the store, status not_converged.
     model = case.model
-    with Monitor(model, case.loss_fn, run=tmp_path / "run", diagnostics=[HessianTop(k=4, tol=1e-10, max_matvecs=6)],
+    with Monitor(model, case.loss_fn, run=tmp_path / "run",
+                 diagnostics=[HessianTop(k=4, tol=1e-10, max_matvecs=6, resume=False)],
                  probe_data=case.batches, strict=True) as mon:
         mon.step(0, case.batches[0])
     run = open_run(tmp_path / "run")

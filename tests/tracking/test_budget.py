@@ -16,11 +16,13 @@ from diagnostics.store import open_run
 from diagnostics.store.records import Record, Status
 from diagnostics.tracking import Monitor
 from diagnostics.tracking.budget import (
+    _COST_SMOOTHING,
     _THINNED_TOKEN,
     DEFAULT_BUDGET,
     MAX_STRIDE,
     STATE_KEY,
     BudgetScheduler,
+    _average,
     budgeted,
     explicit_names,
     resolve_budget,
@@ -523,15 +525,26 @@ def test_a_resumable_first_run_is_carried_on_outside_the_budget_and_only_the_fir
         due = sched.due(3, diags)
         assert [d.name for d in due] == ["loss"]
         assert sched.carry_on(["hessian_top"]) == ["hessian_top"]
-        clock.t += 5.0  # a slice far over the budget: booked as the first run's, not as a run's cost
-        sched.account({"hessian_top": Status("hessian_top", "ok", None, 5.0), "loss": Status("loss", "ok", None, 0)})
-    assert sched.cost.get("hessian_top") == cost and sched.runs["hessian_top"] == 1
+        assert "hessian_top" in sched._exempt_now  # a first run's slice: outside the budget
+        clock.t += 5.0
+        sched.account({"hessian_top": Status("hessian_top", "ok", None, 5.0), "loss": Status("loss", "ok", None, 0)},
+                      unfinished=["hessian_top"])
+    assert sched.cost.get("hessian_top") == cost and sched.runs["hessian_top"] == 1  # the run goes on
+    clock.t += 0.010
+    with sched.call():
+        sched.due(4, diags)
+        assert sched.carry_on(["hessian_top"]) == ["hessian_top"]
+        clock.t += 1.0
+        sched.account({"hessian_top": Status("hessian_top", "ok", None, 1.0), "loss": Status("loss", "ok", None, 0)})
+    # the run ended: one cost sample, the sum of the calls since it was cut (5 s + 1 s)
+    assert sched.cost["hessian_top"] == pytest.approx(_average(cost, 6.0, _COST_SMOOTHING))
     sched._exempt_now = {"sharpness"}  # another long probe's first run at this call: the slice waits
     sched.heavy = sched.heavy | {"sharpness"}
     assert sched.carry_on(["hessian_top"]) == []
-    sched._exempt_now = set()
-    sched.runs["hessian_top"] = 2
-    assert sched.carry_on(["hessian_top"]) == []  # later runs continue at their scheduled calls only
+    sched._exempt_now, sched._admitted_now = set(), set()
+    sched.runs["hessian_top"] = 3
+    assert sched.carry_on(["hessian_top"]) == ["hessian_top"]
+    assert "hessian_top" in sched._admitted_now  # a later run's slices count as the run the ledger let in
     ranked = BudgetScheduler(DEFAULT_BUDGET, diags, set(), sync=lambda names: names)
     ranked.step_seconds = 0.01
     assert ranked.probe_seconds() is None  # under torch.distributed every rank must stop at the same product
