@@ -124,8 +124,8 @@ class HessianTop(_HessianOrGGN):
             carry ``hessian_probe_step`` (the step it describes) when it spanned probes. Between probes the
             run holds its basis (at most 2 GiB, see :func:`~diagnostics.linalg.lanczos`), a copy of the
             parameters and the operator's linearisation. Under the Monitor's budget each probe is also cut
-            at ``ctx.probe_seconds`` (the budget's per-call time), and an unfinished first run continues
-            at every step. False: each probe starts afresh from the previous probe's eigenvectors, and
+            at ``ctx.probe_seconds`` (the budget's per-call time), and an unfinished run continues at
+            every step until it ends. False: each probe starts afresh from the previous probe's eigenvectors, and
             capped probes need not converge (``benchmarks/capped_probes.py``).
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
