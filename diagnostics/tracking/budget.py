@@ -61,9 +61,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.store.records import Record
+from diagnostics.tracking.budget_cut import CutRuns
+from diagnostics.tracking.budget_select import (
+    DEFAULT_BUDGET,
+    budgeted,
+    explicit_names,
+    resolve_budget,
+    scheduled_names,
+)
 from diagnostics.tracking.budget_window import WindowLedger
 
 __all__ = [
@@ -82,8 +89,6 @@ __all__ = [
     "timed_work",
 ]
 
-#: The budget of the ``standard`` preset: monitor time / training time.
-DEFAULT_BUDGET = 0.05
 #: Steps over which the amortised overhead is held within the budget.
 WINDOW = 200
 #: The second run of a scheduled diagnostic comes at most this many steps after its first.
@@ -104,47 +109,7 @@ _HEAVY = frozenset({"curvature", "per_sample_grads"})
 _THINNED_TOKEN = "monitor.every_step"
 
 
-def resolve_budget(budget: Any, spec: Any) -> float | None:
-    """The budget a Monitor uses: ``budget`` itself, or for ``"auto"`` :data:`DEFAULT_BUDGET` when
-    ``spec`` (the Monitor's ``diagnostics``) is the ``standard`` preset and None (fixed schedules) otherwise.
-
-    Raises:
-        ConfigError: ``budget`` is neither "auto", None nor a number in (0, 1].
-    """
-    if isinstance(budget, str) and budget == "auto":
-        return DEFAULT_BUDGET if spec is None or (isinstance(spec, str) and spec == "standard") else None
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < float(budget) <= 1:
-        raise ConfigError(
-            f"budget must be a fraction of training time in (0, 1], None or 'auto'; got {budget!r}"
-        )
-    return float(budget)
-
-
-def explicit_names(diagnostics: Sequence[Diagnostic], every: int | Mapping[str, int] | None) -> set[str]:
-    """Names whose schedule the Monitor's ``every`` argument fixes: all for an int, the keys of a mapping."""
-    if every is None:
-        return set()
-    if isinstance(every, Mapping):
-        return set(every)
-    return {d.name for d in diagnostics}
-
-
-def scheduled_names(diagnostics: Sequence[Diagnostic], explicit: set[str]) -> list[str]:
-    """Names the budget schedules, in list order: every diagnostic that is :func:`budgeted` and whose schedule
-    ``every=`` does not fix. The others keep their schedules."""
-    return [d.name for d in diagnostics if budgeted(d) and d.name not in explicit]
-
-
-def budgeted(d: Diagnostic) -> bool:
-    """Whether a budget schedules ``d``: its ``budgeted`` flag, or when unset, whether it runs passes or
-    decompositions of its own (it is not ``reads_only``)."""
-    flag = getattr(d, "budgeted", None)
-    return bool(flag) if flag is not None else not getattr(d, "reads_only", False)
-
-
-class BudgetScheduler:
+class BudgetScheduler(CutRuns):
     """Decides at each step which scheduled diagnostics run, from measured times (see the module docstring).
 
     Args:
@@ -550,29 +515,6 @@ class BudgetScheduler:
         self._prev_thin = thin and any(d.name in self.thinned for d in out)
         if self._prev_thin:
             self._thin_last = step
-        return out
-
-    def probe_seconds(self) -> float | None:
-        """Seconds one call of a resumable probe may take (``StepContext.probe_seconds``): what the budget
-        allows a whole window, ``budget * window * T``, so that no step stalls for a long probe; None before
-        a training step was measured, and under torch.distributed (each rank's clock would stop its run
-        at another product, and the products' collectives would no longer meet)."""
-        if self.step_seconds is None or self._sync is not None:
-            return None
-        return self.budget * self.window * self.step_seconds
-
-    def carry_on(self, names: Sequence[str]) -> list[str]:
-        """Of ``names`` (diagnostics with an unfinished run that :meth:`due` did not choose at this step),
-        those that continue it at this step: all sliced ones, so a run cut into calls ends within a few
-        steps, a slice per step; none at a call that runs another long probe's first or second run (one
-        long probe per step). Their seconds are booked as the run's: outside the budget for a first or
-        second run, as a run the ledger admitted (with the cost of a whole run) for later ones; the cost
-        of the run is the sum of its calls (:meth:`account`). Call after :meth:`due`, in the same call."""
-        if (self._exempt_now & self.heavy) - set(names):
-            return []
-        out = [n for n in names if n in self.sliced]
-        for n in out:
-            (self._exempt_now if self.runs.get(n, 0) <= 2 else self._admitted_now).add(n)
         return out
 
     def due_next(self, d: Diagnostic, step: int) -> bool:

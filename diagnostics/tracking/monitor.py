@@ -351,6 +351,7 @@ class Monitor:
             self.probe_data.append(detach_batch(batch))
             if len(self.probe_data) == self.probe_batches and self._uses_loss and self.writer is not None:
                 probes.save_probe(self.run_dir, self.probe_data)
+        carried: set[str] = set()
         if self._budget is not None:
             due = self._budget.due(step, self.diagnostics)
             unfinished = [d.name for d in self.diagnostics if d.unfinished_run and d not in due]
@@ -388,6 +389,13 @@ class Monitor:
             if d.name in self._hook_seconds:
                 status = dataclasses.replace(status, seconds=status.seconds + self._hook_seconds[d.name])
             pending.add(d, records, events, status)
+        ended = [d.name for d in due if d.name in carried and not d.unfinished_run]
+        if ended:  # a carried run ended: its readers run now, while what it shares is in this step's context
+            names = set(self._budget.follow(ended))
+            readers = [d for d in self.diagnostics if d.name in names and d not in due]
+            ctx.due = ctx.due | names
+            for d, (records, events, status) in zip(readers, self._runner.run_phase(readers, "compute", ctx)):
+                pending.add(d, records, events, status)
         # Free per-sample gradients, captured activations and operators before the update.
         ctx.end_compute_phase()
         self._monitored += 1

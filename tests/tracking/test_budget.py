@@ -605,3 +605,29 @@ def test_the_monitor_spreads_a_first_probe_over_steps_and_it_measures_its_first_
     got = run.series("hessian_eigenvalue")
     got = torch.tensor(got[got.step == ended].sort_values("index").value.to_numpy())
     assert torch.allclose(got, truth, rtol=1e-6)
+
+
+def test_the_readers_of_a_carried_run_run_at_the_step_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diagnostics.loss import ClassificationLoss
+
+    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
+                        lambda self: None if self.step_seconds is None else 1e-12)
+    model, data = _medium_mlp()
+    loss_fn = ClassificationLoss()
+    diags = [get_diagnostic("hessian_top", k=2, tol=1e-8), get_diagnostic("grad_subspace")]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, loss_fn, run=tmp_path / "run", diagnostics=diags, probe_data=data, budget=0.05,
+                 optimizer=opt) as monitor:
+        for step in range(40):
+            loss = loss_fn(model, data[0])
+            opt.zero_grad()
+            loss.backward()
+            monitor.step(step, data[0], loss)
+            opt.step()
+    run = open_run(tmp_path / "run")
+    st = run.status()
+    top = st[st.diagnostic == "hessian_top"]
+    ended = int(top[top.status == "ok"].step.min())
+    assert ended > 2 and len(top[top.step < ended]) > 1  # the first run was carried over several steps
+    fraction = run.series("grad_subspace_fraction")
+    assert ended in set(fraction.step)  # the reader ran where the run ended and read its eigenspace
