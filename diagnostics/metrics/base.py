@@ -43,8 +43,9 @@ class Output:
     """What ``compute`` returns when a plain list of records is not enough.
 
     ``status`` is ``"ok"``, ``"not_converged"``, ``"failed"`` (the output carries no records),
-    ``"skipped"`` (nothing was run: an input of the step is missing) or ``"nothing_measured"`` (the model
-    has nothing this diagnostic measures: no linear layer, no attention module). For
+    ``"skipped"`` (nothing was run: an input of the step is missing), ``"nothing_measured"`` (the model
+    has nothing this diagnostic measures: no linear layer, no attention module) or ``"continues"`` (a run
+    stopped by its per-call limit goes on at the next call; nothing stored yet). For
     ``"nothing_measured"`` ``reason`` must say what was looked for and how to fix it: the Monitor turns
     it into a ``misuse`` event and a :class:`~diagnostics.errors.MisuseWarning`, once per diagnostic.
     ``num_matvecs`` reports the cost of curvature estimates.

@@ -115,8 +115,9 @@ class HessianTop(_HessianOrGGN):
         bottom: also estimate the smallest eigenvalue (a second, separately warm-started Lanczos run).
         tol: relative residual tolerance of Lanczos.
         max_matvecs, max_seconds: budget per probe and block (the top run and, with ``bottom``, the
-            bottom run together). A probe that reaches it is ``not_converged``: with ``resume`` it stores
-            no numbers until the run ends, without it the pairs found so far, flagged.
+            bottom run together). A probe that reaches it has the status ``continues`` and stores no
+            numbers until the run ends (with ``resume``), or is ``not_converged`` with the pairs found so
+            far, flagged (without).
         resume: a top run stopped by the budget continues at the next probe where it stopped: same
             Krylov basis, same operator, frozen at the parameters of the step the run began
             (:meth:`~diagnostics.curvature.base.CurvatureOperator.freeze`), so a sequence of capped probes
@@ -260,7 +261,7 @@ class HessianTop(_HessianOrGGN):
             if paused:
                 # Nothing stored yet: the pairs found so far would be superseded by the run's result, and
                 # plotted beside it they would read as a curvature that changed.
-                statuses.append("not_converged")
+                statuses.append("continues")
                 limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
                          else "max_seconds" if self.max_seconds is not None
                          and (ctx.probe_seconds is None or self.max_seconds <= ctx.probe_seconds)

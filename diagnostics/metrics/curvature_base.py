@@ -115,8 +115,8 @@ def run_guarded(fn: Any) -> tuple[Any, str | None]:
 
 
 def worst_status(statuses: list[str]) -> str:
-    """"failed" if any is failed, else "not_converged" if any is, else "ok"."""
-    return "failed" if "failed" in statuses else "not_converged" if "not_converged" in statuses else "ok"
+    """The first of "failed", "not_converged" and "continues" (a run that goes on) found, else "ok"."""
+    return next((s for s in ("failed", "not_converged", "continues") if s in statuses), "ok")
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ class Status:
 
     ``status`` is ``"ok"``, ``"not_converged"`` (an estimate stopped by its budget or tolerance; its
     numbers are stored but flagged), ``"failed"`` (no numbers stored; ``reason`` says why),
-    ``"skipped"`` (not run: the step lacked what it needs, such as gradients; ``reason`` says what) or
-    ``"nothing_measured"`` (it ran but the model has nothing it measures, such as no attention module).
+    ``"skipped"`` (not run: the step lacked what it needs, such as gradients; ``reason`` says what),
+    ``"nothing_measured"`` (it ran but the model has nothing it measures, such as no attention module) or
+    ``"continues"`` (a run cut at its per-call limit goes on at a later call; no numbers yet).
     """
 
     diagnostic: str

@@ -16,7 +16,7 @@ from diagnostics.errors import StoreError
 from diagnostics.store.records import Event, Record, Status
 
 SEVERITIES = ("info", "warning", "error")
-STATUSES = ("ok", "not_converged", "failed", "skipped", "nothing_measured")
+STATUSES = ("ok", "not_converged", "failed", "skipped", "nothing_measured", "continues")
 _VALUE_HINT = "; convert tensors with .item(), and report a failed estimate as a failed Status, not as a value"
 
 
