@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics.errors import ConfigError
-from diagnostics.tracking import StepContext
 from diagnostics._batch import detach_batch, slice_batch
 from diagnostics._hooks import capture_inputs, capture_outputs, concat, select_modules
 from diagnostics._state import IsolationError, eval_mode, fork_global_rng, isolated
+from diagnostics.errors import ConfigError
+from diagnostics.tracking import StepContext
 
 
 def net() -> nn.Module:
