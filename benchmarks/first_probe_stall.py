@@ -1,10 +1,11 @@
-"""The longest step of a run's first steps under the ``standard`` preset's budget, with ``hessian_top``'s
-first run cut into slices (the default) and run whole (``resume=False``), in one process.
+"""The longest step of a run's first steps under the ``standard`` preset's budget, with the first runs of
+``hessian_top`` and ``sharpness`` cut into slices (the default) and run whole (``resume=False``), in one
+process.
 
 The 3.2M-parameter GPT of ``benchmarks/gpt_cases.py`` (``--size large``, 32 x 128 tokens per step, AdamW)
 or the zoo's tiny GPT (``--size tiny``); ``Monitor(diagnostics="standard")`` at its default 5% budget.
 Per configuration: every step's wall time (training and ``monitor.step``), the slowest steps and what ran
-in them, and the step at which ``hessian_top`` stored its first converged eigenvalues (and the step they
+in them, and per probe its calls and the step at which it stored its first numbers (and the step they
 describe).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/first_probe_stall.py [--size large] [--steps 40]``
@@ -28,9 +29,13 @@ from diagnostics.store import open_run  # noqa: E402
 from diagnostics.tracking import Monitor  # noqa: E402
 
 
+#: The probes whose runs the budget cuts into calls, and the series naming the step a spread run measured.
+PROBES = {"hessian_top": "hessian_probe_step", "sharpness": "sharpness_probe_step"}
+
+
 def run(model: torch.nn.Module, loss_fn, batches: list, steps: int, resume: bool, out: Path) -> dict:
-    """Train ``steps`` steps under the standard preset; per-step seconds and hessian_top's first result."""
-    diags = [get_diagnostic("hessian_top", resume=False) if d.name == "hessian_top" and not resume else d
+    """Train ``steps`` steps under the standard preset; per-step seconds and each probe's first result."""
+    diags = [get_diagnostic(d.name, resume=False) if d.name in PROBES and not resume else d
              for d in resolve_diagnostics("standard")]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seconds = []
@@ -47,15 +52,24 @@ def run(model: torch.nn.Module, loss_fn, batches: list, steps: int, resume: bool
     store = open_run(out)
     status = store.status()
     ran = {s: sorted(status[status.step == s].diagnostic) for s in range(steps)}
-    top = status[status.diagnostic == "hessian_top"].sort_values("step")
-    ok = top[top.status == "ok"]
-    first_ok = int(ok.step.iloc[0]) if len(ok) else None
-    probe = store.series("hessian_probe_step")
-    described = first_ok
-    if first_ok is not None and len(probe[probe.step == first_ok]):
-        described = int(probe[probe.step == first_ok].value.iloc[0])
-    return {"seconds": seconds, "ran": ran, "first_ok": first_ok, "described": described,
-            "hessian_calls": list(top.step)}
+    probes = {}
+    for name, probe_step in PROBES.items():
+        calls = status[status.diagnostic == name].sort_values("step")
+        ended = calls[calls.status.isin(("ok", "not_converged"))]
+        first = int(ended.step.iloc[0]) if len(ended) else None
+        described = first
+        spread = store.series(probe_step)
+        if first is not None and len(spread[spread.step == first]):
+            described = int(spread[spread.step == first].value.iloc[0])
+        first_calls = list(calls.step[calls.step <= first]) if first is not None else list(calls.step)
+        probes[name] = {"first": first, "described": described, "calls": first_calls}
+    return {"seconds": seconds, "ran": ran, "probes": probes}
+
+
+def _first(p: dict) -> str:
+    calls = p["calls"]
+    span = f"{len(calls)} (steps {calls[0]}-{calls[-1]})" if calls else "0"
+    return f"{span}, ok at {p['first']} ({p['described']})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(p.numel() for p in base.parameters())} parameters, {args.steps} steps")
     print("Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/first_probe_stall.py "
           f"--size {args.size} --steps {args.steps}`\n")
-    print("| hessian_top | median step (s) | slowest steps (s, step: what ran) | hessian_top calls | first ok at "
-          "step (describes step) |")
+    print("| probes | median step (s) | slowest steps (s, step: what ran) | hessian_top's first run: calls, "
+          "ended at (describes) | sharpness's first run: calls, ended at (describes) |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for resume in (True, False):
@@ -80,10 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             slow = "; ".join(f"{secs[s]:.1f} (step {s}: {', '.join(n for n in res['ran'][s] if n not in _CHEAP)})"
                              for s in order)
             median = sorted(secs)[len(secs) // 2]
-            calls = res["hessian_calls"]
             print(f"| {'sliced (resume=True)' if resume else 'whole (resume=False)'} | {median:.2f} | {slow} | "
-                  f"{len(calls)} (steps {calls[0]}-{calls[-1]}) | {res['first_ok']} ({res['described']}) |",
-                  flush=True)
+                  f"{_first(res['probes']['hessian_top'])} | {_first(res['probes']['sharpness'])} |", flush=True)
     return 0
 
 

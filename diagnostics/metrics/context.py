@@ -83,14 +83,25 @@ class StepContext:
         self._cache: dict[Any, Any] = {}
         self.due: frozenset[str] | None = None
         #: Seconds one call of a resumable probe may take at this step (set by the Monitor's budget), or
-        #: None for no limit beyond the diagnostic's own.
+        #: None for no limit beyond the diagnostic's own; read it through :meth:`call_seconds`.
         self.probe_seconds: float | None = None
+        #: The diagnostics whose calls :attr:`probe_seconds` cuts (the budget's own schedule carries their
+        #: unfinished runs on); None: every resumable one.
+        self.sliced: frozenset[str] | None = None
         self.microbatch_moments: GradientMoments | None = None
         self._before_update: dict[str, torch.Tensor] | None = None
         self._before_flat: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None
         self._after_update = False
         # The trainable (name, parameter) pairs, when the caller already listed them for this step.
         self._named: list[tuple[str, torch.nn.Parameter]] | None = named_parameters
+
+    def call_seconds(self, name: str) -> float | None:
+        """Seconds a call of the resumable diagnostic ``name`` may take at this step: :attr:`probe_seconds`
+        when the budget cuts its calls, else None (a diagnostic that runs with another, as ``sharpness``
+        after ``hessian_trace``, is not carried on alone, so its runs are not cut)."""
+        if self.sliced is not None and name not in self.sliced:
+            return None
+        return self.probe_seconds
 
     # --- plain inputs ---------------------------------------------------------------------------
     @property

@@ -220,7 +220,7 @@ class HessianTop(_HessianOrGGN):
                 return None, why, op.num_matvecs, ctx.step, False
             run = _UnfinishedRun(lz, op, raw, ctx.step, k)
         before = run.op.num_matvecs
-        limits = [x for x in (self.max_seconds, ctx.probe_seconds) if x is not None]
+        limits = [x for x in (self.max_seconds, ctx.call_seconds(self.name)) if x is not None]
         seconds = min(limits) if limits else None
         res, why = run_guarded(lambda: run.lanczos.advance(self.max_matvecs, seconds))
         used = run.op.num_matvecs - before
@@ -262,10 +262,11 @@ class HessianTop(_HessianOrGGN):
                 # Nothing stored yet: the pairs found so far would be superseded by the run's result, and
                 # plotted beside it they would read as a curvature that changed.
                 statuses.append("continues")
+                cut = ctx.call_seconds(self.name)
                 limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
                          else "max_seconds" if self.max_seconds is not None
-                         and (ctx.probe_seconds is None or self.max_seconds <= ctx.probe_seconds)
-                         else f"the budget's {ctx.probe_seconds:.3g} s per call")
+                         and (cut is None or self.max_seconds <= cut)
+                         else f"the budget's {cut:.3g} s per call")
                 reasons.append(f"{key}: stopped by {limit} after {used} products; the run of step {began} "
                                f"continues at the next probe ({res.num_matvecs} products in all, "
                                f"{int(found.sum())} of {k} eigenvalues found so far)")

@@ -36,7 +36,7 @@ stability".
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -44,7 +44,6 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError
 from diagnostics.linalg.finite import FiniteChecked
-from diagnostics.metrics.adam_state import coming_gradient, coming_second_moment, decoupled_decay
 from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import (
     CurvatureDiagnostic,
@@ -55,6 +54,15 @@ from diagnostics.metrics.curvature_base import (
 )
 from diagnostics.metrics.misuse import misuse_event, train_mode_modules
 from diagnostics.metrics.registry import register
+from diagnostics.metrics.stability import (
+    Preconditioned,
+    adam_preconditioner,
+    adam_weight_decay,
+    optimizer_family,
+    sgd_rule,
+    sgd_threshold,
+    unsupported_reason,
+)
 from diagnostics.store.records import Event, Record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,26 +70,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Sharpness", "adam_preconditioner", "adam_weight_decay", "optimizer_family", "probe_mode_misuse",
            "sgd_rule", "sgd_threshold", "unsupported_reason"]
-
-
-# --- optimizer reading -----------------------------------------------------------------------------------
-#: Optimizers with a stability threshold on a quadratic, by exact type (a subclass may change the step).
-_ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
-
-#: Why the common optimizers outside the whitelist get no threshold.
-_UNSUPPORTED = {
-    "Lion": "its update is the sign of a momentum, not a linear map of the gradient, so no quadratic threshold",
-    "NAdam": "Nesterov momentum with a decaying momentum schedule: no fixed threshold has been derived here",
-    "RAdam": "the variance rectification changes the effective step over training: no fixed threshold",
-    "RMSprop": "not whitelisted (its threshold would depend on its momentum and centering options)",
-    "Adamax": "an infinity-norm preconditioner that is not the sqrt(v_hat) of Cohen et al. 2022",
-    "Adagrad": "a preconditioner that only grows, so the threshold moves every step",
-    "Adadelta": "a step size set by running averages of updates: no threshold of the form c / lr",
-    "LBFGS": "a quasi-Newton step, not a fixed linear map of the gradient",
-    "SparseAdam": "updates only the rows of a sparse gradient",
-    "ASGD": "averaging and a decaying step size: not whitelisted",
-    "Rprop": "sign-based steps with per-element step sizes: no quadratic threshold",
-}
 
 
 #: The records that compare curvature with the optimizer's threshold.
@@ -116,185 +104,63 @@ def probe_mode_misuse(ctx: StepContext) -> list[Event]:
     )]
 
 
-def optimizer_family(optimizer: torch.optim.Optimizer | None) -> str:
-    """``"sgd"`` for ``torch.optim.SGD`` (or no optimizer: plain GD with ``lr=``), ``"adam"`` for
-    ``torch.optim.Adam`` / ``AdamW``, ``"unsupported"`` for anything else (exact types: a subclass may
-    change the step, so it is not assumed to keep the parent's threshold)."""
-    if optimizer is None or type(optimizer) is torch.optim.SGD:
-        return "sgd"
-    if type(optimizer) in _ADAM_TYPES:
-        return "adam"
-    return "unsupported"
 
+# --- one probe, possibly spread over calls -----------------------------------------------------------------
+class _Search:
+    """The top-1 Lanczos run of one operator of a probe (a block's raw or preconditioned curvature)."""
 
-def unsupported_reason(optimizer: torch.optim.Optimizer) -> str:
-    """Why ``optimizer`` gets sharpness but no threshold or ratio (recorded as the step's status reason)."""
-    name = type(optimizer).__name__
-    why = _UNSUPPORTED.get(name, "it is not in the whitelist SGD (plain, heavy-ball, Nesterov), Adam, AdamW")
-    return f"no stability threshold for {name}: {why}; only sharpness is recorded"
-
-
-def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
-    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
-
-
-def _as_float(x: Any) -> float:
-    return float(x.item() if torch.is_tensor(x) else x)
-
-
-def sgd_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
-    """The largest curvature at which (momentum) gradient descent with step ``lr`` is stable on a quadratic.
-
-    On ``0.5 * lam * x^2`` PyTorch's SGD is a linear recursion in ``(x_t, x_{t-1})``; with ``a = lr * lam``:
-
-    * plain GD: ``x_{t+1} = (1 - a) x_t``, stable iff ``a < 2``: ``lam < 2 / lr``.
-    * heavy ball, ``b_t = beta b_{t-1} + (1 - d) g_t``, ``x_{t+1} = x_t - lr b_t``:
-      ``x_{t+1} = (1 + beta - (1 - d) a) x_t - beta x_{t-1}``, characteristic polynomial
-      ``z^2 - (1 + beta - (1 - d) a) z + beta``; for ``0 <= beta < 1`` its roots lie inside the unit circle
-      iff ``|1 + beta - (1 - d) a| < 1 + beta``: ``lam < 2 (1 + beta) / (lr (1 - d))``.
-    * Nesterov (dampening 0), ``x_{t+1} = x_t - lr (g_t + beta b_t)``:
-      ``x_{t+1} = (1 + beta)(1 - a) x_t - beta (1 - a) x_{t-1}``, polynomial
-      ``z^2 - (1 + beta)(1 - a) z + beta (1 - a)``; the Jury conditions ``p(1) = a > 0`` and
-      ``p(-1) = 1 + (1 + 2 beta)(1 - a) > 0`` give ``lam < 2 (1 + beta) / ((1 + 2 beta) lr)`` (then
-      ``|beta (1 - a)| < 1`` holds too). Nesterov is less tolerant of curvature than heavy ball with the same
-      beta: 3.8/lr against 1.36/lr for beta = 0.9.
-
-    ``tests/metrics/test_sharpness.py`` checks each against ``torch.optim.SGD`` on a quadratic.
-
-    Example:
-        >>> sgd_threshold(0.1), round(sgd_threshold(0.1, momentum=0.9), 6)
-        (20.0, 38.0)
-        >>> round(sgd_threshold(0.1, momentum=0.9, nesterov=True), 6)  # 2 * 1.9 / (2.8 * 0.1)
-        13.571429
-    """
-    if nesterov:
-        return 2.0 * (1.0 + momentum) / (lr * (1.0 + 2.0 * momentum))
-    return 2.0 * (1.0 + momentum) / (lr * (1.0 - dampening))
-
-
-def sgd_rule(optimizer: torch.optim.SGD | None, lr: float) -> tuple[float | None, float, str | None]:
-    """``(threshold, weight_decay, reason)`` of plain or momentum SGD with step ``lr``.
-
-    Coupled weight decay ``wd`` adds ``wd * theta`` to the gradient, so the optimizer's curvature is
-    ``H + wd I``: the ratio is taken on ``lambda_max + wd``. ``threshold`` is None (and ``reason`` says
-    why) when the parameter groups disagree on momentum, dampening, Nesterov, weight decay or step size
-    (no single threshold), or with ``maximize=True``.
-    """
-    if optimizer is None:
-        return sgd_threshold(lr), 0.0, None
-    keys = ("momentum", "dampening", "nesterov", "weight_decay", "lr", "maximize")
-    seen = {k: {_as_float(g.get(k, 0.0) or 0.0) for g in optimizer.param_groups} for k in keys}
-    differ = [k for k, v in seen.items() if len(v) > 1]
-    if differ:
-        return None, 0.0, f"SGD parameter groups differ in {', '.join(differ)}: no single stability threshold"
-    g = optimizer.param_groups[0]
-    if g.get("maximize"):
-        return None, 0.0, "SGD with maximize=True ascends the loss: no stability threshold"
-    thr = sgd_threshold(lr, float(g.get("momentum", 0.0) or 0.0), float(g.get("dampening", 0.0) or 0.0),
-                        bool(g.get("nesterov", False)))
-    return thr, float(g.get("weight_decay", 0.0) or 0.0), None
-
-
-def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str],
-                        lr_ref: float, grads: Mapping[str, Tensor] | None = None,
-                        ) -> tuple[Tensor, float, str | None]:
-    """The scaling ``s = P^{-1/2}`` (flat, in ``names`` order) of Adam's preconditioned sharpness.
-
-    Which ``v_hat``. With ``grads`` (the gradients the coming ``optimizer.step()`` will use, i.e. the
-    Monitor's ``.grad`` between ``backward()`` and ``step()``), ``P`` is exactly the denominator of that
-    step: ``g_t`` (plus ``weight_decay * theta`` for Adam's coupled weight decay), ``t`` = the state's step
-    + 1, ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` (``v_0 = 0`` before the first step), ``v_hat_t =
-    v_t / (1 - beta2^t)`` (``amsgrad``: ``max(max_exp_avg_sq, v_t) / (1 - beta2^t)``), and
-    ``P_j = sqrt(v_hat_t) + eps`` as in ``torch.optim.Adam``. Parameters without a gradient are not moved by
-    the step and get ``s = 0``. Without ``grads`` it is the bias-corrected ``v`` of the last *completed*
-    step (``exp_avg_sq / (1 - beta2^step)``), one step stale; before the first step there is none.
-
-    With per-group learning rates ``P_j`` is multiplied by ``lr_ref / lr_g``, so that one threshold
-    ``(2 + 2 beta1) / ((1 - beta1) lr_ref)`` applies to every direction.
-
-    Returns:
-        ``(s [P] float64, beta1, reason)``; ``reason`` is not None when nothing could be read (no state
-        and no gradients, or groups with different beta1), in which case ``s`` is meaningless.
-    """
-    groups = _group_of(optimizer)
-    parts: list[Tensor] = []
-    betas1: set[float] = set()
-    seen = 0
-    for n in names:
-        p = model_params[n]
-        g = groups.get(id(p))
-        st = optimizer.state.get(p, {}) if g is not None else {}
-        zero = torch.zeros(p.numel(), dtype=torch.float64)
-        if g is None:
-            parts.append(zero)
-            continue
-        b1, b2 = (float(b) for b in g["betas"])
-        amsgrad = bool(g.get("amsgrad"))
-        step = _as_float(st["step"]) if "step" in st else 0.0
-        if grads is not None:
-            grad = grads.get(n)
-            if grad is None:
-                parts.append(zero)
-                continue
-            gt = coming_gradient(optimizer, g, p, grad.reshape(p.shape).cpu(), torch.float64).reshape(-1)
-            v, t = coming_second_moment(g, st, gt)
-        else:
-            key = "max_exp_avg_sq" if amsgrad and "max_exp_avg_sq" in st else "exp_avg_sq"
-            if key not in st or step < 1:
-                parts.append(zero)
-                continue
-            t = step
-            v = st[key].detach().reshape(-1).to(torch.float64).cpu()
-        seen += 1
-        betas1.add(b1)
-        v_hat = v / (1.0 - b2**t)
-        denom = (v_hat.sqrt() + float(g["eps"])) * (lr_ref / _as_float(g["lr"]))
-        parts.append(denom.rsqrt())
-    if seen == 0:
-        what = "no gradients for the coming step" if grads is not None else "no Adam state yet (before its first step)"
-        return torch.zeros(0, dtype=torch.float64), 0.0, f"the optimizer has {what}"
-    if len(betas1) > 1:
-        return torch.zeros(0, dtype=torch.float64), 0.0, f"Adam parameter groups differ in beta1 {sorted(betas1)}: " \
-            "no single stability threshold"
-    return torch.cat(parts), betas1.pop(), None
-
-
-def adam_weight_decay(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str]) -> Tensor | None:
-    """Per-element coupled (L2) weight decay of Adam, flat in ``names`` order, or None when there is none.
-
-    Adam's coupled ``weight_decay`` adds ``wd * theta`` to the gradient, so the preconditioned operator the
-    step sees is ``P^{-1/2} (H + diag(wd)) P^{-1/2}``. AdamW's decoupled decay multiplies the weights by
-    ``1 - lr * wd``, a contraction that is left out (it moves the threshold by a relative ``O(lr * wd)``).
-    """
-    groups = _group_of(optimizer)
-    parts = []
-    for n in names:
-        p = model_params[n]
-        g = groups.get(id(p)) or {}
-        wd = float(g.get("weight_decay", 0.0) or 0.0)
-        coupled = wd and not decoupled_decay(optimizer, g)
-        parts.append(torch.full((p.numel(),), wd if coupled else 0.0, dtype=torch.float64))
-    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return flat if bool((flat != 0).any()) else None
-
-
-class _Preconditioned:
-    """``diag(s) (H + diag(w)) diag(s)``: Adam's preconditioned curvature including coupled weight decay."""
-
-    def __init__(self, op: Any, s: Tensor, w: Tensor) -> None:
-        from diagnostics.linalg import ScaledOperator
-
-        self.scaled = ScaledOperator(op, s)
-        self.shape, self.dtype, self.device = self.scaled.shape, self.scaled.dtype, self.scaled.device
-        self.shift = (w * s.square()).to(dtype=self.dtype, device=self.device)
-
-    def __matmul__(self, V: Tensor) -> Tensor:
-        V = V.to(dtype=self.dtype, device=self.device)
-        return self.scaled @ V + (self.shift if V.dim() == 1 else self.shift[:, None]) * V
+    def __init__(self, label: str, op: FiniteChecked, vector_key: tuple[str, str]) -> None:
+        self.label, self.op, self.vector_key = label, op, vector_key
+        self.run: Any = None  # the LanczosRun while it goes on (resume)
+        self.value: float | None = None
+        self.converged = False
 
     @property
-    def num_matvecs(self) -> int:
-        return self.scaled.num_matvecs
+    def done(self) -> bool:
+        return self.value is not None
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.close()
+            self.run = None
+
+
+class _Block:
+    """What one block of a probe compares: its operators' searches and the thresholds of the probe's step."""
+
+    def __init__(self, key: str, raw: Any) -> None:
+        self.key, self.raw = key, raw
+        self.searches: list[_Search] = []
+        self.sgd: tuple[float, float] | None = None  # (threshold, coupled weight decay)
+        self.adam_threshold: float | None = None
+        self.trace_ratio: float | None = None
+
+
+class _Probe:
+    """A sharpness probe: the step it describes, what the optimizer was at that step, and its searches.
+
+    A probe cut into calls keeps all of it, so that the thresholds, the learning rate and Adam's
+    preconditioner are those of the step whose curvature the searches measure."""
+
+    def __init__(self, step: int, family: str) -> None:
+        self.step, self.family = step, family
+        self.blocks: list[_Block] = []
+        self.reasons: list[str] = []
+        self.preconditioner: str | None = None
+        self.products = 0  # in all calls so far
+
+    def searches(self) -> list[_Search]:
+        return [s for b in self.blocks for s in b.searches]
+
+    def freeze(self) -> None:
+        """Keep the probe's step's parameters for the products of later calls (a copy per block)."""
+        for b in self.blocks:
+            if not b.raw.frozen:
+                b.raw.freeze()
+
+    def close(self) -> None:
+        for s in self.searches():
+            s.close()
 
 
 # --- the diagnostic ---------------------------------------------------------------------------------------
@@ -304,7 +170,8 @@ class Sharpness(CurvatureDiagnostic):
 
     Records (key = block, "all" by default): ``sharpness``; for SGD-like optimizers
     ``stability_threshold`` and ``sharpness_ratio`` (and ``trace_ratio``); for Adam ``adam_sharpness``,
-    ``adam_threshold`` and ``adam_sharpness_ratio``. Events: ``edge_of_stability`` on crossings of 1.
+    ``adam_threshold`` and ``adam_sharpness_ratio``; ``sharpness_probe_step`` when the probe spanned
+    several calls. Events: ``edge_of_stability`` on crossings of 1.
 
     Read: ``sharpness_ratio`` near 1 means training sits at the edge of stability, where the loss is
     non-monotone but still decreases on average; well above 1 for long means the step is too large for the
@@ -317,9 +184,17 @@ class Sharpness(CurvatureDiagnostic):
         trace: ``"auto"`` (default) records ``trace_ratio`` when ``hessian_trace`` ran earlier in the same
             step with the same ``num_matvecs`` and seed (free: ``ctx.trace`` shares its estimate);
             ``True`` always estimates ``Tr(H)`` by Hutch++ with ``trace_matvecs`` products (reused when
-            available); ``False`` never records it.
-        tol, max_matvecs, max_seconds: Lanczos tolerance and budget per Lanczos run (one per block; a
-            second for Adam's preconditioned operator); a budget stop is stored as ``not_converged``.
+            available, taken whole in the probe's first call); ``False`` never records it.
+        tol: Lanczos tolerance.
+        max_matvecs, max_seconds: budget per call of each Lanczos run (one per block; a second for Adam's
+            preconditioned operator). With ``resume`` a run that reaches it continues at the next call;
+            without, it is stored as ``not_converged``.
+        resume: a probe stopped by its budget, or by ``ctx.probe_seconds`` (the Monitor's overhead budget
+            cuts a long probe into calls of a share of the step time), continues at the next call on the
+            parameters of the step it began, with that step's learning rate, thresholds and Adam
+            preconditioner; the calls in between store only the status ``continues``. False: each probe
+            runs whole from the previous probe's vector.
+        warm_start: start each run from the previous probe's top vector.
         hysteresis: a ratio above 1 counts as back below only under ``1 - hysteresis``.
         preconditioner: Adam's ``v_hat``: ``"next_step"`` (default) the one ``optimizer.step()`` is about
             to use (state plus the current gradient), ``"state"`` the bias-corrected ``v`` of the last
@@ -327,24 +202,26 @@ class Sharpness(CurvatureDiagnostic):
 
     Cost: top-1 Lanczos (a handful of HVPs warm-started from the previous probe's vector) per ratio
     family (a second one for Adam's preconditioned operator), plus ``trace_matvecs`` HVPs when ``trace=True``
-    and no ``hessian_trace`` estimate of the step is available.
+    and no ``hessian_trace`` estimate of the step is available. A probe spread over calls holds, per
+    block, a copy of the parameters and buffers and its Lanczos bases until it ends.
     """
 
     name = "sharpness"
     requires = frozenset({"curvature", "optimizer"})
     preset = "standard"
+    resumable = True
     # Top-1 Lanczos costs 10-20 HVPs, each 2-3 training steps: every 500 steps is about 10% of training on
     # the zoo's tiny GPT. Edge-of-stability studies probe far more often (every=10 in the example).
     default_every = 500
     metrics = ("sharpness", "stability_threshold", "sharpness_ratio", "adam_sharpness", "adam_threshold",
-               "adam_sharpness_ratio", "trace_ratio")
+               "adam_sharpness_ratio", "trace_ratio", "sharpness_probe_step")
     #: with ``trace="auto"`` it reuses hessian_trace's estimate of the step, so it runs after it.
     after: ClassVar[tuple[str, ...]] = ("hessian_trace",)
 
     def __init__(self, every: int | None = None, start: int = 0, *, params: Any = None, lr: float | None = None,
                  trace: bool | str = "auto", trace_matvecs: int = 60, tol: float = 1e-3, max_matvecs: int | None = 100,
-                 max_seconds: float | None = None, warm_start: bool = True, hysteresis: float = 0.1,
-                 preconditioner: str = "next_step", seed: int = 0) -> None:
+                 max_seconds: float | None = None, resume: bool = True, warm_start: bool = True,
+                 hysteresis: float = 0.1, preconditioner: str = "next_step", seed: int = 0) -> None:
         super().__init__(every, start, kind="hessian", params=params, seed=seed)
         self.metrics = type(self).metrics
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
@@ -367,132 +244,223 @@ class Sharpness(CurvatureDiagnostic):
         self.tol = float(tol)
         self.max_matvecs = max_matvecs
         self.max_seconds = max_seconds
+        self.resume = bool(resume)
         self.warm_start = bool(warm_start)
         self.hysteresis = float(hysteresis)
         #: previous probe's top vector per (block, "raw" | "adam"): the next probe's warm start.
         self.vectors: dict[Any, Tensor] = {}
+        #: a probe stopped by its per-call limit, continued by the next call (``resume``).
+        self.unfinished: _Probe | None = None
+
+    @property
+    def unfinished_run(self) -> bool:
+        return self.unfinished is not None
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "lr": self.lr, "trace": self.trace, "trace_matvecs": self.trace_matvecs,
                 "tol": self.tol, "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds,
-                "warm_start": self.warm_start, "hysteresis": self.hysteresis,
+                "resume": self.resume, "warm_start": self.warm_start, "hysteresis": self.hysteresis,
                 "adam_preconditioner": self.preconditioner}
 
-    # top eigenvalue, warm-started; returns (value, converged, matvecs, reason)
-    def _top(self, op: Any, key: Any) -> tuple[float | None, bool, int, str | None]:
-        from diagnostics.linalg import lanczos
+    # --- the searches ----------------------------------------------------------------------------------
+    def _search(self, label: str, op: Any, vector_key: tuple[str, str]) -> _Search:
+        """A top-1 search of ``op``, warm-started, not run yet (no product)."""
+        from diagnostics.linalg import LanczosRun
 
         dim = int(op.shape[0])
         if dim < 2:
             raise ConfigError(f"sharpness: block has {dim} parameter; Lanczos needs at least 2")
-        v0 = self.vectors.get(key) if self.warm_start else None
-        if v0 is not None and v0.shape[0] != dim:
-            v0 = None
-        checked = FiniteChecked(op)
-        res, why = run_guarded(lambda: lanczos(checked, k=1, which="LA", tol=self.tol, v0=v0, seed=self.seed,
-                                               max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
-        if res is None or not math.isfinite(float(res.eigenvalues[0])):
-            self.vectors.pop(key, None)
-            return None, False, checked.num_matvecs, why or "Lanczos returned a non-finite eigenvalue"
-        self.vectors[key] = res.eigenvectors[:, 0].detach()
-        return float(res.eigenvalues[0]), res.all_converged, checked.num_matvecs, None
+        search = _Search(label, FiniteChecked(op), vector_key)
+        if self.resume:
+            v0 = self._warm(vector_key, dim)
+            search.run = LanczosRun(search.op, k=1, which="LA", tol=self.tol, v0=v0, seed=self.seed)
+        return search
 
-    def _crossing(self, ctx: StepContext, metric: str, key: str, ratio: float) -> Event | None:
-        sides = self.state.setdefault("side", {})
-        sid = f"{metric}/{key}"
-        above = sides.get(sid, "below") == "above"
-        if not above and ratio >= 1.0:
-            sides[sid] = "above"
-            return Event("edge_of_stability", f"{metric} crossed 1 ({ratio:.3f}) at step {ctx.step}: curvature "
-                         "reached the optimizer's stability threshold", severity="warning", metric=metric, key=key,
-                         data={"ratio": ratio, "direction": "up"})
-        if above and ratio < 1.0 - self.hysteresis:
-            sides[sid] = "below"
-            return Event("edge_of_stability", f"{metric} fell back below 1 ({ratio:.3f}) at step {ctx.step}",
-                         severity="info", metric=metric, key=key, data={"ratio": ratio, "direction": "down"})
+    def _warm(self, vector_key: tuple[str, str], dim: int) -> Tensor | None:
+        v0 = self.vectors.get(vector_key) if self.warm_start else None
+        return v0 if v0 is not None and v0.shape[0] == dim else None
+
+    def _advance(self, search: _Search, seconds: float | None) -> str | None:
+        """Run ``search`` until it ends or ``seconds`` / ``max_matvecs`` stop this call: None when it ended
+        or paused (``search.done`` says which), else why it failed. Cost: the products it runs."""
+        from diagnostics.linalg import lanczos
+
+        if search.run is None:  # resume=False: the whole run now, stopped for good by its budget
+            dim = int(search.op.shape[0])
+            res, why = run_guarded(lambda: lanczos(
+                search.op, k=1, which="LA", tol=self.tol, v0=self._warm(search.vector_key, dim), seed=self.seed,
+                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
+        else:
+            res, why = run_guarded(lambda: search.run.advance(self.max_matvecs, seconds))
+            if why is None and res is None:
+                return None
+            search.close()
+        if res is None or not math.isfinite(float(res.eigenvalues[0])):
+            self.vectors.pop(search.vector_key, None)
+            return why or "Lanczos returned a non-finite eigenvalue"
+        self.vectors[search.vector_key] = res.eigenvectors[:, 0].detach()
+        search.value, search.converged = float(res.eigenvalues[0]), res.all_converged
         return None
 
-    def compute(self, ctx: StepContext) -> Output:
+    # --- a probe's first call: what the step's optimizer says ---------------------------------------
+    def _begin(self, ctx: StepContext) -> tuple[_Probe, str | None, int]:
+        """The probe of this step, its searches not run yet: ``(probe, failure reason, products spent)``;
+        the products are those of ``trace_ratio`` (Hutch++ when ``trace=True`` finds no shared estimate)."""
         lr = self.lr if self.lr is not None else ctx.lr
         opt = ctx.optimizer
-        family = optimizer_family(opt)
-        records: list[Record] = []
-        events: list[Event] = []
-        statuses: list[str] = []
-        reasons: list[str] = []
-        total = 0
-        preconditioner = None
+        probe = _Probe(ctx.step, optimizer_family(opt))
+        spent = 0
         for key, op in self.operators(ctx):
-            lam, conv, spent, why = self._top(op, (key, "raw"))
-            total += spent
-            if lam is None:
-                return failed(f"{key}: {why}", total)
-            records.append(Record("sharpness", lam, key=key))
-            statuses.append("ok" if conv else "not_converged")
-            if not conv:
-                reasons.append(f"{key}: lambda_max not converged within the budget")
+            block = _Block(key, op)
+            probe.blocks.append(block)
+            block.searches.append(self._search(key, op, (key, "raw")))
             if lr is None:
-                reasons.append("no learning rate (no optimizer and no lr= option): thresholds not recorded")
+                probe.reasons.append("no learning rate (no optimizer and no lr= option): thresholds not recorded")
                 continue
-            if family == "unsupported":
-                reasons.append(unsupported_reason(opt))
+            if probe.family == "unsupported":
+                probe.reasons.append(unsupported_reason(opt))
                 continue
-            if family == "sgd":
+            if probe.family == "sgd":
                 thr, wd, why = sgd_rule(opt, lr)
                 if thr is None:
-                    reasons.append(str(why))
+                    probe.reasons.append(str(why))
                     continue
-                ratio = (lam + wd) / thr
-                records += [Record("stability_threshold", thr, key=key), Record("sharpness_ratio", ratio, key=key)]
-                ev = self._crossing(ctx, "sharpness_ratio", key, ratio)
-                events += [ev] if ev else []
+                block.sgd = (thr, wd)
                 sel = self.block_params(key)
                 shared = ctx.has_trace("hessian", sel, num_matvecs=self.trace_matvecs, seed=self.seed)
                 if self.trace is True or (self.trace == "auto" and shared):
                     out, why = run_guarded(lambda sel=sel: ctx.trace(
                         "hessian", sel, num_matvecs=self.trace_matvecs, seed=self.seed))
                     if out is None:
-                        return failed(f"{key} trace: {why}", total)
-                    est, spent = out
-                    total += spent
-                    tr = float(est.mean) * lr / 2.0
+                        return probe, f"{key} trace: {why}", spent
+                    est, used = out
+                    spent += used
                     # Recorded, but no event: the trace criterion is about minima, and early in training
                     # Tr(H) lr / 2 is routinely above 1 without anything going wrong.
-                    records.append(Record("trace_ratio", tr, key=key))
-            else:
-                params = dict(ctx.model.named_parameters())
-                names = list(op.param_names)
-                grads = None
-                if self.preconditioner == "next_step":
-                    grads = {n: g for n, g in ctx.grads().items() if n in params}
-                    if not grads:
-                        grads = None
-                        reasons.append("no gradients at this step: P from the previous step's v_hat")
-                s, beta1, missing = adam_preconditioner(opt, params, names, lr, grads=grads)
-                if missing is not None:
-                    reasons.append(missing)
-                    continue
-                preconditioner = "next_step" if grads is not None else "state"
-                wd = adam_weight_decay(opt, params, names)
-                target = _Preconditioned(op, s.to(device=op.device),
-                                         wd if wd is not None else torch.zeros_like(s))
-                alam, aconv, spent, why = self._top(target, (key, "adam"))
-                total += spent
-                if alam is None:
-                    return failed(f"{key} preconditioned: {why}", total)
-                thr = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
-                ratio = alam / thr
-                records += [Record("adam_sharpness", alam, key=key), Record("adam_threshold", thr, key=key),
+                    block.trace_ratio = float(est.mean) * lr / 2.0
+                continue
+            params = dict(ctx.model.named_parameters())
+            names = list(op.param_names)
+            grads = None
+            if self.preconditioner == "next_step":
+                grads = {n: g for n, g in ctx.grads().items() if n in params}
+                if not grads:
+                    grads = None
+                    probe.reasons.append("no gradients at this step: P from the previous step's v_hat")
+            s, beta1, missing = adam_preconditioner(opt, params, names, lr, grads=grads)
+            if missing is not None:
+                probe.reasons.append(missing)
+                continue
+            probe.preconditioner = "next_step" if grads is not None else "state"
+            wd = adam_weight_decay(opt, params, names)
+            target = Preconditioned(op, s.to(device=op.device), wd if wd is not None else torch.zeros_like(s))
+            block.adam_threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+            block.searches.append(self._search(f"{key} preconditioned", target, (key, "adam")))
+        return probe, None, spent
+
+    # --- every call ----------------------------------------------------------------------------------
+    def compute(self, ctx: StepContext) -> Output:
+        probe, self.unfinished = self.unfinished, None
+        spent = 0
+        if probe is None:
+            probe, why, spent = self._begin(ctx)
+            if why is not None:
+                probe.close()
+                return failed(why, spent)
+        cut = ctx.call_seconds(self.name) if self.resume else None
+        start = time.perf_counter()
+        advanced = False
+        for search in probe.searches():
+            if search.done:
+                continue
+            left = None if cut is None else cut - (time.perf_counter() - start)
+            if advanced and left is not None and left <= 0:
+                return self._pause(ctx, probe, search, spent, f"the budget's {cut:.3g} s per call")
+            limits = [x for x in (self.max_seconds, left) if x is not None]
+            before = search.op.num_matvecs
+            why = self._advance(search, min(limits) if limits else None)
+            used = search.op.num_matvecs - before
+            spent += used
+            probe.products += used
+            advanced = True
+            if why is not None:
+                probe.close()
+                return failed(f"{search.label}: {why}", spent)
+            if not search.done:
+                limit = ("max_matvecs" if self.max_matvecs is not None and used >= self.max_matvecs
+                         else "max_seconds" if self.max_seconds is not None and (cut is None or self.max_seconds <= cut)
+                         else f"the budget's {cut:.3g} s per call")
+                return self._pause(ctx, probe, search, spent, limit)
+        return self._finish(ctx, probe, spent)
+
+    def _pause(self, ctx: StepContext, probe: _Probe, search: _Search, spent: int, limit: str) -> Output:
+        """Keep ``probe`` for the next call: a ``continues`` status and no numbers (an interim value plotted
+        beside the result would read as a change of curvature). Cost: the first pause copies the parameters."""
+        probe.freeze()
+        self.unfinished = probe
+        done = sum(s.done for s in probe.searches())
+        return Output(records=[], status="continues", num_matvecs=spent,
+                      reason=f"{search.label}: stopped by {limit}; the probe of step {probe.step} continues at the "
+                             f"next call ({probe.products} products so far, {done} of {len(probe.searches())} "
+                             "eigenvalues found)",
+                      settings={"optimizer_family": probe.family, "probe_step": probe.step})
+
+    def _finish(self, ctx: StepContext, probe: _Probe, spent: int) -> Output:
+        """The records of a probe whose searches all ended, at the step it measured."""
+        records: list[Record] = []
+        events: list[Event] = []
+        statuses: list[str] = []
+        reasons = list(probe.reasons)
+        for block in probe.blocks:
+            key = block.key
+            raw = block.searches[0]
+            records.append(Record("sharpness", raw.value, key=key))
+            statuses.append("ok" if raw.converged else "not_converged")
+            if not raw.converged:
+                reasons.append(f"{key}: lambda_max not converged within the budget")
+            if block.sgd is not None:
+                thr, wd = block.sgd
+                ratio = (raw.value + wd) / thr
+                records += [Record("stability_threshold", thr, key=key), Record("sharpness_ratio", ratio, key=key)]
+                events += self._crossing(ctx, probe.step, "sharpness_ratio", key, ratio)
+                if block.trace_ratio is not None:
+                    records.append(Record("trace_ratio", block.trace_ratio, key=key))
+            if block.adam_threshold is not None:
+                adam = block.searches[1]
+                ratio = adam.value / block.adam_threshold
+                records += [Record("adam_sharpness", adam.value, key=key),
+                            Record("adam_threshold", block.adam_threshold, key=key),
                             Record("adam_sharpness_ratio", ratio, key=key)]
-                ev = self._crossing(ctx, "adam_sharpness_ratio", key, ratio)
-                events += [ev] if ev else []
-                if not aconv:
+                events += self._crossing(ctx, probe.step, "adam_sharpness_ratio", key, ratio)
+                if not adam.converged:
                     statuses.append("not_converged")
                     reasons.append(f"{key}: preconditioned lambda_max not converged within the budget")
+            if probe.step != ctx.step:
+                records.append(Record("sharpness_probe_step", float(probe.step), key=key))
         misuse = probe_mode_misuse(ctx) if any(r.metric in _RATIOS for r in records) else []
         if misuse:
             events += misuse
             reasons.append("ratio of the eval-mode curvature, not the train-mode loss's (misuse: probe_mode)")
-        return Output(records=records, events=events, status=worst_status(statuses), num_matvecs=total,
+        return Output(records=records, events=events, status=worst_status(statuses), num_matvecs=spent,
                       reason="; ".join(dict.fromkeys(reasons)) or None,
-                      settings={"optimizer_family": family, "adam_preconditioner": preconditioner})
+                      settings={"optimizer_family": probe.family, "adam_preconditioner": probe.preconditioner,
+                                "probe_step": probe.step, "num_matvecs_probe": probe.products})
+
+    def _crossing(self, ctx: StepContext, measured: int, metric: str, key: str, ratio: float) -> list[Event]:
+        """An ``edge_of_stability`` event when ``ratio`` crosses 1 upwards or falls back below
+        ``1 - hysteresis`` (the side is kept in ``self.state``), else []."""
+        sides = self.state.setdefault("side", {})
+        sid = f"{metric}/{key}"
+        above = sides.get(sid, "below") == "above"
+        at = f"step {ctx.step}" if measured == ctx.step else f"step {measured} (a probe that ended at step {ctx.step})"
+        if not above and ratio >= 1.0:
+            sides[sid] = "above"
+            return [Event("edge_of_stability", f"{metric} crossed 1 ({ratio:.3f}) at {at}: curvature "
+                          "reached the optimizer's stability threshold", severity="warning", metric=metric, key=key,
+                          data={"ratio": ratio, "direction": "up", "probe_step": measured})]
+        if above and ratio < 1.0 - self.hysteresis:
+            sides[sid] = "below"
+            return [Event("edge_of_stability", f"{metric} fell back below 1 ({ratio:.3f}) at {at}",
+                          severity="info", metric=metric, key=key,
+                          data={"ratio": ratio, "direction": "down", "probe_step": measured})]
+        return []

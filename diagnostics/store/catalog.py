@@ -221,6 +221,10 @@ _METRICS: tuple[MetricSpec, ...] = (
              ("adam_threshold", SCALAR, "Adam's stability threshold (2 + 2 beta1) / ((1 - beta1) lr)"),
              ("adam_sharpness_ratio", SCALAR, "adam_sharpness / adam_threshold"),
              ("trace_ratio", SCALAR, "Tr(H) lr / 2; SGD's linear-stability bound is 1")),
+    *_family(_SHARP, _BLOCK, "sharpness",
+             ("sharpness_probe_step", SCALAR, "the step whose curvature and threshold a probe that spanned "
+              "several calls measured (stored with them when it ends)"),
+             not_shown="the sharpness charts plot a probe at the step it ended; this series says which step it measured"),
     *_family(_SUBSPACE, _BLOCK, "grad_subspace",
              ("grad_subspace_fraction", SCALAR, "||P_k g||^2 / ||g||^2: share of the gradient in the top-k eigenspace"),
              ("update_subspace_fraction", SCALAR, "the same share for the optimizer's update"),

@@ -441,6 +441,9 @@ class _State:
             Record("adam_sharpness", adam_s), Record("adam_threshold", adam_threshold),
             Record("adam_sharpness_ratio", adam_s / adam_threshold), Record("trace_ratio", trace * lr / 2),
         ]  # fmt: skip
+        if step >= self.not_converged_step and "sharpness" not in self._spanned:
+            self._spanned.add("sharpness")  # a probe spread over calls says which step it measured
+            recs.append(Record("sharpness_probe_step", float(max(0, step - 10))))
         events = []
         ratio = s * lr / 2
         if ratio >= 1.0 and not self.eos_active:

@@ -195,6 +195,7 @@ class BudgetScheduler(CutRuns):
         # goes on after the current call (the Monitor says so in :meth:`account`).
         self._partial: dict[str, float] = {}
         self._unfinished_now: frozenset[str] = frozenset()
+        self._cut_order: dict[str, None] = {}  # the unfinished runs, in the order they were cut
         # Timing of the Monitor's calls; an entry is (step, steps since the previous call, training seconds
         # before the call, monitor seconds of the call and of its update phase).
         self._history: deque[tuple[int, int, float, float]] = deque(maxlen=self.window)
@@ -336,6 +337,7 @@ class BudgetScheduler(CutRuns):
         continues at a later call) and return the step's ``monitor_overhead`` record (none before any
         training time was measured)."""
         self._unfinished_now = frozenset(unfinished)
+        self.note_unfinished([n for n in unfinished if n in self.sliced])
         self.observe_costs({n: s.seconds for n, s in statuses.items()})
         ratio = self.overhead()
         out = [] if ratio is None else [Record("monitor_overhead", ratio)]

@@ -26,6 +26,7 @@ class CutRuns:
     runs: dict[str, int]
     _exempt_now: set[str]
     _admitted_now: set[str]
+    _cut_order: dict[str, None]
     _sync: Callable[[Any], Any] | None
 
     def probe_seconds(self) -> float | None:
@@ -39,17 +40,28 @@ class CutRuns:
 
     def carry_on(self, names: Sequence[str]) -> list[str]:
         """Of ``names`` (diagnostics with an unfinished run that :meth:`due` did not choose at this step),
-        those that continue it at this step: all sliced ones, so a run cut into calls ends within a few
-        steps, a slice per step; none at a call that runs another long probe's first or second run (one
-        long probe per step). Their seconds are booked as the run's: outside the budget for a first or
+        the one that continues its run at this step: the sliced run that was cut first, so that runs cut
+        into calls end one after the other within a few steps, one slice per step (two slices at one step
+        would make it twice as long); none at a call that runs another long probe's first or second run
+        (one long probe per step). Its seconds are booked as the run's: outside the budget for a first or
         second run, as a run the ledger admitted (with the cost of a whole run) for later ones; the cost
         of the run is the sum of its calls (:meth:`account`). Call after :meth:`due`, in the same call."""
         if (self._exempt_now & self.heavy) - set(names):
             return []
-        out = [n for n in names if n in self.sliced]
-        for n in out:
-            (self._exempt_now if self.runs.get(n, 0) <= 2 else self._admitted_now).add(n)
-        return out
+        waiting = [n for n in names if n in self.sliced]
+        if not waiting:
+            return []
+        first = next((n for n in self._cut_order if n in waiting), waiting[0])
+        (self._exempt_now if self.runs.get(first, 0) <= 2 else self._admitted_now).add(first)
+        return [first]
+
+    def note_unfinished(self, unfinished: Iterable[str]) -> None:
+        """Keep the order in which the runs now unfinished were cut (:meth:`carry_on` continues the first)."""
+        now = set(unfinished)
+        for n in [n for n in self._cut_order if n not in now]:
+            del self._cut_order[n]
+        for n in unfinished:
+            self._cut_order.setdefault(n, None)
 
     def follow(self, leaders: Iterable[str]) -> list[str]:
         """The readers (``after``) of ``leaders``, runs cut into calls that ended at a carried call: they

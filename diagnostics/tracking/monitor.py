@@ -382,6 +382,7 @@ class Monitor:
         ctx.due = frozenset(d.name for d in due)
         if self._budget is not None:
             ctx.probe_seconds = self._budget.probe_seconds()
+            ctx.sliced = self._budget.sliced
         if self._accumulated is not None and any(d.uses_accumulation for d in due):
             ctx.microbatch_moments = self._accumulated.moments()  # float64 copies: only when read
         pending = PendingStep(step, ctx, source)

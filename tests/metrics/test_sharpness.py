@@ -258,8 +258,11 @@ def test_monitor_records_the_crossing_event_and_warm_starts(tmp_path):
 def test_budget_and_nonfinite():
     case = get_case("mlp")
     opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
-    out = Sharpness(trace=False, tol=1e-14, max_matvecs=3).compute(make_ctx(case, opt))
+    out = Sharpness(trace=False, tol=1e-14, max_matvecs=3, resume=False).compute(make_ctx(case, opt))
     assert out.status == "not_converged" and out.num_matvecs <= 3
+    d = Sharpness(trace=False, tol=1e-14, max_matvecs=3)
+    out = d.compute(make_ctx(case, opt))  # resumed: nothing stored until the run ends
+    assert out.status == "continues" and out.records == [] and out.num_matvecs == 3 and d.unfinished_run
     with torch.no_grad():
         case.model[0].bias[0] = float("nan")
     out = Sharpness().compute(make_ctx(case, opt))
@@ -289,3 +292,91 @@ def test_trace_auto_reuses_hessian_trace_of_the_step_and_is_otherwise_skipped():
     assert alone.num_matvecs == out.num_matvecs  # no Hutch++ products spent in either: Lanczos only
     with pytest.raises(ConfigError, match="trace"):
         Sharpness(trace="sometimes")
+
+
+# --- probes spread over calls ------------------------------------------------------------------------------
+def _spread(d: Sharpness, case, opt, lrs) -> list:
+    """Call ``d`` at steps 0, 1, ... with a training step between calls (each with its own lr) until the
+    probe ends; returns the outputs."""
+    outs = []
+    for step, lr in enumerate(lrs):
+        fresh_gradient(case)
+        out = d.compute(make_ctx(case, opt, step=step))
+        outs.append(out)
+        if out.status != "continues":
+            return outs
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()  # the parameters, the Adam state and the learning rate all move on
+    raise AssertionError("the probe did not end")
+
+
+def test_a_capped_sgd_probe_resumes_and_ends_with_the_curvature_and_threshold_of_its_first_step():
+    case = get_case("mlp")
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    lam = float(torch.linalg.eigvalsh(H)[-1])
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.3, momentum=0.9)
+    d = Sharpness(tol=1e-10, max_matvecs=2, trace=False)
+    outs = _spread(d, case, opt, [0.5, 0.05, 0.2] * 20)
+    assert len(outs) > 2 and all(o.num_matvecs <= 2 for o in outs)
+    assert all(o.status == "continues" and not o.records and "probe of step 0" in o.reason for o in outs[:-1])
+    last = outs[-1]
+    assert last.status == "ok" and not d.unfinished_run
+    assert value(last, "sharpness") == pytest.approx(lam, rel=1e-8)  # the Hessian of step 0
+    assert value(last, "stability_threshold") == pytest.approx(sgd_threshold(0.3, momentum=0.9))  # step 0's lr
+    assert value(last, "sharpness_probe_step") == 0.0
+    whole = Sharpness(tol=1e-10, max_matvecs=None, trace=False, warm_start=False)
+    case0 = get_case("mlp")
+    ref = whole.compute(make_ctx(case0, torch.optim.SGD(case0.model.parameters(), lr=0.3, momentum=0.9)))
+    assert sum(o.num_matvecs for o in outs) == ref.num_matvecs  # the products of one whole probe
+
+
+def test_a_capped_adam_probe_keeps_the_preconditioner_of_its_first_step():
+    case = get_case("mlp")
+    opt = torch.optim.Adam(case.model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    train_steps(case, opt, 3)
+    fresh_gradient(case)
+    ref, thr = dense_adam_sharpness(case, opt)
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    lam = float(torch.linalg.eigvalsh(H)[-1])
+    d = Sharpness(tol=1e-10, max_matvecs=3)
+    outs = _spread(d, case, opt, [0.02, 0.005] * 30)
+    assert len(outs) > 2 and all(o.status == "continues" for o in outs[:-1])
+    last = outs[-1]
+    assert last.status == "ok" and last.settings["adam_preconditioner"] == "next_step"
+    assert value(last, "sharpness") == pytest.approx(lam, rel=1e-8)
+    assert value(last, "adam_sharpness") == pytest.approx(ref, rel=1e-7)
+    assert value(last, "adam_threshold") == pytest.approx(thr)
+    assert value(last, "sharpness_probe_step") == 0.0
+
+
+def test_a_probe_that_ends_in_its_first_call_stores_no_probe_step():
+    case = get_case("mlp")
+    out = Sharpness(tol=1e-10, max_matvecs=None).compute(make_ctx(case, torch.optim.SGD(case.model.parameters(), lr=0.1)))
+    assert out.status == "ok" and "sharpness_probe_step" not in {r.metric for r in out.records}
+
+
+def test_a_crossing_found_by_a_spread_probe_names_the_step_it_measured():
+    case = get_case("mlp")
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    lam = float(torch.linalg.eigvalsh(H)[-1])
+    opt = torch.optim.SGD(case.model.parameters(), lr=2.5 / lam)  # above the edge at step 0
+    outs = _spread(Sharpness(tol=1e-10, max_matvecs=2, trace=False), case, opt, [1e-4] * 60)
+    (ev,) = outs[-1].events
+    assert ev.kind == "edge_of_stability" and ev.data["probe_step"] == 0
+    assert f"at step 0 (a probe that ended at step {len(outs) - 1})" in ev.message
+
+
+def test_the_budget_cuts_sharpness_only_where_it_carries_its_runs_on():
+    """A sharpness that runs with hessian_trace is not carried on alone, so its calls are not cut."""
+    case = get_case("mlp")
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    ctx = make_ctx(case, opt)
+    ctx.probe_seconds, ctx.sliced = 1e-12, frozenset({"hessian_trace"})
+    out = Sharpness(tol=1e-10, max_matvecs=None).compute(ctx)
+    assert out.status == "ok"
+    ctx = make_ctx(case, opt)
+    ctx.probe_seconds, ctx.sliced = 1e-12, frozenset({"sharpness"})
+    d = Sharpness(tol=1e-10, max_matvecs=None)
+    out = d.compute(ctx)
+    assert out.status == "continues" and out.num_matvecs == 1 and "s per call" in out.reason
