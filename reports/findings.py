@@ -250,6 +250,12 @@ def run_findings(run: RunView) -> list[Finding]:
             lines.append(Finding(name, "not_converged", "info",
                                  f"Estimator {s.diagnostic} did not converge at {s.not_converged} of {s.calls} "
                                  "steps; those values are flagged in the panels."))
+        if s.unended_from is not None:
+            spent = f" ({s.unended_products} products)" if s.unended_products is not None else ""
+            lines.append(Finding(name, "unended", "info",
+                                 f"The last probe of {s.diagnostic} had not ended when the records stop: its calls "
+                                 f"from step {s.unended_from} on{spent} stored no numbers; a probe cut into calls "
+                                 "stores them when it ends.", s.unended_from))
     failed_diags = {s.diagnostic for s in run.status_summary if s.failed}
     unexplained = [e for e in run.events_of("estimator_failed") if (e.key or e.metric) not in failed_diags]
     lines += _grouped_findings(name, unexplained, "estimator_failed", "warning", "Estimator failure", "times")
@@ -349,6 +355,8 @@ def _summary(run: RunView, kind: str, items: list[Finding]) -> str:
         return f"{len(items)} estimators did not converge at every probe; those values are flagged in the panels."
     if kind == "nonfinite":
         return f"Non-finite values in {len(items)} places{at}."
+    if kind == "unended":
+        return f"{len(items)} probes had not ended when the records stop; they stored no numbers."
     if kind == "misuse":
         return (f"Misuse: {len(items)} ways the run measured nothing or not what it claims{at}; each line "
                 "names its fix.")

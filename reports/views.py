@@ -123,6 +123,10 @@ class StatusSummary:
     num_matvecs: int | None
     first_failure_step: int | None = None
     first_failure_reason: str | None = None
+    #: When the diagnostic's last calls were of a probe cut into calls that never ended (status
+    #: ``continues`` to the end of the records): the first of those calls' steps, and their products.
+    unended_from: int | None = None
+    unended_products: int | None = None
 
 
 @dataclass
@@ -287,8 +291,22 @@ def _status_summary(df: pd.DataFrame) -> list[StatusSummary]:
                          if mv is not None and mv.notna().any() else None),
             first_failure_step=int(failed["step"].iloc[0]) if len(failed) else None,
             first_failure_reason=(_opt_str(failed["reason"].iloc[0]) if len(failed) else None),
+            **_unended(g, st, mv),
         ))
     return out
+
+
+def _unended(g: pd.DataFrame, st: pd.Series, mv: pd.Series | None) -> dict[str, Any]:
+    """``unended_from`` / ``unended_products`` of one diagnostic's calls (sorted by step): its trailing
+    ``continues`` calls, or {} when its last call ended what it measured."""
+    ended = (st != "continues").to_numpy()
+    if not len(st) or ended[-1]:
+        return {}
+    tail = len(st) - (int(np.flatnonzero(ended)[-1]) + 1 if ended.any() else 0)
+    products = None
+    if mv is not None and mv.iloc[-tail:].notna().any():
+        products = int(np.nansum(mv.iloc[-tail:].to_numpy(dtype=float)))
+    return {"unended_from": int(g["step"].iloc[-tail]), "unended_products": products}
 
 
 def _run_view(run: Any) -> RunView:

@@ -175,6 +175,11 @@ class HessianTop(_HessianOrGGN):
     def unfinished_run(self) -> bool:
         return bool(self.unfinished)
 
+    def drop_unfinished(self) -> None:
+        for run in self.unfinished.values():
+            run.close()
+        self.unfinished.clear()
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "bottom": self.bottom, "tol": self.tol,
                 "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds, "resume": self.resume,

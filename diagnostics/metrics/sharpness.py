@@ -256,6 +256,11 @@ class Sharpness(CurvatureDiagnostic):
     def unfinished_run(self) -> bool:
         return self.unfinished is not None
 
+    def drop_unfinished(self) -> None:
+        if self.unfinished is not None:
+            self.unfinished.close()
+            self.unfinished = None
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "lr": self.lr, "trace": self.trace, "trace_matvecs": self.trace_matvecs,
                 "tol": self.tol, "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds,

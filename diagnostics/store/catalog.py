@@ -224,7 +224,8 @@ _METRICS: tuple[MetricSpec, ...] = (
     *_family(_SHARP, _BLOCK, "sharpness",
              ("sharpness_probe_step", SCALAR, "the step whose curvature and threshold a probe that spanned "
               "several calls measured (stored with them when it ends)"),
-             not_shown="the sharpness charts plot a probe at the step it ended; this series says which step it measured"),
+             not_shown="the sharpness charts plot a probe at the step it ended; this series says which step "
+                       "it measured"),
     *_family(_SUBSPACE, _BLOCK, "grad_subspace",
              ("grad_subspace_fraction", SCALAR, "||P_k g||^2 / ||g||^2: share of the gradient in the top-k eigenspace"),
              ("update_subspace_fraction", SCALAR, "the same share for the optimizer's update"),

@@ -486,6 +486,8 @@ class Monitor:
                     self._stop_observing()
                 finally:
                     self._finish_pending()
+                for d in self.diagnostics:  # a probe cut into calls that had not ended: free its memory
+                    d.drop_unfinished()
                 # Schedules longer than the run (a misuse event at the last step; see tracking.misuse).
                 # Diagnostics a budget schedules (or spaces out) have no fixed schedule that could be longer
                 # than the run.

@@ -352,7 +352,8 @@ def test_a_capped_adam_probe_keeps_the_preconditioner_of_its_first_step():
 
 def test_a_probe_that_ends_in_its_first_call_stores_no_probe_step():
     case = get_case("mlp")
-    out = Sharpness(tol=1e-10, max_matvecs=None).compute(make_ctx(case, torch.optim.SGD(case.model.parameters(), lr=0.1)))
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    out = Sharpness(tol=1e-10, max_matvecs=None).compute(make_ctx(case, opt))
     assert out.status == "ok" and "sharpness_probe_step" not in {r.metric for r in out.records}
 
 

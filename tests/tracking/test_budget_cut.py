@@ -114,3 +114,18 @@ def test_in_the_monitor_no_step_carries_two_slices(tmp_path: Path, monkeypatch: 
     assert (st.groupby("step").size() == 1).all()  # one long probe's slice per step
     ok = st[st.status == "ok"].groupby("diagnostic").step.min()
     assert set(ok.index) == {"hessian_top", "sharpness"}  # both first runs ended
+
+
+def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
+                        lambda self: None if self.step_seconds is None else 1e-12)
+    model, data = _medium_mlp()
+    diags = [get_diagnostic("hessian_top", k=3, tol=1e-8), get_diagnostic("sharpness", tol=1e-8, trace=False)]
+    monitor = Monitor(model, ClassificationLoss(), run=tmp_path / "run", diagnostics=diags, probe_data=data,
+                      budget=0.05)
+    _train(model, data, monitor, 4, {})
+    assert any(d.unfinished_run for d in monitor.diagnostics)  # closed in the middle of a cut probe
+    monitor.close()
+    assert not any(d.unfinished_run for d in monitor.diagnostics)
+    st = open_run(tmp_path / "run").status()
+    assert st[st.diagnostic.isin(["hessian_top", "sharpness"])].status.iloc[-1] == "continues"
