@@ -309,6 +309,39 @@ def _unended(g: pd.DataFrame, st: pd.Series, mv: pd.Series | None) -> dict[str, 
     return {"unended_from": int(g["step"].iloc[-tail]), "unended_products": products}
 
 
+def _at_measured_steps(metrics: dict[str, MetricData]) -> None:
+    """Place the records of a probe that spanned several calls at the step it measured, which its
+    ``*_probe_step`` record names (``hessian_probe_step``, ``sharpness_probe_step``, ...), instead of
+    the step it ended; in place. Cost: one pass over those metrics' records."""
+    from diagnostics.store.catalog import METRICS, written_by
+
+    for name, spec in METRICS.items():
+        if not name.endswith("_probe_step") or name not in metrics:
+            continue
+        moves = {(key, int(st)): int(v) for key, ks in metrics[name].by_key.items()
+                 for st, v in zip(ks.steps, ks.values, strict=True) if math.isfinite(v)}
+        for other in written_by(spec.writer):
+            md = metrics.get(other)
+            if other == name or md is None:
+                continue
+            for key, ks in list(md.by_key.items()):
+                steps = np.array([moves.get((key, int(st)), st) for st in ks.steps], dtype=ks.steps.dtype)
+                if np.array_equal(steps, ks.steps):
+                    continue
+                order = np.lexsort((steps, ks.index))  # KeySeries are sorted by (index, step)
+                md.by_key[key] = KeySeries(steps[order], ks.index[order], ks.values[order])
+
+
+def _events_at_measured_steps(events: list[EventView]) -> list[EventView]:
+    """Events of a probe that spanned several calls (their ``data["probe_step"]``) at the step it
+    measured, like its records (:func:`_at_measured_steps`); sorted by step."""
+    for e in events:
+        measured = e.data.get("probe_step")
+        if e.kind == "edge_of_stability" and isinstance(measured, (int, float)) and math.isfinite(measured):
+            e.step = int(measured)
+    return sorted(events, key=lambda e: e.step)
+
+
 def _run_view(run: Any) -> RunView:
     """Read one store ``Run`` into a :class:`RunView`: one query per metric."""
     meta = dict(run.meta or {})
@@ -318,8 +351,9 @@ def _run_view(run: Any) -> RunView:
         df = run.series(metric=name)
         if df is None or df.empty:
             continue
-        md = _metric_data(str(name), df, meta)
-        metrics[str(name)] = md
+        metrics[str(name)] = _metric_data(str(name), df, meta)
+    _at_measured_steps(metrics)
+    for md in metrics.values():
         all_steps.extend(s.steps for s in md.by_key.values())
     status = run.status()
     if status is None:
@@ -332,7 +366,7 @@ def _run_view(run: Any) -> RunView:
         path=str(getattr(run, "path", "")),
         meta=meta,
         metrics=metrics,
-        events=_events(run.events()),
+        events=_events_at_measured_steps(_events(run.events())),
         status=status,
         status_summary=_status_summary(status),
         steps=steps,

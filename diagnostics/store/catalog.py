@@ -151,7 +151,7 @@ def _curvature(p: str) -> list[MetricSpec]:
         spec("bottom_eigenvalue", SCALAR, "top", f"smallest algebraic eigenvalue of the {name}", {"bottom": True}),
         spec("probe_step", SCALAR, "top", "the step whose curvature the eigenvalues describe, for a run that "
              "spanned several probes (stored with them when it ends)",
-             not_shown="the eigenvalue charts plot a run at the step it ended; this series says which step it measured"),
+             not_shown="the eigenvalue charts plot a run that spanned several probes at the step this series names"),
         spec("density_node", VECTOR, "density", "SLQ quadrature nodes (Ritz values), index = probe * steps + j"),
         spec("density_weight", VECTOR, "density", "SLQ quadrature weights; each probe's weights sum to 1"),
         spec("trace", SCALAR, "trace", f"trace of the {name} by Hutch++"),
@@ -224,8 +224,8 @@ _METRICS: tuple[MetricSpec, ...] = (
     *_family(_SHARP, _BLOCK, "sharpness",
              ("sharpness_probe_step", SCALAR, "the step whose curvature and threshold a probe that spanned "
               "several calls measured (stored with them when it ends)"),
-             not_shown="the sharpness charts plot a probe at the step it ended; this series says which step "
-                       "it measured"),
+             not_shown="the sharpness charts plot a probe that spanned several calls at the step this series "
+                       "names"),
     *_family(_SUBSPACE, _BLOCK, "grad_subspace",
              ("grad_subspace_fraction", SCALAR, "||P_k g||^2 / ||g||^2: share of the gradient in the top-k eigenspace"),
              ("update_subspace_fraction", SCALAR, "the same share for the optimizer's update"),

@@ -390,7 +390,7 @@ class _State:
         if step >= self.not_converged_step and not unconverged and prefix not in self._spanned:
             # A run that began at an earlier probe and ended here says which step it measured.
             self._spanned.add(prefix)
-            recs.append(Record(f"{prefix}_probe_step", float(max(0, step - 20))))
+            recs.append(Record(f"{prefix}_probe_step", float(max(0, step - 10))))
         return recs, status, []
 
     def _hessian_eigen(self, step, lr, sev, seconds):

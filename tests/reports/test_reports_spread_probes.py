@@ -1,4 +1,4 @@
-"""Report findings name a probe cut into calls whose run had not ended when the records stop."""
+"""Report views and findings of probes cut into calls: drawn at the step they measured, and named when one had not ended."""
 
 from __future__ import annotations
 
@@ -41,3 +41,33 @@ def test_ended_probes_give_no_such_finding(tmp_path):
     view = _view(tmp_path, lambda step: [_status("hessian_top", "continues" if step % 3 else "ok", 4)]
                  if step < 10 else [])
     assert not [f for f in run_findings(view) if f.kind == "unended"]
+
+
+def test_a_spread_probe_is_drawn_at_the_step_it_measured(tmp_path):
+    from diagnostics.store import Event
+
+    crossing = Event("edge_of_stability", "sharpness_ratio crossed 1", "warning", metric="sharpness_ratio",
+                     key="all", data={"ratio": 1.2, "direction": "up", "probe_step": 3})
+    with RunWriter(tmp_path / "run", name="run") as w:
+        for step in range(30):
+            recs = [Record("loss", 1.0)]
+            events = []
+            if step == 1:  # ended within its call
+                recs += [Record("sharpness", 5.0), Record("sharpness_ratio", 0.5),
+                         Record("hessian_eigenvalue", 9.0, index=0), Record("hessian_eigenvalue", 4.0, index=1)]
+            if step == 12:  # began at step 3
+                recs += [Record("sharpness", 12.0), Record("sharpness_ratio", 1.2), Record("sharpness_probe_step", 3.0)]
+                events = [crossing]
+            if step == 20:  # began at step 8
+                recs += [Record("hessian_eigenvalue", 10.0, index=0), Record("hessian_eigenvalue", 6.0, index=1),
+                         Record("hessian_probe_step", 8.0)]
+            w.write_step(step, recs, events=events)
+    (view,) = load_report_view(tmp_path / "run").runs
+    steps, values = view.metrics["sharpness_ratio"].curve()
+    assert list(steps) == [1, 3] and list(values) == [0.5, 1.2]
+    assert list(view.metrics["sharpness"].curve()[0]) == [1, 3]
+    assert list(view.metrics["hessian_eigenvalue"].curve(index=1)[0]) == [1, 8]
+    assert list(view.metrics["hessian_eigenvalue"].curve(index=1)[1]) == [4.0, 6.0]
+    assert list(view.metrics["loss"].curve()[0]) == list(range(30))  # other metrics stay where they are
+    (eos,) = view.events_of("edge_of_stability")
+    assert eos.step == 3
