@@ -125,6 +125,7 @@ class Diagnostic(abc.ABC):
     def drop_unfinished(self) -> None:
         """Free an unfinished run (its basis, its copy of the parameters); the next call starts afresh.
         The Monitor calls it when it closes. Nothing to do for a diagnostic that is not resumable."""
+        return None
 
     def is_due(self, step: int) -> bool:
         """True when the schedule asks for this diagnostic at ``step``."""

@@ -1,4 +1,4 @@
-"""Report views and findings of probes cut into calls: drawn at the step they measured, and named when one had not ended."""
+"""Probes cut into calls in the report: drawn at the step they measured, named when one had not ended."""
 
 from __future__ import annotations
 
