@@ -6,20 +6,17 @@ documented on :func:`diagnostics.linalg.lanczos.lanczos`.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Generator
-
 import torch
 from torch import Tensor
 
-from diagnostics.errors import ConfigError
 from diagnostics.linalg.lanczos import EigenResult, _lanczos_steps
 from diagnostics.linalg.operator import LinearOperator
+from diagnostics.linalg.stepped import SteppedRun
 
 __all__ = ["LanczosRun"]
 
 
-class LanczosRun:
+class LanczosRun(SteppedRun[EigenResult]):
     """:func:`lanczos` in slices: each :meth:`advance` runs products until the eigenpairs are found or
     that call's limit is reached; the next call continues the same Krylov basis.
 
@@ -54,23 +51,10 @@ class LanczosRun:
         basis_device: torch.device | str | None = None,
     ) -> None:
         """Validate the arguments and draw the start vector (no product yet). Raises as :func:`lanczos`."""
-        self._steps: Generator[EigenResult | None, str | None, EigenResult] | None = _lanczos_steps(
+        super().__init__(_lanczos_steps(
             op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, None,
-            criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype, basis_device=basis_device)
-        #: The final result once the run has ended, else None.
-        self.result: EigenResult | None = None
-        self._step()
-
-    @property
-    def done(self) -> bool:
-        """Whether the run has ended (converged, or stopped by ``max_matvecs`` or an invariant subspace)."""
-        return self.result is not None
-
-    def _step(self) -> None:
-        try:
-            next(self._steps)
-        except StopIteration as end:
-            self.result, self._steps = end.value, None
+            criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype, basis_device=basis_device),
+            "LanczosRun")
 
     def advance(self, max_matvecs: int | None = None, max_seconds: float | None = None) -> EigenResult | None:
         """Continue the run: the result once it has ended, else None after ``max_matvecs`` products or
@@ -78,16 +62,7 @@ class LanczosRun:
 
         Cost: the products it runs and their bookkeeping, as in :func:`lanczos`.
         """
-        if self.result is None and self._steps is None:
-            raise ConfigError("LanczosRun: advance() after close(); start a new run")
-        start, products = time.perf_counter(), 0
-        while self.result is None:
-            if products and ((max_matvecs is not None and products >= max_matvecs)
-                             or (max_seconds is not None and time.perf_counter() - start >= max_seconds)):
-                return None
-            self._step()
-            products += 1
-        return self.result
+        return super().advance(max_matvecs, max_seconds)
 
     def interim(self) -> EigenResult:
         """The eigenpairs found so far, without eigenvectors (``settings["stop"]`` is ``"paused"``), or
@@ -95,9 +70,3 @@ class LanczosRun:
         if self.result is not None or self._steps is None:
             return self.result
         return self._steps.send("interim")
-
-    def close(self) -> None:
-        """Free the basis of an unfinished run (it cannot be advanced after)."""
-        if self._steps is not None:
-            self._steps.close()
-            self._steps = None

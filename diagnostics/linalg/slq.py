@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +20,9 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError
 from diagnostics.linalg.operator import LinearOperator, as_operator, matmul64, rademacher_probes, square_dim
+from diagnostics.linalg.stepped import SteppedRun
 
-__all__ = ["SpectralDensity", "spectral_density"]
+__all__ = ["DensityRun", "SpectralDensity", "spectral_density"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,41 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
         >>> sorted(round(x, 10) for x in sd.nodes[0].tolist()), round(sd.trace()[0], 10)
         ([1.0, 2.0, 3.0], 6.0)
     """
-    t0 = time.perf_counter()
+    steps_ = _slq_steps(op, num_probes, steps, seed)
+    while True:
+        try:
+            next(steps_)
+        except StopIteration as end:
+            return end.value
+
+
+class DensityRun(SteppedRun[SpectralDensity]):
+    """:func:`spectral_density` in slices: each :meth:`advance` runs batched products (one per Lanczos
+    step of all probes) until the quadrature is complete or that call's limit is reached.
+
+    Sliced or not, the arithmetic is the same as one :func:`spectral_density` call with the same
+    arguments. Between calls the run holds its basis (``num_probes * P * m`` float64 numbers) and the
+    operator, which must not change meanwhile.
+
+    Example:
+        >>> run = DensityRun(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), 2, 3)
+        >>> while run.advance(max_steps=1) is None:
+        ...     pass
+        >>> round(run.result.trace()[0], 10)
+        6.0
+    """
+
+    def __init__(self, op: LinearOperator | Tensor, num_probes: int = 4, steps: int = 32, seed: int = 0) -> None:
+        """Validate the arguments and draw the probes (no product yet). Raises as :func:`spectral_density`."""
+        super().__init__(_slq_steps(op, num_probes, steps, seed), "DensityRun")
+
+
+def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: int
+               ) -> Generator[None, None, SpectralDensity]:
+    """:func:`spectral_density` as a generator that pauses before each batched product; ``seconds``
+    counts its own time only."""
+    clock = time.perf_counter()
+    spent = 0.0
     A = as_operator(op)
     P = square_dim(A, "spectral_density")
     if int(num_probes) < 1:
@@ -122,6 +158,9 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
         # While every probe is active (the usual case) the basis is a view: no per-step gather copy.
         every = idx.numel() == n
         V = Q[:, j] if every else Q[idx, j]  # [a, P]
+        spent += time.perf_counter() - clock
+        yield
+        clock = time.perf_counter()
         W = matmul64(A, V.T).T
         num_matvecs += idx.numel()
         a = (V * W).sum(1)
@@ -157,7 +196,7 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
         w = S[0].square()
         weights[i, :L] = w / w.sum()
     return SpectralDensity(
-        nodes=nodes, weights=weights, num_matvecs=num_matvecs, seconds=time.perf_counter() - t0,
+        nodes=nodes, weights=weights, num_matvecs=num_matvecs, seconds=spent + time.perf_counter() - clock,
         settings={"num_probes": n, "steps": m, "seed": seed, "dim": P, "probes": "rademacher",
                   "reorthogonalization": "full"},
     )

@@ -27,6 +27,7 @@ docs/metrics.md, "Hessian spectra".
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -335,34 +336,56 @@ class HessianTop(_HessianOrGGN):
 
 
 # --- hessian_density ----------------------------------------------------------------------------------------
+class _DensityProbe:
+    """A density probe that may span calls: per block its operator, its run and its result, and the step."""
+
+    def __init__(self, step: int, steps: int, truncated: bool) -> None:
+        self.step, self.steps, self.truncated = step, steps, truncated
+        self.blocks: dict[str, list[Any]] = {}  # key -> [raw operator, checked operator, DensityRun | None]
+        self.results: dict[str, Any] = {}
+        self.products = 0
+
+    def close(self) -> None:
+        for _, _, run in self.blocks.values():
+            if run is not None:
+                run.close()
+
+
 @register
 class HessianDensity(_HessianOrGGN):
     """Spectral density of the Hessian (or GGN) by stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017).
 
     Records per block: ``density_node`` and ``density_weight`` with ``index = probe * m + j`` (m Lanczos
-    steps per probe; each probe's weights sum to 1). The report smooths them with a Gaussian kernel, so
-    the raw quadrature is kept. Read: a bulk near zero plus isolated outliers (about one per class) is the
-    usual picture; mass at negative values means the model sits at a saddle or in a non-convex region.
+    steps per probe; each probe's weights sum to 1), and ``density_probe_step`` when the probe spanned
+    several calls. The report smooths them with a Gaussian kernel, so the raw quadrature is kept. Read: a
+    bulk near zero plus isolated outliers (about one per class) is the usual picture; mass at negative
+    values means the model sits at a saddle or in a non-convex region.
 
     Args:
         num_probes: Rademacher probes (independent Lanczos runs, advanced together).
         steps: Lanczos steps per probe (m).
         max_matvecs: budget; when ``num_probes * steps`` exceeds it, ``steps`` is reduced to fit and the
             probe is stored as ``not_converged`` (a coarser quadrature).
+        resume: under the Monitor's overhead budget a call stops after the batched product that passes
+            ``ctx.probe_seconds`` and the next call continues the same runs on the operator frozen at
+            the parameters of the step the probe began (:class:`~diagnostics.linalg.DensityRun`); the
+            calls in between store only the status ``continues``. False: each probe runs whole.
 
     Cost: ``num_probes * steps`` HVPs in ``steps`` batched products; memory ``num_probes * P * steps``
-    float64 numbers.
+    float64 numbers, held between the calls of a probe spread over calls (with a copy of the parameters).
     """
 
     name = "hessian_density"
     preset = "full"
+    resumable = True
     default_every = 2000
-    _suffixes = ("density_node", "density_weight")
-    metrics: ClassVar[tuple[str, ...]] = ("hessian_density_node", "hessian_density_weight")
+    _suffixes = ("density_node", "density_weight", "density_probe_step")
+    metrics: ClassVar[tuple[str, ...]] = tuple("hessian_" + s for s in _suffixes)
     contract_options: ClassVar[dict[str, Any]] = {"num_probes": 2, "steps": 8}
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str | None = None, params: Any = None,
-                 num_probes: int = 4, steps: int = 32, max_matvecs: int | None = None, seed: int = 0) -> None:
+                 num_probes: int = 4, steps: int = 32, max_matvecs: int | None = None, resume: bool = True,
+                 seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
         if int(num_probes) < 1 or int(steps) < 2:
             raise ConfigError(f"{self.name}: need num_probes >= 1 and steps >= 2, got {num_probes} and {steps}")
@@ -370,36 +393,92 @@ class HessianDensity(_HessianOrGGN):
         self.num_probes = int(num_probes)
         self.steps = int(steps)
         self.max_matvecs = max_matvecs
+        self.resume = bool(resume)
+        #: a probe stopped by the per-call time, continued by the next call (``resume``).
+        self.unfinished: _DensityProbe | None = None
+
+    @property
+    def unfinished_run(self) -> bool:
+        return self.unfinished is not None
+
+    def drop_unfinished(self) -> None:
+        if self.unfinished is not None:
+            self.unfinished.close()
+            self.unfinished = None
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_probes": self.num_probes, "steps": self.steps,
-                "max_matvecs": self.max_matvecs}
+                "max_matvecs": self.max_matvecs, "resume": self.resume}
 
-    def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.linalg import spectral_density
-
+    def _begin(self, ctx: StepContext) -> _DensityProbe:
         steps, truncated = self.steps, False
         if self.max_matvecs is not None and self.num_probes * steps > self.max_matvecs:
             steps, truncated = max(1, self.max_matvecs // self.num_probes), True
-        records: list[Record] = []
-        total = 0
-        p = self.prefix
+        probe = _DensityProbe(ctx.step, steps, truncated)
         for key, raw in self.operators(ctx):
-            op = FiniteChecked(raw)
-            sd, why = run_guarded(lambda op=op, steps=steps: spectral_density(
-                op, num_probes=self.num_probes, steps=steps, seed=self.seed))
-            total += op.num_matvecs
+            probe.blocks[key] = [raw, FiniteChecked(raw), None]
+        return probe
+
+    def compute(self, ctx: StepContext) -> Output:
+        from diagnostics.linalg import DensityRun
+
+        probe, self.unfinished = self.unfinished, None
+        if probe is None:
+            probe = self._begin(ctx)
+        cut = ctx.call_seconds(self.name) if self.resume else None
+        start = time.perf_counter()
+        spent, advanced = 0, False
+        for key, block in probe.blocks.items():
+            if key in probe.results:
+                continue
+            _, op, run = block
+            left = None if cut is None else cut - (time.perf_counter() - start)
+            if advanced and left is not None and left <= 0:
+                return self._pause(probe, key, spent, cut)
+            before = op.num_matvecs
+            if run is None:
+                run = block[2] = DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed)
+            sd, why = run_guarded(lambda run=run, left=left: run.advance(None, left))
+            used = op.num_matvecs - before
+            spent += used
+            probe.products += used
+            advanced = True
+            if why is None and sd is None:
+                return self._pause(probe, key, spent, cut)
             if sd is None or not (bool(torch.isfinite(sd.nodes).all()) and bool(torch.isfinite(sd.weights).all())):
-                return failed(f"{key}: {why or 'non-finite quadrature'}", total)
+                probe.close()
+                return failed(f"{key}: {why or 'non-finite quadrature'}", spent)
+            probe.results[key] = sd
+        return self._finish(ctx, probe, spent)
+
+    def _pause(self, probe: _DensityProbe, key: str, spent: int, cut: float | None) -> Output:
+        """Keep ``probe`` for the next call: status ``continues``, no numbers. Cost: the first pause
+        copies the parameters and buffers (per block)."""
+        for raw, _, _ in probe.blocks.values():
+            if not raw.frozen:
+                raw.freeze()
+        self.unfinished = probe
+        return Output(records=[], status="continues", num_matvecs=spent,
+                      reason=f"{key}: stopped by the budget's {cut:.3g} s per call; the probe of step {probe.step} "
+                             f"continues at the next call ({probe.products} products so far)",
+                      settings={"probe_step": probe.step})
+
+    def _finish(self, ctx: StepContext, probe: _DensityProbe, spent: int) -> Output:
+        records: list[Record] = []
+        p = self.prefix
+        for key, sd in probe.results.items():
             m = sd.nodes.shape[1]
             for i in range(sd.nodes.shape[0]):
                 for j in range(m):
                     records.append(Record(p + "density_node", float(sd.nodes[i, j]), key=key, index=i * m + j))
                     records.append(Record(p + "density_weight", float(sd.weights[i, j]), key=key, index=i * m + j))
-        if truncated:
-            return Output(records=records, status="not_converged", num_matvecs=total,
-                          reason=f"budget max_matvecs={self.max_matvecs} cut Lanczos to {steps} steps per probe")
-        return Output(records=records, num_matvecs=total)
+            if probe.step != ctx.step:
+                records.append(Record(p + "density_probe_step", float(probe.step), key=key))
+        settings = {"probe_step": probe.step}
+        if probe.truncated:
+            return Output(records=records, status="not_converged", num_matvecs=spent, settings=settings,
+                          reason=f"budget max_matvecs={self.max_matvecs} cut Lanczos to {probe.steps} steps per probe")
+        return Output(records=records, num_matvecs=spent, settings=settings)
 
 
 # --- hessian_trace -------------------------------------------------------------------------------------------
@@ -469,7 +548,7 @@ class GGNDensity(HessianDensity):
 
     name = "ggn_density"
     curvature_kind = "ggn"
-    metrics: ClassVar[tuple[str, ...]] = ("ggn_density_node", "ggn_density_weight")
+    metrics: ClassVar[tuple[str, ...]] = tuple("ggn_" + s for s in HessianDensity._suffixes)
 
 
 @register(variant_of="hessian_trace")

@@ -154,6 +154,9 @@ def _curvature(p: str) -> list[MetricSpec]:
              not_shown="the eigenvalue charts plot a run that spanned several probes at the step this series names"),
         spec("density_node", VECTOR, "density", "SLQ quadrature nodes (Ritz values), index = probe * steps + j"),
         spec("density_weight", VECTOR, "density", "SLQ quadrature weights; each probe's weights sum to 1"),
+        spec("density_probe_step", SCALAR, "density", "the step whose curvature a density probe that spanned several "
+             "calls measured (stored with it when it ends)",
+             not_shown="the density panel draws a probe that spanned several calls at the step this series names"),
         spec("trace", SCALAR, "trace", f"trace of the {name} by Hutch++"),
         spec("trace_stderr", SCALAR, "trace", "standard error of the trace estimate"),
     ]

@@ -411,6 +411,9 @@ class _State:
             for j in range(_NODES):
                 recs += [Record(f"{prefix}_density_node", float(nodes[j]), index=probe * _NODES + j),
                          Record(f"{prefix}_density_weight", float(weights[j]), index=probe * _NODES + j)]  # fmt: skip
+        if step >= self.not_converged_step and f"{prefix}_density" not in self._spanned:
+            self._spanned.add(f"{prefix}_density")  # a probe spread over calls says which step it measured
+            recs.append(Record(f"{prefix}_density_probe_step", float(max(0, step - 10))))
         return recs, Status(f"{prefix}_density", "ok", None, seconds, _PROBES * _NODES), []
 
     def _hessian_density(self, step, lr, sev, seconds):

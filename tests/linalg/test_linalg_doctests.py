@@ -4,7 +4,7 @@ import importlib
 import pytest
 
 # Module objects by name: ``diagnostics.linalg.lanczos`` as an attribute is the function, not the module.
-NAMES = ["lanczos", "operator", "power", "rank", "slq", "subspace", "trace"]
+NAMES = ["lanczos", "lanczos_run", "operator", "power", "rank", "slq", "subspace", "trace"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -127,3 +127,31 @@ def test_slq_config_errors():
         spectral_density(torch.eye(3), steps=0)
     with pytest.raises(ConfigError, match="sigma2"):
         spectral_density(torch.eye(3, dtype=torch.float64), 1, 2).density(torch.zeros(3), sigma2=0.0)
+
+
+@pytest.mark.parametrize("per_call", [1, 3, 7])
+def test_a_density_run_in_slices_equals_one_call(per_call):
+    from diagnostics.linalg import DensityRun
+
+    A = with_spectrum([1.0] * 5 + [2.0] * 5 + list(np.linspace(3.0, 9.0, 50)), seed=12)  # one probe closes early
+    whole = spectral_density(A, num_probes=3, steps=25, seed=4)
+    run = DensityRun(A, num_probes=3, steps=25, seed=4)
+    calls = 0
+    while run.advance(max_steps=per_call) is None:
+        calls += 1
+    assert calls >= (25 // per_call) - 1 and run.done
+    assert torch.equal(run.result.nodes, whole.nodes) and torch.equal(run.result.weights, whole.weights)
+    assert run.result.num_matvecs == whole.num_matvecs and run.result.settings == whole.settings
+    run.close()  # a finished run closes quietly
+
+
+def test_a_closed_density_run_cannot_advance_and_bad_arguments_fail_at_construction():
+    from diagnostics.linalg import DensityRun
+
+    run = DensityRun(torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64)), num_probes=2, steps=6)
+    assert run.advance(max_steps=1) is None and not run.done
+    run.close()
+    with pytest.raises(ConfigError, match="DensityRun: advance"):
+        run.advance()
+    with pytest.raises(ConfigError, match="num_probes"):
+        DensityRun(torch.eye(3), num_probes=0)

@@ -382,3 +382,47 @@ def test_bottom_run_shares_the_blocks_budget():
     out = HessianTop(k=4, tol=1e-10, bottom=True, max_matvecs=40, resume=False).compute(make_ctx(case))
     assert out.num_matvecs <= 40
     assert out.status == "not_converged"
+
+
+# --- hessian_density cut into calls --------------------------------------------------------------------------
+
+def _cut_ctx(case, step: int, name: str = "hessian_density") -> StepContext:
+    ctx = make_ctx(case, step=step)
+    ctx.probe_seconds, ctx.sliced = 1e-12, frozenset({name})  # one batched product per call
+    return ctx
+
+
+def test_a_density_probe_cut_into_calls_is_the_quadrature_of_the_step_it_began():
+    from diagnostics.linalg import spectral_density
+
+    case = medium_case()
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    ref = spectral_density(H, num_probes=3, steps=12, seed=5)
+    d = HessianDensity(num_probes=3, steps=12, seed=5)
+    outs = []
+    for step in range(40):
+        out = d.compute(_cut_ctx(case, step))
+        outs.append(out)
+        _nudge(case.model, step)  # training moves on between calls
+        if out.status != "continues":
+            break
+    assert len(outs) == 12 and all(o.num_matvecs == 3 for o in outs)  # one batched product of 3 probes a call
+    assert all(o.status == "continues" and not o.records and "probe of step 0" in o.reason for o in outs[:-1])
+    last = outs[-1]
+    assert last.status == "ok" and values(last, "hessian_density_probe_step") == [0.0] and not d.unfinished_run
+    nodes = torch.tensor(values(last, "hessian_density_node"), dtype=F64).reshape(3, 12)
+    weights = torch.tensor(values(last, "hessian_density_weight"), dtype=F64).reshape(3, 12)
+    assert torch.allclose(nodes, ref.nodes, rtol=1e-7, atol=1e-9)  # step 0's Hessian, not the last call's
+    assert torch.allclose(weights, ref.weights, rtol=1e-6, atol=1e-9)
+
+
+def test_a_density_probe_is_not_cut_without_resume_or_outside_the_budgets_slices():
+    case = medium_case()
+    whole = HessianDensity(num_probes=2, steps=6, resume=False).compute(_cut_ctx(case, 0))
+    assert whole.status == "ok" and whole.num_matvecs == 12
+    ctx = _cut_ctx(case, 0, name="hessian_top")  # the budget does not carry this diagnostic's runs
+    assert HessianDensity(num_probes=2, steps=6).compute(ctx).status == "ok"
+    d = HessianDensity(num_probes=2, steps=6)
+    assert d.compute(_cut_ctx(case, 0)).status == "continues" and d.unfinished_run
+    d.drop_unfinished()
+    assert not d.unfinished_run

@@ -129,3 +129,31 @@ def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, monkeypat
     assert not any(d.unfinished_run for d in monitor.diagnostics)
     st = open_run(tmp_path / "run").status()
     assert st[st.diagnostic.isin(["hessian_top", "sharpness"])].status.iloc[-1] == "continues"
+
+
+def test_the_monitor_spreads_a_density_probe_over_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diagnostics.linalg import spectral_density
+
+    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
+                        lambda self: None if self.step_seconds is None else 1e-12)
+    plain, data = _medium_mlp()
+    model, _ = _medium_mlp()
+    params_at: dict[int, dict[str, torch.Tensor]] = {}
+    _train(plain, data, None, 30, {})
+    density = get_diagnostic("hessian_density", num_probes=2, steps=10, seed=1)
+    with Monitor(model, ClassificationLoss(), run=tmp_path / "run", diagnostics=[density], probe_data=data,
+                 budget=0.05) as monitor:
+        _train(model, data, monitor, 30, params_at)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n  # training as without the monitor
+    run = open_run(tmp_path / "run")
+    st = run.status().query("diagnostic == 'hessian_density'").sort_values("step")
+    ended = int(st[st.status == "ok"].step.iloc[0])
+    assert list(st.step[st.step <= ended]) == list(range(1, ended + 1)) and ended == 10  # a batched product a step
+    assert list(run.series("hessian_density_probe_step").value) == [1.0]
+    reference = _medium_mlp()[0]
+    reference.load_state_dict(params_at[1])
+    names = [n for n, _ in reference.named_parameters()]
+    ref = spectral_density(dense_hessian(reference, ClassificationLoss(), data, names), num_probes=2, steps=10, seed=1)
+    got = run.series("hessian_density_node").query("step == @ended").sort_values("index").value.to_numpy()
+    assert torch.allclose(torch.tensor(got).reshape(2, 10), ref.nodes, rtol=1e-6, atol=1e-9)
