@@ -1,6 +1,6 @@
-"""The longest step of a run's first steps under the ``standard`` preset's budget, with the first runs of
-``hessian_top`` and ``sharpness`` cut into slices (the default) and run whole (``resume=False``), in one
-process.
+"""The longest step of a run's first steps under the ``standard`` (or ``full``) preset's budget, with the
+first runs of ``hessian_top``, ``sharpness`` (and ``hessian_density``) cut into slices (the default) and
+run whole (``resume=False``), in one process.
 
 The 3.2M-parameter GPT of ``benchmarks/gpt_cases.py`` (``--size large``, 32 x 128 tokens per step, AdamW)
 or the zoo's tiny GPT (``--size tiny``); ``Monitor(diagnostics="standard")`` at its default 5% budget.
@@ -30,13 +30,15 @@ from diagnostics.tracking import Monitor  # noqa: E402
 
 
 #: The probes whose runs the budget cuts into calls, and the series naming the step a spread run measured.
-PROBES = {"hessian_top": "hessian_probe_step", "sharpness": "sharpness_probe_step"}
+PROBES = {"hessian_top": "hessian_probe_step", "sharpness": "sharpness_probe_step",
+          "hessian_density": "hessian_density_probe_step"}
 
 
-def run(model: torch.nn.Module, loss_fn, batches: list, steps: int, resume: bool, out: Path) -> dict:
-    """Train ``steps`` steps under the standard preset; per-step seconds and each probe's first result."""
+def run(model: torch.nn.Module, loss_fn, batches: list, steps: int, resume: bool, out: Path,
+        preset: str = "standard") -> dict:
+    """Train ``steps`` steps under ``preset``; per-step seconds and each probe's first result."""
     diags = [get_diagnostic(d.name, resume=False) if d.name in PROBES and not resume else d
-             for d in resolve_diagnostics("standard")]
+             for d in resolve_diagnostics(preset)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seconds = []
     with Monitor(model, loss_fn, run=out, diagnostics=diags, optimizer=opt, budget=0.05) as monitor:
@@ -76,26 +78,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("tiny", "large"), default="large")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--preset", choices=("standard", "full"), default="standard",
+                    help="full adds hessian_density (cut too) and hessian_trace (whole)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     base, loss_fn, batches = gpt_case(args.size, num_batches=4, batch_size=32 if args.size == "large" else 16)
     print(f"Machine: torch {torch.__version__}, threads 1; model {args.size}, "
           f"{sum(p.numel() for p in base.parameters())} parameters, {args.steps} steps")
     print("Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/first_probe_stall.py "
-          f"--size {args.size} --steps {args.steps}`\n")
+          f"--size {args.size} --steps {args.steps} --preset {args.preset}`\n")
     print("| probes | median step (s) | slowest steps (s, step: what ran) | hessian_top's first run: calls, "
-          "ended at (describes) | sharpness's first run: calls, ended at (describes) |")
-    print("|---|---|---|---|---|")
+          "ended at (describes) | sharpness's first run: calls, ended at (describes) | hessian_density's first run |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for resume in (True, False):
-            res = run(copy.deepcopy(base), loss_fn, batches, args.steps, resume, Path(tmp) / f"r{resume}")
+            res = run(copy.deepcopy(base), loss_fn, batches, args.steps, resume, Path(tmp) / f"r{resume}",
+                      args.preset)
             secs = res["seconds"]
             order = sorted(range(len(secs)), key=lambda s: -secs[s])[:3]
             slow = "; ".join(f"{secs[s]:.1f} (step {s}: {', '.join(n for n in res['ran'][s] if n not in _CHEAP)})"
                              for s in order)
             median = sorted(secs)[len(secs) // 2]
             print(f"| {'sliced (resume=True)' if resume else 'whole (resume=False)'} | {median:.2f} | {slow} | "
-                  f"{_first(res['probes']['hessian_top'])} | {_first(res['probes']['sharpness'])} |", flush=True)
+                  f"{_first(res['probes']['hessian_top'])} | {_first(res['probes']['sharpness'])} | "
+                  f"{_first(res['probes']['hessian_density'])} |", flush=True)
     return 0
 
 
