@@ -27,7 +27,6 @@ docs/metrics.md, "Hessian spectra".
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -37,8 +36,10 @@ from diagnostics.errors import ConfigError
 from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
 from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import (
+    CallTime,
     CurvatureDiagnostic,
     Eigenspace,
+    ProbeInCalls,
     check_budget,
     failed,
     parse_blocks,
@@ -352,7 +353,7 @@ class _DensityProbe:
 
 
 @register
-class HessianDensity(_HessianOrGGN):
+class HessianDensity(ProbeInCalls, _HessianOrGGN):
     """Spectral density of the Hessian (or GGN) by stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017).
 
     Records per block: ``density_node`` and ``density_weight`` with ``index = probe * m + j`` (m Lanczos
@@ -397,15 +398,6 @@ class HessianDensity(_HessianOrGGN):
         #: a probe stopped by the per-call time, continued by the next call (``resume``).
         self.unfinished: _DensityProbe | None = None
 
-    @property
-    def unfinished_run(self) -> bool:
-        return self.unfinished is not None
-
-    def drop_unfinished(self) -> None:
-        if self.unfinished is not None:
-            self.unfinished.close()
-            self.unfinished = None
-
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_probes": self.num_probes, "steps": self.steps,
                 "max_matvecs": self.max_matvecs, "resume": self.resume}
@@ -426,15 +418,15 @@ class HessianDensity(_HessianOrGGN):
         if probe is None:
             probe = self._begin(ctx)
         cut = ctx.call_seconds(self.name) if self.resume else None
-        start = time.perf_counter()
-        spent, advanced = 0, False
+        clock = CallTime(cut)
+        spent = 0
         for key, block in probe.blocks.items():
             if key in probe.results:
                 continue
             _, op, run = block
-            left = None if cut is None else cut - (time.perf_counter() - start)
-            if advanced and left is not None and left <= 0:
+            if clock.spent():
                 return self._pause(probe, key, spent, cut)
+            left = clock.left()
             before = op.num_matvecs
             if run is None:
                 run = block[2] = DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed)
@@ -442,7 +434,7 @@ class HessianDensity(_HessianOrGGN):
             used = op.num_matvecs - before
             spent += used
             probe.products += used
-            advanced = True
+            clock.advanced = True
             if why is None and sd is None:
                 return self._pause(probe, key, spent, cut)
             if sd is None or not (bool(torch.isfinite(sd.nodes).all()) and bool(torch.isfinite(sd.weights).all())):

@@ -15,6 +15,7 @@ the output is ``failed`` with the reason and no numbers. Definitions: docs/metri
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,7 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "KINDS",
+    "CallTime",
     "Eigenspace",
+    "ProbeInCalls",
     "check_budget",
     "check_kind",
     "failed",
@@ -117,6 +120,41 @@ def run_guarded(fn: Any) -> tuple[Any, str | None]:
 def worst_status(statuses: list[str]) -> str:
     """The first of "failed", "not_converged" and "continues" (a run that goes on) found, else "ok"."""
     return next((s for s in ("failed", "not_converged", "continues") if s in statuses), "ok")
+
+
+class CallTime:
+    """The time one call of a probe cut into calls may still take (``seconds``; None: no limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._start = time.perf_counter()
+        #: Set by the caller once a run advanced in this call (each call advances at least one).
+        self.advanced = False
+
+    def left(self) -> float | None:
+        """Seconds left of the call, None without a limit."""
+        return None if self.seconds is None else self.seconds - (time.perf_counter() - self._start)
+
+    def spent(self) -> bool:
+        """True when a run advanced in this call and its time is up: the next run waits for the next call."""
+        left = self.left()
+        return self.advanced and left is not None and left <= 0
+
+
+class ProbeInCalls:
+    """A diagnostic whose probe may span calls: ``self.unfinished`` (anything with ``close()``) holds the
+    probe between the calls; put before the :class:`~diagnostics.metrics.base.Diagnostic` base."""
+
+    unfinished: Any = None
+
+    @property
+    def unfinished_run(self) -> bool:
+        return self.unfinished is not None
+
+    def drop_unfinished(self) -> None:
+        if self.unfinished is not None:
+            self.unfinished.close()
+            self.unfinished = None
 
 
 @dataclass(frozen=True)

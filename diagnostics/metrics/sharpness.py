@@ -36,7 +36,6 @@ stability".
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -46,7 +45,9 @@ from diagnostics.errors import ConfigError
 from diagnostics.linalg.finite import FiniteChecked
 from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import (
+    CallTime,
     CurvatureDiagnostic,
+    ProbeInCalls,
     check_budget,
     failed,
     run_guarded,
@@ -165,7 +166,7 @@ class _Probe:
 
 # --- the diagnostic ---------------------------------------------------------------------------------------
 @register
-class Sharpness(CurvatureDiagnostic):
+class Sharpness(ProbeInCalls, CurvatureDiagnostic):
     """Sharpness ``lambda_max(H)`` against the optimizer's stability threshold, and ``Tr(H) lr / 2``.
 
     Records (key = block, "all" by default): ``sharpness``; for SGD-like optimizers
@@ -251,15 +252,6 @@ class Sharpness(CurvatureDiagnostic):
         self.vectors: dict[Any, Tensor] = {}
         #: a probe stopped by its per-call limit, continued by the next call (``resume``).
         self.unfinished: _Probe | None = None
-
-    @property
-    def unfinished_run(self) -> bool:
-        return self.unfinished is not None
-
-    def drop_unfinished(self) -> None:
-        if self.unfinished is not None:
-            self.unfinished.close()
-            self.unfinished = None
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "lr": self.lr, "trace": self.trace, "trace_matvecs": self.trace_matvecs,
@@ -373,21 +365,19 @@ class Sharpness(CurvatureDiagnostic):
                 probe.close()
                 return failed(why, spent)
         cut = ctx.call_seconds(self.name) if self.resume else None
-        start = time.perf_counter()
-        advanced = False
+        clock = CallTime(cut)
         for search in probe.searches():
             if search.done:
                 continue
-            left = None if cut is None else cut - (time.perf_counter() - start)
-            if advanced and left is not None and left <= 0:
+            if clock.spent():
                 return self._pause(ctx, probe, search, spent, f"the budget's {cut:.3g} s per call")
-            limits = [x for x in (self.max_seconds, left) if x is not None]
+            limits = [x for x in (self.max_seconds, clock.left()) if x is not None]
             before = search.op.num_matvecs
             why = self._advance(search, min(limits) if limits else None)
             used = search.op.num_matvecs - before
             spent += used
             probe.products += used
-            advanced = True
+            clock.advanced = True
             if why is not None:
                 probe.close()
                 return failed(f"{search.label}: {why}", spent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diagnostics.reports.findings import group_findings, run_findings
 from diagnostics.reports.views import load_report_view
+
 from diagnostics.store import Record, RunWriter, Status
 
 

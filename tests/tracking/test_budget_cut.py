@@ -17,13 +17,14 @@ from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
 from diagnostics.tracking.budget import BudgetScheduler
 from tests.reference import dense_hessian
+from tests.tracking.test_budget import _medium_mlp
 
 
-def _medium_mlp() -> tuple[nn.Module, Any]:
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    data = [(torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 4, (64,)))]
-    return model, data
+@pytest.fixture
+def one_product_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget's time per call is tiny once a step was measured: each call of a cut probe runs one product."""
+    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
+                        lambda self: None if self.step_seconds is None else 1e-12)
 
 
 def _train(model: nn.Module, data: Any, monitor: Monitor | None, steps: int,
@@ -45,10 +46,7 @@ def _train(model: nn.Module, data: Any, monitor: Monitor | None, steps: int,
 
 
 def test_the_monitor_spreads_sharpness_over_steps_with_the_threshold_of_its_first_step(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # One product per call (any positive time allows one): each call of the first run is one product.
-    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
-                        lambda self: None if self.step_seconds is None else 1e-12)
+        tmp_path: Path, one_product_per_call: None) -> None:
     plain, data = _medium_mlp()
     model, _ = _medium_mlp()
     params_at: dict[int, dict[str, torch.Tensor]] = {}
@@ -101,9 +99,7 @@ def test_two_cut_runs_continue_one_per_step_the_first_cut_first() -> None:
         assert sched.carry_on(["hessian_top"]) == ["hessian_top"]  # sharpness ended: the other goes on
 
 
-def test_in_the_monitor_no_step_carries_two_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
-                        lambda self: None if self.step_seconds is None else 1e-12)
+def test_in_the_monitor_no_step_carries_two_slices(tmp_path: Path, one_product_per_call: None) -> None:
     model, data = _medium_mlp()
     diags = [get_diagnostic("hessian_top", k=3, tol=1e-8), get_diagnostic("sharpness", tol=1e-8, trace=False)]
     with Monitor(model, ClassificationLoss(), run=tmp_path / "run", diagnostics=diags, probe_data=data,
@@ -116,9 +112,7 @@ def test_in_the_monitor_no_step_carries_two_slices(tmp_path: Path, monkeypatch: 
     assert set(ok.index) == {"hessian_top", "sharpness"}  # both first runs ended
 
 
-def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
-                        lambda self: None if self.step_seconds is None else 1e-12)
+def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, one_product_per_call: None) -> None:
     model, data = _medium_mlp()
     diags = [get_diagnostic("hessian_top", k=3, tol=1e-8), get_diagnostic("sharpness", tol=1e-8, trace=False)]
     monitor = Monitor(model, ClassificationLoss(), run=tmp_path / "run", diagnostics=diags, probe_data=data,
@@ -131,11 +125,9 @@ def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, monkeypat
     assert st[st.diagnostic.isin(["hessian_top", "sharpness"])].status.iloc[-1] == "continues"
 
 
-def test_the_monitor_spreads_a_density_probe_over_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_monitor_spreads_a_density_probe_over_steps(tmp_path: Path, one_product_per_call: None) -> None:
     from diagnostics.linalg import spectral_density
 
-    monkeypatch.setattr(BudgetScheduler, "probe_seconds",
-                        lambda self: None if self.step_seconds is None else 1e-12)
     plain, data = _medium_mlp()
     model, _ = _medium_mlp()
     params_at: dict[int, dict[str, torch.Tensor]] = {}
