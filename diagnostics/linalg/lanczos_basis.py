@@ -22,14 +22,15 @@ MIN_SPARE_VECTORS = 8
 #: counted against ``max_memory``.
 WORK_VECTORS = 4
 
-def resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None) -> torch.dtype:
+def resolve_basis_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None,
+                        name: str = "lanczos") -> torch.dtype:
     """The basis dtype: ``basis_dtype`` when given (float32 or float64), else the operator's (float32 for
-    half-precision operators)."""
+    half-precision operators). ``name`` prefixes the error."""
     if basis_dtype is None:
         # Half-precision bases cannot be kept orthonormal to a useful accuracy.
         return op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
     if basis_dtype not in (torch.float32, torch.float64):
-        raise ConfigError(f"lanczos: basis_dtype must be torch.float32, torch.float64 or None, "
+        raise ConfigError(f"{name}: basis_dtype must be torch.float32, torch.float64 or None, "
                           f"got {basis_dtype!r}")
     return basis_dtype
 

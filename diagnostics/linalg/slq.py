@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError
-from diagnostics.linalg.operator import LinearOperator, as_operator, matmul64, rademacher_probes, square_dim
+from diagnostics.linalg.lanczos_basis import auto_budget, resolve_basis_dtype
+from diagnostics.linalg.operator import LinearOperator, as_operator, rademacher_probes, square_dim
 from diagnostics.linalg.stepped import SteppedRun
 
-__all__ = ["DensityRun", "SpectralDensity", "spectral_density"]
+__all__ = ["DensityPlan", "DensityRun", "SpectralDensity", "density_plan", "spectral_density"]
 
 
 @dataclass(frozen=True)
@@ -77,31 +78,102 @@ class SpectralDensity:
         return float(per_probe.mean()), stderr
 
 
+#: P-vectors of workspace per probe beside its basis (the product, its orthogonalised copy, one spare),
+#: counted against ``max_memory``.
+DENSITY_WORK_VECTORS = 3
+#: The fewest basis vectors a probe can run with: the last two Lanczos vectors of the three-term recurrence.
+MIN_WINDOW = 2
+
+
+@dataclass(frozen=True)
+class DensityPlan:
+    """How a quadrature fits its memory: probes advanced together and basis vectors kept per probe."""
+
+    group: int  #: probes advanced together (one batched product per Lanczos step of the group)
+    window: int  #: basis vectors kept per probe (``m``: full reorthogonalisation; fewer: the latest ones)
+    budget: int  #: the bytes the plan was fitted to
+    source: str  #: "max_memory" or "automatic budget"
+    within_budget: bool  #: False when even the smallest run (two vectors, one probe) exceeds the budget
+
+    def basis_bytes(self, P: int, itemsize: int) -> int:
+        """Bytes of one group's basis buffer."""
+        return self.group * self.window * P * itemsize
+
+
+def density_plan(P: int, num_probes: int, m: int, itemsize: int, max_memory: int | None,
+                 device: torch.device) -> DensityPlan:
+    """The largest probe group whose full bases fit the memory, else one probe with the latest vectors
+    that fit (a window of at least two).
+
+    The memory is ``max_memory`` bytes, or the automatic budget (2 GiB, or half of a CUDA device's free
+    memory when less) when it is None. Raises ConfigError when ``max_memory`` cannot hold one probe's two
+    vectors and its workspace; the automatic budget then runs that smallest plan anyway (``within_budget``
+    False), since no smaller computation exists.
+    """
+    if max_memory is not None and (isinstance(max_memory, bool) or int(max_memory) <= 0):
+        raise ConfigError(f"spectral_density: max_memory must be a positive number of bytes, got {max_memory!r}")
+    budget = auto_budget(device) if max_memory is None else int(max_memory)
+    source = "automatic budget" if max_memory is None else "max_memory"
+    per_vector = P * itemsize
+    group = min(num_probes, budget // ((m + DENSITY_WORK_VECTORS) * per_vector))
+    if group >= 1:
+        return DensityPlan(group, m, budget, source, True)
+    window = budget // per_vector - DENSITY_WORK_VECTORS
+    if window >= MIN_WINDOW:
+        return DensityPlan(1, min(window, m), budget, source, True)
+    if max_memory is not None:
+        need = (MIN_WINDOW + DENSITY_WORK_VECTORS) * per_vector
+        raise ConfigError(f"spectral_density: max_memory={budget} bytes cannot hold one probe's {MIN_WINDOW} "
+                          f"Lanczos vectors and {DENSITY_WORK_VECTORS} of workspace ({per_vector} bytes each, "
+                          f"P={P}): give max_memory >= {need}")
+    return DensityPlan(1, min(MIN_WINDOW, m), budget, source, False)
+
+
 def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: int = 32,
-                     seed: int = 0) -> SpectralDensity:
+                     seed: int = 0, *, max_memory: int | None = None,
+                     basis_dtype: torch.dtype | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectral measure of a symmetric operator.
 
-    Runs ``m = min(steps, P)`` Lanczos steps with full reorthogonalisation (twice) from each normalised
-    Rademacher probe ``z_j / sqrt(P)``, all probes advancing together in one ``[P, num_probes]`` product
-    per step. Probe ``j`` is the same vector :func:`hutchinson_trace` uses for the same seed.
+    Runs ``m = min(steps, P)`` Lanczos steps from each normalised Rademacher probe ``z_j / sqrt(P)``,
+    the probes of a group advancing together in one ``[P, group]`` product per step. Probe ``j`` is the
+    same vector :func:`hutchinson_trace` uses for the same seed.
+
+    Memory decides the grouping and the reorthogonalisation (:func:`density_plan`): as many probes as
+    fit with their whole basis advance together, each new vector orthogonalised twice against its
+    probe's basis (full reorthogonalisation); when not even one probe's ``m`` vectors fit, a probe keeps
+    only its latest vectors that fit and orthogonalises against those (at least the two of the three-term
+    recurrence). Without full reorthogonalisation converged Ritz values reappear as copies, but the
+    quadrature measure stays accurate: the copies share the weight of the eigenvalue they repeat
+    (Greenbaum 1989; Chen, Trogdon, Ubaru 2021); ``tests/linalg/test_linalg_slq_memory.py`` measures it.
 
     Args:
         op: a symmetric ``[P, P]`` operator or dense tensor.
         num_probes: number of probes ``>= 1``.
         steps: Lanczos steps per probe ``>= 1``.
         seed: seed of the private probe generator (global RNG untouched).
+        max_memory: bytes for the bases and their workspace, ``group * (window + 3) * P * itemsize``;
+            default: 2 GiB, or half of a CUDA device's free memory when less.
+        basis_dtype: ``torch.float32`` or ``torch.float64``; default the operator's dtype (float32 for
+            half-precision operators).
 
     Returns:
-        SpectralDensity with ``nodes`` and ``weights`` of shape ``[num_probes, m]``.
+        SpectralDensity with ``nodes`` and ``weights`` of shape ``[num_probes, m]``; its ``settings``
+        record ``probe_group``, ``basis_vectors``, ``reorthogonalization``, ``basis_dtype``,
+        ``basis_bytes``, ``memory_budget`` and ``memory_from``.
 
-    Cost: ``num_probes * m`` matvecs in ``m`` batched products; memory ``num_probes * P * m`` float64.
+    Cost: ``num_probes * m`` matvecs in ``ceil(num_probes / group) * m`` batched products; per step two
+    passes over the kept basis.
+
+    Raises:
+        ConfigError: ``num_probes`` or ``steps`` below 1, a bad ``basis_dtype``, or ``max_memory`` below
+            what one probe's two vectors and workspace need.
 
     Example:
         >>> sd = spectral_density(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), 2, 3)
         >>> sorted(round(x, 10) for x in sd.nodes[0].tolist()), round(sd.trace()[0], 10)
         ([1.0, 2.0, 3.0], 6.0)
     """
-    steps_ = _slq_steps(op, num_probes, steps, seed)
+    steps_ = _slq_steps(op, num_probes, steps, seed, max_memory, basis_dtype)
     while True:
         try:
             next(steps_)
@@ -111,10 +183,10 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
 
 class DensityRun(SteppedRun[SpectralDensity]):
     """:func:`spectral_density` in slices: each :meth:`advance` runs batched products (one per Lanczos
-    step of all probes) until the quadrature is complete or that call's limit is reached.
+    step of a probe group) until the quadrature is complete or that call's limit is reached.
 
     Sliced or not, the arithmetic is the same as one :func:`spectral_density` call with the same
-    arguments. Between calls the run holds its basis (``num_probes * P * m`` float64 numbers) and the
+    arguments. Between calls the run holds its current group's basis (within ``max_memory``) and the
     operator, which must not change meanwhile.
 
     Example:
@@ -125,12 +197,21 @@ class DensityRun(SteppedRun[SpectralDensity]):
         6.0
     """
 
-    def __init__(self, op: LinearOperator | Tensor, num_probes: int = 4, steps: int = 32, seed: int = 0) -> None:
-        """Validate the arguments and draw the probes (no product yet). Raises as :func:`spectral_density`."""
-        super().__init__(_slq_steps(op, num_probes, steps, seed), "DensityRun")
+    def __init__(self, op: LinearOperator | Tensor, num_probes: int = 4, steps: int = 32, seed: int = 0, *,
+                 max_memory: int | None = None, basis_dtype: torch.dtype | None = None) -> None:
+        """Validate the arguments and draw the first probes (no product yet). Raises as
+        :func:`spectral_density`."""
+        super().__init__(_slq_steps(op, num_probes, steps, seed, max_memory, basis_dtype), "DensityRun")
 
 
-def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: int
+def _reorthogonalisation(plan: DensityPlan, m: int) -> str:
+    if plan.window >= m:
+        return "full"
+    return f"against the latest {plan.window} vectors"
+
+
+def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: int,
+               max_memory: int | None = None, basis_dtype: torch.dtype | None = None,
                ) -> Generator[None, None, SpectralDensity]:
     """:func:`spectral_density` as a generator that pauses before each batched product; ``seconds``
     counts its own time only."""
@@ -144,47 +225,25 @@ def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: i
         raise ConfigError(f"spectral_density: steps must be >= 1, got {steps}")
     n, m = int(num_probes), min(int(steps), P)
     device = A.device
-    Q = torch.zeros(n, m, P, dtype=torch.float64, device=device)
-    Q[:, 0] = rademacher_probes(P, 0, n, seed, device).T / math.sqrt(P)
+    dtype = resolve_basis_dtype(A.dtype, basis_dtype, "spectral_density")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    plan = density_plan(P, n, m, itemsize, max_memory, device)
     alpha = torch.zeros(n, m, dtype=torch.float64)
     beta = torch.zeros(n, m, dtype=torch.float64)
     length = torch.full((n,), m, dtype=torch.long)
-    active = torch.ones(n, dtype=torch.bool)
     num_matvecs = 0
-    for j in range(m):
-        idx = active.nonzero().flatten()
-        if idx.numel() == 0:
-            break
-        # While every probe is active (the usual case) the basis is a view: no per-step gather copy.
-        every = idx.numel() == n
-        V = Q[:, j] if every else Q[idx, j]  # [a, P]
-        spent += time.perf_counter() - clock
-        yield
-        clock = time.perf_counter()
-        W = matmul64(A, V.T).T
-        num_matvecs += idx.numel()
-        a = (V * W).sum(1)
-        alpha[idx, j] = a.cpu()
-        if j + 1 == m:
-            break
-        w_norm = W.norm(dim=1)
-        basis = Q[:, : j + 1] if every else Q[idx, : j + 1]  # [a, j+1, P]
-        for _ in range(2):  # full reorthogonalisation, twice
-            c = torch.bmm(basis, W.unsqueeze(2))
-            W = W - torch.bmm(basis.transpose(1, 2), c).squeeze(2)
-        b = W.norm(dim=1)
-        closed = b <= 1e-12 * w_norm
-        open_ = ~closed
-        if bool(open_.all()):
-            beta[idx, j] = b.cpu()
-            Q[idx, j + 1] = W / b[:, None]
-        else:
-            # The Krylov space is invariant for the closed probes: their quadrature is exact with j+1 nodes.
-            closed_cpu = closed.cpu()  # idx, length and active live on the CPU
-            length[idx[closed_cpu]] = j + 1
-            active[idx[closed_cpu]] = False
-            beta[idx[~closed_cpu], j] = b[open_].cpu()
-            Q[idx[~closed_cpu].to(Q.device), j + 1] = W[open_] / b[open_, None]
+    for first in range(0, n, plan.group):
+        probes = list(range(first, min(n, first + plan.group)))
+        group = _GroupLanczos(A, P, m, plan.window, dtype, probes, seed)
+        for j in range(m):
+            if not group.open_at(j):
+                break
+            spent += time.perf_counter() - clock
+            yield
+            clock = time.perf_counter()
+            num_matvecs += group.step(j)
+        group.store(alpha, beta, length)
+        del group  # its basis, before the next group's is allocated
     nodes = torch.zeros(n, m, dtype=torch.float64)
     weights = torch.zeros(n, m, dtype=torch.float64)
     for i in range(n):
@@ -198,5 +257,76 @@ def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: i
     return SpectralDensity(
         nodes=nodes, weights=weights, num_matvecs=num_matvecs, seconds=spent + time.perf_counter() - clock,
         settings={"num_probes": n, "steps": m, "seed": seed, "dim": P, "probes": "rademacher",
-                  "reorthogonalization": "full"},
+                  "reorthogonalization": _reorthogonalisation(plan, m), "probe_group": plan.group,
+                  "basis_vectors": plan.window, "basis_dtype": str(dtype).removeprefix("torch."),
+                  "basis_bytes": plan.basis_bytes(P, itemsize), "memory_budget": plan.budget,
+                  "memory_from": plan.source, "within_memory_budget": plan.within_budget},
     )
+
+
+class _GroupLanczos:
+    """Lanczos on a group of probes advanced together, each keeping its latest ``window`` vectors (all of
+    them when ``window`` is ``m``) in a ring of basis rows."""
+
+    def __init__(self, A: LinearOperator, P: int, m: int, window: int, dtype: torch.dtype,
+                 probes: list[int], seed: int) -> None:
+        self.A, self.m, self.window = A, m, window
+        g = len(probes)
+        # Empty, not zeros: rows are read only once written, and untouched memory is never paged in.
+        self.Q = torch.empty(g, window, P, dtype=dtype, device=A.device)
+        for row, probe in enumerate(probes):  # one float64 probe at a time: 8P bytes of temporary memory
+            self.Q[row, 0] = rademacher_probes(P, probe, 1, seed, A.device)[:, 0].div_(math.sqrt(P))
+        self.probes = probes
+        self.alpha = torch.zeros(g, m, dtype=torch.float64)
+        self.beta = torch.zeros(g, m, dtype=torch.float64)
+        self.length = torch.full((g,), m, dtype=torch.long)
+        self.active = torch.ones(g, dtype=torch.bool)
+
+    def open_at(self, j: int) -> bool:
+        """Whether any probe of the group still needs step ``j``."""
+        return bool(self.active.any())
+
+    def step(self, j: int) -> int:
+        """Lanczos step ``j`` of the active probes: one batched product; returns the matvecs used."""
+        idx = self.active.nonzero().flatten()
+        # While every probe is active (the usual case) the basis is a view: no per-step gather copy.
+        every = idx.numel() == self.Q.shape[0]
+        row = j % self.window
+        V = self.Q[:, row] if every else self.Q[idx, row]  # [a, P]
+        # Rows contiguous: the batched products below are several times slower on a transposed view.
+        W = (self.A @ V.T.to(self.A.dtype)).T.to(self.Q.dtype).contiguous()
+        self.alpha[idx, j] = torch.linalg.vecdot(V, W).double().cpu()
+        if j + 1 == self.m:
+            return idx.numel()
+        w_norm = W.norm(dim=1)
+        filled = min(j + 1, self.window)  # in a ring every row is filled once j + 1 >= window
+        basis = self.Q[:, :filled] if every else self.Q[idx, :filled]  # [a, filled, P]
+        # Probe by probe: a batched bmm over [a, filled, P] ran 6x slower than a loop of matrix-vector
+        # products on the CPU (benchmarks/RESULTS.md, "Spectral density within a memory budget").
+        for i in range(W.shape[0]):
+            w, q = W[i], basis[i]
+            for _ in range(2):  # reorthogonalisation against the kept vectors, twice
+                w.addmv_(q.T, torch.mv(q, w), alpha=-1)
+        b = W.norm(dim=1)
+        closed = b <= 1e-12 * w_norm
+        nxt = (j + 1) % self.window
+        if not bool(closed.any()):
+            self.beta[idx, j] = b.double().cpu()
+            if every:
+                torch.div(W, b[:, None], out=self.Q[:, nxt])
+            else:
+                self.Q[idx, nxt] = W / b[:, None]
+            return idx.numel()
+        # The Krylov space is invariant for the closed probes: their quadrature is exact with j+1 nodes.
+        closed_cpu = closed.cpu()  # idx, length and active live on the CPU
+        self.length[idx[closed_cpu]] = j + 1
+        self.active[idx[closed_cpu]] = False
+        open_ = ~closed
+        self.beta[idx[~closed_cpu], j] = b[open_].double().cpu()
+        self.Q[idx[~closed_cpu].to(self.Q.device), nxt] = W[open_] / b[open_, None]
+        return idx.numel()
+
+    def store(self, alpha: Tensor, beta: Tensor, length: Tensor) -> None:
+        """Copy the group's coefficients and Krylov lengths into the rows of its probes."""
+        rows = torch.tensor(self.probes)
+        alpha[rows], beta[rows], length[rows] = self.alpha, self.beta, self.length

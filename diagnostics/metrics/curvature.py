@@ -337,6 +337,10 @@ class HessianTop(_HessianOrGGN):
 
 
 # --- hessian_density ----------------------------------------------------------------------------------------
+_QUADRATURE_SETTINGS = ("probe_group", "basis_vectors", "reorthogonalization", "basis_dtype", "basis_bytes",
+                        "within_memory_budget")
+
+
 class _DensityProbe:
     """A density probe that may span calls: per block its operator, its run and its result, and the step."""
 
@@ -371,9 +375,14 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
             ``ctx.probe_seconds`` and the next call continues the same runs on the operator frozen at
             the parameters of the step the probe began (:class:`~diagnostics.linalg.DensityRun`); the
             calls in between store only the status ``continues``. False: each probe runs whole.
+        max_memory: bytes for the Lanczos bases and their workspace per block (default: 2 GiB, or half
+            of a CUDA device's free memory when less). Probes whose bases do not fit together run in
+            groups; when one probe's ``steps`` vectors do not fit it keeps the latest ones that do
+            (:func:`~diagnostics.linalg.spectral_density`); the output's settings say which.
 
-    Cost: ``num_probes * steps`` HVPs in ``steps`` batched products; memory ``num_probes * P * steps``
-    float64 numbers, held between the calls of a probe spread over calls (with a copy of the parameters).
+    Cost: ``num_probes * steps`` HVPs in ``steps`` batched products per probe group; memory at most
+    ``max_memory`` for the bases (in the model's dtype), held between the calls of a probe spread over
+    calls (with a copy of the parameters).
     """
 
     name = "hessian_density"
@@ -386,8 +395,12 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str | None = None, params: Any = None,
                  num_probes: int = 4, steps: int = 32, max_matvecs: int | None = None, resume: bool = True,
-                 seed: int = 0) -> None:
+                 max_memory: int | None = None, seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                       or max_memory <= 0):
+            raise ConfigError(f"{self.name}: max_memory must be a positive number of bytes or None, "
+                              f"got {max_memory!r}")
         if int(num_probes) < 1 or int(steps) < 2:
             raise ConfigError(f"{self.name}: need num_probes >= 1 and steps >= 2, got {num_probes} and {steps}")
         check_budget(max_matvecs, None, self.name)
@@ -395,12 +408,13 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
         self.steps = int(steps)
         self.max_matvecs = max_matvecs
         self.resume = bool(resume)
+        self.max_memory = max_memory
         #: a probe stopped by the per-call time, continued by the next call (``resume``).
         self.unfinished: _DensityProbe | None = None
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_probes": self.num_probes, "steps": self.steps,
-                "max_matvecs": self.max_matvecs, "resume": self.resume}
+                "max_matvecs": self.max_matvecs, "resume": self.resume, "max_memory": self.max_memory}
 
     def _begin(self, ctx: StepContext) -> _DensityProbe:
         steps, truncated = self.steps, False
@@ -429,7 +443,8 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
             left = clock.left()
             before = op.num_matvecs
             if run is None:
-                run = block[2] = DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed)
+                run = block[2] = DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed,
+                                            max_memory=self.max_memory)
             sd, why = run_guarded(lambda run=run, left=left: run.advance(None, left))
             used = op.num_matvecs - before
             spent += used
@@ -466,7 +481,11 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
                     records.append(Record(p + "density_weight", float(sd.weights[i, j]), key=key, index=i * m + j))
             if probe.step != ctx.step:
                 records.append(Record(p + "density_probe_step", float(probe.step), key=key))
-        settings = {"probe_step": probe.step}
+        settings: dict[str, Any] = {"probe_step": probe.step}
+        # How memory shaped each block's quadrature (probe groups, kept vectors): one entry when all agree.
+        shaped = {key: {k: sd.settings[k] for k in _QUADRATURE_SETTINGS} for key, sd in probe.results.items()}
+        distinct = {tuple(v.items()) for v in shaped.values()}
+        settings["quadrature"] = next(iter(shaped.values())) if len(distinct) == 1 else shaped
         if probe.truncated:
             return Output(records=records, status="not_converged", num_matvecs=spent, settings=settings,
                           reason=f"budget max_matvecs={self.max_matvecs} cut Lanczos to {probe.steps} steps per probe")

@@ -416,6 +416,31 @@ def test_a_density_probe_cut_into_calls_is_the_quadrature_of_the_step_it_began()
     assert torch.allclose(weights, ref.weights, rtol=1e-6, atol=1e-9)
 
 
+def test_density_within_max_memory_keeps_the_exact_moments_and_says_how_it_fit():
+    case = medium_case()
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    P = H.shape[0]
+    d = HessianDensity(num_probes=3, steps=20, seed=5, max_memory=(4 + 3) * P * 8)  # 4 vectors + workspace
+    out = d.compute(make_ctx(case))
+    assert out.status == "ok" and out.num_matvecs == 60
+    quad = out.settings["quadrature"]
+    assert quad["probe_group"] == 1 and quad["basis_vectors"] == 4 and quad["basis_dtype"] == "float64"
+    assert quad["reorthogonalization"] == "against the latest 4 vectors" and quad["within_memory_budget"]
+    nodes = torch.tensor(values(out, "hessian_density_node"), dtype=F64).reshape(3, 20)
+    weights = torch.tensor(values(out, "hessian_density_weight"), dtype=F64).reshape(3, 20)
+    from diagnostics.linalg.operator import rademacher_probes
+
+    Z = rademacher_probes(P, 0, 3, 5) / math.sqrt(P)
+    scale = float(torch.linalg.eigvalsh(H).abs().max())
+    Hk = torch.eye(P, dtype=F64)
+    for k in range(1, 7):  # the quadrature of step 0's Hessian: z^T H^k z for each probe
+        Hk = Hk @ H
+        exact = torch.einsum("pi,pq,qi->i", Z, Hk, Z)
+        assert torch.allclose((weights * nodes**k).sum(1), exact, rtol=0, atol=1e-9 * scale**k), k
+    with pytest.raises(ConfigError, match="max_memory must be a positive"):
+        HessianDensity(max_memory=0)
+
+
 def test_a_density_probe_is_not_cut_without_resume_or_outside_the_budgets_slices():
     case = medium_case()
     whole = HessianDensity(num_probes=2, steps=6, resume=False).compute(_cut_ctx(case, 0))
