@@ -42,7 +42,7 @@ def _layout(obj: Any) -> Any:
     return type(obj).__name__
 
 
-def _agree(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+def gradients_agree(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     """Every tensor of ``a`` within ``_AGREEMENT_RTOL`` of its largest entry in ``b``, or of 1e-3 of the
     largest entry of all (a gradient that is zero up to rounding, such as a key bias's, has no scale of its
     own)."""
@@ -178,7 +178,7 @@ def _layerwise_checked(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor],
         return grads
     m = min(n, _CHECK_SAMPLES)
     reference = _vmapped(model, fn, slice_batch(batch, m), selected, max_memory_bytes, "eval", seed, m)
-    checks[key] = _agree({k: v[:m] for k, v in grads.items()}, reference)
+    checks[key] = gradients_agree({k: v[:m] for k, v in grads.items()}, reference)
     return grads if checks[key] else None
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SUPPORTED_LAYERS", "layer_owners", "layerwise_per_sample_gradients"]
+__all__ = ["SUPPORTED_LAYERS", "accumulate_call", "layer_owners", "layerwise_per_sample_gradients"]
 
 #: Module types handled here (exact types: a subclass may change ``forward``).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm)
@@ -116,18 +116,20 @@ class _Recorder:
             h.remove()
 
 
-def _accumulate(module: nn.Module, attrs: dict[str, str], x: Tensor, g: Tensor, shared: bool,
-                out: dict[str, Tensor], written: set[str], n: int) -> None:
-    """Add N x this call's contributions (``g``: the output gradient, ``[N, ...]``) into ``out``.
+def accumulate_call(module: nn.Module, attrs: dict[str, str], x: Tensor, g: Tensor, shared: bool,
+                    out: dict[str, Tensor], written: set[str], n: int, scale: float | None = None) -> None:
+    """Add ``scale`` (default N) x this layer call's per-sample contributions into ``out``: ``x`` its input
+    and ``g`` its output gradient, both led by the N samples (``x`` shared by all of them if ``shared``).
 
     A tensor not yet in ``written`` is overwritten instead (its buffer starts uninitialised).
     """
+    alpha = n if scale is None else scale
 
     def add(name: str, value: Tensor) -> None:
         if name in written:
-            out[name].add_(value, alpha=n)
+            out[name].add_(value, alpha=alpha)
         else:
-            torch.mul(value, n, out=out[name])
+            torch.mul(value, alpha, out=out[name])
             written.add(name)
 
     if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
@@ -137,7 +139,7 @@ def _accumulate(module: nn.Module, attrs: dict[str, str], x: Tensor, g: Tensor, 
             x2 = x.reshape(n, -1, x.shape[-1]).to(g2.dtype)
             # nn.Linear's weight is [out, in]: sum_t g_t x_t^T; Conv1D's is [in, out]: sum_t x_t g_t^T.
             a, b = (g2.transpose(1, 2), x2) if isinstance(module, nn.Linear) else (x2.transpose(1, 2), g2)
-            out[name].baddbmm_(a, b, beta=1 if name in written else 0, alpha=n)
+            out[name].baddbmm_(a, b, beta=1 if name in written else 0, alpha=alpha)
             written.add(name)
         if "bias" in attrs:
             add(attrs["bias"], g2.sum(1))
@@ -164,8 +166,11 @@ def _accumulate(module: nn.Module, attrs: dict[str, str], x: Tensor, g: Tensor, 
         if module.padding_idx is not None:
             keep = idx.reshape(n, -1) != module.padding_idx
             rows, vals = rows[keep], vals[keep]
-        flat = weight.view(n * num, dim)
-        flat.index_add_(0, rows.reshape(-1), vals.reshape(-1, dim).to(weight.dtype), alpha=n)
+        # A weight that is a view into a wider buffer (one row of it per sample) gathers in a contiguous copy.
+        target = weight if weight.is_contiguous() else torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        target.view(n * num, dim).index_add_(0, rows.reshape(-1), vals.reshape(-1, dim).to(weight.dtype), alpha=alpha)
+        if target is not weight:
+            weight.add_(target)
 
 
 def layerwise_per_sample_gradients(
@@ -203,7 +208,7 @@ def layerwise_per_sample_gradients(
         # Scaled by N: sample i's own loss has N times the gradient of its share of the mean.
         for (module, attrs, x, _, shared), g in zip(calls, grads):
             if g is not None:
-                _accumulate(module, attrs, x, g, shared, out, written, n)
+                accumulate_call(module, attrs, x, g, shared, out, written, n)
         for name in out.keys() - written:
             out[name].zero_()  # no recorded call reached the loss
     return out, loss.detach()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,25 @@ class GradientMoments:
     mean: dict[str, Tensor]
     var: dict[str, Tensor]
     n: int
+    #: the same means and variances laid end to end (float64 ``[P]`` each), when built by :meth:`from_flat`.
+    flat: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_flat(cls, grads: Tensor, layout: Sequence[tuple[str, torch.Size]]) -> GradientMoments:
+        """The moments of N gradients laid end to end in the rows of ``grads`` (``[N, P]``), ``layout``
+        naming each parameter's segment and shape in order. Cost: two passes over ``grads``, with no
+        per-parameter operation but the views."""
+        if grads.ndim != 2 or grads.shape[0] < 2:
+            raise DataError(f"GradientMoments.from_flat needs [N, P] gradients with N >= 2, got {tuple(grads.shape)}")
+        mean64, var64, n = _moments(grads)
+        mean, var, at = {}, {}, 0
+        for name, shape in layout:
+            size = math.prod(shape)
+            mean[name], var[name] = mean64[at:at + size].view(shape), var64[at:at + size].view(shape)
+            at += size
+        if at != grads.shape[1]:
+            raise DataError(f"GradientMoments.from_flat: the layout covers {at} of {grads.shape[1]} columns")
+        return cls(mean=mean, var=var, n=n, flat=(mean64, var64))
 
     def gsnr(self, eps: float = GSNR_EPS) -> dict[str, Tensor]:
         """:func:`gsnr`, the bias-corrected ratio per element."""
@@ -123,8 +142,11 @@ class GradientMoments:
         """
         names = list(self.mean)
         sizes = [self.mean[k].numel() for k in names]
-        m = torch.cat([self.mean[k].reshape(-1) for k in names]).cpu()
-        v = torch.cat([self.var[k].reshape(-1) for k in names]).cpu()
+        if self.flat is not None:
+            m, v = self.flat[0].cpu(), self.flat[1].cpu()
+        else:
+            m = torch.cat([self.mean[k].reshape(-1) for k in names]).cpu()
+            v = torch.cat([self.var[k].reshape(-1) for k in names]).cpu()
         n = self.n
         # In place where possible: at millions of elements fresh temporaries cost more than the arithmetic.
         corrected = m.square().sub_(v, alpha=1.0 / n).div_(v.clamp_min(eps)).numpy()
@@ -150,8 +172,11 @@ class GradientMoments:
 
     def noise_parts(self) -> NoiseScaleParts:
         """:func:`gradient_noise_parts`: unbiased ``tr(Sigma)`` and ``|G|^2``."""
-        trace = float(sum(v.sum() for v in self.var.values()))
-        sqnorm = float(sum(m.square().sum() for m in self.mean.values()))
+        if self.flat is not None:
+            trace, sqnorm = float(self.flat[1].sum()), float(self.flat[0].square().sum())
+        else:
+            trace = float(sum(v.sum() for v in self.var.values()))
+            sqnorm = float(sum(m.square().sum() for m in self.mean.values()))
         return NoiseScaleParts(trace=trace, sqnorm=sqnorm - trace / self.n)
 
 

@@ -13,7 +13,9 @@ docs/metrics.md, "GSNR".
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -66,6 +68,16 @@ class GSNRDiagnostic(Diagnostic):
     and backward for models of ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` and Hugging Face
     ``Conv1D``, else one vmap(grad) pass: :func:`diagnostics.gradients.per_sample_gradients`) and one
     pass over them (``benchmarks/overhead.py`` measures it against one training step).
+
+    From the training step (``from_training_step=True``, the default): when the Monitor expects this
+    diagnostic to run at the next step, it holds hooks on the user's training forward that keep the
+    inputs and output gradients of the first N samples in those layers
+    (:class:`~diagnostics.gradients.training_capture.TrainingStepCapture`), and the per-sample gradients
+    are formed from them: no forward or backward of its own. The first time, they are checked against
+    its own eval-mode pass on two samples; if they differ (dropout or BatchNorm in train mode, a loss
+    other than the Monitor's ``loss_fn``, gradient accumulation, mixed precision) or the model has a
+    layer the capture cannot split by sample (a position embedding shared by the batch), it uses its own
+    pass for the rest of the run. The output's settings say which (``source``) and why.
     """
 
     name = "gsnr"
@@ -75,8 +87,11 @@ class GSNRDiagnostic(Diagnostic):
     metrics: ClassVar[tuple[str, ...]] = ("gsnr_mean", "gsnr_median", "gsnr_raw_mean", "gsnr_raw_median",
                                           "grad_noise_scale", "grad_noise_trace", "grad_noise_sqnorm")
 
+    observes_training_backward = True
+
     def __init__(self, every: int | None = None, start: int = 0, params: Any = None,
-                 noise_ema: float = 0.9, max_samples: int | None = DEFAULT_GSNR_SAMPLES) -> None:
+                 noise_ema: float = 0.9, max_samples: int | None = DEFAULT_GSNR_SAMPLES,
+                 from_training_step: bool = True) -> None:
         super().__init__(every, start)
         if not (isinstance(noise_ema, (int, float)) and 0.0 <= noise_ema < 1.0):
             raise ConfigError(f"gsnr: noise_ema (decay per probe) must be in [0, 1), got {noise_ema!r}")
@@ -89,22 +104,100 @@ class GSNRDiagnostic(Diagnostic):
         self.noise_ema = float(noise_ema)
         #: running averages of the two parts of B_simple (NoiseScaleEMA's state).
         self.state.update(noise={"trace": 0.0, "sqnorm": 0.0, "count": 0})
+        self.from_training_step = bool(from_training_step)
+        # (model id, step, capture, selected parameters) of the training step observed for the next call.
+        self._captured: tuple[int, int, Any, dict[str, torch.Tensor]] | None = None
+        #: None until the captured gradients were checked against the own pass; then whether they agreed.
+        self.capture_agrees: bool | None = None
+        #: why the training step is not used (None while it is, or before it was tried).
+        self.capture_note: str | None = None
+        #: where the last run's per-sample gradients came from: "training_step" or "own_pass".
+        self.last_source: str | None = None
+        #: runs whose per-sample gradients came from the training step.
+        self.training_step_runs = 0
+        self._flat: tuple[torch.Tensor, Any] | None = None  # this call's captured [n, P] gradients and layout
+        # (model id, selected parameters, their layer owners): walked once per model.
+        self._owners: tuple[int, dict[str, torch.Tensor], Any] | None = None
+
+    @contextlib.contextmanager
+    def observe_training_forward(self, model: torch.nn.Module, step: int) -> Iterator[None]:
+        """Hold hooks that keep what the training step at ``step`` gives for the per-sample gradients (the
+        Monitor enters this at the end of the previous step when this diagnostic may run at ``step``)."""
+        from diagnostics.gradients.per_sample_layers import layer_owners
+        from diagnostics.gradients.training_capture import TrainingStepCapture
+        from diagnostics.loss import select_params
+
+        self._captured = None
+        if not self.from_training_step or self.capture_agrees is False:
+            yield
+            return
+        if self._owners is None or self._owners[0] != id(model):
+            selected = select_params(model, self.params)
+            self._owners = (id(model), selected, layer_owners(model, selected))
+        _, selected, owners = self._owners
+        if owners is None:
+            self.capture_agrees = False
+            self.capture_note = ("a selected parameter is outside nn.Linear, nn.Embedding, nn.LayerNorm and "
+                                 "Hugging Face Conv1D layers, whose per-sample gradients the training step gives")
+            yield
+            return
+        capture = TrainingStepCapture(model, owners, self.max_samples or 2**62, self.hook_clock)
+        with capture:
+            yield
+        self._captured = (id(model), int(step), capture, selected)
+
+    def _from_training_step(self, ctx: StepContext, n: int) -> dict[str, torch.Tensor] | None:
+        """The per-sample gradients captured from this step's training backward, or None (then
+        :attr:`capture_note` says why). Checks them once against the own pass on two samples."""
+        from diagnostics.gradients.per_sample import gradients_agree
+
+        captured, self._captured = self._captured, None
+        if captured is None or captured[0] != id(ctx.model) or captured[1] != ctx.step:
+            return None
+        got = captured[2].gradients(captured[3])
+        if isinstance(got, str):
+            self.capture_note = got
+            if captured[2].problem is not None:  # the model's structure: the same at every step
+                self.capture_agrees = False
+            return None
+        if self.capture_agrees is None:
+            own = ctx.per_sample_grads(self.params, max_samples=2)
+            self.capture_agrees = gradients_agree({k: v[:2] for k, v in got.items()}, own)
+            if not self.capture_agrees:
+                self.capture_note = ("the training step's per-sample gradients differ from eval-mode ones of loss_fn "
+                                     "(dropout or BatchNorm in train mode, another loss, gradient accumulation or "
+                                     "mixed precision): own passes from now on")
+                return None
+        self.capture_note = None
+        capture = captured[2]
+        if capture.flat is not None:  # the moments from one [n, P] tensor
+            self._flat = (capture.flat[:n], capture.layout)
+        k = next(iter(got.values())).shape[0]
+        return got if k == n else {name: v[:n] for name, v in got.items()}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "params": self.params, "mode": "eval", "estimator": "per_sample",
                 "variance": "unbiased", "gsnr": "bias-corrected (m^2 - s^2/N) / s^2, unclipped",
                 "gsnr_raw": "m^2 / population variance", "noise_ema": self.noise_ema,
-                "max_samples": self.max_samples}
+                "max_samples": self.max_samples, "from_training_step": self.from_training_step}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import NoiseScaleEMA, gradient_moments
+        from diagnostics.gradients import GradientMoments, NoiseScaleEMA, gradient_moments
 
         n = leading_size(ctx.batch)
         if n is None or n < 2:
             return Output(status="failed", reason=f"GSNR needs a batch of at least 2 samples, got {n}")
         if self.max_samples is not None:
             n = min(n, self.max_samples)
-        moments = gradient_moments(ctx.per_sample_grads(self.params, max_samples=n))
+        self._flat = None
+        grads = self._from_training_step(ctx, n)
+        source = self.last_source = "own_pass" if grads is None else "training_step"
+        self.training_step_runs += grads is not None
+        if grads is None:
+            grads = ctx.per_sample_grads(self.params, max_samples=n)
+        n = next(iter(grads.values())).shape[0]
+        flat, self._flat = self._flat, None
+        moments = gradient_moments(grads) if flat is None else GradientMoments.from_flat(*flat)
         corrected, raw = moments.summaries()
         records = summary_records("gsnr", corrected) + summary_records("gsnr_raw", raw)
         parts = moments.noise_parts()
@@ -118,7 +211,10 @@ class GSNRDiagnostic(Diagnostic):
         # no number is stored rather than inf; both parts are.
         if math.isfinite(avg.b_simple):
             records.append(Record("grad_noise_scale", avg.b_simple))
-        return Output(records=records, settings={"num_samples": n, "grad_noise_scale_defined": math.isfinite(avg.b_simple)})
+        settings = {"num_samples": n, "grad_noise_scale_defined": math.isfinite(avg.b_simple), "source": source}
+        if self.capture_note is not None:
+            settings["training_step_not_used"] = self.capture_note
+        return Output(records=records, settings=settings)
 
 
 @register

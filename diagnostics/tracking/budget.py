@@ -543,6 +543,19 @@ class BudgetScheduler(CutRuns):
         self._promised[d.name] = step + 1
         return True
 
+    def may_run_next(self, d: Diagnostic, step: int) -> bool:
+        """Whether ``d`` may be due at ``step + 1`` (binds nothing): its gap, or a rule that overrides the
+        gap, will have come due; the window check may still turn it away. Cost: :meth:`intervals`."""
+        if d.name not in self.scheduled:
+            return d.is_due(step + 1) and (d.name not in self.thinned or self._thin_due(step + 1))
+        n = self.followers.get(d.name, d.name)
+        last = self.last.get(n)
+        if last is None or step + 1 <= last:
+            return False
+        gap = step + 1 - last
+        return (gap >= self.intervals()[n] or (self.runs.get(n, 0) < 2 and gap >= self.second_after)
+                or gap >= self.max_gap.get(n, math.inf))
+
     # --- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the schedule (JSON-serialisable). Cost: small dict copies."""

@@ -310,8 +310,10 @@ class Monitor:
                 if self._accumulated is not None:  # the next step accumulates afresh
                     self._accumulated.reset()
             if self.observe_training_forward and (self.writes or self._distributed):
-                due_next = self._budget.due_next if self._budget is not None else None
-                self._observing = observe_training_forward(self.model, self.diagnostics, step, due_next)
+                budget = self._budget
+                self._observing = observe_training_forward(
+                    self.model, self.diagnostics, step, budget.due_next if budget is not None else None,
+                    budget.may_run_next if budget is not None else None)
 
     def microbatch(self) -> None:
         """Report one micro-batch of gradient accumulation: call after each micro-batch's ``backward()``,

@@ -52,30 +52,35 @@ def observe_training_forward(
     diagnostics: Sequence[Diagnostic],
     step: int,
     due_next: Callable[[Diagnostic, int], bool] | None = None,
+    may_run_next: Callable[[Diagnostic, int], bool] | None = None,
 ) -> contextlib.ExitStack | None:
     """Enter the hooks of the diagnostics that measure on the user's next training forward.
 
     Chosen: diagnostics reading layer inputs or activations, due at every step (so at ``step + 1``), that offer
     ``observe_training_forward(model)``; ``due_next(d, step)`` says which are due at every step when
-    a budget schedules them (:meth:`~diagnostics.tracking.budget.BudgetScheduler.due_next`). Returns the
-    ExitStack that removes their hooks, or None when none
-    is chosen; if entering one fails, those already entered are removed before the error propagates.
+    a budget schedules them (:meth:`~diagnostics.tracking.budget.BudgetScheduler.due_next`). Also those that
+    read the training step's backward (``observes_training_backward``, e.g. ``gsnr``) when they may run at
+    ``step + 1`` (``may_run_next``: the budget's :meth:`~diagnostics.tracking.budget.BudgetScheduler.may_run_next`,
+    else their schedule), entered as ``observe_training_forward(model, step + 1)``: they fall back to
+    their own passes when they then do not find what they captured. Returns the ExitStack that removes
+    their hooks, or None when none is chosen; if entering one fails, those already entered are removed
+    before the error propagates.
     """
     if due_next is None:
         due_next = lambda d, s: d.every == 1 and d.is_due(s + 1)  # noqa: E731
-    chosen = [
-        d
-        for d in diagnostics
-        if d.requires & {"layer_inputs", "activations"}
-        and callable(getattr(d, "observe_training_forward", None))
-        and due_next(d, step)
-    ]
-    if not chosen:
+    if may_run_next is None:
+        may_run_next = lambda d, s: d.is_due(s + 1)  # noqa: E731
+    offers = [d for d in diagnostics if callable(getattr(d, "observe_training_forward", None))]
+    chosen = [d for d in offers if d.requires & {"layer_inputs", "activations"} and due_next(d, step)]
+    backward = [d for d in offers if getattr(d, "observes_training_backward", False) and may_run_next(d, step)]
+    if not chosen and not backward:
         return None
     stack = contextlib.ExitStack()
     try:
         for d in chosen:
             stack.enter_context(d.observe_training_forward(model))
+        for d in backward:
+            stack.enter_context(d.observe_training_forward(model, step + 1))
     except BaseException:
         stack.close()
         raise

@@ -631,3 +631,26 @@ def test_the_readers_of_a_carried_run_run_at_the_step_it_ends(tmp_path: Path, mo
     assert ended > 2 and len(top[top.step < ended]) > 1  # the first run was carried over several steps
     fraction = run.series("grad_subspace_fraction")
     assert ended in set(fraction.step)  # the reader ran where the run ended and read its eigenspace
+
+
+def test_every_run_after_the_first_was_announced_by_may_run_next() -> None:
+    # GSNR reads the training step when the Monitor held its hooks open the step before: may_run_next
+    # must have said so before every run but the first, and binds nothing (not every announced step runs).
+    diags = resolve_diagnostics("standard")
+    by_name = {d.name: d for d in diags}
+    clock = Clock()
+    sched = BudgetScheduler(DEFAULT_BUDGET, diags, set(), clock=clock)
+    announced: set[int] = set()
+    ran: list[int] = []
+    for step in range(1500):
+        clock.t += 0.010
+        with sched.call():
+            due = sched.due(step, diags)
+            clock.t += 0.0002 + sum(COSTS.get(d.name, 0.0) for d in due)
+            sched.account({d.name: Status(d.name, "ok", None, COSTS.get(d.name, 0.0)) for d in due})
+        ran += [step] if any(d.name == "gsnr" for d in due) else []
+        if sched.may_run_next(by_name["gsnr"], step):
+            announced.add(step + 1)
+    assert len(ran) >= 4
+    assert ran[0] not in announced and all(s in announced for s in ran[1:]), (ran, sorted(announced))
+    assert len(announced) <= 3 * len(ran)  # hooks held on few steps that do not run

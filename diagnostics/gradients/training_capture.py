@@ -1,0 +1,160 @@
+"""Per-sample gradients read off the user's own training step: no forward or backward of our own.
+
+For layers whose parameter gradient is a sum over positions of (input) x (output gradient) (the layers of
+:mod:`diagnostics.gradients.per_sample_layers`), the training backward already computes everything a
+sample's gradient needs: each layer's input in the forward and the gradient of its output in the
+backward. :class:`TrainingStepCapture` holds hooks on the model for the next training forward that keep
+both for the batch's first ``n`` samples (a copy of those rows only), and :meth:`gradients` forms the
+samples' gradients from them with one batched product per layer call.
+
+What the capture sees is the gradient of the user's loss, in the user's mode (dropout on in train mode)
+and precision, which equals the per-sample gradient of :func:`~diagnostics.gradients.per_sample_gradients`
+(sample i's own loss, eval mode) only when the loss is the mean of equally weighted per-sample losses
+over the batch, no layer behaves differently in train mode, and the forward runs in the parameters'
+precision; the caller checks that once against its own pass (``GSNRDiagnostic`` does). Only the first
+forward of the model after the hooks are installed is kept (with gradient accumulation, the first
+micro-batch). A layer whose input does not lead with the batch (a position embedding shared by all
+samples), a model called with no batch dimension, or a call of another type leaves the capture
+unusable, and :meth:`gradients` says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diagnostics._batch import leading_size
+from diagnostics._hooks import HookClock
+from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
+
+__all__ = ["TrainingStepCapture"]
+
+
+class _Call:
+    __slots__ = ("module", "attrs", "x", "g")
+
+    def __init__(self, module: nn.Module, attrs: dict[str, str], x: Tensor) -> None:
+        self.module, self.attrs, self.x = module, attrs, x
+        self.g: Tensor | None = None
+
+
+class TrainingStepCapture:
+    """Hooks that keep, for the first ``n`` samples of the model's next forward, the inputs and output
+    gradients of the layers owning the selected parameters.
+
+    Use as a context manager around the training forward and backward (the hooks are removed on exit);
+    then call :meth:`gradients`. Cost per hooked layer call: one copy of ``n`` rows of its input in the
+    forward and of its output gradient in the backward, and two Python calls (timed by ``clock``).
+    """
+
+    def __init__(self, model: nn.Module, owners: Owners, n: int, clock: HookClock | None = None) -> None:
+        self.model, self.owners, self.n = model, owners, int(n)
+        self.calls: list[_Call] = []
+        self.batch: int | None = None  # the leading size of the captured forward's input
+        self.problem: str | None = None  # why the capture cannot be used, once known
+        #: after :meth:`gradients`: the gradients as one ``[n, P]`` tensor when the parameters share a dtype
+        #: and device (else None), and each parameter's name and shape in its columns, in order.
+        self.flat: Tensor | None = None
+        self.layout: list[tuple[str, torch.Size]] = []
+        self._forwards = 0  # model forwards completed while the hooks were held
+        self._depth = 0  # > 0 inside the model's forward
+        self._attrs = {id(m): attrs for m, attrs in owners}
+        self._wrap = (lambda f: f) if clock is None else clock.wrap
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> TrainingStepCapture:
+        wrap = self._wrap
+        # Layers first: when the model is itself a hooked layer, its layer hook runs before the model
+        # forward is counted as done (forward hooks run in the order they were registered).
+        for module, _ in self.owners:
+            self._handles.append(module.register_forward_hook(wrap(self._layer)))
+        self._handles.append(self.model.register_forward_pre_hook(wrap(self._enter_model), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(wrap(self._leave_model), always_call=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # --- hooks ----------------------------------------------------------------------------------------
+    # Forwards without autograd (evaluation under no_grad) have no backward to read: they are not counted.
+    def _enter_model(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._depth += 1
+        if self._forwards == 0 and self._depth == 1:
+            self.batch = leading_size((args, kwargs))
+
+    def _leave_model(self, _m: nn.Module, _args: Any, _out: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._forwards += 1
+
+    def _layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._forwards or not self._depth or self.problem is not None or not torch.is_grad_enabled():
+            return
+        x = args[0] if args else None
+        B = self.batch
+        if not isinstance(x, Tensor) or not isinstance(output, Tensor) or x.dim() < 2 or B is None \
+                or x.shape[0] != B or output.shape[0] != B:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            self.problem = (f"{type(module).__name__} was called on an input of shape {shape}, not led by the "
+                            f"batch of {B} (a lookup shared by all samples, such as a position embedding)")
+            return
+        if not output.requires_grad:
+            return
+        call = _Call(module, self._attrs[id(module)], x[: self.n].detach().clone())
+        self.calls.append(call)
+        n = self.n
+
+        def keep(g: Tensor, call: _Call = call) -> None:
+            call.g = g[:n].detach().clone()
+
+        output.register_hook(self._wrap(keep))
+
+    # --- result ---------------------------------------------------------------------------------------
+    def gradients(self, selected: dict[str, Tensor]) -> dict[str, Tensor] | str:
+        """``{name: Tensor[n, *shape]}``: each captured sample's gradient, ``B`` times its share of the
+        batch loss's gradient (``B`` the captured batch's size), or a sentence saying why there is none.
+
+        Cost: one batched product per captured layer call (the FLOPs of the n samples' weight gradients).
+        """
+        if self.problem is not None:
+            return self.problem
+        if not self.calls:
+            return "no training forward with gradients ran while the hooks were held"
+        if any(c.g is None for c in self.calls):
+            return "the training forward's backward did not reach every hooked layer"
+        B = int(self.batch or 0)
+        n = min(self.n, B)
+        if n < 2:
+            return f"the captured batch holds {B} sample(s); at least 2 are needed"
+        # One [n, P] buffer with a view per parameter: the moments then take two passes in all.
+        first = next(iter(selected.values()))
+        same = all(p.dtype == first.dtype and p.device == first.device for p in selected.values())
+        if same:
+            self.flat = torch.empty((n, sum(p.numel() for p in selected.values())), dtype=first.dtype,
+                                    device=first.device)
+            self.layout = [(k, p.shape) for k, p in selected.items()]
+            out, at = {}, 0
+            for k, p in selected.items():
+                out[k] = self.flat[:, at:at + p.numel()].view(n, *p.shape)
+                at += p.numel()
+        else:
+            self.flat, self.layout = None, []
+            out = {k: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for k, p in selected.items()}
+        written: set[str] = set()
+        with torch.no_grad():
+            for c in self.calls:
+                # Under autocast the captured tensors may be half precision: the sums run in the parameters'.
+                dtype = out[next(iter(c.attrs.values()))].dtype
+                x = c.x[:n].to(dtype) if c.x.is_floating_point() else c.x[:n]
+                accumulate_call(c.module, c.attrs, x, c.g[:n].to(dtype), False, out, written, n, scale=B)
+            for name in out.keys() - written:
+                out[name].zero_()  # no captured call reached the loss
+        return out

@@ -1,0 +1,121 @@
+"""Per-sample gradients read off a training forward and backward, against a loop of single-sample
+autograd.grad (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diagnostics.gradients.per_sample_layers import layer_owners
+from diagnostics.gradients.training_capture import TrainingStepCapture
+from tests.gradients.test_gradients_per_sample_layers import assert_close, lm_loss, tiny_gpt, tokens
+from tests.reference import per_sample_gradients_loop
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3)).double()
+
+
+def ce(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def captured(model: nn.Module, steps, n: int) -> dict[str, torch.Tensor] | str:  # noqa: ANN001
+    selected = dict(model.named_parameters())
+    with TrainingStepCapture(model, layer_owners(model, selected), n) as capture:
+        steps()
+    return capture.gradients(selected)
+
+
+def test_a_training_step_gives_the_first_samples_gradients():
+    model, batch = mlp(), data(10)
+
+    def step() -> None:
+        ce(model, batch).backward()
+
+    got = captured(model, step, 4)
+    names = [n for n, _ in model.named_parameters()]
+    ref = per_sample_gradients_loop(model, ce, tuple(t[:4] for t in batch), names)
+    assert_close(got, ref)
+
+
+def test_the_training_step_itself_is_unchanged_and_the_hooks_go():
+    model, batch = mlp(), data(10)
+    ce(model, batch).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        ce(model, batch).backward()
+
+    captured(model, step, 4)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, plain[n]), n
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_only_the_first_forward_with_gradients_is_kept():
+    # An evaluation forward under no_grad first, then two accumulated micro-batches: the first of them.
+    model, first, second = mlp(), data(6, seed=1), data(6, seed=2)
+
+    def steps() -> None:
+        with torch.no_grad():
+            model(second[0])
+        ce(model, first).backward()
+        ce(model, second).backward()
+
+    got = captured(model, steps, 3)
+    names = [n for n, _ in model.named_parameters()]
+    assert_close(got, per_sample_gradients_loop(model, ce, tuple(t[:3] for t in first), names))
+
+
+def test_a_model_that_is_one_layer():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    batch = data(8)
+
+    def step() -> None:
+        ce(model, batch).backward()
+
+    got = captured(model, step, 8)
+    assert_close(got, per_sample_gradients_loop(model, ce, batch, ["weight", "bias"]))
+
+
+def test_a_position_lookup_shared_by_the_batch_is_named():
+    model = tiny_gpt()
+    batch = tokens(4, 6)
+    got = captured(model, lambda: lm_loss(model, batch).backward(), 2)
+    assert isinstance(got, str) and "not led by the batch of 4" in got and "position embedding" in got
+
+
+def test_nothing_captured_says_so():
+    model = mlp()
+    assert captured(model, lambda: None, 2) == "no training forward with gradients ran while the hooks were held"
+
+
+def test_huggingface_gpt_neox_with_sdpa_and_rotary_positions():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=16,
+                                        max_position_embeddings=16, attn_implementation="sdpa",
+                                        hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(config).double().train()
+
+    def hf_loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=batch[0], labels=batch[1]).loss
+
+    batch = tokens(5, 6, vocab=23)
+    got = captured(model, lambda: hf_loss(model, batch).backward(), 3)
+    assert not isinstance(got, str), got
+    names = [n for n, _ in model.named_parameters()]
+    ref = per_sample_gradients_loop(model.eval(), hf_loss, tuple(t[:3] for t in batch), names)
+    # Hugging Face's loss casts the logits to float32: sample-by-sample and batched roundings differ there.
+    assert_close(got, ref, tol=1e-5)
