@@ -13,7 +13,7 @@ from diagnostics.linalg.power import power_iteration, top_singular_vector
 from diagnostics.linalg.rank import AlphaReqFit, alpha_req, effective_rank, nuclear_norm, stable_rank
 from diagnostics.linalg.slq import DensityRun, SpectralDensity, spectral_density
 from diagnostics.linalg.subspace import principal_angles, subspace_fraction, subspace_overlap
-from diagnostics.linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
+from diagnostics.linalg.trace import TraceEstimate, TraceRun, hutchinson_trace, hutchpp_trace
 
 __all__ = [
     # operators
@@ -33,6 +33,7 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "TraceEstimate",
+    "TraceRun",
     # subspaces
     "principal_angles",
     "subspace_overlap",

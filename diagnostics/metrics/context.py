@@ -283,8 +283,14 @@ class StepContext:
         """Whether :meth:`trace` with these arguments was already estimated this step (then it is free)."""
         return self._trace_key(kind, params, num_matvecs, seed) in self._cache
 
+    def share_trace(self, kind: str, params: Any, *, num_matvecs: int, seed: int, estimate: TraceEstimate) -> None:
+        """Offer an estimate of this step's trace made in slices (a ``hessian_trace`` probe that began and
+        ended in this call) to the step's later :meth:`trace` requests. Cost: none."""
+        self._cache[self._trace_key(kind, params, num_matvecs, seed)] = estimate
+
     def trace(
-        self, kind: str = "hessian", params: Any = None, *, num_matvecs: int, seed: int = 0
+        self, kind: str = "hessian", params: Any = None, *, num_matvecs: int, seed: int = 0,
+        max_memory: int | None = None,
     ) -> tuple[TraceEstimate, int]:
         """Hutch++ estimate of the trace of :meth:`curvature` ``(kind, params)``, shared for the step.
 
@@ -303,11 +309,12 @@ class StepContext:
         from diagnostics.linalg import hutchpp_trace
         from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
 
+        # max_memory only shapes the sketch and the blocks: an estimate made under another one is shared.
         key = self._trace_key(kind, params, num_matvecs, seed)
         if key in self._cache:
             return self._cache[key], 0
         checked = FiniteChecked(self.curvature(kind, params))
-        est = hutchpp_trace(checked, num_matvecs=num_matvecs, seed=seed)
+        est = hutchpp_trace(checked, num_matvecs=num_matvecs, seed=seed, max_memory=max_memory)
         if not (math.isfinite(est.mean) and (math.isfinite(est.stderr) or math.isnan(est.stderr))):
             raise NonFiniteProductError("non-finite trace estimate")
         self._cache[key] = est

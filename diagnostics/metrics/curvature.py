@@ -36,11 +36,13 @@ from diagnostics.errors import ConfigError
 from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
 from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import (
-    CallTime,
+    BlockRuns,
     CurvatureDiagnostic,
     Eigenspace,
     ProbeInCalls,
+    advance_blocks,
     check_budget,
+    check_max_memory,
     failed,
     parse_blocks,
     run_guarded,
@@ -341,19 +343,12 @@ _QUADRATURE_SETTINGS = ("probe_group", "basis_vectors", "reorthogonalization", "
                         "within_memory_budget")
 
 
-class _DensityProbe:
-    """A density probe that may span calls: per block its operator, its run and its result, and the step."""
+class _DensityProbe(BlockRuns):
+    """A density probe that may span calls, with the Lanczos steps per probe it runs."""
 
     def __init__(self, step: int, steps: int, truncated: bool) -> None:
-        self.step, self.steps, self.truncated = step, steps, truncated
-        self.blocks: dict[str, list[Any]] = {}  # key -> [raw operator, checked operator, DensityRun | None]
-        self.results: dict[str, Any] = {}
-        self.products = 0
-
-    def close(self) -> None:
-        for _, _, run in self.blocks.values():
-            if run is not None:
-                run.close()
+        super().__init__(step)
+        self.steps, self.truncated = steps, truncated
 
 
 @register
@@ -397,10 +392,7 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
                  num_probes: int = 4, steps: int = 32, max_matvecs: int | None = None, resume: bool = True,
                  max_memory: int | None = None, seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
-        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
-                                       or max_memory <= 0):
-            raise ConfigError(f"{self.name}: max_memory must be a positive number of bytes or None, "
-                              f"got {max_memory!r}")
+        check_max_memory(max_memory, self.name)
         if int(num_probes) < 1 or int(steps) < 2:
             raise ConfigError(f"{self.name}: need num_probes >= 1 and steps >= 2, got {num_probes} and {steps}")
         check_budget(max_matvecs, None, self.name)
@@ -431,44 +423,17 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
         probe, self.unfinished = self.unfinished, None
         if probe is None:
             probe = self._begin(ctx)
-        cut = ctx.call_seconds(self.name) if self.resume else None
-        clock = CallTime(cut)
-        spent = 0
-        for key, block in probe.blocks.items():
-            if key in probe.results:
-                continue
-            _, op, run = block
-            if clock.spent():
-                return self._pause(probe, key, spent, cut)
-            left = clock.left()
-            before = op.num_matvecs
-            if run is None:
-                run = block[2] = DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed,
-                                            max_memory=self.max_memory)
-            sd, why = run_guarded(lambda run=run, left=left: run.advance(None, left))
-            used = op.num_matvecs - before
-            spent += used
-            probe.products += used
-            clock.advanced = True
-            if why is None and sd is None:
-                return self._pause(probe, key, spent, cut)
-            if sd is None or not (bool(torch.isfinite(sd.nodes).all()) and bool(torch.isfinite(sd.weights).all())):
-                probe.close()
-                return failed(f"{key}: {why or 'non-finite quadrature'}", spent)
-            probe.results[key] = sd
-        return self._finish(ctx, probe, spent)
 
-    def _pause(self, probe: _DensityProbe, key: str, spent: int, cut: float | None) -> Output:
-        """Keep ``probe`` for the next call: status ``continues``, no numbers. Cost: the first pause
-        copies the parameters and buffers (per block)."""
-        for raw, _, _ in probe.blocks.values():
-            if not raw.frozen:
-                raw.freeze()
-        self.unfinished = probe
-        return Output(records=[], status="continues", num_matvecs=spent,
-                      reason=f"{key}: stopped by the budget's {cut:.3g} s per call; the probe of step {probe.step} "
-                             f"continues at the next call ({probe.products} products so far)",
-                      settings={"probe_step": probe.step})
+        def make_run(op: Any) -> DensityRun:
+            return DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed,
+                              max_memory=self.max_memory)
+
+        def finite(sd: Any) -> bool:
+            return bool(torch.isfinite(sd.nodes).all()) and bool(torch.isfinite(sd.weights).all())
+
+        cut = ctx.call_seconds(self.name) if self.resume else None
+        out, spent = advance_blocks(self, probe, cut, make_run, finite, "non-finite quadrature")
+        return out if out is not None else self._finish(ctx, probe, spent)
 
     def _finish(self, ctx: StepContext, probe: _DensityProbe, spent: int) -> Output:
         records: list[Record] = []
@@ -493,50 +458,105 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
 
 
 # --- hessian_trace -------------------------------------------------------------------------------------------
+#: Probes per batched product of a trace probe cut into calls: small, so that one product fits a call.
+SLICED_TRACE_BLOCK = 4
+
+
 @register
-class HessianTrace(_HessianOrGGN):
+class HessianTrace(ProbeInCalls, _HessianOrGGN):
     """Trace of the Hessian (or GGN) by Hutch++ (Meyer, Musco, Musco, Woodruff 2021), with standard error.
 
-    Records per block: ``trace`` and ``trace_stderr`` (of the Hutchinson part on the deflated residual; the
-    sketched part is exact for its sketch). Read: Tr(H) is the summed curvature over all directions; for
-    SGD, ``Tr(H) * lr / 2 > 1`` marks a minimum that is not linearly stable (``sharpness`` records that
-    ratio). The same seed is used at every probe, so changes over steps are not probe noise.
+    Records per block: ``trace``, ``trace_stderr`` (of the Hutchinson part on the deflated residual) and,
+    for a probe that spanned calls, ``trace_probe_step``. The same seed is used at every probe, so changes
+    over steps are not probe noise; ``sharpness`` compares Tr(H) lr / 2 with 1 for SGD.
 
-    Cost: exactly ``num_matvecs`` HVPs (a third sketch, a third on the sketch, a third residual probes).
+    Args:
+        num_matvecs: products per block (a third sketch, a third on the sketch, a third residual probes).
+        resume: under the Monitor's overhead budget a call stops after the batched product (of
+            :data:`SLICED_TRACE_BLOCK` probes) that passes ``ctx.probe_seconds``, and the next call
+            continues on the operator frozen at the parameters of the step the probe began
+            (:class:`~diagnostics.linalg.TraceRun`); the calls in between store only the status
+            ``continues``. False, or outside the budget's cut: the whole estimate in one call, shared
+            with ``sharpness``'s trace ratio at that step.
+        max_memory: bytes for the sketch, its basis and a block of probes per block (default 2 GiB, or
+            half of a CUDA device's free memory when less; :func:`~diagnostics.linalg.hutchpp_trace`).
+
+    Cost: exactly ``num_matvecs`` HVPs per block.
     """
 
     name = "hessian_trace"
     preset = "full"
+    resumable = True
     default_every = 1000
-    _suffixes = ("trace", "trace_stderr")
-    metrics: ClassVar[tuple[str, ...]] = ("hessian_trace", "hessian_trace_stderr")
+    _suffixes = ("trace", "trace_stderr", "trace_probe_step")
+    metrics: ClassVar[tuple[str, ...]] = tuple("hessian_" + s for s in _suffixes)
     contract_options: ClassVar[dict[str, Any]] = {"num_matvecs": 12}
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str | None = None, params: Any = None,
-                 num_matvecs: int = 60, seed: int = 0) -> None:
+                 num_matvecs: int = 60, resume: bool = True, max_memory: int | None = None, seed: int = 0) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
         if not isinstance(num_matvecs, int) or num_matvecs < 6:
             raise ConfigError(f"{self.name}: num_matvecs must be an int >= 6, got {num_matvecs!r}")
+        check_max_memory(max_memory, self.name)
         self.num_matvecs = num_matvecs
+        self.resume = bool(resume)
+        self.max_memory = max_memory
+        #: a probe stopped by the per-call time, continued by the next call (``resume``).
+        self.unfinished: BlockRuns | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "num_matvecs": self.num_matvecs, "method": "hutch++"}
+        return {**super().settings(), "num_matvecs": self.num_matvecs, "method": "hutch++",
+                "resume": self.resume, "max_memory": self.max_memory}
 
     def compute(self, ctx: StepContext) -> Output:
-        records: list[Record] = []
+        from diagnostics.linalg import TraceRun
+
+        cut = ctx.call_seconds(self.name) if self.resume else None
+        probe, self.unfinished = self.unfinished, None
+        if probe is None and cut is None:
+            return self._whole(ctx)
+        if probe is None:
+            probe = BlockRuns(ctx.step)
+            for key, raw in self.operators(ctx):
+                probe.blocks[key] = [raw, FiniteChecked(raw), None]
+
+        def make_run(op: Any) -> TraceRun:
+            return TraceRun(op, num_matvecs=self.num_matvecs, seed=self.seed, block_size=SLICED_TRACE_BLOCK,
+                            max_memory=self.max_memory)
+
+        def finite(est: Any) -> bool:
+            return math.isfinite(est.mean) and (math.isfinite(est.stderr) or math.isnan(est.stderr))
+
+        out, spent = advance_blocks(self, probe, cut, make_run, finite, "non-finite trace estimate")
+        if out is not None:
+            return out
+        records = self._records(probe.results)
+        for key, est in probe.results.items():
+            if probe.step != ctx.step:
+                records.append(Record(self.prefix + "trace_probe_step", float(probe.step), key=key))
+            else:  # this step's trace: sharpness's trace ratio may use it
+                ctx.share_trace(self.kind, self.block_params(key), num_matvecs=self.num_matvecs, seed=self.seed,
+                                estimate=est)
+        return Output(records=records, num_matvecs=spent, settings={"probe_step": probe.step})
+
+    def _whole(self, ctx: StepContext) -> Output:
+        """Every block's estimate in this call, through ``ctx.trace`` (shared with ``sharpness``)."""
+        results: dict[str, Any] = {}
         total = 0
-        p = self.prefix
         for key in self.blocks:
             out, why = run_guarded(lambda key=key: ctx.trace(
-                self.kind, self.block_params(key), num_matvecs=self.num_matvecs, seed=self.seed))
+                self.kind, self.block_params(key), num_matvecs=self.num_matvecs, seed=self.seed,
+                max_memory=self.max_memory))
             if out is None:
                 return failed(f"{key}: {why}", total)
-            est, spent = out
+            results[key], spent = out
             total += spent
-            records.append(Record(p + "trace", float(est.mean), key=key))
-            if math.isfinite(est.stderr):
-                records.append(Record(p + "trace_stderr", float(est.stderr), key=key))
-        return Output(records=records, num_matvecs=total)
+        return Output(records=self._records(results), num_matvecs=total)
+
+    def _records(self, results: dict[str, Any]) -> list[Record]:
+        p = self.prefix
+        return [r for key, est in results.items() for r in (Record(p + "trace", float(est.mean), key=key),)
+                + ((Record(p + "trace_stderr", float(est.stderr), key=key),) if math.isfinite(est.stderr) else ())]
 
 
 # --- the Gauss-Newton twins ----------------------------------------------------------------------------------
@@ -568,7 +588,7 @@ class GGNTrace(HessianTrace):
 
     name = "ggn_trace"
     curvature_kind = "ggn"
-    metrics: ClassVar[tuple[str, ...]] = ("ggn_trace", "ggn_trace_stderr")
+    metrics: ClassVar[tuple[str, ...]] = tuple("ggn_" + s for s in HessianTrace._suffixes)
 
 
 HessianTop._ggn_twin = GGNTop

@@ -32,12 +32,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "KINDS",
+    "BlockRuns",
     "CallTime",
     "Eigenspace",
     "ProbeInCalls",
+    "advance_blocks",
     "check_budget",
     "check_kind",
+    "check_max_memory",
     "failed",
+    "pause",
     "parse_blocks",
     "run_guarded",
     "worst_status",
@@ -102,6 +106,12 @@ def check_budget(max_matvecs: int | None, max_seconds: float | None, owner: str)
         raise ConfigError(f"{owner}: max_seconds must be a positive number or None, got {max_seconds!r}")
 
 
+def check_max_memory(max_memory: int | None, owner: str) -> None:
+    """Raise ConfigError unless ``max_memory`` is None or a positive number of bytes."""
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0):
+        raise ConfigError(f"{owner}: max_memory must be a positive number of bytes or None, got {max_memory!r}")
+
+
 def failed(reason: str, num_matvecs: int | None = None, settings: dict[str, Any] | None = None) -> Output:
     """A failed Output: a reason, the cost spent, no numbers."""
     return Output(records=[], status="failed", reason=reason, num_matvecs=num_matvecs, settings=dict(settings or {}))
@@ -155,6 +165,72 @@ class ProbeInCalls:
         if self.unfinished is not None:
             self.unfinished.close()
             self.unfinished = None
+
+
+class BlockRuns:
+    """A probe over the blocks of a diagnostic that may span calls: per block its raw operator, the
+    finite-checked one and its stepped run (:class:`~diagnostics.linalg.stepped.SteppedRun`), the results
+    of the blocks done, the products so far and the step the probe began."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.blocks: dict[str, list[Any]] = {}  # key -> [raw operator, checked operator, run | None]
+        self.results: dict[str, Any] = {}
+        self.products = 0
+
+    def close(self) -> None:
+        for _, _, run in self.blocks.values():
+            if run is not None:
+                run.close()
+
+
+def advance_blocks(owner: Any, probe: BlockRuns, cut: float | None, make_run: Any,
+                   finite: Any, nonfinite: str = "non-finite result") -> tuple[Output | None, int]:
+    """Advance the probe's runs block by block within ``cut`` seconds (None: to the end).
+
+    ``make_run(checked operator)`` starts a block's run; ``finite(result)`` says whether its numbers are
+    finite (else the output is ``failed`` with ``nonfinite`` as the reason). Returns ``(None, products)``
+    when every block has its result, else the output of this call (``continues``: ``owner.unfinished``
+    then holds the probe, its raw operators frozen at the parameters of the step it began; ``failed``:
+    the probe is closed) and the products it spent. Cost: the products.
+    """
+    clock = CallTime(cut)
+    spent = 0
+    for key, block in probe.blocks.items():
+        if key in probe.results:
+            continue
+        _, op, run = block
+        if clock.spent():
+            return pause(owner, probe, key, spent, cut), spent
+        left = clock.left()
+        before = op.num_matvecs
+        if run is None:
+            run = block[2] = make_run(op)
+        result, why = run_guarded(lambda run=run, left=left: run.advance(None, left))
+        used = op.num_matvecs - before
+        spent += used
+        probe.products += used
+        clock.advanced = True
+        if why is None and result is None:
+            return pause(owner, probe, key, spent, cut), spent
+        if result is None or not finite(result):
+            probe.close()
+            return failed(f"{key}: {why or nonfinite}", spent), spent
+        probe.results[key] = result
+    return None, spent
+
+
+def pause(owner: Any, probe: BlockRuns, key: str, spent: int, cut: float | None) -> Output:
+    """Keep ``probe`` in ``owner.unfinished`` for the next call: status ``continues``, no numbers. Cost:
+    the first pause copies the parameters and buffers (per block)."""
+    for raw, _, _ in probe.blocks.values():
+        if not raw.frozen:
+            raw.freeze()
+    owner.unfinished = probe
+    return Output(records=[], status="continues", num_matvecs=spent,
+                  reason=f"{key}: stopped by the budget's {cut:.3g} s per call; the probe of step {probe.step} "
+                         f"continues at the next call ({probe.products} products so far)",
+                  settings={"probe_step": probe.step})
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,9 @@ def _curvature(p: str) -> list[MetricSpec]:
              not_shown="the density panel draws a probe that spanned several calls at the step this series names"),
         spec("trace", SCALAR, "trace", f"trace of the {name} by Hutch++"),
         spec("trace_stderr", SCALAR, "trace", "standard error of the trace estimate"),
+        spec("trace_probe_step", SCALAR, "trace", "the step whose curvature a trace probe that spanned several "
+             "calls measured (stored with it when it ends)",
+             not_shown="the trace chart draws a probe that spanned several calls at the step this series names"),
     ]
 
 

@@ -425,6 +425,9 @@ class _State:
     def _trace(self, prefix, step, lr, seconds):
         trace = float(self._top_eigs(step, lr)[0] * 4.0 * np.exp(self.rng.normal(0, 0.05)))
         recs = [Record(f"{prefix}_trace", trace), Record(f"{prefix}_trace_stderr", abs(trace) * 0.03)]
+        if step >= self.not_converged_step and f"{prefix}_trace" not in self._spanned:
+            self._spanned.add(f"{prefix}_trace")  # a probe spread over calls says which step it measured
+            recs.append(Record(f"{prefix}_trace_probe_step", float(max(0, step - 10))))
         return recs, Status(f"{prefix}_trace", "ok", None, seconds, 30), []
 
     def _hessian_trace(self, step, lr, sev, seconds):

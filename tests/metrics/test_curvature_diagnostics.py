@@ -416,6 +416,32 @@ def test_a_density_probe_cut_into_calls_is_the_quadrature_of_the_step_it_began()
     assert torch.allclose(weights, ref.weights, rtol=1e-6, atol=1e-9)
 
 
+def test_a_trace_probe_cut_into_calls_is_the_estimate_of_the_step_it_began():
+    from diagnostics.linalg import hutchpp_trace
+
+    case = medium_case()
+    H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
+    ref = hutchpp_trace(H, num_matvecs=30, seed=5, block_size=4)
+    d = HessianTrace(num_matvecs=30, seed=5)
+    outs = []
+    for step in range(40):
+        out = d.compute(_cut_ctx(case, step, "hessian_trace"))
+        outs.append(out)
+        _nudge(case.model, step)
+        if out.status != "continues":
+            break
+    # 10 sketch columns, 10 on the sketch, 10 residual probes: 3 + 3 + 3 products of at most 4.
+    assert len(outs) == 9 and sum(o.num_matvecs for o in outs) == 30
+    assert all(o.status == "continues" and not o.records and "probe of step 0" in o.reason for o in outs[:-1])
+    last = outs[-1]
+    assert last.status == "ok" and values(last, "hessian_trace_probe_step") == [0.0] and not d.unfinished_run
+    assert values(last, "hessian_trace")[0] == pytest.approx(ref.mean, rel=1e-8)  # step 0's Hessian
+    assert values(last, "hessian_trace_stderr")[0] == pytest.approx(ref.stderr, rel=1e-6)
+    # Outside the budget's cut (or with resume=False) the estimate is whole and shared through ctx.trace.
+    whole = HessianTrace(num_matvecs=30, seed=5, resume=False).compute(_cut_ctx(case, 50, "hessian_trace"))
+    assert whole.status == "ok" and whole.num_matvecs == 30 and not values(whole, "hessian_trace_probe_step")
+
+
 def test_density_within_max_memory_keeps_the_exact_moments_and_says_how_it_fit():
     case = medium_case()
     H = dense_hessian(case.model, case.loss_fn, case.batches, names(case.model))
