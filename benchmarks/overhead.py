@@ -245,8 +245,8 @@ def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats:
 
     From the training step, the cost is what the Monitor charges it: the seconds inside its hooks on the
     training forward and backward (its hook clock) plus its call; the hooked step's own median is
-    reported beside the plain step's as a check. Where the training step cannot be used (the model's
-    position embedding is shared by the batch), that column is the own pass again and ``source`` says so.
+    reported beside the plain step's as a check. Where the training step cannot be used, that column is
+    the own pass again and ``source`` says so.
     """
     from diagnostics.metrics.gradient_stats import GSNRDiagnostic
 

@@ -13,9 +13,15 @@ and precision, which equals the per-sample gradient of :func:`~diagnostics.gradi
 over the batch, no layer behaves differently in train mode, and the forward runs in the parameters'
 precision; the caller checks that once against its own pass (``GSNRDiagnostic`` does). Only the first
 forward of the model after the hooks are installed is kept (with gradient accumulation, the first
-micro-batch). A layer whose input does not lead with the batch (a position embedding shared by all
-samples), a model called with no batch dimension, or a call of another type leaves the capture
-unusable, and :meth:`gradients` says why.
+micro-batch).
+
+A lookup shared by the whole batch (a position embedding called with ``arange(T)`` or ids ``[1, T]``) has
+one output for all samples, whose gradient is already summed over them. When that output is only added
+to another tensor (token plus position embeddings), the gradient of the sum is each sample's gradient of
+the lookup's output: after the forward the capture finds that addition in the autograd graph and keeps
+the first ``n`` rows of its gradient. A layer whose input does not lead with the batch, a shared lookup
+used otherwise, or a model called with no batch dimension leaves the capture unusable, and
+:meth:`gradients` says why.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diagnostics._batch import leading_size
+from diagnostics._batch import leading_size, tensor_leaves
 from diagnostics._hooks import HookClock
 from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
 
@@ -33,11 +39,31 @@ __all__ = ["TrainingStepCapture"]
 
 
 class _Call:
-    __slots__ = ("module", "attrs", "x", "g")
+    __slots__ = ("module", "attrs", "x", "g", "shared", "node")
 
-    def __init__(self, module: nn.Module, attrs: dict[str, str], x: Tensor) -> None:
-        self.module, self.attrs, self.x = module, attrs, x
+    def __init__(self, module: nn.Module, attrs: dict[str, str], x: Tensor, shared: bool = False,
+                 node: Any = None) -> None:
+        self.module, self.attrs, self.x, self.shared, self.node = module, attrs, x, shared, node
         self.g: Tensor | None = None
+
+
+def _consumers(roots: list[Any], targets: set[Any]) -> dict[Any, list[Any]]:
+    """``{target node: the autograd nodes that take its output}``, searched from ``roots`` backwards."""
+    found: dict[Any, list[Any]] = {t: [] for t in targets}
+    seen: set[Any] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            if nxt in found:
+                found[nxt].append(node)
+            stack.append(nxt)
+    return found
 
 
 class TrainingStepCapture:
@@ -88,18 +114,58 @@ class TrainingStepCapture:
         if self._forwards == 0 and self._depth == 1:
             self.batch = leading_size((args, kwargs))
 
-    def _leave_model(self, _m: nn.Module, _args: Any, _out: Any) -> None:
+    def _leave_model(self, _m: nn.Module, _args: Any, out: Any) -> None:
         if not torch.is_grad_enabled():
             return
         self._depth -= 1
         if self._depth == 0:
             self._forwards += 1
+            if self._forwards == 1 and self.problem is None:
+                self._watch_shared(out)
+
+    def _watch_shared(self, out: Any) -> None:
+        """For each lookup shared by the batch (a position embedding), hook the sum it is added to: the
+        gradient of that sum, per sample, is the gradient of the lookup's output for that sample."""
+        shared = [c for c in self.calls if c.shared]
+        if not shared:
+            return
+        roots = [t.grad_fn for t in tensor_leaves(out) if t.grad_fn is not None]
+        found = _consumers(roots, {c.node for c in shared})
+        for c in shared:
+            users = found[c.node]
+            add = users[0] if len(users) == 1 else None
+            if add is None or type(add).__name__ != "AddBackward0" or getattr(add, "_saved_alpha", 1) != 1:
+                names = sorted({type(u).__name__ for u in users}) or ["nothing in the model's output"]
+                self.problem = (f"a lookup shared by the batch ({type(c.module).__name__}) is used by "
+                                f"{', '.join(names)}, not only added to a tensor led by the batch")
+                return
+            add.register_prehook(self._wrap(self._keep_sum_gradient(c)))
+
+    def _keep_sum_gradient(self, call: _Call) -> Any:
+        n, B = self.n, self.batch
+
+        def keep(grad_outputs: tuple[Tensor, ...]) -> None:
+            g = grad_outputs[0]
+            if g is None or g.dim() < 2 or g.shape[0] != B:
+                self.problem = "the sum a shared lookup is added to is not led by the batch"
+                return
+            call.g = g[:n].detach().clone()
+
+        return keep
 
     def _layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._forwards or not self._depth or self.problem is not None or not torch.is_grad_enabled():
             return
         x = args[0] if args else None
         B = self.batch
+        if isinstance(module, nn.Embedding) and isinstance(x, Tensor) and isinstance(output, Tensor) \
+                and B is not None and B > 1 and output.grad_fn is not None \
+                and (x.dim() == 1 or (x.dim() >= 2 and x.shape[0] == 1)):
+            # Positions looked up once for the whole batch: their gradient is read where they are added. A
+            # 1-D lookup is taken for positions even when as long as the batch; one index per sample
+            # would fail the shape check of :meth:`gradients` (its sum has no position dimension).
+            self.calls.append(_Call(module, self._attrs[id(module)], x.detach(), True, output.grad_fn))
+            return
         if not isinstance(x, Tensor) or not isinstance(output, Tensor) or x.dim() < 2 or B is None \
                 or x.shape[0] != B or output.shape[0] != B:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -153,8 +219,14 @@ class TrainingStepCapture:
             for c in self.calls:
                 # Under autocast the captured tensors may be half precision: the sums run in the parameters'.
                 dtype = out[next(iter(c.attrs.values()))].dtype
-                x = c.x[:n].to(dtype) if c.x.is_floating_point() else c.x[:n]
-                accumulate_call(c.module, c.attrs, x, c.g[:n].to(dtype), False, out, written, n, scale=B)
+                x = c.x if c.shared else c.x[:n].to(dtype) if c.x.is_floating_point() else c.x[:n]
+                g = c.g[:n].to(dtype)
+                if c.shared and g[0].numel() != c.x.numel() * g.shape[-1]:
+                    self.problem = (f"the sum a shared lookup ({type(c.module).__name__}) is added to has shape "
+                                    f"{tuple(c.g.shape[1:])}, not the lookup's positions {tuple(c.x.shape)} by "
+                                    "its width")
+                    return self.problem
+                accumulate_call(c.module, c.attrs, x, g, c.shared, out, written, n, scale=B)
             for name in out.keys() - written:
                 out[name].zero_()  # no captured call reached the loss
         return out

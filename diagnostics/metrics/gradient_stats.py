@@ -76,8 +76,8 @@ class GSNRDiagnostic(Diagnostic):
     are formed from them: no forward or backward of its own. The first time, they are checked against
     its own eval-mode pass on two samples; if they differ (dropout or BatchNorm in train mode, a loss
     other than the Monitor's ``loss_fn``, gradient accumulation, mixed precision) or the model has a
-    layer the capture cannot split by sample (a position embedding shared by the batch), it uses its own
-    pass for the rest of the run. The output's settings say which (``source``) and why.
+    layer the capture cannot split by sample, it uses its own pass for the rest of the run. The output's
+    settings say which (``source``) and why.
     """
 
     name = "gsnr"

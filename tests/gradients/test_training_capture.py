@@ -88,11 +88,49 @@ def test_a_model_that_is_one_layer():
     assert_close(got, per_sample_gradients_loop(model, ce, batch, ["weight", "bias"]))
 
 
-def test_a_position_lookup_shared_by_the_batch_is_named():
-    model = tiny_gpt()
+@pytest.mark.parametrize("overrides", [{}, {"tie_weights": True}, {"qk_layernorm": True}],
+                         ids=["untied", "tied", "qk-layernorm"])
+@pytest.mark.parametrize("batch_size", [5, 6], ids=["fewer-samples-than-positions", "as-many"])
+def test_a_position_lookup_shared_by_the_batch_is_read_from_the_sum_it_is_added_to(overrides, batch_size):
+    model = tiny_gpt(**overrides)
+    batch = tokens(batch_size, 6)
+    got = captured(model, lambda: lm_loss(model, batch).backward(), 3)
+    assert not isinstance(got, str), got
+    names = [n for n, _ in model.named_parameters()]
+    assert_close(got, per_sample_gradients_loop(model, lm_loss, tuple(t[:3] for t in batch), names))
+
+
+def test_one_index_per_sample_is_not_taken_for_positions():
+    class Classes(nn.Module):  # a per-sample lookup [B] -> [B, d], added to a per-sample feature
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin, self.head = nn.Embedding(7, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, xc: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return self.head(self.lin(xc[0]) + self.emb(xc[1]))
+
+    torch.manual_seed(0)
+    model = Classes().double()
+    x, y = data(8)
+    cls = torch.randint(0, 7, (8,))
+    got = captured(model, lambda: nn.functional.cross_entropy(model((x, cls)), y).backward(), 2)
+    assert isinstance(got, str) and "not the lookup's positions" in got
+
+
+def test_a_shared_lookup_used_otherwise_is_named():
+    class Scaled(nn.Module):  # the positions are multiplied, not added: their gradient cannot be read
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(11, 8), nn.Embedding(6, 8), nn.Linear(8, 11)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(self.tok(idx) * self.pos(torch.arange(idx.shape[1])))
+
+    torch.manual_seed(0)
+    model = Scaled().double()
     batch = tokens(4, 6)
     got = captured(model, lambda: lm_loss(model, batch).backward(), 2)
-    assert isinstance(got, str) and "not led by the batch of 4" in got and "position embedding" in got
+    assert isinstance(got, str) and "shared by the batch (Embedding) is used by MulBackward0" in got
 
 
 def test_nothing_captured_says_so():
@@ -118,4 +156,22 @@ def test_huggingface_gpt_neox_with_sdpa_and_rotary_positions():
     names = [n for n, _ in model.named_parameters()]
     ref = per_sample_gradients_loop(model.eval(), hf_loss, tuple(t[:3] for t in batch), names)
     # Hugging Face's loss casts the logits to float32: sample-by-sample and batched roundings differ there.
+    assert_close(got, ref, tol=1e-5)
+
+
+def test_huggingface_gpt2_conv1d_and_position_ids():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=23, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().train()
+
+    def hf_loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=batch[0], labels=batch[1]).loss
+
+    batch = tokens(4, 6, vocab=23)
+    got = captured(model, lambda: hf_loss(model, batch).backward(), 3)
+    assert not isinstance(got, str), got
+    names = [n for n, _ in model.named_parameters()]
+    ref = per_sample_gradients_loop(model.eval(), hf_loss, tuple(t[:3] for t in batch), names)
     assert_close(got, ref, tol=1e-5)

@@ -78,15 +78,19 @@ def test_dropout_in_train_mode_makes_it_use_its_own_pass(tmp_path):
     torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
 
 
-def test_a_position_embedding_shared_by_the_batch_is_named(tmp_path):
-    torch.manual_seed(0)
-    model = TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, block_size=6), seed=0).double()
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randint(0, 11, (4, 6), generator=g), torch.randint(0, 11, (4, 6), generator=g)) for _ in range(3)]
-    gsnr = GSNRDiagnostic(every=1, max_samples=4)
-    train(model, lm, data, tmp_path / "gpt", gsnr)
-    assert gsnr.training_step_runs == 0 and "position embedding" in gsnr.capture_note
+def test_a_gpt_with_a_position_embedding_reads_the_training_step_too(tmp_path):
+    def gpt() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, block_size=6), seed=0).double()
 
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 11, (6, 6), generator=g), torch.randint(0, 11, (6, 6), generator=g)) for _ in range(5)]
+    captured = GSNRDiagnostic(every=1, max_samples=4)
+    own = GSNRDiagnostic(every=1, max_samples=4, from_training_step=False)
+    a = train(gpt(), lm, data, tmp_path / "a", captured)
+    b = train(gpt(), lm, data, tmp_path / "b", own)
+    assert captured.capture_agrees and captured.training_step_runs == 4, captured.capture_note
+    torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
 
 
 def test_a_bf16_autocast_step_makes_it_use_its_own_full_precision_pass(tmp_path):
@@ -105,3 +109,30 @@ def test_a_bf16_autocast_step_makes_it_use_its_own_full_precision_pass(tmp_path)
     mon.close()
     assert gsnr.capture_agrees is False and "mixed precision" in gsnr.capture_note
     assert gsnr.training_step_runs == 0
+
+
+def test_training_with_the_hooks_is_bit_identical_and_leaves_no_hooks(tmp_path):
+    def run(monitored: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=2, block_size=6), seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        gsnr = GSNRDiagnostic(every=1, max_samples=3)
+        mon = Monitor(model, lm, tmp_path / "m", diagnostics=[gsnr], budget=None) if monitored else None
+        for step in range(6):
+            batch = (torch.randint(0, 11, (4, 6), generator=g), torch.randint(0, 11, (4, 6), generator=g))
+            opt.zero_grad(set_to_none=True)
+            loss = lm(model, batch)
+            loss.backward()
+            if mon is not None:
+                mon.step(step, batch, loss)
+            opt.step()
+        if mon is not None:
+            mon.close()
+            assert gsnr.training_step_runs == 5 and gsnr.capture_agrees
+        return model
+
+    plain, monitored = run(False), run(True)
+    for (name, a), (_, b) in zip(plain.named_parameters(), monitored.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in monitored.modules())
