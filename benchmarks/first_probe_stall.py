@@ -1,5 +1,5 @@
 """The longest step of a run's first steps under the ``standard`` (or ``full``) preset's budget, with the
-first runs of ``hessian_top``, ``sharpness`` (and ``hessian_density``) cut into slices (the default) and
+first runs of ``hessian_top``, ``sharpness`` (and ``hessian_density``, ``hessian_trace``) cut into slices (the default) and
 run whole (``resume=False``), in one process.
 
 The 3.2M-parameter GPT of ``benchmarks/gpt_cases.py`` (``--size large``, 32 x 128 tokens per step, AdamW)
@@ -31,7 +31,7 @@ from diagnostics.tracking import Monitor  # noqa: E402
 
 #: The probes whose runs the budget cuts into calls, and the series naming the step a spread run measured.
 PROBES = {"hessian_top": "hessian_probe_step", "sharpness": "sharpness_probe_step",
-          "hessian_density": "hessian_density_probe_step"}
+          "hessian_density": "hessian_density_probe_step", "hessian_trace": "hessian_trace_probe_step"}
 
 
 def run(model: torch.nn.Module, loss_fn, batches: list, steps: int, resume: bool, out: Path,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=("tiny", "large"), default="large")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--preset", choices=("standard", "full"), default="standard",
-                    help="full adds hessian_density (cut too) and hessian_trace (whole)")
+                    help="full adds hessian_density and hessian_trace (both cut too)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     base, loss_fn, batches = gpt_case(args.size, num_batches=4, batch_size=32 if args.size == "large" else 16)
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/first_probe_stall.py "
           f"--size {args.size} --steps {args.steps} --preset {args.preset}`\n")
     print("| probes | median step (s) | slowest steps (s, step: what ran) | hessian_top's first run: calls, "
-          "ended at (describes) | sharpness's first run: calls, ended at (describes) | hessian_density's first run |")
-    print("|---|---|---|---|---|---|")
+          "ended at (describes) | sharpness's first run: calls, ended at (describes) | hessian_density's first run | "
+          "hessian_trace's first run |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for resume in (True, False):
             res = run(copy.deepcopy(base), loss_fn, batches, args.steps, resume, Path(tmp) / f"r{resume}",
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             median = sorted(secs)[len(secs) // 2]
             print(f"| {'sliced (resume=True)' if resume else 'whole (resume=False)'} | {median:.2f} | {slow} | "
                   f"{_first(res['probes']['hessian_top'])} | {_first(res['probes']['sharpness'])} | "
-                  f"{_first(res['probes']['hessian_density'])} |", flush=True)
+                  f"{_first(res['probes']['hessian_density'])} | {_first(res['probes']['hessian_trace'])} |", flush=True)
     return 0
 
 
