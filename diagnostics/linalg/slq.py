@@ -236,7 +236,7 @@ def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: i
         probes = list(range(first, min(n, first + plan.group)))
         group = _GroupLanczos(A, P, m, plan.window, dtype, probes, seed)
         for j in range(m):
-            if not group.open_at(j):
+            if not group.open:
                 break
             spent += time.perf_counter() - clock
             yield
@@ -282,8 +282,9 @@ class _GroupLanczos:
         self.length = torch.full((g,), m, dtype=torch.long)
         self.active = torch.ones(g, dtype=torch.bool)
 
-    def open_at(self, j: int) -> bool:
-        """Whether any probe of the group still needs step ``j``."""
+    @property
+    def open(self) -> bool:
+        """Whether any probe of the group still needs a step."""
         return bool(self.active.any())
 
     def step(self, j: int) -> int:

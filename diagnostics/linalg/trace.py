@@ -66,13 +66,30 @@ def _probes(P: int, start: int, count: int, seed: int, dtype: torch.dtype, devic
     return Z
 
 
+class _OwnTime:
+    """Wall time of a stepped computation, less the pauses between its calls."""
+
+    def __init__(self) -> None:
+        self.spent, self._since = 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        self.spent += time.perf_counter() - self._since
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def total(self) -> float:
+        return self.spent + time.perf_counter() - self._since
+
+
 def _apply(A: LinearOperator, V: Tensor) -> Tensor:
     """``A @ V`` with the product in the operator's dtype and the result in ``V``'s."""
     return (A @ V.to(A.dtype)).to(V.dtype)
 
 
 def _quadratic_form_steps(A: LinearOperator, P: int, start: int, count: int, seed: int, block: int,
-                          dtype: torch.dtype, project: Tensor | None = None) -> Generator[None, None, Tensor]:
+                          dtype: torch.dtype, clock: _OwnTime, project: Tensor | None = None,
+                          ) -> Generator[None, None, Tensor]:
     """``z_j^T B z_j`` (float64) for probes ``start..start+count-1``, ``B = A`` or the deflated
     ``(I-QQ^T)A(I-QQ^T)``; pauses before each batched product."""
     values = []
@@ -80,7 +97,9 @@ def _quadratic_form_steps(A: LinearOperator, P: int, start: int, count: int, see
         Z = _probes(P, start + b0, min(block, count - b0), seed, dtype, A.device)
         if project is not None:
             Z -= project @ (project.T @ Z)
+        clock.pause()
         yield
+        clock.resume()
         AZ = _apply(A, Z)
         if project is not None:
             AZ -= project @ (project.T @ AZ)
@@ -118,25 +137,15 @@ def _plan(P: int, sketch: int, block_size: int, itemsize: int, max_memory: int |
 
 def _hutchinson_steps(op: LinearOperator | Tensor, num_matvecs: int, seed: int, block_size: int,
                       max_memory: int | None, basis_dtype: torch.dtype | None) -> Generator[None, None, TraceEstimate]:
-    clock = time.perf_counter()
+    clock = _OwnTime()
     A, P = _check(op, num_matvecs, block_size, "hutchinson_trace", 2)
     n = int(num_matvecs)
     dtype = resolve_basis_dtype(A.dtype, basis_dtype, "hutchinson_trace")
     _, block, budget, source = _plan(P, 0, block_size, _itemsize(dtype), max_memory, A.device, "hutchinson_trace")
-    spent = 0.0
-    steps = _quadratic_form_steps(A, P, 0, n, seed, block, dtype)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as end:
-            samples = end.value
-            break
-        spent += time.perf_counter() - clock
-        yield
-        clock = time.perf_counter()
+    samples = yield from _quadratic_form_steps(A, P, 0, n, seed, block, dtype, clock)
     return TraceEstimate(
         mean=float(samples.mean()), stderr=float(samples.std(unbiased=True) / math.sqrt(n)),
-        num_matvecs=n, seconds=spent + time.perf_counter() - clock,
+        num_matvecs=n, seconds=clock.total(),
         settings={"method": "hutchinson", "probes": "rademacher", "num_probes": n, "seed": seed,
                   "block_size": block, "dtype": str(dtype).removeprefix("torch."), "memory_budget": budget,
                   "memory_from": source},
@@ -222,8 +231,7 @@ def _hutchpp_steps(op: LinearOperator | Tensor, num_matvecs: int, seed: int, blo
                    ) -> Generator[None, None, TraceEstimate]:
     """:func:`hutchpp_trace` as a generator that pauses before each batched product; ``seconds`` counts
     its own time only."""
-    clock = time.perf_counter()
-    spent = 0.0
+    clock = _OwnTime()
     A, P = _check(op, num_matvecs, block_size, "hutchpp_trace", 4)
     n = int(num_matvecs)
     dtype = resolve_basis_dtype(A.dtype, basis_dtype, "hutchpp_trace")
@@ -238,32 +246,23 @@ def _hutchpp_steps(op: LinearOperator | Tensor, num_matvecs: int, seed: int, blo
         for b0 in range(0, s, block):
             b1 = min(s, b0 + block)
             S = _probes(P, g + b0, b1 - b0, seed, dtype, A.device)
-            spent += time.perf_counter() - clock
+            clock.pause()
             yield
-            clock = time.perf_counter()
+            clock.resume()
             AS[:, b0:b1] = _apply(A, S)
             del S
         Q = torch.linalg.qr(AS).Q
         del AS
         for b0 in range(0, s, block):
-            spent += time.perf_counter() - clock
+            clock.pause()
             yield
-            clock = time.perf_counter()
+            clock.resume()
             Qb = Q[:, b0 : b0 + block]
             exact += float((Qb * _apply(A, Qb)).sum(dtype=torch.float64))
-    steps = _quadratic_form_steps(A, P, 0, g, seed, block, dtype, project=Q)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as end:
-            samples = end.value
-            break
-        spent += time.perf_counter() - clock
-        yield
-        clock = time.perf_counter()
+    samples = yield from _quadratic_form_steps(A, P, 0, g, seed, block, dtype, clock, project=Q)
     return TraceEstimate(
         mean=exact + float(samples.mean()), stderr=float(samples.std(unbiased=True) / math.sqrt(g)),
-        num_matvecs=2 * s + g, seconds=spent + time.perf_counter() - clock,
+        num_matvecs=2 * s + g, seconds=clock.total(),
         settings={"method": "hutch++" if s else "hutchinson (no sketch fits max_memory)", "probes": "rademacher",
                   "sketch_size": s, "num_probes": g, "seed": seed, "block_size": block,
                   "dtype": str(dtype).removeprefix("torch."), "memory_budget": budget, "memory_from": source},

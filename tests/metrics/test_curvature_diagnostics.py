@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from diagnostics.errors import ConfigError
-from diagnostics.loss import ClassificationLoss
 from diagnostics.linalg import DenseOperator
+from diagnostics.loss import ClassificationLoss
+from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.curvature import (
     GGNTop,
     HessianDensity,
@@ -21,7 +22,6 @@ from diagnostics.metrics.curvature import (
 from diagnostics.metrics.registry import get_diagnostic, preset_names, variants
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
-from diagnostics.metrics.context import StepContext
 from tests.cases import get_case
 from tests.reference import dense_ggn, dense_hessian
 
