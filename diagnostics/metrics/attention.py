@@ -25,6 +25,7 @@ import contextlib
 import fnmatch
 import math
 import re
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -284,7 +285,7 @@ class AttentionStatistics(Diagnostic):
         self.max_tokens = int(max_tokens)
         self.modules = _as_patterns(modules)
         self.chunk_elements = int(chunk_elements)
-        self._observed: tuple[int, AttentionProbe] | None = None
+        self._observed: tuple[weakref.ref[nn.Module], AttentionProbe] | None = None
         self.last_source: str | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -310,11 +311,11 @@ class AttentionStatistics(Diagnostic):
         probe = AttentionProbe(model, self.modules, self.chunk_elements, max_tokens=self.max_tokens)
         with probe.watch():
             yield
-        self._observed = (id(model), probe)
+        self._observed = (weakref.ref(model), probe)
 
     def compute(self, ctx: StepContext) -> Output:
         observed, self._observed = self._observed, None
-        if observed is not None and observed[0] == id(ctx.model) and observed[1].calls:
+        if observed is not None and observed[0]() is ctx.model and observed[1].calls:
             stats, self.last_source = observed[1].stats, "training_forward"
         else:
             stats, self.last_source = self.measure(ctx.model, ctx.loss_fn, ctx.batch), "extra_forward"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -106,7 +107,7 @@ class GSNRDiagnostic(Diagnostic):
         self.state.update(noise={"trace": 0.0, "sqnorm": 0.0, "count": 0})
         self.from_training_step = bool(from_training_step)
         # (model id, step, capture, selected parameters) of the training step observed for the next call.
-        self._captured: tuple[int, int, Any, dict[str, torch.Tensor]] | None = None
+        self._captured: tuple[weakref.ref[torch.nn.Module], int, Any, dict[str, torch.Tensor]] | None = None
         #: None until the captured gradients were checked against the own pass; then whether they agreed.
         self.capture_agrees: bool | None = None
         #: why the training step is not used (None while it is, or before it was tried).
@@ -117,7 +118,7 @@ class GSNRDiagnostic(Diagnostic):
         self.training_step_runs = 0
         self._flat: tuple[torch.Tensor, Any] | None = None  # this call's captured [n, P] gradients and layout
         # (model id, selected parameters, their layer owners): walked once per model.
-        self._owners: tuple[int, dict[str, torch.Tensor], Any] | None = None
+        self._owners: tuple[weakref.ref[torch.nn.Module], dict[str, torch.Tensor], Any] | None = None
 
     @contextlib.contextmanager
     def observe_training_forward(self, model: torch.nn.Module, step: int) -> Iterator[None]:
@@ -131,9 +132,9 @@ class GSNRDiagnostic(Diagnostic):
         if not self.from_training_step or self.capture_agrees is False:
             yield
             return
-        if self._owners is None or self._owners[0] != id(model):
+        if self._owners is None or self._owners[0]() is not model:
             selected = select_params(model, self.params)
-            self._owners = (id(model), selected, layer_owners(model, selected))
+            self._owners = (weakref.ref(model), selected, layer_owners(model, selected))
         _, selected, owners = self._owners
         if owners is None:
             self.capture_agrees = False
@@ -144,7 +145,7 @@ class GSNRDiagnostic(Diagnostic):
         capture = TrainingStepCapture(model, owners, self.max_samples or 2**62, self.hook_clock)
         with capture:
             yield
-        self._captured = (id(model), int(step), capture, selected)
+        self._captured = (weakref.ref(model), int(step), capture, selected)
 
     def _from_training_step(self, ctx: StepContext, n: int) -> dict[str, torch.Tensor] | None:
         """The per-sample gradients captured from this step's training backward, or None (then
@@ -152,7 +153,7 @@ class GSNRDiagnostic(Diagnostic):
         from diagnostics.gradients.per_sample import gradients_agree
 
         captured, self._captured = self._captured, None
-        if captured is None or captured[0] != id(ctx.model) or captured[1] != ctx.step:
+        if captured is None or captured[0]() is not ctx.model or captured[1] != ctx.step:
             return None
         got = captured[2].gradients(captured[3])
         if isinstance(got, str):

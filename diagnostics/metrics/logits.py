@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -126,7 +127,7 @@ class OutputLogits(Diagnostic):
         if int(max_tokens) < 1:
             raise ConfigError(f"output_logits: max_tokens must be >= 1, got {max_tokens}")
         self.max_tokens = int(max_tokens)
-        self._observed: tuple[int, LogitStats] | None = None
+        self._observed: tuple[weakref.ref[nn.Module], LogitStats] | None = None
         self.last_source: str | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -156,11 +157,11 @@ class OutputLogits(Diagnostic):
         st = LogitStats()
         with self._hook(model, st, self.hook_clock):
             yield
-        self._observed = (id(model), st)
+        self._observed = (weakref.ref(model), st)
 
     def compute(self, ctx: StepContext) -> Output:
         observed, self._observed = self._observed, None
-        if observed is not None and observed[0] == id(ctx.model) and observed[1].tokens:
+        if observed is not None and observed[0]() is ctx.model and observed[1].tokens:
             st, self.last_source = observed[1], "training_forward"
         else:
             st, self.last_source = LogitStats(), "extra_forward"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -184,7 +185,8 @@ class SpectralAlignment(Diagnostic):
         self.init_tol = float(init_tol)
         self.seed = int(seed)
         self._maps: list[LinearMap] | None = None
-        self._model_id: int | None = None
+        # A weak reference, not id(): a model freed and replaced (FSDP's per-step gathered copy) may reuse its id.
+        self._model_ref: weakref.ref[nn.Module] | None = None
         self._modules: dict[str, nn.Module] | None = None
         self._groups: dict[Any, Any] = {}  # the v_1 stacked per weight shape between steps (top_vectors)
         self._watched: tuple[int, dict[str, list[LinearMap]], dict[str, Projector]] | None = None
@@ -220,7 +222,7 @@ class SpectralAlignment(Diagnostic):
 
     def maps(self, model: nn.Module) -> list[LinearMap]:
         """The monitored maps of ``model`` (resolved once per model)."""
-        if self._maps is None or self._model_id != id(model):
+        if self._maps is None or self._model_ref is None or self._model_ref() is not model:
             self._maps = find_linear_maps(
                 model,
                 self.modules,
@@ -229,7 +231,7 @@ class SpectralAlignment(Diagnostic):
                 qkv_patterns=self.qkv_patterns,
                 qkv_groups=self.qkv_groups,
             )
-            self._model_id = id(model)
+            self._model_ref = weakref.ref(model)
             self._modules = None
             self._groups = {}
         return self._maps
@@ -278,7 +280,7 @@ class SpectralAlignment(Diagnostic):
                 yield
         finally:
             self._watching = False
-        self._watched = (id(model), by_module, projectors)
+        self._watched = (weakref.ref(model), by_module, projectors)
 
     def observe_training_forward(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """What the Monitor holds open between two steps to measure on the user's training forward.
@@ -331,7 +333,7 @@ class SpectralAlignment(Diagnostic):
         fwd_seconds = 0.0
         if (
             watched is not None
-            and watched[0] == id(model)
+            and watched[0]() is model
             and any(p.count > 0 for p in watched[2].values())  # a forward was actually observed
         ):
             # This step's training forward was watched: its inputs were projected on the previous probe's

@@ -527,3 +527,23 @@ def test_detail_every_option_and_statistics_without_detail():
     assert "histogram" not in lean and "quantiles" not in lean
     for k, v in lean.items():
         assert v == full[k], k
+
+
+
+def test_a_new_model_object_is_measured_even_when_it_reuses_a_freed_models_id(monkeypatch):
+    # Under FSDP the Monitor hands diagnostics a fresh gathered copy of the model at every step; CPython
+    # often gives the new copy the freed copy's id. Every id is made equal here, the worst case of reuse.
+    import copy
+
+    import diagnostics.metrics.spectral_alignment as module
+
+    monkeypatch.setattr(module, "id", lambda obj: 0, raising=False)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    sa = get_diagnostic("spectral_alignment")
+    batch = (torch.randn(6, 4),)
+    for step in range(3):
+        model = copy.deepcopy(base)
+        out = sa.compute(_ctx(model, batch, step))
+        assert out.status == "ok", out.reason
+        assert {r.key for r in out.records} == {"0", "2"}
