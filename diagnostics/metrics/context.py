@@ -97,8 +97,8 @@ class StepContext:
 
     def call_seconds(self, name: str) -> float | None:
         """Seconds a call of the resumable diagnostic ``name`` may take at this step: :attr:`probe_seconds`
-        when the budget cuts its calls, else None (a diagnostic that runs with another, as ``sharpness``
-        after ``hessian_trace``, is not carried on alone, so its runs are not cut)."""
+        when the budget cuts its calls (``sliced``: the diagnostics whose unfinished runs it carries on),
+        else None."""
         if self.sliced is not None and name not in self.sliced:
             return None
         return self.probe_seconds

@@ -165,8 +165,10 @@ class BudgetScheduler(CutRuns):
         )
         #: Scheduled diagnostics whose calls stop at the budget's per-call time (:meth:`probe_seconds`) and
         #: continue at the next call; their first runs wait for a measured training step, and a run cut
-        #: into calls continues at every step until it ends (:meth:`carry_on`).
-        self.sliced: frozenset[str] = frozenset(n for n in self.leaders if by_name[n].resumable)
+        #: into calls continues at every step until it ends (:meth:`carry_on`). Followers too: ``sharpness``
+        #: begins with ``hessian_trace`` but, when the trace's run is cut, cannot share its estimate and
+        #: would otherwise run whole at that step.
+        self.sliced: frozenset[str] = frozenset(n for n in names if by_name[n].resumable)
         #: Every-step diagnostics the budget thins when they alone take more than their share of it:
         #: those not scheduled whose schedule is every step and whose ``every`` was not given.
         self.thinned: frozenset[str] = frozenset(

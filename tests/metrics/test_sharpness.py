@@ -369,7 +369,7 @@ def test_a_crossing_found_by_a_spread_probe_names_the_step_it_measured():
 
 
 def test_the_budget_cuts_sharpness_only_where_it_carries_its_runs_on():
-    """A sharpness that runs with hessian_trace is not carried on alone, so its calls are not cut."""
+    """Its calls are cut only when ``ctx.sliced`` names it (the budget then carries its run on)."""
     case = get_case("mlp")
     opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
     ctx = make_ctx(case, opt)

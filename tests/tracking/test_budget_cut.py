@@ -112,6 +112,25 @@ def test_in_the_monitor_no_step_carries_two_slices(tmp_path: Path, one_product_p
     assert set(ok.index) == {"hessian_top", "sharpness"}  # both first runs ended
 
 
+
+def test_sharpness_beginning_with_a_cut_trace_run_is_cut_too(tmp_path: Path, one_product_per_call: None) -> None:
+    """sharpness follows hessian_trace; when the trace's run is cut it cannot share its estimate, and sharpness
+    was run whole at that step (the longest step of the ``full`` preset): its calls are cut as well."""
+    model, data = _medium_mlp()
+    diags = [get_diagnostic("hessian_trace", num_matvecs=12), get_diagnostic("sharpness", tol=1e-8, trace_matvecs=12)]
+    with Monitor(model, ClassificationLoss(), run=tmp_path / "run", diagnostics=diags, probe_data=data,
+                 budget=0.05) as monitor:
+        _train(model, data, monitor, 60, {})
+    st = open_run(tmp_path / "run").status()
+    sharp = st[st.diagnostic == "sharpness"].sort_values("step")
+    trace = st[st.diagnostic == "hessian_trace"].sort_values("step")
+    began = int(trace.step.iloc[0])
+    assert trace.status.iloc[0] == "continues"  # the trace's first run was cut ...
+    assert int(sharp.step.iloc[0]) == began and sharp.status.iloc[0] == "continues"  # ... and sharpness's too
+    assert int(sharp.num_matvecs.max()) == 1  # one product per call, never a whole Lanczos run
+    assert (sharp.status == "ok").any()  # its runs end
+
+
 def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, one_product_per_call: None) -> None:
     model, data = _medium_mlp()
     diags = [get_diagnostic("hessian_top", k=3, tol=1e-8), get_diagnostic("sharpness", tol=1e-8, trace=False)]
