@@ -275,18 +275,26 @@ class StepContext:
         """
         return self._cache.get(("eigenspace", kind, block))
 
-    def _trace_key(self, kind: str, params: Any, num_matvecs: int, seed: int) -> tuple[Any, ...]:
+    def _trace_key(self, kind: str, params: Any, num_matvecs: int, seed: int,
+                   step: int | None = None) -> tuple[Any, ...]:
         sel = None if params is None else params if isinstance(params, str) else tuple(params)
-        return ("trace", kind, sel, int(num_matvecs), int(seed))
+        return ("trace", kind, sel, int(num_matvecs), int(seed), self.step if step is None else int(step))
 
     def has_trace(self, kind: str = "hessian", params: Any = None, *, num_matvecs: int, seed: int = 0) -> bool:
         """Whether :meth:`trace` with these arguments was already estimated this step (then it is free)."""
         return self._trace_key(kind, params, num_matvecs, seed) in self._cache
 
-    def share_trace(self, kind: str, params: Any, *, num_matvecs: int, seed: int, estimate: TraceEstimate) -> None:
-        """Offer an estimate of this step's trace made in slices (a ``hessian_trace`` probe that began and
-        ended in this call) to the step's later :meth:`trace` requests. Cost: none."""
-        self._cache[self._trace_key(kind, params, num_matvecs, seed)] = estimate
+    def share_trace(self, kind: str, params: Any, *, num_matvecs: int, seed: int, estimate: TraceEstimate,
+                    step: int | None = None) -> None:
+        """Offer an estimate of the trace made in slices by a ``hessian_trace`` probe: of this step (a probe
+        that began and ended in this call) to the step's later :meth:`trace` requests, or of the earlier
+        ``step`` its probe began at (a probe cut into calls that ends now) to :meth:`shared_trace`. Cost: none."""
+        self._cache[self._trace_key(kind, params, num_matvecs, seed, step)] = estimate
+
+    def shared_trace(self, kind: str, params: Any, *, num_matvecs: int, seed: int, step: int) -> TraceEstimate | None:
+        """The estimate of the trace at ``step`` that a ``hessian_trace`` probe shared in this call, or None:
+        how a ``sharpness`` probe that began with a cut trace run gets its ``trace_ratio``. Cost: none."""
+        return self._cache.get(self._trace_key(kind, params, num_matvecs, seed, step))
 
     def trace(
         self, kind: str = "hessian", params: Any = None, *, num_matvecs: int, seed: int = 0,

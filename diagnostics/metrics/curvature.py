@@ -534,9 +534,9 @@ class HessianTrace(ProbeInCalls, _HessianOrGGN):
         for key, est in probe.results.items():
             if probe.step != ctx.step:
                 records.append(Record(self.prefix + "trace_probe_step", float(probe.step), key=key))
-            else:  # this step's trace: sharpness's trace ratio may use it
-                ctx.share_trace(self.kind, self.block_params(key), num_matvecs=self.num_matvecs, seed=self.seed,
-                                estimate=est)
+            # sharpness's trace ratio may use it: this step's, or that of the sharpness probe begun with it
+            ctx.share_trace(self.kind, self.block_params(key), num_matvecs=self.num_matvecs, seed=self.seed,
+                            estimate=est, step=probe.step)
         return Output(records=records, num_matvecs=spent, settings={"probe_step": probe.step})
 
     def _whole(self, ctx: StepContext) -> Output:

@@ -135,6 +135,8 @@ class _Block:
         self.sgd: tuple[float, float] | None = None  # (threshold, coupled weight decay)
         self.adam_threshold: float | None = None
         self.trace_ratio: float | None = None
+        # (parameters, learning rate) while the trace is awaited from a hessian_trace run cut into calls
+        self.trace_wanted: tuple[Any, float] | None = None
 
 
 class _Probe:
@@ -183,7 +185,9 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         params: blocks (module docstring of ``diagnostics.metrics.curvature_base``); whole model by default.
         lr: step size to use when there is no optimizer (checkpoint analysis); else read at each step.
         trace: ``"auto"`` (default) records ``trace_ratio`` when ``hessian_trace`` ran earlier in the same
-            step with the same ``num_matvecs`` and seed (free: ``ctx.trace`` shares its estimate);
+            step with the same ``num_matvecs`` and seed (free: ``ctx.trace`` shares its estimate), or began a
+            run there that the budget cut into calls (taken at the call that run ends, if this probe is
+            still going then: the budget carries the run cut first on first);
             ``True`` always estimates ``Tr(H)`` by Hutch++ with ``trace_matvecs`` products (reused when
             available, taken whole in the probe's first call); ``False`` never records it.
         tol: Lanczos tolerance.
@@ -335,6 +339,10 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
                     # Recorded, but no event: the trace criterion is about minima, and early in training
                     # Tr(H) lr / 2 is routinely above 1 without anything going wrong.
                     block.trace_ratio = float(est.mean) * lr / 2.0
+                elif self.trace == "auto" and ctx.due is not None and "hessian_trace" in ctx.due:
+                    # Its run was cut into calls: it shares this step's estimate at the call it ends, where
+                    # the budget runs this diagnostic too (_late_traces).
+                    block.trace_wanted = (sel, lr)
                 continue
             params = dict(ctx.model.named_parameters())
             names = list(op.param_names)
@@ -364,6 +372,7 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
             if why is not None:
                 probe.close()
                 return failed(why, spent)
+        self._late_traces(ctx, probe)
         cut = ctx.call_seconds(self.name) if self.resume else None
         clock = CallTime(cut)
         for search in probe.searches():
@@ -387,6 +396,17 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
                          else f"the budget's {cut:.3g} s per call")
                 return self._pause(ctx, probe, search, spent, limit)
         return self._finish(ctx, probe, spent)
+
+    def _late_traces(self, ctx: StepContext, probe: _Probe) -> None:
+        """Take the trace of the probe's step from a ``hessian_trace`` run cut into calls that ended in this
+        call (``ctx.shared_trace``), for the blocks still waiting for it. Cost: none."""
+        for block in probe.blocks:
+            if block.trace_wanted is None:
+                continue
+            sel, lr = block.trace_wanted
+            est = ctx.shared_trace("hessian", sel, num_matvecs=self.trace_matvecs, seed=self.seed, step=probe.step)
+            if est is not None and math.isfinite(float(est.mean)):
+                block.trace_ratio, block.trace_wanted = float(est.mean) * lr / 2.0, None
 
     def _pause(self, ctx: StepContext, probe: _Probe, search: _Search, spent: int, limit: str) -> Output:
         """Keep ``probe`` for the next call: a ``continues`` status and no numbers (an interim value plotted

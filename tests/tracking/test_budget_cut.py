@@ -128,7 +128,17 @@ def test_sharpness_beginning_with_a_cut_trace_run_is_cut_too(tmp_path: Path, one
     assert trace.status.iloc[0] == "continues"  # the trace's first run was cut ...
     assert int(sharp.step.iloc[0]) == began and sharp.status.iloc[0] == "continues"  # ... and sharpness's too
     assert int(sharp.num_matvecs.max()) == 1  # one product per call, never a whole Lanczos run
-    assert (sharp.status == "ok").any()  # its runs end
+    ended = int(sharp[sharp.status == "ok"].step.iloc[0])
+    trace_end = int(trace[trace.status == "ok"].step.iloc[0])
+    assert trace_end < ended  # the trace's run, cut first, ended first
+    # The sharpness probe took the trace of its own step from the trace's run, at the call that run ended.
+    series = open_run(tmp_path / "run").series()
+    at = series.query("step == @ended")
+    got = dict(zip(at.metric, at.value))
+    assert got["sharpness_probe_step"] == began
+    tr = float(series.query("metric == 'hessian_trace' and step == @trace_end").value.iloc[0])
+    lr = 0.1 / (1 + began)  # the LambdaLR of _train, at the step both probes describe
+    assert got["trace_ratio"] == pytest.approx(tr * lr / 2, rel=1e-12)
 
 
 def test_closing_the_monitor_frees_an_unfinished_probe(tmp_path: Path, one_product_per_call: None) -> None:
