@@ -486,12 +486,23 @@ def _lanczos_steps(
         if full_reorth:
             # The frontier's older rows (tiny remainders, rarely any) are a second block: no copy of the basis.
             blocks = [Q[: m + 1], F_rest] if F_rest.shape[0] else [Q[: m + 1]]
+            # The new vector sits in the basis row after the block (the usual case): the first pass's product
+            # with that row too gives its squared norm, so no separate pass over it and no second host sync.
+            in_row = m + 1 < cap
             for p in range(_MAX_PASSES):
                 extra_passes += p > 0
-                coefs = [B @ work for B in blocks]
-                c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in coefs])
+                if p == 0 and in_row:
+                    first = Q[: m + 2] @ work
+                    coefs = [first[: m + 1], *(B @ work for B in blocks[1:])]
+                    c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in (first, *coefs[1:])])
+                    rem = math.sqrt(max(float(c[m + 1]), 0.0))
+                    c = torch.cat([c[: m + 1], c[m + 2 :]])
+                else:
+                    coefs = [B @ work for B in blocks]
+                    c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in coefs])
                 if p == 0:
-                    rem = float(work.norm())
+                    if not in_row:
+                        rem = float(work.norm())
                     if float(c.abs().max()) <= semi_tol * rem:
                         # Already orthogonal to the basis to within semi_tol: subtracting would only remove
                         # rounding, at the cost of a second read of the whole basis. Not subtracting keeps
