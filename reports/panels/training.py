@@ -76,15 +76,55 @@ def _overhead_chart(view: ReportView, sink: ChartSink) -> str:
     """The amortised overhead of each run with a budget, and a rule at each budget."""
     if not view.has("monitor_overhead"):
         return ""
-    rules = []
+    budgets: dict[float, list[int]] = {}
     for i, run in runs_with(view, "monitor_overhead"):
         budget = run.meta.get("budget")
         if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-            label = f"budget {budget:g}" + (f": {run.name}" if len(view.runs) > 1 else "")
-            rules.append(Rule(float(budget), label, color=run_color(i), run=i))
-    chart = overlay_chart(view, "monitor_overhead", "monitor ÷ training time",
+            budgets.setdefault(float(budget), []).append(i)
+    rules = []
+    for budget, runs in budgets.items():
+        if len(runs) > 1:  # one line for the runs that share a budget, not labels drawn over each other
+            rules.append(Rule(budget, f"budget {budget:g}"))
+        else:
+            name = view.runs[runs[0]].name
+            label = f"budget {budget:g}" + (f": {name}" if len(view.runs) > 1 else "")
+            rules.append(Rule(budget, label, color=run_color(runs[0]), run=runs[0]))
+    # Logarithmic from one decade on: a short run's first probes put it far above a budget of a few percent.
+    chart = overlay_chart(view, "monitor_overhead", "monitor ÷ training time", decades=1.0,
                           title="amortised overhead (last 200 steps)", rules=rules, group="cost", cols=1)
-    return sink.chart(chart) + _stride_note(view)
+    return sink.chart(chart) + _over_budget_note(view) + _stride_note(view)
+
+
+def _over_budget_note(view: ReportView) -> str:
+    """One note on the runs whose amortised overhead ended above their budget: by how much, their costliest
+    diagnostics, and what the budget does not hold back."""
+    lines = []
+    for _, run in runs_with(view, "monitor_overhead"):
+        budget = run.meta.get("budget")
+        curve = run.curve("monitor_overhead")
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0 or curve is None:
+            continue
+        finite = np.isfinite(curve[1])
+        if not finite.any() or curve[1][finite][-1] <= budget:
+            continue
+        last_step, last = int(curve[0][finite][-1]), float(curve[1][finite][-1])
+        costs = []
+        md = run.metric("monitor_seconds")
+        for k in md.keys() if md is not None else ():
+            c = md.curve(k)
+            if c is not None and np.isfinite(c[1]).any():
+                costs.append((float(np.nansum(c[1])), k))
+        top = ", ".join(f"{esc(k)} {fmt(round(v, 2))} s" for v, k in sorted(costs, reverse=True)[:3])
+        who = f"{esc(run.name)}: " if len(view.runs) > 1 else ""
+        lines.append(f"{who}{last:.1%} of the training time of the 200 steps up to step {last_step}, against a "
+                     f"budget of {budget:.0%}" + (f" (costliest: {top})" if top else "") + ".")
+    if not lines:
+        return ""
+    return ('<p class="chart-note">Ended above the budget: ' + " ".join(lines) + " The budget does not hold back "
+            "the first two runs of each diagnostic (taken early so that every signal appears; in a short run "
+            "they outweigh the training), a run that costs more than a 200-step window may spend (it waits "
+            "until its average over a longer span fits instead), diagnostics given <code>every=</code>, nor the "
+            "fixed cost of each <code>monitor.step</code> when training steps take about a millisecond.</p>\n")
 
 
 def _stride_note(view: ReportView) -> str:

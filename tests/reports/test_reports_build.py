@@ -320,3 +320,23 @@ def test_cost_panel_says_when_the_budget_spaced_out_the_every_step_diagnostics(t
             records = [Record("loss", 1.0), Record("monitor_overhead", 0.04), Record("monitor_stride", 1.0)]
             w.write_step(step, records, events=[], statuses=[Status("loss", "ok", None, 0.001)])
     assert "monitor_stride);" not in build_report(tmp_path / "dense", tmp_path / "dense.html").read_text(encoding="utf-8")
+
+
+def test_cost_panel_says_why_a_run_ended_above_its_budget_and_what_cost_most(tmp_path):
+    def write(name: str, final: float) -> Path:
+        with RunWriter(tmp_path / name, name=name, meta={"budget": 0.05}) as w:
+            for step in range(20):
+                overhead = 3.0 if step < 19 else final
+                w.write_step(step, [Record("loss", 1.0), Record("monitor_overhead", overhead),
+                                    Record("monitor_seconds", 2.5 if step == 1 else 0.001, key="hessian_top"),
+                                    Record("monitor_seconds", 0.01, key="<b>grad_norm</b>")],
+                             events=[], statuses=[Status("loss", "ok", None, 0.001)])
+        return tmp_path / name
+
+    text = build_report(write("short", 0.9), tmp_path / "short.html").read_text(encoding="utf-8")
+    assert "Ended above the budget: 90.0% of the training time of the 200 steps up to step 19" in text
+    assert "against a budget of 5% (costliest: hessian_top 2.52 s, &lt;b&gt;grad_norm&lt;/b&gt; 0.2 s)" in text
+    assert "the first two runs of each diagnostic" in text
+    # a run that ended within its budget gets no such note, whatever came before
+    text = build_report(write("within", 0.04), tmp_path / "within.html").read_text(encoding="utf-8")
+    assert "Ended above the budget" not in text
