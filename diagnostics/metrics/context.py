@@ -68,7 +68,8 @@ class StepContext:
         num_classes: int | None = None,
         curvature_mode: str = "eval",
         max_memory_bytes: int | None = None,
-        named_parameters: list[tuple[str, torch.nn.Parameter]] | None = None,
+        named_parameters: (list[tuple[str, torch.nn.Parameter]]
+                           | Callable[[], list[tuple[str, torch.nn.Parameter]]] | None) = None,
     ) -> None:
         self.step = step
         self.model = model
@@ -93,7 +94,8 @@ class StepContext:
         self._before_flat: tuple[torch.Tensor, list[str], list[torch.Tensor]] | None = None
         self._after_update = False
         # The trainable (name, parameter) pairs, when the caller already listed them for this step.
-        self._named: list[tuple[str, torch.nn.Parameter]] | None = named_parameters
+        # A list, or what lists them on first use (a step whose diagnostics read no parameter lists none).
+        self._named = named_parameters
 
     def call_seconds(self, name: str) -> float | None:
         """Seconds a call of the resumable diagnostic ``name`` may take at this step: :attr:`probe_seconds`
@@ -157,6 +159,8 @@ class StepContext:
         """Trainable parameters in ``named_parameters()`` order (listed once per step)."""
         if self._named is None:
             self._named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        elif callable(self._named):
+            self._named = self._named()
         return self._named
 
     def grads(self) -> dict[str, torch.Tensor]:

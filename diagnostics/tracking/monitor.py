@@ -379,7 +379,7 @@ class Monitor:
             num_classes=self.num_classes,
             curvature_mode=self.curvature_mode,
             max_memory_bytes=self.max_memory_bytes,
-            named_parameters=self._named_parameters(),
+            named_parameters=self._named_parameters,  # listed when a diagnostic reads them
         )
         ctx.due = frozenset(d.name for d in due)
         if self._budget is not None:
