@@ -1,6 +1,6 @@
 """The longest step of a run's first steps under the ``standard`` (or ``full``) preset's budget, with the
-first runs of ``hessian_top``, ``sharpness`` (and ``hessian_density``, ``hessian_trace``) cut into slices (the default) and
-run whole (``resume=False``), in one process.
+first runs of ``hessian_top``, ``sharpness`` (and ``hessian_density``, ``hessian_trace``) cut into slices
+(the default) and run whole (``resume=False``), in one process.
 
 The 3.2M-parameter GPT of ``benchmarks/gpt_cases.py`` (``--size large``, 32 x 128 tokens per step, AdamW)
 or the zoo's tiny GPT (``--size tiny``); ``Monitor(diagnostics="standard")`` at its default 5% budget.
@@ -27,7 +27,6 @@ from benchmarks.gpt_cases import gpt_case  # noqa: E402
 from diagnostics.metrics import get_diagnostic, resolve_diagnostics  # noqa: E402
 from diagnostics.store import open_run  # noqa: E402
 from diagnostics.tracking import Monitor  # noqa: E402
-
 
 #: The probes whose runs the budget cuts into calls, and the series naming the step a spread run measured.
 PROBES = {"hessian_top": "hessian_probe_step", "sharpness": "sharpness_probe_step",
@@ -102,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             median = sorted(secs)[len(secs) // 2]
             print(f"| {'sliced (resume=True)' if resume else 'whole (resume=False)'} | {median:.2f} | {slow} | "
                   f"{_first(res['probes']['hessian_top'])} | {_first(res['probes']['sharpness'])} | "
-                  f"{_first(res['probes']['hessian_density'])} | {_first(res['probes']['hessian_trace'])} |", flush=True)
+                  f"{_first(res['probes']['hessian_density'])} | {_first(res['probes']['hessian_trace'])} |",
+                  flush=True)
     return 0
 
 

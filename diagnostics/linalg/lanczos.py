@@ -491,15 +491,12 @@ def _lanczos_steps(
             in_row = m + 1 < cap
             for p in range(_MAX_PASSES):
                 extra_passes += p > 0
-                if p == 0 and in_row:
-                    first = Q[: m + 2] @ work
-                    coefs = [first[: m + 1], *(B @ work for B in blocks[1:])]
-                    c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in (first, *coefs[1:])])
+                with_norm = p == 0 and in_row
+                coefs = [(Q[: m + 2] if with_norm and i == 0 else B) @ work for i, B in enumerate(blocks)]
+                c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in coefs])
+                if with_norm:  # the last coefficient of the first block is work . work
                     rem = math.sqrt(max(float(c[m + 1]), 0.0))
-                    c = torch.cat([c[: m + 1], c[m + 2 :]])
-                else:
-                    coefs = [B @ work for B in blocks]
-                    c = torch.cat([cb.to(device="cpu", dtype=f64) for cb in coefs])
+                    c, coefs[0] = torch.cat([c[: m + 1], c[m + 2 :]]), coefs[0][: m + 1]
                 if p == 0:
                     if not in_row:
                         rem = float(work.norm())

@@ -106,7 +106,8 @@ class GSNRDiagnostic(Diagnostic):
         #: running averages of the two parts of B_simple (NoiseScaleEMA's state).
         self.state.update(noise={"trace": 0.0, "sqnorm": 0.0, "count": 0})
         self.from_training_step = bool(from_training_step)
-        # (model id, step, capture, selected parameters) of the training step observed for the next call.
+        # (the model, weakly referenced; step, capture, selected parameters) of the training step observed
+        # for the next call.
         self._captured: tuple[weakref.ref[torch.nn.Module], int, Any, dict[str, torch.Tensor]] | None = None
         #: None until the captured gradients were checked against the own pass; then whether they agreed.
         self.capture_agrees: bool | None = None
@@ -117,7 +118,7 @@ class GSNRDiagnostic(Diagnostic):
         #: runs whose per-sample gradients came from the training step.
         self.training_step_runs = 0
         self._flat: tuple[torch.Tensor, Any] | None = None  # this call's captured [n, P] gradients and layout
-        # (model id, selected parameters, their layer owners): walked once per model.
+        # (the model, weakly referenced; selected parameters, their layer owners): walked once per model.
         self._owners: tuple[weakref.ref[torch.nn.Module], dict[str, torch.Tensor], Any] | None = None
 
     @contextlib.contextmanager

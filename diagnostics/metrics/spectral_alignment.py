@@ -189,7 +189,7 @@ class SpectralAlignment(Diagnostic):
         self._model_ref: weakref.ref[nn.Module] | None = None
         self._modules: dict[str, nn.Module] | None = None
         self._groups: dict[Any, Any] = {}  # the v_1 stacked per weight shape between steps (top_vectors)
-        self._watched: tuple[int, dict[str, list[LinearMap]], dict[str, Projector]] | None = None
+        self._watched: tuple[weakref.ref[nn.Module], dict[str, list[LinearMap]], dict[str, Projector]] | None = None
         self._watching = False
         self.last_source: str | None = None
 

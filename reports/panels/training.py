@@ -6,7 +6,7 @@ import numpy as np
 
 from ..charts import ChartSink, Rule
 from ..figures import run_color
-from ..views import ReportView
+from ..views import ReportView, RunView
 from .base import STORY_ALERTS, Panel, esc, fmt, folded, grid, overlay_chart, runs_with, table_html
 from .layerviews import layer_block
 
@@ -78,9 +78,9 @@ def _overhead_chart(view: ReportView, sink: ChartSink) -> str:
         return ""
     budgets: dict[float, list[int]] = {}
     for i, run in runs_with(view, "monitor_overhead"):
-        budget = run.meta.get("budget")
-        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-            budgets.setdefault(float(budget), []).append(i)
+        budget = _budget_of(run)
+        if budget is not None:
+            budgets.setdefault(budget, []).append(i)
     rules = []
     for budget, runs in budgets.items():
         if len(runs) > 1:  # one line for the runs that share a budget, not labels drawn over each other
@@ -95,26 +95,38 @@ def _overhead_chart(view: ReportView, sink: ChartSink) -> str:
     return sink.chart(chart) + _over_budget_note(view) + _stride_note(view)
 
 
+def _budget_of(run: RunView) -> float | None:
+    """The run's overhead budget (meta ``budget``), or None for fixed schedules."""
+    budget = run.meta.get("budget")
+    return float(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else None
+
+
+def _seconds_by_diagnostic(run: RunView) -> dict[str, float]:
+    """The seconds each diagnostic added over the run (``monitor_seconds`` summed over its finite values)."""
+    md = run.metric("monitor_seconds")
+    out: dict[str, float] = {}
+    for k in md.keys() if md is not None else ():
+        c = md.curve(k)
+        if c is not None:
+            out[k] = float(c[1][np.isfinite(c[1])].sum())
+    return out
+
+
 def _over_budget_note(view: ReportView) -> str:
     """One note on the runs whose amortised overhead ended above their budget: by how much, their costliest
     diagnostics, and what the budget does not hold back."""
     lines = []
     for _, run in runs_with(view, "monitor_overhead"):
-        budget = run.meta.get("budget")
+        budget = _budget_of(run)
         curve = run.curve("monitor_overhead")
-        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0 or curve is None:
+        if budget is None or budget <= 0 or curve is None:
             continue
         finite = np.isfinite(curve[1])
         if not finite.any() or curve[1][finite][-1] <= budget:
             continue
         last_step, last = int(curve[0][finite][-1]), float(curve[1][finite][-1])
-        costs = []
-        md = run.metric("monitor_seconds")
-        for k in md.keys() if md is not None else ():
-            c = md.curve(k)
-            if c is not None and np.isfinite(c[1]).any():
-                costs.append((float(np.nansum(c[1])), k))
-        top = ", ".join(f"{esc(k)} {fmt(round(v, 2))} s" for v, k in sorted(costs, reverse=True)[:3])
+        costs = sorted(_seconds_by_diagnostic(run).items(), key=lambda kv: -kv[1])[:3]
+        top = ", ".join(f"{esc(k)} {fmt(round(v, 2))} s" for k, v in costs)
         who = f"{esc(run.name)}: " if len(view.runs) > 1 else ""
         lines.append(f"{who}{last:.1%} of the training time of the 200 steps up to step {last_step}, against a "
                      f"budget of {budget:.0%}" + (f" (costliest: {top})" if top else "") + ".")
@@ -155,13 +167,8 @@ def _draw_cost(view: ReportView, sink: ChartSink) -> str:
         names: list[str] = []
         totals: dict[tuple[int, str], float] = {}
         for i, run in rows_plot:
-            md = run.metric("monitor_seconds")
-            for k in md.keys():
-                c = md.curve(k)
-                if c is None:
-                    continue
-                v = c[1][np.isfinite(c[1])]
-                totals[(i, k)] = float(v.sum())
+            for k, v in _seconds_by_diagnostic(run).items():
+                totals[(i, k)] = v
                 if k not in names:
                     names.append(k)
         top = max(totals.values(), default=0.0) or 1.0

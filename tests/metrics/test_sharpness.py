@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from diagnostics.errors import ConfigError
+from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.sharpness import Sharpness, adam_preconditioner, optimizer_family, sgd_threshold
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
-from diagnostics.metrics.context import StepContext
 from tests.cases import get_case
 from tests.reference import dense_hessian
 

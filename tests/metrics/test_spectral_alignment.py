@@ -6,7 +6,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagnostics.errors import ConfigError
-from diagnostics.metrics.alignment_probe import Projector, RowSampler, cosine_matrices, project_all, top_vectors
+from diagnostics.metrics.alignment_probe import (
+    Projector,
+    RowSampler,
+    cosine_matrices,
+    project_all,
+    top_vectors,
+)
 from diagnostics.metrics.alignment_stats import alignment_cosines, alignment_statistics
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.explosion import ExplosionDetector
