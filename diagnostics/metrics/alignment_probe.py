@@ -32,7 +32,7 @@ from diagnostics.linalg.power import power_steps, top_singular_vector
 from diagnostics.metrics.alignment_stats import finish_cosines
 from diagnostics.metrics.linear_maps import LinearMap
 
-__all__ = ["Projector", "RowSampler", "cosine_matrices", "gather_rows", "group_by_module", "project_all",
+__all__ = ["ProjectionHooks", "Projector", "RowSampler", "cosine_matrices", "gather_rows", "group_by_module", "project_all",
            "project_rows", "projection_hooks", "top_vectors"]
 
 
@@ -176,8 +176,12 @@ class Projector:
     module at most, whatever the sequence length. Cost per forward: one gather.
     """
 
-    def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler) -> None:
+    def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler | None) -> None:
         self.kind = kind
+        self.reset(V, budget, sampler)
+
+    def reset(self, V: torch.Tensor, budget: int, sampler: RowSampler | None) -> None:
+        """Start afresh: project on ``V``, keep up to ``budget`` rows drawn by ``sampler``."""
         self.V = V
         self.budget = budget
         self.sampler = sampler
@@ -314,20 +318,63 @@ def projection_hooks(
     one gather per module and forward (see :class:`Projector`); ``clock`` (optional) adds up the hooks'
     time.
     """
-    projectors: dict[str, Projector] = {}
-    handles = []
-    sampler = RowSampler(generator)
+    hooks = ProjectionHooks(by_module, modules, clock)
     try:
-        for mname, group in by_module.items():
-            cols = [vectors[mp.key] for mp in group]
-            V = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)  # a view for one map
-            V = _as(V, torch.promote_types(V.dtype, torch.float32), V.device)
-            proj = Projector(group[0].kind, V, budget, sampler)
-            projectors[mname] = proj
-            hook = proj if clock is None else clock.wrap(proj)
-            handles.append(modules[mname].register_forward_pre_hook(hook, with_kwargs=True))
-        yield projectors
+        yield hooks.arm(by_module, vectors, budget, generator)
     finally:
+        hooks.remove()
+
+
+def _stacked_v(group: list[LinearMap], vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[in, K]`` v_1 of the maps sharing one module's input, in float32 or wider (a view for one map)."""
+    cols = [vectors[mp.key] for mp in group]
+    V = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)
+    return _as(V, torch.promote_types(V.dtype, torch.float32), V.device)
+
+
+class ProjectionHooks:
+    """One forward pre-hook (a :class:`Projector`) per module of ``by_module``, kept until :meth:`remove`.
+
+    :meth:`arm` readies the projectors for one forward (new v_1, token budget and draw); :meth:`disarm`
+    makes them return at once while the rows they kept stay readable. Kept from one observed training
+    forward to the next, the hooks are registered once instead of at every step, which on a small model
+    costs more than their work. Cost per forward while disarmed: one Python call per module.
+    """
+
+    def __init__(self, by_module: Mapping[str, list[LinearMap]], modules: Mapping[str, nn.Module],
+                 clock: HookClock | None = None) -> None:
+        empty = torch.zeros(0, 1)
+        self.projectors = {name: Projector(group[0].kind, empty, 0, None) for name, group in by_module.items()}
+        self._handles: list[Any] = []
+        try:
+            for name, proj in self.projectors.items():
+                hook = proj if clock is None else clock.wrap(proj)
+                self._handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def covers(self, by_module: Mapping[str, list[LinearMap]]) -> bool:
+        """Whether these hooks sit on exactly the modules of ``by_module`` (and are still registered)."""
+        return bool(self._handles) and self.projectors.keys() == by_module.keys()
+
+    def arm(self, by_module: Mapping[str, list[LinearMap]], vectors: Mapping[str, torch.Tensor], budget: int,
+            generator: torch.Generator) -> dict[str, Projector]:
+        """Ready every projector for a forward: ``budget`` rows each, drawn from ``generator``, projected
+        later on the v_1 of ``vectors``; rows kept before are dropped. Returns ``{module name: Projector}``."""
+        sampler = RowSampler(generator)
+        for name, group in by_module.items():
+            self.projectors[name].reset(_stacked_v(group, vectors), budget, sampler)
+        return self.projectors
+
+    def disarm(self) -> None:
+        """Stop keeping rows (the rows kept so far stay readable)."""
+        for proj in self.projectors.values():
+            proj.budget = 0
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
 

@@ -125,7 +125,7 @@ def batched_alignment_statistics(cos: torch.Tensor, detail: bool = True) -> dict
     """
     # One host transfer, then numpy: on [maps, tokens] arrays its per-call cost is a fraction of torch's.
     a = cos.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
-    np.nan_to_num(a, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.copyto(a, 0.0, where=~np.isfinite(a))  # a quarter of np.nan_to_num's per-call cost
     np.clip(a, -1.0, 1.0, out=a)
     m, t = a.shape
     if t == 0:

@@ -127,6 +127,12 @@ class Diagnostic(abc.ABC):
         The Monitor calls it when it closes. Nothing to do for a diagnostic that is not resumable."""
         return None
 
+    def release_hooks(self) -> None:
+        """Remove hooks this diagnostic keeps on the model between the training forwards it observes.
+        The Monitor calls it when it closes and when the diagnostic stops observing. Nothing to do for
+        a diagnostic that keeps none."""
+        return None
+
     def is_due(self, step: int) -> bool:
         """True when the schedule asks for this diagnostic at ``step``."""
         return step >= self.start and (step - self.start) % self.every == 0

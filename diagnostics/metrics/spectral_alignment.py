@@ -48,6 +48,7 @@ from diagnostics._batch import leading_size, map_tensors, samples_for_tokens
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_probe import (
+    ProjectionHooks,
     Projector,
     cosine_matrices,
     group_by_module,
@@ -191,6 +192,8 @@ class SpectralAlignment(Diagnostic):
         self._groups: dict[Any, Any] = {}  # the v_1 stacked per weight shape between steps (top_vectors)
         self._watched: tuple[weakref.ref[nn.Module], dict[str, list[LinearMap]], dict[str, Projector]] | None = None
         self._watching = False
+        # Hooks kept on the observed model between steps (observe_training_forward), removed by release_hooks.
+        self._kept_hooks: tuple[weakref.ref[nn.Module], ProjectionHooks] | None = None
         self.last_source: str | None = None
 
     @property
@@ -243,8 +246,7 @@ class SpectralAlignment(Diagnostic):
             self._modules = resolve_modules(model, maps)
         return self._modules
 
-    @contextlib.contextmanager
-    def watch(self, model: nn.Module) -> Iterator[None]:
+    def watch(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """Measure on the training forward instead of an extra forward (optional; saves most of the cost).
 
         Wrap the training forward of a step in it; the next ``compute`` (the Monitor's ``step`` for that
@@ -262,6 +264,12 @@ class SpectralAlignment(Diagnostic):
 
         Cost: the projections only, O(max_tokens * in) per map.
         """
+        return self._watch(model, keep_hooks=False)
+
+    @contextlib.contextmanager
+    def _watch(self, model: nn.Module, keep_hooks: bool) -> Iterator[None]:
+        """:meth:`watch`; with ``keep_hooks`` the hooks stay registered (disarmed) after the block, for the
+        next one, until :meth:`release_hooks`."""
         vectors = self.state.get("v1")
         if not vectors or self._watching:  # nothing to project on yet, or already watched (by the Monitor)
             yield
@@ -272,25 +280,42 @@ class SpectralAlignment(Diagnostic):
         count = self.state.get("watched", 0)
         self.state["watched"] = count + 1
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * (count + 1))
+        kept = self._kept_hooks
+        if kept is not None and not (kept[0]() is model and kept[1].covers(by_module)):
+            self.release_hooks()
+            kept = None
         # The hooks work on detached inputs, so the training forward's autograd graph is untouched.
+        hooks = kept[1] if kept is not None else ProjectionHooks(by_module, modules, self.hook_clock)
+        if keep_hooks:
+            self._kept_hooks = (weakref.ref(model), hooks)
         self._watching = True
         try:
-            hooks = projection_hooks(by_module, vectors, modules, self.max_tokens, gen, self.hook_clock)
-            with hooks as projectors:
-                yield
+            projectors = hooks.arm(by_module, vectors, self.max_tokens, gen)
+            yield
         finally:
             self._watching = False
+            hooks.disarm()
+            if not keep_hooks:
+                hooks.remove()
         self._watched = (weakref.ref(model), by_module, projectors)
 
     def observe_training_forward(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """What the Monitor holds open between two steps to measure on the user's training forward.
 
-        The same as :meth:`watch`; the Monitor enters it at the end of ``monitor.step`` when this
-        diagnostic is due at every step and exits it (hooks removed) at the start of the next
-        ``monitor.step`` or in ``close()``. When no forward ran in between (or only modules without
-        monitored maps did), the next probe falls back to its own forward.
+        :meth:`watch`, except that the hooks stay registered when the block ends (they then return at once)
+        and are armed again by the next block: the Monitor enters it at the end of ``monitor.step`` when
+        this diagnostic is due at every step and exits it at the start of the next ``monitor.step``, and
+        removes the hooks (:meth:`release_hooks`) in ``close()`` or when it stops observing. When no
+        forward ran in between (or only modules without monitored maps did), the next probe falls back to
+        its own forward.
         """
-        return self.watch(model)
+        return self._watch(model, keep_hooks=True)
+
+    def release_hooks(self) -> None:
+        """Remove the hooks kept between observed training forwards (idempotent)."""
+        kept, self._kept_hooks = self._kept_hooks, None
+        if kept is not None:
+            kept[1].remove()
 
     def _nothing_reason(self, model: nn.Module) -> str:
         """Why no map was measured, and the fix (the status reason of a ``nothing_measured`` step)."""

@@ -486,6 +486,8 @@ class Monitor:
             try:
                 try:
                     self._stop_observing()
+                    for d in self.diagnostics:
+                        d.release_hooks()
                 finally:
                     self._finish_pending()
                 for d in self.diagnostics:  # a probe cut into calls that had not ended: free its memory

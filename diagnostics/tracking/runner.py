@@ -62,9 +62,10 @@ def observe_training_forward(
     read the training step's backward (``observes_training_backward``, e.g. ``gsnr``) when they may run at
     ``step + 1`` (``may_run_next``: the budget's :meth:`~diagnostics.tracking.budget.BudgetScheduler.may_run_next`,
     else their schedule), entered as ``observe_training_forward(model, step + 1)``: they fall back to
-    their own passes when they then do not find what they captured. Returns the ExitStack that removes
-    their hooks, or None when none is chosen; if entering one fails, those already entered are removed
-    before the error propagates.
+    their own passes when they then do not find what they captured. Returns the ExitStack that ends
+    their observation (hooks a diagnostic keeps between observed forwards, disarmed, stay until its
+    ``release_hooks``, called here for those no longer chosen), or None when none is chosen; if entering
+    one fails, those already entered are exited before the error propagates.
     """
     if due_next is None:
         due_next = lambda d, s: d.every == 1 and d.is_due(s + 1)  # noqa: E731
@@ -73,6 +74,9 @@ def observe_training_forward(
     offers = [d for d in diagnostics if callable(getattr(d, "observe_training_forward", None))]
     chosen = [d for d in offers if d.requires & {"layer_inputs", "activations"} and due_next(d, step)]
     backward = [d for d in offers if getattr(d, "observes_training_backward", False) and may_run_next(d, step)]
+    for d in offers:  # hooks kept from an earlier step by a diagnostic that no longer observes
+        if d not in chosen and d not in backward:
+            d.release_hooks()
     if not chosen and not backward:
         return None
     stack = contextlib.ExitStack()

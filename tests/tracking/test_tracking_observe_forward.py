@@ -147,3 +147,51 @@ def test_hook_clock_adds_up_the_wrapped_hooks_time_and_restarts_on_take():
     with contextlib.suppress(ZeroDivisionError):
         failing()
     assert clock.take() >= 0.05  # counted even when the hook raises
+
+
+def _hook_objects(model):
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values()]
+
+
+def test_observing_hooks_are_registered_once_disarmed_between_forwards_and_released():
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    x = torch.randint(0, 96, (2, 8))
+    batch = (x, torch.randint(0, 96, (2, 8)))
+    sa = SpectralAlignment()
+    sa.compute(_ctx_for(model, batch))  # the first probe finds v_1 (its own forward)
+    with sa.observe_training_forward(model):
+        model(x)
+    first = _hook_objects(model)
+    assert first and sa.reads_only  # rows kept from the observed forward
+    sa.compute(_ctx_for(model, batch, step=1))
+    with sa.observe_training_forward(model):
+        model(x)
+    assert _hook_objects(model) == first  # the same hooks, not registered again
+    projectors = sa._watched[2]
+    kept = {name: p.count for name, p in projectors.items()}
+    model(x)  # a forward after the block (e.g. another diagnostic's inside monitor.step): nothing kept
+    assert {name: p.count for name, p in projectors.items()} == kept
+    sa.release_hooks()
+    assert _hooks(model) == 0
+    sa.release_hooks()  # idempotent
+
+
+def test_a_diagnostic_that_stops_observing_loses_its_hooks():
+    from diagnostics.tracking.runner import observe_training_forward
+
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    x = torch.randint(0, 96, (2, 8))
+    sa = SpectralAlignment()
+    sa.compute(_ctx_for(model, (x, x)))
+    stack = observe_training_forward(model, [sa], 0, due_next=lambda d, s: True)
+    model(x)
+    stack.close()
+    assert _hooks(model) > 0  # kept, disarmed, for the next step
+    assert observe_training_forward(model, [sa], 1, due_next=lambda d, s: False) is None
+    assert _hooks(model) == 0
+
+
+def _ctx_for(model, batch, step=0):
+    from diagnostics.metrics.context import StepContext
+
+    return StepContext(model=model, step=step, batch=batch, loss_fn=_lm_loss, loss=None)
