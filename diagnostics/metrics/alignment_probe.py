@@ -32,8 +32,8 @@ from diagnostics.linalg.power import power_steps, top_singular_vector
 from diagnostics.metrics.alignment_stats import finish_cosines
 from diagnostics.metrics.linear_maps import LinearMap
 
-__all__ = ["ProjectionHooks", "Projector", "RowSampler", "cosine_matrices", "gather_rows", "group_by_module", "project_all",
-           "project_rows", "projection_hooks", "top_vectors"]
+__all__ = ["ProjectionHooks", "Projector", "RowSampler", "cosine_matrices", "gather_rows", "group_by_module",
+           "project_all", "project_rows", "projection_hooks", "top_vectors"]
 
 
 def _input_tensor(kind: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
