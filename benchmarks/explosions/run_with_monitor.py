@@ -146,7 +146,10 @@ def measure_overhead(
     ``cpu_overhead`` is the whole-step CPU-time ratio of the two copies minus 1 (medians): it includes
     the hooks' work inside the training forward. ``observe``: the Monitor's
     ``observe_training_forward`` (False: the diagnostic always runs its own forward).
-    ``sa_options`` go to :class:`SpectralAlignment`.
+    A third copy runs a Monitor that stores only the loss: ``loss_only_cpu_overhead`` is its whole-step
+    CPU-time overhead (the Monitor's fixed cost per step: its store commit, statuses, timing) and
+    ``own_cpu_share`` the difference of the two monitored copies over the plain step (spectral
+    alignment's own cost). ``sa_options`` go to :class:`SpectralAlignment`.
     """
     import copy
     import statistics
@@ -156,8 +159,9 @@ def measure_overhead(
     bs, T = batch_size or cfg.batch_size, block_size or cfg.block_size
     batches = list(char_batches(pydoc_tokens("train"), bs, T, steps, seed=1000))
     base_model = get_model("tiny-gpt", seed=0, block_size=T, **{**cfg.model, **(model_options or {})})
-    times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
-    cpu_times: dict[str, list[float]] = {"plain": [], "spectral_alignment": []}
+    # "loss_only": the same Monitor storing only the loss, for the Monitor's own fixed cost per step.
+    times: dict[str, list[float]] = {"plain": [], "loss_only": [], "spectral_alignment": []}
+    cpu_times: dict[str, list[float]] = {"plain": [], "loss_only": [], "spectral_alignment": []}
     # seconds inside monitor.step, measured in the same steps as the rest (robust to load drifts)
     inside: list[float] = []
     rest: list[float] = []
@@ -170,7 +174,9 @@ def measure_overhead(
             model = copy.deepcopy(base_model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             mon = sa = None
-            if name != "plain":
+            if name == "loss_only":
+                mon = Monitor(model, lm_loss, run=Path(tmp) / name, diagnostics=["loss"], optimizer=opt)
+            elif name != "plain":
                 sa = SpectralAlignment(**sa_options)
                 mon = Monitor(
                     model, lm_loss, run=Path(tmp) / name, diagnostics=[sa], optimizer=opt,
@@ -192,7 +198,7 @@ def measure_overhead(
                     opt.step()
                     times[name].append(time.perf_counter() - t0)
                     cpu_times[name].append(time.thread_time() - c0)
-                    if mon is not None:
+                    if sa is not None:
                         inside.append(t2 - t1)
                         rest.append(times[name][-1] - (t2 - t1))
                         cpu_inside.append(c2 - c1)
@@ -210,6 +216,8 @@ def measure_overhead(
         "in_step_share": share,
         "in_step_cpu_share": cpu_share,
         "cpu_overhead": cpu_med["spectral_alignment"] / cpu_med["plain"] - 1.0,
+        "loss_only_cpu_overhead": cpu_med["loss_only"] / cpu_med["plain"] - 1.0,
+        "own_cpu_share": (cpu_med["spectral_alignment"] - cpu_med["loss_only"]) / cpu_med["plain"],
         "plain_cpu_ms": cpu_med["plain"] * 1e3,
         "monitor_cpu_ms": statistics.median(cpu_inside) * 1e3,
         "rest_cpu_ms": statistics.median(cpu_rest) * 1e3,
@@ -276,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['in_step_share']:.1%}; CPU time in monitor.step {res['monitor_cpu_ms']:.1f} ms / rest "
             f"{res['rest_cpu_ms']:.1f} ms = {res['in_step_cpu_share']:.1%}; whole-step CPU time "
             f"{res['plain_cpu_ms']:.1f} ms plain: overhead {res['cpu_overhead']:.1%} (max_tokens={args.max_tokens}, "
-            f"{mode}{', large model' if args.large else ''})"
+            f"{mode}{', large model' if args.large else ''}); a Monitor storing only the loss: "
+            f"{res['loss_only_cpu_overhead']:+.1%}, so spectral alignment's own share {res['own_cpu_share']:.1%} "
+            "of a plain step (CPU)"
         )
         return 0
     args.out.mkdir(parents=True, exist_ok=True)

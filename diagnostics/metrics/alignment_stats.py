@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from diagnostics.errors import ConfigError
@@ -107,6 +106,17 @@ def alignment_statistics(cosines: torch.Tensor) -> dict[str, Any]:
     return {k: v[0] for k, v in batched_alignment_statistics(row).items()}
 
 
+def _row_quantiles(a: torch.Tensor) -> torch.Tensor:
+    """``[M, len(QUANTILES)]`` quantiles of each row of ``a`` ``[M, T]``, linear interpolation between order
+    statistics (numpy's default); from one sort, so without ``torch.quantile``'s limit on the input size."""
+    t = a.shape[1]
+    at = torch.tensor(QUANTILES, dtype=a.dtype, device=a.device) * (t - 1)
+    lo = at.floor().long()
+    hi = torch.clamp(lo + 1, max=t - 1)
+    ordered = a.sort(dim=1).values
+    return torch.lerp(ordered[:, lo], ordered[:, hi], at - lo)
+
+
 def batched_alignment_statistics(cos: torch.Tensor, detail: bool = True) -> dict[str, list[Any]]:
     """Alignment statistics of M cosine distributions with the same token count, in one pass.
 
@@ -123,28 +133,30 @@ def batched_alignment_statistics(cos: torch.Tensor, detail: bool = True) -> dict
         ``quantiles``, ``histogram`` (lists of floats; only with ``detail``), ``num_tokens`` (ints).
         Cost O(M T log T) with ``detail``, O(M T) without; one host transfer either way.
     """
-    # One host transfer, then numpy: on [maps, tokens] arrays its per-call cost is a fraction of torch's.
-    a = cos.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
-    np.copyto(a, 0.0, where=~np.isfinite(a))  # a quarter of np.nan_to_num's per-call cost
-    np.clip(a, -1.0, 1.0, out=a)
+    # Torch, not numpy: right after a training step torch's code is warm and numpy's is not; in the Monitor
+    # a numpy version of the same statistics took twice as long (benchmarks/RESULTS.md).
+    a = cos.detach().to(dtype=torch.float64)
     m, t = a.shape
     if t == 0:
         raise ConfigError("no tokens to compute alignment statistics over: the input batch is empty")
-    pos = np.count_nonzero(a > 0, axis=1) / t
-    neg = np.count_nonzero(a < 0, axis=1) / t
-    signed = pos + neg
-    with np.errstate(divide="ignore", invalid="ignore"):
-        div = np.where(signed > 0, 1.0 - np.abs(pos - neg) / signed, 1.0)
-    # Every per-row scalar in one [M, 4 (+ 5 + NUM_BINS)] matrix: one .tolist() instead of one per field.
-    cols = [pos, div, a.mean(1), np.abs(a).mean(1)]
+    a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-1.0, 1.0)
+    sign = a.sign()
+    # Per row: p+ - p-, p+ + p-, mean and mean |a| as one [4, M] sum (sign(a) is +-1 or 0).
+    parts = [torch.stack([sign, sign.abs(), a, a.abs()]).sum(-1).div_(t).T]
     if detail:
-        q = np.quantile(a, QUANTILES, axis=1).T  # [M, 5], linear interpolation as torch.quantile
-        idx = np.clip(np.floor((a + 1.0) * (NUM_BINS / 2.0)).astype(np.int64), 0, NUM_BINS - 1)
-        idx += np.arange(m)[:, None] * NUM_BINS  # one bincount for every row
-        hist = np.bincount(idx.ravel(), minlength=m * NUM_BINS).reshape(m, NUM_BINS) / t
-        table = np.concatenate([np.stack(cols, 1), q, hist], 1).tolist()
-    else:
-        table = np.stack(cols, 1).tolist()
+        parts.append(_row_quantiles(a))
+        # floor(a * B/2) + B/2, not floor((a + 1) * B/2): a + 1 rounds a tiny negative cosine up to 1,
+        # into the bin above zero.
+        idx = (torch.floor(a * (NUM_BINS / 2.0)).long() + NUM_BINS // 2).clamp_(0, NUM_BINS - 1)
+        idx += torch.arange(m, device=a.device)[:, None] * NUM_BINS  # one bincount for every row
+        counts = torch.bincount(idx.reshape(-1), minlength=m * NUM_BINS).reshape(m, NUM_BINS)
+        parts.append(counts.to(a.dtype).div_(t))
+    # One host transfer for every per-row number.
+    table = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).tolist()
+    for row in table:
+        diff, signed = row[0], row[1]
+        pos = (signed + diff) / 2.0
+        row[0], row[1] = pos, (1.0 - abs(diff) / signed if signed > 0 else 1.0)
     nq = len(QUANTILES)
     out: dict[str, list[Any]] = {
         "positive_fraction": [r[0] for r in table],

@@ -23,7 +23,7 @@ enough to run every step:
   ``monitor.step`` to the start of the next (:meth:`SpectralAlignment.observe_training_forward`), so
   the user's training forward is measured and no extra forward runs; without an observed forward the
   probe falls back to its own.
-- the statistics of all maps are computed in one batched pass (numpy, after one host transfer).
+- the statistics of all maps are computed in one batched pass on the cosines' device, with one host transfer.
 - on a step whose training forward was observed the diagnostic only reads (``reads_only``), so the
   Monitor skips its RNG fork, which costs more than the statistics on a small model.
 

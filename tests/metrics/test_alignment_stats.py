@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.alignment_stats import (
@@ -121,3 +123,42 @@ def test_histogram_mirrors_under_sign_flip_without_edge_values():
 def test_empty_raises():
     with pytest.raises(ConfigError, match="empty"):
         alignment_statistics(torch.empty(0))
+
+
+def _reference_row(row):
+    """One distribution's statistics, element by element in float64 (numpy's quantile and histogram)."""
+    import numpy as np
+
+    a = np.array([0.0 if not np.isfinite(x) else min(max(x, -1.0), 1.0) for x in row.tolist()])
+    pos, neg = float(np.sum(a > 0)) / a.size, float(np.sum(a < 0)) / a.size
+    hist = np.histogram(a, bins=NUM_BINS, range=(-1.0, 1.0))[0] / a.size
+    return {
+        "positive_fraction": pos,
+        "sign_diversity": 1.0 - abs(pos - neg) / (pos + neg) if pos + neg > 0 else 1.0,
+        "mean": float(a.mean()),
+        "mean_abs": float(np.abs(a).mean()),
+        "quantiles": np.quantile(a, QUANTILES).tolist(),
+        "histogram": hist.tolist(),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 40),
+    st.data(),
+)
+def test_batched_statistics_equal_a_row_by_row_reference(m, t, data):
+    from diagnostics.metrics.alignment_stats import batched_alignment_statistics
+
+    values = st.one_of(
+        st.floats(-1.5, 1.5, width=32),
+        st.sampled_from([0.0, 1.0, -1.0, 0.5, float("nan"), float("inf"), -float("inf")]),
+    )
+    cos = torch.tensor(data.draw(st.lists(st.lists(values, min_size=t, max_size=t), min_size=m, max_size=m)))
+    got = batched_alignment_statistics(cos, detail=True)
+    for i in range(m):
+        ref = _reference_row(cos[i])
+        assert got["num_tokens"][i] == t
+        for key, value in ref.items():
+            assert got[key][i] == pytest.approx(value, abs=1e-12), key
