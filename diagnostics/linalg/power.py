@@ -95,7 +95,7 @@ def power_steps(W: Tensor, v0: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
 
     The step of :func:`top_singular_vector` without its stopping test and host syncs, batched over a
     stack of equally shaped matrices: tracking the top right singular vector of slowly changing weights
-    costs ``2 * iters + 1`` batched products per stack. Since ``v0^T (W^T W) v0 >= 0`` a step never flips
+    costs ``2 * iters`` batched products per stack. Since ``v0^T (W^T W) v0 >= 0`` a step never flips
     the sign of ``v``, so a sign chosen once is carried along. Computed in ``W``'s dtype promoted to at
     least float32, on ``W``'s device.
 
@@ -105,8 +105,9 @@ def power_steps(W: Tensor, v0: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
         iters: number of steps (>= 1).
 
     Returns:
-        ``(sigma, v)``: ``sigma`` ``[G]`` (or a 0-d tensor) ``= ||W v||``, a lower bound of ``sigma_1``
-        that converges with the iteration, and ``v`` ``[G, in]`` (or ``[in]``) unit vectors; both on
+        ``(sigma, v)``: ``sigma`` ``[G]`` (or a 0-d tensor) ``= ||W^T W x|| / ||W x||`` for the last
+        step's start vector ``x``, a lower bound of ``sigma_1`` at least ``||W x||`` that converges with
+        the iteration, and ``v`` ``[G, in]`` (or ``[in]``) unit vectors; both on
         ``W``'s device, not synchronised (a zero or non-finite ``W`` gives non-finite values).
 
     Example:
@@ -129,7 +130,10 @@ def power_steps(W: Tensor, v0: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
     # step"); on GPUs both forms cost the same.
     v = v0.to(device=W.device, dtype=ct).unsqueeze(-2)
     for _ in range(iters):
-        v = (v @ Wt) @ Ws
-        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    sigma = torch.linalg.vector_norm(v @ Wt, dim=-1).squeeze(-1)
+        u = v @ Wt  # W v
+        v = u @ Ws  # W^T W v
+        norm_v = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        # ||W^T W v|| / ||W v|| lies between ||W v|| and sigma_1 (Cauchy-Schwarz), without a third product.
+        sigma = (norm_v / torch.linalg.vector_norm(u, dim=-1, keepdim=True)).squeeze(-1).squeeze(-1)
+        v = v / norm_v
     return sigma, v.squeeze(-2)

@@ -417,8 +417,8 @@ def top_vectors(
     stay stacked between steps instead of being stacked again.
 
     Returns:
-        ``{key: (sigma_1, v_1 on the weight's device or None)}``. Cost: per shape group ``2 * power_iters
-        + 1`` batched products and one host transfer for all groups; a cold start runs up to
+        ``{key: (sigma_1, v_1 on the weight's device or None)}``. Cost: per shape group ``2 * power_iters``
+        batched products and one host transfer for all groups; a cold start runs up to
         ``init_iters`` iterations with two products each.
     """
     groups = {} if groups is None else groups

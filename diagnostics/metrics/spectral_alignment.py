@@ -95,8 +95,8 @@ class SpectralAlignment(Diagnostic):
 
     Per map (key = map key) and step: ``sa_positive_fraction``, ``sa_sign_diversity``, ``sa_mean``,
     ``sa_mean_abs``, ``sa_quantile`` (index 0..4 = q 0.05, 0.25, 0.5, 0.75, 0.95), ``sa_histogram``
-    (index 0..19, fractions), ``sa_sigma1`` (sigma_1 estimate: ||W v|| for the current v, a lower bound
-    that converges with the warm-started iteration). The explosion warning is the separate
+    (index 0..19, fractions), ``sa_sigma1`` (sigma_1 estimate: ||W^T W v|| / ||W v|| for the previous v,
+    a lower bound at least ||W v|| that converges with the warm-started iteration). The explosion warning is the separate
     ``explosion_detector`` diagnostic, which reads these statistics.
 
     Args:
@@ -120,7 +120,7 @@ class SpectralAlignment(Diagnostic):
     probe counter (the detail cadence) and the count of watched forwards.
 
     Cost per step: one no-grad forward over about ``max_tokens`` tokens (none when the Monitor observed
-    the training forward: the projections then run in its hooks), ``2 * power_iters + 1`` products
+    the training forward: the projections then run in its hooks), ``2 * power_iters`` products
     with each weight, O(max_tokens * in) per map for the projections (kept rows: ``max_tokens * in``
     values per map until the step's probe), one batched pass for the
     statistics (plus one sort on detail probes); 5 records per map, 30 on detail probes.
