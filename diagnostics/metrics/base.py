@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from diagnostics._hooks import HookClock
-from diagnostics.store.records import Event, Record
+from diagnostics.store.records import Event, Record, VectorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
@@ -51,7 +51,7 @@ class Output:
     ``num_matvecs`` reports the cost of curvature estimates.
     """
 
-    records: list[Record] = field(default_factory=list)
+    records: list[Record | VectorRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     status: str = "ok"
     reason: str | None = None

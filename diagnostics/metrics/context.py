@@ -23,12 +23,13 @@ from diagnostics._hooks import ModuleSpec, capture_inputs, capture_outputs, conc
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.norms import WeightNorms, host_norms, tensor_norms, total_norm
+from diagnostics.store.records import expand_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.gradients.stats import GradientMoments
     from diagnostics.linalg.trace import TraceEstimate
     from diagnostics.metrics.curvature_base import Eigenspace
-    from diagnostics.store.records import Record
+    from diagnostics.store.records import Record, VectorRecord
 
 #: Default cap on rows (tokens or samples) captured per module by ``activations``/``layer_inputs``.
 DEFAULT_MAX_TOKENS = 2048
@@ -332,7 +333,7 @@ class StepContext:
         self._cache[key] = est
         return est, checked.num_matvecs
 
-    def publish_records(self, records: Iterable[Record]) -> None:
+    def publish_records(self, records: Iterable[Record | VectorRecord]) -> None:
         """Share a diagnostic's records of this step (the runner calls it after each diagnostic). Cost: O(1);
         the records are indexed only when a reader asks (:meth:`recorded`)."""
         self._cache.setdefault("records", []).append(records)
@@ -341,7 +342,7 @@ class StepContext:
         lists = self._cache.get("records", [])
         table = self._cache.get("records_index")
         if table is None or table[0] != len(lists):
-            values = {(r.metric, r.key): r.value for rs in lists for r in rs if r.index == 0}
+            values = {(r.metric, r.key): r.value for rs in lists for r in expand_records(rs) if r.index == 0}
             table = self._cache["records_index"] = (len(lists), values)
         return table[1]
 

@@ -66,7 +66,7 @@ from diagnostics.metrics.linear_maps import (
     resolve_modules,
 )
 from diagnostics.metrics.registry import register
-from diagnostics.store.records import Record
+from diagnostics.store.records import Record, VectorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
@@ -89,6 +89,11 @@ def _subsample(batch: Any, max_tokens: int, gen: torch.Generator) -> Any:
     return map_tensors(batch, lambda t: t.index_select(0, idx.to(t.device)) if t.ndim and t.shape[0] == n else t)
 
 
+#: (metric, statistic) written on every probe.
+_PER_PROBE_FIELDS = (("sa_positive_fraction", "positive_fraction"), ("sa_sign_diversity", "sign_diversity"),
+                     ("sa_mean", "mean"), ("sa_mean_abs", "mean_abs"), ("sa_sigma1", "sigma1"))
+
+
 @register
 class SpectralAlignment(Diagnostic):
     """Alignment of each linear map's inputs with its weight's top right singular vector (``sa_*``).
@@ -96,8 +101,8 @@ class SpectralAlignment(Diagnostic):
     Per map (key = map key) and step: ``sa_positive_fraction``, ``sa_sign_diversity``, ``sa_mean``,
     ``sa_mean_abs``, ``sa_quantile`` (index 0..4 = q 0.05, 0.25, 0.5, 0.75, 0.95), ``sa_histogram``
     (index 0..19, fractions), ``sa_sigma1`` (sigma_1 estimate: ||W^T W v|| / ||W v|| for the previous v,
-    a lower bound at least ||W v|| that converges with the warm-started iteration). The explosion warning is the separate
-    ``explosion_detector`` diagnostic, which reads these statistics.
+    a lower bound at least ||W v|| that converges with the warm-started iteration). The explosion warning is
+    the separate ``explosion_detector`` diagnostic, which reads these statistics.
 
     Args:
         every, start: schedule (default every step).
@@ -396,17 +401,18 @@ class SpectralAlignment(Diagnostic):
         if not stats:
             return Output(status="nothing_measured", reason=self._nothing_reason(ctx.model),
                           settings={"num_maps": 0, "forward_seconds": fwd, "source": self.last_source})
-        records: list[Record] = []
-        for key, st in stats.items():
-            records += [
-                Record("sa_positive_fraction", st["positive_fraction"], key),
-                Record("sa_sign_diversity", st["sign_diversity"], key),
-                Record("sa_mean", st["mean"], key),
-                Record("sa_mean_abs", st["mean_abs"], key),
-                Record("sa_sigma1", st["sigma1"], key),
-            ]
-            if "quantiles" in st:
-                records += [Record("sa_quantile", float(q), key, i) for i, q in enumerate(st["quantiles"])]
-                records += [Record("sa_histogram", float(h), key, i) for i, h in enumerate(st["histogram"])]
+        # One VectorRecord per statistic (and index) over the maps: the same rows as a Record per map, without
+        # a Python object per map and step.
+        keys = tuple(stats)
+        rows = list(stats.values())
+        records: list[Record | VectorRecord] = [
+            VectorRecord(metric, keys, tuple(st[field] for st in rows))
+            for metric, field in _PER_PROBE_FIELDS
+        ]
+        if "quantiles" in rows[0]:
+            records += [VectorRecord("sa_quantile", keys, tuple(float(st["quantiles"][i]) for st in rows), i)
+                        for i in range(len(rows[0]["quantiles"]))]
+            records += [VectorRecord("sa_histogram", keys, tuple(float(st["histogram"][i]) for st in rows), i)
+                        for i in range(len(rows[0]["histogram"]))]
         settings = {"num_maps": len(stats), "forward_seconds": fwd, "source": self.last_source}
         return Output(records=records, settings=settings)

@@ -8,7 +8,7 @@ every metric ID and meta key a store holds is listed in :mod:`diagnostics.store.
 
 from diagnostics.store.combine import combine_runs
 from diagnostics.store.reader import Run, Runs, open_run, open_runs
-from diagnostics.store.records import Event, Record, Status
+from diagnostics.store.records import Event, Record, Status, VectorRecord
 from diagnostics.store.schema import SCHEMA_VERSION
 from diagnostics.store.summary import run_summary
 from diagnostics.store.writer import RunWriter
@@ -22,6 +22,7 @@ __all__ = [
     "Run",
     "Runs",
     "Record",
+    "VectorRecord",
     "Event",
     "Status",
     "SCHEMA_VERSION",

@@ -7,6 +7,7 @@ density nodes, histograms) use ``index``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,35 @@ class Record:
     value: float
     key: str = "all"
     index: int = 0
+
+
+@dataclass(frozen=True)
+class VectorRecord:
+    """One metric's values over many keys (a statistic per layer) at one step, in one object.
+
+    The same rows as ``[Record(metric, v, k, index) for k, v in zip(keys, values)]`` (:meth:`expand`, which
+    is what every reader of a step's records sees), stored as one vector row (``diagnostics.store.vectors``)
+    without a Python object per layer: for a diagnostic that writes a few statistics of dozens of layers at
+    every step. ``keys`` must be distinct and not ``"all"``; ``values`` are Python floats (NaN, inf allowed).
+    """
+
+    metric: str
+    keys: tuple[str, ...]
+    values: tuple[float, ...]
+    index: int = 0
+
+    def expand(self) -> list[Record]:
+        """The equivalent :class:`Record` per key."""
+        return [Record(self.metric, v, k, self.index) for k, v in zip(self.keys, self.values, strict=True)]
+
+
+def expand_records(records: Iterable[Record | VectorRecord]) -> Iterator[Record]:
+    """``records`` with each :class:`VectorRecord` replaced by its records (in order)."""
+    for r in records:
+        if type(r) is VectorRecord:
+            yield from r.expand()
+        else:
+            yield r  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from diagnostics.errors import StoreError
-from diagnostics.store.records import Event, Record, Status
+from diagnostics.store.records import Event, Record, Status, VectorRecord
 
 SEVERITIES = ("info", "warning", "error")
 STATUSES = ("ok", "not_converged", "failed", "skipped", "nothing_measured", "continues")
@@ -146,6 +146,62 @@ def series_rows(step: int, records: Iterable[Record], source: str) -> list[tuple
             v = _check_real(v, f"records[{i}] (metric {metric!r}).value", _VALUE_HINT)
         rows.append((step, metric, key, idx, None if v != v else v, source))  # v != v: NaN -> NULL
     return rows
+
+
+def split_vector_records(records: Iterable[Any]) -> tuple[list[Any], list[tuple[int, VectorRecord]]]:
+    """``records`` without its :class:`VectorRecord` objects, and those with their positions. One pass."""
+    plain: list[Any] = []
+    vecs: list[tuple[int, VectorRecord]] = []
+    for i, r in enumerate(records):
+        if type(r) is VectorRecord:
+            vecs.append((i, r))
+        else:
+            plain.append(r)
+    return plain, vecs
+
+
+def vector_record_rows(step: int, vecs: list[tuple[int, VectorRecord]], source: str) -> list[tuple]:
+    """Validate vector records (with their positions among the step's records, for the messages) and return
+    vector rows ``(step, metric, idx, keys JSON, data, source)``.
+
+    Raises:
+        StoreError: a metric or key that is not a non-empty str, keys and values of different lengths, a
+            value that is not a real number.
+    """
+    from diagnostics.store.vectors import pack
+
+    rows = []
+    for i, r in vecs:
+        where = f"records[{i}] (vector of metric {r.metric!r})"
+        if type(r.metric) is not str or not r.metric:
+            _check_str(r.metric, f"{where}.metric")
+        idx = r.index if type(r.index) is int else _check_int(r.index, f"{where}.index")
+        keys, vals = r.keys, r.values
+        if len(keys) != len(vals):
+            raise StoreError(f"{where} has {len(keys)} keys and {len(vals)} values; give one value per key")
+        keys_json = _KEYS_JSON.get(keys) if type(keys) is tuple else None
+        if keys_json is None:
+            for k in keys:
+                if type(k) is not str or not k:
+                    raise StoreError(f"{where} has the key {k!r}; keys must be non-empty str")
+            keys_json = _keys_json(tuple(keys))
+        if not all(type(v) is float for v in vals):
+            vals = [v if type(v) is float else _check_real(v, f"{where}.values[{j}] (key {keys[j]!r})", _VALUE_HINT)
+                    for j, v in enumerate(vals)]
+        rows.append((step, r.metric, idx, keys_json, pack(vals), source))
+    return rows
+
+
+#: JSON of key tuples already validated and written: a run writes the same few at every step.
+_KEYS_JSON: dict[tuple[str, ...], str] = {}
+
+
+def _keys_json(keys: tuple[str, ...]) -> str:
+    """``json.dumps(list(keys))``, kept for the next step (up to 1024 distinct tuples)."""
+    if len(_KEYS_JSON) >= 1024:
+        _KEYS_JSON.clear()
+    text = _KEYS_JSON[keys] = json.dumps(list(keys))
+    return text
 
 
 def event_rows(step: int, events: Iterable[Event], source: str, now: float) -> list[tuple]:

@@ -29,7 +29,7 @@ MIN_KEYS = 4
 
 def pack(values: Sequence[float | None]) -> bytes:
     """float64 little-endian bytes of ``values`` (None, the series table's NaN, becomes NaN)."""
-    data = array("d", [float("nan") if v is None else v for v in values])
+    data = array("d", values if None not in values else [float("nan") if v is None else v for v in values])
     if sys.byteorder != "little":
         data.byteswap()
     return data.tobytes()

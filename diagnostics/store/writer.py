@@ -17,7 +17,7 @@ from typing import Any
 
 from diagnostics.errors import StoreError
 from diagnostics.store import schema, values, vectors
-from diagnostics.store.records import Event, Record, Status
+from diagnostics.store.records import Event, Record, Status, VectorRecord, expand_records
 
 # Rows with the natural key of an existing row replace it (see the class docstring).
 _INSERT = {table: schema.insert_sql(table) for table in schema.DATA_TABLES}
@@ -32,6 +32,24 @@ def _drop_other_form(conn: sqlite3.Connection, long_rows: list[tuple], vector_ro
                          [(metric, k, step, idx, source) for k in json.loads(keys)])
     groups = {(r[0], r[1], r[3], r[5]) for r in long_rows if r[2] != "all"}
     conn.executemany("DELETE FROM vectors WHERE step = ? AND metric = ? AND idx = ? AND source = ?", sorted(groups))
+
+
+def _rows_of(step: int, records: Iterable[Record | VectorRecord], src: str) -> tuple[list[tuple], list[tuple]]:
+    """Validated long rows and vector rows of a step's records. A :class:`VectorRecord` becomes its vector
+    row directly, unless its rows would not all be one vector row when given as records (fewer than
+    ``vectors.MIN_KEYS`` keys, a key twice or ``"all"``, or its metric and index also among the step's
+    other records): then all are written as their records would be, so the two forms never mix."""
+    records = records if isinstance(records, list) else list(records)
+    plain, vecs = values.split_vector_records(records)
+    if vecs:
+        direct = values.vector_record_rows(step, vecs, src)  # validates every vector record
+        taken = {(r.metric, r.index) for r in plain if isinstance(r, Record)}
+        ordinary = all(len(v.keys) >= vectors.MIN_KEYS and (v.metric, v.index) not in taken
+                       and len(set(v.keys)) == len(v.keys) and "all" not in v.keys for _, v in vecs)
+        if not ordinary or len({(v.metric, v.index) for _, v in vecs}) != len(vecs):
+            return vectors.split_rows(values.series_rows(step, list(expand_records(records)), src))
+    series, vector_rows = vectors.split_rows(values.series_rows(step, plain, src))
+    return (series, vector_rows + direct) if vecs else (series, vector_rows)
 
 
 def _default_versions() -> dict[str, str]:
@@ -226,7 +244,7 @@ class RunWriter:
     def write_step(
         self,
         step: int,
-        records: Iterable[Record] = (),
+        records: Iterable[Record | VectorRecord] = (),
         events: Iterable[Event] = (),
         statuses: Iterable[Status] = (),
         source: str | None = None,
@@ -239,7 +257,8 @@ class RunWriter:
         transaction, so a source is listed only if all its rows were committed.
 
         The records of one metric and index over many keys (per layer) are stored as one vector row
-        (:mod:`diagnostics.store.vectors`); the reader gives them back as rows.
+        (:mod:`diagnostics.store.vectors`); the reader gives them back as rows. A :class:`VectorRecord`
+        (the same rows in one object) goes to its vector row without a Python object per key.
 
         Cost: one SQLite transaction: an index entry per stored row (one per vector) and one WAL append of
         the pages they touched.
@@ -251,7 +270,7 @@ class RunWriter:
         step = values.check_step(step)
         src = values.check_source(source)
         now = float(self._clock())
-        series, vector_rows = vectors.split_rows(values.series_rows(step, records, src))
+        series, vector_rows = _rows_of(step, records, src)
         events_ = values.event_rows(step, events, src, now)
         status_ = values.status_rows(step, statuses, src)
         conn = self._connection()

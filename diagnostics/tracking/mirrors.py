@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from diagnostics.errors import ConfigError
-from diagnostics.store.records import Record
+from diagnostics.store.records import Record, VectorRecord, expand_records
 
 __all__ = [
     "CallbackMirror",
@@ -60,7 +60,7 @@ def require(module: str, install: str, what: str) -> Any:
 
 
 def scalars_from_records(
-    records: Iterable[Record],
+    records: Iterable[Record | VectorRecord],
     *,
     prefix: str = DEFAULT_PREFIX,
     per_key: bool = True,
@@ -73,7 +73,7 @@ def scalars_from_records(
     keeps only those metrics. Cost: one pass over the records.
     """
     groups: dict[tuple[str, str], list[Record]] = {}
-    for r in records:
+    for r in expand_records(records):
         groups.setdefault((r.metric, r.key), []).append(r)
     out: dict[str, float] = {}
     for (metric, key), rows in groups.items():

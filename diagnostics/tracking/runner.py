@@ -23,7 +23,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.misuse import misuse_event
-from diagnostics.store.records import Event, Record, Status
+from diagnostics.store.records import Event, Record, Status, expand_records
 from diagnostics.tracking.identity import ModelStructure
 from diagnostics.tracking.misuse import MisuseReporter, missing_grads
 from diagnostics.tracking.setups import explain_failure
@@ -199,7 +199,7 @@ class Runner:
             if status == "failed":
                 records = []
             elif not getattr(d, "allow_nonfinite", False):
-                bad = next((r for r in records if not math.isfinite(r.value)), None)
+                bad = next((r for r in expand_records(records) if not math.isfinite(r.value)), None)
                 if bad is not None:
                     raise FloatingPointError(f"non-finite value {bad.value} in {bad.metric}[{bad.key}, {bad.index}]")
             ctx.publish_records(records)  # for diagnostics that read this step's values (``after``)

@@ -24,6 +24,7 @@ from diagnostics.metrics.spectral_alignment import (
     find_linear_maps,
     project_rows,
 )
+from diagnostics.store.records import expand_records
 from diagnostics.zoo.models import TinyGPT
 
 
@@ -44,7 +45,7 @@ def _ctx(model, batch, step, loss_fn=_sum_loss):
 def _stats(out):
     # {metric: {key: value}} for index-0 records, plus vectors per key.
     d: dict = {}
-    for r in out.records:
+    for r in expand_records(out.records):
         d.setdefault(r.metric, {}).setdefault(r.key, {})[r.index] = r.value
     return d
 
@@ -552,4 +553,4 @@ def test_a_new_model_object_is_measured_even_when_it_reuses_a_freed_models_id(mo
         model = copy.deepcopy(base)
         out = sa.compute(_ctx(model, batch, step))
         assert out.status == "ok", out.reason
-        assert {r.key for r in out.records} == {"0", "2"}
+        assert {r.key for r in expand_records(out.records)} == {"0", "2"}

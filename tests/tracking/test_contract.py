@@ -20,6 +20,7 @@ from torch import nn
 
 from diagnostics.metrics import available_diagnostics, get_diagnostic, preset_names, registry
 from diagnostics.store import open_run
+from diagnostics.store.records import expand_records
 from diagnostics.tracking import Monitor
 
 STEPS = 3
@@ -179,7 +180,7 @@ def test_store_round_trip(name: str, tmp_path: Any, monkeypatch: pytest.MonkeyPa
 
     def spy(self: Any, step: int, records: Any = (), events: Any = (), statuses: Any = (), source: Any = None) -> None:
         records = list(records)
-        written.extend((step, r) for r in records)
+        written.extend((step, r) for r in expand_records(records))  # a VectorRecord is its rows
         original(self, step, records, events, statuses, source=source)
 
     monkeypatch.setattr(RunWriter, "write_step", spy)
