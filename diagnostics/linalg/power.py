@@ -123,12 +123,13 @@ def power_steps(W: Tensor, v0: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
             f"{tuple(v0.shape)}"
         )
     ct = torch.promote_types(W.dtype, torch.float32)
-    Ws = W.to(ct)
+    # (the checks skip no-op conversions: this runs at every step, where each call costs microseconds)
+    Ws = W if W.dtype == ct else W.to(ct)
     Wt = Ws.transpose(-2, -1)
     # Row vectors times matrices (v^T W^T, u^T W): on CPU a batched product with one column runs several
     # times slower than the same product with one row (benchmarks/RESULTS.md, "Spectral alignment every
     # step"); on GPUs both forms cost the same.
-    v = v0.to(device=W.device, dtype=ct).unsqueeze(-2)
+    v = (v0 if v0.dtype == ct and v0.device == W.device else v0.to(device=W.device, dtype=ct)).unsqueeze(-2)
     for _ in range(iters):
         u = v @ Wt  # W v
         v = u @ Ws  # W^T W v

@@ -451,10 +451,11 @@ def top_vectors(
         prev = group.previous(saved)
         W = members[0][1][None] if len(members) == 1 else torch.stack([W for _, W in members])
         sigma, v = power_steps(W, prev, power_iters)
-        sigmas.append(sigma.to(torch.float64))
+        sigmas.append(sigma)
         done.append((group, v, prev))
-    # The sigmas of every group come to the host in one transfer (one sync per step, not one per group).
-    flat = torch.cat(sigmas).tolist() if sigmas else []
+    # The sigmas of every group come to the host in one transfer (one sync per step, not one per group);
+    # cat promotes mixed float32/float64 groups, and tolist turns float32 into Python floats exactly.
+    flat = (sigmas[0] if len(sigmas) == 1 else torch.cat(sigmas)).tolist() if sigmas else []
     at = 0
     for group, v, prev in done:
         sig, at = flat[at : at + len(group.maps)], at + len(group.maps)

@@ -199,6 +199,7 @@ class SpectralAlignment(Diagnostic):
         self._watching = False
         # Hooks kept on the observed model between steps (observe_training_forward), removed by release_hooks.
         self._kept_hooks: tuple[weakref.ref[nn.Module], ProjectionHooks] | None = None
+        self._observe_gen: torch.Generator | None = None
         self.last_source: str | None = None
 
     @property
@@ -284,7 +285,10 @@ class SpectralAlignment(Diagnostic):
         by_module = group_by_module(maps, vectors)
         count = self.state.get("watched", 0)
         self.state["watched"] = count + 1
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * (count + 1))
+        # One generator object reseeded per observed forward (creating one costs more than seeding it).
+        if self._observe_gen is None:
+            self._observe_gen = torch.Generator()
+        gen = self._observe_gen.manual_seed(self.seed * 1_000_003 + 7_919 * (count + 1))
         kept = self._kept_hooks
         if kept is not None and not (kept[0]() is model and kept[1].covers(by_module)):
             self.release_hooks()
