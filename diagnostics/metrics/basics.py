@@ -23,7 +23,7 @@ from diagnostics.errors import ConfigError
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.norms import host_norms, total_norm
 from diagnostics.metrics.registry import register
-from diagnostics.store.records import Event, Record
+from diagnostics.store.records import Event, Record, VectorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
@@ -61,10 +61,13 @@ class _NormDiagnostic(Diagnostic):
             return True
         return False
 
-    def records(self, metric: str, values: Mapping[str, float], step: int) -> list[Record]:
+    def records(self, metric: str, values: Mapping[str, float], step: int) -> list[Record | VectorRecord]:
+        whole: list[Record | VectorRecord] = [Record(metric, values["all"])] if "all" in values else []
         if not self.per_layer_due(step):
-            return [Record(metric, values["all"])] if "all" in values else []
-        return [Record(metric, v, key=k) for k, v in values.items()]
+            return whole
+        keys = tuple(k for k in values if k != "all")
+        # The per-parameter values as one VectorRecord (their vector row), not a Record per parameter.
+        return whole + [VectorRecord(metric, keys, tuple(values[k] for k in keys))] if keys else whole
 
 
 @register

@@ -12,6 +12,7 @@ from torch import nn
 from diagnostics.errors import ConfigError
 from diagnostics.metrics import get_diagnostic
 from diagnostics.metrics.base import Output
+from diagnostics.store.records import expand_records
 from diagnostics.tracking import StepContext
 
 
@@ -31,7 +32,7 @@ def ctx_for(model: nn.Module, opt: Any, batch: Any, loss: float | None = 1.0) ->
 
 def as_dict(out: Any) -> dict[tuple[str, str, int], float]:
     records = out.records if isinstance(out, Output) else out
-    return {(r.metric, r.key, r.index): r.value for r in records}
+    return {(r.metric, r.key, r.index): r.value for r in expand_records(records)}
 
 
 def test_grad_and_weight_norms() -> None:
