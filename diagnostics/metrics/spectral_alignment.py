@@ -128,7 +128,8 @@ class SpectralAlignment(Diagnostic):
     the training forward: the projections then run in its hooks), ``2 * power_iters`` products
     with each weight, O(max_tokens * in) per map for the projections (kept rows: ``max_tokens * in``
     values per map until the step's probe), one batched pass for the
-    statistics (plus one sort on detail probes); 5 records per map, 30 on detail probes.
+    statistics (plus one sort on detail probes); 5 values per map (5 VectorRecords over the maps), 30 on
+    detail probes.
     """
 
     name = "spectral_alignment"
