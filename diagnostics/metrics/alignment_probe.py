@@ -79,7 +79,7 @@ def project_rows(
         dtype = torch.promote_types(x.dtype, torch.float32)
         return torch.zeros(0, V.shape[1], dtype=dtype, device=x.device)
     pick = torch.randint(n, (max_rows,), generator=generator).to(x.device) if n > max_rows else None
-    out = _cosines(gather_rows(x, pick)[None], V[None], chunk_rows, eps)[0]
+    out = _cosines(gather_rows(x, pick)[None], V[None], chunk_rows, eps)[0].T
     return finish_cosines(out) if finish else out
 
 
@@ -89,9 +89,10 @@ def _as(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def _cosines(X: torch.Tensor, V: torch.Tensor, chunk_rows: int, eps: float) -> torch.Tensor:
-    """``[G, R, K]`` cosines of the rows of ``X`` ``[G, R, in]`` with the columns of ``V`` ``[G, in, K]``,
-    one batched product per ``chunk_rows`` rows, in float32 or wider. Zero rows give 0 / eps = 0,
-    non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0)."""
+    """``[G, K, R]`` cosines of the rows of ``X`` ``[G, R, in]`` with the columns of ``V`` ``[G, in, K]``
+    (contiguous, one row of R cosines per map), one batched product per ``chunk_rows`` rows, in float32 or
+    wider. Zero rows give 0 / eps = 0, non-finite rows NaN
+    (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0)."""
     dtype = torch.promote_types(X.dtype, torch.float32)
     V = _as(V, dtype, X.device)
     Vt = V.transpose(1, 2)
@@ -100,8 +101,8 @@ def _cosines(X: torch.Tensor, V: torch.Tensor, chunk_rows: int, eps: float) -> t
         part = _as(X[:, lo : lo + chunk_rows], dtype, X.device)
         norms = torch.linalg.vector_norm(part, dim=2).clamp_min_(eps).unsqueeze(1)
         # [G, K, R] = V^T X^T: few rows times a matrix, several times faster on CPU than X V with few columns.
-        blocks.append(torch.bmm(Vt, part.transpose(1, 2)).div_(norms).transpose(1, 2))
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        blocks.append(torch.bmm(Vt, part.transpose(1, 2)).div_(norms))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 2)
 
 
 class RowSampler:
@@ -242,7 +243,7 @@ class Projector:
 
 def _grouped_cosines(projectors: Mapping[str, Projector], chunk_rows: int,
                      eps: float) -> list[tuple[list[str], torch.Tensor]]:
-    """``[(module names, [G, R, K] cosines)]``, one batched projection per group of modules whose rows and
+    """``[(module names, [G, K, R] cosines)]``, one batched projection per group of modules whose rows and
     V have the same shapes, dtype and device."""
     groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for name, proj in projectors.items():
@@ -270,7 +271,7 @@ def project_all(projectors: Mapping[str, Projector], chunk_rows: int = 256,
     non-finite rows NaN (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0).
     Cost: O(R * in * K) per module.
     """
-    return {name: cos[i] for names, cos in _grouped_cosines(projectors, chunk_rows, eps)
+    return {name: cos[i].T for names, cos in _grouped_cosines(projectors, chunk_rows, eps)
             for i, name in enumerate(names)}
 
 
@@ -284,11 +285,11 @@ def cosine_matrices(projectors: Mapping[str, Projector], by_module: Mapping[str,
     """
     parts: dict[int, tuple[list[str], list[torch.Tensor]]] = {}
     for names, cos in _grouped_cosines(projectors, chunk_rows, eps):
-        g, r, k = cos.shape
+        g, k, r = cos.shape
         keys = [mp.key for name in names for mp in by_module[name][:k]]
         entry = parts.setdefault(r, ([], []))
         entry[0].extend(keys)
-        entry[1].append(cos.transpose(1, 2).reshape(g * k, r))
+        entry[1].append(cos.reshape(g * k, r))  # a view: the rows are already one map each
     return [(keys, mats[0] if len(mats) == 1 else torch.cat(mats, 0)) for keys, mats in parts.values()]
 
 
