@@ -290,14 +290,15 @@ class SpectralAlignment(Diagnostic):
         if self._observe_gen is None:
             self._observe_gen = torch.Generator()
         gen = self._observe_gen.manual_seed(self.seed * 1_000_003 + 7_919 * (count + 1))
-        kept = self._kept_hooks
-        if kept is not None and not (kept[0]() is model and kept[1].covers(by_module)):
-            self.release_hooks()
-            kept = None
         # The hooks work on detached inputs, so the training forward's autograd graph is untouched.
-        hooks = kept[1] if kept is not None else ProjectionHooks(by_module, modules, self.hook_clock)
         if keep_hooks:
-            self._kept_hooks = (weakref.ref(model), hooks)
+            kept = self._kept_hooks
+            if kept is None or not (kept[0]() is model and kept[1].covers(by_module)):
+                self.release_hooks()
+                kept = self._kept_hooks = (weakref.ref(model), ProjectionHooks(by_module, modules, self.hook_clock))
+            hooks = kept[1]
+        else:
+            hooks = ProjectionHooks(by_module, modules, self.hook_clock)
         self._watching = True
         try:
             projectors = hooks.arm(by_module, vectors, self.max_tokens, gen)

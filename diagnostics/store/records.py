@@ -29,7 +29,8 @@ class VectorRecord:
     The same rows as ``[Record(metric, v, k, index) for k, v in zip(keys, values)]`` (:meth:`expand`, which
     is what every reader of a step's records sees), stored as one vector row (``diagnostics.store.vectors``)
     without a Python object per layer: for a diagnostic that writes a few statistics of dozens of layers at
-    every step. ``keys`` must be distinct and not ``"all"``; ``values`` are Python floats (NaN, inf allowed).
+    every step. ``values`` are Python floats (NaN, inf allowed). Keys that would not form one vector row as
+    records (fewer than four, one twice, or ``"all"``) are written as the records would be.
     """
 
     metric: str

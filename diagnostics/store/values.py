@@ -14,6 +14,7 @@ from typing import Any
 
 from diagnostics.errors import StoreError
 from diagnostics.store.records import Event, Record, Status, VectorRecord
+from diagnostics.store.vectors import keys_json, pack
 
 SEVERITIES = ("info", "warning", "error")
 STATUSES = ("ok", "not_converged", "failed", "skipped", "nothing_measured", "continues")
@@ -168,8 +169,6 @@ def vector_record_rows(step: int, vecs: list[tuple[int, VectorRecord]], source: 
         StoreError: a metric or key that is not a non-empty str, keys and values of different lengths, a
             value that is not a real number.
     """
-    from diagnostics.store.vectors import pack
-
     rows = []
     for i, r in vecs:
         where = f"records[{i}] (vector of metric {r.metric!r})"
@@ -179,29 +178,14 @@ def vector_record_rows(step: int, vecs: list[tuple[int, VectorRecord]], source: 
         keys, vals = r.keys, r.values
         if len(keys) != len(vals):
             raise StoreError(f"{where} has {len(keys)} keys and {len(vals)} values; give one value per key")
-        keys_json = _KEYS_JSON.get(keys) if type(keys) is tuple else None
-        if keys_json is None:
-            for k in keys:
-                if type(k) is not str or not k:
-                    raise StoreError(f"{where} has the key {k!r}; keys must be non-empty str")
-            keys_json = _keys_json(tuple(keys))
+        if not all(type(k) is str and k for k in keys):
+            k = next(k for k in keys if type(k) is not str or not k)
+            raise StoreError(f"{where} has the key {k!r}; keys must be non-empty str")
         if not all(type(v) is float for v in vals):
             vals = [v if type(v) is float else _check_real(v, f"{where}.values[{j}] (key {keys[j]!r})", _VALUE_HINT)
                     for j, v in enumerate(vals)]
-        rows.append((step, r.metric, idx, keys_json, pack(vals), source))
+        rows.append((step, r.metric, idx, keys_json(tuple(keys)), pack(vals), source))
     return rows
-
-
-#: JSON of key tuples already validated and written: a run writes the same few at every step.
-_KEYS_JSON: dict[tuple[str, ...], str] = {}
-
-
-def _keys_json(keys: tuple[str, ...]) -> str:
-    """``json.dumps(list(keys))``, kept for the next step (up to 1024 distinct tuples)."""
-    if len(_KEYS_JSON) >= 1024:
-        _KEYS_JSON.clear()
-    text = _KEYS_JSON[keys] = json.dumps(list(keys))
-    return text
 
 
 def event_rows(step: int, events: Iterable[Event], source: str, now: float) -> list[tuple]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_KEYS", "expand", "keys_of", "pack", "split_rows", "unpack"]
+__all__ = ["MIN_KEYS", "expand", "forms_a_vector", "keys_json", "keys_of", "pack", "split_rows", "unpack"]
 
 #: Fewest keys of one metric and index at a step for its rows to be stored as a vector.
 MIN_KEYS = 4
@@ -40,18 +40,38 @@ def unpack(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f8")
 
 
+def forms_a_vector(keys: Sequence[str]) -> bool:
+    """Whether the rows of one metric and index at a step with these keys are stored as one vector row:
+    at least :data:`MIN_KEYS` keys, none ``"all"``, none twice."""
+    return len(keys) >= MIN_KEYS and "all" not in keys and len(set(keys)) == len(keys)
+
+
+#: JSON of the key lists already encoded: a run writes the same few lists at every step.
+_KEYS_JSON: dict[tuple[str, ...], str] = {}
+
+
+def keys_json(keys: tuple[str, ...]) -> str:
+    """The ``keys`` column of a vector row, ``json.dumps(list(keys))``, encoded once per distinct tuple
+    (up to 1024 kept)."""
+    text = _KEYS_JSON.get(keys)
+    if text is None:
+        if len(_KEYS_JSON) >= 1024:
+            _KEYS_JSON.clear()
+        text = _KEYS_JSON[keys] = json.dumps(list(keys))
+    return text
+
+
 def split_rows(rows: list[tuple]) -> tuple[list[tuple], list[tuple]]:
     """Split validated series rows ``(step, metric, key, idx, value, source)`` of one step into the rows
     kept long and vector rows ``(step, metric, idx, keys JSON, data, source)``. Keys keep their order.
 
-    Cost: one pass over the rows and one JSON encoding per vector.
+    Cost: one pass over the rows and one JSON encoding per new key list.
     """
     groups: dict[tuple[str, int], list[tuple]] = {}
     for row in rows:
         if row[2] != "all":
             groups.setdefault((row[1], row[3]), []).append(row)
-    chosen = {g for g, members in groups.items()
-              if len(members) >= MIN_KEYS and len({r[2] for r in members}) == len(members)}
+    chosen = {g for g, members in groups.items() if forms_a_vector([r[2] for r in members])}
     if not chosen:
         return rows, []
     long_rows = [r for r in rows if r[2] == "all" or (r[1], r[3]) not in chosen]
@@ -59,7 +79,7 @@ def split_rows(rows: list[tuple]) -> tuple[list[tuple], list[tuple]]:
     for metric, idx in chosen:
         members = groups[(metric, idx)]
         step, source = members[0][0], members[0][5]
-        keys = json.dumps([r[2] for r in members])
+        keys = keys_json(tuple(r[2] for r in members))
         vectors.append((step, metric, idx, keys, pack([r[4] for r in members]), source))
     return long_rows, vectors
 

@@ -44,8 +44,7 @@ def _rows_of(step: int, records: Iterable[Record | VectorRecord], src: str) -> t
     if vecs:
         direct = values.vector_record_rows(step, vecs, src)  # validates every vector record
         taken = {(r.metric, r.index) for r in plain if isinstance(r, Record)}
-        ordinary = all(len(v.keys) >= vectors.MIN_KEYS and (v.metric, v.index) not in taken
-                       and len(set(v.keys)) == len(v.keys) and "all" not in v.keys for _, v in vecs)
+        ordinary = all(vectors.forms_a_vector(v.keys) and (v.metric, v.index) not in taken for _, v in vecs)
         if not ordinary or len({(v.metric, v.index) for _, v in vecs}) != len(vecs):
             return vectors.split_rows(values.series_rows(step, list(expand_records(records)), src))
     series, vector_rows = vectors.split_rows(values.series_rows(step, plain, src))
