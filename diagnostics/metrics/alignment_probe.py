@@ -407,6 +407,7 @@ def top_vectors(
     init_tol: float,
     seed: int,
     groups: dict[tuple[Any, ...], Any] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[float, torch.Tensor | None]]:
     """sigma_1 and v_1 per map key: a cold start by :func:`top_singular_vector`, then warm steps.
 
@@ -415,7 +416,9 @@ def top_vectors(
     from it, batched over the maps of equal shape, dtype and device. A weight that became non-finite or
     zero keeps its last good v_1 and reports sigma_1 as NaN or 0; a zero weight without a saved v_1 has
     none. ``groups``: a dict the caller keeps from step to step (empty at first); the v_1 of a group then
-    stay stacked between steps instead of being stacked again.
+    stay stacked between steps instead of being stacked again. ``weights``: each map's weight by key, read
+    by the caller (e.g. outside inference mode, where a wrapper such as FSDP gathers its parameters);
+    read from ``modules`` when None.
 
     Returns:
         ``{key: (sigma_1, v_1 on the weight's device or None)}``. Cost: per shape group ``2 * power_iters``
@@ -426,7 +429,7 @@ def top_vectors(
     out: dict[str, tuple[float, torch.Tensor | None]] = {}
     warm: dict[tuple[Any, ...], list[tuple[LinearMap, torch.Tensor]]] = {}
     for mp in maps:
-        W = mp.weight(modules[mp.module_name])
+        W = mp.weight(modules[mp.module_name]) if weights is None else weights[mp.key]
         prev = saved.get(mp.key)
         if prev is not None and prev.shape[0] == W.shape[1]:
             warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W))

@@ -356,16 +356,23 @@ class SpectralAlignment(Diagnostic):
             return {}, 0.0
         modules = self.modules_of(model)
         watched, self._watched = self._watched, None
-        tops = top_vectors(
-            maps,
-            modules,
-            self.state.setdefault("v1", {}),
-            power_iters=self.power_iters,
-            init_iters=self.init_iters,
-            init_tol=self.init_tol,
-            seed=self.seed,
-            groups=self._groups,
-        )
+        # Our own arithmetic runs in inference mode (a smaller per-operation cost than no_grad, which counts
+        # on a small model at every step). Nothing of the model runs in it: not the user's loss_fn (a tensor
+        # a model caches under inference mode could not be saved for a later training backward), nor the
+        # reading of its weights (FSDP gathers a parameter when it is read, which inference mode forbids).
+        weights = {mp.key: mp.weight(modules[mp.module_name]) for mp in maps}
+        with torch.inference_mode():
+            tops = top_vectors(
+                maps,
+                modules,
+                self.state.setdefault("v1", {}),
+                power_iters=self.power_iters,
+                init_iters=self.init_iters,
+                init_tol=self.init_tol,
+                seed=self.seed,
+                groups=self._groups,
+                weights=weights,
+            )
         fwd_seconds = 0.0
         if (
             watched is not None
@@ -393,8 +400,10 @@ class SpectralAlignment(Diagnostic):
         detail = probe % self.detail_every == 0
         # One [maps, tokens] matrix per token count, so each is one batched statistics pass.
         stats: dict[str, dict[str, Any]] = {}
-        for keys, matrix in cosine_matrices(projectors, by_module, self.chunk_tokens):
-            batched = batched_alignment_statistics(matrix, detail)
+        with torch.inference_mode():
+            matrices = cosine_matrices(projectors, by_module, self.chunk_tokens)
+            batched_all = [(keys, batched_alignment_statistics(matrix, detail)) for keys, matrix in matrices]
+        for keys, batched in batched_all:
             for i, key in enumerate(keys):
                 stats[key] = {k: v[i] for k, v in batched.items()}
                 stats[key]["sigma1"] = float(tops[key][0])

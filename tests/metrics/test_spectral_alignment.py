@@ -443,6 +443,50 @@ def test_in_monitor_with_isolation_check(tmp_path):
     assert run.meta["diagnostic_state"]["spectral_alignment"]  # v1 saved for resuming
 
 
+class _CachingNet(nn.Module):
+    """Creates a tensor in its first forward and keeps it (as rotary-embedding caches do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = torch.linspace(0.5, 1.5, 6)
+        return self.out(torch.tanh(self.fc(x) * self.cache))
+
+
+def test_model_code_never_runs_in_inference_mode_so_its_caches_train(tmp_path):
+    # Without an observed training forward the probe runs its own: a cache the model makes there must still
+    # be usable by the training backward afterwards (a tensor made in inference mode would raise).
+    from diagnostics.tracking import Monitor
+
+    model = _CachingNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+
+    def loss_fn(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    with Monitor(model, loss_fn, run=tmp_path / "r", diagnostics=["spectral_alignment"], optimizer=opt,
+                 strict=True, observe_training_forward=False) as mon:
+        for step in range(3):
+            batch = (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            model.cache = None  # made again by the next forward: the probe's own
+            mon.step(step, batch, torch.tensor(1.0))
+            assert mon.diagnostics[0].last_source == "extra_forward"
+            if step:  # (step 0's batch check runs the loss before the probe)
+                assert not model.cache.is_inference()
+                loss_fn(model, batch).backward()  # raises for an inference-mode cache
+            opt.step()
+        v1 = mon.state_dict()["spectral_alignment"]["v1"]  # made in inference mode, saved as any tensor
+    assert set(v1) == {"fc", "out"} and all(v["shape"] == [6] for v in v1.values())
+
+
 def test_watch_measures_on_the_training_forward_without_an_extra_forward(tmp_path):
     from diagnostics.store import open_run
     from diagnostics.tracking import Monitor
