@@ -183,9 +183,11 @@ def measure_overhead(
                     observe_training_forward=observe,
                 )
             setups[name] = (model, opt, mon, sa)
-        for _ in range(rounds):
+        for r in range(rounds):
             for name, (model, opt, mon, sa) in setups.items():
-                for step, batch in enumerate(batches):
+                # Steps keep counting across rounds: a repeated step index would be a rewrite, which the
+                # store handles by deleting the step's earlier rows first (a cost no training run pays).
+                for step, batch in enumerate(batches, start=r * len(batches)):
                     t0, c0 = time.perf_counter(), time.thread_time()
                     with sa.watch(model) if (watch and sa is not None) else contextlib.nullcontext():
                         loss = lm_loss(model, batch)
