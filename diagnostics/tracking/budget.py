@@ -153,6 +153,9 @@ class BudgetScheduler(CutRuns):
             self.followers[n] = lead
         self.scheduled: frozenset[str] = frozenset(names)
         self.leaders: list[str] = [n for n in names if n not in self.followers]
+        # leader -> its followers, for the per-step decisions (the mapping above is follower -> leader).
+        self._followers_of: dict[str, tuple[str, ...]] = {
+            n: tuple(f for f, lead in self.followers.items() if lead == n) for n in self.leaders}
         # A diagnostic built with another ``every`` than its class's runs at least that often.
         self.max_gap: dict[str, int] = {
             n: by_name[n].every for n in self.leaders if by_name[n].every != type(by_name[n]).default_every
@@ -351,15 +354,19 @@ class BudgetScheduler(CutRuns):
     def intervals(self) -> dict[str, float]:
         """The current gap ``I_d`` (steps) of each leading scheduled diagnostic; inf when the budget leaves it
         nothing or it has not been measured yet. Cost: O(number of scheduled diagnostics squared)."""
+        return dict(self._gaps())
+
+    def _gaps(self) -> dict[str, float]:
+        """:meth:`intervals` itself, not a copy (the decisions only read it)."""
         if self.step_seconds is None:
             return {n: math.inf for n in self.leaders}
         # due() and due_next() ask several times per step with the same measurements.
         key = (self.step_seconds, self.fixed_seconds, tuple(self.cost.items()))
         if self._intervals_memo is not None and self._intervals_memo[0] == key:
-            return dict(self._intervals_memo[1])
+            return self._intervals_memo[1]
         out = self._intervals()
         self._intervals_memo = (key, out)
-        return dict(out)
+        return out
 
     def _intervals(self) -> dict[str, float]:
         rate = max(0.0, self.budget * self.step_seconds - (self.fixed_seconds or 0.0))
@@ -416,10 +423,11 @@ class BudgetScheduler(CutRuns):
         c = self.cost.get(name)
         if c is None:
             return None
-        return c + sum(self.cost.get(f, 0.0) for f, lead in self.followers.items() if lead == name)
+        followers = self._followers_of.get(name)
+        return c + sum(self.cost.get(f, 0.0) for f in followers) if followers else c
 
     def _decide(self, step: int, thin: bool = False) -> list[str]:
-        gaps = self.intervals()
+        gaps = self._gaps()
         every_step: list[str] = []
         waiting: list[tuple[int, float, int, str]] = []  # (class, -overdue, position, name), smallest first
         first: set[str] = set()  # first runs among every_step
@@ -503,20 +511,20 @@ class BudgetScheduler(CutRuns):
             thin = _THINNED_TOKEN in names
             names = [n for n in names if n != _THINNED_TOKEN]
         self._promised = {}
-        chosen = set(names) | {f for f, lead in self.followers.items() if lead in names}
-        for kind in (self._exempt_now, self._admitted_now):
-            kind.update(f for f, lead in self.followers.items() if lead in kind)
+        chosen = set(names)
+        if self.followers:
+            chosen.update(f for n in names for f in self._followers_of.get(n, ()))
+            for kind in (self._exempt_now, self._admitted_now):
+                kind.update([f for n in kind for f in self._followers_of.get(n, ())])
         for n in chosen:
             self.last[n] = step
             self.runs[n] = self.runs.get(n, 0) + 1
         self._thin_promised = None
-        def runs(d: Diagnostic) -> bool:
-            if d.name in self.scheduled:
-                return d.name in chosen
-            return d.is_due(step) and (thin or d.name not in self.thinned)
-
-        out = [d for d in diagnostics if runs(d)]
-        self._prev_thin = thin and any(d.name in self.thinned for d in out)
+        scheduled, thinned = self.scheduled, self.thinned
+        out = [d for d in diagnostics
+               if (d.name in chosen if d.name in scheduled
+                   else d.is_due(step) and (thin or d.name not in thinned))]
+        self._prev_thin = thin and any(d.name in thinned for d in out)
         if self._prev_thin:
             self._thin_last = step
         return out
@@ -540,7 +548,7 @@ class BudgetScheduler(CutRuns):
             return False
         if not d.cheap_to_observe:  # its hooks' cost would pass for training time
             return False
-        if self.intervals()[d.name] != 1.0:
+        if self._gaps()[d.name] != 1.0:
             return False
         self._promised[d.name] = step + 1
         return True
@@ -555,7 +563,7 @@ class BudgetScheduler(CutRuns):
         if last is None or step + 1 <= last:
             return False
         gap = step + 1 - last
-        return (gap >= self.intervals()[n] or (self.runs.get(n, 0) < 2 and gap >= self.second_after)
+        return (gap >= self._gaps()[n] or (self.runs.get(n, 0) < 2 and gap >= self.second_after)
                 or gap >= self.max_gap.get(n, math.inf))
 
     # --- state ------------------------------------------------------------------------------------------
