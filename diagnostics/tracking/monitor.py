@@ -176,6 +176,11 @@ class Monitor:
         self._hook_seconds: dict[str, float] = {}  # the diagnostics' hook time taken at this call
         self.diagnostics: list[Diagnostic] = resolve_diagnostics(diagnostics)
         apply_every(self.diagnostics, every)
+        # Read at every call, listed once: whose hooks keep a clock, who may watch the training forward,
+        # and whose run may continue at a later call.
+        self._hook_clocks = [(d.name, c) for d in self.diagnostics if (c := getattr(d, "hook_clock", None)) is not None]
+        self._observers = [d for d in self.diagnostics if callable(getattr(d, "observe_training_forward", None))]
+        self._may_carry = [d for d in self.diagnostics if type(d).unfinished_run is not Diagnostic.unfinished_run]
         self.budget = _budget.resolve_budget(budget, diagnostics)
         self._budget: _budget.BudgetScheduler | None = None
         if self.budget is not None:
@@ -298,8 +303,7 @@ class Monitor:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
         self._stop_observing()
         # What the diagnostics' hooks spent inside the training step since the last call is theirs.
-        self._hook_seconds = {d.name: s for d in self.diagnostics
-                              if (clock := getattr(d, "hook_clock", None)) is not None and (s := clock.take())}
+        self._hook_seconds = {name: s for name, clock in self._hook_clocks if (s := clock.take())}
         if self._budget is not None and self._hook_seconds:
             self._budget.charge(sum(self._hook_seconds.values()))
         with _budget.timed_call(self._budget):
@@ -312,7 +316,7 @@ class Monitor:
             if self.observe_training_forward and (self.writes or self._distributed):
                 budget = self._budget
                 self._observing = observe_training_forward(
-                    self.model, self.diagnostics, step, budget.due_next if budget is not None else None,
+                    self.model, self._observers, step, budget.due_next if budget is not None else None,
                     budget.may_run_next if budget is not None else None)
 
     def microbatch(self) -> None:
@@ -356,7 +360,7 @@ class Monitor:
         carried: set[str] = set()
         if self._budget is not None:
             due = self._budget.due(step, self.diagnostics)
-            unfinished = [d.name for d in self.diagnostics if d.unfinished_run and d not in due]
+            unfinished = [d.name for d in self._may_carry if d.unfinished_run and d not in due]
             if unfinished:  # a run stopped by the per-call limit continues at every step until it ends
                 carried = set(self._budget.carry_on(unfinished))
                 due = [d for d in self.diagnostics if d in due or d.name in carried]
@@ -442,7 +446,7 @@ class Monitor:
         if self._commits is not None:
             records = pending.all_records()
             if self._budget is not None:
-                unfinished = [d.name for d in self.diagnostics if d.unfinished_run]
+                unfinished = [d.name for d in self._may_carry if d.unfinished_run]
                 records += self._budget.account(pending.statuses, unfinished)
             events = [e for _, e in pending.events]
             self._commits.write(pending.step, records, events, list(pending.statuses.values()), pending.source)
