@@ -153,9 +153,7 @@ class BudgetScheduler(CutRuns):
             self.followers[n] = lead
         self.scheduled: frozenset[str] = frozenset(names)
         self.leaders: list[str] = [n for n in names if n not in self.followers]
-        # leader -> its followers, for the per-step decisions (the mapping above is follower -> leader).
-        self._followers_of: dict[str, tuple[str, ...]] = {
-            n: tuple(f for f, lead in self.followers.items() if lead == n) for n in self.leaders}
+        self._followers_of = {n: tuple(f for f, lead in self.followers.items() if lead == n) for n in self.leaders}
         # A diagnostic built with another ``every`` than its class's runs at least that often.
         self.max_gap: dict[str, int] = {
             n: by_name[n].every for n in self.leaders if by_name[n].every != type(by_name[n]).default_every
@@ -356,8 +354,7 @@ class BudgetScheduler(CutRuns):
         nothing or it has not been measured yet. Cost: O(number of scheduled diagnostics squared)."""
         return dict(self._gaps())
 
-    def _gaps(self) -> dict[str, float]:
-        """:meth:`intervals` itself, not a copy (the decisions only read it)."""
+    def _gaps(self) -> dict[str, float]:  # not a copy: the decisions only read it
         if self.step_seconds is None:
             return {n: math.inf for n in self.leaders}
         # due() and due_next() ask several times per step with the same measurements.
@@ -423,8 +420,7 @@ class BudgetScheduler(CutRuns):
         c = self.cost.get(name)
         if c is None:
             return None
-        followers = self._followers_of.get(name)
-        return c + sum(self.cost.get(f, 0.0) for f in followers) if followers else c
+        return c + sum(self.cost.get(f, 0.0) for f in self._followers_of.get(name, ()))
 
     def _decide(self, step: int, thin: bool = False) -> list[str]:
         gaps = self._gaps()
@@ -511,19 +507,16 @@ class BudgetScheduler(CutRuns):
             thin = _THINNED_TOKEN in names
             names = [n for n in names if n != _THINNED_TOKEN]
         self._promised = {}
-        chosen = set(names)
-        if self.followers:
-            chosen.update(f for n in names for f in self._followers_of.get(n, ()))
-            for kind in (self._exempt_now, self._admitted_now):
-                kind.update([f for n in kind for f in self._followers_of.get(n, ())])
+        chosen = set(names) | {f for n in names for f in self._followers_of.get(n, ())}
+        for kind in (self._exempt_now, self._admitted_now):
+            kind.update([f for n in kind for f in self._followers_of.get(n, ())])
         for n in chosen:
             self.last[n] = step
             self.runs[n] = self.runs.get(n, 0) + 1
         self._thin_promised = None
-        scheduled, thinned = self.scheduled, self.thinned
-        out = [d for d in diagnostics
-               if (d.name in chosen if d.name in scheduled
-                   else d.is_due(step) and (thin or d.name not in thinned))]
+        sched, thinned = self.scheduled, self.thinned
+        out = [d for d in diagnostics if (d.name in chosen if d.name in sched else d.is_due(step) and (
+            thin or d.name not in thinned))]
         self._prev_thin = thin and any(d.name in thinned for d in out)
         if self._prev_thin:
             self._thin_last = step
