@@ -23,6 +23,7 @@ class CutRuns:
     sliced: frozenset[str]
     heavy: frozenset[str]
     followers: Mapping[str, str]
+    _followers_of: Mapping[str, tuple[str, ...]]
     runs: dict[str, int]
     _exempt_now: set[str]
     _admitted_now: set[str]
@@ -67,8 +68,7 @@ class CutRuns:
         """The readers (``after``) of ``leaders``, runs cut into calls that ended at a carried call: they
         run at this call too, to read what their leader shares at the step, booked as their leader is.
         Call after :meth:`carry_on`, in the same call."""
-        ended = set(leaders)
-        out = [f for f, lead in self.followers.items() if lead in ended]
+        out = [f for lead in dict.fromkeys(leaders) for f in self._followers_of.get(lead, ())]
         for f in out:
             lead = self.followers[f]
             (self._exempt_now if lead in self._exempt_now else self._admitted_now).add(f)
