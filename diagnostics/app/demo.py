@@ -18,7 +18,8 @@ loss-explosion benchmark, not by this pair: ``benchmarks/RESULTS.md, "Loss-explo
 
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
 the Hessian's top eigenvalues, the way one would analyse a finished training job. One HTML report
-compares the three runs. The printed summary says when the warning fired (or why it could not), when
+compares the three runs. The printed summary says when the warning fired (or why it could not, or how
+close its score came when it did not), when
 the loss exploded (``diagnostics.explosion.explosion_step``, the suite's definition: the first step
 of 10 consecutive steps whose loss exceeds twice its running minimum, or a non-finite loss; also stored
 as a ``loss_explosion`` event so that the report measures the lead against the same step) and the stable
@@ -331,12 +332,14 @@ def _first_warning(run_dir: Path) -> tuple[int | None, str | None, int]:
     return int(first["step"]), detail, int(len(warnings_))
 
 
-def _detector_note(run_dir: Path) -> str | None:
-    """Why no explosion warning could fire in ``run_dir``, or None when the detector was armed.
+def _detector_note(run_dir: Path, before: int | None = None) -> str | None:
+    """Why no explosion warning fired in ``run_dir``: the detector did not run, never armed, or (armed)
+    the highest score it reached against its threshold; None when there is nothing to say.
 
     The detector compares each layer with a baseline of its own first probes (``skip`` + ``warmup`` of
     them): a run with fewer spectral-alignment probes, or without the detector, cannot warn, and the
-    summary says so instead of a bare "no warning".
+    summary says so instead of a bare "no warning"; an armed one that stayed quiet says how close it came,
+    over the :data:`LEAD_WINDOW` steps up to step ``before`` when given (the explosion), else over the run.
     """
     from diagnostics.store import open_run
 
@@ -354,9 +357,35 @@ def _detector_note(run_dir: Path) -> str | None:
     if not settings:
         return "the explosion detector did not run"
     if not scores.empty:
-        return None
+        if before is not None:
+            scores = scores[(scores["step"] <= before) & (scores["step"] > before - LEAD_WINDOW)]
+            where = f"in the {LEAD_WINDOW} steps up to the explosion"
+        else:
+            where = None
+        return _peak_note(scores, settings.get("threshold"), where)
     seen = int(probes["step"].nunique()) if not probes.empty else 0
     return f"the detector never armed: its baseline needs {needed} probes of {metric}, the run had {seen}"
+
+
+#: Steps before an explosion over which the demo reports the detector's highest score: the horizon the
+#: loss-explosion benchmark scores warnings on.
+LEAD_WINDOW = 50
+
+
+def _peak_note(scores: Any, threshold: Any, where: str | None = None) -> str | None:
+    """"its score peaked at X at step S (``where``), below the threshold T" from stored ``explosion_score``
+    rows (the largest finite value, at its earliest step), or None when no score is finite."""
+    finite = scores[scores["value"].map(math.isfinite)]
+    if finite.empty:
+        return None
+    top = finite.loc[finite["value"].idxmax()]
+    note = f"its score peaked at {float(top['value']):.2f} at step {int(top['step'])}"
+    note += f" {where}" if where else ""
+    if isinstance(threshold, (int, float)) and math.isfinite(threshold):
+        # Above it without a warning only when the detector asks for several probes in a row (persistence).
+        side = "below" if float(top["value"]) <= threshold else "above, but not for long enough,"
+        note += f", {side} the threshold {float(threshold):g}"
+    return note
 
 
 #: A file the demo leaves in its output directory: only directories carrying it are ever cleaned.
@@ -483,7 +512,7 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         _record_explosion(runs["exploding"], boom, exploding_losses[boom])
     report = _report(out, runs, quick)
     warning_step, detail, _ = _first_warning(runs["exploding"])
-    note = _detector_note(runs["exploding"]) if warning_step is None else None
+    note = _detector_note(runs["exploding"], before=boom) if warning_step is None else None
     _, _, stable_warnings = _first_warning(runs["stable"])
     finite = [x for x in stable_losses if math.isfinite(x)]
     return DemoResult(

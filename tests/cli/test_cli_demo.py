@@ -105,3 +105,32 @@ def test_demo_pair_differs_in_the_ramp_and_the_stable_run_keeps_its_rate():
     # the stable run never ramps, in the quick version either
     assert [STABLE.lr_at(s) for s in range(STABLE.steps)] == pytest.approx([1e-3] * STABLE.steps)
     assert [_QUICK_STABLE.lr_at(s) for s in range(_QUICK_STABLE.steps)] == pytest.approx([1e-3] * _QUICK_STABLE.steps)
+
+
+def test_a_quiet_armed_detector_reports_how_close_its_score_came(tmp_path):
+    import pandas as pd
+
+    from diagnostics.app.demo import _peak_note
+
+    scores = pd.DataFrame({"step": [30, 31, 32, 33], "value": [1.5, float("nan"), 2.75, 2.75]})
+    assert _peak_note(scores, 3.13) == "its score peaked at 2.75 at step 32, below the threshold 3.13"
+    # above the threshold without a warning: the detector wanted more probes in a row
+    assert _peak_note(scores, 2.0).endswith("above, but not for long enough, the threshold 2")
+    assert _peak_note(scores, None) == "its score peaked at 2.75 at step 32"
+    assert _peak_note(scores[scores["step"] == 31], 3.13) is None
+
+
+def test_the_peak_before_an_explosion_is_taken_over_the_benchmark_horizon(tmp_path):
+    from diagnostics.app.demo import LEAD_WINDOW, _detector_note
+    from diagnostics.store import RunWriter
+    from diagnostics.store.records import Record
+
+    with RunWriter(tmp_path / "run") as w:
+        w.set_meta("diagnostics", {"explosion_detector": {"method": "signals", "threshold": 3.0,
+                                                           "features": [{"metric": "sa_sign_diversity"}]}})
+        for step, value in ((30, 2.9), (140, 1.0), (180, 2.5), (200, 1.2)):
+            w.write_step(step, [Record("explosion_score", value)])
+    assert _detector_note(tmp_path / "run") == "its score peaked at 2.90 at step 30, below the threshold 3"
+    assert LEAD_WINDOW == 50
+    assert _detector_note(tmp_path / "run", before=190) == (
+        "its score peaked at 2.50 at step 180 in the 50 steps up to the explosion, below the threshold 3")
