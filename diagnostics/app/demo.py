@@ -19,11 +19,10 @@ loss-explosion benchmark, not by this pair: ``benchmarks/RESULTS.md, "Loss-explo
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
 the Hessian's top eigenvalues, the way one would analyse a finished training job. One HTML report
 compares the three runs. The printed summary says when the warning fired (or why it could not, or how
-close its score came when it did not), when
-the loss exploded (``diagnostics.explosion.explosion_step``, the suite's definition: the first step
-of 10 consecutive steps whose loss exceeds twice its running minimum, or a non-finite loss; also stored
-as a ``loss_explosion`` event so that the report measures the lead against the same step) and the stable
-run's final loss.
+close its score came when it did not), when the loss exploded (``diagnostics.explosion.explosion_step``,
+the suite's definition: the first step of 10 consecutive steps whose loss exceeds twice its running
+minimum, or a non-finite loss; also stored as a ``loss_explosion`` event so that the report measures the
+lead against the same step) and the stable run's final loss.
 
 Cost: measured 38 s wall (41 CPU-seconds) on the 2-core machine at a load average of about 4; most of it
 the training steps, spectral alignment at every step and the first runs of the curvature probes. ``quick=True`` (smaller batches, a 20-step ramp, cheap diagnostics)
