@@ -27,7 +27,9 @@ most of the vector (DGKS test: Daniel et al. 1976; Giraud et al. 2005, "twice is
 reads the basis once; a step that orthogonalises reads it twice.
 
 A Ritz pair ``(theta, y = Q_M s)`` has the exact residual ``||A y - theta y|| = ||E s||`` (``beta_m |s_m|`` in
-the tridiagonal case); it is accepted when ``||E s|| <= tol |theta|`` (``criterion="residual"``, the default).
+the tridiagonal case) when the products are exact; since each product is rounded in the operator's dtype,
+the residual used and reported is ``max(||E s||, eps ||A||)`` (``||A||`` estimated by the largest ``||A x||``
+seen). A pair is accepted when that is ``<= tol |theta|`` (``criterion="residual"``, the default).
 With ``criterion="eigenvalue"`` the test is on the eigenvalue's error instead: for a symmetric matrix a Ritz
 value with residual ``r`` lies within ``min(r, r^2 / gap)`` of an eigenvalue, ``gap`` being the distance to
 the rest of the spectrum (Kato-Temple; Parlett, The Symmetric Eigenvalue Problem, ch. 11). The gap is
@@ -82,7 +84,8 @@ class EigenResult:
         eigenvectors: ``[P, k]`` (or ``[P, 2k]``) in the operator's dtype, or None when not requested;
             orthonormal to about ``tau m`` (``tau`` in the module docstring, m the basis size).
         residuals: float64, ``||A y_i - theta_i y_i||`` for each pair (exact in exact arithmetic; with a
-            float32 basis, to about ``1e-6 ||A||``).
+            float32 basis, to about ``1e-6 ||A||``), never below ``eps ||A||`` for the operator's dtype
+            (the rounding of one product, which the Lanczos estimate cannot see).
         converged: bool, ``residual_i <= tol * |theta_i|`` (or the eigenvalue error estimate, with
             ``criterion="eigenvalue"``).
         num_matvecs: products with single vectors (a ``[P, K]`` product counts ``K``).
@@ -183,7 +186,9 @@ def lanczos(
         tol: relative tolerance: of the residual, ``||A y - theta y|| <= tol |theta|`` (``criterion=
             "residual"``), or of the eigenvalue's estimated error, ``min(r, r^2 / gap) <= tol |theta|``
             (``criterion="eigenvalue"``, where ``gap`` is estimated from the other Ritz values). With a
-            float32 basis, tolerances below about ``1e-6`` may not be reachable.
+            float32 basis, tolerances below about ``1e-6`` may not be reachable; a residual is never taken
+            below ``eps ||A||`` of the operator's dtype, and once every wanted pair that has not met ``tol``
+            is there the run stops (``settings["stop"]`` begins with ``"precision limit"``).
         max_steps: basis size ``m`` in vectors; a thick restart compresses the basis to Ritz vectors when
             it is full. Default ``min(P, max(2 * nwanted + 20, 40))``, lowered to fit ``max_memory``.
         v0: warm start, ``[P]`` (start vector) or ``[P, K]`` (block start, e.g. the previous probe's top
@@ -207,7 +212,8 @@ def lanczos(
             on the GPU (each product then moves two P-vectors between devices); default the operator's.
 
     Returns:
-        EigenResult. On a budget stop ``converged`` is False for the pairs that did not meet ``tol``.
+        EigenResult. On a budget or precision-limit stop ``converged`` is False for the pairs that did not
+        meet ``tol``.
         ``settings`` records ``basis_vectors`` (``m``), ``basis_bytes`` (the basis buffer),
         ``basis_dtype``, ``basis_device``, ``memory_budget``, ``basis_size_from`` (what set ``m``),
         ``extra_passes`` (second and third Gram-Schmidt passes) and ``skipped_passes`` (steps whose new
@@ -341,9 +347,10 @@ def _lanczos_steps(
     m = num_matvecs = restarts = extra_passes = skipped_passes = 0
     H, S, E = torch.zeros(0, 0, dtype=f64), torch.zeros(0, 0, dtype=f64), torch.zeros(1, 0, dtype=f64)
     theta, res_all = torch.zeros(0, dtype=f64), torch.zeros(0, dtype=f64)
-    conv_all = torch.zeros(0, dtype=torch.bool)
+    conv_all = at_floor = torch.zeros(0, dtype=torch.bool)
     hard_cap = max_matvecs if max_matvecs is not None else max(50 * cap, 20 * P if P < 1000 else 0, 2000)
     scale = 0.0  # running estimate of ||A|| for breakdown tests
+    op_eps = torch.finfo(A.dtype).eps if A.dtype.is_floating_point else eps  # the products' rounding unit
     stop = "converged"
     # Single-vector Krylov spaces find the second copy of a (nearly) repeated eigenvalue only after the
     # first has converged, so a loose tol could accept a wrong k-th value: never stop before k+4 steps
@@ -417,6 +424,11 @@ def _lanczos_steps(
             if bool(conv_all[idx].all()) and sentinels:
                 stop = "converged"
                 break
+            if bool((conv_all | at_floor)[idx].all()) and sentinels:
+                # The pairs short of tol are as accurate as the products allow: more steps cannot help.
+                stop = (f"precision limit: residuals at eps ||A|| = {op_eps * scale:.2g} of the {A.dtype} products "
+                        f"exceed tol |theta|; raise tol or use float64 products")
+                break
         if F.shape[0] == 0:
             # The Krylov space became invariant. Its Ritz values are exact, but eigenvalues outside it
             # (e.g. further copies of a repeated eigenvalue) are invisible to it: continue from a fresh
@@ -445,7 +457,7 @@ def _lanczos_steps(
             H = torch.diag(theta[keep])
             E = E @ Sk
             theta, S = theta[keep], torch.eye(keep_n, dtype=f64)
-            res_all, conv_all = res_all[keep], conv_all[keep]
+            res_all, conv_all, at_floor = res_all[keep], conv_all[keep], at_floor[keep]
             new_weight[:keep_n] = (Sk.square() * new_weight[: Sk.shape[0], None]).sum(0)
             restarts += 1
         # A pause before the product (LanczosRun.advance stops here; lanczos() never does).
@@ -548,6 +560,10 @@ def _lanczos_steps(
         # Rayleigh-Ritz on the multiplied basis and exact residual norms ||E s_i||.
         theta, S = torch.linalg.eigh(H)
         res_all = (E @ S).norm(dim=0) if E.shape[0] else torch.zeros(m, dtype=f64)
+        # ||E s|| is the residual of exact products; the operator's own rounding (about eps ||A|| per
+        # product) is invisible to it, so no pair is reported, or accepted, as more accurate than that.
+        at_floor = res_all <= op_eps * scale
+        res_all = res_all.clamp_min(op_eps * scale)
         floor = 1e-10 * float(theta.abs().max()) if m else 0.0
         bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all)
         conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)

@@ -220,3 +220,27 @@ def test_semi_orthogonal_steps_skip_the_subtraction_without_ghosts_or_lost_accur
         assert float((res.eigenvalues[3:] - 30.0).abs().min()) > 1.0
         Y = res.eigenvectors.to(torch.float64)
         assert float((Y.T @ Y - torch.eye(6, dtype=torch.float64)).abs().max()) < orth
+
+
+def test_float32_residuals_are_never_reported_below_the_rounding_of_a_product():
+    # The Krylov estimate ||E s|| of a well-converged pair falls far below what float32 products can
+    # resolve; the reported residual must not, and must stay an honest bound on the true one.
+    A = with_spectrum([50.0, 40.0, 30.0] + list(np.linspace(-1, 1, 197)), seed=5)
+    res = lanczos(A.to(torch.float32), k=3, tol=1e-5, max_steps=60, return_eigenvectors=True)
+    eps = torch.finfo(torch.float32).eps
+    assert res.all_converged
+    assert bool((res.residuals >= 10 * eps).all()), res.residuals
+    Y = res.eigenvectors.to(torch.float64)
+    true = (A @ Y - Y * res.eigenvalues).norm(dim=0)
+    assert bool((true <= 10 * res.residuals).all()), (true, res.residuals)
+
+
+def test_a_tolerance_below_float32_precision_stops_at_the_precision_limit_not_the_iteration_cap():
+    A = with_spectrum([50.0, 40.0, 30.0] + list(np.linspace(-1, 1, 197)), seed=5)
+    res = lanczos(A.to(torch.float32), k=2, tol=1e-10, max_steps=60)
+    assert res.settings["stop"].startswith("precision limit")
+    assert "raise tol or use float64" in res.settings["stop"]
+    assert not res.all_converged and res.num_matvecs < 60
+    np.testing.assert_allclose(res.eigenvalues, _reference(A, 2, "LA"), rtol=1e-5)
+    # the same operator in float64 reaches the tolerance
+    assert lanczos(A, k=2, tol=1e-10, max_steps=60).all_converged

@@ -54,7 +54,7 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _diagnostics() -> list:
     return ["loss", "grad_norm", "weight_norm", "update_ratio", get_diagnostic("gsnr", every=1),
             get_diagnostic("activation_rank", every=1), "spectral_alignment",
-            get_diagnostic("hessian_top", every=2, k=2, tol=1e-8, max_matvecs=None)]
+            get_diagnostic("hessian_top", every=2, k=2, tol=1e-6, max_matvecs=None)]
 
 
 #: Metrics that are the same function of the same weights and batch however the step was computed
