@@ -408,6 +408,7 @@ def top_vectors(
     seed: int,
     groups: dict[tuple[Any, ...], Any] | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,
+    refine: bool = False,
 ) -> dict[str, tuple[float, torch.Tensor | None]]:
     """sigma_1 and v_1 per map key: a cold start by :func:`top_singular_vector`, then warm steps.
 
@@ -418,7 +419,9 @@ def top_vectors(
     none. ``groups``: a dict the caller keeps from step to step (empty at first); the v_1 of a group then
     stay stacked between steps instead of being stacked again. ``weights``: each map's weight by key, read
     by the caller (e.g. outside inference mode, where a wrapper such as FSDP gathers its parameters);
-    read from ``modules`` when None.
+    read from ``modules`` when None. ``refine``: every map runs the iteration to convergence (``init_tol``,
+    at most ``init_iters``), warm-started from its saved v_1 where it has one (keeping its sign): for a
+    probe far from the previous one, whose v_1 a few steps would not bring up to date.
 
     Returns:
         ``{key: (sigma_1, v_1 on the weight's device or None)}``. Cost: per shape group ``2 * power_iters``
@@ -431,16 +434,18 @@ def top_vectors(
     for mp in maps:
         W = mp.weight(modules[mp.module_name]) if weights is None else weights[mp.key]
         prev = saved.get(mp.key)
-        if prev is not None and prev.shape[0] == W.shape[1]:
+        if prev is not None and prev.shape[0] != W.shape[1]:
+            prev = None
+        if prev is not None and not refine:
             warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W))
             continue
         try:
-            sigma, _, v, _ = top_singular_vector(W, iters=init_iters, tol=init_tol, seed=seed)
+            sigma, _, v, _ = top_singular_vector(W, v0=prev, iters=init_iters, tol=init_tol, seed=seed)
         except DataError:  # a zero weight has no top singular vector (e.g. a zero-initialised layer)
-            out[mp.key] = (0.0, None)
+            out[mp.key] = (0.0, prev)
             continue
-        if not math.isfinite(sigma):
-            out[mp.key] = (float("nan"), None)
+        if not math.isfinite(sigma):  # a weight that blew up keeps its last good v_1
+            out[mp.key] = (float("nan"), prev)
             continue
         v = v.detach()
         saved[mp.key] = v.to(torch.promote_types(v.dtype, torch.float32))

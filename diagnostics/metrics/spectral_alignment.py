@@ -115,6 +115,10 @@ class SpectralAlignment(Diagnostic):
             projection).
         power_iters: power iterations per probe, warm-started from the previous v_1 (1 by default).
         init_iters: iterations for a map's first probe (cold start), with tolerance ``init_tol``.
+        refine_gap: a probe more than this many steps after the previous one (checkpoints analysed by
+            ``tdiag analyze``, a sparse schedule) runs the iteration to convergence from the previous v_1,
+            as a first probe does, instead of ``power_iters`` steps: over many training steps v_1 moves
+            further than a warm step follows (default 20).
         seed: seed of the private generator for the subsample (each step uses seed + step).
         detail_every: write the distribution detail (``sa_quantile``, ``sa_histogram``: 25 of the 30
             rows per map) on every ``detail_every``-th probe only, counting from the run's first probe
@@ -122,11 +126,13 @@ class SpectralAlignment(Diagnostic):
             on every probe; the detector reads only those.
 
     State (saved with the run): v_1 per map key (``state["v1"]``, so a resumed run keeps its signs), the
-    probe counter (the detail cadence) and the count of watched forwards.
+    step of the last probe (``refine_gap``), the probe counter (the detail cadence) and the count of
+    watched forwards.
 
     Cost per step: one no-grad forward over about ``max_tokens`` tokens (none when the Monitor observed
     the training forward: the projections then run in its hooks), ``2 * power_iters`` products
-    with each weight, O(max_tokens * in) per map for the projections (kept rows: ``max_tokens * in``
+    with each weight (a first probe, or one more than ``refine_gap`` steps after the previous, up to
+    ``2 * init_iters`` per weight, in float64, until converged), O(max_tokens * in) per map for the projections (kept rows: ``max_tokens * in``
     values per map until the step's probe), one batched pass for the
     statistics (plus one sort on detail probes); 5 values per map (5 VectorRecords over the maps), 30 on
     detail probes.
@@ -165,6 +171,7 @@ class SpectralAlignment(Diagnostic):
         init_tol: float = 1e-7,
         seed: int = 0,
         detail_every: int = 10,
+        refine_gap: int = 20,
     ) -> None:
         super().__init__(every, start)
         if int(max_tokens) < 1 or int(chunk_tokens) < 1:
@@ -175,6 +182,9 @@ class SpectralAlignment(Diagnostic):
             raise ConfigError(
                 f"spectral_alignment: power_iters and init_iters must be >= 1, got {power_iters}, {init_iters}"
             )
+        if isinstance(refine_gap, bool) or not isinstance(refine_gap, int) or refine_gap < 1:
+            raise ConfigError(f"spectral_alignment: refine_gap must be an integer >= 1, got {refine_gap!r}")
+        self.refine_gap = refine_gap
         if fused_qkv not in ("whole", "split"):
             raise ConfigError(f"spectral_alignment: fused_qkv must be 'whole' or 'split', got {fused_qkv!r}")
         if isinstance(detail_every, bool) or not isinstance(detail_every, int) or detail_every < 1:
@@ -225,6 +235,7 @@ class SpectralAlignment(Diagnostic):
             "chunk_tokens": self.chunk_tokens,
             "power_iters": self.power_iters,
             "init_iters": self.init_iters,
+            "refine_gap": self.refine_gap,
             "seed": self.seed,
             "detail_every": self.detail_every,
             "mode": "eval",
@@ -361,6 +372,9 @@ class SpectralAlignment(Diagnostic):
         # a model caches under inference mode could not be saved for a later training backward), nor the
         # reading of its weights (FSDP gathers a parameter when it is read, which inference mode forbids).
         weights = {mp.key: mp.weight(modules[mp.module_name]) for mp in maps}
+        last = self.state.get("last_step")
+        refine = last is not None and int(ctx.step) - int(last) > self.refine_gap
+        self.state["last_step"] = int(ctx.step)
         with torch.inference_mode():
             tops = top_vectors(
                 maps,
@@ -372,10 +386,12 @@ class SpectralAlignment(Diagnostic):
                 seed=self.seed,
                 groups=self._groups,
                 weights=weights,
+                refine=refine,
             )
         fwd_seconds = 0.0
         if (
             watched is not None
+            and not refine  # its rows were projected on a v_1 from before the gap
             and watched[0]() is model
             and any(p.count > 0 for p in watched[2].values())  # a forward was actually observed
         ):

@@ -147,6 +147,39 @@ def test_power_iteration_tracks_v1_and_sign_across_slow_weight_changes():
         assert _stats(out)["sa_sigma1"]["0"][0] == pytest.approx(float(s[0]), rel=1e-3)
 
 
+
+def _with_spectrum(lin, sv, g):
+    u, _, vh = torch.linalg.svd(torch.randn(*lin.weight.shape, generator=g, dtype=torch.float64),
+                                full_matrices=False)
+    with torch.no_grad():
+        lin.weight.copy_(u @ torch.diag(torch.tensor(sv, dtype=torch.float64)) @ vh)
+    return vh[0]
+
+
+@pytest.mark.parametrize("gap", [1, 100])
+def test_a_probe_far_from_the_previous_one_converges_v1_again(gap):
+    # Checkpoints analysed far apart: the weight has turned (close top singular values, a new basis), and one
+    # warm power step from the old v_1 is far from the new one. Past refine_gap steps the probe converges.
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(8, 12).double()
+    model = nn.Sequential(lin)
+    batch = (torch.randn(30, 8, generator=g, dtype=torch.float64),)
+    d = SpectralAlignment(refine_gap=20)
+    _with_spectrum(lin, [3.0, 2.7, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1], g)
+    d.compute(_ctx(model, batch, 0))
+    v1 = _with_spectrum(lin, [3.0, 2.7, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1], g)
+    out = d.compute(_ctx(model, batch, gap))
+    sigma = _stats(out)["sa_sigma1"]["0"][0]
+    cos = abs(float(torch.dot(d.state["v1"]["0"].double(), v1)))
+    if gap > d.refine_gap:
+        assert sigma == pytest.approx(3.0, rel=1e-6)
+        assert cos > 1 - 1e-5
+    else:  # one warm step: a lower bound of sigma_1 and a v_1 still far from the new one
+        assert sigma < 3.0 * (1 - 1e-3)
+        assert cos < 0.99
+    assert d.state["last_step"] == gap
+
+
 def test_sign_diversity_invariant_to_global_sign_of_v1():
     model = _tiny_gpt()
     g = torch.Generator().manual_seed(4)
@@ -573,6 +606,9 @@ def test_detail_every_thins_only_the_distribution_detail(tmp_path):
 def test_detail_every_option_and_statistics_without_detail():
     with pytest.raises(ConfigError, match="detail_every"):
         SpectralAlignment(detail_every=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="refine_gap"):
+            SpectralAlignment(refine_gap=bad)
     cos = torch.rand(3, 50) * 2 - 1
     full, lean = batched_alignment_statistics(cos), batched_alignment_statistics(cos, detail=False)
     assert "histogram" not in lean and "quantiles" not in lean
