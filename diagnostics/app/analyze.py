@@ -326,6 +326,9 @@ def _resolve_diagnostics(spec: Any) -> list[Any]:
     for d in diags:
         # Every checkpoint is due: schedules are meant for training steps, not for saved snapshots.
         d.every, d.start = 1, 0
+        if hasattr(d, "refine_gap"):
+            # A checkpoint is no warm continuation of the previous one (spectral alignment's v_1): converge.
+            d.refine_gap = 0
     return diags
 
 

@@ -118,7 +118,8 @@ class SpectralAlignment(Diagnostic):
         refine_gap: a probe more than this many steps after the previous one (checkpoints analysed by
             ``tdiag analyze``, a sparse schedule) runs the iteration to convergence from the previous v_1,
             as a first probe does, instead of ``power_iters`` steps: over many training steps v_1 moves
-            further than a warm step follows (default 20).
+            further than a warm step follows (default 20; 0: every probe converges, as ``tdiag analyze``
+            sets it for checkpoints).
         seed: seed of the private generator for the subsample (each step uses seed + step).
         detail_every: write the distribution detail (``sa_quantile``, ``sa_histogram``: 25 of the 30
             rows per map) on every ``detail_every``-th probe only, counting from the run's first probe
@@ -130,12 +131,12 @@ class SpectralAlignment(Diagnostic):
     watched forwards.
 
     Cost per step: one no-grad forward over about ``max_tokens`` tokens (none when the Monitor observed
-    the training forward: the projections then run in its hooks), ``2 * power_iters`` products
-    with each weight (a first probe, or one more than ``refine_gap`` steps after the previous, up to
-    ``2 * init_iters`` per weight, in float64, until converged), O(max_tokens * in) per map for the projections (kept rows: ``max_tokens * in``
-    values per map until the step's probe), one batched pass for the
-    statistics (plus one sort on detail probes); 5 values per map (5 VectorRecords over the maps), 30 on
-    detail probes.
+    the training forward: the projections then run in its hooks), ``2 * power_iters`` products with each
+    weight (a first probe, or one more than ``refine_gap`` steps after the previous, up to
+    ``2 * init_iters`` per weight, in float64, until converged), O(max_tokens * in) per map for the
+    projections (kept rows: ``max_tokens * in`` values per map until the step's probe), one batched pass
+    for the statistics (plus one sort on detail probes); 5 values per map (5 VectorRecords over the
+    maps), 30 on detail probes.
     """
 
     name = "spectral_alignment"
@@ -182,8 +183,8 @@ class SpectralAlignment(Diagnostic):
             raise ConfigError(
                 f"spectral_alignment: power_iters and init_iters must be >= 1, got {power_iters}, {init_iters}"
             )
-        if isinstance(refine_gap, bool) or not isinstance(refine_gap, int) or refine_gap < 1:
-            raise ConfigError(f"spectral_alignment: refine_gap must be an integer >= 1, got {refine_gap!r}")
+        if isinstance(refine_gap, bool) or not isinstance(refine_gap, int) or refine_gap < 0:
+            raise ConfigError(f"spectral_alignment: refine_gap must be an integer >= 0, got {refine_gap!r}")
         self.refine_gap = refine_gap
         if fused_qkv not in ("whole", "split"):
             raise ConfigError(f"spectral_alignment: fused_qkv must be 'whole' or 'split', got {fused_qkv!r}")

@@ -143,3 +143,27 @@ def test_in_memory_model_data_and_loss(tmp_path):
     )
     assert result.analyzed == [10, 20] and calls
     assert open_run(tmp_path / "run").series("loss")["step"].tolist() == [10, 20]
+
+
+def test_spectral_alignment_converges_v1_at_every_checkpoint(tmp_path):
+    # Checkpoints are not warm continuations of each other: whatever their step gap, sigma_1 is the weight's.
+    from diagnostics.zoo import get_model
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    model = get_model("mlp-digits")
+    for step in (2, 4, 6):  # unrelated weights two steps apart: one warm power step would not follow them
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        torch.save({"model": model.state_dict(), "step": step}, folder / f"ckpt_{step:04d}.pt")
+    analyze_checkpoints(folder, model="mlp-digits", diagnostics="spectral_alignment", batches=1, batch_size=16,
+                        run=tmp_path / "run")
+    stored = open_run(tmp_path / "run").series("sa_sigma1")
+    assert sorted(set(stored.step)) == [2, 4, 6]
+    for step in (2, 4, 6):
+        weights = torch.load(folder / f"ckpt_{step:04d}.pt", weights_only=True)["model"]
+        for key, value in zip(stored[stored.step == step].key, stored[stored.step == step].value, strict=True):
+            exact = float(torch.linalg.svdvals(weights[f"{key}.weight"].double())[0])
+            assert value == pytest.approx(exact, rel=1e-5), (step, key)

@@ -606,7 +606,7 @@ def test_detail_every_thins_only_the_distribution_detail(tmp_path):
 def test_detail_every_option_and_statistics_without_detail():
     with pytest.raises(ConfigError, match="detail_every"):
         SpectralAlignment(detail_every=0)
-    for bad in (0, 2.5, True):
+    for bad in (-1, 2.5, True):
         with pytest.raises(ConfigError, match="refine_gap"):
             SpectralAlignment(refine_gap=bad)
     cos = torch.rand(3, 50) * 2 - 1
