@@ -35,7 +35,7 @@ value with residual ``r`` lies within ``min(r, r^2 / gap)`` of an eigenvalue, ``
 the rest of the spectrum (Kato-Temple; Parlett, The Symmetric Eigenvalue Problem, ch. 11). The gap is
 estimated from the other Ritz values, each moved towards ``theta`` by its own residual, so a value can be
 accepted to relative accuracy ``tol`` once ``r`` is about ``sqrt(tol |theta| gap)``: far fewer products for
-well-separated outliers.
+well-separated outliers. That estimate has the same floor ``eps ||A||`` as the residual.
 """
 
 from __future__ import annotations
@@ -565,7 +565,9 @@ def _lanczos_steps(
         at_floor = res_all <= op_eps * scale
         res_all = res_all.clamp_min(op_eps * scale)
         floor = 1e-10 * float(theta.abs().max()) if m else 0.0
-        bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all)
+        # An eigenvalue is not known more precisely than its products either: the same floor.
+        bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all).clamp_min(
+            op_eps * scale)
         conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)
 
     return collect(return_eigenvectors, stop)

@@ -235,12 +235,13 @@ def test_float32_residuals_are_never_reported_below_the_rounding_of_a_product():
     assert bool((true <= 10 * res.residuals).all()), (true, res.residuals)
 
 
-def test_a_tolerance_below_float32_precision_stops_at_the_precision_limit_not_the_iteration_cap():
+@pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])
+def test_a_tolerance_below_float32_precision_stops_at_the_precision_limit_not_the_iteration_cap(criterion):
     A = with_spectrum([50.0, 40.0, 30.0] + list(np.linspace(-1, 1, 197)), seed=5)
-    res = lanczos(A.to(torch.float32), k=2, tol=1e-10, max_steps=60)
+    res = lanczos(A.to(torch.float32), k=2, tol=1e-10, max_steps=60, criterion=criterion)
     assert res.settings["stop"].startswith("precision limit")
     assert "raise tol or use float64" in res.settings["stop"]
     assert not res.all_converged and res.num_matvecs < 60
     np.testing.assert_allclose(res.eigenvalues, _reference(A, 2, "LA"), rtol=1e-5)
     # the same operator in float64 reaches the tolerance
-    assert lanczos(A, k=2, tol=1e-10, max_steps=60).all_converged
+    assert lanczos(A, k=2, tol=1e-10, max_steps=60, criterion=criterion).all_converged
