@@ -29,7 +29,8 @@ reads the basis once; a step that orthogonalises reads it twice.
 A Ritz pair ``(theta, y = Q_M s)`` has the exact residual ``||A y - theta y|| = ||E s||`` (``beta_m |s_m|`` in
 the tridiagonal case) when the products are exact; since each product is rounded in the operator's dtype,
 the residual used and reported is ``max(||E s||, eps ||A||)`` (``||A||`` estimated by the largest ``||A x||``
-seen). A pair is accepted when that is ``<= tol |theta|`` (``criterion="residual"``, the default).
+seen or ``|theta|`` found). A pair is accepted when that is ``<= tol |theta|`` (``criterion="residual"``,
+the default).
 With ``criterion="eigenvalue"`` the test is on the eigenvalue's error instead: for a symmetric matrix a Ritz
 value with residual ``r`` lies within ``min(r, r^2 / gap)`` of an eigenvalue, ``gap`` being the distance to
 the rest of the spectrum (Kato-Temple; Parlett, The Symmetric Eigenvalue Problem, ch. 11). The gap is
@@ -349,7 +350,7 @@ def _lanczos_steps(
     theta, res_all = torch.zeros(0, dtype=f64), torch.zeros(0, dtype=f64)
     conv_all = at_floor = torch.zeros(0, dtype=torch.bool)
     hard_cap = max_matvecs if max_matvecs is not None else max(50 * cap, 20 * P if P < 1000 else 0, 2000)
-    scale = 0.0  # running estimate of ||A|| for breakdown tests
+    scale = norm_a = 0.0  # running estimates of ||A||: for breakdown tests; for the precision floor
     op_eps = torch.finfo(A.dtype).eps if A.dtype.is_floating_point else eps  # the products' rounding unit
     stop = "converged"
     # Single-vector Krylov spaces find the second copy of a (nearly) repeated eigenvalue only after the
@@ -426,7 +427,7 @@ def _lanczos_steps(
                 break
             if bool((conv_all | at_floor)[idx].all()) and sentinels:
                 # The pairs short of tol are as accurate as the products allow: more steps cannot help.
-                stop = (f"precision limit: residuals at eps ||A|| = {op_eps * scale:.2g} of the {A.dtype} products "
+                stop = (f"precision limit: residuals at eps ||A|| = {op_eps * norm_a:.2g} of the {A.dtype} products "
                         f"exceed tol |theta|; raise tol or use float64 products")
                 break
         if F.shape[0] == 0:
@@ -562,12 +563,14 @@ def _lanczos_steps(
         res_all = (E @ S).norm(dim=0) if E.shape[0] else torch.zeros(m, dtype=f64)
         # ||E s|| is the residual of exact products; the operator's own rounding (about eps ||A|| per
         # product) is invisible to it, so no pair is reported, or accepted, as more accurate than that.
-        at_floor = res_all <= op_eps * scale
-        res_all = res_all.clamp_min(op_eps * scale)
+        # ||A|| is at least the largest ||A x|| seen and the largest |theta|.
+        norm_a = max(scale, float(theta.abs().max())) if m else scale
+        at_floor = res_all <= op_eps * norm_a
+        res_all = res_all.clamp_min(op_eps * norm_a)
         floor = 1e-10 * float(theta.abs().max()) if m else 0.0
         # An eigenvalue is not known more precisely than its products either: the same floor.
         bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all).clamp_min(
-            op_eps * scale)
+            op_eps * norm_a)
         conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)
 
     return collect(return_eigenvectors, stop)
