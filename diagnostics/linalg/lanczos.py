@@ -563,14 +563,15 @@ def _lanczos_steps(
         res_all = (E @ S).norm(dim=0) if E.shape[0] else torch.zeros(m, dtype=f64)
         # ||E s|| is the residual of exact products; the operator's own rounding (about eps ||A|| per
         # product) is invisible to it, so no pair is reported, or accepted, as more accurate than that.
-        # ||A|| is at least the largest ||A x|| seen and the largest |theta|.
-        norm_a = max(scale, float(theta.abs().max())) if m else scale
-        at_floor = res_all <= op_eps * norm_a
-        res_all = res_all.clamp_min(op_eps * norm_a)
-        floor = 1e-10 * float(theta.abs().max()) if m else 0.0
+        # ||A|| is at least the largest ||A x|| seen and the largest |theta| (m >= 1 here).
+        theta_max = float(theta.abs().max())
+        norm_a = max(scale, theta_max)
+        precision = op_eps * norm_a
+        at_floor = res_all <= precision
+        res_all = res_all.clamp_min(precision)
+        floor = 1e-10 * theta_max
         # An eigenvalue is not known more precisely than its products either: the same floor.
-        bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all).clamp_min(
-            op_eps * norm_a)
+        bound = res_all if criterion == "residual" else eigenvalue_error_bound(theta, res_all).clamp_min(precision)
         conv_all = bound <= tol * torch.clamp(theta.abs(), min=floor)
 
     return collect(return_eigenvectors, stop)
