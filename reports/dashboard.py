@@ -63,6 +63,12 @@ def _eos_text(run: RunView) -> str:
         # the run stays at: the latest ratio says which.
         more = f" ({len(ups)} crossings)" if len(ups) > 1 else ""
         return f"crossed at step {ups[0].step}{more}{_latest_ratio(run)}"
+    if "sharpness" in (run.meta.get("diagnostics") or {}):
+        # The diagnostic announces each crossing it counts, and leaves out Adam's first steps, whose
+        # preconditioner is still settling (a ratio far above 1 there is no edge of stability): no event
+        # means none, whatever those first ratios were.
+        latest = _latest_ratio(run)
+        return f"not reached{latest}" if latest else "not measured"
     for metric in ("sharpness_ratio", "adam_sharpness_ratio"):
         c = run.curve(metric)
         if c is None:

@@ -3,8 +3,8 @@
 It trains the zoo's tiny character-level GPT twice on the stdlib ``pydoc_data.topics`` text with AdamW,
 both runs monitored in the loop by the whole standard preset under the Monitor's 5% overhead budget
 (curvature probes included: each runs early, then as often as the budget allows), spectral alignment,
-the explosion detector (when it is registered), the loss and the norms at every step and Adam state every
-10 steps:
+the explosion detector (when it is registered), the loss and the norms at every step and Adam state and
+sharpness every 10 steps:
 
 - **stable**: learning rate 1e-3 throughout, the setting the model trains well at: no ramp, no collapse;
 - **exploding**: the same, with the learning rate ramped geometrically from step 100 to 1.0 over 100
@@ -22,10 +22,12 @@ compares the three runs. The printed summary says when the warning fired (or why
 close its score came when it did not), when the loss exploded (``diagnostics.explosion.explosion_step``,
 the suite's definition: the first step of 10 consecutive steps whose loss exceeds twice its running
 minimum, or a non-finite loss; also stored as a ``loss_explosion`` event so that the report measures the
-lead against the same step) and the stable run's final loss.
+lead against the same step), the stable run's final loss, and when sharpness reached the optimizer's
+stability threshold in each run (:func:`~diagnostics.app.demo_summary.edge_note`).
 
-Cost: measured 38 s wall (41 CPU-seconds) on the 2-core machine at a load average of about 4; most of it
-the training steps, spectral alignment at every step and the first runs of the curvature probes. ``quick=True`` (smaller batches, a 20-step ramp, cheap diagnostics)
+Cost: measured 55 s wall on the 2-core machine with nothing else running (33 s before sharpness ran
+every 10 steps); most of it the sharpness probes (about 0.6 to 1.2 s each), the training steps and
+spectral alignment at every step. ``quick=True`` (smaller batches, a 20-step ramp, cheap diagnostics)
 took 7 to 13 s wall, for tests; its runs are too short for the detector's baseline, and the summary says
 so.
 """
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from diagnostics.app.demo_summary import detector_note, edge_note, first_warning
 from diagnostics.explosion import explosion_step
 
 __all__ = ["DemoRun", "DemoResult", "STABLE", "EXPLODING", "run_demo", "explosion_step"]
@@ -121,6 +124,8 @@ class DemoResult:
             absent or never armed), else None.
         explosion_step: first step of the exploding run's loss explosion (None if it did not explode).
         stable_final_loss: the stable run's last loss; ``stable_warnings``: warnings in the stable run.
+        edge_note, stable_edge_note: when sharpness reached the optimizer's stability threshold in the
+            exploding / stable run, or that it stayed below (None when not measured).
         seconds: wall time.
     """
 
@@ -135,6 +140,8 @@ class DemoResult:
     stable_steps: int = 0
     stable_warnings: int = 0
     stable_note: str | None = None
+    edge_note: str | None = None
+    stable_edge_note: str | None = None
     seconds: float = 0.0
 
     def summary_lines(self) -> list[str]:
@@ -165,6 +172,10 @@ class DemoResult:
         if not self.stable_warnings and self.stable_note:
             warned += f" ({self.stable_note})"
         lines.append(f"stable run: final loss {final} after {self.stable_steps} steps, {warned}")
+        if self.edge_note or self.stable_edge_note:
+            parts = [f"{name} run {note}" for name, note in (("exploding", self.edge_note),
+                                                             ("stable", self.stable_edge_note)) if note]
+            lines.append("sharpness vs stability threshold: " + "; ".join(parts))
         return lines
 
 
@@ -312,81 +323,6 @@ def _record_explosion(run_dir: Path, step: int, loss: float) -> None:
         )
 
 
-def _first_warning(run_dir: Path) -> tuple[int | None, str | None, int]:
-    """(step, short description) of the first explosion warning, and the number of warnings."""
-    from diagnostics.store import open_run
-
-    with open_run(run_dir) as run:
-        events = run.events()
-    if events.empty:
-        return None, None, 0
-    warnings_ = events[events["kind"] == "explosion_warning"].sort_values("step")
-    if warnings_.empty:
-        return None, None, 0
-    first = warnings_.iloc[0]
-    where = (
-        f"layer {first['key']}" if isinstance(first["key"], str) and first["key"] not in ("", "all") else None
-    )
-    detail = where or " ".join(str(first["message"]).split())[:80]
-    return int(first["step"]), detail, int(len(warnings_))
-
-
-def _detector_note(run_dir: Path, before: int | None = None) -> str | None:
-    """Why no explosion warning fired in ``run_dir``: the detector did not run, never armed, or (armed)
-    the highest score it reached against its threshold; None when there is nothing to say.
-
-    The detector compares each layer with a baseline of its own first probes (``skip`` + ``warmup`` of
-    them): a run with fewer spectral-alignment probes, or without the detector, cannot warn, and the
-    summary says so instead of a bare "no warning"; an armed one that stayed quiet says how close it came,
-    over the :data:`LEAD_WINDOW` steps up to step ``before`` when given (the explosion), else over the run.
-    """
-    from diagnostics.store import open_run
-
-    with open_run(run_dir) as run:
-        settings = (run.meta.get("diagnostics") or {}).get("explosion_detector")
-        scores = run.series("explosion_score")
-        if settings and settings.get("method") == "signals":
-            features = settings.get("features") or [{}]
-            metric = str(features[0].get("metric", "sa_sign_diversity"))
-            needed = max(int(f.get("min_obs", 20)) for f in features) + 1
-        else:
-            metric = "sa_sign_diversity"
-            needed = int((settings or {}).get("skip", 0)) + int((settings or {}).get("warmup", 0))
-        probes = run.series(metric)
-    if not settings:
-        return "the explosion detector did not run"
-    if not scores.empty:
-        if before is not None:
-            scores = scores[(scores["step"] <= before) & (scores["step"] > before - LEAD_WINDOW)]
-            where = f"in the {LEAD_WINDOW} steps up to the explosion"
-        else:
-            where = None
-        return _peak_note(scores, settings.get("threshold"), where)
-    seen = int(probes["step"].nunique()) if not probes.empty else 0
-    return f"the detector never armed: its baseline needs {needed} probes of {metric}, the run had {seen}"
-
-
-#: Steps before an explosion over which the demo reports the detector's highest score: the horizon the
-#: loss-explosion benchmark scores warnings on.
-LEAD_WINDOW = 50
-
-
-def _peak_note(scores: Any, threshold: Any, where: str | None = None) -> str | None:
-    """"its score peaked at X at step S (``where``), below the threshold T" from stored ``explosion_score``
-    rows (the largest finite value, at its earliest step), or None when no score is finite."""
-    finite = scores[scores["value"].map(math.isfinite)]
-    if finite.empty:
-        return None
-    top = finite.loc[finite["value"].idxmax()]
-    note = f"its score peaked at {float(top['value']):.2f} at step {int(top['step'])}"
-    note += f" {where}" if where else ""
-    if isinstance(threshold, (int, float)) and math.isfinite(threshold):
-        # Above it without a warning only when the detector asks for several probes in a row (persistence).
-        side = "below" if float(top["value"]) <= threshold else "above, but not for long enough,"
-        note += f", {side} the threshold {float(threshold):g}"
-    return note
-
-
 #: A file the demo leaves in its output directory: only directories carrying it are ever cleaned.
 MARKER = ".tdiag-demo"
 
@@ -462,7 +398,10 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         # The loss and the norms are the curves the story is read against: also kept at every step (with
         # spectral alignment at every step the calls alone take more than half of the budget on this model,
         # so the budget would space them 10 steps apart).
-        fixed = {"spectral_alignment": 1, "explosion_detector": 1, "adam_state": 10,
+        # Sharpness every 10 steps, fixed too: at the budget's rate it ran at two steps of each run, too few
+        # to see Adam's preconditioned sharpness climb to its threshold during the ramp (about 0.7 s a
+        # probe here, half of the demo's time).
+        fixed = {"spectral_alignment": 1, "explosion_detector": 1, "adam_state": 10, "sharpness": 10,
                  **{n: 1 for n in preset_names("cheap")}}
         every = {n: k for n, k in fixed.items() if n in monitored} or None
 
@@ -510,9 +449,9 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
     if boom is not None:
         _record_explosion(runs["exploding"], boom, exploding_losses[boom])
     report = _report(out, runs, quick)
-    warning_step, detail, _ = _first_warning(runs["exploding"])
-    note = _detector_note(runs["exploding"], before=boom) if warning_step is None else None
-    _, _, stable_warnings = _first_warning(runs["stable"])
+    warning_step, detail, _ = first_warning(runs["exploding"])
+    note = detector_note(runs["exploding"], before=boom) if warning_step is None else None
+    _, _, stable_warnings = first_warning(runs["stable"])
     finite = [x for x in stable_losses if math.isfinite(x)]
     return DemoResult(
         out=out,
@@ -525,7 +464,9 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         stable_final_loss=finite[-1] if finite else None,
         stable_steps=len(stable_losses),
         stable_warnings=stable_warnings,
-        stable_note=None if stable_warnings else _detector_note(runs["stable"]),
+        stable_note=None if stable_warnings else detector_note(runs["stable"]),
+        edge_note=edge_note(runs["exploding"], before=boom),
+        stable_edge_note=edge_note(runs["stable"]),
         seconds=time.perf_counter() - started,
     )
 

@@ -28,7 +28,9 @@ RMSprop, Adagrad, ..., or a subclass) gets ``sharpness`` alone and the reason in
 An ``edge_of_stability`` event is emitted when ``sharpness_ratio`` or ``adam_sharpness_ratio`` crosses 1
 upwards (severity "warning") and when it comes back below ``1 - hysteresis`` (severity "info"); the side
 is remembered in ``self.state`` (saved with the run) so a ratio hovering at 1 does not fire at every
-probe. A ``misuse`` event (:func:`probe_mode_misuse`) says when the ratio compares eval-mode curvature
+probe. Adam's ratio raises no event while its preconditioner is still settling
+(:func:`~diagnostics.metrics.stability.adam_settling`; the status reason says so).
+A ``misuse`` event (:func:`probe_mode_misuse`) says when the ratio compares eval-mode curvature
 with a model trained through dropout or BatchNorm. Definitions: docs/metrics.md, "Sharpness and edge of
 stability".
 """
@@ -58,6 +60,7 @@ from diagnostics.metrics.registry import register
 from diagnostics.metrics.stability import (
     Preconditioned,
     adam_preconditioner,
+    adam_settling,
     adam_weight_decay,
     optimizer_family,
     sgd_rule,
@@ -150,6 +153,7 @@ class _Probe:
         self.blocks: list[_Block] = []
         self.reasons: list[str] = []
         self.preconditioner: str | None = None
+        self.settling: str | None = None  # why Adam's threshold does not apply yet (its first steps)
         self.products = 0  # in all calls so far
 
     def searches(self) -> list[_Search]:
@@ -357,6 +361,7 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
                 probe.reasons.append(missing)
                 continue
             probe.preconditioner = "next_step" if grads is not None else "state"
+            probe.settling = adam_settling(opt, params, names, coming=grads is not None)
             wd = adam_weight_decay(opt, params, names)
             target = Preconditioned(op, s.to(device=op.device), wd if wd is not None else torch.zeros_like(s))
             block.adam_threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
@@ -446,7 +451,10 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
                 records += [Record("adam_sharpness", adam.value, key=key),
                             Record("adam_threshold", block.adam_threshold, key=key),
                             Record("adam_sharpness_ratio", ratio, key=key)]
-                events += self._crossing(ctx, probe.step, "adam_sharpness_ratio", key, ratio)
+                if probe.settling is None:
+                    events += self._crossing(ctx, probe.step, "adam_sharpness_ratio", key, ratio)
+                else:
+                    reasons.append(probe.settling)
                 if not adam.converged:
                     statuses.append("not_converged")
                     reasons.append(f"{key}: preconditioned lambda_max not converged within the budget")

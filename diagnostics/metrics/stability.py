@@ -18,8 +18,8 @@ from torch import Tensor
 
 from diagnostics.metrics.adam_state import coming_gradient, coming_second_moment, decoupled_decay
 
-__all__ = ["Preconditioned", "adam_preconditioner", "adam_weight_decay", "optimizer_family", "sgd_rule",
-           "sgd_threshold", "unsupported_reason"]
+__all__ = ["ADAM_SETTLED_WEIGHT", "Preconditioned", "adam_preconditioner", "adam_settling", "adam_weight_decay",
+           "optimizer_family", "sgd_rule", "sgd_threshold", "unsupported_reason"]
 
 #: Optimizers with a stability threshold on a quadratic, by exact type (a subclass may change the step).
 _ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
@@ -182,6 +182,48 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str
         return torch.zeros(0, dtype=torch.float64), 0.0, f"Adam parameter groups differ in beta1 {sorted(betas1)}: " \
             "no single stability threshold"
     return torch.cat(parts), betas1.pop(), None
+
+
+#: Adam's threshold assumes a preconditioner that changes slowly. ``v_hat_t`` gives the newest squared
+#: gradient the weight ``(1 - beta2) / (1 - beta2^t)`` (1 at the first step); the preconditioner counts as
+#: settled once that weight is at most this, or at most twice its long-run value ``1 - beta2`` when that is
+#: larger (beta2 < 0.95).
+ADAM_SETTLED_WEIGHT = 0.1
+
+
+def adam_settling(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str],
+                  coming: bool) -> str | None:
+    """Why Adam's stability threshold does not apply yet, or None once every group's ``v_hat`` has settled.
+
+    ``coming``: the preconditioner is that of the coming step (``t`` = the state's step + 1), else that of
+    the last completed step. In the first steps ``v_hat`` is the average of a few squared gradients, so
+    ``P`` changes by a large fraction at every step and the quadratic analysis behind
+    ``(2 + 2 beta1) / ((1 - beta1) lr)``, which freezes ``P``, does not describe the step: the
+    preconditioned sharpness is then often far above that threshold (thousands of times on the demo's
+    tiny GPT at step 0) while training is stable. See :data:`ADAM_SETTLED_WEIGHT`. Cost: a pass over the
+    parameters' state entries (no tensor arithmetic).
+    """
+    groups = _group_of(optimizer)
+    worst: tuple[float, float, float] | None = None  # (weight, t, limit) of the least settled group
+    for n in names:
+        g = groups.get(id(model_params[n]))
+        if g is None:
+            continue
+        st = optimizer.state.get(model_params[n], {})
+        t = (_as_float(st["step"]) if "step" in st else 0.0) + (1.0 if coming else 0.0)
+        if t < 1:
+            continue
+        b2 = float(g["betas"][1])
+        weight = (1.0 - b2) / (1.0 - b2**t) if b2 < 1.0 else 1.0 / t
+        limit = max(ADAM_SETTLED_WEIGHT, 2.0 * (1.0 - b2))
+        if weight > limit and (worst is None or weight > worst[0]):
+            worst = (weight, t, limit)
+    if worst is None:
+        return None
+    weight, t, limit = worst
+    return (f"Adam's preconditioner is still settling at its step {t:.0f} (the newest squared gradient weighs "
+            f"{weight:.2f} in v_hat, above {limit:.2f}): the threshold assumes a slowly changing preconditioner, "
+            "so the ratio is recorded but not compared with 1 (no edge_of_stability event)")
 
 
 def adam_weight_decay(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str]) -> Tensor | None:

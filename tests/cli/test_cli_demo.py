@@ -92,7 +92,10 @@ def test_summary_lines_say_lead_lateness_and_why_no_warning(tmp_path):
     assert late[2].endswith("193, 7 steps before the warning")
     unarmed = lines(detector_note="the detector never armed", stable_note="the detector never armed")
     assert unarmed[1] == "exploding run: no explosion warning fired (the detector never armed)"
-    assert unarmed[3].endswith("no warnings (the detector never armed)")
+    assert unarmed[3].endswith("no warnings (the detector never armed)") and len(unarmed) == 4
+    edge = lines(edge_note="reached it at step 140", stable_edge_note="stayed below it")
+    assert edge[4] == ("sharpness vs stability threshold: exploding run reached it "
+                       "at step 140; stable run stayed below it")
 
 
 def test_demo_pair_differs_in_the_ramp_and_the_stable_run_keeps_its_rate():
@@ -110,18 +113,18 @@ def test_demo_pair_differs_in_the_ramp_and_the_stable_run_keeps_its_rate():
 def test_a_quiet_armed_detector_reports_how_close_its_score_came(tmp_path):
     import pandas as pd
 
-    from diagnostics.app.demo import _peak_note
+    from diagnostics.app.demo_summary import peak_note
 
     scores = pd.DataFrame({"step": [30, 31, 32, 33], "value": [1.5, float("nan"), 2.75, 2.75]})
-    assert _peak_note(scores, 3.13) == "its score peaked at 2.75 at step 32, below the threshold 3.13"
+    assert peak_note(scores, 3.13) == "its score peaked at 2.75 at step 32, below the threshold 3.13"
     # above the threshold without a warning: the detector wanted more probes in a row
-    assert _peak_note(scores, 2.0).endswith("above, but not for long enough, the threshold 2")
-    assert _peak_note(scores, None) == "its score peaked at 2.75 at step 32"
-    assert _peak_note(scores[scores["step"] == 31], 3.13) is None
+    assert peak_note(scores, 2.0).endswith("above, but not for long enough, the threshold 2")
+    assert peak_note(scores, None) == "its score peaked at 2.75 at step 32"
+    assert peak_note(scores[scores["step"] == 31], 3.13) is None
 
 
 def test_the_peak_before_an_explosion_is_taken_over_the_benchmark_horizon(tmp_path):
-    from diagnostics.app.demo import LEAD_WINDOW, _detector_note
+    from diagnostics.app.demo_summary import LEAD_WINDOW, detector_note
     from diagnostics.store import RunWriter
     from diagnostics.store.records import Record
 
@@ -130,7 +133,29 @@ def test_the_peak_before_an_explosion_is_taken_over_the_benchmark_horizon(tmp_pa
                                                            "features": [{"metric": "sa_sign_diversity"}]}})
         for step, value in ((30, 2.9), (140, 1.0), (180, 2.5), (200, 1.2)):
             w.write_step(step, [Record("explosion_score", value)])
-    assert _detector_note(tmp_path / "run") == "its score peaked at 2.90 at step 30, below the threshold 3"
+    assert detector_note(tmp_path / "run") == "its score peaked at 2.90 at step 30, below the threshold 3"
     assert LEAD_WINDOW == 50
-    assert _detector_note(tmp_path / "run", before=190) == (
+    assert detector_note(tmp_path / "run", before=190) == (
         "its score peaked at 2.50 at step 180 in the 50 steps up to the explosion, below the threshold 3")
+
+
+def test_the_edge_note_names_the_first_crossing_or_the_latest_ratio(tmp_path):
+    from diagnostics.app.demo_summary import edge_note
+    from diagnostics.store import RunWriter
+    from diagnostics.store.records import Event, Record
+
+    with RunWriter(tmp_path / "quiet") as w:
+        for step, ratio in ((0, 9000.0), (10, 0.2), (20, 0.3)):  # step 0: Adam settling, no event
+            w.write_step(step, [Record("adam_sharpness_ratio", ratio)])
+    assert edge_note(tmp_path / "quiet") == "stayed below it (latest ratio 0.30 at step 20)"
+    with RunWriter(tmp_path / "crossing") as w:
+        for step, ratio in ((10, 0.2), (140, 2.816), (150, 0.8), (170, 2.1)):
+            up = ratio > 1 and step in (140, 170)
+            events = [Event("edge_of_stability", "crossed", severity="warning", metric="adam_sharpness_ratio",
+                            data={"ratio": ratio, "direction": "up", "probe_step": step})] if up else []
+            w.write_step(step, [Record("adam_sharpness_ratio", ratio)], events=events)
+    assert edge_note(tmp_path / "crossing", before=192) == (
+        "reached it at step 140, 52 steps before the explosion (ratio 2.82)")
+    with RunWriter(tmp_path / "none") as w:
+        w.write_step(0, [Record("loss", 1.0)])
+    assert edge_note(tmp_path / "none") is None

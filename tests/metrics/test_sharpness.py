@@ -11,6 +11,7 @@ from torch import nn
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.sharpness import Sharpness, adam_preconditioner, optimizer_family, sgd_threshold
+from diagnostics.metrics.stability import adam_settling
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
 from tests.cases import get_case
@@ -381,3 +382,53 @@ def test_the_budget_cuts_sharpness_only_where_it_carries_its_runs_on():
     d = Sharpness(tol=1e-10, max_matvecs=None)
     out = d.compute(ctx)
     assert out.status == "continues" and out.num_matvecs == 1 and "s per call" in out.reason
+
+
+def _set_adam_step(opt, t: float) -> None:
+    for st in opt.state.values():
+        st["step"] = torch.tensor(float(t))
+
+
+def test_adam_settling_ends_when_the_newest_gradient_weighs_at_most_a_tenth_of_v_hat():
+    case = get_case("mlp")
+    params = dict(case.model.named_parameters())
+    opt = torch.optim.Adam(case.model.parameters(), lr=0.01, betas=(0.9, 0.95))
+    train_steps(case, opt, 1)
+    # beta2 = 0.95: the weight 0.05 / (1 - 0.95^t) is 0.1027 at t = 13 and 0.0976 at t = 14.
+    _set_adam_step(opt, 12)  # the coming step is t = 13
+    why = adam_settling(opt, params, names(case.model), coming=True)
+    assert why is not None and "step 13" in why and "0.10 in v_hat" in why
+    assert adam_settling(opt, params, names(case.model), coming=False) is not None  # t = 12, as stored
+    _set_adam_step(opt, 13)
+    assert adam_settling(opt, params, names(case.model), coming=True) is None
+    # beta2 = 0.8: the newest gradient weighs at least 0.2 for ever, so twice that is the limit.
+    opt.param_groups[0]["betas"] = (0.9, 0.8)
+    _set_adam_step(opt, 2)
+    assert adam_settling(opt, params, names(case.model), coming=True) is not None  # t = 3: 0.2 / 0.488 = 0.41
+    _set_adam_step(opt, 3)
+    assert adam_settling(opt, params, names(case.model), coming=True) is None  # t = 4: 0.2 / 0.590 = 0.34
+
+
+def test_no_adam_edge_of_stability_event_while_the_preconditioner_settles():
+    """At Adam's first step v_hat is one squared gradient and the preconditioned sharpness is far above the
+    threshold; the ratio is stored, the crossing is not announced. Once v_hat has settled the same
+    diagnostic announces a crossing (the control)."""
+    case = get_case("mlp")
+    opt = torch.optim.Adam(case.model.parameters(), lr=5.0, betas=(0.9, 0.95))
+    d = Sharpness(tol=1e-8, trace=False)
+    fresh_gradient(case)
+    first = d.compute(make_ctx(case, opt, step=0))
+    assert value(first, "adam_sharpness_ratio") > 1.0
+    assert not [e for e in first.events if e.kind == "edge_of_stability"]
+    assert "still settling at its step 1" in first.reason and first.status == "ok"
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
+    train_steps(case, opt, 13)
+    for group in opt.param_groups:
+        group["lr"] = 5.0
+    fresh_gradient(case)
+    later = d.compute(make_ctx(case, opt, step=13))
+    assert value(later, "adam_sharpness_ratio") > 1.0
+    (up,) = [e for e in later.events if e.kind == "edge_of_stability"]
+    assert up.metric == "adam_sharpness_ratio" and up.data["direction"] == "up"
+    assert later.reason is None or "settling" not in later.reason

@@ -295,3 +295,21 @@ def test_chart_data_keeps_extremes_and_marks_nonfinite():
     assert 77_777 in s["bad"]
     # the static fallback sits next to the live chart
     assert '<div class="static">' in html and "<svg" in html
+
+
+def test_overview_edge_of_stability_follows_the_sharpness_diagnostics_events(tmp_path):
+    """Adam's first ratios (its preconditioner still settling) can be far above 1 with no event: the card
+    says "not reached" from the diagnostic's events, not "reached at step 0" from the series. A store with
+    ratios and no sharpness diagnostic recorded (no events to go by) still reads the series."""
+    for name, meta in (("monitored", {"sharpness": {"every": 10}}), ("series_only", None)):
+        with RunWriter(tmp_path / name, name=name) as w:
+            if meta:
+                w.set_meta("diagnostics", meta)
+            for step, ratio in ((0, 9422.0), (10, 0.08), (20, 0.26)):
+                w.write_step(step, [Record("loss", 1.0), Record("adam_sharpness_ratio", ratio)])
+    text = build_report([tmp_path / "monitored", tmp_path / "series_only"], tmp_path / "r.html").read_text(
+        encoding="utf-8")
+    overview = re.search(r'<section id="overview">(.*?)</section>', text, re.S).group(1)
+    cards = re.findall(r'<div class="card \w+".*?</dl></div>', overview, re.S)
+    assert "not reached; latest ratio 0.26 at step 20" in cards[0]
+    assert "reached at step 0" in cards[1]
