@@ -313,3 +313,14 @@ def test_overview_edge_of_stability_follows_the_sharpness_diagnostics_events(tmp
     cards = re.findall(r'<div class="card \w+".*?</dl></div>', overview, re.S)
     assert "not reached; latest ratio 0.26 at step 20" in cards[0]
     assert "reached at step 0" in cards[1]
+
+
+def test_a_large_latest_ratio_is_written_out(tmp_path):
+    with RunWriter(tmp_path / "run", name="run") as w:
+        w.set_meta("diagnostics", {"sharpness": {"every": 10}})
+        w.write_step(10, [Record("loss", 1.0), Record("adam_sharpness_ratio", 2.8)],
+                     events=[Event("edge_of_stability", "crossed", "warning", metric="adam_sharpness_ratio",
+                                   data={"direction": "up", "ratio": 2.8})])
+        w.write_step(20, [Record("loss", 9.0), Record("adam_sharpness_ratio", 1030.6)])
+    text = build_report([tmp_path / "run"], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "crossed at step 10; latest ratio 1,031 at step 20" in text
