@@ -8,8 +8,8 @@ sharpness every 10 steps:
 
 - **stable**: learning rate 1e-3 throughout, the setting the model trains well at: no ramp, no collapse;
 - **exploding**: the same, with the learning rate ramped geometrically from step 100 to 1.0 over 100
-  steps: the slow road to a loss explosion (step 193), on which an early warning has something to warn
-  about.
+  steps: the slow road to a loss explosion (step 192 here; 193 in the suite's table, from another CPU),
+  on which an early warning has something to warn about.
 
 The runs use the first explosion suite's seeding (model seed, batches drawn with 1000 + seed) and train
 on one thread; the exploding run is bit-identical to that suite's ``ramp1000__s1``
