@@ -52,7 +52,7 @@ def _latest_ratio(run: RunView) -> str:
         ok = np.isfinite(v)
         if ok.any():
             i = np.flatnonzero(ok)[-1]
-            # 1031 rather than "1e+03": a ratio past the threshold is read for its size.
+            # "1,031" rather than "1e+03": a ratio past the threshold is read for its size.
             text = f"{v[i]:,.0f}" if abs(v[i]) >= 100 else f"{v[i]:.2g}"
             return f"; latest ratio {text} at step {int(s[i])}"
     return ""

@@ -87,7 +87,6 @@ def peak_note(scores: Any, threshold: Any, where: str | None = None) -> str | No
     return note
 
 
-
 def edge_note(run_dir: Path, before: int | None = None) -> str | None:
     """When sharpness first reached the optimizer's stability threshold in ``run_dir`` (its first upward
     ``edge_of_stability`` event, with the ratio and, given the explosion step ``before``, the lead), or
@@ -103,10 +102,10 @@ def edge_note(run_dir: Path, before: int | None = None) -> str | None:
             ratios = run.series("sharpness_ratio")
     if ratios.empty:
         return None
-    up = None if events.empty else (events["kind"] == "edge_of_stability") & (events["severity"] == "warning")
-    ups = events if up is None else events[up]
-    if not ups.empty:
-        first = ups.sort_values("step").iloc[0]
+    if not events.empty:
+        events = events[(events["kind"] == "edge_of_stability") & (events["severity"] == "warning")]
+    if not events.empty:
+        first = events.sort_values("step").iloc[0]
         data = first["data"] if isinstance(first["data"], dict) else {}
         step = int(data.get("probe_step", first["step"]))
         note = f"reached it at step {step}"
