@@ -17,7 +17,7 @@ from .panels.base import esc, grid, overlay_chart
 from .panels.curvature import eigen_chart, sharpness_ratio_chart
 from .panels.layers import explosion_score_chart
 from .panels.training import loss_chart
-from .summary import final_loss, monitoring_cost, run_outcome
+from .summary import crossings_announced, final_loss, monitoring_cost, run_outcome
 from .views import ReportView, RunView
 
 GROUP = "overview"
@@ -65,10 +65,7 @@ def _eos_text(run: RunView) -> str:
         # the run stays at: the latest ratio says which.
         more = f" ({len(ups)} crossings)" if len(ups) > 1 else ""
         return f"crossed at step {ups[0].step}{more}{_latest_ratio(run)}"
-    if "sharpness" in (run.meta.get("diagnostics") or {}):
-        # The diagnostic announces each crossing it counts, and leaves out Adam's first steps, whose
-        # preconditioner is still settling (a ratio far above 1 there is no edge of stability): no event
-        # means none, whatever those first ratios were.
+    if crossings_announced(run):
         latest = _latest_ratio(run)
         return f"not reached{latest}" if latest else "not measured"
     for metric in ("sharpness_ratio", "adam_sharpness_ratio"):

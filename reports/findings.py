@@ -14,7 +14,7 @@ import numpy as np
 
 from diagnostics.explosion import FACTOR, PATIENCE, explosion_step
 
-from .summary import adam_threshold_label, sgd_threshold_label
+from .summary import adam_threshold_label, crossings_announced, sgd_threshold_label
 from .views import RunView
 
 # For runs whose store holds rank series but no rank_collapse events (written by other tools or older
@@ -181,7 +181,7 @@ def run_findings(run: RunView) -> list[Finding]:
     eos = run.events_of("edge_of_stability")
     if eos:
         out += _event_findings(name, eos, "edge_of_stability", "info", "Edge of stability")
-    else:
+    elif not crossings_announced(run):
         for metric, label in (("sharpness_ratio", f"Sharpness reached its stability threshold "
                                                    f"{sgd_threshold_label(run)}"),
                               ("adam_sharpness_ratio", "Preconditioned sharpness reached Adam's threshold "

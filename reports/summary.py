@@ -164,6 +164,14 @@ def adam_threshold_label(run: RunView) -> str:
 # --- the explosion detector's warning level -----------------------------------------------------------
 
 
+def crossings_announced(run: RunView) -> bool:
+    """Whether the run's ``sharpness`` diagnostic stored its own threshold crossings as ``edge_of_stability``
+    events. It leaves out Adam's first steps, whose preconditioner is still settling (a ratio far above 1
+    there is no edge of stability), so for such a run no event means no crossing, whatever those first
+    ratios were; only stores without it are read from the ratio series."""
+    return "sharpness" in (run.meta.get("diagnostics") or {})
+
+
 def _detector_settings(run: RunView) -> dict[str, Any]:
     s = (run.meta.get("diagnostics") or {}).get("explosion_detector")
     return s if isinstance(s, dict) else {}

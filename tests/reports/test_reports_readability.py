@@ -313,6 +313,11 @@ def test_overview_edge_of_stability_follows_the_sharpness_diagnostics_events(tmp
     cards = re.findall(r'<div class="card \w+".*?</dl></div>', overview, re.S)
     assert "not reached; latest ratio 0.26 at step 20" in cards[0]
     assert "reached at step 0" in cards[1]
+    # The findings agree: none for the monitored run, the series' crossing for the other.
+    monitored, series_only = load_report_view([tmp_path / "monitored", tmp_path / "series_only"]).runs
+    assert not [f for f in run_findings(monitored) if f.kind == "edge_of_stability"]
+    (eos,) = [f for f in run_findings(series_only) if f.kind == "edge_of_stability"]
+    assert eos.step == 0
 
 
 def test_a_large_latest_ratio_is_written_out(tmp_path):
