@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from diagnostics.explosion import FACTOR, PATIENCE, WARMUP, explosion_step
+from diagnostics.metrics.stability import ADAM_SETTLING_REASON
 
 from .views import RunView
 
@@ -170,6 +171,19 @@ def crossings_announced(run: RunView) -> bool:
     there is no edge of stability), so for such a run no event means no crossing, whatever those first
     ratios were; only stores without it are read from the ratio series."""
     return "sharpness" in (run.meta.get("diagnostics") or {})
+
+
+def adam_settling_until(run: RunView) -> int | None:
+    """The last step at which a ``sharpness`` probe ended while Adam's preconditioner was still settling
+    (its status reason says so), or None. Settling only happens at the start of training (the newest
+    squared gradient's weight in v_hat falls with Adam's step), so every Adam ratio measured at or before
+    that step is one to which Adam's threshold does not apply."""
+    st = run.status
+    if st is None or st.empty or "reason" not in st:
+        return None
+    rows = st[(st["diagnostic"] == "sharpness")
+              & st["reason"].astype(str).str.contains(ADAM_SETTLING_REASON, regex=False)]
+    return int(rows["step"].max()) if len(rows) else None
 
 
 def _detector_settings(run: RunView) -> dict[str, Any]:

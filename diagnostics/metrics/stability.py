@@ -18,7 +18,8 @@ from torch import Tensor
 
 from diagnostics.metrics.adam_state import coming_gradient, coming_second_moment, decoupled_decay
 
-__all__ = ["ADAM_SETTLED_WEIGHT", "Preconditioned", "adam_preconditioner", "adam_settling", "adam_weight_decay",
+__all__ = ["ADAM_SETTLED_WEIGHT", "ADAM_SETTLING_REASON", "Preconditioned",
+           "adam_preconditioner", "adam_settling", "adam_weight_decay",
            "optimizer_family", "sgd_rule", "sgd_threshold", "unsupported_reason"]
 
 #: Optimizers with a stability threshold on a quadratic, by exact type (a subclass may change the step).
@@ -190,6 +191,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str
 #: larger (beta2 < 0.95).
 ADAM_SETTLED_WEIGHT = 0.1
 
+#: How :func:`adam_settling`'s reason begins: the report finds the settling probes by it in the stored statuses.
+ADAM_SETTLING_REASON = "Adam's preconditioner is still settling"
+
 
 def adam_settling(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str],
                   coming: bool) -> str | None:
@@ -221,7 +225,7 @@ def adam_settling(optimizer: torch.optim.Optimizer, model_params: dict[str, Tens
     if worst is None:
         return None
     weight, t, limit = worst
-    return (f"Adam's preconditioner is still settling at its step {t:.0f} (the newest squared gradient weighs "
+    return (f"{ADAM_SETTLING_REASON} at its step {t:.0f} (the newest squared gradient weighs "
             f"{weight:.2f} in v_hat, above {limit:.2f}): the threshold assumes a slowly changing preconditioner, "
             "so the ratio is recorded but not compared with 1 (no edge_of_stability event)")
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..charts import Chart, ChartSink, Line, Mark, Rule
 from ..downsample import midpoint_edges
 from ..figures import FigureSink, layer_colors, mpl_text, run_color
-from ..summary import adam_threshold_label, sgd_threshold_label
+from ..summary import adam_settling_until, adam_threshold_label, sgd_threshold_label
 from ..views import ReportView, RunView
 from .base import (
     Panel,
@@ -56,15 +56,43 @@ def _ratio_label(view: ReportView) -> str:
     return labels.pop().split(",")[0] if len(labels) == 1 else "the run's threshold"
 
 
+def _settled_adam_curve(run: RunView, metric: str, left_out: list[str],
+                        name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's curve of an Adam metric without the steps at which Adam's preconditioner was still
+    settling (no threshold applies there, and the ratio can be thousands); what was left out is added to
+    ``left_out`` as "name: steps a-b, up to X"."""
+    c = run.curve(metric)
+    until = adam_settling_until(run)
+    if c is None or until is None:
+        return c
+    early = c[0] <= until
+    if early.any():
+        x, y = c[0][early], c[1][early]
+        steps = f"step {int(x[0])}" if len(x) == 1 else f"steps {int(x[0])}-{int(x[-1])}"
+        top = np.nanmax(y) if np.isfinite(y).any() else float("nan")
+        left_out.append(f"{name}: {steps}, up to {top:,.0f}" if 100 <= top < 1e6 else f"{name}: {steps}, up to {top:.3g}")
+    return c[0][~early], c[1][~early]
+
+
+def _settling_note(left_out: list[str], what: str) -> str:
+    if not left_out:
+        return ""
+    return (f"Not drawn: {what} at the steps where Adam's preconditioner was still settling "
+            f"({'; '.join(left_out)}); its threshold does not apply there.")
+
+
 def sharpness_ratio_chart(view: ReportView, *, group: str, height: int = 210) -> Chart:
-    """Sharpness / threshold (and Adam's preconditioned ratio), with the edge of stability at 1."""
+    """Sharpness / threshold (and Adam's preconditioned ratio), with the edge of stability at 1. Adam's
+    ratios from its settling steps are left out, and the chart's note says which."""
     lines = []
     marks: list[Mark] = []
+    left_out: list[str] = []
     for i, run in runs_with(view, "sharpness_ratio", "adam_sharpness_ratio"):
         for metric, dash, what in (("sharpness_ratio", "solid", f"λmax ÷ ({sgd_threshold_label(run)})"),
                                    ("adam_sharpness_ratio", "dashdot",
                                     f"preconditioned λmax ÷ ({adam_threshold_label(run).split(',')[0]})")):
-            c = run.curve(metric)
+            c = (_settled_adam_curve(run, metric, left_out, run.name) if metric == "adam_sharpness_ratio"
+                 else run.curve(metric))
             if c is not None:
                 lines.append(Line(run_label(view, run, what), c[0], c[1], run_color(i), dash=dash, run=i,
                                   keep=alert_steps(run)))
@@ -72,7 +100,8 @@ def sharpness_ratio_chart(view: ReportView, *, group: str, height: int = 210) ->
     title = (f"sharpness ÷ {_ratio_label(view)}" if view.has("sharpness_ratio") else
              "preconditioned sharpness ÷ Adam's threshold")
     return Chart(title + " (1 = edge of stability)", "ratio", lines, [Rule(1.0, EDGE_RULE)], marks,
-                 scale=choose_scale([ln.y for ln in lines]), group=group, height=height)
+                 scale=choose_scale([ln.y for ln in lines]), group=group, height=height,
+                 note=_settling_note(left_out, "the ratios"))
 
 
 def _draw_sharpness(view: ReportView, sink: ChartSink) -> str:
@@ -80,12 +109,14 @@ def _draw_sharpness(view: ReportView, sink: ChartSink) -> str:
     charts = []
     if view.has(*top):
         lines = []
+        left_out: list[str] = []
         for i, run in runs_with(view, *top):
             keep = alert_steps(run)
             color = run_color(i)
             for metric, dash, what in (("sharpness", "solid", "sharpness λmax"),
                                        ("adam_sharpness", "dashdot", "preconditioned sharpness")):
-                c = run.curve(metric)
+                c = (_settled_adam_curve(run, metric, left_out, run.name) if metric == "adam_sharpness"
+                     else run.curve(metric))
                 if c is not None:
                     lines.append(Line(run_label(view, run, what), c[0], c[1], color, dash=dash, run=i, keep=keep))
             thr = _threshold_curve(run)
@@ -98,7 +129,8 @@ def _draw_sharpness(view: ReportView, sink: ChartSink) -> str:
                                   color, dash="dot", run=i, keep=keep, width=1.1))
         positive = all((np.asarray(ln.y)[np.isfinite(ln.y)] > 0).all() for ln in lines)
         charts.append(Chart("sharpness against the stability threshold", "eigenvalue", lines,
-                            scale="log" if positive else "linear", group="sharpness"))
+                            scale="log" if positive else "linear", group="sharpness",
+                            note=_settling_note(left_out, "the preconditioned sharpness")))
     if view.has("sharpness_ratio", "adam_sharpness_ratio"):
         charts.append(sharpness_ratio_chart(view, group="sharpness"))
     return grid([sink.chart(c) for c in charts], 2)

@@ -329,3 +329,26 @@ def test_a_large_latest_ratio_is_written_out(tmp_path):
         w.write_step(20, [Record("loss", 9.0), Record("adam_sharpness_ratio", 1030.6)])
     text = build_report([tmp_path / "run"], tmp_path / "r.html").read_text(encoding="utf-8")
     assert "crossed at step 10; latest ratio 1,031 at step 20" in text
+
+
+def test_adams_settling_steps_are_left_out_of_the_sharpness_charts_and_said_so(tmp_path):
+    """The ratios of the probes whose status says Adam's preconditioner was still settling are not drawn
+    (their thousands would set the chart's scale); the note names the steps and the largest value. The
+    settled ratios, and a run with no settling status (the control), are drawn whole."""
+    from diagnostics.metrics.stability import ADAM_SETTLING_REASON
+    from diagnostics.reports.panels.curvature import sharpness_ratio_chart
+    from diagnostics.store import Status
+
+    for name, settling in (("adam", True), ("control", False)):
+        with RunWriter(tmp_path / name, name=name) as w:
+            for step, ratio in ((0, 9422.0), (10, 55.0), (20, 0.26), (30, 0.3)):
+                reason = f"{ADAM_SETTLING_REASON} at its step {step + 1}" if settling and step <= 10 else None
+                w.write_step(step, [Record("loss", 1.0), Record("adam_sharpness_ratio", ratio)],
+                             statuses=[Status("sharpness", "ok", reason)])
+    view = load_report_view([tmp_path / "adam", tmp_path / "control"])
+    chart = sharpness_ratio_chart(view, group="g")
+    adam, control = chart.lines
+    assert list(adam.x) == [20, 30] and list(control.x) == [0, 10, 20, 30]
+    assert "adam: steps 0-10, up to 9,422" in chart.note and "control" not in chart.note
+    only_adam = sharpness_ratio_chart(load_report_view([tmp_path / "adam"]), group="g")
+    assert only_adam.scale == "linear"  # 0.26 and 0.3 only, no longer four decades
