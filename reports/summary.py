@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from diagnostics.explosion import FACTOR, PATIENCE, WARMUP, explosion_step
-from diagnostics.metrics.stability import ADAM_SETTLING_REASON
+from diagnostics.store.catalog import ADAM_SETTLING_REASON
 
 from .views import RunView
 

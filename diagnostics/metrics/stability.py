@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diagnostics.metrics.adam_state import coming_gradient, coming_second_moment, decoupled_decay
+from diagnostics.store.catalog import ADAM_SETTLING_REASON
 
 __all__ = ["ADAM_SETTLED_WEIGHT", "ADAM_SETTLING_REASON", "Preconditioned",
            "adam_preconditioner", "adam_settling", "adam_weight_decay",
@@ -190,9 +191,6 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model_params: dict[str
 #: settled once that weight is at most this, or at most twice its long-run value ``1 - beta2`` when that is
 #: larger (beta2 < 0.95).
 ADAM_SETTLED_WEIGHT = 0.1
-
-#: How :func:`adam_settling`'s reason begins: the report finds the settling probes by it in the stored statuses.
-ADAM_SETTLING_REASON = "Adam's preconditioner is still settling"
 
 
 def adam_settling(optimizer: torch.optim.Optimizer, model_params: dict[str, Tensor], names: list[str],

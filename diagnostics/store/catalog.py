@@ -48,7 +48,12 @@ __all__ = [
     "store_meta_keys",
     "monitor_meta_keys",
     "own_meta_keys",
+    "ADAM_SETTLING_REASON",
 ]
+
+#: How the ``sharpness`` diagnostic's status reason begins at a probe where Adam's preconditioner is still
+#: settling (its ``adam_sharpness_ratio`` is stored but not compared with 1): readers find those probes by it.
+ADAM_SETTLING_REASON = "Adam's preconditioner is still settling"
 
 # --- kinds: what the key and index columns of a metric's rows hold ----------------------------------------
 #: One value per step (key ``"all"``, or a curvature block when blocks are chosen; index 0).

@@ -70,7 +70,8 @@ def _settled_adam_curve(run: RunView, metric: str, left_out: list[str],
         x, y = c[0][early], c[1][early]
         steps = f"step {int(x[0])}" if len(x) == 1 else f"steps {int(x[0])}-{int(x[-1])}"
         top = np.nanmax(y) if np.isfinite(y).any() else float("nan")
-        left_out.append(f"{name}: {steps}, up to {top:,.0f}" if 100 <= top < 1e6 else f"{name}: {steps}, up to {top:.3g}")
+        largest = f"{top:,.0f}" if 100 <= top < 1e6 else f"{top:.3g}"
+        left_out.append(f"{name}: {steps}, up to {largest}")
     return c[0][~early], c[1][~early]
 
 

@@ -335,9 +335,10 @@ def test_adams_settling_steps_are_left_out_of_the_sharpness_charts_and_said_so(t
     """The ratios of the probes whose status says Adam's preconditioner was still settling are not drawn
     (their thousands would set the chart's scale); the note names the steps and the largest value. The
     settled ratios, and a run with no settling status (the control), are drawn whole."""
-    from diagnostics.metrics.stability import ADAM_SETTLING_REASON
     from diagnostics.reports.panels.curvature import sharpness_ratio_chart
+
     from diagnostics.store import Status
+    from diagnostics.store.catalog import ADAM_SETTLING_REASON
 
     for name, settling in (("adam", True), ("control", False)):
         with RunWriter(tmp_path / name, name=name) as w:
