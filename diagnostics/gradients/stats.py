@@ -254,8 +254,9 @@ def gsnr_raw(per_sample: Mapping[str, Tensor], eps: float = GSNR_EPS) -> dict[st
     return gradient_moments(per_sample).gsnr_raw(eps)
 
 
-def _median_np(a: np.ndarray) -> float:
-    """The median of a 1-D array, the average of the two middle values for an even count; NaN if any.
+def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
+    """The median of a 1-D array, the average of the two middle values for an even count; NaN if any
+    (``nan_free``: the caller knows there is none, and the check is skipped).
 
     One introselect at the upper middle and the maximum of the half below it: about 5x faster than
     ``np.median``, which selects both middle values at once (benchmarks/RESULTS.md, "GSNR's medians").
@@ -264,8 +265,9 @@ def _median_np(a: np.ndarray) -> float:
     if k == 0:
         return float("nan")
     h = k // 2
-    part = np.partition(a, h)
-    if np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
+    part = a.copy()
+    part.partition(h)
+    if not nan_free and np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
         return float("nan")
     return float(part[h]) if k % 2 else float((part[:h].max() + part[h]) / 2)
 
@@ -285,15 +287,27 @@ def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
 
 
 def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSNRSummary:
-    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64), in the order of ``names``."""
+    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64), in the order of ``names``.
+
+    The means come from one segmented sum, and a NaN anywhere is looked for once: on a small model the
+    per-tensor calls, not the arithmetic, are the cost."""
+    bounds = _bounds(sizes)
+    nonempty = [a for a, b in bounds if b > a]
+    sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
+    total = float(sums.sum()) if sums.size else float("nan")
+    nan_free = bool(np.isfinite(total)) or not np.isnan(values).any()
     mean: dict[str, float] = {}
     median: dict[str, float] = {}
-    for name, (a, b) in zip(names, _bounds(sizes), strict=True):
-        seg = values[a:b]
-        mean[name] = float(seg.mean()) if seg.size else float("nan")
-        median[name] = _median_np(seg)
-    mean["all"] = float(values.mean())
-    median["all"] = _median_np(values)
+    at = 0
+    for name, (a, b) in zip(names, bounds, strict=True):
+        if b > a:
+            mean[name] = float(sums[at]) / (b - a)
+            at += 1
+            median[name] = _median_np(values[a:b], nan_free)
+        else:
+            mean[name] = median[name] = float("nan")
+    mean["all"] = total / values.size if values.size else float("nan")
+    median["all"] = _median_np(values, nan_free)
     return GSNRSummary(mean=mean, median=median)
 
 

@@ -1,0 +1,93 @@
+"""GSNR from the training step on a model whose step takes half a millisecond: where its fixed cost goes.
+
+On the digits MLP (64-32-32-10, batch 64) one training step costs about 0.5 ms, so what GSNR costs there
+is per-call work: its hooks on the training forward and backward, forming the 8 samples' gradients,
+their moments, the two summaries (means and medians per tensor and over all) and the records. This runs
+the Monitor's sequence (hooks held over the forward and backward, then ``compute``) and, interleaved,
+plain training steps of a copy of the model, and prints medians:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gsnr_call.py [--steps 400]
+
+With ``benchmarks/run_from_tree.py TREE $PWD/benchmarks/gsnr_call.py`` the same script times another
+tree's library (before/after a change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from diagnostics.gradients import stats
+from diagnostics.gradients.training_capture import TrainingStepCapture
+from diagnostics.metrics.gradient_stats import GSNRDiagnostic
+from diagnostics.tracking import StepContext
+from diagnostics.zoo.registry import get_data, get_loss, get_model
+
+
+def _timed(owner: object, name: str, into: list[float]) -> None:
+    """Wrap ``owner.name`` so that each call's seconds are appended to ``into``."""
+    f = getattr(owner, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    setattr(owner, name, wrapper)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=400, help="timed steps of each kind (after 20 warm-up steps)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    model = get_model("mlp-digits")
+    plain_model = copy.deepcopy(model)
+    loss_fn = get_loss("mlp-digits")
+    data = get_data("digits", batch_size=64, num_batches=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
+    gsnr = GSNRDiagnostic()
+    parts: dict[str, list[float]] = {"gradients": [], "summaries": []}
+    _timed(TrainingStepCapture, "gradients", parts["gradients"])
+    _timed(stats.GradientMoments, "summaries", parts["summaries"])
+    times: dict[str, list[float]] = {"plain step": [], "hooks": [], "call": []}
+    for i in range(args.steps + 20):
+        batch = data[i % len(data)]
+        with gsnr.observe_training_forward(model, i):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+        hooks = gsnr.hook_clock.take()
+        t0 = time.perf_counter()
+        out = gsnr.compute(StepContext(step=i, model=model, loss_fn=loss_fn, batch=batch, loss=None))
+        call = time.perf_counter() - t0
+        opt.step()
+        if out.status != "ok" or gsnr.last_source != "training_step":
+            raise SystemExit(f"gsnr did not run from the training step: {out.status} {out.reason} {gsnr.capture_note}")
+        t0 = time.perf_counter()
+        plain_opt.zero_grad(set_to_none=True)
+        loss_fn(plain_model, batch).backward()
+        plain_opt.step()
+        plain = time.perf_counter() - t0
+        if i >= 20:
+            times["plain step"].append(plain)
+            times["hooks"].append(hooks)
+            times["call"].append(call)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med.update({f"  of which {k}": statistics.median(v[20:]) * 1e3 for k, v in parts.items()})
+    for k, v in med.items():
+        print(f"{k:26s} {v:.3f} ms")
+    ratio = (med["hooks"] + med["call"]) / med["plain step"]
+    print(f"GSNR from the training step (hooks + call) / plain step: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
