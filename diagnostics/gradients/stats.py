@@ -293,8 +293,9 @@ def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSN
     per-tensor calls, not the arithmetic, are the cost."""
     bounds = _bounds(sizes)
     nonempty = [a for a, b in bounds if b > a]
-    sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
-    total = float(sums.sum()) if sums.size else float("nan")
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is that mean's NaN, not an error
+        sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
+        total = float(sums.sum()) if sums.size else float("nan")
     nan_free = bool(np.isfinite(total)) or not np.isnan(values).any()
     mean: dict[str, float] = {}
     median: dict[str, float] = {}

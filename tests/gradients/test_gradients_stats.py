@@ -322,3 +322,25 @@ def test_gsnr_summary_matches_numpy_per_tensor_and_pooled():
         assert got.median[k] == pytest.approx(float(np.median(r.double().numpy())), rel=1e-12)
     assert got.mean["all"] == pytest.approx(float(pooled.mean()), rel=1e-12)
     assert got.median["all"] == pytest.approx(float(np.median(pooled)), rel=1e-12)
+
+
+def test_gsnr_summary_with_nan_inf_and_empty_tensors_matches_numpy():
+    """The segmented means and the one NaN check: a NaN in one tensor makes that tensor's and the pooled
+    mean and median NaN and leaves the others exact; +inf and -inf together (a NaN sum, no NaN value)
+    still give the other statistics; an empty tensor gives NaN."""
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(n, generator=g, dtype=torch.float64) for n in (9, 12, 301))
+    a[3] = float("nan")
+    b[0], b[1] = float("inf"), float("-inf")
+    ratios = {"a": a, "b": b, "empty": torch.zeros(0, dtype=torch.float64), "c": c}
+    got = gsnr_summary(ratios)
+    assert math.isnan(got.mean["a"]) and math.isnan(got.median["a"])
+    assert math.isnan(got.mean["all"]) and math.isnan(got.median["all"])
+    assert math.isnan(got.mean["empty"]) and math.isnan(got.median["empty"])
+    assert math.isnan(got.mean["b"]) and got.median["b"] == pytest.approx(float(np.median(b.numpy())), rel=1e-12)
+    assert got.mean["c"] == pytest.approx(float(c.mean()), rel=1e-12)
+    assert got.median["c"] == pytest.approx(float(np.median(c.numpy())), rel=1e-12)
+    a[3] = 0.0  # no NaN left: b's infinities make the sum NaN, yet the medians are finite
+    got = gsnr_summary(ratios)
+    assert got.median["all"] == pytest.approx(float(np.median(torch.cat([a, b, c]).numpy())), rel=1e-12)
+    assert got.median["a"] == pytest.approx(float(np.median(a.numpy())), rel=1e-12)
