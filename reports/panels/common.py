@@ -128,17 +128,20 @@ def choose_scale(arrays: Iterable[np.ndarray], decades: float = 2.0) -> str:
 
 
 def signed_scale(arrays: Iterable[np.ndarray], decades: float = 2.0) -> tuple[str, float | None]:
-    """Like :func:`choose_scale` for quantities read on ratios that may also be 0 (a norm, a GSNR):
-    "log" when all positive, else "asinh" (linear near 0, logarithmic beyond ``linthresh``) when the
-    positive values span more than ``decades`` decades; "linear" otherwise."""
+    """Like :func:`choose_scale` for quantities read on ratios that may also be 0 or negative (a norm, the
+    bias-corrected GSNR, whose estimate falls below 0 where the signal is below the noise of its mean):
+    "log" when all positive, else "asinh" (symmetric: linear within ``linthresh`` of 0, logarithmic
+    beyond it on both sides) when the nonzero magnitudes span more than ``decades`` decades; "linear"
+    otherwise, so that one layer's spike does not flatten every other line against 0."""
     arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
     scale = choose_scale(arrays, decades)
     if scale == "log":
         return scale, None
     vals = [a[np.isfinite(a)] for a in arrays if len(a)]
     v = np.concatenate(vals) if vals else np.zeros(0)
-    pos = v[v > 0]
-    if len(pos) and v.min() >= 0 and pos.max() / pos.min() > 10.0 ** decades:
+    mag = np.abs(v)
+    pos = mag[mag > 0]
+    if len(pos) and pos.max() / pos.min() > 10.0 ** decades:
         return "asinh", float(np.quantile(pos, 0.05))
     return "linear", None
 

@@ -168,6 +168,9 @@ def test_log_scale_only_beyond_two_decades():
     assert choose_scale([np.array([1.0, 500.0])]) == "log"
     assert choose_scale([np.array([-1.0, 500.0])]) == "linear"
     assert signed_scale([np.array([0.0, 0.01, 500.0])])[0] == "asinh"
+    # a bias-corrected GSNR: slightly negative estimates beside one layer's spike
+    assert signed_scale([np.array([-0.004, 0.03, 0.2]), np.array([0.1, 2000.0])]) == ("asinh", pytest.approx(0.0092))
+    assert signed_scale([np.array([-0.5, 0.2, 1.0])]) == ("linear", None)
 
 
 def test_loss_axis_turns_logarithmic_from_one_decade(tmp_path):
