@@ -109,7 +109,7 @@ def run_card(i: int, run: RunView) -> str:
     c = run.curve("loss")
     lowest = float(np.nanmin(np.where(np.isfinite(c[1]), c[1], np.nan))) if c is not None and np.isfinite(c[1]).any() else None
     rows = [
-        ("First warning", _warning_text(run, boom)),
+        ("Explosion warning", _warning_text(run, boom)),
         ("Edge of stability", _eos_text(run)),
         ("Final loss", f"{final[1]:.4g} at step {final[0]}" + (f" (lowest {lowest:.4g})" if lowest is not None else "")
          if final else "not recorded"),
