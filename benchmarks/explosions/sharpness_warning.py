@@ -23,60 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks.explosions.configs import ALL, SEEDS
-from benchmarks.explosions.run_with_monitor import lm_loss
-from benchmarks.explosions.trainer import StopRule, TrainConfig, set_learning_rate, setup, update
-from diagnostics.store import open_run
-from diagnostics.tracking import Monitor
-from diagnostics.zoo.data import char_batches, pydoc_tokens
+from benchmarks.explosions.event_alarm import summary, train_with_alarm, verdict
+from benchmarks.explosions.trainer import TrainConfig
 
 
 def run_one(cfg: TrainConfig, run_dir: Path, every: int) -> dict[str, Any]:
     """Train ``cfg`` with sharpness every ``every`` steps; the explosion step, the first alarm and the
-    ratio series."""
-    torch.set_num_threads(1)
-    model, batches, opt = setup(cfg)
-    probe = char_batches(pydoc_tokens("train"), cfg.batch_size, cfg.block_size, 1, seed=2000 + cfg.seed)
-    rule = StopRule(cfg.stop_after_explosion)
-    t0 = time.perf_counter()
-    with Monitor(model, lm_loss, run=run_dir, diagnostics=["loss", "sharpness"], every={"sharpness": every},
-                 optimizer=opt, probe_data=probe, name=cfg.run_name) as mon:
-        for step, batch in enumerate(batches):
-            set_learning_rate(cfg, opt, step)
-            opt.zero_grad(set_to_none=True)
-            loss = lm_loss(model, batch)
-            loss.backward()
-            mon.step(step, batch, loss)
-            if rule.stop(step, float(loss.detach())):
-                break
-            update(cfg, model, opt)
-    with open_run(run_dir) as run:
-        events = run.events()
-        ratios = run.series("adam_sharpness_ratio")
-    if not events.empty:
-        events = events[(events["kind"] == "edge_of_stability") & (events["severity"] == "warning")]
-    alarm = int(events["step"].min()) if not events.empty else None
-    finite = ratios[ratios["value"].map(math.isfinite)]
-    return {"run": cfg.run_name, "config": cfg.name, "seed": cfg.seed, "explosion_step": rule.exploded_at,
-            "alarm_step": alarm, "seconds": time.perf_counter() - t0,
-            "ratios": [(int(s), float(v)) for s, v in zip(finite["step"], finite["value"], strict=True)]}
-
-
-def verdict(r: dict[str, Any]) -> str:
-    boom, alarm = r["explosion_step"], r["alarm_step"]
-    if boom is None:
-        return "false alarm" if alarm is not None else "quiet (correct)"
-    if alarm is None or alarm > boom:
-        return "missed"
-    return f"caught, lead {boom - alarm}"
+    ratio series (``ratios``)."""
+    r = train_with_alarm(cfg, run_dir, "sharpness", every, "edge_of_stability", "adam_sharpness_ratio")
+    r["ratios"] = r.pop("series")
+    r.pop("alarm_key")
+    return r
 
 
 def main() -> None:
@@ -100,13 +62,7 @@ def main() -> None:
             print(f"{r['run']:<24} explosion {str(r['explosion_step']):>5}  first crossing {str(r['alarm_step']):>5}  "
                   f"ratio from step 20: max {max(after, default=float('nan')):9.3g}  {verdict(r):<22} "
                   f"({r['seconds']:.0f} s)", flush=True)
-    exploding = [r for r in rows if r["explosion_step"] is not None]
-    stable = [r for r in rows if r["explosion_step"] is None]
-    caught = [r for r in exploding if r["alarm_step"] is not None and r["alarm_step"] <= r["explosion_step"]]
-    leads = sorted(r["explosion_step"] - r["alarm_step"] for r in caught)
-    alarmed = [r for r in stable if r["alarm_step"] is not None]
-    print(f"\nexploding runs caught: {len(caught)} of {len(exploding)} (leads {leads}); "
-          f"stable runs alarmed: {len(alarmed)} of {len(stable)}")
+    print("\n" + summary(rows))
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
 
 
