@@ -52,6 +52,7 @@ class Line:
     points: bool = False  # markers only (e.g. estimates that did not converge)
     markers: bool = True  # dots on the points when there are few (off for band edges)
     keep: np.ndarray | None = None  # steps the downsampling must keep (alerts)
+    legend: bool = True  # False: drawn, but with no legend entry (a run's minor lines under one named line)
 
 
 @dataclass
@@ -156,6 +157,8 @@ def chart_payload(chart: Chart, reduced: list[tuple[np.ndarray, np.ndarray]]) ->
             # steps whose value is NaN or inf: crosses along the bottom, as in the static figure
             "bad": _steps(x[bad]) if bad.any() else [],
         })
+        if not line.legend:
+            series[-1]["legend"] = False
     return {
         "title": chart.title, "ylabel": chart.ylabel, "scale": chart.scale,
         # 6 significant digits like the values: the last bits of a float vary with the CPU's arithmetic
@@ -196,7 +199,7 @@ def _static(chart: Chart, reduced: list[tuple[np.ndarray, np.ndarray]], uid: str
     svg = line_chart_svg(series, width=width, height=chart.height, scale=chart.scale, linthresh=chart.linthresh,
                          yrange=chart.yrange, rules=rules, marks=marks, bands=chart.bands, ylabel=chart.ylabel,
                          alt=chart.title, uid=uid)
-    entries = [(ln.label, ln.color, DASHES.get(ln.dash), ln.points) for ln in chart.lines if len(ln.x)]
+    entries = [(ln.label, ln.color, DASHES.get(ln.dash), ln.points) for ln in chart.lines if len(ln.x) and ln.legend]
     seen = set()
     for m in chart.marks:
         style = ALERT_STYLE[m.kind]

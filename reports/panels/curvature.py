@@ -216,12 +216,18 @@ def eigen_chart(view: ReportView, prefix: str, *, group: str, height: int = 210,
         md = run.metric(metric)
         if md is not None and md.curve("all") is not None:
             steps, idx, mat = md.by_key["all"].table()
-            colors = layer_colors(len(idx)) if len(view.runs) == 1 else [run_color(i)] * len(idx)
+            single = len(view.runs) == 1
+            colors = layer_colors(len(idx)) if single else [run_color(i)] * len(idx)
             for j, ix in enumerate(idx):
-                # with several runs each run has one colour; the top eigenvalue is drawn thickest
+                # With several runs each run has one colour: the top eigenvalue is drawn thickest and named for
+                # the run's others too, which get no legend entry of their own (k of them per run would
+                # bury the chart under its legend; their values are in the tables below).
                 width = 1.8 if j == 0 else 1.0
-                lines.append(Line(run_label(view, run, f"λ{ix + 1}"), steps, mat[:, j], _hex(colors[j]), run=i,
-                                  keep=keep, width=width))
+                label = f"λ{ix + 1}"
+                if not single and j == 0 and len(idx) > 1:
+                    label += f" (thick; λ{idx[1] + 1}-λ{idx[-1] + 1} thin)"
+                lines.append(Line(run_label(view, run, label), steps, mat[:, j], _hex(colors[j]), run=i,
+                                  keep=keep, width=width, legend=single or j == 0))
             bs, bv = _not_converged(run, prefix, steps, idx, mat)
             if len(bs):
                 lines.append(Line(run_label(view, run, "not converged"), bs, bv, "#d62728", points=True, run=i))

@@ -267,6 +267,11 @@
       }
     };
     var u = new uPlot(opts, data, live);
+    // Lines drawn without a legend entry (a run's minor lines, named by its main one).
+    var rows = u.root.querySelectorAll(".u-legend .u-series");
+    spec.series.forEach(function (s, i) {
+      if (s.legend === false && rows[i + 1]) rows[i + 1].style.display = "none";
+    });
     u.tdiagSpec = spec;
     u.tdiagGroup = g;
     var xs = data[0];

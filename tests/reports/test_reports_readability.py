@@ -356,3 +356,26 @@ def test_adams_settling_steps_are_left_out_of_the_sharpness_charts_and_said_so(t
     assert "adam: steps 0-10, up to 9,422" in chart.note and "control" not in chart.note
     only_adam = sharpness_ratio_chart(load_report_view([tmp_path / "adam"]), group="g")
     assert only_adam.scale == "linear"  # 0.26 and 0.3 only, no longer four decades
+
+
+def test_several_runs_top_eigenvalues_name_each_run_once_in_the_legend(tmp_path):
+    """With several runs (one colour each), only a run's top eigenvalue has a legend entry, named for the
+    thinner others; every eigenvalue is still drawn. One run keeps an entry per eigenvalue (its own colours)."""
+    from diagnostics.reports.panels.curvature import eigen_chart
+
+    for name in ("a", "b"):
+        with RunWriter(tmp_path / name, name=name) as w:
+            for step in (0, 10):
+                w.write_step(step, [Record("loss", 1.0)] + [Record("hessian_eigenvalue", 9.0 - j, index=j)
+                                                          for j in range(3)])
+    two = eigen_chart(load_report_view([tmp_path / "a", tmp_path / "b"]), "hessian", group="g")
+    assert len(two.lines) == 6
+    named = [ln.label for ln in two.lines if ln.legend]
+    assert named == ["a λ1 (thick; λ2-λ3 thin)", "b λ1 (thick; λ2-λ3 thin)"]
+    html = ChartSink().chart(two)
+    (data,) = _chart_data(html)
+    assert [s.get("legend", True) for s in data["series"]] == [True, False, False] * 2
+    static_legend = re.search(r'<div class="slegend">(.*?)</div>', html, re.S).group(1)
+    assert static_legend.count("<span>") == 2 and "λ2" not in static_legend.replace("λ2-λ3", "")
+    one = eigen_chart(load_report_view([tmp_path / "a"]), "hessian", group="g")
+    assert [ln.legend for ln in one.lines] == [True] * 3 and one.lines[0].label.endswith("λ1")
