@@ -306,11 +306,16 @@ def _resolve_diagnostics(spec: Any) -> list[Any]:
             raise ConfigError("--diagnostics is empty; give a preset (cheap, standard, full) or names")
     from diagnostics.metrics.base import PRESETS
 
-    named = {
-        s
-        for s in (spec if isinstance(spec, (list, tuple)) else [spec])
-        if isinstance(s, str) and s not in PRESETS
-    }
+    # What the user named (a name, {name: options} or an instance) is refused if it cannot run on a
+    # checkpoint; what came with a preset is left out quietly.
+    named: set[str] = set()
+    for s in spec if isinstance(spec, (list, tuple)) else [spec]:
+        if isinstance(s, str) and s not in PRESETS:
+            named.add(s)
+        elif isinstance(s, dict):
+            named.update(str(k) for k in s)
+        elif isinstance(getattr(s, "name", None), str):
+            named.add(s.name)
     diags = []
     for d in resolve_diagnostics(spec):
         if _NEEDS_TRAINING & d.requires:

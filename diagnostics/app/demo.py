@@ -1,10 +1,11 @@
 """The demo behind ``tdiag demo`` (``make demo``): a stable and an exploding tiny GPT, side by side.
 
 It trains the zoo's tiny character-level GPT twice on the stdlib ``pydoc_data.topics`` text with AdamW,
-both runs monitored in the loop by the whole standard preset and the explosion detector (when it is
-registered) on fixed schedules, so that every chart of the report has a curve: spectral alignment, the
-loss and the norms at every step, sharpness, Adam state, GSNR and the attention and output logits every
-10 steps, the ranks every 20 and the Hessian's top eigenvalues every 50. That is several times the
+both runs monitored in the loop by the whole standard preset, the explosion detector (when it is
+registered) and ``grad_subspace`` on fixed schedules, so that every chart of the report has a curve:
+spectral alignment, the loss and the norms at every step, sharpness, Adam state, GSNR and the attention
+and output logits every 10 steps, the ranks every 20 and the Hessian's top eigenvalues and the subspace
+every 50. That is several times the
 training's own time, far above the standard preset's 5% budget, which stays set so that the report's
 cost panel compares the two:
 
@@ -19,7 +20,8 @@ on one thread; the exploding run is bit-identical to that suite's ``ramp1000__s1
 loss-explosion benchmark, not by this pair: ``benchmarks/RESULTS.md, "Loss-explosion benchmark"``.
 
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
-the Hessian's top eigenvalues, the way one would analyse a finished training job. One HTML report
+the Hessian's top eigenvalues, spectral density and trace, the way one would analyse a finished training
+job. One HTML report
 compares the three runs. The printed summary says when the warning fired (or why it could not, or how
 close its score came when it did not), when the loss exploded (``diagnostics.explosion.explosion_step``,
 the suite's definition: the first step of 10 consecutive steps whose loss exceeds twice its running
@@ -27,11 +29,12 @@ minimum, or a non-finite loss; also stored as a ``loss_explosion`` event so that
 lead against the same step), the stable run's final loss, and when sharpness reached the optimizer's
 stability threshold in each run (:func:`~diagnostics.app.demo_summary.edge_note`).
 
-Cost: measured 80 s wall on the 2-core machine with nothing else running (55 s with only sharpness on a
-fixed schedule, 33 s under the budget alone); most of it the sharpness probes (about 0.6 to 1.2 s each),
-the Hessian's top eigenvalues (about 2.3 s a probe) and the training steps. ``quick=True`` (smaller
-batches, a 20-step ramp, cheap diagnostics) took 7 to 13 s wall, for tests; its runs are too short for
-the detector's baseline, and the summary says so.
+Cost: measured 106 s wall on the 2-core machine with nothing else running (80 s without the density and
+trace of the checkpoints and the subspace, 55 s with only sharpness on a fixed schedule, 33 s under the
+budget alone); most of it the sharpness probes (about 0.6 to 1.2 s each), the Hessian's top eigenvalues
+(about 2.3 s a probe), the checkpoints' density and trace (about 5 s each) and the training steps.
+``quick=True`` (smaller batches, a 20-step ramp, cheap diagnostics) took 7 to 13 s wall, for tests; its
+runs are too short for the detector's baseline, and the summary says so.
 """
 
 from __future__ import annotations
@@ -187,6 +190,14 @@ DEMO_BUDGET = 0.05
 
 #: Settings of the Hessian's top eigenvalues on the demo's checkpoints (a budget that fits 2 CPU cores).
 HESSIAN_OPTIONS: dict[str, Any] = {"k": 3, "max_matvecs": 40, "tol": 1e-2}
+
+#: The full preset's other curvature diagnostics, measured on the demo's checkpoints with settings that fit
+#: 2 CPU cores: the spectral density (2 probes of 24 Lanczos steps) and the trace (Hutch++, 30 products).
+#: (The gradient's share of the top eigenspace needs the optimizer's update: the in-loop runs measure it.)
+CHECKPOINT_CURVATURE: dict[str, dict[str, Any]] = {
+    "hessian_density": {"num_probes": 2, "steps": 24},
+    "hessian_trace": {"num_matvecs": 30},
+}
 
 
 def _standard_without(requirements: set[str]) -> list[str]:
@@ -384,6 +395,9 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         monitored = list(preset_names("standard"))
         # The detector joins when it is registered and not already in the preset.
         monitored += [n for n in _registered(["explosion_detector"]) if n not in monitored]
+        # From the full preset, the gradient's and the update's share of the top eigenspace that hessian_top
+        # finds (at hessian_top's steps: one gradient and one product more each).
+        monitored += [n for n in _registered(["grad_subspace"]) if n not in monitored]
         # A checkpoint holds no optimizer step: those diagnostics are the in-loop runs' business.
         analysed = [
             # (the detector reads a step-by-step series: a handful of checkpoints is not one)
@@ -393,6 +407,9 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
                 if n != "explosion_detector"
             ],
             *[{n: HESSIAN_OPTIONS} for n in _registered(["hessian_top"])],
+            # The full preset's curvature views too, so that the report's density, trace and subspace
+            # panels are not empty: small settings that fit a few seconds a checkpoint on 2 CPU cores.
+            *[{n: o} for n, o in CHECKPOINT_CURVATURE.items() if n in _registered(list(CHECKPOINT_CURVATURE))],
         ]
         # Fixed, not budgeted: the detector reads spectral alignment at every step, and the exploding run's
         # story is told step by step in Adam's update RMS, which the budget would thin on this tiny model.
@@ -408,7 +425,7 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, quiet: boo
         # every 50 (about 2.3 s a probe).
         fixed = {"spectral_alignment": 1, "explosion_detector": 1, "adam_state": 10, "sharpness": 10,
                  "attention_stats": 10, "output_logits": 10, "gsnr": 10, "activation_rank": 20,
-                 "grad_rank": 20, "weight_rank": 20, "hessian_top": 50,
+                 "grad_rank": 20, "weight_rank": 20, "hessian_top": 50, "grad_subspace": 50,
                  **{n: 1 for n in preset_names("cheap")}}
         every = {n: k for n, k in fixed.items() if n in monitored} or None
 

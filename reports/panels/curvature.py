@@ -441,8 +441,9 @@ def _draw_density(view: ReportView, sink: FigureSink) -> str:
             fig.colorbar(mesh, ax=hax, fraction=0.04, pad=0.01).set_label("log10 density")
             hax.set_xlabel("step")
             hax.set_ylabel("eigenvalue")
-            hax.set_title(mpl_text(f"{prefix} spectral density over steps" +
-                                   (f": {run.name}" if len(view.runs) > 1 else ""), 80), loc="left")
+            # Short enough, with the run's name, not to run into the next plot's title.
+            hax.set_title(f"{prefix} density by step" +
+                          (f": {mpl_text(run.name, 24)}" if len(view.runs) > 1 else ""), loc="left")
             pick = sorted(set(np.linspace(0, len(steps) - 1, min(4, len(steps))).astype(int).tolist()))
             cols4 = layer_colors(len(pick))
             for color, j in zip(cols4, pick):

@@ -98,6 +98,13 @@ def test_optimizer_diagnostics_are_left_out_or_refused(checkpoints, tmp_path):
             checkpoints, model="mlp-digits", diagnostics="loss,update_ratio", run=tmp_path / "b"
         )
     assert not database_path(tmp_path / "b").exists()
+    # named with options or as an instance, it is refused the same way, not dropped without a word
+    from diagnostics.metrics.subspace import GradSubspace
+
+    for spec in (["loss", {"grad_subspace": {"seed": 1}}], ["loss", GradSubspace()]):
+        with pytest.raises(ConfigError, match="grad_subspace.*optimizer's step"):
+            analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=spec, run=tmp_path / "c")
+        assert not database_path(tmp_path / "c").exists()
 
 
 def test_run_of_another_model_is_refused_before_writing(checkpoints, tmp_path):
