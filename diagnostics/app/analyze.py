@@ -318,6 +318,8 @@ def _resolve_diagnostics(spec: Any) -> list[Any]:
             named.add(s.name)
     diags = []
     for d in resolve_diagnostics(spec):
+        if _NEEDS_TRAINING & d.requires and callable(getattr(d, "without_update", None)):
+            d = d.without_update()  # its part that needs no optimizer step (grad_subspace: all but the update)
         if _NEEDS_TRAINING & d.requires:
             if d.name in named:
                 raise ConfigError(

@@ -20,8 +20,8 @@ on one thread; the exploding run is bit-identical to that suite's ``ramp1000__s1
 loss-explosion benchmark, not by this pair: ``benchmarks/RESULTS.md, "Loss-explosion benchmark"``.
 
 The stable run saves a few checkpoints, which ``analyze`` then measures with the same diagnostics plus
-the Hessian's top eigenvalues, spectral density and trace, the way one would analyse a finished training
-job. One HTML report
+the Hessian's top eigenvalues, spectral density and trace and the gradient's share of the top eigenspace,
+the way one would analyse a finished training job. One HTML report
 compares the three runs. The printed summary says when the warning fired (or why it could not, or how
 close its score came when it did not), when the loss exploded (``diagnostics.explosion.explosion_step``,
 the suite's definition: the first step of 10 consecutive steps whose loss exceeds twice its running
@@ -192,11 +192,12 @@ DEMO_BUDGET = 0.05
 HESSIAN_OPTIONS: dict[str, Any] = {"k": 3, "max_matvecs": 40, "tol": 1e-2}
 
 #: The full preset's other curvature diagnostics, measured on the demo's checkpoints with settings that fit
-#: 2 CPU cores: the spectral density (2 probes of 24 Lanczos steps) and the trace (Hutch++, 30 products).
-#: (The gradient's share of the top eigenspace needs the optimizer's update: the in-loop runs measure it.)
+#: 2 CPU cores: the spectral density (2 probes of 24 Lanczos steps), the trace (Hutch++, 30 products) and
+#: the gradient's share of the top eigenspace (without the update, which a checkpoint does not hold).
 CHECKPOINT_CURVATURE: dict[str, dict[str, Any]] = {
     "hessian_density": {"num_probes": 2, "steps": 24},
     "hessian_trace": {"num_matvecs": 30},
+    "grad_subspace": {},
 }
 
 

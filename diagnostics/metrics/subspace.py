@@ -74,6 +74,9 @@ class GradSubspace(CurvatureDiagnostic):
         gradient: "probe" (mean-loss gradient on the probe data, the same data as the eigenvectors; free
             once the operator has linearised its batches) or "batch" (the user's mini-batch ``.grad``).
         reference_step: the reference probe is the first one at or after this step.
+        update: also the optimizer's update (recorded after ``optimizer.step()``). False, or
+            :meth:`without_update`: everything else is recorded at the step itself and no optimizer is
+            needed, which is how ``tdiag analyze`` runs it on checkpoints.
 
     Cost: one HVP per block (for ``H g``) plus the probe gradient; projections are ``O(P k)``.
     """
@@ -88,8 +91,11 @@ class GradSubspace(CurvatureDiagnostic):
     after: ClassVar[tuple[str, ...]] = ("hessian_top",)
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str = "hessian", params: Any = None,
-                 gradient: str = "probe", reference_step: int = 0, seed: int = 0) -> None:
+                 gradient: str = "probe", reference_step: int = 0, seed: int = 0, update: bool = True) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
+        self.with_update = True
+        if not update:
+            self.without_update()
         if self.kind == "ggn":
             self.after = ("ggn_top",)
         self.metrics = type(self).metrics
@@ -108,7 +114,15 @@ class GradSubspace(CurvatureDiagnostic):
         self._pending: list[Record] = []
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "gradient": self.gradient, "reference_step": self.reference_step}
+        return {**super().settings(), "gradient": self.gradient, "reference_step": self.reference_step,
+                "update": self.with_update}
+
+    def without_update(self) -> GradSubspace:
+        """Leave out the update's fraction, so that nothing waits for an optimizer step (checkpoints).
+        Returns self."""
+        self.with_update = False
+        self.requires = type(self).requires - {"update"}
+        return self
 
     def _observe(self, ctx: StepContext, key: str) -> None:
         """Take the eigenspace ``hessian_top`` published for block ``key`` at this step, if any."""
@@ -143,9 +157,17 @@ class GradSubspace(CurvatureDiagnostic):
             g, Hg = out
             self._grads[key] = g.detach()
             self._pending.append(Record("grad_hessian_overlap", cosine_gHg(g, Hg), key=key))
+        if not self.with_update:
+            out = self._project(ctx, with_update=False)
+            return Output(records=out.records, reason=out.reason, num_matvecs=total)
         return Output(records=[], num_matvecs=total)
 
     def compute_after_update(self, ctx: StepContext) -> Output:
+        return self._project(ctx, with_update=True)
+
+    def _project(self, ctx: StepContext, with_update: bool) -> Output:
+        """The step's records from the gradients kept by :meth:`compute`: fractions in the latest top
+        eigenspace (the update's too when ``with_update``) and the overlaps of a new eigenspace."""
         from diagnostics.linalg import subspace_overlap
 
         records, self._pending = self._pending, []
@@ -164,7 +186,7 @@ class GradSubspace(CurvatureDiagnostic):
                 )
             records.append(Record("grad_subspace_fraction", _fraction(g, V), key=key))
             try:
-                update = ctx.update() if update is None else update
+                update = (ctx.update() if with_update else {}) if update is None else update
             except ConfigError:
                 update = {}
             if update:

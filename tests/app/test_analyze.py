@@ -99,10 +99,10 @@ def test_optimizer_diagnostics_are_left_out_or_refused(checkpoints, tmp_path):
         )
     assert not database_path(tmp_path / "b").exists()
     # named with options or as an instance, it is refused the same way, not dropped without a word
-    from diagnostics.metrics.subspace import GradSubspace
+    from diagnostics.metrics.basics import UpdateRatioDiagnostic
 
-    for spec in (["loss", {"grad_subspace": {"seed": 1}}], ["loss", GradSubspace()]):
-        with pytest.raises(ConfigError, match="grad_subspace.*optimizer's step"):
+    for spec in (["loss", {"update_ratio": {"every": 2}}], ["loss", UpdateRatioDiagnostic()]):
+        with pytest.raises(ConfigError, match="update_ratio.*optimizer's step"):
             analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=spec, run=tmp_path / "c")
         assert not database_path(tmp_path / "c").exists()
 
@@ -174,3 +174,18 @@ def test_spectral_alignment_converges_v1_at_every_checkpoint(tmp_path):
         for key, value in zip(stored[stored.step == step].key, stored[stored.step == step].value, strict=True):
             exact = float(torch.linalg.svdvals(weights[f"{key}.weight"].double())[0])
             assert value == pytest.approx(exact, rel=1e-5), (step, key)
+
+
+def test_grad_subspace_runs_on_checkpoints_without_the_update(checkpoints, tmp_path):
+    """At checkpoints there is no optimizer step: grad_subspace records the gradient's share of the top
+    eigenspace and how far that space turned since the previous checkpoint, and no update fraction."""
+    analyze_checkpoints(checkpoints, model="mlp-digits", diagnostics=["hessian_top", "grad_subspace"],
+                        batches=1, run=tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    assert run.meta["diagnostics"]["grad_subspace"]["update"] is False
+    frac = run.series(metric="grad_subspace_fraction")
+    assert len(frac) == 3 and ((frac.value >= 0) & (frac.value <= 1 + 1e-9)).all()
+    prev = run.series(metric="subspace_overlap_prev")
+    assert list(prev.step) == [4, 6] and ((prev.value >= 0) & (prev.value <= 1 + 1e-9)).all()
+    assert run.series(metric="update_subspace_fraction").empty
+    assert set(run.status().query("diagnostic == 'grad_subspace'").status) == {"ok"}

@@ -143,3 +143,19 @@ def test_full_preset_includes_it_and_blocks_must_match(tmp_path):
                                     GradSubspace(every=1, params={"head": ["2.*"]})], 1)
     s = run.series("grad_subspace_fraction")
     assert s.key.tolist() == ["head"]
+
+
+def test_without_the_update_the_rest_equals_dense_computations_at_the_step(tmp_path):
+    """update=False (how checkpoints run it): the gradient fraction and the overlaps are recorded at the step
+    itself, equal to the dense references, with no update fraction and nothing waiting for the optimizer."""
+    sub = GradSubspace(every=1, update=False)
+    assert "update" not in sub.requires and "update" in GradSubspace.requires
+    diags = [HessianTop(every=1, tol=1e-10, max_matvecs=None), sub]
+    run, truth = run_monitor(tmp_path, diags, steps=3)
+    gf, prev = series(run, "grad_subspace_fraction"), series(run, "subspace_overlap_prev")
+    assert not series(run, "update_subspace_fraction")
+    for step, t in enumerate(truth):
+        assert gf[step] == pytest.approx(frac(t["g"], t["V"]), abs=1e-7)
+    for step in (1, 2):
+        assert prev[step] == pytest.approx(overlap(truth[step - 1]["V"], truth[step]["V"]), abs=1e-7)
+    assert run.meta["diagnostics"]["grad_subspace"]["update"] is False
