@@ -15,20 +15,25 @@ The scripts that ask this of one diagnostic are ``sharpness_warning.py`` and ``r
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.explosions.configs import ALL, SEEDS
 from benchmarks.explosions.run_with_monitor import lm_loss
 from benchmarks.explosions.trainer import StopRule, TrainConfig, set_learning_rate, setup, update
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
 from diagnostics.zoo.data import char_batches, pydoc_tokens
 
-__all__ = ["summary", "train_with_alarm", "verdict"]
+__all__ = ["run_suite", "summary", "train_with_alarm", "verdict"]
 
 
 def train_with_alarm(cfg: TrainConfig, run_dir: Path, diagnostic: str, every: int, kind: str,
@@ -90,3 +95,30 @@ def summary(rows: list[dict[str, Any]]) -> str:
     alarmed = [r for r in stable if r["alarm_step"] is not None]
     return (f"exploding runs caught: {len(caught)} of {len(exploding)} (leads {leads}); "
             f"stable runs alarmed: {len(alarmed)} of {len(stable)}")
+
+
+def run_suite(description: str, run_one: Callable[[TrainConfig, Path, int], dict[str, Any]],
+              describe: Callable[[dict[str, Any]], str], argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """The command line of one alarm script: ``--out``, ``--configs``, ``--seeds``, ``--every``. Trains each
+    configuration and seed with ``run_one(cfg, run_dir, every)``, prints ``describe(row)`` with the run's
+    verdict and seconds, then :func:`summary`, and writes the rows to ``OUT/summary.json``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", nargs="*", default=list(ALL))
+    ap.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    ap.add_argument("--every", type=int, default=10)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.configs:
+        for seed in args.seeds:
+            cfg = ALL[name].with_seed(seed)
+            run_dir = out / cfg.run_name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            r = run_one(cfg, run_dir, args.every)
+            rows.append(r)
+            print(f"{describe(r)}  {verdict(r):<22} ({r['seconds']:.0f} s)", flush=True)
+    print("\n" + summary(rows))
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    return rows

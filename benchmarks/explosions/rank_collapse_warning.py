@@ -21,42 +21,30 @@ over layers at each probe).
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 from pathlib import Path
+from typing import Any
 
-from benchmarks.explosions.configs import ALL, SEEDS
-from benchmarks.explosions.event_alarm import summary, train_with_alarm, verdict
+from benchmarks.explosions.event_alarm import run_suite, train_with_alarm
+from benchmarks.explosions.trainer import TrainConfig
+
+
+def run_one(cfg: TrainConfig, run_dir: Path, every: int) -> dict[str, Any]:
+    """Train ``cfg`` with ``activation_rank`` every ``every`` steps; the explosion step, the first collapse
+    (and its layer) and the median effective rank over layers at each probe (``series``)."""
+    return train_with_alarm(cfg, run_dir, "activation_rank", every, "rank_collapse", "activation_effective_rank")
+
+
+def describe(r: dict[str, Any]) -> str:
+    at_100 = next((v for s, v in r["series"] if s >= 100), float("nan"))
+    lowest = min((v for s, v in r["series"] if s >= 100), default=float("nan"))
+    where = f" ({r['alarm_key']})" if r["alarm_key"] else ""
+    return (f"{r['run']:<24} explosion {str(r['explosion_step']):>5}  first collapse {str(r['alarm_step']):>5}"
+            f"{where:<24}  median rank from step 100: {at_100:5.1f} -> lowest {lowest:5.1f} "
+            f"({len(r['series'])} probes)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--configs", nargs="*", default=list(ALL))
-    ap.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
-    ap.add_argument("--every", type=int, default=10)
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.configs:
-        for seed in args.seeds:
-            cfg = ALL[name].with_seed(seed)
-            run_dir = out / cfg.run_name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            r = train_with_alarm(cfg, run_dir, "activation_rank", args.every, "rank_collapse",
-                                 "activation_effective_rank")
-            rows.append(r)
-            ranks = dict(r["series"])
-            at_100 = next((v for s, v in r["series"] if s >= 100), float("nan"))
-            lowest = min((v for s, v in r["series"] if s >= 100), default=float("nan"))
-            where = f" ({r['alarm_key']})" if r["alarm_key"] else ""
-            print(f"{r['run']:<24} explosion {str(r['explosion_step']):>5}  first collapse "
-                  f"{str(r['alarm_step']):>5}{where:<24}  median rank from step 100: {at_100:5.1f} -> lowest "
-                  f"{lowest:5.1f} ({len(ranks)} probes)  {verdict(r):<22} ({r['seconds']:.0f} s)", flush=True)
-    print("\n" + summary(rows))
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    run_suite(__doc__.split("\n\n")[0], run_one, describe, argv)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,10 @@ Prints one row per run and the summary; writes ``OUT/summary.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.explosions.configs import ALL, SEEDS
-from benchmarks.explosions.event_alarm import summary, train_with_alarm, verdict
+from benchmarks.explosions.event_alarm import run_suite, train_with_alarm
 from benchmarks.explosions.trainer import TrainConfig
 
 
@@ -41,29 +37,14 @@ def run_one(cfg: TrainConfig, run_dir: Path, every: int) -> dict[str, Any]:
     return r
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--configs", nargs="*", default=list(ALL))
-    ap.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
-    ap.add_argument("--every", type=int, default=10)
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.configs:
-        for seed in args.seeds:
-            cfg = ALL[name].with_seed(seed)
-            run_dir = out / cfg.run_name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            r = run_one(cfg, run_dir, args.every)
-            rows.append(r)
-            after = [v for s, v in r["ratios"] if s >= 20]
-            print(f"{r['run']:<24} explosion {str(r['explosion_step']):>5}  first crossing {str(r['alarm_step']):>5}  "
-                  f"ratio from step 20: max {max(after, default=float('nan')):9.3g}  {verdict(r):<22} "
-                  f"({r['seconds']:.0f} s)", flush=True)
-    print("\n" + summary(rows))
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+def describe(r: dict[str, Any]) -> str:
+    after = [v for s, v in r["ratios"] if s >= 20]
+    return (f"{r['run']:<24} explosion {str(r['explosion_step']):>5}  first crossing {str(r['alarm_step']):>5}  "
+            f"ratio from step 20: max {max(after, default=float('nan')):9.3g}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_suite(__doc__.split("\n\n")[0], run_one, describe, argv)
 
 
 if __name__ == "__main__":

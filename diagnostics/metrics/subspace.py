@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError
-from diagnostics.metrics.base import Output
 from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
+from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import CurvatureDiagnostic, Eigenspace, failed, run_guarded
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
@@ -203,6 +203,6 @@ class GradSubspace(CurvatureDiagnostic):
         self._grads = {}
         reason = None
         if missing:
-            reason = (f"no hessian_top eigenvectors (kind={self.kind!r}) for blocks {missing}: add hessian_top with the "
-                      "same params= and a schedule that meets this one; only grad_hessian_overlap was recorded")
+            reason = (f"no hessian_top eigenvectors (kind={self.kind!r}) for blocks {missing}: add hessian_top with "
+                      "the same params= and a schedule that meets this one; only grad_hessian_overlap was recorded")
         return Output(records=records, reason=reason)
