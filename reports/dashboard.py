@@ -13,7 +13,7 @@ import numpy as np
 
 from .charts import ChartSink
 from .figures import run_color
-from .panels.base import esc, grid, overlay_chart
+from .panels.base import esc, grid, overlay_chart, size_text
 from .panels.curvature import eigen_chart, sharpness_ratio_chart
 from .panels.layers import explosion_score_chart
 from .panels.training import loss_chart
@@ -53,8 +53,7 @@ def _latest_ratio(run: RunView) -> str:
         if ok.any():
             i = np.flatnonzero(ok)[-1]
             # "1,031" rather than "1e+03": a ratio past the threshold is read for its size.
-            text = f"{v[i]:,.0f}" if abs(v[i]) >= 100 else f"{v[i]:.2g}"
-            return f"; latest ratio {text} at step {int(s[i])}"
+            return f"; latest ratio {size_text(v[i])} at step {int(s[i])}"
     return ""
 
 

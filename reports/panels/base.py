@@ -38,6 +38,7 @@ from .common import (
     series_of,
     shared_range,
     signed_scale,
+    size_text,
     table_html,
 )
 from .layerviews import layer_block
@@ -46,7 +47,7 @@ __all__ = [
     "HEATMAP_STEP_BINS", "MAX_LAYER_LINES", "MAX_MARKS_PER_KIND", "STORY_ALERTS", "Panel", "alert_marks",
     "alert_steps", "choose_scale", "esc", "fmt", "folded", "grid", "layer_block", "layer_matrix", "layer_rows",
     "overlay_chart", "run_label", "runs_with", "scalar_rows", "series_of", "shared_range", "signed_scale",
-    "table_html",
+    "size_text", "table_html",
 ]
 
 

@@ -52,6 +52,13 @@ def fmt(x: Any) -> str:
     return f"{v:.4g}"
 
 
+def size_text(v: float) -> str:
+    """A ratio or eigenvalue in prose, read for its size: "0.16", "9,422", "3.58e+08"."""
+    if 100 <= abs(v) < 1e6:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) >= 1e6 else f"{v:.2g}"
+
+
 def table_html(header: list[str], rows: list[list[Any]], cls: str = "data") -> str:
     """An HTML table; every cell escaped. A cell given as ``("failed", text)`` is styled as failed."""
     out = [f'<table class="{cls}"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]

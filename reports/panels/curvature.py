@@ -24,6 +24,7 @@ from .base import (
     grid,
     run_label,
     runs_with,
+    size_text,
     table_html,
 )
 
@@ -70,8 +71,7 @@ def _settled_adam_curve(run: RunView, metric: str, left_out: list[str],
         x, y = c[0][early], c[1][early]
         steps = f"step {int(x[0])}" if len(x) == 1 else f"steps {int(x[0])}-{int(x[-1])}"
         top = np.nanmax(y) if np.isfinite(y).any() else float("nan")
-        largest = f"{top:,.0f}" if 100 <= top < 1e6 else f"{top:.3g}"
-        left_out.append(f"{name}: {steps}, up to {largest}")
+        left_out.append(f"{name}: {steps}, up to {size_text(top)}")
     return c[0][~early], c[1][~early]
 
 
