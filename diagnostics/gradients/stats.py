@@ -137,8 +137,9 @@ class GradientMoments:
         affine map ``N / (N - 1) * (corrected + 1 / N)`` of the corrected one, so its means and medians are
         the mapped means and medians; the tensors with a floored element (unused embedding rows, a bias
         whose gradient is structurally zero) are summarised from their raw ratios, and so is ``"all"``
-        then. Cost: one pass over all elements at once (no per-tensor tensor operations), one selection
-        per tensor and one pooled, plus the floored tensors' and, if any, one more pooled selection.
+        then. Cost: a few numpy passes over all elements at once (no per-tensor operations), one median
+        per tensor and one pooled (:func:`_median_np`), plus the floored tensors' and, if any, one more
+        pooled median.
         """
         names = list(self.mean)
         sizes = [self.mean[k].numel() for k in names]
@@ -147,9 +148,14 @@ class GradientMoments:
         else:
             m = torch.cat([self.mean[k].reshape(-1) for k in names]).cpu()
             v = torch.cat([self.var[k].reshape(-1) for k in names]).cpu()
-        n = self.n
-        # In place where possible: at millions of elements fresh temporaries cost more than the arithmetic.
-        corrected = m.square().sub_(v, alpha=1.0 / n).div_(v.clamp_min(eps)).numpy()
+        m, v, n = m.numpy(), v.numpy(), self.n
+        # numpy rather than torch: half the time per pass at millions of elements, and less per call on
+        # small models. Two temporaries, in place after that.
+        corrected = np.multiply(m, m)
+        den = np.multiply(v, 1.0 / n)
+        corrected -= den
+        np.maximum(v, eps, out=den)
+        corrected /= den
         first = _flat_summary(names, sizes, corrected)
 
         def to_raw(corrected_value: Any) -> Any:  # floats and arrays alike
@@ -157,14 +163,19 @@ class GradientMoments:
 
         mean = {k: to_raw(x) for k, x in first.mean.items()}
         median = {k: to_raw(x) for k, x in first.median.items()}
-        floored = (v < eps * n / (n - 1)).numpy()
-        if floored.any():
+        floored = v < eps * n / (n - 1)
+        bounds = _bounds(sizes)
+        starts = [a for a, b in bounds if b > a]
+        any_floored = np.logical_or.reduceat(floored, starts) if starts and floored.size else np.zeros(0, bool)
+        if any_floored.any():
             pooled = corrected  # mapped to raw in place: the corrected summary is already taken
             pooled *= n / (n - 1)
             pooled += 1.0 / (n - 1)
-            for name, (a, b) in zip(names, _bounds(sizes), strict=True):
-                if floored[a:b].any():
-                    direct = (m[a:b].square() / (v[a:b] * ((n - 1) / n)).clamp_min(eps)).numpy()
+            nonempty = (name_ab for name_ab in zip(names, bounds, strict=True) if name_ab[1][1] > name_ab[1][0])
+            for (name, (a, b)), floored_here in zip(nonempty, any_floored.tolist(), strict=True):
+                if floored_here:
+                    direct = np.square(m[a:b])
+                    direct /= np.maximum(v[a:b] * ((n - 1) / n), eps)
                     pooled[a:b] = direct
                     mean[name], median[name] = float(direct.mean()), _median_np(direct)
             mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
@@ -254,22 +265,66 @@ def gsnr_raw(per_sample: Mapping[str, Tensor], eps: float = GSNR_EPS) -> dict[st
     return gradient_moments(per_sample).gsnr_raw(eps)
 
 
+#: Arrays of at least this many values have their middle found by :func:`_bracketed_middle`.
+_BRACKETED_SELECTION_MIN = 1 << 16
+
+
 def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
     """The median of a 1-D array, the average of the two middle values for an even count; NaN if any
-    (``nan_free``: the caller knows there is none, and the check is skipped).
+    (``nan_free``: the caller knows there is none, and the check is skipped). Exact.
 
-    One introselect at the upper middle and the maximum of the half below it: about 5x faster than
-    ``np.median``, which selects both middle values at once (benchmarks/RESULTS.md, "GSNR's medians").
+    Below :data:`_BRACKETED_SELECTION_MIN` values: one introselect of a copy at the upper middle and the
+    maximum of the half below it (about 5x faster than ``np.median``, which selects both middle values at
+    once: benchmarks/RESULTS.md, "GSNR's medians"). From there, :func:`_bracketed_middle`: three
+    comparisons per value instead of a copy and an introselect of all of them.
     """
     k = a.size
     if k == 0:
         return float("nan")
+    if not nan_free and k >= _BRACKETED_SELECTION_MIN and np.isnan(a).any():
+        return float("nan")
+    middle = _bracketed_middle(a) if k >= _BRACKETED_SELECTION_MIN else None
+    if middle is not None:
+        return middle
     h = k // 2
     part = a.copy()
     part.partition(h)
     if not nan_free and np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
         return float("nan")
-    return float(part[h]) if k % 2 else float((part[:h].max() + part[h]) / 2)
+    return float(part[h]) if k % 2 else (float(part[:h].max()) + float(part[h])) / 2
+
+
+def _bracketed_middle(a: np.ndarray) -> float | None:
+    """The median of ``a`` (1-D, no NaN) by sampled bracketing (Floyd & Rivest 1975), or None when the
+    bracket missed (then the caller selects in full).
+
+    Two values ``lo <= hi`` are read off a random sample so that the middle of ``a`` most likely lies
+    between them; one pass counts the ``L`` values below ``lo`` and gathers the ``M`` values in
+    ``[lo, hi]``. When ``L <= h - 1`` and ``L + M > h`` (``h = k // 2``), the middle values of ``a`` are
+    the middle values of that small set shifted by ``L``, whatever the sample was: the result is exact,
+    and only the speed depends on the draw (a private generator, fixed seed). Cost: a sample of about
+    ``k^(2/3)`` values and three comparisons per value.
+    """
+    k = a.size
+    h = k // 2
+    s = int(k ** (2 / 3))
+    sample = a[np.random.default_rng(0).integers(0, k, s)]
+    at = h * s / k
+    spread = 3.0 * math.sqrt(s)  # about 6 standard deviations of a rank in the sample
+    ranks = [max(0, int(at - spread)), min(s - 1, int(at + spread) + 1)]
+    sample.partition(ranks)
+    lo, hi = sample[ranks[0]], sample[ranks[1]]
+    inside = a >= lo
+    below = k - int(np.count_nonzero(inside))
+    inside &= a <= hi
+    near = a[inside]
+    first = h - 1 if k % 2 == 0 else h  # the lowest rank needed
+    if below > first or below + near.size <= h:
+        return None
+    near.partition(h - below)
+    upper = float(near[h - below])
+    # For an even count below <= h - 1, so the value before the middle is in ``near`` too.
+    return upper if k % 2 else (float(near[: h - below].max()) + upper) / 2
 
 
 def _median(x: Tensor) -> float:

@@ -344,3 +344,63 @@ def test_gsnr_summary_with_nan_inf_and_empty_tensors_matches_numpy():
     got = gsnr_summary(ratios)
     assert got.median["all"] == pytest.approx(float(np.median(torch.cat([a, b, c]).numpy())), rel=1e-12)
     assert got.median["a"] == pytest.approx(float(np.median(a.numpy())), rel=1e-12)
+
+
+def _numpy_median(a: np.ndarray) -> float:
+    return float(np.median(a))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=arrays(np.float64, st.integers(1, 60),
+                     elements=st.one_of(st.integers(-3, 3).map(float),
+                                        st.floats(allow_nan=False, allow_infinity=True, width=64))))
+def test_bracketed_median_is_exact_whatever_the_sample(values):
+    """Sampled bracketing on small arrays (its threshold lowered): ties, infinities, any order; the result
+    equals numpy's median whether the bracket held the middle or missed (then the full selection runs)."""
+    import diagnostics.gradients.stats as stats_mod
+
+    saved = stats_mod._BRACKETED_SELECTION_MIN
+    stats_mod._BRACKETED_SELECTION_MIN = 1
+    try:
+        with np.errstate(invalid="ignore", over="ignore"):
+            got, want = stats_mod._median_np(values), _numpy_median(values)
+        bracketed = stats_mod._bracketed_middle(values)
+    finally:
+        stats_mod._BRACKETED_SELECTION_MIN = saved
+    assert got == want or (math.isnan(got) and math.isnan(want))
+    assert bracketed is None or bracketed == want or (math.isnan(bracketed) and math.isnan(want))
+
+
+@pytest.mark.parametrize("k", [65_536, 65_537, 200_001])
+@pytest.mark.parametrize("kind", ["normal", "ties", "sorted", "constant", "infinities", "skewed"])
+def test_median_of_large_arrays_is_numpys_exactly(k, kind):
+    rng = np.random.default_rng(k)
+    a = {"normal": lambda: rng.standard_normal(k),
+         "ties": lambda: rng.integers(-2, 3, k).astype(np.float64),
+         "sorted": lambda: np.sort(rng.standard_normal(k)),
+         "constant": lambda: np.full(k, 0.25),
+         "infinities": lambda: np.where(rng.random(k) < 0.4, np.inf, rng.standard_normal(k)),
+         "skewed": lambda: rng.lognormal(0.0, 4.0, k)}[kind]()
+    from diagnostics.gradients.stats import _median_np
+
+    assert _median_np(a) == _numpy_median(a)
+    assert _median_np(a, nan_free=True) == _numpy_median(a)
+    a[k // 3] = np.nan
+    assert math.isnan(_median_np(a))
+
+
+def test_a_bracket_that_misses_falls_back_to_the_full_selection(monkeypatch):
+    """A sample that holds only the array's smallest values brackets nothing near the middle: None, and the
+    median is still exact."""
+    import diagnostics.gradients.stats as stats_mod
+
+    a = np.random.default_rng(1).standard_normal(100_000)
+    smallest = int(np.argmin(a))
+
+    class _LowSample:
+        def integers(self, low, high, size):
+            return np.full(size, smallest)
+
+    monkeypatch.setattr(stats_mod.np.random, "default_rng", lambda seed: _LowSample())
+    assert stats_mod._bracketed_middle(a) is None
+    assert stats_mod._median_np(a) == _numpy_median(a)
