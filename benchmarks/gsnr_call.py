@@ -1,12 +1,14 @@
-"""GSNR from the training step on a model whose step takes half a millisecond: where its fixed cost goes.
+"""GSNR from the training step, against a plain training step: where its cost goes.
 
-On the digits MLP (64-32-32-10, batch 64) one training step costs about 0.5 ms, so what GSNR costs there
-is per-call work: its hooks on the training forward and backward, forming the 8 samples' gradients,
-their moments, the two summaries (means and medians per tensor and over all) and the records. This runs
-the Monitor's sequence (hooks held over the forward and backward, then ``compute``) and, interleaved,
-plain training steps of a copy of the model, and prints medians:
+On the digits MLP (64-32-32-10, batch 64, the default) one training step costs about 0.5 ms, so what GSNR
+costs there is per-call work: its hooks on the training forward and backward, forming the 8 samples'
+gradients, their moments, the two summaries (means and medians per tensor and over all) and the records.
+``--model tiny`` and ``--model large`` run the zoo's tiny GPT and the 3.2M GPT of ``gpt_cases.py``
+(batch 16), where the moments and summaries of millions of values count too. This runs the Monitor's
+sequence (hooks held over the forward and backward, then ``compute``) and, interleaved, plain training
+steps of a copy of the model, and prints medians:
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gsnr_call.py [--steps 400]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gsnr_call.py [--steps 400] [--model mlp|tiny|large]
 
 With ``benchmarks/run_from_tree.py TREE $PWD/benchmarks/gsnr_call.py`` the same script times another
 tree's library (before/after a change).
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +30,10 @@ from diagnostics.gradients.training_capture import TrainingStepCapture
 from diagnostics.metrics.gradient_stats import GSNRDiagnostic
 from diagnostics.tracking import StepContext
 from diagnostics.zoo.registry import get_data, get_loss, get_model
+
+# Run as a script (python benchmarks/NAME.py): the repository root holds the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpt_cases import gpt_case  # noqa: E402
 
 
 def _timed(owner: object, name: str, into: list[float]) -> None:
@@ -44,22 +52,27 @@ def _timed(owner: object, name: str, into: list[float]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400, help="timed steps of each kind (after 20 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=400, help="timed steps of each kind (after the warm-up steps)")
+    ap.add_argument("--model", choices=("mlp", "tiny", "large"), default="mlp")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    model = get_model("mlp-digits")
+    if args.model == "mlp":
+        model, loss_fn = get_model("mlp-digits"), get_loss("mlp-digits")
+        data = get_data("digits", batch_size=64, num_batches=8)
+    else:
+        model, loss_fn, data = gpt_case(args.model, num_batches=8)
+    warmup = 20 if args.model == "mlp" else 3
     plain_model = copy.deepcopy(model)
-    loss_fn = get_loss("mlp-digits")
-    data = get_data("digits", batch_size=64, num_batches=8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
     gsnr = GSNRDiagnostic()
-    parts: dict[str, list[float]] = {"gradients": [], "summaries": []}
+    parts: dict[str, list[float]] = {"gradients": [], "moments": [], "summaries": []}
     _timed(TrainingStepCapture, "gradients", parts["gradients"])
+    _timed(stats, "_moments", parts["moments"])
     _timed(stats.GradientMoments, "summaries", parts["summaries"])
     times: dict[str, list[float]] = {"plain step": [], "hooks": [], "call": []}
-    for i in range(args.steps + 20):
+    for i in range(args.steps + warmup):
         batch = data[i % len(data)]
         with gsnr.observe_training_forward(model, i):
             opt.zero_grad(set_to_none=True)
@@ -76,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn(plain_model, batch).backward()
         plain_opt.step()
         plain = time.perf_counter() - t0
-        if i >= 20:
+        if i >= warmup:
             times["plain step"].append(plain)
             times["hooks"].append(hooks)
             times["call"].append(call)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    med.update({f"  of which {k}": statistics.median(v[20:]) * 1e3 for k, v in parts.items()})
+    med.update({f"  of which {k}": statistics.median(v[warmup:]) * 1e3 for k, v in parts.items()})
     for k, v in med.items():
         print(f"{k:26s} {v:.3f} ms")
     ratio = (med["hooks"] + med["call"]) / med["plain step"]

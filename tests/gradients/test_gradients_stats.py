@@ -404,3 +404,30 @@ def test_a_bracket_that_misses_falls_back_to_the_full_selection(monkeypatch):
     monkeypatch.setattr(stats_mod.np.random, "default_rng", lambda seed: _LowSample())
     assert stats_mod._bracketed_middle(a) is None
     assert stats_mod._median_np(a) == _numpy_median(a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 1000), (5, 33, 31), (3, 4096)])
+def test_moments_a_chunk_at_a_time_equal_the_whole(monkeypatch, dtype, shape):
+    """Centred a column chunk at a time (the chunk lowered to 100 columns, which divides none of these
+    sizes): the same means and variances as in one piece, to the rounding of the reduction order (values of
+    order 1, so the tolerance is a few units of it); the flat form too."""
+    import diagnostics.gradients.stats as stats_mod
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    whole = stats_mod._moments(g)
+    itemsize = torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(stats_mod, "_MOMENT_CHUNK_BYTES", {"cpu": 100 * shape[0] * itemsize})
+    chunked = stats_mod._moments(g)
+    assert chunked[2] == whole[2] == shape[0]
+    for got, want in zip(chunked[:2], whole[:2], strict=True):
+        assert got.shape == want.shape == g.shape[1:] and got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=8 * torch.finfo(dtype).eps, atol=8 * torch.finfo(dtype).eps)
+    flat = stats_mod.GradientMoments.from_flat(g.reshape(shape[0], -1), [("p", torch.Size(g.shape[1:]))])
+    tol = 8 * torch.finfo(dtype).eps
+    torch.testing.assert_close(flat.mean["p"], whole[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(flat.var["p"], whole[1], rtol=tol, atol=tol)
+    # against float64 numpy: the mean and the unbiased variance themselves
+    ref = g.double().reshape(shape[0], -1).numpy()
+    np.testing.assert_allclose(chunked[0].reshape(-1).numpy(), ref.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(chunked[1].reshape(-1).numpy(), ref.var(0, ddof=1), rtol=1e-5, atol=1e-7)
