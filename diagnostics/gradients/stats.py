@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError, DataError
+from diagnostics.gradients.summaries import GSNRSummary, gsnr_summary, ratio_summaries
 
 __all__ = [
     "GradientMoments",
@@ -152,55 +152,16 @@ class GradientMoments:
 
     def summaries(self, eps: float = GSNR_EPS) -> tuple[GSNRSummary, GSNRSummary]:
         """``(gsnr_summary(self.gsnr(eps)), gsnr_summary(self.gsnr_raw(eps)))``, the second mostly mapped
-        from the first.
-
-        Where no variance is floored (every ``s^2 >= eps N / (N - 1)``) the raw ratio is the increasing
-        affine map ``N / (N - 1) * (corrected + 1 / N)`` of the corrected one, so its means and medians are
-        the mapped means and medians; the tensors with a floored element (unused embedding rows, a bias
-        whose gradient is structurally zero) are summarised from their raw ratios, and so is ``"all"``
-        then. Cost: a few numpy passes over all elements at once (no per-tensor operations), one median
-        per tensor and one pooled (:func:`_median_np`), plus the floored tensors' and, if any, one more
-        pooled median.
-        """
+        from the first, where the moments are (numpy on the CPU, torch on another device): see
+        :func:`~diagnostics.gradients.summaries.ratio_summaries` for how and what it costs."""
         names = list(self.mean)
         sizes = [self.mean[k].numel() for k in names]
         if self.flat is not None:
-            m, v = self.flat[0].cpu(), self.flat[1].cpu()
+            m, v = self.flat
         else:
-            m = torch.cat([self.mean[k].reshape(-1) for k in names]).cpu()
-            v = torch.cat([self.var[k].reshape(-1) for k in names]).cpu()
-        m, v, n = m.numpy(), v.numpy(), self.n
-        # numpy rather than torch: half the time per pass at millions of elements, and less per call on
-        # small models. Two temporaries, in place after that.
-        corrected = np.multiply(m, m)
-        den = np.multiply(v, 1.0 / n)
-        corrected -= den
-        np.maximum(v, eps, out=den)
-        corrected /= den
-        first = _flat_summary(names, sizes, corrected)
-
-        def to_raw(corrected_value: Any) -> Any:  # floats and arrays alike
-            return corrected_value * (n / (n - 1)) + 1.0 / (n - 1)
-
-        mean = {k: to_raw(x) for k, x in first.mean.items()}
-        median = {k: to_raw(x) for k, x in first.median.items()}
-        floored = v < eps * n / (n - 1)
-        bounds = _bounds(sizes)
-        starts = [a for a, b in bounds if b > a]
-        any_floored = np.logical_or.reduceat(floored, starts) if starts and floored.size else np.zeros(0, bool)
-        if any_floored.any():
-            pooled = corrected  # mapped to raw in place: the corrected summary is already taken
-            pooled *= n / (n - 1)
-            pooled += 1.0 / (n - 1)
-            nonempty = (name_ab for name_ab in zip(names, bounds, strict=True) if name_ab[1][1] > name_ab[1][0])
-            for (name, (a, b)), floored_here in zip(nonempty, any_floored.tolist(), strict=True):
-                if floored_here:
-                    direct = np.square(m[a:b])
-                    direct /= np.maximum(v[a:b] * ((n - 1) / n), eps)
-                    pooled[a:b] = direct
-                    mean[name], median[name] = float(direct.mean()), _median_np(direct)
-            mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
-        return first, GSNRSummary(mean=mean, median=median)
+            m = torch.cat([self.mean[k].reshape(-1) for k in names])
+            v = torch.cat([self.var[k].reshape(-1) for k in names])
+        return ratio_summaries(names, sizes, m, v, self.n, eps)
 
     def noise_parts(self) -> NoiseScaleParts:
         """:func:`gradient_noise_parts`: unbiased ``tr(Sigma)`` and ``|G|^2``."""
@@ -284,138 +245,6 @@ def gsnr_raw(per_sample: Mapping[str, Tensor], eps: float = GSNR_EPS) -> dict[st
     """
     _check(per_sample, "gsnr_raw")
     return gradient_moments(per_sample).gsnr_raw(eps)
-
-
-#: Arrays of at least this many values have their middle found by :func:`_bracketed_middle`.
-_BRACKETED_SELECTION_MIN = 1 << 16
-
-
-def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
-    """The median of a 1-D array, the average of the two middle values for an even count; NaN if any
-    (``nan_free``: the caller knows there is none, and the check is skipped). Exact.
-
-    Below :data:`_BRACKETED_SELECTION_MIN` values: one introselect of a copy at the upper middle and the
-    maximum of the half below it (about 5x faster than ``np.median``, which selects both middle values at
-    once: benchmarks/RESULTS.md, "GSNR's medians"). From there, :func:`_bracketed_middle`: three
-    comparisons per value instead of a copy and an introselect of all of them.
-    """
-    k = a.size
-    if k == 0:
-        return float("nan")
-    if not nan_free and k >= _BRACKETED_SELECTION_MIN and np.isnan(a).any():
-        return float("nan")
-    middle = _bracketed_middle(a) if k >= _BRACKETED_SELECTION_MIN else None
-    if middle is not None:
-        return middle
-    h = k // 2
-    part = a.copy()
-    part.partition(h)
-    if not nan_free and np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
-        return float("nan")
-    return float(part[h]) if k % 2 else (float(part[:h].max()) + float(part[h])) / 2
-
-
-def _bracketed_middle(a: np.ndarray) -> float | None:
-    """The median of ``a`` (1-D, no NaN) by sampled bracketing (Floyd & Rivest 1975), or None when the
-    bracket missed (then the caller selects in full).
-
-    Two values ``lo <= hi`` are read off a random sample so that the middle of ``a`` most likely lies
-    between them; one pass counts the ``L`` values below ``lo`` and gathers the ``M`` values in
-    ``[lo, hi]``. When ``L <= h - 1`` and ``L + M > h`` (``h = k // 2``), the middle values of ``a`` are
-    the middle values of that small set shifted by ``L``, whatever the sample was: the result is exact,
-    and only the speed depends on the draw (a private generator, fixed seed). Cost: a sample of about
-    ``k^(2/3)`` values and three comparisons per value.
-    """
-    k = a.size
-    h = k // 2
-    s = int(k ** (2 / 3))
-    sample = a[np.random.default_rng(0).integers(0, k, s)]
-    at = h * s / k
-    spread = 3.0 * math.sqrt(s)  # about 6 standard deviations of a rank in the sample
-    ranks = [max(0, int(at - spread)), min(s - 1, int(at + spread) + 1)]
-    sample.partition(ranks)
-    lo, hi = sample[ranks[0]], sample[ranks[1]]
-    inside = a >= lo
-    below = k - int(np.count_nonzero(inside))
-    inside &= a <= hi
-    near = a[inside]
-    first = h - 1 if k % 2 == 0 else h  # the lowest rank needed
-    if below > first or below + near.size <= h:
-        return None
-    near.partition(h - below)
-    upper = float(near[h - below])
-    # For an even count below <= h - 1, so the value before the middle is in ``near`` too.
-    return upper if k % 2 else (float(near[: h - below].max()) + upper) / 2
-
-
-def _median(x: Tensor) -> float:
-    """:func:`_median_np` of a tensor's elements (on the CPU; float64 unless float32)."""
-    x = x.detach().reshape(-1).cpu()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float64)
-    return _median_np(x.numpy())
-
-
-def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
-    """``(start, stop)`` of consecutive segments of the given sizes."""
-    stops = np.cumsum(sizes).tolist()
-    return [(stop - size, stop) for size, stop in zip(sizes, stops, strict=True)]
-
-
-def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSNRSummary:
-    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64), in the order of ``names``.
-
-    The means come from one segmented sum, and a NaN anywhere is looked for once: on a small model the
-    per-tensor calls, not the arithmetic, are the cost."""
-    bounds = _bounds(sizes)
-    nonempty = [a for a, b in bounds if b > a]
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is that mean's NaN, not an error
-        sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
-        total = float(sums.sum()) if sums.size else float("nan")
-    nan_free = bool(np.isfinite(total)) or not np.isnan(values).any()
-    mean: dict[str, float] = {}
-    median: dict[str, float] = {}
-    at = 0
-    for name, (a, b) in zip(names, bounds, strict=True):
-        if b > a:
-            mean[name] = float(sums[at]) / (b - a)
-            at += 1
-            median[name] = _median_np(values[a:b], nan_free)
-        else:
-            mean[name] = median[name] = float("nan")
-    mean["all"] = total / values.size if values.size else float("nan")
-    median["all"] = _median_np(values, nan_free)
-    return GSNRSummary(mean=mean, median=median)
-
-
-@dataclass(frozen=True)
-class GSNRSummary:
-    """Mean and median of per-element GSNR, per parameter tensor and over all parameters (key ``"all"``).
-
-    ``"all"`` pools every element of every tensor (a parameter-count-weighted aggregate). Both are taken
-    over the values as given, negative corrected estimates included (no clipping).
-    """
-
-    mean: dict[str, float]
-    median: dict[str, float]
-
-
-def gsnr_summary(ratios: Mapping[str, Tensor]) -> GSNRSummary:
-    """Summarise per-element GSNR (the output of :func:`gsnr`, :func:`gsnr_raw` or :func:`microbatch_gsnr`).
-
-    The mean over elements of the corrected estimator is an unbiased-to-first-order estimate of the mean
-    population GSNR; the median is a robust summary but not an unbiased estimate of the population median
-    (the per-element noise widens the distribution).
-
-    Returns:
-        :class:`GSNRSummary` with ``mean`` and ``median`` dicts keyed by parameter name and ``"all"``
-        (metrics ``gsnr_mean`` / ``gsnr_median``). Cost: one copy of all elements into one float64 array,
-        one sort-free selection per tensor and one over all of them.
-    """
-    if not ratios:
-        raise DataError("gsnr_summary: no ratios given")
-    pooled = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in ratios.values()]).cpu()
-    return _flat_summary(list(ratios), [v.numel() for v in ratios.values()], pooled.numpy())
 
 
 # --- the gradient noise scale ------------------------------------------------------------------------------

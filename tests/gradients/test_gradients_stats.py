@@ -241,7 +241,7 @@ def test_microbatch_gsnr_estimates_b_times_the_per_sample_gsnr() -> None:
 
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=12))
 def test_median_is_numpys_with_ties_and_even_counts(values: list[int]) -> None:
-    from diagnostics.gradients.stats import _median
+    from diagnostics.gradients.summaries import _median
 
     assert _median(torch.tensor(values, dtype=torch.float64)) == float(np.median(values))
 
@@ -266,7 +266,7 @@ def test_gradient_moments_serve_gsnr_and_noise_parts_from_one_pass() -> None:
 
 
 def test_median_of_large_inputs_is_numpys() -> None:
-    from diagnostics.gradients.stats import _median
+    from diagnostics.gradients.summaries import _median
 
     x = torch.randn(10_000, dtype=torch.float64)
     assert _median(x) == float(np.median(x.numpy()))
@@ -300,7 +300,7 @@ def test_both_summaries_match_the_direct_ones(n, sizes, zero, seed):
 @pytest.mark.parametrize("k", [4096, 4097, 10_000, 10_001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_median_of_large_tensors_equals_numpys(k, dtype):
-    from diagnostics.gradients.stats import _median
+    from diagnostics.gradients.summaries import _median
 
     g = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=g, dtype=torch.float64).to(dtype)
@@ -357,16 +357,16 @@ def _numpy_median(a: np.ndarray) -> float:
 def test_bracketed_median_is_exact_whatever_the_sample(values):
     """Sampled bracketing on small arrays (its threshold lowered): ties, infinities, any order; the result
     equals numpy's median whether the bracket held the middle or missed (then the full selection runs)."""
-    import diagnostics.gradients.stats as stats_mod
+    import diagnostics.gradients.summaries as summaries_mod
 
-    saved = stats_mod._BRACKETED_SELECTION_MIN
-    stats_mod._BRACKETED_SELECTION_MIN = 1
+    saved = summaries_mod._BRACKETED_SELECTION_MIN
+    summaries_mod._BRACKETED_SELECTION_MIN = 1
     try:
         with np.errstate(invalid="ignore", over="ignore"):
-            got, want = stats_mod._median_np(values), _numpy_median(values)
-        bracketed = stats_mod._bracketed_middle(values)
+            got, want = summaries_mod._median_np(values), _numpy_median(values)
+        bracketed = summaries_mod._bracketed_middle(values)
     finally:
-        stats_mod._BRACKETED_SELECTION_MIN = saved
+        summaries_mod._BRACKETED_SELECTION_MIN = saved
     assert got == want or (math.isnan(got) and math.isnan(want))
     assert bracketed is None or bracketed == want or (math.isnan(bracketed) and math.isnan(want))
 
@@ -381,7 +381,7 @@ def test_median_of_large_arrays_is_numpys_exactly(k, kind):
          "constant": lambda: np.full(k, 0.25),
          "infinities": lambda: np.where(rng.random(k) < 0.4, np.inf, rng.standard_normal(k)),
          "skewed": lambda: rng.lognormal(0.0, 4.0, k)}[kind]()
-    from diagnostics.gradients.stats import _median_np
+    from diagnostics.gradients.summaries import _median_np
 
     assert _median_np(a) == _numpy_median(a)
     assert _median_np(a, nan_free=True) == _numpy_median(a)
@@ -392,7 +392,7 @@ def test_median_of_large_arrays_is_numpys_exactly(k, kind):
 def test_a_bracket_that_misses_falls_back_to_the_full_selection(monkeypatch):
     """A sample that holds only the array's smallest values brackets nothing near the middle: None, and the
     median is still exact."""
-    import diagnostics.gradients.stats as stats_mod
+    import diagnostics.gradients.summaries as summaries_mod
 
     a = np.random.default_rng(1).standard_normal(100_000)
     smallest = int(np.argmin(a))
@@ -401,9 +401,9 @@ def test_a_bracket_that_misses_falls_back_to_the_full_selection(monkeypatch):
         def integers(self, low, high, size):
             return np.full(size, smallest)
 
-    monkeypatch.setattr(stats_mod.np.random, "default_rng", lambda seed: _LowSample())
-    assert stats_mod._bracketed_middle(a) is None
-    assert stats_mod._median_np(a) == _numpy_median(a)
+    monkeypatch.setattr(summaries_mod.np.random, "default_rng", lambda seed: _LowSample())
+    assert summaries_mod._bracketed_middle(a) is None
+    assert summaries_mod._median_np(a) == _numpy_median(a)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

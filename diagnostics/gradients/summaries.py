@@ -1,0 +1,270 @@
+"""Means and medians of per-element GSNR, per parameter tensor and pooled: :class:`GSNRSummary`.
+
+:func:`ratio_summaries` gives both of GSNR's summaries (the bias-corrected ratio and the raw one) from the
+per-element means and variances. On the CPU they are taken with numpy over all tensors laid end to end
+(segmented sums; exact medians by :func:`_median_np`); on another device (CUDA) with torch where the
+moments are, so only the summaries, a few numbers per tensor, cross to the host (two transfers at most).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diagnostics.errors import DataError
+
+__all__ = ["GSNRSummary", "gsnr_summary", "ratio_summaries"]
+
+
+@dataclass(frozen=True)
+class GSNRSummary:
+    """Mean and median of per-element GSNR, per parameter tensor and over all parameters (key ``"all"``).
+
+    ``"all"`` pools every element of every tensor (a parameter-count-weighted aggregate). Both are taken
+    over the values as given, negative corrected estimates included (no clipping).
+    """
+
+    mean: dict[str, float]
+    median: dict[str, float]
+
+
+def gsnr_summary(ratios: Mapping[str, Tensor]) -> GSNRSummary:
+    """Summarise per-element GSNR (the output of :func:`gsnr`, :func:`gsnr_raw` or :func:`microbatch_gsnr`).
+
+    The mean over elements of the corrected estimator is an unbiased-to-first-order estimate of the mean
+    population GSNR; the median is a robust summary but not an unbiased estimate of the population median
+    (the per-element noise widens the distribution).
+
+    Returns:
+        :class:`GSNRSummary` with ``mean`` and ``median`` dicts keyed by parameter name and ``"all"``
+        (metrics ``gsnr_mean`` / ``gsnr_median``). Cost: one copy of all elements into one float64 array,
+        one exact median per tensor and one over all of them: in numpy on the CPU, in torch on another
+        device (the numbers to the host in one transfer).
+    """
+    if not ratios:
+        raise DataError("gsnr_summary: no ratios given")
+    pooled = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in ratios.values()])
+    names, sizes = list(ratios), [v.numel() for v in ratios.values()]
+    if pooled.device.type != "cpu":
+        return _device_flat_summary(names, sizes, pooled)
+    return _flat_summary(names, sizes, pooled.numpy())
+
+
+def ratio_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n: int,
+                    eps: float) -> tuple[GSNRSummary, GSNRSummary]:
+    """The summaries of the corrected and the raw GSNR of N gradients with per-element means ``m`` and
+    unbiased variances ``v`` (float64 ``[P]``, the tensors ``names`` of ``sizes`` laid end to end).
+
+    Where no variance is floored (every ``s^2 >= eps N / (N - 1)``) the raw ratio is the increasing
+    affine map ``N / (N - 1) * (corrected + 1 / N)`` of the corrected one, so its means and medians are
+    the mapped means and medians; the tensors with a floored element (unused embedding rows, a bias
+    whose gradient is structurally zero) are summarised from their raw ratios, and so is ``"all"``
+    then. Cost: a few passes over all elements at once, one median per tensor and one pooled, plus the
+    floored tensors' and, if any, one more pooled median; on the CPU in numpy (no per-tensor tensor
+    operation), elsewhere in torch on the moments' device (a few kernels per tensor, and the summaries'
+    numbers to the host in one or two transfers).
+    """
+    if m.device.type != "cpu":
+        return _device_summaries(names, sizes, m, v, n, eps)
+    m, v = m.numpy(), v.numpy()
+    # numpy rather than torch: half the time per pass at millions of elements, and less per call on
+    # small models. Two temporaries, in place after that.
+    corrected = np.multiply(m, m)
+    den = np.multiply(v, 1.0 / n)
+    corrected -= den
+    np.maximum(v, eps, out=den)
+    corrected /= den
+    first = _flat_summary(names, sizes, corrected)
+    mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
+    median = {k: _to_raw(x, n) for k, x in first.median.items()}
+    floored = v < eps * n / (n - 1)
+    bounds = _bounds(sizes)
+    starts = [a for a, b in bounds if b > a]
+    any_floored = np.logical_or.reduceat(floored, starts) if starts and floored.size else np.zeros(0, bool)
+    if any_floored.any():
+        pooled = corrected  # mapped to raw in place: the corrected summary is already taken
+        pooled *= n / (n - 1)
+        pooled += 1.0 / (n - 1)
+        nonempty = (name_ab for name_ab in zip(names, bounds, strict=True) if name_ab[1][1] > name_ab[1][0])
+        for (name, (a, b)), floored_here in zip(nonempty, any_floored.tolist(), strict=True):
+            if floored_here:
+                direct = np.square(m[a:b])
+                direct /= np.maximum(v[a:b] * ((n - 1) / n), eps)
+                pooled[a:b] = direct
+                mean[name], median[name] = float(direct.mean()), _median_np(direct)
+        mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
+    return first, GSNRSummary(mean=mean, median=median)
+
+
+def _to_raw(corrected_value: Any, n: int) -> Any:
+    """The raw ratio of an element (or a mean or median) whose variance is not floored: an increasing affine
+    map of the corrected one."""
+    return corrected_value * (n / (n - 1)) + 1.0 / (n - 1)
+
+
+def _segment_stats(values: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
+    """``[S, 4]`` float64 on ``values``' device, one row per segment ``(a, b)`` (non-empty): its sum, its
+    two middle values (equal for an odd count) and whether it holds a NaN. A few kernels per segment, no
+    host synchronisation."""
+    rows = []
+    for a, b in bounds:
+        seg = values[a:b]
+        k = b - a
+        upper = torch.kthvalue(seg, k // 2 + 1).values
+        lower = upper if k % 2 else torch.kthvalue(seg, k // 2).values
+        rows.append(torch.stack([seg.sum(), lower, upper, seg.isnan().any().to(values.dtype)]))
+    return torch.stack(rows).to(torch.float64)
+
+
+def _mean_and_median(row: list[float], size: int) -> tuple[float, float]:
+    """(mean, median) of a segment of ``size`` values from its :func:`_segment_stats` row."""
+    total, lower, upper, has_nan = row
+    median = float("nan") if has_nan else upper if lower == upper else (lower + upper) / 2
+    return total / size, median
+
+
+def _device_flat_summary(names: list[str], sizes: list[int], values: Tensor) -> GSNRSummary:
+    """:func:`_flat_summary` in torch on ``values``' device (means to the rounding of another summation
+    order, medians exact): a few kernels per tensor and one transfer to the host."""
+    live = [(name, a, b) for name, (a, b) in zip(names, _bounds(sizes), strict=True) if b > a]
+    out = GSNRSummary(mean=dict.fromkeys([*names, "all"], float("nan")),
+                      median=dict.fromkeys([*names, "all"], float("nan")))
+    if values.numel() == 0:
+        return out
+    rows = _segment_stats(values, [(a, b) for _, a, b in live] + [(0, values.numel())]).tolist()
+    for (name, a, b), row in zip(live, rows, strict=False):
+        out.mean[name], out.median[name] = _mean_and_median(row, b - a)
+    out.mean["all"], out.median["all"] = _mean_and_median(rows[-1], values.numel())
+    return out
+
+
+def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n: int,
+                      eps: float) -> tuple[GSNRSummary, GSNRSummary]:
+    """:func:`ratio_summaries` in torch on the moments' device (:func:`_device_flat_summary`): two
+    transfers to the host, four when a variance is floored."""
+    # The numpy path's operations in its order, so both round alike.
+    corrected = (m * m).sub_(v * (1.0 / n)).div_(v.clamp_min(eps))
+    first = _device_flat_summary(names, sizes, corrected)
+    mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
+    median = {k: _to_raw(x, n) for k, x in first.median.items()}
+    live = [(name, a, b) for name, (a, b) in zip(names, _bounds(sizes), strict=True) if b > a]
+    floored = v < eps * n / (n - 1)
+    flags = torch.stack([floored[a:b].any() for _, a, b in live]).tolist() if live else []
+    redo = [(name, a, b) for (name, a, b), flag in zip(live, flags, strict=True) if flag]
+    if redo:
+        pooled = corrected.mul_(n / (n - 1)).add_(1.0 / (n - 1))  # the corrected summary is already taken
+        for _, a, b in redo:
+            pooled[a:b] = m[a:b].square().div_((v[a:b] * ((n - 1) / n)).clamp_min(eps))
+        rows = _segment_stats(pooled, [(a, b) for _, a, b in redo] + [(0, pooled.numel())]).tolist()
+        for (name, a, b), row in zip(redo, rows, strict=False):
+            mean[name], median[name] = _mean_and_median(row, b - a)
+        mean["all"], median["all"] = _mean_and_median(rows[-1], pooled.numel())
+    return first, GSNRSummary(mean=mean, median=median)
+
+
+#: Arrays of at least this many values have their middle found by :func:`_bracketed_middle`.
+_BRACKETED_SELECTION_MIN = 1 << 16
+
+
+def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
+    """The median of a 1-D array, the average of the two middle values for an even count; NaN if any
+    (``nan_free``: the caller knows there is none, and the check is skipped). Exact.
+
+    Below :data:`_BRACKETED_SELECTION_MIN` values: one introselect of a copy at the upper middle and the
+    maximum of the half below it (about 5x faster than ``np.median``, which selects both middle values at
+    once: benchmarks/RESULTS.md, "GSNR's medians"). From there, :func:`_bracketed_middle`: three
+    comparisons per value instead of a copy and an introselect of all of them.
+    """
+    k = a.size
+    if k == 0:
+        return float("nan")
+    if not nan_free and k >= _BRACKETED_SELECTION_MIN and np.isnan(a).any():
+        return float("nan")
+    middle = _bracketed_middle(a) if k >= _BRACKETED_SELECTION_MIN else None
+    if middle is not None:
+        return middle
+    h = k // 2
+    part = a.copy()
+    part.partition(h)
+    if not nan_free and np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
+        return float("nan")
+    return float(part[h]) if k % 2 else (float(part[:h].max()) + float(part[h])) / 2
+
+
+def _bracketed_middle(a: np.ndarray) -> float | None:
+    """The median of ``a`` (1-D, no NaN) by sampled bracketing (Floyd & Rivest 1975), or None when the
+    bracket missed (then the caller selects in full).
+
+    Two values ``lo <= hi`` are read off a random sample so that the middle of ``a`` most likely lies
+    between them; one pass counts the ``L`` values below ``lo`` and gathers the ``M`` values in
+    ``[lo, hi]``. When ``L <= h - 1`` and ``L + M > h`` (``h = k // 2``), the middle values of ``a`` are
+    the middle values of that small set shifted by ``L``, whatever the sample was: the result is exact,
+    and only the speed depends on the draw (a private generator, fixed seed). Cost: a sample of about
+    ``k^(2/3)`` values and three comparisons per value.
+    """
+    k = a.size
+    h = k // 2
+    s = int(k ** (2 / 3))
+    sample = a[np.random.default_rng(0).integers(0, k, s)]
+    at = h * s / k
+    spread = 3.0 * math.sqrt(s)  # about 6 standard deviations of a rank in the sample
+    ranks = [max(0, int(at - spread)), min(s - 1, int(at + spread) + 1)]
+    sample.partition(ranks)
+    lo, hi = sample[ranks[0]], sample[ranks[1]]
+    inside = a >= lo
+    below = k - int(np.count_nonzero(inside))
+    inside &= a <= hi
+    near = a[inside]
+    first = h - 1 if k % 2 == 0 else h  # the lowest rank needed
+    if below > first or below + near.size <= h:
+        return None
+    near.partition(h - below)
+    upper = float(near[h - below])
+    # For an even count below <= h - 1, so the value before the middle is in ``near`` too.
+    return upper if k % 2 else (float(near[: h - below].max()) + upper) / 2
+
+
+def _median(x: Tensor) -> float:
+    """:func:`_median_np` of a tensor's elements (on the CPU; float64 unless float32)."""
+    x = x.detach().reshape(-1).cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float64)
+    return _median_np(x.numpy())
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive segments of the given sizes."""
+    stops = np.cumsum(sizes).tolist()
+    return [(stop - size, stop) for size, stop in zip(sizes, stops, strict=True)]
+
+
+def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSNRSummary:
+    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64), in the order of ``names``.
+
+    The means come from one segmented sum, and a NaN anywhere is looked for once: on a small model the
+    per-tensor calls, not the arithmetic, are the cost."""
+    bounds = _bounds(sizes)
+    nonempty = [a for a, b in bounds if b > a]
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is that mean's NaN, not an error
+        sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
+        total = float(sums.sum()) if sums.size else float("nan")
+    nan_free = bool(np.isfinite(total)) or not np.isnan(values).any()
+    mean: dict[str, float] = {}
+    median: dict[str, float] = {}
+    at = 0
+    for name, (a, b) in zip(names, bounds, strict=True):
+        if b > a:
+            mean[name] = float(sums[at]) / (b - a)
+            at += 1
+            median[name] = _median_np(values[a:b], nan_free)
+        else:
+            mean[name] = median[name] = float("nan")
+    mean["all"] = total / values.size if values.size else float("nan")
+    median["all"] = _median_np(values, nan_free)
+    return GSNRSummary(mean=mean, median=median)

@@ -1,0 +1,93 @@
+"""GSNR's summaries on another device (torch where the moments are) against the numpy ones on the CPU.
+
+The device path is plain torch, so it runs here on CPU tensors; with CUDA the last test runs it there."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diagnostics.gradients import gradient_moments
+from diagnostics.gradients.summaries import (
+    GSNRSummary,
+    _device_flat_summary,
+    _device_summaries,
+    _flat_summary,
+    ratio_summaries,
+)
+
+
+def _same(got: GSNRSummary, want: GSNRSummary) -> None:
+    """Means to the rounding of another summation order; medians to the last bit or two (the same selections
+    of values computed by the same operations, which a fused multiply-add may round differently)."""
+    assert got.mean.keys() == want.mean.keys() and got.median.keys() == want.median.keys()
+    for k in want.mean:
+        g, w = got.mean[k], want.mean[k]
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-12, abs=1e-300), (k, g, w)
+        g, w = got.median[k], want.median[k]
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-14, abs=1e-300), (k, g, w)
+
+
+def _moments_case(n: int, sizes: list[int], zero: list[bool], seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    per_sample = {}
+    for i, size in enumerate(sizes):
+        g = torch.randn(n, size, generator=gen, dtype=torch.float64) + 0.3
+        if zero[i]:
+            g[:, : max(1, size // 3)] = 0.0  # structurally zero gradient: floored variance
+            g[:, -1] = 0.5  # the same gradient for every sample: zero variance, non-zero mean
+        per_sample[f"p{i}"] = g
+    moments = gradient_moments(per_sample)
+    names = list(moments.mean)
+    m = torch.cat([moments.mean[k].reshape(-1) for k in names])
+    v = torch.cat([moments.var[k].reshape(-1) for k in names])
+    return moments, names, [moments.mean[k].numel() for k in names], m, v
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 9), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       zero=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_device_summaries_equal_the_numpy_ones(n, sizes, zero, seed):
+    """Both summaries, with and without floored variances, odd and even sizes."""
+    moments, names, sizes_, m, v = _moments_case(n, sizes, zero, seed)
+    want = ratio_summaries(names, sizes_, m, v, n, 1e-20)
+    got = _device_summaries(names, sizes_, m, v, n, 1e-20)
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    assert want == moments.summaries()
+
+
+def test_device_summary_with_nan_inf_and_empty_tensors_equals_the_numpy_one():
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(k, generator=g, dtype=torch.float64) for k in (9, 12, 301))
+    a[3] = float("nan")
+    b[0], b[1] = float("inf"), float("-inf")
+    names, sizes = ["a", "b", "empty", "c"], [9, 12, 0, 301]
+    values = torch.cat([a, b, c])
+    want = _flat_summary(names, sizes, values.numpy())
+    _same(_device_flat_summary(names, sizes, values), want)
+    assert math.isnan(want.median["a"]) and math.isnan(want.mean["empty"])
+    a[3] = 0.0
+    values = torch.cat([a, b, c])
+    _same(_device_flat_summary(names, sizes, values), _flat_summary(names, sizes, values.numpy()))
+
+
+def test_device_summaries_of_nothing_are_nan():
+    empty = torch.zeros(0, dtype=torch.float64)
+    first, raw = _device_summaries(["w"], [0], empty, empty, 4, 1e-20)
+    assert all(math.isnan(x) for x in [*first.mean.values(), *raw.median.values()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_summaries_of_cuda_moments_are_taken_there_and_equal_the_cpu_ones():
+    moments, names, sizes, m, v = _moments_case(8, [5000, 33, 70_000], [True, False, True], seed=0)
+    want = ratio_summaries(names, sizes, m, v, 8, 1e-20)
+    got = ratio_summaries(names, sizes, m.cuda(), v.cuda(), 8, 1e-20)
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    assert np.isfinite(got[0].median["all"])
