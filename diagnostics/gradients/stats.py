@@ -117,13 +117,20 @@ class GradientMoments:
         if grads.ndim != 2 or grads.shape[0] < 2:
             raise DataError(f"GradientMoments.from_flat needs [N, P] gradients with N >= 2, got {tuple(grads.shape)}")
         mean64, var64, n = _moments(grads)
+        return cls.from_moments(mean64, var64, layout, n)
+
+    @classmethod
+    def from_moments(cls, mean64: Tensor, var64: Tensor, layout: Sequence[tuple[str, torch.Size]],
+                     n: int) -> GradientMoments:
+        """The moments of N gradients given laid end to end (float64 ``[P]`` means and unbiased variances),
+        ``layout`` naming each parameter's segment and shape in order. No copy: the tensors are viewed."""
         mean, var, at = {}, {}, 0
         for name, shape in layout:
             size = math.prod(shape)
             mean[name], var[name] = mean64[at:at + size].view(shape), var64[at:at + size].view(shape)
             at += size
-        if at != grads.shape[1]:
-            raise DataError(f"GradientMoments.from_flat: the layout covers {at} of {grads.shape[1]} columns")
+        if at != mean64.numel():
+            raise DataError(f"GradientMoments: the layout covers {at} of {mean64.numel()} values")
         return cls(mean=mean, var=var, n=n, flat=(mean64, var64))
 
     def gsnr(self, eps: float = GSNR_EPS) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ used otherwise, or a model called with no batch dimension leaves the capture unu
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from diagnostics._batch import leading_size, tensor_leaves
 from diagnostics._hooks import HookClock
 from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
+from diagnostics.gradients.stats import GradientMoments, _moments
 
 __all__ = ["TrainingStepCapture"]
 
@@ -184,12 +186,8 @@ class TrainingStepCapture:
         output.register_hook(self._wrap(keep))
 
     # --- result ---------------------------------------------------------------------------------------
-    def gradients(self, selected: dict[str, Tensor]) -> dict[str, Tensor] | str:
-        """``{name: Tensor[n, *shape]}``: each captured sample's gradient, ``B`` times its share of the
-        batch loss's gradient (``B`` the captured batch's size), or a sentence saying why there is none.
-
-        Cost: one batched product per captured layer call (the FLOPs of the n samples' weight gradients).
-        """
+    def _samples(self) -> int | str:
+        """How many samples the captured gradients have (``min(n, B)``), or a sentence saying why there are none."""
         if self.problem is not None:
             return self.problem
         if not self.calls:
@@ -200,6 +198,31 @@ class TrainingStepCapture:
         n = min(self.n, B)
         if n < 2:
             return f"the captured batch holds {B} sample(s); at least 2 are needed"
+        return n
+
+    def _add_call(self, c: _Call, out: dict[str, Tensor], written: set[str], n: int) -> str | None:
+        """Add this layer call's per-sample contributions into ``out`` (:func:`accumulate_call`); a sentence
+        when the call cannot be used (then :attr:`problem` says it too)."""
+        # Under autocast the captured tensors may be half precision: the sums run in the parameters'.
+        dtype = out[next(iter(c.attrs.values()))].dtype
+        x = c.x if c.shared else c.x[:n].to(dtype) if c.x.is_floating_point() else c.x[:n]
+        g = c.g[:n].to(dtype)
+        if c.shared and g[0].numel() != c.x.numel() * g.shape[-1]:
+            self.problem = (f"the sum a shared lookup ({type(c.module).__name__}) is added to has shape "
+                            f"{tuple(c.g.shape[1:])}, not the lookup's positions {tuple(c.x.shape)} by its width")
+            return self.problem
+        accumulate_call(c.module, c.attrs, x, g, c.shared, out, written, n, scale=int(self.batch or 0))
+        return None
+
+    def gradients(self, selected: dict[str, Tensor]) -> dict[str, Tensor] | str:
+        """``{name: Tensor[n, *shape]}``: each captured sample's gradient, ``B`` times its share of the
+        batch loss's gradient (``B`` the captured batch's size), or a sentence saying why there is none.
+
+        Cost: one batched product per captured layer call (the FLOPs of the n samples' weight gradients).
+        """
+        n = self._samples()
+        if isinstance(n, str):
+            return n
         # One [n, P] buffer with a view per parameter: the moments then take two passes in all.
         first = next(iter(selected.values()))
         same = all(p.dtype == first.dtype and p.device == first.device for p in selected.values())
@@ -217,16 +240,48 @@ class TrainingStepCapture:
         written: set[str] = set()
         with torch.no_grad():
             for c in self.calls:
-                # Under autocast the captured tensors may be half precision: the sums run in the parameters'.
-                dtype = out[next(iter(c.attrs.values()))].dtype
-                x = c.x if c.shared else c.x[:n].to(dtype) if c.x.is_floating_point() else c.x[:n]
-                g = c.g[:n].to(dtype)
-                if c.shared and g[0].numel() != c.x.numel() * g.shape[-1]:
-                    self.problem = (f"the sum a shared lookup ({type(c.module).__name__}) is added to has shape "
-                                    f"{tuple(c.g.shape[1:])}, not the lookup's positions {tuple(c.x.shape)} by "
-                                    "its width")
-                    return self.problem
-                accumulate_call(c.module, c.attrs, x, g, c.shared, out, written, n, scale=B)
+                if self._add_call(c, out, written, n) is not None:
+                    return self.problem  # type: ignore[return-value]
             for name in out.keys() - written:
                 out[name].zero_()  # no captured call reached the loss
         return out
+
+    def moments(self, selected: dict[str, Tensor]) -> GradientMoments | str:
+        """The mean and unbiased variance over the captured samples of each selected parameter's gradient
+        (those of :meth:`gradients`, without keeping them), or a sentence saying why there are none.
+
+        Each parameter's per-sample gradients are formed in a temporary of their own and reduced as soon as
+        the last layer call that reaches the parameter has been added (a tied weight's stays until then):
+        the memory is ``n`` times the largest parameters at a time instead of an ``[n, P]`` buffer, and no
+        such buffer is mapped afresh at every call. Cost: the products of :meth:`gradients` and the
+        moments' two passes (:func:`~diagnostics.gradients.stats.gradient_moments`).
+        """
+        n = self._samples()
+        if isinstance(n, str):
+            return n
+        first = next(iter(selected.values()))
+        mean = torch.zeros(sum(p.numel() for p in selected.values()), dtype=torch.float64, device=first.device)
+        var = torch.zeros_like(mean)
+        place, at = {}, 0
+        for k, p in selected.items():
+            place[k] = (at, at + p.numel())
+            at += p.numel()
+        remaining = Counter(name for c in self.calls for name in set(c.attrs.values()))
+        temps: dict[str, Tensor] = {}
+        written: set[str] = set()
+        with torch.no_grad():
+            for c in self.calls:
+                for name in c.attrs.values():
+                    if name not in temps:
+                        p = selected[name]
+                        temps[name] = torch.empty((n, *p.shape), dtype=p.dtype, device=p.device)
+                if self._add_call(c, temps, written, n) is not None:
+                    return self.problem  # type: ignore[return-value]
+                for name in set(c.attrs.values()):
+                    remaining[name] -= 1
+                    if remaining[name] == 0:
+                        a, b = place[name]
+                        m, v, _ = _moments(temps.pop(name))
+                        mean[a:b], var[a:b] = m.reshape(-1).to(mean.device), v.reshape(-1).to(var.device)
+        # A parameter no captured call reached has a zero gradient for every sample: mean and variance 0.
+        return GradientMoments.from_moments(mean, var, [(k, p.shape) for k, p in selected.items()], n)

@@ -24,6 +24,7 @@ import torch
 from diagnostics._batch import leading_size, slice_batch
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
+from diagnostics.gradients.stats import GradientMoments
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
 from diagnostics.store.records import Record
@@ -43,6 +44,17 @@ def summary_records(prefix: str, summary: Any) -> list[Record]:
         for key, value in getattr(summary, stat).items():
             out.append(Record(f"{prefix}_{stat}", _as_float(value), key=str(key)))
     return out
+
+
+#: Captured per-sample gradients of at least this many bytes are reduced to their moments parameter by
+#: parameter (:meth:`TrainingStepCapture.moments`) instead of being formed in one ``[n, P]`` buffer first.
+MOMENTS_DIRECTLY_BYTES = 16 << 20
+
+
+def _moments_directly(selected: dict[str, torch.Tensor], n: int) -> bool:
+    """Whether ``n`` samples' gradients of ``selected`` are large enough to skip the ``[n, P]`` buffer: on a
+    small model its one reduction costs fewer calls than one per parameter."""
+    return n * sum(p.numel() * p.element_size() for p in selected.values()) >= MOMENTS_DIRECTLY_BYTES
 
 
 #: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step
@@ -148,18 +160,23 @@ class GSNRDiagnostic(Diagnostic):
             yield
         self._captured = (weakref.ref(model), int(step), capture, selected)
 
-    def _from_training_step(self, ctx: StepContext, n: int) -> dict[str, torch.Tensor] | None:
-        """The per-sample gradients captured from this step's training backward, or None (then
-        :attr:`capture_note` says why). Checks them once against the own pass on two samples."""
+    def _from_training_step(self, ctx: StepContext, n: int) -> dict[str, torch.Tensor] | GradientMoments | None:
+        """The per-sample gradients captured from this step's training backward (or, for a large model once
+        they were checked, their moments straight away), or None (then :attr:`capture_note` says why).
+        Checks them once against the own pass on two samples."""
         from diagnostics.gradients.per_sample import gradients_agree
 
         captured, self._captured = self._captured, None
         if captured is None or captured[0]() is not ctx.model or captured[1] != ctx.step:
             return None
-        got = captured[2].gradients(captured[3])
+        capture, selected = captured[2], captured[3]
+        if self.capture_agrees and _moments_directly(selected, n):
+            got: Any = capture.moments(selected)
+        else:
+            got = capture.gradients(selected)
         if isinstance(got, str):
             self.capture_note = got
-            if captured[2].problem is not None:  # the model's structure: the same at every step
+            if capture.problem is not None:  # the model's structure: the same at every step
                 self.capture_agrees = False
             return None
         if self.capture_agrees is None:
@@ -171,7 +188,8 @@ class GSNRDiagnostic(Diagnostic):
                                      "mixed precision): own passes from now on")
                 return None
         self.capture_note = None
-        capture = captured[2]
+        if isinstance(got, GradientMoments):
+            return got
         if capture.flat is not None:  # the moments from one [n, P] tensor
             self._flat = (capture.flat[:n], capture.layout)
         k = next(iter(got.values())).shape[0]
@@ -184,7 +202,7 @@ class GSNRDiagnostic(Diagnostic):
                 "max_samples": self.max_samples, "from_training_step": self.from_training_step}
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.gradients import GradientMoments, NoiseScaleEMA, gradient_moments
+        from diagnostics.gradients import NoiseScaleEMA, gradient_moments
 
         n = leading_size(ctx.batch)
         if n is None or n < 2:
@@ -197,9 +215,12 @@ class GSNRDiagnostic(Diagnostic):
         self.training_step_runs += grads is not None
         if grads is None:
             grads = ctx.per_sample_grads(self.params, max_samples=n)
-        n = next(iter(grads.values())).shape[0]
         flat, self._flat = self._flat, None
-        moments = gradient_moments(grads) if flat is None else GradientMoments.from_flat(*flat)
+        if isinstance(grads, GradientMoments):
+            moments = grads
+        else:
+            moments = gradient_moments(grads) if flat is None else GradientMoments.from_flat(*flat)
+        n = moments.n
         corrected, raw = moments.summaries()
         records = summary_records("gsnr", corrected) + summary_records("gsnr_raw", raw)
         parts = moments.noise_parts()

@@ -93,6 +93,42 @@ def test_a_gpt_with_a_position_embedding_reads_the_training_step_too(tmp_path):
     torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
 
 
+def test_a_large_models_moments_come_straight_from_the_capture_with_the_same_numbers(tmp_path, monkeypatch):
+    """Past the size threshold (lowered to 0 here) every run after the checked first one reduces the captured
+    gradients parameter by parameter instead of forming the [n, P] buffer: the own pass's numbers still."""
+    import diagnostics.metrics.gradient_stats as gradient_stats
+    from diagnostics.gradients.training_capture import TrainingStepCapture
+
+    def gpt() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, block_size=6,
+                                 tie_weights=True), seed=0).double()
+
+    monkeypatch.setattr(gradient_stats, "MOMENTS_DIRECTLY_BYTES", 0)
+    calls = {"moments": 0, "gradients": 0}
+
+    def spying(name: str):  # noqa: ANN202
+        method = getattr(TrainingStepCapture, name)
+
+        def spy(self, selected):  # noqa: ANN001, ANN202
+            calls[name] += 1
+            return method(self, selected)
+        return spy
+
+    for name in calls:
+        monkeypatch.setattr(TrainingStepCapture, name, spying(name))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 11, (6, 6), generator=g), torch.randint(0, 11, (6, 6), generator=g)) for _ in range(5)]
+    captured = GSNRDiagnostic(every=1, max_samples=4)
+    own = GSNRDiagnostic(every=1, max_samples=4, from_training_step=False)
+    a = train(gpt(), lm, data, tmp_path / "a", captured)
+    b = train(gpt(), lm, data, tmp_path / "b", own)
+    assert captured.capture_agrees and captured.training_step_runs == 4, captured.capture_note
+    assert calls == {"gradients": 1, "moments": 3}  # the first, checked against the own pass; then straight
+    pd.testing.assert_frame_equal(a[["metric", "key", "step"]], b[["metric", "key", "step"]])
+    torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
+
+
 def test_a_bf16_autocast_step_makes_it_use_its_own_full_precision_pass(tmp_path):
     model = mlp().float()
     data = [(x.float(), y) for x, y in batches(5)]
