@@ -59,8 +59,10 @@ def _check(per_sample: Mapping[str, Tensor], what: str) -> None:
 _MOMENT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 
-def _moments(g: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Mean and unbiased (N - 1) variance over the leading dimension (returned as float64), and N.
+def _moments(g: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, int]:
+    """Mean and unbiased (N - 1) variance over the leading dimension (returned as float64), and N;
+    written into ``out`` (two float64 tensors of ``g[0]``'s number of elements, e.g. views of a model-wide
+    vector) when given, which saves a copy.
 
     Two passes in the gradients' own precision (float32 for half-precision input): the variance is of
     centred values, so its rounding error is of the order of the gradients' own, and a float64 copy of
@@ -78,12 +80,15 @@ def _moments(g: Tensor) -> tuple[Tensor, Tensor, int]:
     flat = g.reshape(n, -1)
     size = flat.shape[1]
     chunk = max(1, _MOMENT_CHUNK_BYTES.get(g.device.type, _MOMENT_CHUNK_BYTES["cpu"]) // (n * flat.element_size()))
-    if size <= chunk:
+    if size <= chunk and out is None:
         mean = g.mean(0)
         var = (g - mean).square_().sum(0).div_(n - 1)
         return mean.to(torch.float64), var.to(torch.float64), n
-    mean = torch.empty(size, dtype=torch.float64, device=g.device)
-    var = torch.empty(size, dtype=torch.float64, device=g.device)
+    if out is None:
+        mean = torch.empty(size, dtype=torch.float64, device=g.device)
+        var = torch.empty(size, dtype=torch.float64, device=g.device)
+    else:
+        mean, var = (t.view(-1) for t in out)
     for lo in range(0, size, chunk):
         part = flat[:, lo : lo + chunk]
         part_mean = part.mean(0)
@@ -173,10 +178,11 @@ class GradientMoments:
     def noise_parts(self) -> NoiseScaleParts:
         """:func:`gradient_noise_parts`: unbiased ``tr(Sigma)`` and ``|G|^2``."""
         if self.flat is not None:
-            trace, sqnorm = float(self.flat[1].sum()), float(self.flat[0].square().sum())
+            # dot, not square().sum(): no temporary as large as the model (1 GB at GPT-2 small)
+            trace, sqnorm = float(self.flat[1].sum()), float(torch.dot(self.flat[0], self.flat[0]))
         else:
             trace = float(sum(v.sum() for v in self.var.values()))
-            sqnorm = float(sum(m.square().sum() for m in self.mean.values()))
+            sqnorm = float(sum(torch.dot(m.reshape(-1), m.reshape(-1)) for m in self.mean.values()))
         return NoiseScaleParts(trace=trace, sqnorm=sqnorm - trace / self.n)
 
 

@@ -74,30 +74,43 @@ def ratio_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n:
         return _device_summaries(names, sizes, m, v, n, eps)
     m, v = m.numpy(), v.numpy()
     # numpy rather than torch: half the time per pass at millions of elements, and less per call on
-    # small models. Two temporaries, in place after that.
-    corrected = np.multiply(m, m)
-    den = np.multiply(v, 1.0 / n)
-    corrected -= den
-    np.maximum(v, eps, out=den)
-    corrected /= den
+    # small models; a chunk at a time, so the passes over a chunk find it in the cache and the only arrays
+    # as large as the model are the two this needs.
+    size = m.size
+    corrected, floored = np.empty_like(m), np.empty(m.shape, dtype=bool)
+    work = np.empty(min(size, _CHUNK), dtype=m.dtype)
+    for lo in range(0, size, _CHUNK):
+        hi = min(lo + _CHUNK, size)
+        c, t, mm, vv = corrected[lo:hi], work[: hi - lo], m[lo:hi], v[lo:hi]
+        np.multiply(mm, mm, out=c)
+        np.multiply(vv, 1.0 / n, out=t)
+        c -= t
+        np.maximum(vv, eps, out=t)
+        c /= t
+        np.less(vv, eps * n / (n - 1), out=floored[lo:hi])
     first = _flat_summary(names, sizes, corrected)
     mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
     median = {k: _to_raw(x, n) for k, x in first.median.items()}
-    floored = v < eps * n / (n - 1)
     bounds = _bounds(sizes)
     starts = [a for a, b in bounds if b > a]
     any_floored = np.logical_or.reduceat(floored, starts) if starts and floored.size else np.zeros(0, bool)
     if any_floored.any():
         pooled = corrected  # mapped to raw in place: the corrected summary is already taken
-        pooled *= n / (n - 1)
-        pooled += 1.0 / (n - 1)
+        for lo in range(0, size, _CHUNK):
+            c = pooled[lo : lo + _CHUNK]
+            c *= n / (n - 1)
+            c += 1.0 / (n - 1)
         nonempty = (name_ab for name_ab in zip(names, bounds, strict=True) if name_ab[1][1] > name_ab[1][0])
         for (name, (a, b)), floored_here in zip(nonempty, any_floored.tolist(), strict=True):
             if floored_here:
-                direct = np.square(m[a:b])
-                direct /= np.maximum(v[a:b] * ((n - 1) / n), eps)
-                pooled[a:b] = direct
-                mean[name], median[name] = float(direct.mean()), _median_np(direct)
+                for lo in range(a, b, _CHUNK):  # the raw ratio itself, in its place in the pooled values
+                    hi = min(lo + _CHUNK, b)
+                    c, t = pooled[lo:hi], work[: hi - lo]
+                    np.square(m[lo:hi], out=c)
+                    np.multiply(v[lo:hi], (n - 1) / n, out=t)
+                    np.maximum(t, eps, out=t)
+                    c /= t
+                mean[name], median[name] = float(pooled[a:b].mean()), _median_np(pooled[a:b])
         mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
     return first, GSNRSummary(mean=mean, median=median)
 
@@ -168,6 +181,10 @@ def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, 
     return first, GSNRSummary(mean=mean, median=median)
 
 
+#: Values per chunk of the passes over millions of values: their temporaries stay in the cache and are not
+#: mapped afresh at every call (at GPT-2 small's size a whole-array temporary is 1 GB).
+_CHUNK = 1 << 18
+
 #: Arrays of at least this many values have their middle found by :func:`_bracketed_middle`.
 _BRACKETED_SELECTION_MIN = 1 << 16
 
@@ -184,7 +201,7 @@ def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
     k = a.size
     if k == 0:
         return float("nan")
-    if not nan_free and k >= _BRACKETED_SELECTION_MIN and np.isnan(a).any():
+    if not nan_free and k >= _BRACKETED_SELECTION_MIN and _has_nan(a):
         return float("nan")
     middle = _bracketed_middle(a) if k >= _BRACKETED_SELECTION_MIN else None
     if middle is not None:
@@ -217,10 +234,17 @@ def _bracketed_middle(a: np.ndarray) -> float | None:
     ranks = [max(0, int(at - spread)), min(s - 1, int(at + spread) + 1)]
     sample.partition(ranks)
     lo, hi = sample[ranks[0]], sample[ranks[1]]
-    inside = a >= lo
-    below = k - int(np.count_nonzero(inside))
-    inside &= a <= hi
-    near = a[inside]
+    below, kept = 0, []
+    inside, upto = np.empty(min(k, _CHUNK), dtype=bool), np.empty(min(k, _CHUNK), dtype=bool)
+    for start in range(0, k, _CHUNK):
+        part = a[start : start + _CHUNK]
+        at_least, at_most = inside[: part.size], upto[: part.size]
+        np.greater_equal(part, lo, out=at_least)
+        below += part.size - int(np.count_nonzero(at_least))
+        np.less_equal(part, hi, out=at_most)
+        at_least &= at_most
+        kept.append(part[at_least])
+    near = kept[0] if len(kept) == 1 else np.concatenate(kept)
     first = h - 1 if k % 2 == 0 else h  # the lowest rank needed
     if below > first or below + near.size <= h:
         return None
@@ -228,6 +252,11 @@ def _bracketed_middle(a: np.ndarray) -> float | None:
     upper = float(near[h - below])
     # For an even count below <= h - 1, so the value before the middle is in ``near`` too.
     return upper if k % 2 else (float(near[: h - below].max()) + upper) / 2
+
+
+def _has_nan(a: np.ndarray) -> bool:
+    """Whether ``a`` (1-D) holds a NaN, a chunk at a time (no temporary as large as ``a``)."""
+    return any(np.isnan(a[lo : lo + _CHUNK]).any() for lo in range(0, a.size, _CHUNK))
 
 
 def _median(x: Tensor) -> float:
@@ -254,7 +283,7 @@ def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSN
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is that mean's NaN, not an error
         sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
         total = float(sums.sum()) if sums.size else float("nan")
-    nan_free = bool(np.isfinite(total)) or not np.isnan(values).any()
+    nan_free = bool(np.isfinite(total)) or not _has_nan(values)
     mean: dict[str, float] = {}
     median: dict[str, float] = {}
     at = 0

@@ -260,8 +260,8 @@ class TrainingStepCapture:
         if isinstance(n, str):
             return n
         first = next(iter(selected.values()))
-        mean = torch.zeros(sum(p.numel() for p in selected.values()), dtype=torch.float64, device=first.device)
-        var = torch.zeros_like(mean)
+        mean = torch.empty(sum(p.numel() for p in selected.values()), dtype=torch.float64, device=first.device)
+        var = torch.empty_like(mean)
         place, at = {}, 0
         for k, p in selected.items():
             place[k] = (at, at + p.numel())
@@ -281,7 +281,10 @@ class TrainingStepCapture:
                     remaining[name] -= 1
                     if remaining[name] == 0:
                         a, b = place[name]
-                        m, v, _ = _moments(temps.pop(name))
-                        mean[a:b], var[a:b] = m.reshape(-1).to(mean.device), v.reshape(-1).to(var.device)
-        # A parameter no captured call reached has a zero gradient for every sample: mean and variance 0.
+                        _moments(temps.pop(name).to(first.device), out=(mean[a:b], var[a:b]))
+            # A parameter no captured call reached has a zero gradient for every sample: mean and variance 0.
+            for name in place.keys() - remaining.keys():
+                a, b = place[name]
+                mean[a:b] = 0.0
+                var[a:b] = 0.0
         return GradientMoments.from_moments(mean, var, [(k, p.shape) for k, p in selected.items()], n)

@@ -91,3 +91,27 @@ def test_summaries_of_cuda_moments_are_taken_there_and_equal_the_cpu_ones():
     _same(got[0], want[0])
     _same(got[1], want[1])
     assert np.isfinite(got[0].median["all"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 9), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       zero=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1),
+       chunk=st.integers(1, 9))
+def test_the_summaries_a_chunk_at_a_time_equal_numpys_means_and_medians(n, sizes, zero, seed, chunk):
+    """With the chunk and the bracketing threshold lowered, so that every pass runs over several chunks and
+    every median is bracketed: the means and medians numpy gives for the ratios themselves."""
+    import diagnostics.gradients.summaries as summaries_mod
+
+    moments, names, sizes_, m, v = _moments_case(n, sizes, zero, seed)
+    saved = summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN
+    summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN = chunk, 1
+    try:
+        got = ratio_summaries(names, sizes_, m, v, n, 1e-20)
+    finally:
+        summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN = saved
+    for summary, ratios in zip(got, (moments.gsnr(), moments.gsnr_raw()), strict=True):
+        pooled = np.concatenate([r.reshape(-1).numpy() for r in ratios.values()])
+        want = {k: r.reshape(-1).numpy() for k, r in ratios.items()} | {"all": pooled}
+        for k, values in want.items():
+            assert summary.mean[k] == pytest.approx(float(np.mean(values)), rel=1e-12, abs=1e-12), k
+            assert summary.median[k] == pytest.approx(float(np.median(values)), rel=1e-12, abs=1e-12), k
