@@ -22,6 +22,7 @@ from diagnostics._batch import leading_size, slice_batch, tokens_per_sample
 from diagnostics._hooks import ModuleSpec, capture_inputs, capture_outputs, concat, select_modules
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
+from diagnostics.metrics.flat_buffers import FlatBufferPool
 from diagnostics.metrics.norms import WeightNorms, host_norms, tensor_norms, total_norm
 from diagnostics.store.records import expand_records
 
@@ -71,6 +72,7 @@ class StepContext:
         max_memory_bytes: int | None = None,
         named_parameters: (list[tuple[str, torch.nn.Parameter]]
                            | Callable[[], list[tuple[str, torch.nn.Parameter]]] | None) = None,
+        flat_buffers: FlatBufferPool | None = None,
     ) -> None:
         self.step = step
         self.model = model
@@ -97,6 +99,8 @@ class StepContext:
         # The trainable (name, parameter) pairs, when the caller already listed them for this step.
         # A list, or what lists them on first use (a step whose diagnostics read no parameter lists none).
         self._named = named_parameters
+        # Where the parameters' flat copies come from and go back to (kept between steps by the Monitor).
+        self._flat_buffers = flat_buffers
 
     def call_seconds(self, name: str) -> float | None:
         """Seconds a call of the resumable diagnostic ``name`` may take at this step: :attr:`probe_seconds`
@@ -153,8 +157,16 @@ class StepContext:
         self._after_update = True
 
     def clear(self) -> None:
-        """Drop all the step's shared work (the step is committed). Cost: none."""
+        """Drop all the step's shared work (the step is committed); the flat copies of the parameters go
+        back to the Monitor's buffers for the next step. Cost: none."""
+        flat = self._cache.get("flat_parameters")
+        copies = [flat[0] if flat is not None else None, self._cache.get("update_flat")]
         self._cache.clear()
+        self._before_flat = self._before_update = None
+        if self._flat_buffers is not None:
+            for t in copies:
+                if t is not None:
+                    self._flat_buffers.give_back(t)
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Trainable parameters in ``named_parameters()`` order (listed once per step)."""
@@ -437,9 +449,17 @@ class StepContext:
                 return None
             if not all(type(t) is torch.Tensor for t in tensors):  # DTensor shards (FSDP2): one norm per tensor
                 return None
-            return _flatten(tensors), [n for n, _ in named], tensors
+            return self._flat_copy(tensors), [n for n, _ in named], tensors
 
         return self.cached("flat_parameters", build)
+
+    def _flat_copy(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """:func:`_flatten` into a buffer of the Monitor's kept from an earlier step when there is one."""
+        if self._flat_buffers is None:
+            return _flatten(tensors)
+        first = tensors[0]
+        out = self._flat_buffers.take(sum(t.numel() for t in tensors), first.dtype, first.device)
+        return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
     def release_snapshot(self) -> None:
         """Drop the parameters kept by :meth:`snapshot_parameters`."""
@@ -459,7 +479,7 @@ class StepContext:
 
         def diff() -> torch.Tensor:
             before, _, tensors = self._before_flat
-            return _flatten(tensors).sub_(before)
+            return self._flat_copy(tensors).sub_(before)
 
         return self.cached("update_flat", diff)
 

@@ -35,6 +35,7 @@ from diagnostics.errors import ConfigError, DataError
 from diagnostics.gradients.accumulation import AccumulatedMoments
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.context import StepContext
+from diagnostics.metrics.flat_buffers import FlatBufferPool
 from diagnostics.metrics.registry import resolve_diagnostics
 from diagnostics.tracking import budget as _budget
 from diagnostics.tracking import probes
@@ -205,6 +206,9 @@ class Monitor:
         self._batch_checked = False
         # Moments of the step's micro-batch gradients (Monitor.microbatch), when a diagnostic reads them.
         self._accumulated = AccumulatedMoments() if any(d.uses_accumulation for d in self.diagnostics) else None
+        # The parameters' flat copies (weight norms, the update snapshot, the update), kept between steps
+        # while every step uses them: fresh ones cost page faults at every step.
+        self._flat_buffers = FlatBufferPool()
         self._pending: PendingStep | None = None
         self._closed = False
         self._monitored = 0
@@ -346,6 +350,7 @@ class Monitor:
         step = probes.check_step(step, loss)
         self._misuse.saw_step(step)
         self._finish_pending()
+        self._flat_buffers.new_step()
         # Under torch.distributed every rank computes (collectives need all of them); others stop here.
         if not self.writes and not self._distributed:
             return
@@ -384,6 +389,7 @@ class Monitor:
             curvature_mode=self.curvature_mode,
             max_memory_bytes=self.max_memory_bytes,
             named_parameters=self._named_parameters,  # listed when a diagnostic reads them
+            flat_buffers=self._flat_buffers,
         )
         ctx.due = frozenset(d.name for d in due)
         if self._budget is not None:
@@ -413,6 +419,7 @@ class Monitor:
             if self.optimizer is not None:
                 pending.handle = self.optimizer.register_step_post_hook(lambda *_: self._finish_from_hook())
             return
+        ctx.clear()
         self._commit(pending)
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -496,6 +503,7 @@ class Monitor:
                     self._finish_pending()
                 for d in self.diagnostics:  # a probe cut into calls that had not ended: free its memory
                     d.drop_unfinished()
+                self._flat_buffers.clear()
                 # Schedules longer than the run (a misuse event at the last step; see tracking.misuse).
                 # Diagnostics a budget schedules (or spaces out) have no fixed schedule that could be longer
                 # than the run.
