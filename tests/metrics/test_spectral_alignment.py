@@ -298,7 +298,15 @@ def test_cosine_matrices_hold_each_maps_cosines_in_its_row():
     assert got["narrow"].shape == (32,) and got["fc"].shape == (64,)
 
 
-def test_top_vectors_kept_stacked_between_steps_match_fresh_stacks_and_keep_v1_of_a_blown_up_weight():
+@pytest.mark.parametrize("stacked", [True, False], ids=["weights-stacked", "one-product-per-map"])
+def test_top_vectors_kept_stacked_between_steps_match_fresh_stacks_and_keep_v1_of_a_blown_up_weight(
+        stacked, monkeypatch):
+    """Small weights take their power steps on a stacked copy, large ones (the threshold lowered to 0
+    here) one map at a time on the weights themselves: the same behaviour either way."""
+    import diagnostics.metrics.alignment_probe as alignment_probe
+
+    if not stacked:
+        monkeypatch.setattr(alignment_probe, "STACKED_WEIGHT_BYTES", 0)
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)).double()
     maps = find_linear_maps(model)
@@ -634,3 +642,21 @@ def test_a_new_model_object_is_measured_even_when_it_reuses_a_freed_models_id(mo
         out = sa.compute(_ctx(model, batch, step))
         assert out.status == "ok", out.reason
         assert {r.key for r in expand_records(out.records)} == {"0", "2"}
+
+
+def test_power_steps_per_map_equal_the_stacked_ones(monkeypatch):
+    import diagnostics.metrics.alignment_probe as alignment_probe
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(7, 7), nn.Linear(7, 7), nn.Linear(7, 7)).double()
+    maps, modules = find_linear_maps(model), dict(model.named_modules())
+    kw = dict(power_iters=2, init_iters=3, init_tol=1e-12, seed=0)  # a loose start, so the warm steps move v
+    stacked, per_map = {}, {}
+    top_vectors(maps, modules, stacked, **kw)
+    top_vectors(maps, modules, per_map, **kw)
+    a = top_vectors(maps, modules, stacked, **kw)
+    monkeypatch.setattr(alignment_probe, "STACKED_WEIGHT_BYTES", 0)
+    b = top_vectors(maps, modules, per_map, **kw)
+    for key in a:
+        assert a[key][0] == pytest.approx(b[key][0], rel=1e-12)
+        torch.testing.assert_close(a[key][1], b[key][1], rtol=1e-12, atol=1e-12)
