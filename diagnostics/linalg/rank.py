@@ -10,7 +10,7 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError, DataError
 
-__all__ = ["effective_rank", "stable_rank", "nuclear_norm", "alpha_req", "AlphaReqFit"]
+__all__ = ["effective_rank", "stable_rank", "singular_values", "nuclear_norm", "alpha_req", "AlphaReqFit"]
 
 _VARIANTS = ("sigma", "covariance")
 
@@ -73,16 +73,32 @@ def effective_rank(x: Tensor, *, variant: str = "sigma", eps: float = 1e-12) -> 
     return _entropy_rank(values, eps)
 
 
-def stable_rank(W: Tensor) -> float:
-    """Stable rank ``||W||_F^2 / ||W||_2^2`` (0.0 for a zero matrix).
+def singular_values(W: Tensor, name: str = "singular_values") -> Tensor:
+    """The singular values of a matrix in float64, descending, checked (2-D, not empty, finite; ``name``
+    in the error). One SVD serves :func:`effective_rank` and :func:`stable_rank`, which take them too.
 
     Cost: one SVD (singular values only).
+    """
+    return torch.linalg.svdvals(_matrix(W, name))
+
+
+def stable_rank(W: Tensor) -> float:
+    """Stable rank ``||W||_F^2 / ||W||_2^2`` (0.0 for a zero matrix); ``W`` a matrix or its 1-D singular
+    values (descending, as :func:`singular_values` gives them).
+
+    Cost: one SVD (singular values only), none from singular values.
 
     Example:
         >>> stable_rank(torch.diag(torch.tensor([2.0, 1.0])))
         1.25
     """
-    s = torch.linalg.svdvals(_matrix(W, "stable_rank"))
+    if isinstance(W, Tensor) and W.dim() == 1:
+        s = W.detach().to(torch.float64)
+        if s.numel() == 0 or bool((s < 0).any()) or not bool(torch.isfinite(s).all()):
+            raise DataError("stable_rank: singular values must be finite, non-negative and not empty")
+        s = s.sort(descending=True).values
+    else:
+        s = singular_values(W, "stable_rank")
     top = float(s[0])
     return 0.0 if top == 0.0 else float(s.square().sum()) / top**2
 

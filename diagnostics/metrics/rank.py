@@ -49,12 +49,13 @@ def _matrices(tensors: dict[str, torch.Tensor], patterns: list[str] | None) -> d
 
 
 def _rank_records(prefix: str, mats: dict[str, torch.Tensor]) -> list[Record]:
-    from diagnostics.linalg import effective_rank, stable_rank
+    from diagnostics.linalg import effective_rank, singular_values, stable_rank
 
     out = []
     for name, m in mats.items():
-        out.append(Record(f"{prefix}_effective_rank", float(effective_rank(m)), key=name))
-        out.append(Record(f"{prefix}_stable_rank", float(stable_rank(m)), key=name))
+        s = singular_values(m, f"{prefix} rank of {name}")  # one SVD for both ranks
+        out.append(Record(f"{prefix}_effective_rank", float(effective_rank(s)), key=name))
+        out.append(Record(f"{prefix}_stable_rank", float(stable_rank(s)), key=name))
     return out
 
 
@@ -204,7 +205,7 @@ class ActivationRankDiagnostic(Diagnostic):
         }
 
     def compute(self, ctx: StepContext) -> Output:
-        from diagnostics.linalg import alpha_req, effective_rank, stable_rank
+        from diagnostics.linalg import alpha_req, effective_rank, singular_values, stable_rank
 
         acts = ctx.activations(self.modules, max_tokens=self.max_tokens)
         if not acts:
@@ -219,9 +220,10 @@ class ActivationRankDiagnostic(Diagnostic):
             x = x.float()
             if x.shape[0] < 2:
                 continue
-            er = float(effective_rank(x))
+            sigma = singular_values(x, f"activation rank of {name}")  # one SVD for both ranks
+            er = float(effective_rank(sigma))
             records.append(Record("activation_effective_rank", er, key=name))
-            records.append(Record("activation_stable_rank", float(stable_rank(x)), key=name))
+            records.append(Record("activation_stable_rank", float(stable_rank(sigma)), key=name))
             fit = alpha_req(x, *ALPHA_REQ_WINDOW, min_ranks=ALPHA_REQ_MIN_RANKS)
             if fit.ok and math.isfinite(fit.alpha):
                 records.append(Record("activation_alpha_req", fit.alpha, key=name))

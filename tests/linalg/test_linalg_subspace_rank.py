@@ -16,6 +16,7 @@ from diagnostics.linalg import (
     nuclear_norm,
     power_iteration,
     principal_angles,
+    singular_values,
     stable_rank,
     subspace_fraction,
     subspace_overlap,
@@ -90,7 +91,13 @@ def test_stable_rank_and_nuclear_norm():
     assert nuclear_norm(W) == pytest.approx(7.0)
     assert stable_rank(torch.eye(6)) == pytest.approx(6.0)
     with pytest.raises(ConfigError, match="2-D"):
-        stable_rank(torch.ones(3))
+        stable_rank(torch.ones(3, 2, 2))
+    # From its singular values (any order), as from the matrix: one SVD can serve both ranks.
+    s = singular_values(W)
+    assert s.dtype == torch.float64 and s.tolist() == pytest.approx([4.0, 3.0])
+    assert stable_rank(s.flip(0)) == stable_rank(W) and effective_rank(s) == effective_rank(W)
+    with pytest.raises(DataError, match="non-negative"):
+        stable_rank(torch.tensor([1.0, -0.5]))
     with pytest.raises(DataError, match="non-finite"):
         nuclear_norm(torch.tensor([[float("nan")]]))
 
