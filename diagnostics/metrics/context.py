@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -161,12 +162,17 @@ class StepContext:
         back to the Monitor's buffers for the next step. Cost: none."""
         flat = self._cache.get("flat_parameters")
         copies = [flat[0] if flat is not None else None, self._cache.get("update_flat")]
+        flat = None
         self._cache.clear()
         self._before_flat = self._before_update = None
-        if self._flat_buffers is not None:
-            for t in copies:
-                if t is not None:
-                    self._flat_buffers.give_back(t)
+        if self._flat_buffers is None:
+            return
+        for i in range(len(copies)):
+            t, copies[i] = copies[i], None
+            # Only ``t`` and getrefcount's argument: no diagnostic kept the tensor itself (views of it are
+            # checked by the pool).
+            if t is not None and sys.getrefcount(t) <= 2:
+                self._flat_buffers.give_back(t)
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Trainable parameters in ``named_parameters()`` order (listed once per step)."""

@@ -65,6 +65,25 @@ class KeepsUpdate(Diagnostic):
         return []
 
 
+class KeepsUpdateTensor(Diagnostic):
+    """Keeps each step's flat update tensor itself (not a view) in its state."""
+
+    name = "keeps_update_tensor"
+    requires = frozenset({"update"})
+
+    def __init__(self) -> None:
+        super().__init__(every=1)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def compute(self, ctx: Any) -> list[Record]:
+        return []
+
+    def compute_after_update(self, ctx: Any) -> list[Record]:
+        flat = ctx.update_flat()
+        self.kept.append((flat, flat.clone()))
+        return []
+
+
 def _run(tmp_path: Path, name: str, reuse: bool, extra: list[Any]) -> tuple[Any, Monitor]:
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
@@ -108,3 +127,12 @@ def test_a_view_kept_by_a_diagnostic_is_never_overwritten(tmp_path):
     for view, copy in keeper.kept:
         assert torch.equal(view, copy)
     assert len({v.data_ptr() for v, _ in keeper.kept}) == 6  # each step's update in memory of its own
+
+
+def test_a_tensor_kept_by_a_diagnostic_is_never_overwritten(tmp_path):
+    keeper = KeepsUpdateTensor()
+    _run(tmp_path, "kept-tensor", True, [keeper])
+    assert len(keeper.kept) == 6
+    for flat, copy in keeper.kept:
+        assert torch.equal(flat, copy)
+    assert len({f.data_ptr() for f, _ in keeper.kept}) == 6
