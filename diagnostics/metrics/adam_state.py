@@ -149,42 +149,71 @@ def adam_statistics(
     Reads ``opt.state`` and ``.grad``; writes nothing. Parameters without a gradient are skipped (Adam
     skips them too). ``stride`` thins the sqrt(v̂) sample kept for the quantiles.
 
-    Cost: about ten elementwise passes over each parameter, one parameter at a time (temporaries of a
-    few times the largest parameter), and one host transfer per parameter.
+    Cost: about ten elementwise passes over each parameter, one parameter at a time and, on the CPU, a
+    chunk of :data:`_CPU_CHUNK` elements at a time (temporaries of a few chunks), and one host transfer
+    per parameter (per chunk on the CPU).
     """
     out: dict[str, ParamStats] = {}
     with torch.no_grad():
         for gi, group in enumerate(opt.param_groups):
-            b1, b2 = (_scalar(b) for b in group["betas"])
-            eps = _scalar(group["eps"])
             for pi, p in enumerate(group["params"]):
                 if p.grad is None or p.grad.is_sparse:
                     continue
                 st = opt.state.get(p, {})
-                wdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                g = coming_gradient(opt, group, p, p.grad, wdt)
-                v, t = coming_second_moment(group, st, g)
-                m = st.get("exp_avg")
-                m = (1 - b1) * g if m is None else _real(m).to(wdt) * b1 + (1 - b1) * g
-                vhat = v / (1 - b2**t)
-                root = vhat.sqrt()
-                u = (m / (1 - b1**t)) / (root + eps)
-                # Dot products in the working dtype (one fused pass each, no float64 copies of the
-                # parameter); the per-parameter results are added up in Python floats.
-                uf, gf = u.reshape(-1), g.reshape(-1)
-                low, high = torch.aminmax(root)
-                sums = torch.stack([
-                    torch.dot(uf, uf), torch.dot(gf, gf), torch.dot(uf, gf),
-                    (gf * gf < small_ratio * vhat.reshape(-1)).sum().to(wdt), low, high,
-                ]).tolist()
                 name = names.get(id(p), f"group{gi}.param{pi}")
-                ps = ParamStats(g.numel(), sums[0], sums[1], sums[2], int(sums[3]), sums[4], sums[5],
-                                [root.reshape(-1)[::stride].float().cpu()])
+                ps = _parameter_stats(opt, group, p, st, small_ratio, stride)
                 if name in out:
                     out[name].merge(ps)
                 else:
                     out[name] = ps
     return out
+
+
+#: Elements of a parameter whose statistics are formed at once on the CPU: the ten or so temporaries then
+#: stay small instead of each being as large as the parameter and mapped afresh (154 MB each for GPT-2
+#: small's embedding). On a GPU, whose allocator keeps its blocks, the whole parameter at once.
+_CPU_CHUNK = 1 << 20
+
+
+def _flat_real(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, complex as real pairs, as a 1-D view (a copy only when it is not contiguous)."""
+    t = t.detach()
+    return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
+
+
+def _parameter_stats(opt: torch.optim.Adam, group: Mapping[str, Any], p: torch.Tensor, st: Mapping[str, Any],
+                     small_ratio: float, stride: int) -> ParamStats:
+    """:class:`ParamStats` of one parameter's coming update, a chunk of its elements at a time on the CPU."""
+    b1 = _scalar(group["betas"][0])
+    eps = _scalar(group["eps"])
+    wdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    flat = {"p": _flat_real(p), "grad": _flat_real(p.grad)}
+    flat.update({k: _flat_real(st[k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                 if torch.is_tensor(st.get(k))})
+    size = flat["grad"].numel()
+    chunk = _CPU_CHUNK if flat["grad"].device.type == "cpu" else max(size, 1)
+    total = ParamStats()
+    for lo in range(0, size, chunk):
+        part = {k: t[lo : lo + chunk] for k, t in flat.items()}
+        state = {**st, **{k: part[k] for k in ("exp_avg_sq", "max_exp_avg_sq") if k in part}}
+        g = coming_gradient(opt, group, part["p"], part["grad"], wdt)
+        v, t = coming_second_moment(group, state, g)
+        m = part.get("exp_avg")
+        m = (1 - b1) * g if m is None else m.to(wdt) * b1 + (1 - b1) * g
+        vhat = v / (1 - _scalar(group["betas"][1]) ** t)
+        root = vhat.sqrt()
+        u = (m / (1 - b1**t)) / (root + eps)
+        # Dot products in the working dtype (one fused pass each, no float64 copies of the parameter); the
+        # chunks' and parameters' results are added up in Python floats.
+        low, high = torch.aminmax(root)
+        sums = torch.stack([
+            torch.dot(u, u), torch.dot(g, g), torch.dot(u, g),
+            (g * g < small_ratio * vhat).sum().to(wdt), low, high,
+        ]).tolist()
+        # The quantiles' sample: every stride-th element of the whole parameter, whatever the chunks.
+        sample = root[(-lo) % stride :: stride].float().cpu()
+        total.merge(ParamStats(g.numel(), sums[0], sums[1], sums[2], int(sums[3]), sums[4], sums[5], [sample]))
+    return total
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,14 @@ def backward(model, gen):
     (model(x) ** 2).sum().backward()
 
 
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole", "chunks-of-3"])
 @pytest.mark.parametrize("cls,kw", CASES)
-def test_update_matches_the_optimizer_step(cls, kw) -> None:
+def test_update_matches_the_optimizer_step(cls, kw, chunk, monkeypatch) -> None:
+    """Whole parameters, and (the CPU chunk lowered to 3 elements) a few elements at a time."""
+    if chunk is not None:
+        import diagnostics.metrics.adam_state as adam_state
+
+        monkeypatch.setattr(adam_state, "_CPU_CHUNK", chunk)
     model, opt = setup(cls, kw)
     names = {id(p): n for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(1)
@@ -122,3 +128,22 @@ def test_other_optimizers_get_a_reason(tmp_path) -> None:
     model(torch.randn(4, 3)).sum().backward()
     ctx = StepContext(step=0, model=model, loss_fn=None, batch=None, loss=None, optimizer=Wrapper(adam))
     assert AdamState().compute(ctx).status == "ok"
+
+
+def test_the_quantiles_sample_is_every_strideth_element_whatever_the_chunks(monkeypatch) -> None:
+    import diagnostics.metrics.adam_state as adam_state
+
+    model, opt = setup(torch.optim.Adam, {})
+    names = {id(p): n for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        backward(model, gen)
+        opt.step()
+    backward(model, gen)
+    whole = adam_statistics(opt, names, stride=3)
+    monkeypatch.setattr(adam_state, "_CPU_CHUNK", 4)
+    chunked = adam_statistics(opt, names, stride=3)
+    for n in whole:
+        assert torch.equal(torch.cat(whole[n].sample), torch.cat(chunked[n].sample)), n
+        assert chunked[n].count == whole[n].count and chunked[n].small == whole[n].small
+        assert chunked[n].v_min == whole[n].v_min and chunked[n].v_max == whole[n].v_max
