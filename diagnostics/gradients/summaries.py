@@ -91,17 +91,15 @@ def ratio_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n:
     first = _flat_summary(names, sizes, corrected)
     mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
     median = {k: _to_raw(x, n) for k, x in first.median.items()}
-    bounds = _bounds(sizes)
-    starts = [a for a, b in bounds if b > a]
-    any_floored = np.logical_or.reduceat(floored, starts) if starts and floored.size else np.zeros(0, bool)
+    live = _segments(names, sizes)
+    any_floored = np.logical_or.reduceat(floored, [a for _, a, _ in live]) if live else np.zeros(0, bool)
     if any_floored.any():
         pooled = corrected  # mapped to raw in place: the corrected summary is already taken
         for lo in range(0, size, _CHUNK):
             c = pooled[lo : lo + _CHUNK]
             c *= n / (n - 1)
             c += 1.0 / (n - 1)
-        nonempty = (name_ab for name_ab in zip(names, bounds, strict=True) if name_ab[1][1] > name_ab[1][0])
-        for (name, (a, b)), floored_here in zip(nonempty, any_floored.tolist(), strict=True):
+        for (name, a, b), floored_here in zip(live, any_floored.tolist(), strict=True):
             if floored_here:
                 for lo in range(a, b, _CHUNK):  # the raw ratio itself, in its place in the pooled values
                     hi = min(lo + _CHUNK, b)
@@ -145,7 +143,7 @@ def _mean_and_median(row: list[float], size: int) -> tuple[float, float]:
 def _device_flat_summary(names: list[str], sizes: list[int], values: Tensor) -> GSNRSummary:
     """:func:`_flat_summary` in torch on ``values``' device (means to the rounding of another summation
     order, medians exact): a few kernels per tensor and one transfer to the host."""
-    live = [(name, a, b) for name, (a, b) in zip(names, _bounds(sizes), strict=True) if b > a]
+    live = _segments(names, sizes)
     out = GSNRSummary(mean=dict.fromkeys([*names, "all"], float("nan")),
                       median=dict.fromkeys([*names, "all"], float("nan")))
     if values.numel() == 0:
@@ -166,7 +164,7 @@ def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, 
     first = _device_flat_summary(names, sizes, corrected)
     mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
     median = {k: _to_raw(x, n) for k, x in first.median.items()}
-    live = [(name, a, b) for name, (a, b) in zip(names, _bounds(sizes), strict=True) if b > a]
+    live = _segments(names, sizes)
     floored = v < eps * n / (n - 1)
     flags = torch.stack([floored[a:b].any() for _, a, b in live]).tolist() if live else []
     redo = [(name, a, b) for (name, a, b), flag in zip(live, flags, strict=True) if flag]
@@ -267,10 +265,10 @@ def _median(x: Tensor) -> float:
     return _median_np(x.numpy())
 
 
-def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
-    """``(start, stop)`` of consecutive segments of the given sizes."""
+def _segments(names: list[str], sizes: list[int]) -> list[tuple[str, int, int]]:
+    """``(name, start, stop)`` of each non-empty tensor laid end to end in the order of ``names``."""
     stops = np.cumsum(sizes).tolist()
-    return [(stop - size, stop) for size, stop in zip(sizes, stops, strict=True)]
+    return [(name, stop - size, stop) for name, size, stop in zip(names, sizes, stops, strict=True) if size]
 
 
 def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSNRSummary:
@@ -278,22 +276,16 @@ def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSN
 
     The means come from one segmented sum, and a NaN anywhere is looked for once: on a small model the
     per-tensor calls, not the arithmetic, are the cost."""
-    bounds = _bounds(sizes)
-    nonempty = [a for a, b in bounds if b > a]
+    live = _segments(names, sizes)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is that mean's NaN, not an error
-        sums = np.add.reduceat(values, nonempty) if nonempty and values.size else np.zeros(0)
+        sums = np.add.reduceat(values, [a for _, a, _ in live]) if live else np.zeros(0)
         total = float(sums.sum()) if sums.size else float("nan")
     nan_free = bool(np.isfinite(total)) or not _has_nan(values)
-    mean: dict[str, float] = {}
-    median: dict[str, float] = {}
-    at = 0
-    for name, (a, b) in zip(names, bounds, strict=True):
-        if b > a:
-            mean[name] = float(sums[at]) / (b - a)
-            at += 1
-            median[name] = _median_np(values[a:b], nan_free)
-        else:
-            mean[name] = median[name] = float("nan")
+    mean = dict.fromkeys(names, float("nan"))  # empty tensors keep NaN
+    median = dict.fromkeys(names, float("nan"))
+    for (name, a, b), segment_sum in zip(live, sums.tolist(), strict=True):
+        mean[name] = segment_sum / (b - a)
+        median[name] = _median_np(values[a:b], nan_free)
     mean["all"] = total / values.size if values.size else float("nan")
     median["all"] = _median_np(values, nan_free)
     return GSNRSummary(mean=mean, median=median)

@@ -10,7 +10,14 @@ from diagnostics.linalg.lanczos import EigenResult, lanczos
 from diagnostics.linalg.lanczos_run import LanczosRun
 from diagnostics.linalg.operator import DenseOperator, LinearOperator, ScaledOperator, as_operator
 from diagnostics.linalg.power import power_iteration, top_singular_vector
-from diagnostics.linalg.rank import AlphaReqFit, alpha_req, effective_rank, nuclear_norm, singular_values, stable_rank
+from diagnostics.linalg.rank import (
+    AlphaReqFit,
+    alpha_req,
+    effective_rank,
+    nuclear_norm,
+    singular_values,
+    stable_rank,
+)
 from diagnostics.linalg.slq import DensityRun, SpectralDensity, spectral_density
 from diagnostics.linalg.subspace import principal_angles, subspace_fraction, subspace_overlap
 from diagnostics.linalg.trace import TraceEstimate, TraceRun, hutchinson_trace, hutchpp_trace

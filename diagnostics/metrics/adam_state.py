@@ -175,20 +175,15 @@ def adam_statistics(
 _CPU_CHUNK = 1 << 20
 
 
-def _flat_real(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, complex as real pairs, as a 1-D view (a copy only when it is not contiguous)."""
-    t = t.detach()
-    return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
-
-
 def _parameter_stats(opt: torch.optim.Adam, group: Mapping[str, Any], p: torch.Tensor, st: Mapping[str, Any],
                      small_ratio: float, stride: int) -> ParamStats:
     """:class:`ParamStats` of one parameter's coming update, a chunk of its elements at a time on the CPU."""
-    b1 = _scalar(group["betas"][0])
+    b1, b2 = (_scalar(b) for b in group["betas"])
     eps = _scalar(group["eps"])
     wdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-    flat = {"p": _flat_real(p), "grad": _flat_real(p.grad)}
-    flat.update({k: _flat_real(st[k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    # 1-D views, complex as real pairs (a copy only of a tensor that is not contiguous)
+    flat = {"p": _real(p.detach()).reshape(-1), "grad": _real(p.grad.detach()).reshape(-1)}
+    flat.update({k: _real(st[k].detach()).reshape(-1) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
                  if torch.is_tensor(st.get(k))})
     size = flat["grad"].numel()
     chunk = _CPU_CHUNK if flat["grad"].device.type == "cpu" else max(size, 1)
@@ -200,7 +195,7 @@ def _parameter_stats(opt: torch.optim.Adam, group: Mapping[str, Any], p: torch.T
         v, t = coming_second_moment(group, state, g)
         m = part.get("exp_avg")
         m = (1 - b1) * g if m is None else m.to(wdt) * b1 + (1 - b1) * g
-        vhat = v / (1 - _scalar(group["betas"][1]) ** t)
+        vhat = v / (1 - b2**t)
         root = vhat.sqrt()
         u = (m / (1 - b1**t)) / (root + eps)
         # Dot products in the working dtype (one fused pass each, no float64 copies of the parameter); the
