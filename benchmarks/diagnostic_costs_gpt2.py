@@ -14,53 +14,34 @@ checkout.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from diagnostics.metrics.registry import registry
 from diagnostics.store import open_run
 from diagnostics.tracking import Monitor
-from diagnostics.zoo.data import char_batches, pydoc_tokens
 
-
-def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-    x, y = batch
-    logits = model(input_ids=x).logits
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+# Run as a script (python benchmarks/NAME.py): the repository root holds the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpt_cases import gpt2_small_case, monitored_steps  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import transformers
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("diagnostics", help="comma-separated diagnostic names")
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    config = transformers.GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).float().train()
-    data = list(char_batches(pydoc_tokens("train"), 4, 128, args.steps, seed=0))
+    model, loss_fn, data = gpt2_small_case(4, 128, args.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diagnostics = [registry()[name](every=1) for name in args.diagnostics.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         monitor = Monitor(model, loss_fn, Path(tmp) / "run", diagnostics=diagnostics, optimizer=opt, budget=None)
-        for step, batch in enumerate(data):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            loss.backward()
-            t1 = time.perf_counter()
-            monitor.step(step, batch, loss)
-            t2 = time.perf_counter()
-            opt.step()
-            print(f"step {step}: forward+backward {t1 - t0:.2f} s, monitor.step {t2 - t1:.2f} s", flush=True)
+        for step, train_s, monitor_s in monitored_steps(model, loss_fn, data, opt, monitor):
+            print(f"step {step}: forward+backward {train_s:.2f} s, monitor.step {monitor_s:.2f} s", flush=True)
         monitor.close()
         with open_run(Path(tmp) / "run") as run:
             seconds = run.series(metric="monitor_seconds")

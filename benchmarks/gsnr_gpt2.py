@@ -18,23 +18,18 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from diagnostics.metrics.gradient_stats import GSNRDiagnostic
 from diagnostics.tracking import Monitor
-from diagnostics.zoo.data import char_batches, pydoc_tokens
 
-
-def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-    x, y = batch
-    logits = model(input_ids=x).logits
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+# Run as a script (python benchmarks/NAME.py): the repository root holds the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpt_cases import gpt2_small_case, monitored_steps  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -42,8 +37,6 @@ def peak_rss_gib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import transformers
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
@@ -51,28 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=4, help="GSNR's max_samples")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    config = transformers.GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).float().train()
-    data = list(char_batches(pydoc_tokens("train"), args.batch, args.seq, args.steps, seed=0))
+    model, loss_fn, data = gpt2_small_case(args.batch, args.seq, args.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gsnr = GSNRDiagnostic(every=1, max_samples=args.samples)
     print(f"GPT-2 small, P = {sum(p.numel() for p in model.parameters()):,}, batch {args.batch} x {args.seq} tokens, "
           f"GSNR over {args.samples} samples, torch {torch.__version__}, 1 thread")
     with tempfile.TemporaryDirectory() as tmp:
         monitor = Monitor(model, loss_fn, Path(tmp) / "run", diagnostics=["loss", gsnr], optimizer=opt)
-        for step, batch in enumerate(data):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            loss.backward()
-            t1 = time.perf_counter()
-            monitor.step(step, batch, loss)
-            t2 = time.perf_counter()
-            opt.step()
-            print(f"step {step}: forward+backward {t1 - t0:.2f} s, monitor.step {t2 - t1:.2f} s "
-                  f"({(t2 - t1) / (t1 - t0):.2f}x), source {gsnr.last_source}, peak RSS {peak_rss_gib():.2f} GiB",
+        for step, train_s, monitor_s in monitored_steps(model, loss_fn, data, opt, monitor):
+            print(f"step {step}: forward+backward {train_s:.2f} s, monitor.step {monitor_s:.2f} s "
+                  f"({monitor_s / train_s:.2f}x), source {gsnr.last_source}, peak RSS {peak_rss_gib():.2f} GiB",
                   flush=True)
         monitor.close()
     print(f"training step used: {gsnr.capture_agrees}" + (f" ({gsnr.capture_note})" if gsnr.capture_note else ""))

@@ -19,27 +19,21 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from diagnostics.tracking import Monitor
-from diagnostics.zoo.data import char_batches, pydoc_tokens
 
-
-def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-    x, y = batch
-    logits = model(input_ids=x).logits
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+# Run as a script (python benchmarks/NAME.py): the repository root holds the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpt_cases import gpt2_small_case  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import transformers
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--diagnostics", default="cheap", help="a preset or comma-separated diagnostic names")
     ap.add_argument("--rounds", type=int, default=3)
@@ -48,12 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    config = transformers.GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    plain_model = transformers.GPT2LMHeadModel(config).float().train()
+    plain_model, loss_fn, data = gpt2_small_case(args.batch, args.seq, args.steps)
     monitored_model = copy.deepcopy(plain_model)
-    data = list(char_batches(pydoc_tokens("train"), args.batch, args.seq, args.steps, seed=0))
     diagnostics = args.diagnostics if "," not in args.diagnostics else args.diagnostics.split(",")
     cpu: dict[str, list[float]] = {"plain": [], "monitored": []}
     inside: list[float] = []

@@ -170,25 +170,30 @@ def test_huggingface_gpt2_conv1d_and_position_ids():
     assert_hf_capture_matches_loop(transformers.GPT2LMHeadModel(config).double().train())
 
 
+def moments_against_the_loop(model: nn.Module, loss_fn, batch, n: int):  # noqa: ANN001, ANN201
+    """The capture's moments of a training step on ``batch``, checked against those of brute-force
+    per-sample gradients of its first ``n`` samples."""
+    from diagnostics.gradients import gradient_moments
+
+    selected = dict(model.named_parameters())
+    with TrainingStepCapture(model, layer_owners(model, selected), n) as capture:
+        loss_fn(model, batch).backward()
+    got = capture.moments(selected)
+    assert not isinstance(got, str), got
+    ref = gradient_moments(per_sample_gradients_loop(model, loss_fn, tuple(t[:n] for t in batch), list(selected)))
+    assert got.n == n and list(got.mean) == list(selected)
+    assert_close(got.mean, ref.mean)
+    assert_close(got.var, ref.var)
+    assert got.flat is not None and got.flat[0].numel() == sum(p.numel() for p in selected.values())
+    return got
+
+
 @pytest.mark.parametrize("overrides", [{}, {"tie_weights": True}], ids=["untied", "tied"])
 def test_moments_straight_from_the_capture_equal_those_of_the_samples_gradients(overrides):
     """Reduced parameter by parameter without the [n, P] buffer (a tied weight kept until its last call):
     the moments of the brute-force per-sample gradients; an MLP's too, where a layer the forward never
     calls has zero mean and variance."""
-    from diagnostics.gradients import gradient_moments
-
-    model = tiny_gpt(**overrides)
-    batch = tokens(6, 6)
-    selected = dict(model.named_parameters())
-    with TrainingStepCapture(model, layer_owners(model, selected), 4) as capture:
-        lm_loss(model, batch).backward()
-    got = capture.moments(selected)
-    assert not isinstance(got, str), got
-    ref = gradient_moments(per_sample_gradients_loop(model, lm_loss, tuple(t[:4] for t in batch), list(selected)))
-    assert got.n == 4 and list(got.mean) == list(selected)
-    assert_close(got.mean, ref.mean)
-    assert_close(got.var, ref.var)
-    assert got.flat is not None and got.flat[0].numel() == sum(p.numel() for p in selected.values())
+    moments_against_the_loop(tiny_gpt(**overrides), lm_loss, tokens(6, 6), 4)
 
     class WithSpare(nn.Module):  # a layer the forward never calls: zero gradient for every sample
         def __init__(self) -> None:
@@ -199,15 +204,7 @@ def test_moments_straight_from_the_capture_equal_those_of_the_samples_gradients(
             return self.body(x)
 
     torch.manual_seed(0)
-    spare_model, data_ = WithSpare(), data(8)
-    selected = dict(spare_model.named_parameters())
-    with TrainingStepCapture(spare_model, layer_owners(spare_model, selected), 5) as capture:
-        ce(spare_model, data_).backward()
-    got = capture.moments(selected)
-    assert not isinstance(got, str), got
-    ref = gradient_moments(per_sample_gradients_loop(spare_model, ce, tuple(t[:5] for t in data_), list(selected)))
-    assert_close(got.mean, ref.mean)
-    assert_close(got.var, ref.var)
+    got = moments_against_the_loop(WithSpare(), ce, data(8), 5)
     assert not got.mean["spare.weight"].any() and not got.var["spare.bias"].any()
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,40 +48,23 @@ def test_a_step_that_uses_no_buffer_frees_them():
 
 
 class KeepsUpdate(Diagnostic):
-    """Keeps a view of each step's update in its state (what a diagnostic of a user's may do)."""
+    """Keeps each step's update in its state (what a diagnostic of a user's may do): a view of it
+    (``ctx.update()``) or the flat update tensor itself (``ctx.update_flat()``)."""
 
     name = "keeps_update"
     requires = frozenset({"update"})
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
         super().__init__(every=1)
+        self.what = what
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def compute(self, ctx: Any) -> list[Record]:
         return []
 
     def compute_after_update(self, ctx: Any) -> list[Record]:
-        view = ctx.update()["0.weight"]
-        self.kept.append((view, view.clone()))
-        return []
-
-
-class KeepsUpdateTensor(Diagnostic):
-    """Keeps each step's flat update tensor itself (not a view) in its state."""
-
-    name = "keeps_update_tensor"
-    requires = frozenset({"update"})
-
-    def __init__(self) -> None:
-        super().__init__(every=1)
-        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def compute(self, ctx: Any) -> list[Record]:
-        return []
-
-    def compute_after_update(self, ctx: Any) -> list[Record]:
-        flat = ctx.update_flat()
-        self.kept.append((flat, flat.clone()))
+        kept = ctx.update()["0.weight"] if self.what == "view" else ctx.update_flat()
+        self.kept.append((kept, kept.clone()))
         return []
 
 
@@ -120,19 +104,11 @@ def test_the_monitor_reuses_the_copies_and_stores_the_same_numbers(tmp_path):
     assert all(math.isclose(x, y, rel_tol=0, abs_tol=0) for x, y in zip(a.value, b.value, strict=True))
 
 
-def test_a_view_kept_by_a_diagnostic_is_never_overwritten(tmp_path):
-    keeper = KeepsUpdate()
-    _run(tmp_path, "kept", True, [keeper])
+@pytest.mark.parametrize("what", ["view", "tensor"])
+def test_an_update_kept_by_a_diagnostic_is_never_overwritten(tmp_path, what):
+    keeper = KeepsUpdate(what)
+    _run(tmp_path, f"kept-{what}", True, [keeper])
     assert len(keeper.kept) == 6
-    for view, copy in keeper.kept:
-        assert torch.equal(view, copy)
-    assert len({v.data_ptr() for v, _ in keeper.kept}) == 6  # each step's update in memory of its own
-
-
-def test_a_tensor_kept_by_a_diagnostic_is_never_overwritten(tmp_path):
-    keeper = KeepsUpdateTensor()
-    _run(tmp_path, "kept-tensor", True, [keeper])
-    assert len(keeper.kept) == 6
-    for flat, copy in keeper.kept:
-        assert torch.equal(flat, copy)
-    assert len({f.data_ptr() for f, _ in keeper.kept}) == 6
+    for kept, copy in keeper.kept:
+        assert torch.equal(kept, copy)
+    assert len({k.data_ptr() for k, _ in keeper.kept}) == 6  # each step's update in memory of its own

@@ -78,13 +78,20 @@ def test_dropout_in_train_mode_makes_it_use_its_own_pass(tmp_path):
     torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
 
 
-def test_a_gpt_with_a_position_embedding_reads_the_training_step_too(tmp_path):
-    def gpt() -> nn.Module:
-        torch.manual_seed(0)
-        return TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, block_size=6), seed=0).double()
+def gpt(tie_weights: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, block_size=6,
+                             tie_weights=tie_weights), seed=0).double()
 
+
+def token_batches(steps: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randint(0, 11, (6, 6), generator=g), torch.randint(0, 11, (6, 6), generator=g)) for _ in range(5)]
+    return [(torch.randint(0, 11, (6, 6), generator=g), torch.randint(0, 11, (6, 6), generator=g))
+            for _ in range(steps)]
+
+
+def test_a_gpt_with_a_position_embedding_reads_the_training_step_too(tmp_path):
+    data = token_batches()
     captured = GSNRDiagnostic(every=1, max_samples=4)
     own = GSNRDiagnostic(every=1, max_samples=4, from_training_step=False)
     a = train(gpt(), lm, data, tmp_path / "a", captured)
@@ -99,11 +106,6 @@ def test_a_large_models_moments_come_straight_from_the_capture_with_the_same_num
     import diagnostics.metrics.gradient_stats as gradient_stats
     from diagnostics.gradients.training_capture import TrainingStepCapture
 
-    def gpt() -> nn.Module:
-        torch.manual_seed(0)
-        return TinyGPT(GPTConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, block_size=6,
-                                 tie_weights=True), seed=0).double()
-
     monkeypatch.setattr(gradient_stats, "MOMENTS_DIRECTLY_BYTES", 0)
     calls = {"moments": 0, "gradients": 0}
 
@@ -117,12 +119,11 @@ def test_a_large_models_moments_come_straight_from_the_capture_with_the_same_num
 
     for name in calls:
         monkeypatch.setattr(TrainingStepCapture, name, spying(name))
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randint(0, 11, (6, 6), generator=g), torch.randint(0, 11, (6, 6), generator=g)) for _ in range(5)]
+    data = token_batches()
     captured = GSNRDiagnostic(every=1, max_samples=4)
     own = GSNRDiagnostic(every=1, max_samples=4, from_training_step=False)
-    a = train(gpt(), lm, data, tmp_path / "a", captured)
-    b = train(gpt(), lm, data, tmp_path / "b", own)
+    a = train(gpt(tie_weights=True), lm, data, tmp_path / "a", captured)
+    b = train(gpt(tie_weights=True), lm, data, tmp_path / "b", own)
     assert captured.capture_agrees and captured.training_step_runs == 4, captured.capture_note
     assert calls == {"gradients": 1, "moments": 3}  # the first, checked against the own pass; then straight
     pd.testing.assert_frame_equal(a[["metric", "key", "step"]], b[["metric", "key", "step"]])
