@@ -71,12 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
     gsnr = GSNRDiagnostic()
     # Below the size threshold the capture forms the samples' gradients and the moments reduce them; above
-    # it (and after the first, checked, run) the capture reduces them to moments itself.
-    parts: dict[str, list[float]] = {"gradients": [], "moments": [], "gradients to moments": [], "summaries": []}
+    # it (and after the first, checked, run) the capture reduces them itself: to GSNR's ratios (or, in
+    # trees from before GSNRReduction, to moments).
+    parts: dict[str, list[float]] = {"gradients": [], "moments": [], "gradients to moments": [],
+                                     "gradients to ratios": [], "summaries": []}
     _timed(TrainingStepCapture, "gradients", parts["gradients"])
     _timed(stats, "_moments", parts["moments"])
     _timed(TrainingStepCapture, "moments", parts["gradients to moments"])
+    _timed(TrainingStepCapture, "reduction", parts["gradients to ratios"])
     _timed(stats.GradientMoments, "summaries", parts["summaries"])
+    try:
+        from diagnostics.gradients.ratio_reduction import GSNRReduction
+    except ImportError:  # another tree's library, from before the reduction
+        pass
+    else:
+        _timed(GSNRReduction, "summaries", parts["summaries"])
     times: dict[str, list[float]] = {"plain step": [], "hooks": [], "call": []}
     for i in range(args.steps + warmup):
         batch = data[i % len(data)]

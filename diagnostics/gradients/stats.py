@@ -15,7 +15,7 @@ Shapes: ``N`` gradients (the leading dimension), any parameter shape after it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,14 +73,11 @@ def _moments(g: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tenso
     million elements on (benchmarks/RESULTS.md, "GSNR's moments a chunk at a time"). The values agree
     with the one-piece ones to the rounding of the reduction order.
     """
-    g = g.detach()
-    if g.dtype not in (torch.float32, torch.float64):
-        g = g.float()
+    g = _computable(g)
     n = g.shape[0]
     flat = g.reshape(n, -1)
     size = flat.shape[1]
-    chunk = max(1, _MOMENT_CHUNK_BYTES.get(g.device.type, _MOMENT_CHUNK_BYTES["cpu"]) // (n * flat.element_size()))
-    if size <= chunk and out is None:
+    if size <= _moment_chunk(flat) and out is None:
         mean = g.mean(0)
         var = (g - mean).square_().sum(0).div_(n - 1)
         return mean.to(torch.float64), var.to(torch.float64), n
@@ -89,12 +86,35 @@ def _moments(g: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tenso
         var = torch.empty(size, dtype=torch.float64, device=g.device)
     else:
         mean, var = (t.view(-1) for t in out)
+    for lo, hi, part_mean, part_var in moment_chunks(flat):
+        var[lo:hi] = part_var
+        mean[lo:hi] = part_mean
+    return mean.view(g.shape[1:]), var.view(g.shape[1:]), n
+
+
+def _computable(g: Tensor) -> Tensor:
+    """``g`` detached, in float32 when it is in a half precision (the precision the moments are taken in)."""
+    g = g.detach()
+    return g if g.dtype in (torch.float32, torch.float64) else g.float()
+
+
+def _moment_chunk(flat: Tensor) -> int:
+    """Columns of ``flat`` (``[N, P]``) per chunk of :func:`moment_chunks`."""
+    budget = _MOMENT_CHUNK_BYTES.get(flat.device.type, _MOMENT_CHUNK_BYTES["cpu"])
+    return max(1, budget // (flat.shape[0] * flat.element_size()))
+
+
+def moment_chunks(flat: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """``(lo, hi, mean, var)`` over column chunks of ``flat`` (``[N, P]``, float32 or float64, N >= 2): the
+    mean and unbiased variance of columns ``lo:hi`` in ``flat``'s dtype, the centred values formed a chunk
+    (:data:`_MOMENT_CHUNK_BYTES`) at a time. What :func:`_moments` writes, for callers that reduce each
+    chunk further instead of keeping the moments. Cost: two passes over ``flat``."""
+    n, size = flat.shape
+    chunk = _moment_chunk(flat)
     for lo in range(0, size, chunk):
         part = flat[:, lo : lo + chunk]
         part_mean = part.mean(0)
-        var[lo : lo + chunk] = (part - part_mean).square_().sum(0).div_(n - 1)
-        mean[lo : lo + chunk] = part_mean
-    return mean.view(g.shape[1:]), var.view(g.shape[1:]), n
+        yield lo, min(lo + chunk, size), part_mean, (part - part_mean).square_().sum(0).div_(n - 1)
 
 
 @dataclass(frozen=True)

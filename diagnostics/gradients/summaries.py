@@ -9,7 +9,7 @@ moments are, so only the summaries, a few numbers per tensor, cross to the host 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diagnostics.errors import DataError
 
-__all__ = ["GSNRSummary", "gsnr_summary", "ratio_summaries"]
+__all__ = ["GSNRSummary", "gsnr_summary", "ratio_summaries", "summaries_of_ratios"]
 
 
 @dataclass(frozen=True)
@@ -65,51 +65,110 @@ def ratio_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n:
     affine map ``N / (N - 1) * (corrected + 1 / N)`` of the corrected one, so its means and medians are
     the mapped means and medians; the tensors with a floored element (unused embedding rows, a bias
     whose gradient is structurally zero) are summarised from their raw ratios, and so is ``"all"``
-    then. Cost: a few passes over all elements at once, one median per tensor and one pooled, plus the
-    floored tensors' and, if any, one more pooled median; on the CPU in numpy (no per-tensor tensor
-    operation), elsewhere in torch on the moments' device (a few kernels per tensor, and the summaries'
-    numbers to the host in one or two transfers).
+    then (:func:`summaries_of_ratios`). Cost: a few passes over all elements at once, one median per
+    tensor and one pooled, plus the floored tensors' and, if any, one more pooled median; on the CPU in
+    numpy (no per-tensor tensor operation), elsewhere in torch on the moments' device (a few kernels per
+    tensor, and the summaries' numbers to the host in one or two transfers).
     """
     if m.device.type != "cpu":
         return _device_summaries(names, sizes, m, v, n, eps)
-    m, v = m.numpy(), v.numpy()
+    live = _segments(names, sizes)
+    m_np, v_np = m.numpy(), v.numpy()
     # numpy rather than torch: half the time per pass at millions of elements, and less per call on
     # small models; a chunk at a time, so the passes over a chunk find it in the cache and the only arrays
     # as large as the model are the two this needs.
-    size = m.size
-    corrected, floored = np.empty_like(m), np.empty(m.shape, dtype=bool)
-    work = np.empty(min(size, _CHUNK), dtype=m.dtype)
+    size = m_np.size
+    corrected_np, below = np.empty_like(m_np), np.empty(m_np.shape, dtype=bool)
+    work = np.empty(min(size, _CHUNK), dtype=m_np.dtype)
     for lo in range(0, size, _CHUNK):
         hi = min(lo + _CHUNK, size)
-        c, t, mm, vv = corrected[lo:hi], work[: hi - lo], m[lo:hi], v[lo:hi]
-        np.multiply(mm, mm, out=c)
-        np.multiply(vv, 1.0 / n, out=t)
-        c -= t
-        np.maximum(vv, eps, out=t)
+        corrected_chunk(m_np[lo:hi], v_np[lo:hi], n, eps, corrected_np[lo:hi], work[: hi - lo])
+        np.less(v_np[lo:hi], eps * n / (n - 1), out=below[lo:hi])
+    flags_np = np.logical_or.reduceat(below, [a for _, a, _ in live]).tolist() if live else []
+
+    def raw_of_np(name: str, a: int, b: int, out: Any) -> None:
+        raw_chunks(m_np[a:b], v_np[a:b], n, eps, out[a:b])
+
+    return summaries_of_ratios(names, sizes, torch.from_numpy(corrected_np), flags_np, raw_of_np, n)
+
+
+def corrected_chunk(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.ndarray, work: np.ndarray) -> None:
+    """The corrected ratio ``(m^2 - v / N) / max(v, eps)`` of one chunk into ``out`` (``work``: a temporary
+    of the same size). The operations of :meth:`GradientMoments.gsnr` in its order, so both round alike."""
+    np.multiply(m, m, out=out)
+    np.multiply(v, 1.0 / n, out=work)
+    out -= work
+    np.maximum(v, eps, out=work)
+    out /= work
+
+
+def raw_chunks(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.ndarray) -> None:
+    """The raw ratio ``m^2 / max(v (N - 1) / N, eps)`` of one tensor into ``out``, a chunk at a time."""
+    work = np.empty(min(m.size, _CHUNK), dtype=np.float64)
+    for lo in range(0, m.size, _CHUNK):
+        hi = min(lo + _CHUNK, m.size)
+        c, t = out[lo:hi], work[: hi - lo]
+        np.square(m[lo:hi], out=c)
+        np.multiply(v[lo:hi], (n - 1) / n, out=t)
+        np.maximum(t, eps, out=t)
         c /= t
-        np.less(vv, eps * n / (n - 1), out=floored[lo:hi])
-    first = _flat_summary(names, sizes, corrected)
+
+
+def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n: int,
+                      eps: float) -> tuple[GSNRSummary, GSNRSummary]:
+    """:func:`ratio_summaries` in torch on the moments' device (:func:`_device_flat_summary`): two
+    transfers to the host, four when a variance is floored."""
+    # The numpy path's operations in its order, so both round alike.
+    corrected = (m * m).sub_(v * (1.0 / n)).div_(v.clamp_min(eps))
+    live = _segments(names, sizes)
+    floored = v < eps * n / (n - 1)
+    flags = torch.stack([floored[a:b].any() for _, a, b in live]).tolist() if live else []
+
+    def raw_of(name: str, a: int, b: int, out: Any) -> None:
+        out[a:b] = m[a:b].square().div_((v[a:b] * ((n - 1) / n)).clamp_min(eps))
+
+    return summaries_of_ratios(names, sizes, corrected, flags, raw_of, n, in_torch=True)
+
+
+RawOf = Callable[[str, int, int, Any], None]
+
+
+def summaries_of_ratios(names: list[str], sizes: list[int], corrected: Tensor, floored: list[bool],
+                        raw_of: RawOf, n: int, in_torch: bool | None = None) -> tuple[GSNRSummary, GSNRSummary]:
+    """Both summaries from the corrected ratios laid end to end (float64 ``[P]``, overwritten), whether each
+    non-empty tensor has a floored variance (``floored``, in order), and ``raw_of(name, a, b, pooled)``,
+    which writes the raw ratios of the tensor at ``[a, b)`` into ``pooled[a:b]`` (a numpy array on the
+    CPU, a tensor elsewhere; ``in_torch``: a tensor on the CPU too). The raw ratios of unfloored tensors
+    are mapped from the corrected ones (:func:`ratio_summaries`); ``"all"`` too when no tensor is floored.
+    Cost: see :func:`ratio_summaries`.
+    """
+    device = corrected.device.type != "cpu" if in_torch is None else in_torch
+    values = corrected if device else corrected.numpy()
+    first = (_device_flat_summary if device else _flat_summary)(names, sizes, values)
     mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
     median = {k: _to_raw(x, n) for k, x in first.median.items()}
     live = _segments(names, sizes)
-    any_floored = np.logical_or.reduceat(floored, [a for _, a, _ in live]) if live else np.zeros(0, bool)
-    if any_floored.any():
-        pooled = corrected  # mapped to raw in place: the corrected summary is already taken
-        for lo in range(0, size, _CHUNK):
-            c = pooled[lo : lo + _CHUNK]
-            c *= n / (n - 1)
-            c += 1.0 / (n - 1)
-        for (name, a, b), floored_here in zip(live, any_floored.tolist(), strict=True):
-            if floored_here:
-                for lo in range(a, b, _CHUNK):  # the raw ratio itself, in its place in the pooled values
-                    hi = min(lo + _CHUNK, b)
-                    c, t = pooled[lo:hi], work[: hi - lo]
-                    np.square(m[lo:hi], out=c)
-                    np.multiply(v[lo:hi], (n - 1) / n, out=t)
-                    np.maximum(t, eps, out=t)
-                    c /= t
-                mean[name], median[name] = float(pooled[a:b].mean()), _median_np(pooled[a:b])
-        mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
+    redo = [(name, a, b) for (name, a, b), flag in zip(live, floored, strict=True) if flag]
+    if not redo:
+        return first, GSNRSummary(mean=mean, median=median)
+    if device:  # the corrected summary is already taken: mapped to raw in place
+        pooled = corrected.mul_(n / (n - 1)).add_(1.0 / (n - 1))
+        for name, a, b in redo:
+            raw_of(name, a, b, pooled)
+        rows = _segment_stats(pooled, [(a, b) for _, a, b in redo] + [(0, pooled.numel())]).tolist()
+        for (name, a, b), row in zip(redo, rows, strict=False):
+            mean[name], median[name] = _mean_and_median(row, b - a)
+        mean["all"], median["all"] = _mean_and_median(rows[-1], pooled.numel())
+        return first, GSNRSummary(mean=mean, median=median)
+    pooled = values
+    for lo in range(0, pooled.size, _CHUNK):
+        c = pooled[lo : lo + _CHUNK]
+        c *= n / (n - 1)
+        c += 1.0 / (n - 1)
+    for name, a, b in redo:
+        raw_of(name, a, b, pooled)  # the raw ratio itself, in its place in the pooled values
+        mean[name], median[name] = float(pooled[a:b].mean()), _median_np(pooled[a:b])
+    mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
     return first, GSNRSummary(mean=mean, median=median)
 
 
@@ -153,30 +212,6 @@ def _device_flat_summary(names: list[str], sizes: list[int], values: Tensor) -> 
         out.mean[name], out.median[name] = _mean_and_median(row, b - a)
     out.mean["all"], out.median["all"] = _mean_and_median(rows[-1], values.numel())
     return out
-
-
-def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n: int,
-                      eps: float) -> tuple[GSNRSummary, GSNRSummary]:
-    """:func:`ratio_summaries` in torch on the moments' device (:func:`_device_flat_summary`): two
-    transfers to the host, four when a variance is floored."""
-    # The numpy path's operations in its order, so both round alike.
-    corrected = (m * m).sub_(v * (1.0 / n)).div_(v.clamp_min(eps))
-    first = _device_flat_summary(names, sizes, corrected)
-    mean = {k: _to_raw(x, n) for k, x in first.mean.items()}
-    median = {k: _to_raw(x, n) for k, x in first.median.items()}
-    live = _segments(names, sizes)
-    floored = v < eps * n / (n - 1)
-    flags = torch.stack([floored[a:b].any() for _, a, b in live]).tolist() if live else []
-    redo = [(name, a, b) for (name, a, b), flag in zip(live, flags, strict=True) if flag]
-    if redo:
-        pooled = corrected.mul_(n / (n - 1)).add_(1.0 / (n - 1))  # the corrected summary is already taken
-        for _, a, b in redo:
-            pooled[a:b] = m[a:b].square().div_((v[a:b] * ((n - 1) / n)).clamp_min(eps))
-        rows = _segment_stats(pooled, [(a, b) for _, a, b in redo] + [(0, pooled.numel())]).tolist()
-        for (name, a, b), row in zip(redo, rows, strict=False):
-            mean[name], median[name] = _mean_and_median(row, b - a)
-        mean["all"], median["all"] = _mean_and_median(rows[-1], pooled.numel())
-    return first, GSNRSummary(mean=mean, median=median)
 
 
 #: Values per chunk of the passes over millions of values: their temporaries stay in the cache and are not

@@ -27,6 +27,7 @@ used otherwise, or a model called with no batch dimension leaves the capture unu
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from diagnostics._batch import leading_size, tensor_leaves
 from diagnostics._hooks import HookClock
 from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
+from diagnostics.gradients.ratio_reduction import GSNRReduction
 from diagnostics.gradients.stats import GradientMoments, _moments
 
 __all__ = ["TrainingStepCapture"]
@@ -266,25 +268,74 @@ class TrainingStepCapture:
         for k, p in selected.items():
             place[k] = (at, at + p.numel())
             at += p.numel()
+
+        def reduce(name: str, per_sample: Tensor) -> None:
+            a, b = place[name]
+            _moments(per_sample.to(first.device), out=(mean[a:b], var[a:b]))
+
+        def zero(name: str) -> None:  # a zero gradient for every sample: mean and variance 0
+            a, b = place[name]
+            mean[a:b] = 0.0
+            var[a:b] = 0.0
+
+        problem = self._each_parameter(selected, n, reduce, zero)
+        if problem is not None:
+            return problem
+        return GradientMoments.from_moments(mean, var, [(k, p.shape) for k, p in selected.items()], n)
+
+    def reduction(self, selected: dict[str, Tensor]) -> GSNRReduction | str:
+        """GSNR's summaries and the noise scale's parts of the captured samples' gradients
+        (:class:`~diagnostics.gradients.ratio_reduction.GSNRReduction`), or a sentence saying why there are
+        none: each parameter's per-sample gradients are reduced as in :meth:`moments`, but to their ratios,
+        without the model-wide moments. Cost: that of :meth:`moments`, less writing two float64 vectors of
+        the model's size and reading them back.
+        """
+        n = self._samples()
+        if isinstance(n, str):
+            return n
+        first = next(iter(selected.values()))
+        out = GSNRReduction([(k, p.shape) for k, p in selected.items()], n, first.device)
+        problem = self._each_parameter(selected, n, lambda name, g: out.add(name, g.to(first.device)), out.zero)
+        return out if problem is None else problem
+
+    def _each_parameter(self, selected: dict[str, Tensor], n: int, reduce: Callable[[str, Tensor], None],
+                        zero: Callable[[str], None]) -> str | None:
+        """Form each selected parameter's ``[n, *shape]`` per-sample gradients in a temporary of its own and
+        hand it to ``reduce`` once the last layer call reaching it is added; ``zero`` each parameter no call
+        reached. Returns the sentence saying why the capture cannot be used, or None."""
         remaining = Counter(name for c in self.calls for name in set(c.attrs.values()))
         temps: dict[str, Tensor] = {}
+        bases: dict[str, Tensor] = {}
+        # The buffers of parameters already reduced, taken again by later ones: a fresh buffer of a large
+        # parameter costs the kernel's mapping of every page (on the CPU), and a transformer's blocks repeat
+        # the same shapes.
+        spare: list[Tensor] = []
         written: set[str] = set()
         with torch.no_grad():
             for c in self.calls:
                 for name in c.attrs.values():
                     if name not in temps:
                         p = selected[name]
-                        temps[name] = torch.empty((n, *p.shape), dtype=p.dtype, device=p.device)
+                        bases[name] = _take(spare, n * p.numel(), p.dtype, p.device)
+                        temps[name] = bases[name][: n * p.numel()].view(n, *p.shape)
                 if self._add_call(c, temps, written, n) is not None:
-                    return self.problem  # type: ignore[return-value]
+                    return self.problem
                 for name in set(c.attrs.values()):
                     remaining[name] -= 1
                     if remaining[name] == 0:
-                        a, b = place[name]
-                        _moments(temps.pop(name).to(first.device), out=(mean[a:b], var[a:b]))
-            # A parameter no captured call reached has a zero gradient for every sample: mean and variance 0.
-            for name in place.keys() - remaining.keys():
-                a, b = place[name]
-                mean[a:b] = 0.0
-                var[a:b] = 0.0
-        return GradientMoments.from_moments(mean, var, [(k, p.shape) for k, p in selected.items()], n)
+                        reduce(name, temps.pop(name))
+                        spare.append(bases.pop(name))
+            for name in selected.keys() - remaining.keys():
+                zero(name)
+        return None
+
+
+def _take(spare: list[Tensor], numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat buffer of at least ``numel`` elements: the smallest of ``spare`` that fits (removed from it),
+    else a new one, after ``spare`` is emptied (so that the buffers kept stay within what one layer call
+    needs rather than growing with every larger parameter)."""
+    fits = [i for i, b in enumerate(spare) if b.numel() >= numel and b.dtype == dtype and b.device == device]
+    if fits:
+        return spare.pop(min(fits, key=lambda i: spare[i].numel()))
+    spare.clear()
+    return torch.empty(numel, dtype=dtype, device=device)

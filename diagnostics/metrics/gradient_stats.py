@@ -24,6 +24,7 @@ import torch
 from diagnostics._batch import leading_size, slice_batch
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
+from diagnostics.gradients.ratio_reduction import GSNRReduction
 from diagnostics.gradients.stats import GradientMoments
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
@@ -46,8 +47,8 @@ def summary_records(prefix: str, summary: Any) -> list[Record]:
     return out
 
 
-#: Captured per-sample gradients of at least this many bytes are reduced to their moments parameter by
-#: parameter (:meth:`TrainingStepCapture.moments`) instead of being formed in one ``[n, P]`` buffer first.
+#: Captured per-sample gradients of at least this many bytes are reduced to their GSNR ratios parameter by
+#: parameter (:meth:`TrainingStepCapture.reduction`) instead of being formed in one ``[n, P]`` buffer first.
 MOMENTS_DIRECTLY_BYTES = 16 << 20
 
 
@@ -160,9 +161,9 @@ class GSNRDiagnostic(Diagnostic):
             yield
         self._captured = (weakref.ref(model), int(step), capture, selected)
 
-    def _from_training_step(self, ctx: StepContext, n: int) -> dict[str, torch.Tensor] | GradientMoments | None:
+    def _from_training_step(self, ctx: StepContext, n: int) -> dict[str, torch.Tensor] | GSNRReduction | None:
         """The per-sample gradients captured from this step's training backward (or, for a large model once
-        they were checked, their moments straight away), or None (then :attr:`capture_note` says why).
+        they were checked, their ratios straight away), or None (then :attr:`capture_note` says why).
         Checks them once against the own pass on two samples."""
         from diagnostics.gradients.per_sample import gradients_agree
 
@@ -171,7 +172,7 @@ class GSNRDiagnostic(Diagnostic):
             return None
         capture, selected = captured[2], captured[3]
         if self.capture_agrees and _moments_directly(selected, n):
-            got: Any = capture.moments(selected)
+            got: Any = capture.reduction(selected)
         else:
             got = capture.gradients(selected)
         if isinstance(got, str):
@@ -188,7 +189,7 @@ class GSNRDiagnostic(Diagnostic):
                                      "mixed precision): own passes from now on")
                 return None
         self.capture_note = None
-        if isinstance(got, GradientMoments):
+        if isinstance(got, GSNRReduction):
             return got
         if capture.flat is not None:  # the moments from one [n, P] tensor
             self._flat = (capture.flat[:n], capture.layout)
@@ -216,8 +217,8 @@ class GSNRDiagnostic(Diagnostic):
         if grads is None:
             grads = ctx.per_sample_grads(self.params, max_samples=n)
         flat, self._flat = self._flat, None
-        if isinstance(grads, GradientMoments):
-            moments = grads
+        if isinstance(grads, GSNRReduction):
+            moments: GradientMoments | GSNRReduction = grads
         else:
             moments = gradient_moments(grads) if flat is None else GradientMoments.from_flat(*flat)
         n = moments.n

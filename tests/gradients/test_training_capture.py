@@ -208,9 +208,55 @@ def test_moments_straight_from_the_capture_equal_those_of_the_samples_gradients(
     assert not got.mean["spare.weight"].any() and not got.var["spare.bias"].any()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"tie_weights": True}], ids=["untied", "tied"])
+def test_the_ratios_straight_from_the_capture_summarise_as_the_samples_gradients(overrides):
+    """The reduction to GSNR's ratios parameter by parameter: the summaries of brute-force per-sample
+    gradients' moments, and a layer the forward never calls as zero gradients."""
+    from diagnostics.gradients import gradient_moments
+
+    def check(model: nn.Module, loss_fn, batch, n: int) -> None:  # noqa: ANN001
+        selected = dict(model.named_parameters())
+        with TrainingStepCapture(model, layer_owners(model, selected), n) as capture:
+            loss_fn(model, batch).backward()
+        got = capture.reduction(selected)
+        assert not isinstance(got, str), got
+        ref = gradient_moments(per_sample_gradients_loop(model, loss_fn, tuple(t[:n] for t in batch), list(selected)))
+        for a, b in zip(got.summaries(), ref.summaries(), strict=True):
+            for k in b.mean:
+                assert a.mean[k] == pytest.approx(b.mean[k], rel=1e-6, abs=1e-9), k
+                assert a.median[k] == pytest.approx(b.median[k], rel=1e-6, abs=1e-9), k
+        assert got.noise_parts().trace == pytest.approx(ref.noise_parts().trace, rel=1e-9)
+
+    check(tiny_gpt(**overrides), lm_loss, tokens(6, 6), 4)
+
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.spare = mlp(), nn.Linear(5, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    torch.manual_seed(0)
+    check(WithSpare(), ce, data(8), 5)
+
+
 def test_moments_of_nothing_captured_say_why():
     model = mlp()
     selected = dict(model.named_parameters())
     with TrainingStepCapture(model, layer_owners(model, selected), 4) as capture:
         pass
     assert capture.moments(selected) == "no training forward with gradients ran while the hooks were held"
+    assert capture.reduction(selected) == "no training forward with gradients ran while the hooks were held"
+
+
+def test_buffers_of_reduced_parameters_are_taken_again_smallest_first():
+    from diagnostics.gradients.training_capture import _take
+
+    a, b = torch.empty(10), torch.empty(40)
+    spare = [b, a]
+    assert _take(spare, 8, torch.float32, torch.device("cpu")) is a and spare == [b]
+    assert _take(spare, 8, torch.float64, torch.device("cpu")) is not b and spare == []  # no fit: all freed
+    spare = [a]
+    new = _take(spare, 11, torch.float32, torch.device("cpu"))
+    assert new.numel() == 11 and spare == []
