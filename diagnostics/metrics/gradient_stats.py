@@ -58,6 +58,16 @@ def _moments_directly(selected: dict[str, torch.Tensor], n: int) -> bool:
     return n * sum(p.numel() * p.element_size() for p in selected.values()) >= MOMENTS_DIRECTLY_BYTES
 
 
+def _reduced(grads: dict[str, torch.Tensor]) -> GSNRReduction:
+    """The :class:`GSNRReduction` of per-sample gradients ``{name: [N, *shape]}`` (on the first one's device),
+    fed parameter by parameter. Cost: the moments' two passes over the gradients, no model-wide moments."""
+    first = next(iter(grads.values()))
+    out = GSNRReduction([(k, g.shape[1:]) for k, g in grads.items()], first.shape[0], first.device)
+    for k, g in grads.items():
+        out.add(k, g.to(first.device))
+    return out
+
+
 #: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step
 #: or less on the benchmarks' models (benchmarks/RESULTS.md, "GSNR: per-sample gradients layer by layer").
 DEFAULT_GSNR_SAMPLES = 8
@@ -219,8 +229,12 @@ class GSNRDiagnostic(Diagnostic):
         flat, self._flat = self._flat, None
         if isinstance(grads, GSNRReduction):
             moments: GradientMoments | GSNRReduction = grads
+        elif flat is not None:
+            moments = GradientMoments.from_flat(*flat)
+        elif sum(g.numel() * g.element_size() for g in grads.values()) >= MOMENTS_DIRECTLY_BYTES:
+            moments = _reduced(grads)  # a large model's own pass: no model-wide moments either
         else:
-            moments = gradient_moments(grads) if flat is None else GradientMoments.from_flat(*flat)
+            moments = gradient_moments(grads)
         n = moments.n
         corrected, raw = moments.summaries()
         records = summary_records("gsnr", corrected) + summary_records("gsnr_raw", raw)

@@ -131,6 +131,25 @@ def test_a_large_models_ratios_come_straight_from_the_capture_with_the_same_numb
     torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
 
 
+def test_a_large_models_own_pass_is_reduced_to_its_ratios_with_the_same_numbers(tmp_path, monkeypatch):
+    """Past the size threshold (lowered to 0) the own pass's per-sample gradients go to GSNRReduction rather
+    than to the model-wide moments: the same stored series."""
+    import diagnostics.metrics.gradient_stats as gradient_stats
+    from diagnostics.gradients.ratio_reduction import GSNRReduction
+
+    data = token_batches()
+    small = train(gpt(), lm, data, tmp_path / "small", GSNRDiagnostic(every=1, max_samples=4, from_training_step=False))
+    fed: list[str] = []
+    add = GSNRReduction.add
+    monkeypatch.setattr(GSNRReduction, "add", lambda self, name, g: (fed.append(name), add(self, name, g))[1])
+    monkeypatch.setattr(gradient_stats, "MOMENTS_DIRECTLY_BYTES", 0)
+    large = train(gpt(), lm, data, tmp_path / "large", GSNRDiagnostic(every=1, max_samples=4, from_training_step=False))
+    assert len(fed) == len(data) * len(list(gpt().parameters()))
+    pd.testing.assert_frame_equal(small[["metric", "key", "step"]], large[["metric", "key", "step"]])
+    torch.testing.assert_close(torch.tensor(small.value.values), torch.tensor(large.value.values),
+                               rtol=1e-12, atol=1e-15)
+
+
 def test_a_bf16_autocast_step_makes_it_use_its_own_full_precision_pass(tmp_path):
     model = mlp().float()
     data = [(x.float(), y) for x, y in batches(5)]
