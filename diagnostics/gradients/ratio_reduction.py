@@ -24,7 +24,7 @@ from torch import Tensor
 
 from diagnostics.errors import DataError
 from diagnostics.gradients.stats import GSNR_EPS, NoiseScaleParts, _computable, _moments, moment_chunks
-from diagnostics.gradients.summaries import GSNRSummary, raw_chunks, summaries_of_ratios
+from diagnostics.gradients.summaries import GSNRSummary, corrected_into, raw_into, summaries_of_ratios
 
 __all__ = ["GSNRReduction"]
 
@@ -82,10 +82,8 @@ class GSNRReduction:
         below = torch.zeros((), dtype=torch.bool, device=self.corrected.device)
         for lo, hi, mean, var in moment_chunks(flat):
             m, v = mean.to(torch.float64), var.to(torch.float64)
-            out = self.corrected[a + lo : a + hi]
             # GradientMoments.gsnr's operations in its order, so the ratios are the same to the last bit.
-            torch.mul(m, m, out=out)
-            out.sub_(v * (1.0 / n)).div_(v.clamp_min(eps))
+            corrected_into(m, v, n, eps, self.corrected[a + lo : a + hi])
             self._trace += v.sum()
             self._sqmean += torch.dot(m, m)
             below |= (v < threshold).any()
@@ -132,11 +130,7 @@ class GSNRReduction:
     def _raw_of(self, name: str, a: int, b: int, out: Any) -> None:
         """Write the raw ratios of floored tensor ``name`` into ``out[a:b]`` (numpy on the CPU)."""
         m, v = self._floored[name]
-        n, eps = self.n, self.eps
-        if isinstance(out, Tensor):
-            out[a:b] = m.square().div_((v * ((n - 1) / n)).clamp_min(eps))
-        else:
-            raw_chunks(m.numpy(), v.numpy(), n, eps, out[a:b])
+        raw_into(m, v, self.n, self.eps, out[a:b])
 
     def noise_parts(self) -> NoiseScaleParts:
         """Unbiased ``tr(Sigma)`` and ``|G|^2`` (:meth:`GradientMoments.noise_parts`)."""

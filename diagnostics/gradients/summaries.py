@@ -82,17 +82,17 @@ def ratio_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n:
     work = np.empty(min(size, _CHUNK), dtype=m_np.dtype)
     for lo in range(0, size, _CHUNK):
         hi = min(lo + _CHUNK, size)
-        corrected_chunk(m_np[lo:hi], v_np[lo:hi], n, eps, corrected_np[lo:hi], work[: hi - lo])
+        _corrected_chunk(m_np[lo:hi], v_np[lo:hi], n, eps, corrected_np[lo:hi], work[: hi - lo])
         np.less(v_np[lo:hi], eps * n / (n - 1), out=below[lo:hi])
     flags_np = np.logical_or.reduceat(below, [a for _, a, _ in live]).tolist() if live else []
 
     def raw_of_np(name: str, a: int, b: int, out: Any) -> None:
-        raw_chunks(m_np[a:b], v_np[a:b], n, eps, out[a:b])
+        raw_into(m_np[a:b], v_np[a:b], n, eps, out[a:b])
 
     return summaries_of_ratios(names, sizes, torch.from_numpy(corrected_np), flags_np, raw_of_np, n)
 
 
-def corrected_chunk(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.ndarray, work: np.ndarray) -> None:
+def _corrected_chunk(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.ndarray, work: np.ndarray) -> None:
     """The corrected ratio ``(m^2 - v / N) / max(v, eps)`` of one chunk into ``out`` (``work``: a temporary
     of the same size). The operations of :meth:`GradientMoments.gsnr` in its order, so both round alike."""
     np.multiply(m, m, out=out)
@@ -102,8 +102,20 @@ def corrected_chunk(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.nd
     out /= work
 
 
-def raw_chunks(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.ndarray) -> None:
-    """The raw ratio ``m^2 / max(v (N - 1) / N, eps)`` of one tensor into ``out``, a chunk at a time."""
+def corrected_into(m: Tensor, v: Tensor, n: int, eps: float, out: Tensor) -> None:
+    """:func:`_corrected_chunk` in torch (float64 ``m``, ``v`` and ``out`` on one device), the same operations
+    in the same order."""
+    torch.mul(m, m, out=out)
+    out.sub_(v * (1.0 / n)).div_(v.clamp_min(eps))
+
+
+def raw_into(m: Any, v: Any, n: int, eps: float, out: Any) -> None:
+    """The raw ratio ``m^2 / max(v (N - 1) / N, eps)`` of one tensor's float64 moments into ``out``: in torch
+    for a tensor ``out``, else in numpy a chunk at a time (``m``, ``v`` numpy arrays or CPU tensors)."""
+    if isinstance(out, Tensor):
+        out.copy_(m.square().div_((v * ((n - 1) / n)).clamp_min(eps)))
+        return
+    m, v = np.asarray(m), np.asarray(v)
     work = np.empty(min(m.size, _CHUNK), dtype=np.float64)
     for lo in range(0, m.size, _CHUNK):
         hi = min(lo + _CHUNK, m.size)
@@ -118,14 +130,14 @@ def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, 
                       eps: float) -> tuple[GSNRSummary, GSNRSummary]:
     """:func:`ratio_summaries` in torch on the moments' device (:func:`_device_flat_summary`): two
     transfers to the host, four when a variance is floored."""
-    # The numpy path's operations in its order, so both round alike.
-    corrected = (m * m).sub_(v * (1.0 / n)).div_(v.clamp_min(eps))
+    corrected = torch.empty_like(m)
+    corrected_into(m, v, n, eps, corrected)  # the numpy path's operations in its order: both round alike
     live = _segments(names, sizes)
     floored = v < eps * n / (n - 1)
     flags = torch.stack([floored[a:b].any() for _, a, b in live]).tolist() if live else []
 
     def raw_of(name: str, a: int, b: int, out: Any) -> None:
-        out[a:b] = m[a:b].square().div_((v[a:b] * ((n - 1) / n)).clamp_min(eps))
+        raw_into(m[a:b], v[a:b], n, eps, out[a:b])
 
     return summaries_of_ratios(names, sizes, corrected, flags, raw_of, n, in_torch=True)
 

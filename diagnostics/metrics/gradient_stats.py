@@ -231,7 +231,7 @@ class GSNRDiagnostic(Diagnostic):
             moments: GradientMoments | GSNRReduction = grads
         elif flat is not None:
             moments = GradientMoments.from_flat(*flat)
-        elif sum(g.numel() * g.element_size() for g in grads.values()) >= MOMENTS_DIRECTLY_BYTES:
+        elif _moments_directly({k: g[0] for k, g in grads.items()}, len(next(iter(grads.values())))):
             moments = _reduced(grads)  # a large model's own pass: no model-wide moments either
         else:
             moments = gradient_moments(grads)

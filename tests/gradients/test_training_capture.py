@@ -170,6 +170,17 @@ def test_huggingface_gpt2_conv1d_and_position_ids():
     assert_hf_capture_matches_loop(transformers.GPT2LMHeadModel(config).double().train())
 
 
+class WithSpare(nn.Module):
+    """An MLP beside a layer its forward never calls: a zero gradient for every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.spare = mlp(), nn.Linear(5, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def moments_against_the_loop(model: nn.Module, loss_fn, batch, n: int):  # noqa: ANN001, ANN201
     """The capture's moments of a training step on ``batch``, checked against those of brute-force
     per-sample gradients of its first ``n`` samples."""
@@ -194,14 +205,6 @@ def test_moments_straight_from_the_capture_equal_those_of_the_samples_gradients(
     the moments of the brute-force per-sample gradients; an MLP's too, where a layer the forward never
     calls has zero mean and variance."""
     moments_against_the_loop(tiny_gpt(**overrides), lm_loss, tokens(6, 6), 4)
-
-    class WithSpare(nn.Module):  # a layer the forward never calls: zero gradient for every sample
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.spare = mlp(), nn.Linear(5, 2).double()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x)
 
     torch.manual_seed(0)
     got = moments_against_the_loop(WithSpare(), ce, data(8), 5)
@@ -228,14 +231,6 @@ def test_the_ratios_straight_from_the_capture_summarise_as_the_samples_gradients
         assert got.noise_parts().trace == pytest.approx(ref.noise_parts().trace, rel=1e-9)
 
     check(tiny_gpt(**overrides), lm_loss, tokens(6, 6), 4)
-
-    class WithSpare(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.spare = mlp(), nn.Linear(5, 2).double()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x)
 
     torch.manual_seed(0)
     check(WithSpare(), ce, data(8), 5)
