@@ -107,10 +107,10 @@ def per_sample_gradients(
       loop over samples if an op has no batching rule. Cost: about one batched backward pass (vmap) per
       chunk; 1.3 to 2.3 times ``"layers"`` on the tiny GPT, the 3.2M GPT and the digits MLP
       (``benchmarks/gsnr_statistics.py``).
-    * ``"auto"`` (default): ``"layers"`` where it applies, once its result has matched ``"vmap"`` on the
-      first two samples at the first call for this model, parameter selection and batch layout; where
-      it did not match (e.g. a loss that weights samples unequally), ``"vmap"`` from then on. Otherwise
-      ``"vmap"``.
+    * ``"auto"`` (default): ``"layers"`` where it applies, once its result has matched the first two
+      samples' own gradients (one forward and ``autograd.grad`` each) at the first call for this model,
+      parameter selection and batch layout; where it did not match (e.g. a loss that weights samples
+      unequally), ``"vmap"`` from then on. Otherwise ``"vmap"``.
 
     The model runs in ``mode`` (``"eval"`` by default: BatchNorm with batch statistics is not defined on
     one sample); random ops use a private seed; the model, ``.grad`` and the global RNG are left unchanged.
@@ -148,9 +148,9 @@ def _layerwise_checked(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor],
 
     ``strict`` (``method="layers"``) raises where the layers cannot be split by sample and skips the check;
     otherwise the first call for this model, parameter selection and batch layout compares the result
-    with vmap on the first :data:`_CHECK_SAMPLES` samples (a sample's gradient does not depend on the
-    others in eval mode, so the check holds little more than one set of gradients) and remembers the
-    verdict. A non-finite loss gives None: vmap then names the sample.
+    with the first :data:`_CHECK_SAMPLES` samples' own gradients (:func:`_looped`, else vmap; a sample's
+    gradient does not depend on the others in eval mode, so the check holds little more than one set of
+    gradients) and remembers the verdict. A non-finite loss gives None: vmap then names the sample.
     """
     checks = _LAYERWISE_CHECKED.setdefault(model, {})
     key = (tuple(selected), _layout(batch))
@@ -177,9 +177,40 @@ def _layerwise_checked(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor],
     if strict or checks.get(key):
         return grads
     m = min(n, _CHECK_SAMPLES)
-    reference = _vmapped(model, fn, slice_batch(batch, m), selected, max_memory_bytes, "eval", seed, m)
+    head = slice_batch(batch, m)
+    reference = _looped(model, fn, head, selected, seed, m)
+    if reference is None:
+        reference = _vmapped(model, fn, head, selected, max_memory_bytes, "eval", seed, m)
     checks[key] = gradients_agree({k: v[:m] for k, v in grads.items()}, reference)
     return grads if checks[key] else None
+
+
+def _looped(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor], batch: Any, selected: dict[str, Tensor],
+            seed: int, n: int) -> dict[str, Tensor] | None:
+    """Each sample's gradient by its own forward and ``torch.autograd.grad`` (eval mode): the reference the
+    first layer-wise call is checked against. None when a sample's loss is not a finite scalar (then vmap,
+    which names the sample). ``.grad`` is untouched.
+
+    Cost: ``n`` forward and backward passes on one sample each. On GPT-2 small on a CPU two of them took 2.9-3.4 s
+    against 3.2-5.5 s for vmap over the same two (benchmarks/per_sample_check.py).
+    """
+    params = list(selected.values())  # trainable: select_params keeps those only
+    dims = _in_dims(batch, n)
+    out = {k: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for k, p in selected.items()}
+    with isolated(model, "eval", grad=True):
+        seed_private(seed)
+        for i in range(n):
+            value = fn(model, _map(batch, dims, lambda t, i=i: t[i : i + 1]))
+            if not (isinstance(value, Tensor) and value.ndim == 0 and value.requires_grad) \
+                    or not torch.isfinite(value):
+                return None
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+            for k, g in zip(selected, grads, strict=True):
+                if g is None:
+                    out[k][i].zero_()  # the sample's loss does not reach this parameter
+                else:
+                    out[k][i] = g
+    return out
 
 
 def _vmapped(model: nn.Module, fn: Callable[[nn.Module, Any], Tensor], batch: Any,

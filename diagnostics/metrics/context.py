@@ -203,7 +203,7 @@ class StepContext:
 
         Cost: one batched forward and backward over the (kept) samples where every parameter is in an
         ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` or Hugging Face ``Conv1D`` (after a first call
-        that also runs the vmap method on two samples to check that both agree), else one vmap(grad)
+        that also takes two samples' gradients one at a time to check that both agree), else one vmap(grad)
         pass, chunked to ``max_memory_bytes`` (:func:`diagnostics.gradients.per_sample_gradients`).
         """
         from diagnostics.gradients import per_sample_gradients

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import diagnostics.gradients.per_sample as per_sample_module
-from diagnostics.errors import ConfigError
+from diagnostics.errors import ConfigError, LossError
 from diagnostics.gradients import per_sample_gradients
 from diagnostics.gradients.per_sample_layers import layer_owners
 from diagnostics.zoo.models import GPTConfig, TinyGPT
@@ -147,26 +147,66 @@ def test_as_many_positions_as_samples_is_refused_not_guessed() -> None:
     assert_close(got, per_sample_gradients_loop(model, lm_loss, batch, list(got)))
 
 
-@pytest.fixture
-def vmapped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of samples of each vmap call ``per_sample_gradients`` makes."""
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """The number of samples of each call ``per_sample_gradients`` makes to ``name``."""
     calls: list[int] = []
-    real = per_sample_module._vmapped
-    monkeypatch.setattr(per_sample_module, "_vmapped", lambda *a: calls.append(a[-1]) or real(*a))
+    real = getattr(per_sample_module, name)
+    monkeypatch.setattr(per_sample_module, name, lambda *a: calls.append(a[-1]) or real(*a))
     return calls
 
 
-def test_auto_checks_against_vmap_once_then_uses_layers(vmapped: list[int]) -> None:
+@pytest.fixture
+def vmapped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return _spy(monkeypatch, "_vmapped")
+
+
+@pytest.fixture
+def looped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return _spy(monkeypatch, "_looped")
+
+
+def test_auto_checks_against_single_sample_gradients_once_then_uses_layers(vmapped, looped) -> None:  # noqa: ANN001
     model = tiny_gpt()
     for seed in range(3):
         batch = tokens(5, 6, seed=seed)
         got = per_sample_gradients(model, lm_loss, batch)
         assert_close(got, per_sample_gradients_loop(model, lm_loss, batch, list(got)))
-    assert vmapped == [2]  # the first call's check, on its first two samples
+    assert looped == [2] and vmapped == []  # the first call's check, on its first two samples
     assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [True]
 
 
-def test_auto_keeps_vmap_where_the_layers_disagree(vmapped: list[int]) -> None:
+def test_a_sample_whose_own_loss_is_not_finite_is_named_by_vmap(vmapped, looped) -> None:  # noqa: ANN001
+    """A loss that is finite on the batch but NaN on one sample: the check's single-sample reference gives
+    way to vmap, whose error names the sample."""
+    model = tiny_gpt()
+
+    def nan_alone(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        loss = lm_loss(m, batch)
+        return loss * float("nan") if batch[0].shape[0] == 1 else loss
+
+    with pytest.raises(LossError, match="sample 0"):
+        per_sample_gradients(model, nan_alone, tokens(5, 6))
+    assert looped == [2] and vmapped == [2]
+
+
+def test_the_check_fails_a_layer_split_that_is_wrong(monkeypatch: pytest.MonkeyPatch, looped) -> None:  # noqa: ANN001
+    """The single-sample reference really is compared: layer-wise gradients made wrong are refused."""
+    real = per_sample_module.layerwise_per_sample_gradients
+
+    def doubled(*args):  # noqa: ANN002, ANN202
+        grads, loss = real(*args)
+        return {k: 2 * v for k, v in grads.items()}, loss
+
+    monkeypatch.setattr(per_sample_module, "layerwise_per_sample_gradients", doubled)
+    model = tiny_gpt()
+    batch = tokens(5, 6)
+    got = per_sample_gradients(model, lm_loss, batch)
+    assert looped == [2]
+    assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [False]
+    assert_close(got, per_sample_gradients_loop(model, lm_loss, batch, list(got)))  # vmap's, not the doubled
+
+
+def test_auto_keeps_vmap_where_the_layers_disagree(vmapped, looped) -> None:  # noqa: ANN001
     # A summed loss is not a mean over samples: the layer-wise gradients come out N times too large.
     model = tiny_gpt()
 
@@ -179,7 +219,7 @@ def test_auto_keeps_vmap_where_the_layers_disagree(vmapped: list[int]) -> None:
         batch = tokens(5, 6, seed=seed)
         got = per_sample_gradients(model, summed, batch)
         assert_close(got, per_sample_gradients_loop(model, summed, batch, list(got)))
-    assert vmapped == [2, 5, 5]  # the check on two samples, then vmap on the whole batch at each call
+    assert looped == [2] and vmapped == [5, 5]  # the check on two samples, then vmap on the whole batch
     assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [False]
 
 

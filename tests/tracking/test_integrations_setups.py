@@ -157,9 +157,28 @@ def test_activation_checkpointing_while_training(tmp_path: Path, plain) -> None:
     _assert_close(_series(run), _series(plain), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
-def test_activation_checkpointing_in_eval_says_what_to_do(tmp_path: Path, mode: str) -> None:
-    run = _train(tmp_path / "run", Net(mode, when_training=False), strict=False)
+def test_non_reentrant_checkpointing_in_eval_too(tmp_path: Path, plain) -> None:  # noqa: ANN001
+    """Checkpoints in eval mode as well: plain autograd goes through non-reentrant ones, so GSNR's layer-wise
+    per-sample gradients (checked against each sample's own autograd gradient) and the curvature work."""
+    run = _train(tmp_path / "run", Net("non_reentrant", when_training=False))
+    assert set(run.status().status) == {"ok"}
+    _assert_close(_series(run), _series(plain), rtol=1e-5)
+
+
+def test_torch_func_through_an_eval_checkpoint_says_what_to_do() -> None:
+    from diagnostics.gradients import per_sample_gradients
+    from diagnostics.tracking.setups import explain_failure
+
+    model = Net("non_reentrant", when_training=False)
+    x, y = _data()[0]
+    with pytest.raises(Exception) as failure:  # noqa: PT011 - torch's own error, whatever its type
+        per_sample_gradients(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), (x[:3], y[:3]),
+                             method="vmap")
+    assert "checkpoint only while model.training" in explain_failure(failure.value)
+
+
+def test_reentrant_checkpointing_in_eval_says_what_to_do(tmp_path: Path) -> None:
+    run = _train(tmp_path / "run", Net("reentrant", when_training=False), strict=False)
     status = run.status()
     failed = status[status.status == "failed"]
     assert "gsnr" in set(failed.diagnostic)
