@@ -120,10 +120,11 @@ def raw_into(m: Any, v: Any, n: int, eps: float, out: Any) -> None:
     for lo in range(0, m.size, _CHUNK):
         hi = min(lo + _CHUNK, m.size)
         c, t = out[lo:hi], work[: hi - lo]
-        np.square(m[lo:hi], out=c)
-        np.multiply(v[lo:hi], (n - 1) / n, out=t)
-        np.maximum(t, eps, out=t)
-        c /= t
+        with np.errstate(over="ignore"):  # float32 ``out``: a ratio beyond its range is inf, as documented
+            np.square(m[lo:hi], out=c)
+            np.multiply(v[lo:hi], (n - 1) / n, out=t)
+            np.maximum(t, eps, out=t)
+            c /= t
 
 
 def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n: int,
@@ -147,7 +148,8 @@ RawOf = Callable[[str, int, int, Any], None]
 
 def summaries_of_ratios(names: list[str], sizes: list[int], corrected: Tensor, floored: list[bool],
                         raw_of: RawOf, n: int, in_torch: bool | None = None) -> tuple[GSNRSummary, GSNRSummary]:
-    """Both summaries from the corrected ratios laid end to end (float64 ``[P]``, overwritten), whether each
+    """Both summaries from the corrected ratios laid end to end (float64 or float32 ``[P]``, overwritten; sums
+    are taken in float64 either way), whether each
     non-empty tensor has a floored variance (``floored``, in order), and ``raw_of(name, a, b, pooled)``,
     which writes the raw ratios of the tensor at ``[a, b)`` into ``pooled[a:b]`` (a numpy array on the
     CPU, a tensor elsewhere; ``in_torch``: a tensor on the CPU too). The raw ratios of unfloored tensors
@@ -179,8 +181,8 @@ def summaries_of_ratios(names: list[str], sizes: list[int], corrected: Tensor, f
         c += 1.0 / (n - 1)
     for name, a, b in redo:
         raw_of(name, a, b, pooled)  # the raw ratio itself, in its place in the pooled values
-        mean[name], median[name] = float(pooled[a:b].mean()), _median_np(pooled[a:b])
-    mean["all"], median["all"] = float(pooled.mean()), _median_np(pooled)
+        mean[name], median[name] = float(pooled[a:b].mean(dtype=np.float64)), _median_np(pooled[a:b])
+    mean["all"], median["all"] = float(pooled.mean(dtype=np.float64)), _median_np(pooled)
     return first, GSNRSummary(mean=mean, median=median)
 
 
@@ -200,8 +202,9 @@ def _segment_stats(values: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
         k = b - a
         upper = torch.kthvalue(seg, k // 2 + 1).values
         lower = upper if k % 2 else torch.kthvalue(seg, k // 2).values
-        rows.append(torch.stack([seg.sum(), lower, upper, seg.isnan().any().to(values.dtype)]))
-    return torch.stack(rows).to(torch.float64)
+        f64 = torch.float64  # float32 values (a large model's ratios) are summed in float64 too
+        rows.append(torch.stack([seg.sum(dtype=f64), lower.to(f64), upper.to(f64), seg.isnan().any().to(f64)]))
+    return torch.stack(rows)
 
 
 def _mean_and_median(row: list[float], size: int) -> tuple[float, float]:
@@ -325,7 +328,10 @@ def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSN
     per-tensor calls, not the arithmetic, are the cost."""
     live = _segments(names, sizes)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is that mean's NaN, not an error
-        sums = np.add.reduceat(values, [a for _, a, _ in live]) if live else np.zeros(0)
+        if values.dtype == np.float64:
+            sums = np.add.reduceat(values, [a for _, a, _ in live]) if live else np.zeros(0)
+        else:  # float32 ratios: summed in float64, one tensor at a time (reduceat casts an element at a time)
+            sums = np.array([np.add.reduce(values[a:b], dtype=np.float64) for _, a, b in live], dtype=np.float64)
         total = float(sums.sum()) if sums.size else float("nan")
     nan_free = bool(np.isfinite(total)) or not _has_nan(values)
     mean = dict.fromkeys(names, float("nan"))  # empty tensors keep NaN

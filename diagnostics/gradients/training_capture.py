@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from diagnostics._batch import leading_size, tensor_leaves
 from diagnostics._hooks import HookClock
 from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
-from diagnostics.gradients.ratio_reduction import GSNRReduction
+from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 from diagnostics.gradients.stats import GradientMoments, _moments
 
 __all__ = ["TrainingStepCapture"]
@@ -216,15 +216,18 @@ class TrainingStepCapture:
         accumulate_call(c.module, c.attrs, x, g, c.shared, out, written, n, scale=int(self.batch or 0))
         return None
 
-    def gradients(self, selected: dict[str, Tensor]) -> dict[str, Tensor] | str:
+    def gradients(self, selected: dict[str, Tensor], samples: int | None = None) -> dict[str, Tensor] | str:
         """``{name: Tensor[n, *shape]}``: each captured sample's gradient, ``B`` times its share of the
         batch loss's gradient (``B`` the captured batch's size), or a sentence saying why there is none.
+        ``samples``: only the first so many of the captured samples.
 
         Cost: one batched product per captured layer call (the FLOPs of the n samples' weight gradients).
         """
         n = self._samples()
         if isinstance(n, str):
             return n
+        if samples is not None:
+            n = min(n, int(samples))
         # One [n, P] buffer with a view per parameter: the moments then take two passes in all.
         first = next(iter(selected.values()))
         same = all(p.dtype == first.dtype and p.device == first.device for p in selected.values())
@@ -287,14 +290,16 @@ class TrainingStepCapture:
         """GSNR's summaries and the noise scale's parts of the captured samples' gradients
         (:class:`~diagnostics.gradients.ratio_reduction.GSNRReduction`), or a sentence saying why there are
         none: each parameter's per-sample gradients are reduced as in :meth:`moments`, but to their ratios,
-        without the model-wide moments. Cost: that of :meth:`moments`, less writing two float64 vectors of
-        the model's size and reading them back.
+        without the model-wide moments. The ratios are kept in float32 unless a parameter is float64
+        (:func:`~diagnostics.gradients.ratio_reduction.ratio_dtype`). Cost: that of :meth:`moments`, less
+        writing two float64 vectors of the model's size and reading them back.
         """
         n = self._samples()
         if isinstance(n, str):
             return n
         first = next(iter(selected.values()))
-        out = GSNRReduction([(k, p.shape) for k, p in selected.items()], n, first.device)
+        out = GSNRReduction([(k, p.shape) for k, p in selected.items()], n, first.device,
+                            dtype=ratio_dtype(p.dtype for p in selected.values()))
         problem = self._each_parameter(selected, n, lambda name, g: out.add(name, g.to(first.device)), out.zero)
         return out if problem is None else problem
 

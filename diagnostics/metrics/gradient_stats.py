@@ -24,7 +24,7 @@ import torch
 from diagnostics._batch import leading_size, slice_batch
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
-from diagnostics.gradients.ratio_reduction import GSNRReduction
+from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 from diagnostics.gradients.stats import GradientMoments
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
@@ -59,14 +59,19 @@ def _moments_directly(selected: dict[str, torch.Tensor], n: int) -> bool:
 
 
 def _reduced(grads: dict[str, torch.Tensor]) -> GSNRReduction:
-    """The :class:`GSNRReduction` of per-sample gradients ``{name: [N, *shape]}`` (on the first one's device),
-    fed parameter by parameter. Cost: the moments' two passes over the gradients, no model-wide moments."""
+    """The :class:`GSNRReduction` of per-sample gradients ``{name: [N, *shape]}`` (on the first one's device,
+    ratios in :func:`ratio_dtype`), fed parameter by parameter. Cost: the moments' two passes over the
+    gradients, no model-wide moments."""
     first = next(iter(grads.values()))
-    out = GSNRReduction([(k, g.shape[1:]) for k, g in grads.items()], first.shape[0], first.device)
+    out = GSNRReduction([(k, g.shape[1:]) for k, g in grads.items()], first.shape[0], first.device,
+                        dtype=ratio_dtype(g.dtype for g in grads.values()))
     for k, g in grads.items():
         out.add(k, g.to(first.device))
     return out
 
+
+#: Samples on which the training step's per-sample gradients are checked against the own pass, once.
+_CHECKED_SAMPLES = 2
 
 #: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step
 #: or less on the benchmarks' models (benchmarks/RESULTS.md, "GSNR: per-sample gradients layer by layer").
@@ -181,23 +186,26 @@ class GSNRDiagnostic(Diagnostic):
         if captured is None or captured[0]() is not ctx.model or captured[1] != ctx.step:
             return None
         capture, selected = captured[2], captured[3]
-        if self.capture_agrees and _moments_directly(selected, n):
-            got: Any = capture.reduction(selected)
-        else:
-            got = capture.gradients(selected)
-        if isinstance(got, str):
-            self.capture_note = got
-            if capture.problem is not None:  # the model's structure: the same at every step
-                self.capture_agrees = False
-            return None
+        large = _moments_directly(selected, n)
+        got: Any = None
         if self.capture_agrees is None:
-            own = ctx.per_sample_grads(self.params, max_samples=2)
-            self.capture_agrees = gradients_agree({k: v[:2] for k, v in got.items()}, own)
+            # A large model's check forms only the two compared samples' gradients; all are then reduced.
+            got = capture.gradients(selected, samples=_CHECKED_SAMPLES if large else None)
+            if self._unusable(got, capture):
+                return None
+            own = ctx.per_sample_grads(self.params, max_samples=_CHECKED_SAMPLES)
+            self.capture_agrees = gradients_agree({k: v[:_CHECKED_SAMPLES] for k, v in got.items()}, own)
             if not self.capture_agrees:
                 self.capture_note = ("the training step's per-sample gradients differ from eval-mode ones of loss_fn "
                                      "(dropout or BatchNorm in train mode, another loss, gradient accumulation or "
                                      "mixed precision): own passes from now on")
                 return None
+        if large:
+            got = capture.reduction(selected)
+        elif got is None:
+            got = capture.gradients(selected)
+        if self._unusable(got, capture):
+            return None
         self.capture_note = None
         if isinstance(got, GSNRReduction):
             return got
@@ -205,6 +213,16 @@ class GSNRDiagnostic(Diagnostic):
             self._flat = (capture.flat[:n], capture.layout)
         k = next(iter(got.values())).shape[0]
         return got if k == n else {name: v[:n] for name, v in got.items()}
+
+    def _unusable(self, got: Any, capture: Any) -> bool:
+        """Whether the capture gave a sentence instead of gradients (kept in :attr:`capture_note`; a problem
+        of the model's structure, the same at every step, ends the use of the training step)."""
+        if not isinstance(got, str):
+            return False
+        self.capture_note = got
+        if capture.problem is not None:
+            self.capture_agrees = False
+        return True
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "params": self.params, "mode": "eval", "estimator": "per_sample",

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from diagnostics.errors import DataError
 from diagnostics.gradients import gradient_moments
-from diagnostics.gradients.ratio_reduction import GSNRReduction
+from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 
 
 def _per_sample(n: int, shapes: list[tuple[int, ...]], floored: list[bool], seed: int,
@@ -73,6 +73,66 @@ def test_the_summaries_are_those_of_the_moments_to_the_last_bit(n, shapes, floor
     parts, want_parts = red.noise_parts(), want.noise_parts()
     assert parts.trace == pytest.approx(want_parts.trace, rel=1e-12, abs=1e-12)
     assert parts.sqnorm == pytest.approx(want_parts.sqnorm, rel=1e-10, abs=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 9),
+       shapes=st.lists(st.sampled_from([(1,), (7,), (3, 4), (0,), (40,), (2, 3, 5)]), min_size=1, max_size=4),
+       floored=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1),
+       in_torch=st.booleans())
+def test_ratios_kept_in_float32_summarise_as_the_float64_ones_rounded(n, shapes, floored, seed, in_torch):
+    """Kept in float32, each corrected ratio is the float64 one rounded: the corrected medians are exactly
+    the medians of the rounded float64 ratios, and every summary is within float32 rounding of the float64
+    one, relative to the largest ratio of its tensor (the corrected one's too for the raw summaries, which
+    are an affine map of the corrected ones where no variance is floored)."""
+    import numpy as np
+
+    per_sample = _per_sample(n, shapes, floored, seed, torch.float32)
+    want = gradient_moments(per_sample)
+    red = GSNRReduction([(k, g.shape[1:]) for k, g in per_sample.items()], n, "cpu", dtype=torch.float32)
+    for k, g in per_sample.items():
+        red.add(k, g)
+    assert red.corrected.dtype == torch.float32
+    red._in_torch = in_torch
+    got = red.summaries()
+    ratios = [want.gsnr(), want.gsnr_raw()]
+    for which, (a, b) in enumerate(zip(got, want.summaries(), strict=True)):
+        pooled = [torch.cat([r.reshape(-1) for r in kind.values()]) for kind in ratios]
+        for k in b.mean:
+            values = pooled[which] if k == "all" else ratios[which][k].reshape(-1)
+            if values.numel() == 0:
+                assert math.isnan(a.mean[k]) and math.isnan(a.median[k])
+                continue
+            corrected = pooled[0] if k == "all" else ratios[0][k].reshape(-1)
+            scale = max(float(values.abs().max()), float(corrected.abs().max()))
+            for stat in ("mean", "median"):
+                x, y = getattr(a, stat)[k], getattr(b, stat)[k]
+                assert abs(x - y) <= 3e-7 * scale + 1e-300, (which, stat, k, x, y)
+            if which == 0:
+                rounded = values.to(torch.float32).numpy().astype(np.float64)
+                assert a.median[k] == float(np.median(rounded)), (k, a.median[k])
+
+
+def test_a_ratio_beyond_float32s_range_reads_as_inf_when_kept_in_float32():
+    """A mean gradient of 1e10 with no variance: a ratio of 1e40 in float64, inf in float32 (as documented)."""
+    per_sample = {"w": torch.full((4, 3), 1e10), "b": torch.randn(4, 2, generator=torch.Generator().manual_seed(0))}
+    kept = {}
+    for dtype in (torch.float64, torch.float32):
+        red = GSNRReduction([(k, g.shape[1:]) for k, g in per_sample.items()], 4, "cpu", dtype=dtype)
+        for k, g in per_sample.items():
+            red.add(k, g)
+        kept[dtype] = red.summaries()[0]
+    assert kept[torch.float64].median["w"] == pytest.approx(1e40, rel=1e-6)
+    assert kept[torch.float32].median["w"] == math.inf
+    assert kept[torch.float32].median["b"] == pytest.approx(kept[torch.float64].median["b"], rel=1e-6)
+
+
+def test_ratio_dtype_is_float32_unless_a_gradient_is_float64():
+    assert ratio_dtype([torch.float32, torch.float32]) == torch.float32
+    assert ratio_dtype([torch.bfloat16]) == torch.float32
+    assert ratio_dtype([torch.float32, torch.float64]) == torch.float64
+    with pytest.raises(DataError, match="torch.float32 or torch.float64, not torch.float16"):
+        GSNRReduction([("w", torch.Size([2]))], 2, "cpu", dtype=torch.float16)
 
 
 def test_a_parameter_no_sample_reached_reads_as_zero_gradients():

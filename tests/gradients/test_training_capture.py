@@ -223,6 +223,7 @@ def test_the_ratios_straight_from_the_capture_summarise_as_the_samples_gradients
             loss_fn(model, batch).backward()
         got = capture.reduction(selected)
         assert not isinstance(got, str), got
+        assert got.corrected.dtype == torch.float64  # float64 parameters: ratios kept in float64
         ref = gradient_moments(per_sample_gradients_loop(model, loss_fn, tuple(t[:n] for t in batch), list(selected)))
         for a, b in zip(got.summaries(), ref.summaries(), strict=True):
             for k in b.mean:
@@ -234,6 +235,29 @@ def test_the_ratios_straight_from_the_capture_summarise_as_the_samples_gradients
 
     torch.manual_seed(0)
     check(WithSpare(), ce, data(8), 5)
+
+
+def test_a_float32_models_ratios_are_kept_in_float32_within_its_rounding():
+    """float32 parameters: the ratios are kept in float32, and summarise as the float64 moments of the same
+    captured gradients do, to float32 rounding of the tensor's largest ratio."""
+    from diagnostics.gradients import gradient_moments
+
+    model = tiny_gpt(tie_weights=True).float()
+    selected = dict(model.named_parameters())
+    with TrainingStepCapture(model, layer_owners(model, selected), 4) as capture:
+        lm_loss(model, tokens(6, 6)).backward()
+    got = capture.reduction(selected)
+    assert not isinstance(got, str), got
+    assert got.corrected.dtype == torch.float32
+    ref = gradient_moments(capture.gradients(selected))
+    ratios = ref.gsnr(), ref.gsnr_raw()
+    for which, (a, b) in enumerate(zip(got.summaries(), ref.summaries(), strict=True)):
+        for k in b.mean:
+            values = [torch.cat([r.reshape(-1) for r in kind.values()]) if k == "all" else kind[k].reshape(-1)
+                      for kind in (ratios[0], ratios[which])]
+            scale = max(float(v.abs().max()) for v in values)
+            assert abs(a.mean[k] - b.mean[k]) <= 3e-7 * scale, (k, a.mean[k], b.mean[k])
+            assert abs(a.median[k] - b.median[k]) <= 3e-7 * scale, (k, a.median[k], b.median[k])
 
 
 def test_moments_of_nothing_captured_say_why():

@@ -101,21 +101,24 @@ def test_a_gpt_with_a_position_embedding_reads_the_training_step_too(tmp_path):
 
 
 def test_a_large_models_ratios_come_straight_from_the_capture_with_the_same_numbers(tmp_path, monkeypatch):
-    """Past the size threshold (lowered to 0 here) every run after the checked first one reduces the captured
-    gradients parameter by parameter to their ratios instead of forming the [n, P] buffer and the moments:
-    the own pass's numbers still."""
+    """Past the size threshold (lowered to 0 here) every run reduces the captured gradients parameter by
+    parameter to their ratios instead of forming the [n, P] buffer and the moments (the first also forms
+    the two samples it checks): the own pass's numbers still."""
     import diagnostics.metrics.gradient_stats as gradient_stats
     from diagnostics.gradients.training_capture import TrainingStepCapture
 
     monkeypatch.setattr(gradient_stats, "MOMENTS_DIRECTLY_BYTES", 0)
     calls = {"reduction": 0, "gradients": 0}
+    checked: list[int | None] = []
 
     def spying(name: str):  # noqa: ANN202
         method = getattr(TrainingStepCapture, name)
 
-        def spy(self, selected):  # noqa: ANN001, ANN202
+        def spy(self, selected, **kwargs):  # noqa: ANN001, ANN003, ANN202
             calls[name] += 1
-            return method(self, selected)
+            if name == "gradients":
+                checked.append(kwargs.get("samples"))
+            return method(self, selected, **kwargs)
         return spy
 
     for name in calls:
@@ -126,7 +129,8 @@ def test_a_large_models_ratios_come_straight_from_the_capture_with_the_same_numb
     a = train(gpt(tie_weights=True), lm, data, tmp_path / "a", captured)
     b = train(gpt(tie_weights=True), lm, data, tmp_path / "b", own)
     assert captured.capture_agrees and captured.training_step_runs == 4, captured.capture_note
-    assert calls == {"gradients": 1, "reduction": 3}  # the first, checked against the own pass; then straight
+    # The first run forms only the two samples it checks against the own pass; every run then reduces all.
+    assert calls == {"gradients": 1, "reduction": 4} and checked == [2]
     pd.testing.assert_frame_equal(a[["metric", "key", "step"]], b[["metric", "key", "step"]])
     torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-9, atol=1e-12)
 
