@@ -7,6 +7,9 @@ times both on the same two samples, alternating, on GPT-2 small (``--model gpt2`
 downloaded) or the zoo's tiny GPT (``--model tiny``), and says whether they agree:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/per_sample_check.py [--model gpt2] [--rounds 2]
+
+``--agreement`` times the comparison itself instead (``gradients_agree`` on two samples' gradients of GPT-2
+small's shapes, synthetic); with ``benchmarks/run_from_tree.py TREE`` it times another tree's.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("gpt2", "tiny"), default="gpt2")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--agreement", action="store_true", help="time gradients_agree alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.agreement:
+        return agreement(args.rounds)
     if args.model == "gpt2":
         model, loss_fn, data = gpt2_small_case(4, 128, 1)
     else:
@@ -56,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         agree = got["alone"] is not None and per_sample_module.gradients_agree(got["alone"], got["vmap"])
         print(f"round {r}: each sample alone {seconds['alone']:.3f} s, vmap {seconds['vmap']:.3f} s, "
               f"agree {agree}", flush=True)
+    return 0
+
+
+def agreement(rounds: int) -> int:
+    """Seconds of ``gradients_agree`` on two samples' gradients shaped like GPT-2 small's weights."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(50257, 768)] + [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
+    ref = {f"p{i}": torch.randn(2, *shape, generator=gen) for i, shape in enumerate(shapes)}
+    near = {k: v + 1e-6 for k, v in ref.items()}
+    print(f"gradients_agree, 2 samples of {sum(v[0].numel() for v in ref.values()):,} values")
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        same = per_sample_module.gradients_agree(near, ref)
+        print(f"round {r}: {time.perf_counter() - t0:.2f} s, agree {same}", flush=True)
     return 0
 
 

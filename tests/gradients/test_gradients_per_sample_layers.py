@@ -258,3 +258,17 @@ def test_auto_falls_back_when_the_widened_lookup_is_written_in_place() -> None:
     got = per_sample_gradients(model, lm_loss, batch)
     assert_close(got, per_sample_gradients_loop(model, lm_loss, batch, list(got)))
     assert list(per_sample_module._LAYERWISE_CHECKED[model].values()) == [False]
+
+
+def test_gradients_agree_within_a_thousandth_of_the_largest_entry_chunk_by_chunk(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(per_sample_module, "_AGREEMENT_CHUNK", 3)  # every comparison crosses chunks
+    agree = per_sample_module.gradients_agree
+    ref = {"w": torch.tensor([[1.0, -4.0, 2.0, 0.5], [0.0, 3.0, -1.0, 2.0]]), "b": torch.zeros(2, 1)}
+    near = {"w": ref["w"] + torch.tensor([[0, 0, 0, 0], [0, 0, 0, 3.9e-3]]), "b": ref["b"] + 3e-6}
+    assert agree(near, ref)
+    far = {"w": ref["w"] + torch.tensor([[0, 0, 0, 0], [0, 0, 0, 4.1e-3]]), "b": ref["b"]}
+    assert not agree(far, ref)  # 4.1e-3 > 1e-3 x 4, the largest |entry|, found in the last chunk
+    assert not agree({"w": ref["w"], "b": ref["b"] + 5e-6}, ref)  # above 1e-3 x 1e-3 x 4: the floor
+    nan = {"w": ref["w"].clone(), "b": ref["b"]}
+    nan["w"][1, 3] = float("nan")
+    assert not agree(nan, ref)
