@@ -17,8 +17,8 @@ corrected medians are the float64 medians rounded (the mean of the two rounded m
 count), and every summary is within float32 rounding (a relative 6e-8, a few times over) of the largest
 ratio in its tensor, the corrected one's too for a raw summary (an affine map of the corrected one where
 no variance is floored). A ratio above float32's largest value, 3.4e38 (a mean gradient of 1.8e9 whose
-variance is floored), reads as inf. The noise parts agree to
-the rounding of another summation order either way.
+variance is floored), reads as inf. The noise parts agree to the rounding of another summation order
+either way.
 """
 
 from __future__ import annotations

@@ -148,9 +148,9 @@ RawOf = Callable[[str, int, int, Any], None]
 
 def summaries_of_ratios(names: list[str], sizes: list[int], corrected: Tensor, floored: list[bool],
                         raw_of: RawOf, n: int, in_torch: bool | None = None) -> tuple[GSNRSummary, GSNRSummary]:
-    """Both summaries from the corrected ratios laid end to end (float64 or float32 ``[P]``, overwritten; sums
-    are taken in float64 either way), whether each
-    non-empty tensor has a floored variance (``floored``, in order), and ``raw_of(name, a, b, pooled)``,
+    """Both summaries from the corrected ratios laid end to end (float64 or float32 ``[P]``, overwritten;
+    sums are taken in float64 either way), whether each non-empty tensor has a floored variance
+    (``floored``, in order), and ``raw_of(name, a, b, pooled)``,
     which writes the raw ratios of the tensor at ``[a, b)`` into ``pooled[a:b]`` (a numpy array on the
     CPU, a tensor elsewhere; ``in_torch``: a tensor on the CPU too). The raw ratios of unfloored tensors
     are mapped from the corrected ones (:func:`ratio_summaries`); ``"all"`` too when no tensor is floored.
@@ -197,12 +197,12 @@ def _segment_stats(values: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
     two middle values (equal for an odd count) and whether it holds a NaN. A few kernels per segment, no
     host synchronisation."""
     rows = []
+    f64 = torch.float64  # float32 values (a large model's ratios) are summed in float64 too
     for a, b in bounds:
         seg = values[a:b]
         k = b - a
         upper = torch.kthvalue(seg, k // 2 + 1).values
         lower = upper if k % 2 else torch.kthvalue(seg, k // 2).values
-        f64 = torch.float64  # float32 values (a large model's ratios) are summed in float64 too
         rows.append(torch.stack([seg.sum(dtype=f64), lower.to(f64), upper.to(f64), seg.isnan().any().to(f64)]))
     return torch.stack(rows)
 

@@ -70,9 +70,6 @@ def _reduced(grads: dict[str, torch.Tensor]) -> GSNRReduction:
     return out
 
 
-#: Samples on which the training step's per-sample gradients are checked against the own pass, once.
-_CHECKED_SAMPLES = 2
-
 #: Samples per GSNR estimate by default: per-sample gradients of 8 samples cost about one training step
 #: or less on the benchmarks' models (benchmarks/RESULTS.md, "GSNR: per-sample gradients layer by layer").
 DEFAULT_GSNR_SAMPLES = 8
@@ -180,7 +177,7 @@ class GSNRDiagnostic(Diagnostic):
         """The per-sample gradients captured from this step's training backward (or, for a large model once
         they were checked, their ratios straight away), or None (then :attr:`capture_note` says why).
         Checks them once against the own pass on two samples."""
-        from diagnostics.gradients.per_sample import gradients_agree
+        from diagnostics.gradients.per_sample import _CHECK_SAMPLES, gradients_agree
 
         captured, self._captured = self._captured, None
         if captured is None or captured[0]() is not ctx.model or captured[1] != ctx.step:
@@ -190,11 +187,11 @@ class GSNRDiagnostic(Diagnostic):
         got: Any = None
         if self.capture_agrees is None:
             # A large model's check forms only the two compared samples' gradients; all are then reduced.
-            got = capture.gradients(selected, samples=_CHECKED_SAMPLES if large else None)
+            got = capture.gradients(selected, samples=_CHECK_SAMPLES if large else None)
             if self._unusable(got, capture):
                 return None
-            own = ctx.per_sample_grads(self.params, max_samples=_CHECKED_SAMPLES)
-            self.capture_agrees = gradients_agree({k: v[:_CHECKED_SAMPLES] for k, v in got.items()}, own)
+            own = ctx.per_sample_grads(self.params, max_samples=_CHECK_SAMPLES)
+            self.capture_agrees = gradients_agree({k: v[:_CHECK_SAMPLES] for k, v in got.items()}, own)
             if not self.capture_agrees:
                 self.capture_note = ("the training step's per-sample gradients differ from eval-mode ones of loss_fn "
                                      "(dropout or BatchNorm in train mode, another loss, gradient accumulation or "
