@@ -128,8 +128,8 @@ class GradientMoments:
         n: the number of gradients N.
     """
 
-    mean: dict[str, Tensor]
-    var: dict[str, Tensor]
+    mean: Mapping[str, Tensor]
+    var: Mapping[str, Tensor]
     n: int
     #: the same means and variances laid end to end (float64 ``[P]`` each), when built by :meth:`from_flat`.
     flat: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
@@ -148,15 +148,12 @@ class GradientMoments:
     def from_moments(cls, mean64: Tensor, var64: Tensor, layout: Sequence[tuple[str, torch.Size]],
                      n: int) -> GradientMoments:
         """The moments of N gradients given laid end to end (float64 ``[P]`` means and unbiased variances),
-        ``layout`` naming each parameter's segment and shape in order. No copy: the tensors are viewed."""
-        mean, var, at = {}, {}, 0
-        for name, shape in layout:
-            size = math.prod(shape)
-            mean[name], var[name] = mean64[at:at + size].view(shape), var64[at:at + size].view(shape)
-            at += size
-        if at != mean64.numel():
-            raise DataError(f"GradientMoments: the layout covers {at} of {mean64.numel()} values")
-        return cls(mean=mean, var=var, n=n, flat=(mean64, var64))
+        ``layout`` naming each parameter's segment and shape in order. No copy: the tensors are viewed, each
+        parameter's view made when it is first read (the summaries and the noise parts read the vectors)."""
+        views = _SegmentViews(mean64, layout)
+        if views.total != mean64.numel():
+            raise DataError(f"GradientMoments: the layout covers {views.total} of {mean64.numel()} values")
+        return cls(mean=views, var=_SegmentViews(var64, layout), n=n, flat=(mean64, var64))
 
     def gsnr(self, eps: float = GSNR_EPS) -> dict[str, Tensor]:
         """:func:`gsnr`, the bias-corrected ratio per element."""
@@ -187,7 +184,7 @@ class GradientMoments:
         from the first, where the moments are (numpy on the CPU, torch on another device): see
         :func:`~diagnostics.gradients.summaries.ratio_summaries` for how and what it costs."""
         names = list(self.mean)
-        sizes = [self.mean[k].numel() for k in names]
+        sizes = self.mean.sizes if isinstance(self.mean, _SegmentViews) else [self.mean[k].numel() for k in names]
         if self.flat is not None:
             m, v = self.flat
         else:
@@ -204,6 +201,38 @@ class GradientMoments:
             trace = float(sum(v.sum() for v in self.var.values()))
             sqnorm = float(sum(torch.dot(m.reshape(-1), m.reshape(-1)) for m in self.mean.values()))
         return NoiseScaleParts(trace=trace, sqnorm=sqnorm - trace / self.n)
+
+
+class _SegmentViews(Mapping[str, Tensor]):
+    """``{name: view}`` of consecutive segments of one flat vector (``layout``: each name and shape in
+    order), each view made when first read: on a small model building them all costs more than the
+    arithmetic that reads the flat vector instead."""
+
+    def __init__(self, flat: Tensor, layout: Sequence[tuple[str, torch.Size]]) -> None:
+        self._flat = flat
+        self._place: dict[str, tuple[int, int, torch.Size]] = {}
+        self.sizes: list[int] = []
+        at = 0
+        for name, shape in layout:
+            size = math.prod(shape)
+            self._place[name] = (at, at + size, shape)
+            self.sizes.append(size)
+            at += size
+        self.total = at
+        self._views: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        view = self._views.get(name)
+        if view is None:
+            a, b, shape = self._place[name]
+            view = self._views[name] = self._flat[a:b].view(shape)
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._place)
+
+    def __len__(self) -> int:
+        return len(self._place)
 
 
 def gradient_moments(per_sample: Mapping[str, Tensor]) -> GradientMoments:

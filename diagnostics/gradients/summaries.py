@@ -148,9 +148,9 @@ RawOf = Callable[[str, int, int, Any], None]
 
 def summaries_of_ratios(names: list[str], sizes: list[int], corrected: Tensor, floored: list[bool],
                         raw_of: RawOf, n: int, in_torch: bool | None = None) -> tuple[GSNRSummary, GSNRSummary]:
-    """Both summaries from the corrected ratios laid end to end (float64 or float32 ``[P]``, overwritten;
-    sums are taken in float64 either way), whether each non-empty tensor has a floored variance
-    (``floored``, in order), and ``raw_of(name, a, b, pooled)``,
+    """Both summaries from the corrected ratios laid end to end (float64 or float32 ``[P]``, overwritten and,
+    on the CPU, reordered within each tensor's segment; sums are taken in float64 either way), whether each
+    non-empty tensor has a floored variance (``floored``, in order), and ``raw_of(name, a, b, pooled)``,
     which writes the raw ratios of the tensor at ``[a, b)`` into ``pooled[a:b]`` (a numpy array on the
     CPU, a tensor elsewhere; ``in_torch``: a tensor on the CPU too). The raw ratios of unfloored tensors
     are mapped from the corrected ones (:func:`ratio_summaries`); ``"all"`` too when no tensor is floored.
@@ -180,9 +180,12 @@ def summaries_of_ratios(names: list[str], sizes: list[int], corrected: Tensor, f
         c *= n / (n - 1)
         c += 1.0 / (n - 1)
     for name, a, b in redo:
-        raw_of(name, a, b, pooled)  # the raw ratio itself, in its place in the pooled values
-        mean[name], median[name] = float(pooled[a:b].mean(dtype=np.float64)), _median_np(pooled[a:b])
-    mean["all"], median["all"] = float(pooled.mean(dtype=np.float64)), _median_np(pooled)
+        # The raw ratio itself, in its place in the pooled values (the other segments hold their tensors'
+        # values in another order: the pooled mean and median do not depend on it).
+        raw_of(name, a, b, pooled)
+        mean[name] = float(pooled[a:b].mean(dtype=np.float64))
+        median[name] = _median_np(pooled[a:b], in_place=True)
+    mean["all"], median["all"] = float(pooled.mean(dtype=np.float64)), _median_np(pooled, in_place=True)
     return first, GSNRSummary(mean=mean, median=median)
 
 
@@ -237,9 +240,10 @@ _CHUNK = 1 << 18
 _BRACKETED_SELECTION_MIN = 1 << 16
 
 
-def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
+def _median_np(a: np.ndarray, nan_free: bool = False, in_place: bool = False) -> float:
     """The median of a 1-D array, the average of the two middle values for an even count; NaN if any
-    (``nan_free``: the caller knows there is none, and the check is skipped). Exact.
+    (``nan_free``: the caller knows there is none, and the check is skipped). Exact. ``in_place``: ``a``
+    may be reordered (no copy is selected in).
 
     Below :data:`_BRACKETED_SELECTION_MIN` values: one introselect of a copy at the upper middle and the
     maximum of the half below it (about 5x faster than ``np.median``, which selects both middle values at
@@ -255,7 +259,7 @@ def _median_np(a: np.ndarray, nan_free: bool = False) -> float:
     if middle is not None:
         return middle
     h = k // 2
-    part = a.copy()
+    part = a if in_place else a.copy()
     part.partition(h)
     if not nan_free and np.isnan(part[h:].max()):  # NaN sorts last, so any NaN is in the upper half
         return float("nan")
@@ -322,7 +326,9 @@ def _segments(names: list[str], sizes: list[int]) -> list[tuple[str, int, int]]:
 
 
 def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSNRSummary:
-    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64), in the order of ``names``.
+    """:class:`GSNRSummary` of tensors laid end to end in ``values`` (float64 or float32), in the order of
+    ``names``. The medians are selected in ``values`` itself: each tensor's values stay in its segment, in
+    another order.
 
     The means come from one segmented sum, and a NaN anywhere is looked for once: on a small model the
     per-tensor calls, not the arithmetic, are the cost."""
@@ -338,7 +344,7 @@ def _flat_summary(names: list[str], sizes: list[int], values: np.ndarray) -> GSN
     median = dict.fromkeys(names, float("nan"))
     for (name, a, b), segment_sum in zip(live, sums.tolist(), strict=True):
         mean[name] = segment_sum / (b - a)
-        median[name] = _median_np(values[a:b], nan_free)
+        median[name] = _median_np(values[a:b], nan_free, in_place=True)
     mean["all"] = total / values.size if values.size else float("nan")
-    median["all"] = _median_np(values, nan_free)
+    median["all"] = _median_np(values, nan_free)  # on a copy: selecting in place would mix the segments
     return GSNRSummary(mean=mean, median=median)

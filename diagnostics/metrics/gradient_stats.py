@@ -28,23 +28,29 @@ from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 from diagnostics.gradients.stats import GradientMoments
 from diagnostics.metrics.base import Diagnostic, Output
 from diagnostics.metrics.registry import register
-from diagnostics.store.records import Record
+from diagnostics.store.records import Record, VectorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from diagnostics.metrics.context import StepContext
 
 
-def _as_float(v: Any) -> float:
-    return float(v.item()) if torch.is_tensor(v) else float(v)
-
-
-def summary_records(prefix: str, summary: Any) -> list[Record]:
-    """Records ``{prefix}_mean`` / ``{prefix}_median`` per parameter and "all" from a GSNRSummary."""
-    out: list[Record] = []
+def summary_records(prefix: str, summary: Any) -> list[Record | VectorRecord]:
+    """Records ``{prefix}_mean`` / ``{prefix}_median`` from a GSNRSummary: key "all" as a :class:`Record`,
+    the parameters' values as one :class:`VectorRecord` per statistic (stored as one vector row)."""
+    out: list[Record | VectorRecord] = []
     for stat in ("mean", "median"):
-        for key, value in getattr(summary, stat).items():
-            out.append(Record(f"{prefix}_{stat}", _as_float(value), key=str(key)))
+        values, metric = getattr(summary, stat), f"{prefix}_{stat}"
+        if "all" in values:
+            out.append(Record(metric, float(values["all"])))
+        keys = tuple(str(k) for k in values if k != "all")
+        if keys:
+            out.append(VectorRecord(metric, keys, tuple(float(values[k]) for k in keys)))
     return out
+
+
+def _all_finite(summary: Any) -> bool:
+    """Whether every mean and median of a GSNRSummary is finite."""
+    return all(math.isfinite(v) for stat in (summary.mean, summary.median) for v in stat.values())
 
 
 #: Captured per-sample gradients of at least this many bytes are reduced to their GSNR ratios parameter by
@@ -313,8 +319,9 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
 
         accumulated = ctx.microbatch_moments
         if accumulated is not None and accumulated.n >= 4:
-            records = summary_records("gsnr_microbatch", gsnr_summary(accumulated.microbatch_gsnr()))
-            if any(not math.isfinite(r.value) for r in records):
+            summary = gsnr_summary(accumulated.microbatch_gsnr())
+            records = summary_records("gsnr_microbatch", summary)
+            if not _all_finite(summary):
                 return Output(status="failed", reason="non-finite micro-batch GSNR")
             return Output(records=records, settings={"source": "accumulation", "microbatches": accumulated.n,
                                                      "mode": "train"})
@@ -331,7 +338,8 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
                 loss = ctx.loss_fn(ctx.model, part)
                 gs = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
                 grads_list.append({nm: (torch.zeros_like(p) if g is None else g.detach()) for (nm, p), g in zip(named, gs)})
-        records = summary_records("gsnr_microbatch", gsnr_summary(microbatch_gsnr(grads_list)))
-        if any(not math.isfinite(r.value) for r in records):
+        summary = gsnr_summary(microbatch_gsnr(grads_list))
+        records = summary_records("gsnr_microbatch", summary)
+        if not _all_finite(summary):
             return Output(status="failed", reason="non-finite micro-batch GSNR")
         return Output(records=records, settings={"source": "split", "microbatch_size": size})

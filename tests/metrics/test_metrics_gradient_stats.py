@@ -12,6 +12,7 @@ from torch import nn
 from diagnostics.errors import ConfigError
 from diagnostics.metrics import get_diagnostic
 from diagnostics.metrics.base import Output
+from diagnostics.store.records import expand_records
 from diagnostics.tracking import StepContext
 
 
@@ -29,7 +30,7 @@ def setup(n: int = 8) -> tuple[nn.Module, Any]:
 
 def records(out: Any) -> dict[tuple[str, str], float]:
     assert isinstance(out, Output) and out.status == "ok", out
-    return {(r.metric, r.key): r.value for r in out.records}
+    return {(r.metric, r.key): r.value for r in expand_records(out.records)}
 
 
 def loop_grads(model: nn.Module, samples: list[Any]) -> list[dict[str, torch.Tensor]]:
@@ -86,6 +87,20 @@ def test_gsnr_matches_per_sample_loop_in_eval_mode() -> None:
     assert (("grad_noise_scale", "all") in rec) == (g2 > 0)
     if g2 > 0:
         assert math.isclose(rec[("grad_noise_scale", "all")], float(trace / g2), rel_tol=1e-9)
+
+
+def test_gsnr_writes_each_statistics_parameter_values_as_one_vector() -> None:
+    """One VectorRecord per statistic over the parameters, in the model's order, and a Record for "all"."""
+    from diagnostics.store.records import Record, VectorRecord
+
+    model, batch = setup()
+    out = get_diagnostic("gsnr").compute(StepContext(step=0, model=model, loss_fn=loss_fn, batch=batch, loss=None))
+    vectors = {r.metric: r for r in out.records if isinstance(r, VectorRecord)}
+    assert set(vectors) == {"gsnr_mean", "gsnr_median", "gsnr_raw_mean", "gsnr_raw_median"}
+    names = tuple(n for n, _ in model.named_parameters())
+    assert all(v.keys == names and len(v.values) == len(names) for v in vectors.values())
+    wholes = {r.metric for r in out.records if isinstance(r, Record) and r.key == "all"}
+    assert set(vectors) <= wholes
 
 
 def test_gsnr_uses_the_first_max_samples_samples() -> None:
