@@ -10,7 +10,7 @@ drift fall on all of them alike. The overhead is taken from the medians over the
 mean CPU time per step (amortised) and median CPU time per step:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead_isolated.py [--model tiny-gpt|mlp-digits|large]
-        [--repeats 3] [--rounds 4] [--budget-warmup 320]
+        [--repeats 3] [--rounds 4] [--budget-warmup 320] [--configs baseline,standard-budget]
 
 Each process's figures are printed too, so the spread is visible. ``--config NAME --json`` runs one
 configuration and prints its per-step times (what the parent runs).
@@ -86,16 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4, help=f"timed blocks of {BLOCK} steps per process")
     ap.add_argument("--budget-warmup", type=int, default=320)
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated configurations to compare (baseline always among them)")
     ap.add_argument("--config", choices=CONFIGS, help="run this configuration alone and print JSON")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.config is not None:
         print(json.dumps(run_one(args.model, args.config, args.rounds, args.budget_warmup)))
         return 0
-    per: dict[str, list[tuple[float, float]]] = {c: [] for c in CONFIGS}
+    configs = tuple(c for c in CONFIGS if c == "baseline" or c in args.configs.split(","))
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        ap.error(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    per: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for rep in range(args.repeats):
-        order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[: rep % len(CONFIGS)]
+        order = configs[rep % len(configs):] + configs[: rep % len(configs)]
         for config in order:
             out = subprocess.run([sys.executable, __file__, "--model", args.model, "--config", config,
                                   "--rounds", str(args.rounds), "--budget-warmup", str(args.budget_warmup)],
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| configuration | mean per step, each process (ms) | overhead, means (amortised) | "
           "overhead, medians |")
     print("|---|---|---|---|")
-    for config in CONFIGS:
+    for config in configs:
         means = ", ".join(f"{1e3 * m:.2f}" for m, _ in per[config])
         amortised = statistics.median(m for m, _ in per[config]) / base_mean - 1
         median = statistics.median(m for _, m in per[config]) / base_median - 1
