@@ -117,6 +117,27 @@ class Runner:
             self.cpu.append(time.process_time() - c0)
             self.step_idx += 1
 
+    def warm_up(self, budget_warmup: int, warm: int = 5) -> None:
+        """The steps before the timed blocks: ``budget_warmup`` monitored ones for the budgeted run (every
+        probe's first runs), else unmonitored steps to the same point of training and ``warm`` monitored."""
+        if self.name == "standard-budget":
+            self.block(budget_warmup)
+            return
+        if budget_warmup > warm:
+            # Every model reaches the same point of training before the timed blocks (the budgeted run's
+            # warm-up is longer): step times move as training goes on.
+            self.block(budget_warmup - warm, monitored=False)
+            self.step_idx = 0  # the monitored steps count from 0, as in the budgeted run
+        self.block(warm)
+
+    def start_timing(self) -> None:
+        """Forget the warm-up's times; start each timed block at a multiple of BLOCK so every block holds
+        exactly one standard due step (the budgeted run's steps keep counting)."""
+        self.times.clear()
+        self.cpu.clear()
+        if self.name != "standard-budget":
+            self.step_idx = BLOCK
+
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
@@ -159,15 +180,9 @@ def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[An
             runners.append(Runner(n, model, loss_fn, batches, tmp))
         except Exception as exc:  # noqa: BLE001
             notes.append(f"{n} could not start: {type(exc).__name__}: {exc}")
-    warm = 5
     for r in runners:
         try:
-            if r.name != "standard-budget" and budget_warmup > warm:
-                # Every model reaches the same point of training before the timed blocks (the budgeted
-                # run's warm-up is longer): step times move as training goes on.
-                r.block(budget_warmup - warm, monitored=False)
-                r.step_idx = 0  # the monitored steps count from 0, as in the budgeted run
-            r.block(budget_warmup if r.name == "standard-budget" else warm)
+            r.warm_up(budget_warmup)
         except Exception as exc:  # noqa: BLE001
             r.error = f"{type(exc).__name__}: {exc}"
             notes.append(f"{r.name} failed during warm-up: {r.error}")
@@ -178,11 +193,7 @@ def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[An
             notes.append(f"standard-budget warm-up (steps 0-{budget_warmup - 1}, every probe's first runs): "
                          f"CPU mean {1e3 * statistics.fmean(r.cpu):.1f} ms, median {1e3 * med:.1f} ms, "
                          f"slowest step {1e3 * max(r.cpu):.1f} ms")
-        r.times.clear()
-        r.cpu.clear()
-        if r.name != "standard-budget":  # the scheduler's steps keep counting
-            # Start each timed block at a multiple of BLOCK so every block holds exactly one standard due step.
-            r.step_idx = BLOCK
+        r.start_timing()
     for i in range(rounds):
         for r in runners:
             r.block(BLOCK)

@@ -33,7 +33,7 @@ import torch
 
 # Run as a script (python benchmarks/NAME.py): the repository root holds the benchmarks package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gpt_cases import LARGE_GPT  # noqa: E402
+from benchmarks.gpt_cases import gpt_case  # noqa: E402
 from benchmarks.overhead import BLOCK, LARGE_BATCH, Runner  # noqa: E402
 
 CONFIGS = ("baseline", "cheap", "standard", "standard-budget")
@@ -41,14 +41,10 @@ CONFIGS = ("baseline", "cheap", "standard", "standard-budget")
 
 def _case(model: str) -> tuple[torch.nn.Module, Any, list[Any]]:
     """The model, loss and batches ``overhead.py`` uses for ``model``."""
-    from diagnostics.zoo.models import TinyGPT
     from diagnostics.zoo.registry import get_data, get_loss, get_model
 
-    if model == "large":
-        data = get_data("pydoc-text", batch_size=LARGE_BATCH, num_batches=8, block_size=LARGE_GPT.block_size)
-        return TinyGPT(LARGE_GPT, seed=0), get_loss("tiny-gpt"), data
-    if model == "tiny-gpt":
-        return get_model("tiny-gpt"), get_loss("tiny-gpt"), get_data("pydoc-text", batch_size=16, num_batches=8)
+    if model in ("large", "tiny-gpt"):
+        return gpt_case("large" if model == "large" else "tiny", num_batches=8, batch_size=LARGE_BATCH)
     return get_model("mlp-digits"), get_loss("mlp-digits"), get_data("digits", batch_size=64, num_batches=8)
 
 
@@ -61,17 +57,8 @@ def run_one(model_name: str, config: str, rounds: int, budget_warmup: int) -> di
     tmp = Path(tempfile.mkdtemp(prefix="tdiag-overhead-isolated-"))
     try:
         r = Runner(config, model, loss_fn, data, tmp)
-        warm = 5
-        if config != "standard-budget":
-            r.block(budget_warmup - warm, monitored=False)  # the same point of training as the budgeted run
-            r.step_idx = 0
-            r.block(warm)
-        else:
-            r.block(budget_warmup)
-        r.times.clear()
-        r.cpu.clear()
-        if config != "standard-budget":
-            r.step_idx = BLOCK  # each block holds exactly one of the standard preset's due steps
+        r.warm_up(budget_warmup)
+        r.start_timing()
         for _ in range(rounds):
             r.block(BLOCK)
         r.close()
