@@ -21,7 +21,9 @@ A peer that cannot be imported or fails is reported with the reason, and the ben
 `--model mlp1m` is a separate case about Lanczos itself at large P: a 1.1M-parameter MLP (tanh,
 64-1024-1024-10, a batch of 512 digits), top-10 Hessian eigenvalues, with the time split into products
 (the operator's own time, its first linearisation included) and bookkeeping (everything else: Gram-Schmidt,
-restarts, the Ritz problem). `--baseline-lanczos FILE` also times the `lanczos` of another copy of
+restarts, the Ritz problem). Besides the default (a basis allocated per call) it times the float64 basis and
+a "kept basis" whose runs share one `BasisWorkspace`, as a probe on a schedule runs (its first run maps the
+memory; the first-run share is printed apart). `--baseline-lanczos FILE` also times the `lanczos` of another copy of
 lanczos.py in the same run, for before/after figures:
 
     git show <commit>:diagnostics/linalg/lanczos.py > /tmp/lanczos_before.py
@@ -58,7 +60,7 @@ import torch
 from torch import nn
 
 from diagnostics.curvature import HessianOperator
-from diagnostics.linalg import hutchinson_trace, hutchpp_trace, lanczos, spectral_density
+from diagnostics.linalg import BasisWorkspace, hutchinson_trace, hutchpp_trace, lanczos, spectral_density
 from diagnostics.zoo.data import digits_arrays
 from diagnostics.zoo.models import CNNDigits, MLPDigits
 
@@ -506,7 +508,12 @@ def run_large_p(name: str, baseline: str | None, repeats: int, tols: tuple[float
     print(f"== {name}: P={P}, N={data[0].shape[0]}, top-10 Hessian eigenvalues, float32 products")
     # The float64-basis run of the current code draws the same start vector as the baseline, so its
     # product count matches the baseline's; the float32 basis draws its own.
-    versions = [("current", lanczos), ("current, float64 basis", lambda *a, **kw: lanczos(*a, basis_dtype=torch.float64, **kw))]
+    # "kept basis" passes one BasisWorkspace to all its runs, as a probe on a schedule does: its first run
+    # allocates the basis, the later ones write into memory already mapped.
+    kept = BasisWorkspace()
+    versions = [("current", lanczos),
+                ("current, kept basis", lambda *a, **kw: lanczos(*a, workspace=kept, **kw)),
+                ("current, float64 basis", lambda *a, **kw: lanczos(*a, basis_dtype=torch.float64, **kw))]
     if baseline:
         versions.append(("baseline", load_lanczos(baseline)))
     found: dict[tuple[str, float], np.ndarray] = {}
@@ -528,7 +535,7 @@ def run_large_p(name: str, baseline: str | None, repeats: int, tols: tuple[float
             note = (f"converged={res.all_converged} restarts={res.settings['restarts']} basis={basis} "
                     f"m={res.settings['max_steps']} extra passes={res.settings.get('extra_passes', '-')} "
                     f"skipped subtractions={res.settings.get('skipped_passes', '-')}")
-            print(f"  top-10 tol={tol:g} {label:<22} total {total:7.2f} s  products {prod:7.2f} s ({n} products, "
+            print(f"  top-10 tol={tol:g} {label:<22} first run {shares[0]:.1%}  total {total:7.2f} s  products {prod:7.2f} s ({n} products, "
                   f"{prod / n * 1e3:.0f} ms each)  bookkeeping {book:6.2f} s = {book / prod:6.1%} of products "
                   f"(median of {len(shares)}: {float(np.median(shares)):.1%})  {note}", flush=True)
             ROWS.append({"model": name, "task": "top-10", "method": f"{label} lanczos(tol={tol:g})", "seconds": total,

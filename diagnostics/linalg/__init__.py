@@ -7,6 +7,7 @@ Randomised estimators draw from private generators seeded by ``seed``; the globa
 """
 
 from diagnostics.linalg.lanczos import EigenResult, lanczos
+from diagnostics.linalg.lanczos_basis import BasisWorkspace
 from diagnostics.linalg.lanczos_run import LanczosRun
 from diagnostics.linalg.operator import DenseOperator, LinearOperator, ScaledOperator, as_operator
 from diagnostics.linalg.power import power_iteration, top_singular_vector
@@ -32,6 +33,7 @@ __all__ = [
     "LanczosRun",
     "lanczos",
     "EigenResult",
+    "BasisWorkspace",
     # spectral density
     "DensityRun",
     "spectral_density",

@@ -55,6 +55,7 @@ from diagnostics.linalg.lanczos_basis import (
     DEFAULT_BASIS_BYTES,
     MIN_SPARE_VECTORS,
     WORK_VECTORS,
+    BasisWorkspace,
     basis_size,
     resolve_basis_dtype,
 )
@@ -174,6 +175,7 @@ def lanczos(
     max_memory: int | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    workspace: BasisWorkspace | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos on a semi-orthogonal basis.
 
@@ -211,12 +213,15 @@ def lanczos(
             half-precision operators). float64 doubles the memory and the bookkeeping time.
         basis_device: where the basis lives, e.g. ``"cpu"`` for a GPU operator whose basis does not fit
             on the GPU (each product then moves two P-vectors between devices); default the operator's.
+        workspace: a :class:`BasisWorkspace` that keeps the basis memory for the next call (a caller that
+            runs Lanczos repeatedly); None: the basis is allocated for this call and freed after it.
 
     Returns:
         EigenResult. On a budget or precision-limit stop ``converged`` is False for the pairs that did not
         meet ``tol``.
         ``settings`` records ``basis_vectors`` (``m``), ``basis_bytes`` (the basis buffer),
         ``basis_dtype``, ``basis_device``, ``memory_budget``, ``basis_size_from`` (what set ``m``),
+        ``basis_reused`` (the basis came from ``workspace``'s kept memory),
         ``extra_passes`` (second and third Gram-Schmidt passes) and ``skipped_passes`` (steps whose new
         vector was semi-orthogonal already and was not orthogonalised). Returned eigenvectors are
         orthonormal to about ``tau m`` (module docstring).
@@ -246,7 +251,7 @@ def lanczos(
     """
     return _lanczos(op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, max_seconds,
                     criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype,
-                    basis_device=basis_device)
+                    basis_device=basis_device, workspace=workspace)
 
 
 def _lanczos(*args: Any, **kwargs: Any) -> EigenResult:
@@ -276,6 +281,7 @@ def _lanczos_steps(
     max_memory: int | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    workspace: BasisWorkspace | None = None,
 ) -> Generator[EigenResult | None, str | None, EigenResult]:
     """The method, pausing before each product: yields None there (sent ``"interim"``, it yields the
     eigenpairs found so far without vectors, and pauses again) and returns the :class:`EigenResult`.
@@ -343,7 +349,10 @@ def _lanczos_steps(
     if F is None:  # a zero warm start carries no direction
         F = _fresh_direction(random_vector(), [], 0.0)
     F = F[None]
-    Q = torch.empty(cap, P, dtype=dtype, device=device)
+    if workspace is None:
+        Q, basis_reused = torch.empty(cap, P, dtype=dtype, device=device), False
+    else:
+        Q, basis_reused = workspace.take(cap, P, dtype, device)
     spare: Tensor | None = None  # the new vector's place when the basis is full
     m = num_matvecs = restarts = extra_passes = skipped_passes = 0
     H, S, E = torch.zeros(0, 0, dtype=f64), torch.zeros(0, 0, dtype=f64), torch.zeros(1, 0, dtype=f64)
@@ -394,7 +403,8 @@ def _lanczos_steps(
             "reorthogonalization": "full" if full_reorth else "none", "criterion": criterion,
             "basis_vectors": cap, "basis_bytes": Q.numel() * Q.element_size(),
             "basis_dtype": str(dtype).removeprefix("torch."), "basis_device": str(device),
-            "memory_budget": budget, "basis_size_from": size_from, "extra_passes": extra_passes,
+            "memory_budget": budget, "basis_size_from": size_from, "basis_reused": basis_reused,
+            "extra_passes": extra_passes,
             "skipped_passes": skipped_passes,
         }
         return EigenResult(

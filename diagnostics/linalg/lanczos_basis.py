@@ -6,12 +6,14 @@ Split from :mod:`diagnostics.linalg.lanczos`, which uses it; the rules are docum
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from diagnostics.errors import ConfigError
 
-__all__ = ["DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS", "auto_budget", "basis_size",
-           "resolve_basis_dtype"]
+__all__ = ["DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS", "BasisWorkspace", "auto_budget",
+           "basis_size", "resolve_basis_dtype"]
 
 #: Memory for the basis and its workspace when neither ``max_steps`` nor ``max_memory`` is given (bytes).
 DEFAULT_BASIS_BYTES = 2 << 30
@@ -76,3 +78,52 @@ def basis_size(P: int, count: int, max_steps: int | None, max_memory: int | None
     if fit < cap:
         cap, source = max(fit, min(P, count + MIN_SPARE_VECTORS)), "automatic budget"
     return cap, budget, source
+
+
+class BasisWorkspace:
+    """Memory for Lanczos bases kept from one run to the next, for a caller that runs Lanczos again and
+    again (a probe on a schedule, one per checkpoint).
+
+    A basis is ``m x P`` values written one row per product. Allocated afresh, every row is new memory
+    that the operating system maps and zeroes at its first write; on a CPU that costs about as much as the
+    rest of the step's bookkeeping at P ~ 1M (CUDA's caching allocator keeps freed memory, so there it
+    changes nothing). A workspace keeps the largest buffer asked of it and hands later runs a view of it.
+
+    One run at a time holds it: :meth:`take` while the previous view is still alive (a paused
+    :class:`~diagnostics.linalg.LanczosRun`) gives a fresh, unkept allocation, so two runs never share
+    memory. Memory: the largest basis taken, held until :meth:`clear` or the workspace is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._lease: weakref.ref[torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held between runs (0 when empty)."""
+        b = self._buffer
+        return 0 if b is None else b.numel() * b.element_size()
+
+    def take(self, rows: int, P: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """A ``[rows, P]`` tensor for a basis (uninitialised) and whether it reuses kept memory.
+
+        Reuses the kept buffer when it is free and has the dtype, the device and at least ``rows * P``
+        values; else allocates, and keeps the new buffer unless a run still holds the old one.
+        Cost: an allocation at most."""
+        busy = self._lease is not None and self._lease() is not None
+        b = self._buffer
+        if busy:
+            return torch.empty(rows, P, dtype=dtype, device=device), False
+        need = rows * P
+        reused = b is not None and b.dtype == dtype and b.device == torch.device(device) and b.numel() >= need
+        if not reused:
+            self._buffer = None  # released before the new one is allocated: the peak is one buffer
+            b = self._buffer = torch.empty(need, dtype=dtype, device=device)
+        view = b[:need].view(rows, P)
+        self._lease = weakref.ref(view)
+        return view, reused
+
+    def clear(self) -> None:
+        """Release the kept buffer (a run holding a view keeps its own memory alive until it ends)."""
+        self._buffer = None
+        self._lease = None

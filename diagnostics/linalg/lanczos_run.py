@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from diagnostics.linalg.lanczos import EigenResult, _lanczos_steps
+from diagnostics.linalg.lanczos_basis import BasisWorkspace
 from diagnostics.linalg.operator import LinearOperator
 from diagnostics.linalg.stepped import SteppedRun
 
@@ -49,11 +50,13 @@ class LanczosRun(SteppedRun[EigenResult]):
         max_memory: int | None = None,
         basis_dtype: torch.dtype | None = None,
         basis_device: torch.device | str | None = None,
+        workspace: BasisWorkspace | None = None,
     ) -> None:
         """Validate the arguments and draw the start vector (no product yet). Raises as :func:`lanczos`."""
         super().__init__(_lanczos_steps(
             op, k, which, tol, max_steps, v0, seed, return_eigenvectors, max_matvecs, None,
-            criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype, basis_device=basis_device),
+            criterion=criterion, max_memory=max_memory, basis_dtype=basis_dtype, basis_device=basis_device,
+            workspace=workspace),
             "LanczosRun")
 
     def advance(self, max_matvecs: int | None = None, max_seconds: float | None = None) -> EigenResult | None:

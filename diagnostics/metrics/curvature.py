@@ -34,6 +34,7 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError
 from diagnostics.linalg.finite import FiniteChecked, NonFiniteProductError
+from diagnostics.linalg.lanczos_basis import BasisWorkspace
 from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import (
     BlockRuns,
@@ -69,11 +70,8 @@ __all__ = [
 
 
 class _HessianOrGGN(CurvatureDiagnostic):
-    """A ``hessian_*`` diagnostic whose GGN twin is registered under its own ``ggn_*`` name.
-
-    ``kind="ggn"`` given to the Hessian class builds the twin, so that the name in the status table is
-    always a registry key.
-    """
+    """A ``hessian_*`` diagnostic whose GGN twin is registered under its own ``ggn_*`` name; ``kind="ggn"``
+    given to the Hessian class builds the twin, so that the name in the status table is a registry key."""
 
     curvature_kind: ClassVar[str | None] = "hessian"
     _ggn_twin: ClassVar[type[_HessianOrGGN] | None] = None
@@ -134,10 +132,12 @@ class HessianTop(_HessianOrGGN):
             capped probes need not converge (``benchmarks/capped_probes.py``).
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
+        keep_basis: keep the Lanczos basis memory (the largest block's, up to 2 GiB) until the Monitor
+            closes: a CPU probe then does not map and zero a fresh basis each time (``BasisWorkspace``).
 
     Cost: per block, k plus a few HVPs per eigenvalue: 30-80 for k = 10 on the zoo models, fewer once
     outliers separate from the bulk (each HVP about 2-3 training steps on the probe data), plus
-    ``O(P * steps)`` float64 work for reorthogonalisation.
+    ``O(P * steps)`` work in the operator's dtype for reorthogonalisation.
     """
 
     name = "hessian_top"
@@ -152,7 +152,7 @@ class HessianTop(_HessianOrGGN):
     def __init__(self, every: int | None = None, start: int = 0, *, k: int | None = None, kind: str | None = None,
                  params: Any = None, bottom: bool = False, tol: float = 1e-3, max_matvecs: int | None = 300,
                  max_seconds: float | None = None, resume: bool = True, warm_start: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, keep_basis: bool = True) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ConfigError(f"{self.name}: k must be a positive int or None (number of classes, else 10), got {k!r}")
@@ -166,6 +166,8 @@ class HessianTop(_HessianOrGGN):
         self.max_seconds = max_seconds
         self.warm_start = bool(warm_start)
         self.resume = bool(resume)
+        self.keep_basis = bool(keep_basis)
+        self.basis = BasisWorkspace() if self.keep_basis else None
         if not self.bottom:
             self.metrics = self.metrics[:3] + self.metrics[4:]
         #: previous probe's eigenvectors per block (warm start); bottom vectors under (block, "bottom").
@@ -183,11 +185,13 @@ class HessianTop(_HessianOrGGN):
         for run in self.unfinished.values():
             run.close()
         self.unfinished.clear()
+        if self.basis is not None:
+            self.basis.clear()
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "bottom": self.bottom, "tol": self.tol,
                 "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds, "resume": self.resume,
-                "warm_start": self.warm_start}
+                "warm_start": self.warm_start, "keep_basis": self.keep_basis}
 
     def _k_for(self, ctx: StepContext, dim: int) -> int:
         if self.k is not None:
@@ -215,7 +219,7 @@ class HessianTop(_HessianOrGGN):
             op = FiniteChecked(raw)
             res, why = run_guarded(lambda: lanczos(
                 op, k=k, which="LA", tol=self.tol, v0=self._warm(key, dim), seed=self.seed,
-                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
+                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds, workspace=self.basis))
             return res, why, op.num_matvecs, ctx.step, False
         run = self.unfinished.pop(key, None)
         if run is not None and run.k != k:  # the number of classes changed: the old run answers another question
@@ -224,7 +228,7 @@ class HessianTop(_HessianOrGGN):
         if run is None:
             op = FiniteChecked(raw)
             lz, why = run_guarded(lambda: LanczosRun(op, k=k, which="LA", tol=self.tol, v0=self._warm(key, dim),
-                                                     seed=self.seed))
+                                                     seed=self.seed, workspace=self.basis))
             if lz is None:
                 return None, why, op.num_matvecs, ctx.step, False
             run = _UnfinishedRun(lz, op, raw, ctx.step, k)
@@ -316,7 +320,7 @@ class HessianTop(_HessianOrGGN):
                 bop = FiniteChecked(raw)
                 bres, bwhy = run_guarded(lambda bop=bop, key=key, dim=dim, left_mv=left_mv, left_s=left_s: lanczos(
                     bop, k=1, which="SA", tol=self.tol, v0=self._warm((key, "bottom"), dim), seed=self.seed + 1,
-                    max_matvecs=left_mv, max_seconds=left_s))
+                    max_matvecs=left_mv, max_seconds=left_s, workspace=self.basis))
                 total += bop.num_matvecs
                 if bres is None or not math.isfinite(float(bres.eigenvalues[0])):
                     self.vectors.pop((key, "bottom"), None)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from diagnostics.errors import ConfigError
 from diagnostics.linalg.finite import FiniteChecked
+from diagnostics.linalg.lanczos_basis import BasisWorkspace
 from diagnostics.metrics.base import Output
 from diagnostics.metrics.curvature_base import (
     CallTime,
@@ -208,6 +209,8 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         preconditioner: Adam's ``v_hat``: ``"next_step"`` (default) the one ``optimizer.step()`` is about
             to use (state plus the current gradient), ``"state"`` the bias-corrected ``v`` of the last
             completed step.
+        keep_basis: keep the Lanczos basis memory (``40 P`` values) until the Monitor closes: a CPU probe
+            then does not map and zero a fresh basis each time (``BasisWorkspace``); False frees it.
 
     Cost: top-1 Lanczos (a handful of HVPs warm-started from the previous probe's vector) per ratio
     family (a second one for Adam's preconditioned operator), plus ``trace_matvecs`` HVPs when ``trace=True``
@@ -230,7 +233,8 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
     def __init__(self, every: int | None = None, start: int = 0, *, params: Any = None, lr: float | None = None,
                  trace: bool | str = "auto", trace_matvecs: int = 60, tol: float = 1e-3, max_matvecs: int | None = 100,
                  max_seconds: float | None = None, resume: bool = True, warm_start: bool = True,
-                 hysteresis: float = 0.1, preconditioner: str = "next_step", seed: int = 0) -> None:
+                 hysteresis: float = 0.1, preconditioner: str = "next_step", seed: int = 0,
+                 keep_basis: bool = True) -> None:
         super().__init__(every, start, kind="hessian", params=params, seed=seed)
         self.metrics = type(self).metrics
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
@@ -256,6 +260,8 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         self.resume = bool(resume)
         self.warm_start = bool(warm_start)
         self.hysteresis = float(hysteresis)
+        self.keep_basis = bool(keep_basis)
+        self.basis = BasisWorkspace() if self.keep_basis else None
         #: previous probe's top vector per (block, "raw" | "adam"): the next probe's warm start.
         self.vectors: dict[Any, Tensor] = {}
         #: a probe stopped by its per-call limit, continued by the next call (``resume``).
@@ -265,7 +271,12 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         return {**super().settings(), "lr": self.lr, "trace": self.trace, "trace_matvecs": self.trace_matvecs,
                 "tol": self.tol, "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds,
                 "resume": self.resume, "warm_start": self.warm_start, "hysteresis": self.hysteresis,
-                "adam_preconditioner": self.preconditioner}
+                "adam_preconditioner": self.preconditioner, "keep_basis": self.keep_basis}
+
+    def drop_unfinished(self) -> None:
+        super().drop_unfinished()
+        if self.basis is not None:
+            self.basis.clear()
 
     # --- the searches ----------------------------------------------------------------------------------
     def _search(self, label: str, op: Any, vector_key: tuple[str, str]) -> _Search:
@@ -278,7 +289,8 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         search = _Search(label, FiniteChecked(op), vector_key)
         if self.resume:
             v0 = self._warm(vector_key, dim)
-            search.run = LanczosRun(search.op, k=1, which="LA", tol=self.tol, v0=v0, seed=self.seed)
+            search.run = LanczosRun(search.op, k=1, which="LA", tol=self.tol, v0=v0, seed=self.seed,
+                                    workspace=self.basis)
         return search
 
     def _warm(self, vector_key: tuple[str, str], dim: int) -> Tensor | None:
@@ -294,7 +306,7 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
             dim = int(search.op.shape[0])
             res, why = run_guarded(lambda: lanczos(
                 search.op, k=1, which="LA", tol=self.tol, v0=self._warm(search.vector_key, dim), seed=self.seed,
-                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds))
+                max_matvecs=self.max_matvecs, max_seconds=self.max_seconds, workspace=self.basis))
         else:
             res, why = run_guarded(lambda: search.run.advance(self.max_matvecs, seconds))
             if why is None and res is None:

@@ -6,7 +6,7 @@ import torch
 from linalg_cases import network_like, with_spectrum
 
 from diagnostics.errors import ConfigError
-from diagnostics.linalg import DenseOperator, LanczosRun, lanczos
+from diagnostics.linalg import BasisWorkspace, DenseOperator, LanczosRun, lanczos
 
 
 def _same(a, b) -> None:
@@ -96,3 +96,34 @@ def test_max_matvecs_caps_the_whole_run_and_seconds_count_only_the_run():
     while res is None:
         res = run2.advance()
     assert res.seconds < 0.2
+
+
+def test_a_kept_basis_gives_the_same_answers_and_is_reused_only_when_free():
+    A = network_like(300, outliers=10, seed=1)
+    fresh = lanczos(DenseOperator(A), k=6, tol=1e-8, seed=5)
+    ws = BasisWorkspace()
+    first = lanczos(DenseOperator(A), k=6, tol=1e-8, seed=5, workspace=ws)
+    second = lanczos(DenseOperator(A), k=6, tol=1e-8, seed=5, workspace=ws)
+    assert not first.settings["basis_reused"] and second.settings["basis_reused"]
+    assert ws.nbytes == first.settings["basis_bytes"] > 0
+    for res in (first, second):  # memory left by the first run changes nothing in the second
+        drop = ("basis_reused",)
+        assert torch.equal(res.eigenvalues, fresh.eigenvalues) and torch.equal(res.eigenvectors, fresh.eigenvectors)
+        assert {k: v for k, v in res.settings.items() if k not in drop} == {
+            k: v for k, v in fresh.settings.items() if k not in drop}
+    # A paused run holds the kept memory: a run started meanwhile gets its own and both stay exact.
+    paused = LanczosRun(DenseOperator(A), k=6, tol=1e-8, seed=5, workspace=ws)
+    assert paused.advance(max_matvecs=4) is None
+    meanwhile = lanczos(DenseOperator(A), k=6, tol=1e-8, seed=5, workspace=ws)
+    assert not meanwhile.settings["basis_reused"] and torch.equal(meanwhile.eigenvalues, fresh.eigenvalues)
+    while paused.advance() is None:
+        pass
+    assert paused.result.settings["basis_reused"] and torch.equal(paused.result.eigenvalues, fresh.eigenvalues)
+    # Once the paused run has ended its memory is free again; a smaller problem takes a view of it.
+    small = lanczos(DenseOperator(A[:100, :100]), k=2, tol=1e-8, seed=5, workspace=ws)
+    assert small.settings["basis_reused"] and ws.nbytes == first.settings["basis_bytes"]
+    # Another dtype does not fit the kept buffer: replaced, not kept twice.
+    other = lanczos(DenseOperator(A.float()), k=2, tol=1e-5, seed=5, workspace=ws)
+    assert not other.settings["basis_reused"] and ws.nbytes == other.settings["basis_bytes"]
+    ws.clear()
+    assert ws.nbytes == 0

@@ -477,3 +477,37 @@ def test_a_density_probe_is_not_cut_without_resume_or_outside_the_budgets_slices
     assert d.compute(_cut_ctx(case, 0)).status == "continues" and d.unfinished_run
     d.drop_unfinished()
     assert not d.unfinished_run
+
+
+def test_curvature_probes_keep_their_basis_between_probes_and_free_it_at_close(tmp_path):
+    case = medium_case()
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.01)
+    top, sharp = HessianTop(every=1, k=3, tol=1e-6), get_diagnostic("sharpness", every=1, tol=1e-6)
+    held = []
+    with Monitor(case.model, case.loss_fn, run=tmp_path / "run", diagnostics=[top, sharp], optimizer=opt,
+                 probe_data=case.batches, num_classes=4, strict=True) as mon:
+        for step in range(3):
+            opt.zero_grad()
+            loss = case.loss_fn(case.model, case.batches[0])
+            loss.backward()
+            mon.step(step, case.batches[0], loss)
+            opt.step()
+            held.append((top.basis.nbytes, sharp.basis.nbytes))
+    # One basis each (float64 operator: 8 bytes a value, P = 212), the same memory from probe to probe.
+    P = sum(p.numel() for p in case.model.parameters())
+    assert held[0][0] > 0 and held[0][1] == 40 * P * 8 and len(set(held)) == 1
+    assert top.basis.nbytes == 0 and sharp.basis.nbytes == 0  # freed at close
+    assert len(open_run(tmp_path / "run").series("hessian_eigenvalue").step.unique()) == 3
+    assert HessianTop(keep_basis=False).basis is None
+    assert get_diagnostic("sharpness", keep_basis=False).settings()["keep_basis"] is False
+
+
+def test_a_kept_basis_changes_no_eigenvalue():
+    case = medium_case()
+    kept, fresh = HessianTop(k=3, tol=1e-9, max_matvecs=None), HessianTop(k=3, tol=1e-9, max_matvecs=None,
+                                                                         keep_basis=False)
+    for step in range(2):
+        a, b = kept.compute(make_ctx(case, step=step)), fresh.compute(make_ctx(case, step=step))
+        assert values(a, "hessian_eigenvalue") == values(b, "hessian_eigenvalue")
+        _nudge(case.model, step)
+    assert kept.basis.nbytes > 0
