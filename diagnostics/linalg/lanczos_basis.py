@@ -6,10 +6,9 @@ Split from :mod:`diagnostics.linalg.lanczos`, which uses it; the rules are docum
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
+from diagnostics._memory import sole_holder
 from diagnostics.errors import ConfigError
 
 __all__ = ["DEFAULT_BASIS_BYTES", "MIN_SPARE_VECTORS", "WORK_VECTORS", "BasisWorkspace", "auto_budget",
@@ -82,48 +81,55 @@ def basis_size(P: int, count: int, max_steps: int | None, max_memory: int | None
 
 class BasisWorkspace:
     """Memory for Lanczos bases kept from one run to the next, for a caller that runs Lanczos again and
-    again (a probe on a schedule, one per checkpoint).
+    again (the Monitor's curvature probes, one analysis over many checkpoints).
 
     A basis is ``m x P`` values written one row per product. Allocated afresh, every row is new memory
-    that the operating system maps and zeroes at its first write; on a CPU that costs about as much as the
-    rest of the step's bookkeeping at P ~ 1M (CUDA's caching allocator keeps freed memory, so there it
-    changes nothing). A workspace keeps the largest buffer asked of it and hands later runs a view of it.
+    that the operating system maps and zeroes at its first write; on a CPU at P ~ 1M that costs about a
+    quarter of the rest of the bookkeeping (CUDA's caching allocator keeps freed memory, so there it
+    changes nothing). A workspace keeps the largest buffer asked of it, up to ``max_bytes``, and hands
+    later runs a view of it.
 
-    One run at a time holds it: :meth:`take` while the previous view is still alive (a paused
-    :class:`~diagnostics.linalg.LanczosRun`) gives a fresh, unkept allocation, so two runs never share
-    memory. Memory: the largest basis taken, held until :meth:`clear` or the workspace is dropped.
+    One run at a time uses it: while a view of the kept buffer is alive (a paused
+    :class:`~diagnostics.linalg.LanczosRun`), :meth:`take` allocates afresh, so two runs never share
+    memory. A basis larger than ``max_bytes`` is never kept. Memory: at most ``max_bytes`` between runs,
+    until :meth:`clear`.
     """
 
-    def __init__(self) -> None:
+    #: The default of ``max_bytes``: half the automatic basis budget (:data:`DEFAULT_BASIS_BYTES`).
+    DEFAULT_MAX_BYTES = DEFAULT_BASIS_BYTES // 2
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ConfigError(f"BasisWorkspace: max_bytes must be an int >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
         self._buffer: torch.Tensor | None = None
-        self._lease: weakref.ref[torch.Tensor] | None = None
+        #: How many bases were handed out of kept memory (for tests and benchmarks).
+        self.reuses = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes held between runs (0 when empty)."""
+        """Bytes kept between runs (0 when empty)."""
         b = self._buffer
         return 0 if b is None else b.numel() * b.element_size()
 
     def take(self, rows: int, P: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
-        """A ``[rows, P]`` tensor for a basis (uninitialised) and whether it reuses kept memory.
+        """A ``[rows, P]`` tensor for a basis (uninitialised) and whether it is kept memory reused.
 
-        Reuses the kept buffer when it is free and has the dtype, the device and at least ``rows * P``
-        values; else allocates, and keeps the new buffer unless a run still holds the old one.
+        Reuses the kept buffer when no view of it is alive and it has the dtype, the device and at least
+        ``rows * P`` values; else allocates, and keeps the new buffer if it is within ``max_bytes``.
         Cost: an allocation at most."""
-        busy = self._lease is not None and self._lease() is not None
-        b = self._buffer
-        if busy:
-            return torch.empty(rows, P, dtype=dtype, device=device), False
         need = rows * P
-        reused = b is not None and b.dtype == dtype and b.device == torch.device(device) and b.numel() >= need
-        if not reused:
-            self._buffer = None  # released before the new one is allocated: the peak is one buffer
-            b = self._buffer = torch.empty(need, dtype=dtype, device=device)
-        view = b[:need].view(rows, P)
-        self._lease = weakref.ref(view)
-        return view, reused
+        b = self._buffer
+        if b is not None and sole_holder(b):
+            if b.dtype == dtype and b.device == torch.device(device) and b.numel() >= need:
+                self.reuses += 1
+                return b[:need].view(rows, P), True
+            self._buffer = b = None  # freed before the new one is allocated: the peak is one buffer
+        fresh = torch.empty(need, dtype=dtype, device=device)
+        if self._buffer is None and need * fresh.element_size() <= self.max_bytes:
+            self._buffer = fresh
+        return fresh.view(rows, P), False
 
     def clear(self) -> None:
-        """Release the kept buffer (a run holding a view keeps its own memory alive until it ends)."""
+        """Drop the kept buffer (a run still using it keeps that memory alive until it ends)."""
         self._buffer = None
-        self._lease = None

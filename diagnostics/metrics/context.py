@@ -23,6 +23,7 @@ from diagnostics._batch import leading_size, slice_batch, tokens_per_sample
 from diagnostics._hooks import ModuleSpec, capture_inputs, capture_outputs, concat, select_modules
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
+from diagnostics.linalg.lanczos_basis import BasisWorkspace
 from diagnostics.metrics.flat_buffers import FlatBufferPool
 from diagnostics.metrics.norms import WeightNorms, host_norms, tensor_norms, total_norm
 from diagnostics.store.records import expand_records
@@ -74,6 +75,7 @@ class StepContext:
         named_parameters: (list[tuple[str, torch.nn.Parameter]]
                            | Callable[[], list[tuple[str, torch.nn.Parameter]]] | None) = None,
         flat_buffers: FlatBufferPool | None = None,
+        basis_workspace: BasisWorkspace | None = None,
     ) -> None:
         self.step = step
         self.model = model
@@ -102,6 +104,9 @@ class StepContext:
         self._named = named_parameters
         # Where the parameters' flat copies come from and go back to (kept between steps by the Monitor).
         self._flat_buffers = flat_buffers
+        #: Lanczos basis memory kept between the curvature probes (the Monitor's), or None: the probes
+        #: that keep their basis (``keep_basis``) pass it to Lanczos.
+        self.basis_workspace = basis_workspace
 
     def call_seconds(self, name: str) -> float | None:
         """Seconds a call of the resumable diagnostic ``name`` may take at this step: :attr:`probe_seconds`

@@ -132,8 +132,8 @@ class HessianTop(_HessianOrGGN):
             capped probes need not converge (``benchmarks/capped_probes.py``).
         warm_start: start from the previous probe's eigenvectors.
         seed: seed of the cold start.
-        keep_basis: keep the Lanczos basis memory (the largest block's, up to 2 GiB) until the Monitor
-            closes: a CPU probe then does not map and zero a fresh basis each time (``BasisWorkspace``).
+        keep_basis: run Lanczos in the basis memory the Monitor keeps between probes
+            (``ctx.basis_workspace``): a CPU probe then does not map and zero a fresh basis each time.
 
     Cost: per block, k plus a few HVPs per eigenvalue: 30-80 for k = 10 on the zoo models, fewer once
     outliers separate from the bulk (each HVP about 2-3 training steps on the probe data), plus
@@ -167,7 +167,7 @@ class HessianTop(_HessianOrGGN):
         self.warm_start = bool(warm_start)
         self.resume = bool(resume)
         self.keep_basis = bool(keep_basis)
-        self.basis = BasisWorkspace() if self.keep_basis else None
+        self.basis: BasisWorkspace | None = None  # this probe's: ctx.basis_workspace when keep_basis
         if not self.bottom:
             self.metrics = self.metrics[:3] + self.metrics[4:]
         #: previous probe's eigenvectors per block (warm start); bottom vectors under (block, "bottom").
@@ -185,8 +185,6 @@ class HessianTop(_HessianOrGGN):
         for run in self.unfinished.values():
             run.close()
         self.unfinished.clear()
-        if self.basis is not None:
-            self.basis.clear()
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "bottom": self.bottom, "tol": self.tol,
@@ -251,6 +249,7 @@ class HessianTop(_HessianOrGGN):
     def compute(self, ctx: StepContext) -> Output:
         from diagnostics.linalg import lanczos
 
+        self.basis = ctx.basis_workspace if self.keep_basis else None
         records: list[Record] = []
         statuses: list[str] = []
         reasons: list[str] = []

@@ -13,16 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from diagnostics._memory import sole_holder
+
 __all__ = ["FlatBufferPool"]
-
-
-def _only_holder(t: torch.Tensor) -> bool:
-    """Whether nothing but ``t`` itself uses its memory (no view of it is alive anywhere)."""
-    try:
-        # The storage object made here holds one reference of its own.
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
-    except (AttributeError, RuntimeError):  # another torch: never reuse what cannot be checked
-        return False
 
 
 class FlatBufferPool:
@@ -51,7 +44,7 @@ class FlatBufferPool:
 
     def give_back(self, t: torch.Tensor) -> None:
         """Keep ``t`` for the next step, unless a view of it is still alive or enough are kept."""
-        if len(self._kept) < self.MAX_KEPT and _only_holder(t):
+        if len(self._kept) < self.MAX_KEPT and sole_holder(t):
             self._kept.append(t)
 
     def new_step(self) -> None:

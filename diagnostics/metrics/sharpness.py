@@ -209,8 +209,8 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         preconditioner: Adam's ``v_hat``: ``"next_step"`` (default) the one ``optimizer.step()`` is about
             to use (state plus the current gradient), ``"state"`` the bias-corrected ``v`` of the last
             completed step.
-        keep_basis: keep the Lanczos basis memory (``40 P`` values) until the Monitor closes: a CPU probe
-            then does not map and zero a fresh basis each time (``BasisWorkspace``); False frees it.
+        keep_basis: run Lanczos in the basis memory the Monitor keeps between probes
+            (``ctx.basis_workspace``): a CPU probe then does not map and zero a fresh basis each time.
 
     Cost: top-1 Lanczos (a handful of HVPs warm-started from the previous probe's vector) per ratio
     family (a second one for Adam's preconditioned operator), plus ``trace_matvecs`` HVPs when ``trace=True``
@@ -261,7 +261,7 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
         self.warm_start = bool(warm_start)
         self.hysteresis = float(hysteresis)
         self.keep_basis = bool(keep_basis)
-        self.basis = BasisWorkspace() if self.keep_basis else None
+        self.basis: BasisWorkspace | None = None  # this probe's: ctx.basis_workspace when keep_basis
         #: previous probe's top vector per (block, "raw" | "adam"): the next probe's warm start.
         self.vectors: dict[Any, Tensor] = {}
         #: a probe stopped by its per-call limit, continued by the next call (``resume``).
@@ -272,11 +272,6 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
                 "tol": self.tol, "max_matvecs": self.max_matvecs, "max_seconds": self.max_seconds,
                 "resume": self.resume, "warm_start": self.warm_start, "hysteresis": self.hysteresis,
                 "adam_preconditioner": self.preconditioner, "keep_basis": self.keep_basis}
-
-    def drop_unfinished(self) -> None:
-        super().drop_unfinished()
-        if self.basis is not None:
-            self.basis.clear()
 
     # --- the searches ----------------------------------------------------------------------------------
     def _search(self, label: str, op: Any, vector_key: tuple[str, str]) -> _Search:
@@ -382,6 +377,7 @@ class Sharpness(ProbeInCalls, CurvatureDiagnostic):
 
     # --- every call ----------------------------------------------------------------------------------
     def compute(self, ctx: StepContext) -> Output:
+        self.basis = ctx.basis_workspace if self.keep_basis else None
         probe, self.unfinished = self.unfinished, None
         spent = 0
         if probe is None:

@@ -33,6 +33,7 @@ from diagnostics import _distributed as _dist
 from diagnostics._batch import detach_batch
 from diagnostics.errors import ConfigError, DataError
 from diagnostics.gradients.accumulation import AccumulatedMoments
+from diagnostics.linalg.lanczos_basis import BasisWorkspace
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.flat_buffers import FlatBufferPool
@@ -209,6 +210,9 @@ class Monitor:
         # The parameters' flat copies (weight norms, the update snapshot, the update), kept between steps
         # while every step uses them: fresh ones cost page faults at every step.
         self._flat_buffers = FlatBufferPool()
+        # The curvature probes' Lanczos basis, kept from one probe to the next (fresh memory is mapped and
+        # zeroed row by row as Lanczos writes it).
+        self._basis_workspace = BasisWorkspace()
         self._pending: PendingStep | None = None
         self._closed = False
         self._monitored = 0
@@ -390,6 +394,7 @@ class Monitor:
             max_memory_bytes=self.max_memory_bytes,
             named_parameters=self._named_parameters,  # listed when a diagnostic reads them
             flat_buffers=self._flat_buffers,
+            basis_workspace=self._basis_workspace,
         )
         ctx.due = frozenset(d.name for d in due)
         if self._budget is not None:
@@ -504,6 +509,7 @@ class Monitor:
                 for d in self.diagnostics:  # a probe cut into calls that had not ended: free its memory
                     d.drop_unfinished()
                 self._flat_buffers.clear()
+                self._basis_workspace.clear()
                 # Schedules longer than the run (a misuse event at the last step; see tracking.misuse).
                 # Diagnostics a budget schedules (or spaces out) have no fixed schedule that could be longer
                 # than the run.

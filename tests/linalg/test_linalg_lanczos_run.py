@@ -127,3 +127,10 @@ def test_a_kept_basis_gives_the_same_answers_and_is_reused_only_when_free():
     assert not other.settings["basis_reused"] and ws.nbytes == other.settings["basis_bytes"]
     ws.clear()
     assert ws.nbytes == 0
+    # A basis over max_bytes is never kept.
+    small_ws = BasisWorkspace(max_bytes=first.settings["basis_bytes"] - 1)
+    for _ in range(2):
+        res = lanczos(DenseOperator(A), k=6, tol=1e-8, seed=5, workspace=small_ws)
+        assert not res.settings["basis_reused"] and small_ws.nbytes == 0
+    with pytest.raises(ConfigError, match="max_bytes"):
+        BasisWorkspace(max_bytes=-1)
