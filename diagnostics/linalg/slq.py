@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from diagnostics.errors import ConfigError
-from diagnostics.linalg.lanczos_basis import auto_budget, resolve_basis_dtype
+from diagnostics.linalg.lanczos_basis import BasisWorkspace, auto_budget, resolve_basis_dtype
 from diagnostics.linalg.operator import LinearOperator, as_operator, rademacher_probes, square_dim
 from diagnostics.linalg.stepped import SteppedRun
 
@@ -131,7 +131,8 @@ def density_plan(P: int, num_probes: int, m: int, itemsize: int, max_memory: int
 
 def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: int = 32,
                      seed: int = 0, *, max_memory: int | None = None,
-                     basis_dtype: torch.dtype | None = None) -> SpectralDensity:
+                     basis_dtype: torch.dtype | None = None,
+                     workspace: BasisWorkspace | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectral measure of a symmetric operator.
 
     Runs ``m = min(steps, P)`` Lanczos steps from each normalised Rademacher probe ``z_j / sqrt(P)``,
@@ -155,11 +156,14 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
             default: 2 GiB, or half of a CUDA device's free memory when less.
         basis_dtype: ``torch.float32`` or ``torch.float64``; default the operator's dtype (float32 for
             half-precision operators).
+        workspace: a :class:`~diagnostics.linalg.BasisWorkspace` whose kept memory holds the probe groups'
+            bases, kept for the next call; None: the groups of this call share one buffer, freed at its end.
 
     Returns:
         SpectralDensity with ``nodes`` and ``weights`` of shape ``[num_probes, m]``; its ``settings``
         record ``probe_group``, ``basis_vectors``, ``reorthogonalization``, ``basis_dtype``,
-        ``basis_bytes``, ``memory_budget`` and ``memory_from``.
+        ``basis_bytes``, ``memory_budget``, ``memory_from`` and ``groups_in_kept_memory`` (the probe groups
+        whose basis reused memory written before).
 
     Cost: ``num_probes * m`` matvecs in ``ceil(num_probes / group) * m`` batched products; per step two
     passes over the kept basis.
@@ -173,7 +177,7 @@ def spectral_density(op: LinearOperator | Tensor, num_probes: int = 4, steps: in
         >>> sorted(round(x, 10) for x in sd.nodes[0].tolist()), round(sd.trace()[0], 10)
         ([1.0, 2.0, 3.0], 6.0)
     """
-    steps_ = _slq_steps(op, num_probes, steps, seed, max_memory, basis_dtype)
+    steps_ = _slq_steps(op, num_probes, steps, seed, max_memory, basis_dtype, workspace)
     while True:
         try:
             next(steps_)
@@ -198,10 +202,12 @@ class DensityRun(SteppedRun[SpectralDensity]):
     """
 
     def __init__(self, op: LinearOperator | Tensor, num_probes: int = 4, steps: int = 32, seed: int = 0, *,
-                 max_memory: int | None = None, basis_dtype: torch.dtype | None = None) -> None:
+                 max_memory: int | None = None, basis_dtype: torch.dtype | None = None,
+                 workspace: BasisWorkspace | None = None) -> None:
         """Validate the arguments and draw the first probes (no product yet). Raises as
         :func:`spectral_density`."""
-        super().__init__(_slq_steps(op, num_probes, steps, seed, max_memory, basis_dtype), "DensityRun")
+        super().__init__(_slq_steps(op, num_probes, steps, seed, max_memory, basis_dtype, workspace),
+                         "DensityRun")
 
 
 def _reorthogonalisation(plan: DensityPlan, m: int) -> str:
@@ -212,7 +218,7 @@ def _reorthogonalisation(plan: DensityPlan, m: int) -> str:
 
 def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: int,
                max_memory: int | None = None, basis_dtype: torch.dtype | None = None,
-               ) -> Generator[None, None, SpectralDensity]:
+               workspace: BasisWorkspace | None = None) -> Generator[None, None, SpectralDensity]:
     """:func:`spectral_density` as a generator that pauses before each batched product; ``seconds``
     counts its own time only."""
     clock = time.perf_counter()
@@ -231,10 +237,13 @@ def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: i
     alpha = torch.zeros(n, m, dtype=torch.float64)
     beta = torch.zeros(n, m, dtype=torch.float64)
     length = torch.full((n,), m, dtype=torch.long)
-    num_matvecs = 0
+    num_matvecs = reused = 0
+    if workspace is None and plan.group < n:  # later groups write where the first one did: no fresh pages
+        workspace = BasisWorkspace(max_bytes=plan.basis_bytes(P, itemsize))
     for first in range(0, n, plan.group):
         probes = list(range(first, min(n, first + plan.group)))
-        group = _GroupLanczos(A, P, m, plan.window, dtype, probes, seed)
+        group = _GroupLanczos(A, P, m, plan.window, dtype, probes, seed, workspace)
+        reused += group.reused
         for j in range(m):
             if not group.open:
                 break
@@ -260,7 +269,8 @@ def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: i
                   "reorthogonalization": _reorthogonalisation(plan, m), "probe_group": plan.group,
                   "basis_vectors": plan.window, "basis_dtype": str(dtype).removeprefix("torch."),
                   "basis_bytes": plan.basis_bytes(P, itemsize), "memory_budget": plan.budget,
-                  "memory_from": plan.source, "within_memory_budget": plan.within_budget},
+                  "memory_from": plan.source, "within_memory_budget": plan.within_budget,
+                  "groups_in_kept_memory": reused},
     )
 
 
@@ -269,11 +279,15 @@ class _GroupLanczos:
     them when ``window`` is ``m``) in a ring of basis rows."""
 
     def __init__(self, A: LinearOperator, P: int, m: int, window: int, dtype: torch.dtype,
-                 probes: list[int], seed: int) -> None:
+                 probes: list[int], seed: int, workspace: BasisWorkspace | None = None) -> None:
         self.A, self.m, self.window = A, m, window
         g = len(probes)
         # Empty, not zeros: rows are read only once written, and untouched memory is never paged in.
-        self.Q = torch.empty(g, window, P, dtype=dtype, device=A.device)
+        if workspace is None:
+            self.Q, self.reused = torch.empty(g, window, P, dtype=dtype, device=A.device), False
+        else:
+            rows, self.reused = workspace.take(g * window, P, dtype, torch.device(A.device))
+            self.Q = rows.view(g, window, P)
         for row, probe in enumerate(probes):  # one float64 probe at a time: 8P bytes of temporary memory
             self.Q[row, 0] = rademacher_probes(P, probe, 1, seed, A.device)[:, 0].div_(math.sqrt(P))
         self.probes = probes

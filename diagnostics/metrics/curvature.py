@@ -377,6 +377,7 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
             of a CUDA device's free memory when less). Probes whose bases do not fit together run in
             groups; when one probe's ``steps`` vectors do not fit it keeps the latest ones that do
             (:func:`~diagnostics.linalg.spectral_density`); the output's settings say which.
+        keep_basis: as ``hessian_top``'s (the Monitor's kept basis memory, when the bases fit in it).
 
     Cost: ``num_probes * steps`` HVPs in ``steps`` batched products per probe group; memory at most
     ``max_memory`` for the bases (in the model's dtype), held between the calls of a probe spread over
@@ -393,7 +394,7 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
 
     def __init__(self, every: int | None = None, start: int = 0, *, kind: str | None = None, params: Any = None,
                  num_probes: int = 4, steps: int = 32, max_matvecs: int | None = None, resume: bool = True,
-                 max_memory: int | None = None, seed: int = 0) -> None:
+                 max_memory: int | None = None, seed: int = 0, keep_basis: bool = True) -> None:
         super().__init__(every, start, kind=kind, params=params, seed=seed)
         check_max_memory(max_memory, self.name)
         if int(num_probes) < 1 or int(steps) < 2:
@@ -403,13 +404,13 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
         self.steps = int(steps)
         self.max_matvecs = max_matvecs
         self.resume = bool(resume)
-        self.max_memory = max_memory
+        self.max_memory, self.keep_basis = max_memory, bool(keep_basis)
         #: a probe stopped by the per-call time, continued by the next call (``resume``).
         self.unfinished: _DensityProbe | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "num_probes": self.num_probes, "steps": self.steps,
-                "max_matvecs": self.max_matvecs, "resume": self.resume, "max_memory": self.max_memory}
+        return {**super().settings(), "num_probes": self.num_probes, "steps": self.steps, "max_matvecs":
+                self.max_matvecs, "resume": self.resume, "max_memory": self.max_memory, "keep_basis": self.keep_basis}
 
     def _begin(self, ctx: StepContext) -> _DensityProbe:
         steps, truncated = self.steps, False
@@ -429,7 +430,7 @@ class HessianDensity(ProbeInCalls, _HessianOrGGN):
 
         def make_run(op: Any) -> DensityRun:
             return DensityRun(op, num_probes=self.num_probes, steps=probe.steps, seed=self.seed,
-                              max_memory=self.max_memory)
+                              max_memory=self.max_memory, workspace=ctx.basis_workspace if self.keep_basis else None)
 
         def finite(sd: Any) -> bool:
             return bool(torch.isfinite(sd.nodes).all()) and bool(torch.isfinite(sd.weights).all())

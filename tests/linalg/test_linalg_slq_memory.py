@@ -8,7 +8,7 @@ import torch
 from linalg_cases import network_spectrum, with_spectrum
 
 from diagnostics.errors import ConfigError
-from diagnostics.linalg import DensityRun, spectral_density
+from diagnostics.linalg import BasisWorkspace, DensityRun, spectral_density
 from diagnostics.linalg.operator import rademacher_probes
 from diagnostics.linalg.slq import DENSITY_WORK_VECTORS, density_plan
 
@@ -37,6 +37,26 @@ def test_probes_in_groups_give_the_quadrature_of_all_at_once(spectrum):
         assert sd.num_matvecs == together.num_matvecs == 120
         torch.testing.assert_close(sd.nodes, together.nodes, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(sd.weights, together.weights, rtol=1e-8, atol=1e-12)
+        # Every group after the first writes its basis where the first one did.
+        assert sd.settings["groups_in_kept_memory"] == -(-4 // group) - 1
+    assert together.settings["groups_in_kept_memory"] == 0
+
+
+def test_a_kept_workspace_holds_the_bases_for_the_next_call_and_changes_no_number(spectrum):
+    _, A = spectrum
+    fresh = spectral_density(A, num_probes=4, steps=30, seed=3, max_memory=_bytes(2 * (30 + DENSITY_WORK_VECTORS)))
+    ws = BasisWorkspace()
+    for call in range(2):
+        sd = spectral_density(A, num_probes=4, steps=30, seed=3, max_memory=_bytes(2 * (30 + DENSITY_WORK_VECTORS)),
+                              workspace=ws)
+        assert torch.equal(sd.nodes, fresh.nodes) and torch.equal(sd.weights, fresh.weights)
+        assert sd.settings["groups_in_kept_memory"] == (1 if call == 0 else 2)
+    assert ws.nbytes == sd.settings["basis_bytes"] == 2 * _bytes(30)
+    run = DensityRun(A, num_probes=4, steps=30, seed=3, workspace=ws)  # one group of 4: more than is kept
+    while run.advance(max_steps=7) is None:
+        pass
+    assert torch.equal(run.result.nodes, spectral_density(A, num_probes=4, steps=30, seed=3).nodes)
+    assert run.result.settings["groups_in_kept_memory"] == 0 and ws.nbytes == 4 * _bytes(30)
 
 
 @pytest.mark.parametrize("window", [2, 4, 8])
