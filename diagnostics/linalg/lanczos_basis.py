@@ -85,9 +85,10 @@ class BasisWorkspace:
 
     A basis is ``m x P`` values written one row per product. Allocated afresh, every row is new memory
     that the operating system maps and zeroes at its first write; on a CPU at P ~ 1M that costs about a
-    quarter of the rest of the bookkeeping (CUDA's caching allocator keeps freed memory, so there it
-    changes nothing). A workspace keeps the largest buffer asked of it, up to ``max_bytes``, and hands
-    later runs a view of it.
+    quarter of the rest of the bookkeeping. A workspace keeps the largest CPU buffer asked of it, up to
+    ``max_bytes``, and hands later runs a view of it. Bases on another device are allocated for each
+    run and never kept: CUDA's caching allocator already reuses freed memory without page faults, and
+    memory held here would be out of the training's reach between runs.
 
     One run at a time uses it: while a view of the kept buffer is alive (a paused
     :class:`~diagnostics.linalg.LanczosRun`), :meth:`take` allocates afresh, so two runs never share
@@ -126,7 +127,7 @@ class BasisWorkspace:
                 return b[:need].view(rows, P), True
             self._buffer = b = None  # freed before the new one is allocated: the peak is one buffer
         fresh = torch.empty(need, dtype=dtype, device=device)
-        if self._buffer is None and need * fresh.element_size() <= self.max_bytes:
+        if self._buffer is None and fresh.device.type == "cpu" and need * fresh.element_size() <= self.max_bytes:
             self._buffer = fresh
         return fresh.view(rows, P), False
 

@@ -134,3 +134,14 @@ def test_a_kept_basis_gives_the_same_answers_and_is_reused_only_when_free():
         assert not res.settings["basis_reused"] and small_ws.nbytes == 0
     with pytest.raises(ConfigError, match="max_bytes"):
         BasisWorkspace(max_bytes=-1)
+
+
+def test_a_workspace_keeps_cpu_memory_only():
+    ws = BasisWorkspace()
+    t, reused = ws.take(4, 10, torch.float32, torch.device("meta"))  # any device but the CPU: nothing kept
+    assert t.shape == (4, 10) and t.device.type == "meta" and not reused and ws.nbytes == 0
+    t, reused = ws.take(4, 10, torch.float32, torch.device("cpu"))
+    assert not reused and ws.nbytes == 160
+    del t
+    t, reused = ws.take(2, 10, torch.float32, torch.device("cpu"))
+    assert reused and ws.reuses == 1
