@@ -57,6 +57,17 @@ def medium_case(seed: int = 0):
     return c
 
 
+def _train(mon, case, opt, steps: int, after=lambda step: None) -> None:
+    """``steps`` monitored steps of ``opt`` on the case's first batch; ``after(step)`` after each."""
+    for step in range(steps):
+        opt.zero_grad()
+        loss = case.loss_fn(case.model, case.batches[0])
+        loss.backward()
+        mon.step(step, case.batches[0], loss)
+        opt.step()
+        after(step)
+
+
 # --- hessian_top ----------------------------------------------------------------------------------------
 
 def _nudge(model: nn.Module, seed: int) -> None:
@@ -363,12 +374,7 @@ def test_monitor_round_trip_and_state_isolation(tmp_path):
              HessianTrace(every=2, num_matvecs=12)]
     with Monitor(case.model, case.loss_fn, run=tmp_path / "run", diagnostics=diags, optimizer=opt,
                  probe_data=case.batches, num_classes=3, strict=True, check_isolation=True) as mon:
-        for step in range(3):
-            opt.zero_grad()
-            loss = case.loss_fn(case.model, case.batches[0])
-            loss.backward()
-            mon.step(step, case.batches[0], loss)
-            opt.step()
+        _train(mon, case, opt, 3)
     run = open_run(tmp_path / "run")
     s = run.series()
     assert set(s[s.metric == "hessian_eigenvalue"].step) == {0, 1, 2}
@@ -487,14 +493,11 @@ def test_curvature_probes_share_the_monitors_basis_memory_and_it_is_freed_at_clo
     held = []
     with Monitor(case.model, case.loss_fn, run=tmp_path / "run", diagnostics=[top, sharp, density], optimizer=opt,
                  probe_data=case.batches, num_classes=4, strict=True) as mon:
-        for step in range(3):
-            opt.zero_grad()
-            loss = case.loss_fn(case.model, case.batches[0])
-            loss.backward()
-            mon.step(step, case.batches[0], loss)
-            opt.step()
+        def after(step: int) -> None:
             assert top.basis is sharp.basis is not None
             held.append(top.basis.nbytes)
+
+        _train(mon, case, opt, 3, after)
     # One basis of 40 vectors for all (float64 operator: 8 bytes a value, P = 212; the density's 2 x 8 fit in
     # it), kept from step to step.
     P = sum(p.numel() for p in case.model.parameters())
