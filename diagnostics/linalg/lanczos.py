@@ -350,9 +350,8 @@ def _lanczos_steps(
         F = _fresh_direction(random_vector(), [], 0.0)
     F = F[None]
     if workspace is None:
-        Q, basis_reused = torch.empty(cap, P, dtype=dtype, device=device), False
-    else:
-        Q, basis_reused = workspace.take(cap, P, dtype, device)
+        workspace = BasisWorkspace(max_bytes=0)  # keeps nothing: the basis lives for this call only
+    Q, basis_reused = workspace.take(cap, P, dtype, device)
     spare: Tensor | None = None  # the new vector's place when the basis is full
     m = num_matvecs = restarts = extra_passes = skipped_passes = 0
     H, S, E = torch.zeros(0, 0, dtype=f64), torch.zeros(0, 0, dtype=f64), torch.zeros(1, 0, dtype=f64)

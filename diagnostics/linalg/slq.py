@@ -238,7 +238,7 @@ def _slq_steps(op: LinearOperator | Tensor, num_probes: int, steps: int, seed: i
     beta = torch.zeros(n, m, dtype=torch.float64)
     length = torch.full((n,), m, dtype=torch.long)
     num_matvecs = reused = 0
-    if workspace is None and plan.group < n:  # later groups write where the first one did: no fresh pages
+    if workspace is None:  # this call's own: later groups write where the first one did, no fresh pages
         workspace = BasisWorkspace(max_bytes=plan.basis_bytes(P, itemsize))
     for first in range(0, n, plan.group):
         probes = list(range(first, min(n, first + plan.group)))
@@ -279,15 +279,12 @@ class _GroupLanczos:
     them when ``window`` is ``m``) in a ring of basis rows."""
 
     def __init__(self, A: LinearOperator, P: int, m: int, window: int, dtype: torch.dtype,
-                 probes: list[int], seed: int, workspace: BasisWorkspace | None = None) -> None:
+                 probes: list[int], seed: int, workspace: BasisWorkspace) -> None:
         self.A, self.m, self.window = A, m, window
         g = len(probes)
-        # Empty, not zeros: rows are read only once written, and untouched memory is never paged in.
-        if workspace is None:
-            self.Q, self.reused = torch.empty(g, window, P, dtype=dtype, device=A.device), False
-        else:
-            rows, self.reused = workspace.take(g * window, P, dtype, torch.device(A.device))
-            self.Q = rows.view(g, window, P)
+        # Uninitialised, not zeros: rows are read only once written, and untouched memory is never paged in.
+        rows, self.reused = workspace.take(g * window, P, dtype, torch.device(A.device))
+        self.Q = rows.view(g, window, P)
         for row, probe in enumerate(probes):  # one float64 probe at a time: 8P bytes of temporary memory
             self.Q[row, 0] = rademacher_probes(P, probe, 1, seed, A.device)[:, 0].div_(math.sqrt(P))
         self.probes = probes
