@@ -5,8 +5,9 @@ costs there is per-call work: its hooks on the training forward and backward, fo
 gradients, their moments, the two summaries (means and medians per tensor and over all) and the records.
 ``--model tiny`` and ``--model large`` run the zoo's tiny GPT and the 3.2M GPT of ``gpt_cases.py``
 (batch 16), where the moments and summaries of millions of values count too. This runs the Monitor's
-sequence (hooks held over the forward and backward, then ``compute``) and, interleaved, plain training
-steps of a copy of the model, and prints medians:
+sequence (hooks put in before the forward, taken out after the backward, then ``compute``) and,
+interleaved, plain training steps of a copy of the model, and prints medians; GSNR's cost is the time
+inside its hooks, putting them in and taking them out, and its call:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gsnr_call.py [--steps 400] [--model mlp|tiny|large]
 
@@ -86,12 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         pass
     else:
         _timed(GSNRReduction, "summaries", parts["summaries"])
-    times: dict[str, list[float]] = {"plain step": [], "hooks": [], "call": []}
+    times: dict[str, list[float]] = {"plain step": [], "hooks": [], "hooks in and out": [], "call": []}
     for i in range(args.steps + warmup):
         batch = data[i % len(data)]
-        with gsnr.observe_training_forward(model, i):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
+        observing = gsnr.observe_training_forward(model, i)
+        t0 = time.perf_counter()
+        observing.__enter__()
+        in_out = time.perf_counter() - t0
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        t0 = time.perf_counter()
+        observing.__exit__(None, None, None)
+        in_out += time.perf_counter() - t0
         hooks = gsnr.hook_clock.take()
         t0 = time.perf_counter()
         out = gsnr.compute(StepContext(step=i, model=model, loss_fn=loss_fn, batch=batch, loss=None))
@@ -107,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         if i >= warmup:
             times["plain step"].append(plain)
             times["hooks"].append(hooks)
+            times["hooks in and out"].append(in_out)
             times["call"].append(call)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     med.update({f"  of which {k} ({min(len(v), args.steps)} calls)": statistics.median(v[-args.steps:]) * 1e3
                 for k, v in parts.items() if v})
     for k, v in med.items():
         print(f"{k:40s} {v:.3f} ms")
-    ratio = (med["hooks"] + med["call"]) / med["plain step"]
-    print(f"GSNR from the training step (hooks + call) / plain step: {ratio:.2f}x")
+    ratio = (med["hooks"] + med["hooks in and out"] + med["call"]) / med["plain step"]
+    print(f"GSNR from the training step (hooks, putting them in and taking them out, call) / plain step: {ratio:.2f}x")
     return 0
 
 

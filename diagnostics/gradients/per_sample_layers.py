@@ -142,7 +142,7 @@ def accumulate_call(module: nn.Module, attrs: dict[str, str], x: Tensor, g: Tens
             out[name].baddbmm_(a, b, beta=1 if name in written else 0, alpha=alpha)
             written.add(name)
         if "bias" in attrs:
-            add(attrs["bias"], g2.sum(1))
+            add(attrs["bias"], g2[:, 0] if g2.shape[1] == 1 else g2.sum(1))  # one position: nothing to sum
     elif isinstance(module, nn.LayerNorm):
         shape = (n, -1, *module.normalized_shape)
         if "weight" in attrs:

@@ -194,7 +194,11 @@ class GradientMoments:
 
     def noise_parts(self) -> NoiseScaleParts:
         """:func:`gradient_noise_parts`: unbiased ``tr(Sigma)`` and ``|G|^2``."""
-        if self.flat is not None:
+        if self.flat is not None and self.flat[0].device.type == "cpu":
+            # numpy: a fraction of torch's cost per call on a small model, BLAS's dot on a large one
+            m, v = self.flat[0].numpy(), self.flat[1].numpy()
+            trace, sqnorm = float(v.sum()), float(m @ m)
+        elif self.flat is not None:
             # dot, not square().sum(): no temporary as large as the model (1 GB at GPT-2 small)
             trace, sqnorm = float(self.flat[1].sum()), float(torch.dot(self.flat[0], self.flat[0]))
         else:

@@ -39,7 +39,7 @@ from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
 from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 from diagnostics.gradients.stats import GradientMoments, _moments
 
-__all__ = ["TrainingStepCapture"]
+__all__ = ["FlatGradientBuffer", "TrainingStepCapture"]
 
 
 class _Call:
@@ -70,6 +70,36 @@ def _consumers(roots: list[Any], targets: set[Any]) -> dict[Any, list[Any]]:
     return found
 
 
+class FlatGradientBuffer:
+    """The ``[n, P]`` buffer :meth:`TrainingStepCapture.gradients` writes the samples' gradients into, with
+    a view per parameter, kept from one capture to the next while the parameters' shapes, dtype and device
+    and ``n`` stay the same (a small model's GSNR runs every few steps, and on it making the buffer and
+    its views costs about as much as filling them).
+
+    Whoever holds one must not keep a capture's gradients past the next capture that uses it.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._value: tuple[Tensor, dict[str, Tensor], list[tuple[str, torch.Size]]] | None = None
+
+    def take(self, selected: dict[str, Tensor],
+             n: int) -> tuple[Tensor, dict[str, Tensor], list[tuple[str, torch.Size]]]:
+        """``(flat, views, layout)`` for ``n`` samples of the ``selected`` parameters (which share a dtype and
+        device): the kept ones when they fit, else new ones, kept instead."""
+        first = next(iter(selected.values()))
+        key = (n, first.dtype, first.device, *((k, p.shape) for k, p in selected.items()))
+        if self._key != key or self._value is None:
+            flat = torch.empty((n, sum(p.numel() for p in selected.values())), dtype=first.dtype, device=first.device)
+            views, at = {}, 0
+            for k, p in selected.items():
+                views[k] = flat[:, at:at + p.numel()].view(n, *p.shape)
+                at += p.numel()
+            self._key, self._value = key, (flat, views, [(k, p.shape) for k, p in selected.items()])
+        flat, views, layout = self._value
+        return flat, dict(views), layout
+
+
 class TrainingStepCapture:
     """Hooks that keep, for the first ``n`` samples of the model's next forward, the inputs and output
     gradients of the layers owning the selected parameters.
@@ -79,8 +109,10 @@ class TrainingStepCapture:
     forward and of its output gradient in the backward, and two Python calls (timed by ``clock``).
     """
 
-    def __init__(self, model: nn.Module, owners: Owners, n: int, clock: HookClock | None = None) -> None:
+    def __init__(self, model: nn.Module, owners: Owners, n: int, clock: HookClock | None = None,
+                 buffer: FlatGradientBuffer | None = None) -> None:
         self.model, self.owners, self.n = model, owners, int(n)
+        self._buffer = buffer  # where :meth:`gradients` writes, kept by the caller from one capture to the next
         self.calls: list[_Call] = []
         self.batch: int | None = None  # the leading size of the captured forward's input
         self.problem: str | None = None  # why the capture cannot be used, once known
@@ -207,8 +239,8 @@ class TrainingStepCapture:
         when the call cannot be used (then :attr:`problem` says it too)."""
         # Under autocast the captured tensors may be half precision: the sums run in the parameters'.
         dtype = out[next(iter(c.attrs.values()))].dtype
-        x = c.x if c.shared else c.x[:n].to(dtype) if c.x.is_floating_point() else c.x[:n]
-        g = c.g[:n].to(dtype)
+        x = c.x if c.shared else c.x[:n] if not c.x.is_floating_point() or c.x.dtype == dtype else c.x[:n].to(dtype)
+        g = c.g[:n] if c.g.dtype == dtype else c.g[:n].to(dtype)
         if c.shared and g[0].numel() != c.x.numel() * g.shape[-1]:
             self.problem = (f"the sum a shared lookup ({type(c.module).__name__}) is added to has shape "
                             f"{tuple(c.g.shape[1:])}, not the lookup's positions {tuple(c.x.shape)} by its width")
@@ -232,13 +264,7 @@ class TrainingStepCapture:
         first = next(iter(selected.values()))
         same = all(p.dtype == first.dtype and p.device == first.device for p in selected.values())
         if same:
-            self.flat = torch.empty((n, sum(p.numel() for p in selected.values())), dtype=first.dtype,
-                                    device=first.device)
-            self.layout = [(k, p.shape) for k, p in selected.items()]
-            out, at = {}, 0
-            for k, p in selected.items():
-                out[k] = self.flat[:, at:at + p.numel()].view(n, *p.shape)
-                at += p.numel()
+            self.flat, out, self.layout = (self._buffer or FlatGradientBuffer()).take(selected, n)
         else:
             self.flat, self.layout = None, []
             out = {k: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for k, p in selected.items()}

@@ -151,13 +151,14 @@ class GSNRDiagnostic(Diagnostic):
         self._flat: tuple[torch.Tensor, Any] | None = None  # this call's captured [n, P] gradients and layout
         # (the model, weakly referenced; selected parameters, their layer owners): walked once per model.
         self._owners: tuple[weakref.ref[torch.nn.Module], dict[str, torch.Tensor], Any] | None = None
+        self._buffer: Any = None  # the captures' FlatGradientBuffer, kept from call to call
 
     @contextlib.contextmanager
     def observe_training_forward(self, model: torch.nn.Module, step: int) -> Iterator[None]:
         """Hold hooks that keep what the training step at ``step`` gives for the per-sample gradients (the
         Monitor enters this at the end of the previous step when this diagnostic may run at ``step``)."""
         from diagnostics.gradients.per_sample_layers import layer_owners
-        from diagnostics.gradients.training_capture import TrainingStepCapture
+        from diagnostics.gradients.training_capture import FlatGradientBuffer, TrainingStepCapture
         from diagnostics.loss import select_params
 
         self._captured = None
@@ -174,7 +175,9 @@ class GSNRDiagnostic(Diagnostic):
                                  "Hugging Face Conv1D layers, whose per-sample gradients the training step gives")
             yield
             return
-        capture = TrainingStepCapture(model, owners, self.max_samples or 2**62, self.hook_clock)
+        if self._buffer is None:
+            self._buffer = FlatGradientBuffer()
+        capture = TrainingStepCapture(model, owners, self.max_samples or 2**62, self.hook_clock, self._buffer)
         with capture:
             yield
         self._captured = (weakref.ref(model), int(step), capture, selected)

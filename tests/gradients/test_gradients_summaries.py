@@ -22,15 +22,22 @@ from diagnostics.gradients.summaries import (
 )
 
 
-def _same(got: GSNRSummary, want: GSNRSummary) -> None:
+def _same(got: GSNRSummary, want: GSNRSummary, abs_: float = 1e-300) -> None:
     """Means to the rounding of another summation order; medians to the last bit or two (the same selections
-    of values computed by the same operations, which a fused multiply-add may round differently)."""
+    of values computed by the same operations, which a fused multiply-add may round differently). ``abs_``:
+    for raw ratios, which one path maps from the corrected ones and the other forms directly."""
     assert got.mean.keys() == want.mean.keys() and got.median.keys() == want.median.keys()
     for k in want.mean:
         g, w = got.mean[k], want.mean[k]
-        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-12, abs=1e-300), (k, g, w)
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-12, abs=abs_), (k, g, w)
         g, w = got.median[k], want.median[k]
-        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-14, abs=1e-300), (k, g, w)
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-14, abs=abs_), (k, g, w)
+
+
+#: The raw ratio mapped from the corrected one, N/(N-1) (corrected + 1/N), loses the digits the sum cancels
+#: where the raw ratio is small: about 1e-16 of 1/(N-1) absolute. The device path maps; the numpy path of a
+#: small model forms the raw ratios directly.
+_MAPPED_RAW_ABS = 1e-14
 
 
 def _moments_case(n: int, sizes: list[int], zero: list[bool], seed: int):
@@ -58,7 +65,7 @@ def test_device_summaries_equal_the_numpy_ones(n, sizes, zero, seed):
     want = ratio_summaries(names, sizes_, m, v, n, 1e-20)
     got = _device_summaries(names, sizes_, m, v, n, 1e-20)
     _same(got[0], want[0])
-    _same(got[1], want[1])
+    _same(got[1], want[1], _MAPPED_RAW_ABS)
     assert want == moments.summaries()
 
 
@@ -89,29 +96,71 @@ def test_summaries_of_cuda_moments_are_taken_there_and_equal_the_cpu_ones():
     want = ratio_summaries(names, sizes, m, v, 8, 1e-20)
     got = ratio_summaries(names, sizes, m.cuda(), v.cuda(), 8, 1e-20)
     _same(got[0], want[0])
-    _same(got[1], want[1])
+    _same(got[1], want[1], _MAPPED_RAW_ABS)
     assert np.isfinite(got[0].median["all"])
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(2, 9), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
        zero=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1),
-       chunk=st.integers(1, 9))
-def test_the_summaries_a_chunk_at_a_time_equal_numpys_means_and_medians(n, sizes, zero, seed, chunk):
-    """With the chunk and the bracketing threshold lowered, so that every pass runs over several chunks and
-    every median is bracketed: the means and medians numpy gives for the ratios themselves."""
+       chunk=st.integers(1, 9), small=st.booleans())
+def test_the_summaries_equal_numpys_means_and_medians(n, sizes, zero, seed, chunk, small):
+    """The means and medians numpy gives for the ratios themselves: by the small-model path (both ratios
+    formed and each segment sorted), or by the general one with the chunk and the bracketing threshold
+    lowered, so that every pass runs over several chunks and every median is bracketed."""
     import diagnostics.gradients.summaries as summaries_mod
 
     moments, names, sizes_, m, v = _moments_case(n, sizes, zero, seed)
-    saved = summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN
-    summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN = chunk, 1
+    saved = summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN, summaries_mod._SMALL
+    if not small:
+        summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN, summaries_mod._SMALL = chunk, 1, 0
     try:
         got = ratio_summaries(names, sizes_, m, v, n, 1e-20)
     finally:
-        summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN = saved
+        summaries_mod._CHUNK, summaries_mod._BRACKETED_SELECTION_MIN, summaries_mod._SMALL = saved
     for summary, ratios in zip(got, (moments.gsnr(), moments.gsnr_raw()), strict=True):
         pooled = np.concatenate([r.reshape(-1).numpy() for r in ratios.values()])
         want = {k: r.reshape(-1).numpy() for k, r in ratios.items()} | {"all": pooled}
         for k, values in want.items():
             assert summary.mean[k] == pytest.approx(float(np.mean(values)), rel=1e-12, abs=1e-12), k
             assert summary.median[k] == pytest.approx(float(np.median(values)), rel=1e-12, abs=1e-12), k
+
+
+def test_the_small_path_hands_non_finite_ratios_to_the_general_one():
+    """A NaN mean makes that tensor's summaries and the pooled ones NaN, as on the general path; an empty
+    tensor's are NaN too."""
+    import diagnostics.gradients.summaries as summaries_mod
+
+    moments, names, sizes, m, v = _moments_case(4, [7, 12], [False, False], seed=3)
+    m[2] = float("nan")
+    names, sizes = [*names, "empty"], [*sizes, 0]
+    got = ratio_summaries(names, sizes, m, v, 4, 1e-20)
+    saved = summaries_mod._SMALL
+    summaries_mod._SMALL = 0
+    try:
+        want = ratio_summaries(names, sizes, m, v, 4, 1e-20)
+    finally:
+        summaries_mod._SMALL = saved
+    assert summaries_mod._small_summaries(names, sizes, m.numpy(), v.numpy(), 4, 1e-20) is None
+    for a, b in zip(got, want, strict=True):
+        _same(a, b)
+        assert math.isnan(a.median["p0"]) and math.isnan(a.median["all"]) and math.isnan(a.mean["empty"])
+        assert math.isfinite(a.median["p1"])
+
+
+def test_the_small_path_equals_the_general_one_with_an_empty_tensor_and_odd_and_even_sizes():
+    import diagnostics.gradients.summaries as summaries_mod
+
+    moments, names, sizes, m, v = _moments_case(6, [1, 2, 9, 40], [True, False, True, False], seed=4)
+    names, sizes = [names[0], "empty", *names[1:]], [sizes[0], 0, *sizes[1:]]
+    got = summaries_mod._small_summaries(names, sizes, m.numpy(), v.numpy(), 6, 1e-20)
+    assert got is not None
+    saved = summaries_mod._SMALL
+    summaries_mod._SMALL = 0
+    try:
+        want = ratio_summaries(names, sizes, m, v, 6, 1e-20)
+    finally:
+        summaries_mod._SMALL = saved
+    _same(got[0], want[0])
+    _same(got[1], want[1], _MAPPED_RAW_ABS)
+    assert math.isnan(got[0].mean["empty"]) and math.isnan(got[1].median["empty"])

@@ -14,6 +14,18 @@ from diagnostics.gradients import gradient_moments
 from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _general_summaries():
+    """The moments' summaries by their general path, which maps the raw ratios from the corrected ones as
+    the reduction does: the two are compared bit for bit (a small model's moments take another path,
+    tested against the general one in test_gradients_summaries.py)."""
+    import diagnostics.gradients.summaries as summaries_mod
+
+    saved, summaries_mod._SMALL = summaries_mod._SMALL, 0
+    yield
+    summaries_mod._SMALL = saved
+
+
 def _per_sample(n: int, shapes: list[tuple[int, ...]], floored: list[bool], seed: int,
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)

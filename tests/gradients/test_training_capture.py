@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from diagnostics.gradients.per_sample_layers import layer_owners
-from diagnostics.gradients.training_capture import TrainingStepCapture
+from diagnostics.gradients.training_capture import FlatGradientBuffer, TrainingStepCapture
 from tests.gradients.test_gradients_per_sample_layers import assert_close, lm_loss, tiny_gpt, tokens
 from tests.reference import per_sample_gradients_loop
 
@@ -44,6 +44,24 @@ def test_a_training_step_gives_the_first_samples_gradients():
     names = [n for n, _ in model.named_parameters()]
     ref = per_sample_gradients_loop(model, ce, tuple(t[:4] for t in batch), names)
     assert_close(got, ref)
+
+
+def test_a_kept_buffer_is_written_again_while_it_fits_and_replaced_when_it_does_not():
+    model, buffer = mlp(), FlatGradientBuffer()
+    selected = dict(model.named_parameters())
+    names = list(selected)
+    flats = []
+    for n, seed in ((4, 1), (4, 2), (3, 3)):
+        batch = data(10, seed)
+        with TrainingStepCapture(model, layer_owners(model, selected), n, buffer=buffer) as capture:
+            ce(model, batch).backward()
+        got = capture.gradients(selected)
+        assert_close(got, per_sample_gradients_loop(model, ce, tuple(t[:n] for t in batch), names))
+        assert capture.flat.shape == (n, sum(p.numel() for p in selected.values()))
+        flats.append(capture.flat)
+        model.zero_grad(set_to_none=True)
+    assert flats[1].data_ptr() == flats[0].data_ptr()  # the same n and parameters: the kept buffer
+    assert flats[2].data_ptr() != flats[0].data_ptr()  # another n: a new one
 
 
 def test_the_training_step_itself_is_unchanged_and_the_hooks_go():
