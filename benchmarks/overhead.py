@@ -254,8 +254,8 @@ def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats:
     """Median seconds of one GSNR evaluation by its own pass and from the training step, and of one
     training step, interleaved.
 
-    From the training step, the cost is what the Monitor charges it: the seconds inside its hooks on the
-    training forward and backward (its hook clock) plus its call; the hooked step's own median is
+    From the training step, the cost is what the Monitor spends on it: the seconds inside its hooks on the
+    training forward and backward (its hook clock), putting them in and taking them out, and its call; the hooked step's own median is
     reported beside the plain step's as a check. Where the training step cannot be used, that column is
     the own pass again and ``source`` says so.
     """
@@ -278,12 +278,18 @@ def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats:
         t_own = time.perf_counter() - t0
         # Held over the forward and backward as the Monitor holds it; the Monitor's call comes before the
         # optimizer step.
-        with from_step.observe_training_forward(step_model, i):
-            t0 = time.perf_counter()
-            opts[1].zero_grad(set_to_none=True)
-            loss_fn(step_model, batch).backward()
-            t_hooked = time.perf_counter() - t0
-        hooks = from_step.hook_clock.take()
+        observing = from_step.observe_training_forward(step_model, i)
+        t0 = time.perf_counter()
+        observing.__enter__()
+        t_in_out = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        opts[1].zero_grad(set_to_none=True)
+        loss_fn(step_model, batch).backward()
+        t_hooked = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        observing.__exit__(None, None, None)
+        t_in_out += time.perf_counter() - t0
+        hooks = from_step.hook_clock.take() + t_in_out
         t0 = time.perf_counter()
         out2 = from_step.compute(StepContext(step=i, model=step_model, loss_fn=loss_fn, batch=batch, loss=None))
         t_call = time.perf_counter() - t0
@@ -384,8 +390,8 @@ def render(cases: list[dict[str, Any]], gsnr_rows: list[tuple[str, dict[str, flo
         lines += [f"- {n}" for n in case["notes"]] + [""]
     lines += ["### GSNR at its default (per-sample gradients + statistics) vs one training step", "",
               "Own pass: `gsnr(from_training_step=False)`. From the training step (the default when the Monitor "
-              "may run it at the next step): the seconds in its hooks on the training forward and backward plus "
-              "its call; `source` is where the default took them (own_pass where the training step cannot be "
+              "may run it at the next step): the seconds in its hooks on the training forward and backward, putting "
+              "them in and taking them out, and its call; `source` is where the default took them (own_pass where the training step cannot be "
               "used, with the reason).", "",
               "| model | training step (ms) | hooked training step (ms) | own pass (ms) | own pass / step | "
               "from the training step (ms) | from the training step / step | source | samples |",
