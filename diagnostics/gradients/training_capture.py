@@ -76,10 +76,13 @@ class FlatGradientBuffer:
     and ``n`` stay the same (a small model's GSNR runs every few steps, and on it making the buffer and
     its views costs about as much as filling them).
 
-    Whoever holds one must not keep a capture's gradients past the next capture that uses it.
+    A buffer over ``max_bytes`` (16 MB by default: the size from which GSNR reduces each parameter's
+    samples apart instead, so only a large model's first check asks for more) is made for its call and not
+    kept. Whoever holds one must not keep a capture's gradients past the next capture that uses it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 16 << 20) -> None:
+        self.max_bytes = int(max_bytes)
         self._key: tuple[Any, ...] | None = None
         self._value: tuple[Tensor, dict[str, Tensor], list[tuple[str, torch.Size]]] | None = None
 
@@ -89,14 +92,17 @@ class FlatGradientBuffer:
         device): the kept ones when they fit, else new ones, kept instead."""
         first = next(iter(selected.values()))
         key = (n, first.dtype, first.device, *((k, p.shape) for k, p in selected.items()))
-        if self._key != key or self._value is None:
-            flat = torch.empty((n, sum(p.numel() for p in selected.values())), dtype=first.dtype, device=first.device)
-            views, at = {}, 0
-            for k, p in selected.items():
-                views[k] = flat[:, at:at + p.numel()].view(n, *p.shape)
-                at += p.numel()
-            self._key, self._value = key, (flat, views, [(k, p.shape) for k, p in selected.items()])
-        flat, views, layout = self._value
+        if self._key == key and self._value is not None:
+            flat, views, layout = self._value
+            return flat, dict(views), layout
+        flat = torch.empty((n, sum(p.numel() for p in selected.values())), dtype=first.dtype, device=first.device)
+        views, at = {}, 0
+        for k, p in selected.items():
+            views[k] = flat[:, at:at + p.numel()].view(n, *p.shape)
+            at += p.numel()
+        layout = [(k, p.shape) for k, p in selected.items()]
+        if flat.numel() * flat.element_size() <= self.max_bytes:
+            self._key, self._value = key, (flat, views, layout)
         return flat, dict(views), layout
 
 

@@ -64,6 +64,18 @@ def test_a_kept_buffer_is_written_again_while_it_fits_and_replaced_when_it_does_
     assert flats[2].data_ptr() != flats[0].data_ptr()  # another n: a new one
 
 
+def test_a_buffer_over_its_limit_is_not_kept():
+    model = mlp()
+    selected = dict(model.named_parameters())
+    P = sum(p.numel() for p in selected.values())
+    buffer = FlatGradientBuffer(max_bytes=4 * P * 8 - 1)  # just under 4 samples of float64 gradients
+    small = buffer.take(selected, 3)[0]
+    assert buffer.take(selected, 3)[0].data_ptr() == small.data_ptr()
+    big = buffer.take(selected, 4)[0]
+    assert big.shape == (4, P) and buffer.take(selected, 4)[0].data_ptr() != big.data_ptr()
+    assert buffer.take(selected, 3)[0].data_ptr() == small.data_ptr()  # the small one is still kept
+
+
 def test_the_training_step_itself_is_unchanged_and_the_hooks_go():
     model, batch = mlp(), data(10)
     ce(model, batch).backward()
