@@ -126,6 +126,17 @@ def test_the_summaries_equal_numpys_means_and_medians(n, sizes, zero, seed, chun
             assert summary.median[k] == pytest.approx(float(np.median(values)), rel=1e-12, abs=1e-12), k
 
 
+def _general_summaries(names, sizes, m, v, n):  # noqa: ANN001, ANN202
+    """:func:`ratio_summaries` by its general path (the small-model path switched off)."""
+    import diagnostics.gradients.summaries as summaries_mod
+
+    saved, summaries_mod._SMALL = summaries_mod._SMALL, 0
+    try:
+        return ratio_summaries(names, sizes, m, v, n, 1e-20)
+    finally:
+        summaries_mod._SMALL = saved
+
+
 def test_the_small_path_hands_non_finite_ratios_to_the_general_one():
     """A NaN mean makes that tensor's summaries and the pooled ones NaN, as on the general path; an empty
     tensor's are NaN too."""
@@ -135,12 +146,7 @@ def test_the_small_path_hands_non_finite_ratios_to_the_general_one():
     m[2] = float("nan")
     names, sizes = [*names, "empty"], [*sizes, 0]
     got = ratio_summaries(names, sizes, m, v, 4, 1e-20)
-    saved = summaries_mod._SMALL
-    summaries_mod._SMALL = 0
-    try:
-        want = ratio_summaries(names, sizes, m, v, 4, 1e-20)
-    finally:
-        summaries_mod._SMALL = saved
+    want = _general_summaries(names, sizes, m, v, 4)
     assert summaries_mod._small_summaries(names, sizes, m.numpy(), v.numpy(), 4, 1e-20) is None
     for a, b in zip(got, want, strict=True):
         _same(a, b)
@@ -155,12 +161,7 @@ def test_the_small_path_equals_the_general_one_with_an_empty_tensor_and_odd_and_
     names, sizes = [names[0], "empty", *names[1:]], [sizes[0], 0, *sizes[1:]]
     got = summaries_mod._small_summaries(names, sizes, m.numpy(), v.numpy(), 6, 1e-20)
     assert got is not None
-    saved = summaries_mod._SMALL
-    summaries_mod._SMALL = 0
-    try:
-        want = ratio_summaries(names, sizes, m, v, 6, 1e-20)
-    finally:
-        summaries_mod._SMALL = saved
+    want = _general_summaries(names, sizes, m, v, 6)
     _same(got[0], want[0])
     _same(got[1], want[1], _MAPPED_RAW_ABS)
     assert math.isnan(got[0].mean["empty"]) and math.isnan(got[1].median["empty"])
