@@ -59,7 +59,8 @@ CLOSED_FORM_TOLERANCE = 0.10
 
 def _value(records, metric: str) -> float:
     out = records.records if hasattr(records, "records") else records
-    (v,) = [r.value for r in out if r.metric == metric and r.key == "all"]
+    # The per-parameter values come as one VectorRecord per statistic (no ``key``): only "all" is read here.
+    (v,) = [r.value for r in out if r.metric == metric and getattr(r, "key", None) == "all"]
     return v
 
 
