@@ -165,3 +165,19 @@ def test_the_small_path_equals_the_general_one_with_an_empty_tensor_and_odd_and_
     _same(got[0], want[0])
     _same(got[1], want[1], _MAPPED_RAW_ABS)
     assert math.isnan(got[0].mean["empty"]) and math.isnan(got[1].median["empty"])
+
+
+def test_a_digits_sized_model_takes_the_small_path_and_a_larger_one_the_general(monkeypatch):
+    """The digits MLP's 3,466 values go through the small-model path (its GSNR cost depends on it); a model
+    above the size limit through the general one."""
+    import diagnostics.gradients.summaries as summaries_mod
+
+    calls = []
+    real = summaries_mod._small_summaries
+    monkeypatch.setattr(summaries_mod, "_small_summaries", lambda *a: calls.append(a[1]) or real(*a))
+    for sizes in ([2048, 32, 1024, 32, 320, 10], [summaries_mod._SMALL + 1]):
+        g = torch.Generator().manual_seed(0)
+        m = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+        v = torch.rand(sum(sizes), generator=g, dtype=torch.float64)
+        ratio_summaries([f"p{i}" for i in range(len(sizes))], sizes, m, v, 8, 1e-20)
+    assert calls == [[2048, 32, 1024, 32, 320, 10]]
