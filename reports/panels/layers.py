@@ -196,8 +196,8 @@ GSNR = Panel(
     id="gsnr",
     title="Gradient signal-to-noise ratio per layer",
     metrics=("gsnr_mean", "gsnr_median", "grad_noise_scale", "gsnr_microbatch_mean", "gsnr_microbatch_median"),
-    about=("GSNR per parameter is mean_i(g_i)^2 / var_i(g_i) over per-sample gradients, shown bias-corrected, "
-           "(m^2 - s^2/N) / s^2, so that pure noise reads about 0 and can read below it (the uncorrected ratio is "
+    about=("GSNR per parameter is mean_i(g_i)^2 / var_i(g_i) over per-sample gradients, shown bias-corrected "
+           "as (m^2 - s^2/N) / s^2 so that pure noise reads about 0 and can read below it (the uncorrected ratio is "
            "gsnr_raw_*); aggregated per layer by "
            "the mean or the median over its parameters (black: the whole model). Low GSNR means the gradient is "
            "mostly noise, and parameters with higher GSNR generalise better. The micro-batch variant estimates "
