@@ -18,7 +18,14 @@ blocks so that machine load drifts hit all of them alike:
   budget by design) is spent in a longer warm-up (``--budget-warmup`` steps, reported separately); its
   steps then keep counting, and the amortised overhead is the ratio of means over all timed steps;
 * ``trainscope``: PyPI ``trainscope`` with its default config (tiny GPT only, not the large one),
-  when installed.
+  when installed;
+* ``baseline-b`` (``--control``): a second plain copy. Its "overhead" against ``baseline`` is the spread
+  between two copies of the same model doing the same work in one process (where each copy's memory
+  lies moves its step time), the floor under every other configuration's figure;
+* ``cheap, paired`` (``--paired``): the ``cheap`` copy also runs unmonitored blocks, alternating with its
+  monitored ones (monitored first in odd rounds, second in even ones), and its overhead is taken against
+  its own unmonitored blocks, so the copies' spread cancels. ``cheap`` keeps no hooks between its calls,
+  so an unmonitored block runs exactly the plain loop.
 
 Wall time and process CPU time are both reported: on a shared, oversubscribed machine every system call
 (a SQLite commit) can cost a scheduler time slice, which CPU time does not count.
@@ -71,6 +78,9 @@ class Runner:
         self.step_idx = 0
         self.times: list[float] = []
         self.cpu: list[float] = []
+        # the timed steps of unmonitored blocks (``--paired``), kept apart
+        self.plain_times: list[float] = []
+        self.plain_cpu: list[float] = []
         self.monitor = None
         self.scope = None
         self.error: str | None = None
@@ -113,8 +123,9 @@ class Runner:
             elif self.scope is not None:
                 self.scope.step(loss.item())
             self.opt.step()
-            self.times.append(time.perf_counter() - t0)
-            self.cpu.append(time.process_time() - c0)
+            times, cpu = (self.times, self.cpu) if monitored else (self.plain_times, self.plain_cpu)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             self.step_idx += 1
 
     def warm_up(self, budget_warmup: int, warm: int = 5) -> None:
@@ -133,8 +144,8 @@ class Runner:
     def start_timing(self) -> None:
         """Forget the warm-up's times; start each timed block at a multiple of BLOCK so every block holds
         exactly one standard due step (the budgeted run's steps keep counting)."""
-        self.times.clear()
-        self.cpu.clear()
+        for timed in (self.times, self.cpu, self.plain_times, self.plain_cpu):
+            timed.clear()
         if self.name != "standard-budget":
             self.step_idx = BLOCK
 
@@ -163,10 +174,38 @@ def trainscope_available() -> str | None:
     return None
 
 
+#: The configurations a case times by default (``--configs`` chooses among them).
+CONFIGS = ("baseline", "cheap", "standard", "standard-budget")
+
+
+def _overheads(times: list[float], cpu: list[float], times0: list[float], cpu0: list[float]) -> dict[str, float]:
+    """Medians and means of one configuration's steps and their overheads against the reference steps."""
+    med, mean, cmed, cmean = (statistics.median(times), statistics.fmean(times), statistics.median(cpu),
+                              statistics.fmean(cpu))
+    return {
+        "median_ms": med * 1e3,
+        "mean_ms": mean * 1e3,
+        "median_overhead_pct": 100 * (med / statistics.median(times0) - 1),
+        "mean_overhead_pct": 100 * (mean / statistics.fmean(times0) - 1),
+        "cpu_median_ms": cmed * 1e3,
+        "cpu_median_overhead_pct": 100 * (cmed / statistics.median(cpu0) - 1),
+        "cpu_mean_overhead_pct": 100 * (cmean / statistics.fmean(cpu0) - 1),
+    }
+
+
 def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[Any], rounds: int, with_trainscope: bool,
-              budget_warmup: int = 0) -> dict[str, Any]:
+              budget_warmup: int = 0, configs: tuple[str, ...] = CONFIGS, control: bool = False,
+              paired: bool = False) -> dict[str, Any]:
+    """Time the configurations in ``configs`` (``standard-budget`` only with ``budget_warmup`` > 0), plus
+    ``baseline-b`` with ``control`` and the cheap copy's unmonitored blocks with ``paired`` (see the module
+    docstring), in ``rounds`` interleaved blocks of :data:`BLOCK` steps. Returns the case's label, one row of
+    figures per configuration, notes and the timed steps per configuration."""
     tmp = Path(tempfile.mkdtemp(prefix="tdiag-overhead-"))
-    names = ["baseline", "cheap", "standard"] + (["standard-budget"] if budget_warmup > 0 else [])
+    names = [n for n in CONFIGS if n in configs and (n != "standard-budget" or budget_warmup > 0)]
+    if "baseline" not in names:
+        names.insert(0, "baseline")
+    if control:
+        names.insert(1, "baseline-b")
     notes: list[str] = []
     if with_trainscope:
         why = trainscope_available()
@@ -196,26 +235,29 @@ def time_case(label: str, model: torch.nn.Module, loss_fn: Any, batches: list[An
         r.start_timing()
     for i in range(rounds):
         for r in runners:
-            r.block(BLOCK)
+            if paired and r.name == "cheap":
+                # monitored and unmonitored blocks of the same copy, in alternating order (drifts cancel)
+                for monitored in ((True, False) if i % 2 == 0 else (False, True)):
+                    r.block(BLOCK, monitored=monitored)
+            else:
+                r.block(BLOCK)
         print(f"[{label}] round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
     for r in runners:
         r.close()
     base = next(r for r in runners if r.name == "baseline")
-    med0, mean0 = statistics.median(base.times), statistics.fmean(base.times)
-    cmed0, cmean0 = statistics.median(base.cpu), statistics.fmean(base.cpu)
-    rows = {}
-    for r in runners:
-        med, mean = statistics.median(r.times), statistics.fmean(r.times)
-        cmed, cmean = statistics.median(r.cpu), statistics.fmean(r.cpu)
-        rows[r.name] = {
-            "median_ms": med * 1e3,
-            "mean_ms": mean * 1e3,
-            "median_overhead_pct": 100 * (med / med0 - 1),
-            "mean_overhead_pct": 100 * (mean / mean0 - 1),
-            "cpu_median_ms": cmed * 1e3,
-            "cpu_median_overhead_pct": 100 * (cmed / cmed0 - 1),
-            "cpu_mean_overhead_pct": 100 * (cmean / cmean0 - 1),
-        }
+    rows = {r.name: _overheads(r.times, r.cpu, base.times, base.cpu) for r in runners}
+    cheap = next((r for r in runners if r.name == "cheap"), None)
+    if paired and cheap is not None:
+        rows["cheap, paired"] = _overheads(cheap.times, cheap.cpu, cheap.plain_times, cheap.plain_cpu)
+        # Round by round (a monitored block against the unmonitored block next to it): the pairs' spread.
+        per_round = [100 * (statistics.fmean(cheap.cpu[i * BLOCK:(i + 1) * BLOCK])
+                            / statistics.fmean(cheap.plain_cpu[i * BLOCK:(i + 1) * BLOCK]) - 1) for i in range(rounds)]
+        notes.append("cheap, paired, CPU means round by round: " + ", ".join(f"{x:+.1f}%" for x in per_round))
+        rows["cheap, unmonitored blocks"] = _overheads(cheap.plain_times, cheap.plain_cpu, base.times, base.cpu)
+        notes.append("cheap, paired: its monitored blocks against its own unmonitored blocks (same copy); "
+                     "cheap, unmonitored blocks: the cheap copy's plain steps against baseline's, the copies' spread")
+    if control:
+        notes.append("baseline-b: a second plain copy against baseline, the spread between copies of one process")
     budgeted = next((r for r in runners if r.name == "standard-budget"), None)
     if budgeted is not None:
         notes.append(own_accounting(tmp / "standard-budget", budgeted.step_idx))
@@ -314,15 +356,26 @@ def time_gsnr(model: torch.nn.Module, loss_fn: Any, batches: list[Any], repeats:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help=f"interleaved blocks of {BLOCK} steps per configuration")
-    ap.add_argument("--gsnr-repeats", type=int, default=7)
+    ap.add_argument("--gsnr-repeats", type=int, default=7, help="GSNR timings per model (0: leave them out)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     ap.add_argument("--no-trainscope", action="store_true")
     ap.add_argument("--budget-warmup", type=int, default=120,
                     help="warm-up steps of the standard preset at its default budget (0: leave it out)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated configurations to time (baseline always runs): " + ", ".join(CONFIGS))
+    ap.add_argument("--control", action="store_true",
+                    help="also time baseline-b, a second plain copy: the spread between copies")
+    ap.add_argument("--paired", action="store_true",
+                    help="cheap also runs unmonitored blocks of its own copy; its overhead against them is reported")
     ap.add_argument("--model-size", choices=("tiny", "large"), default="tiny",
                     help="tiny: the zoo's tiny GPT and digits MLP; large: a 3.2M-parameter zoo GPT "
                          "(4 layers, d_model 256, block 128, batch 16) only")
     args = ap.parse_args(argv)
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    args.configs = configs
     torch.manual_seed(0)
 
     if args.model_size == "large":
@@ -345,8 +398,9 @@ def run_large(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tupl
     c = LARGE_GPT
     label = (f"large gpt ({c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
              f"{LARGE_BATCH}x{c.block_size} tokens, {num_params / 1e6:.2f}M parameters)")
-    cases = [time_case(label, gpt, loss, data, args.rounds, False, args.budget_warmup)]
-    return cases, [("large gpt", time_gsnr(gpt, loss, data, args.gsnr_repeats))]
+    cases = [time_case(label, gpt, loss, data, args.rounds, False, args.budget_warmup, args.configs, args.control,
+                       args.paired)]
+    return cases, [("large gpt", time_gsnr(gpt, loss, data, args.gsnr_repeats))] if args.gsnr_repeats > 0 else []
 
 
 def run_tiny(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, float]]]]:
@@ -360,11 +414,12 @@ def run_tiny(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple
 
     cases = [
         time_case("tiny-gpt (2 layers, d_model 64, 16x64 tokens)", gpt, gpt_loss, gpt_data, args.rounds, not args.no_trainscope,
-                  args.budget_warmup),
-        time_case("mlp-digits (64-32-32-10, batch 64)", mlp, mlp_loss, mlp_data, args.rounds, False, args.budget_warmup),
+                  args.budget_warmup, args.configs, args.control, args.paired),
+        time_case("mlp-digits (64-32-32-10, batch 64)", mlp, mlp_loss, mlp_data, args.rounds, False, args.budget_warmup,
+                  args.configs, args.control, args.paired),
     ]
     gsnr_rows = [("tiny-gpt", time_gsnr(gpt, gpt_loss, gpt_data, args.gsnr_repeats)),
-                 ("mlp-digits", time_gsnr(mlp, mlp_loss, mlp_data, args.gsnr_repeats))]
+                 ("mlp-digits", time_gsnr(mlp, mlp_loss, mlp_data, args.gsnr_repeats))] if args.gsnr_repeats > 0 else []
     return cases, gsnr_rows
 
 
@@ -388,6 +443,8 @@ def render(cases: list[dict[str, Any]], gsnr_rows: list[tuple[str, dict[str, flo
                          f"{row['cpu_median_ms']:.2f} | {row['cpu_median_overhead_pct']:+.1f}% | "
                          f"{row['cpu_mean_overhead_pct']:+.1f}% |")
         lines += [f"- {n}" for n in case["notes"]] + [""]
+    if not gsnr_rows:
+        return "\n".join(lines)
     lines += ["### GSNR at its default (per-sample gradients + statistics) vs one training step", "",
               "Own pass: `gsnr(from_training_step=False)`. From the training step (the default when the Monitor "
               "may run it at the next step): the seconds in its hooks on the training forward and backward, putting "

@@ -128,6 +128,7 @@ def measure_overhead(
     batch_size: int | None = None,
     block_size: int | None = None,
     observe: bool = True,
+    paired: bool = False,
     **sa_options: Any,
 ) -> dict[str, float]:
     """Median training-step time of the suite's base config with and without spectral alignment every step.
@@ -150,6 +151,14 @@ def measure_overhead(
     CPU-time overhead (the Monitor's fixed cost per step: its store commit, statuses, timing) and
     ``own_cpu_share`` the difference of the two monitored copies over the plain step (spectral
     alignment's own cost). ``sa_options`` go to :class:`SpectralAlignment`.
+
+    ``paired``: the two monitored copies also run unmonitored blocks of ``steps`` steps, alternating with
+    their monitored ones (monitored first in even rounds), with the Monitor's observing hooks taken out
+    for them; ``paired_cpu_overhead`` and ``paired_loss_only_cpu_overhead`` are each copy's monitored
+    steps against its own unmonitored ones (CPU medians), so the spread between copies, which moves a
+    plain step by a few percent either way, cancels; ``paired_own_cpu_share`` is their difference. The
+    first step of each monitored block is left out of the timing (it has no observed forward behind it
+    and runs its own, as a monitored run's first step does).
     """
     import copy
     import statistics
@@ -168,6 +177,9 @@ def measure_overhead(
     # the same split in CPU time of this thread (robust to waiting for a core on a loaded machine)
     cpu_inside: list[float] = []
     cpu_rest: list[float] = []
+    # ``paired``: CPU time of the monitored copies' unmonitored steps, and of their monitored ones
+    unmonitored_cpu: dict[str, list[float]] = {"loss_only": [], "spectral_alignment": []}
+    paired_cpu: dict[str, list[float]] = {"loss_only": [], "spectral_alignment": []}
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}
         for name in times:
@@ -184,10 +196,35 @@ def measure_overhead(
                 )
             setups[name] = (model, opt, mon, sa)
         for r in range(rounds):
-            for name, (model, opt, mon, sa) in setups.items():
+            blocks = [(name, True) for name in setups]
+            if paired:
+                blocks += [(name, False) for name in unmonitored_cpu]
+                if r % 2:
+                    blocks = [(name, False) for name in unmonitored_cpu] + [(name, True) for name in setups]
+            for name, monitored in blocks:
+                model, opt, mon, sa = setups[name]
+                if paired and mon is not None:
+                    # Monitored and unmonitored blocks of a copy alternate: steps count on across both.
+                    start = (2 * r + (monitored == bool(r % 2))) * len(batches)
+                else:
+                    start = r * len(batches)
+                if not monitored:
+                    # The plain loop on this copy: the hooks the Monitor holds between steps come out
+                    # (a benchmark-only reach into the Monitor: no user pauses a Monitor).
+                    mon._stop_observing()
+                    if sa is not None:
+                        sa.release_hooks()
+                    for batch in batches:
+                        c0 = time.thread_time()
+                        loss = lm_loss(model, batch)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        unmonitored_cpu[name].append(time.thread_time() - c0)
+                    continue
                 # Steps keep counting across rounds: a repeated step index would be a rewrite, which the
                 # store handles by deleting the step's earlier rows first (a cost no training run pays).
-                for step, batch in enumerate(batches, start=r * len(batches)):
+                for step, batch in enumerate(batches, start=start):
                     t0, c0 = time.perf_counter(), time.thread_time()
                     with sa.watch(model) if (watch and sa is not None) else contextlib.nullcontext():
                         loss = lm_loss(model, batch)
@@ -200,6 +237,8 @@ def measure_overhead(
                     opt.step()
                     times[name].append(time.perf_counter() - t0)
                     cpu_times[name].append(time.thread_time() - c0)
+                    if paired and name in paired_cpu and step > start:
+                        paired_cpu[name].append(cpu_times[name][-1])
                     if sa is not None:
                         inside.append(t2 - t1)
                         rest.append(times[name][-1] - (t2 - t1))
@@ -208,6 +247,16 @@ def measure_overhead(
         for _, _, mon, _ in setups.values():
             if mon is not None:
                 mon.close()
+    paired_figures: dict[str, float] = {}
+    if paired:
+        ratio = {k: statistics.median(paired_cpu[k]) / statistics.median(unmonitored_cpu[k]) - 1.0
+                 for k in unmonitored_cpu}
+        paired_figures = {
+            "paired_cpu_overhead": ratio["spectral_alignment"],
+            "paired_loss_only_cpu_overhead": ratio["loss_only"],
+            "paired_own_cpu_share": ratio["spectral_alignment"] - ratio["loss_only"],
+            "unmonitored_cpu_ms": statistics.median(unmonitored_cpu["spectral_alignment"]) * 1e3,
+        }
     med = {k: statistics.median(v) for k, v in times.items()}
     share = statistics.median(inside) / statistics.median(rest)
     cpu_share = statistics.median(cpu_inside) / statistics.median(cpu_rest)
@@ -223,6 +272,7 @@ def measure_overhead(
         "plain_cpu_ms": cpu_med["plain"] * 1e3,
         "monitor_cpu_ms": statistics.median(cpu_inside) * 1e3,
         "rest_cpu_ms": statistics.median(cpu_rest) * 1e3,
+        **paired_figures,
     }
 
 
@@ -249,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         "--watch", action="store_true", help="with --overhead: measure on the training forward"
     )
     parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="with --overhead: each monitored copy also runs unmonitored blocks; report its overhead against them",
+    )
+    parser.add_argument(
         "--large", action="store_true", help="with --overhead: d_model 256, 4 layers, 32 x 128 tokens"
     )
     args = parser.parse_args(argv)
@@ -273,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds is not None:
             opts["rounds"] = args.rounds
         res = measure_overhead(
-            watch=args.watch, max_tokens=args.max_tokens, observe=not args.extra_forward, **opts
+            watch=args.watch, max_tokens=args.max_tokens, observe=not args.extra_forward, paired=args.paired, **opts
         )
         mode = (
             "training forward (watch)"
@@ -290,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['loss_only_cpu_overhead']:+.1%}, so spectral alignment's own share {res['own_cpu_share']:.1%} "
             "of a plain step (CPU)"
         )
+        if args.paired:
+            print(
+                f"paired (each monitored copy against its own unmonitored blocks, CPU medians; plain step on the "
+                f"spectral alignment copy {res['unmonitored_cpu_ms']:.1f} ms): spectral alignment every step "
+                f"{res['paired_cpu_overhead']:+.1%}, a Monitor storing only the loss "
+                f"{res['paired_loss_only_cpu_overhead']:+.1%}, spectral alignment's own share "
+                f"{res['paired_own_cpu_share']:.1%}"
+            )
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
