@@ -177,8 +177,11 @@ class Projector:
     module at most, whatever the sequence length. Cost per forward: one gather.
     """
 
-    def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler | None) -> None:
+    def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler | None,
+                 grad_only: bool = False) -> None:
         self.kind = kind
+        #: keep rows only from forwards that record a graph (a training forward, not an evaluation)
+        self.grad_only = grad_only
         self.reset(V, budget, sampler)
 
     def reset(self, V: torch.Tensor, budget: int, sampler: RowSampler | None) -> None:
@@ -192,7 +195,7 @@ class Projector:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         room = self.budget - self.count
-        if room <= 0:
+        if room <= 0 or (self.grad_only and not torch.is_grad_enabled()):
             return
         x = _input_tensor(self.kind, args, kwargs)
         if x is None or x.shape[-1] != self.V.shape[0]:
@@ -340,12 +343,16 @@ class ProjectionHooks:
     makes them return at once while the rows they kept stay readable. Kept from one observed training
     forward to the next, the hooks are registered once instead of at every step, which on a small model
     costs more than their work. Cost per forward while disarmed: one Python call per module.
+    ``grad_only``: keep rows only from forwards run with gradients enabled, so that an evaluation
+    forward under ``torch.no_grad`` or ``torch.inference_mode`` between two training steps is not
+    measured in place of the training forward.
     """
 
     def __init__(self, by_module: Mapping[str, list[LinearMap]], modules: Mapping[str, nn.Module],
-                 clock: HookClock | None = None) -> None:
+                 clock: HookClock | None = None, grad_only: bool = False) -> None:
         empty = torch.zeros(0, 1)
-        self.projectors = {name: Projector(group[0].kind, empty, 0, None) for name, group in by_module.items()}
+        self.projectors = {name: Projector(group[0].kind, empty, 0, None, grad_only)
+                           for name, group in by_module.items()}
         self._handles: list[Any] = []
         try:
             for name, proj in self.projectors.items():

@@ -175,17 +175,19 @@ class AttentionProbe:
             self._add(logit_statistics(self._first(x), self.chunk_elements))
 
     @contextlib.contextmanager
-    def watch(self) -> Iterator[AttentionProbe]:
+    def watch(self, grad_only: bool = False) -> Iterator[AttentionProbe]:
         """Hooks on every module (which module is running) and the mode, removed in ``finally``.
 
         The mode is active only while the model's own forward runs (entered by a forward pre-hook on the
         model, left by its forward hook), so the rest of a training step, the optimizer's many small
-        calls above all, does not pass through it.
+        calls above all, does not pass through it. ``grad_only``: only for a forward run with gradients
+        enabled (a training forward, not an evaluation under ``no_grad`` or ``inference_mode``).
         """
         handles = []
         stack = self._stack
         mode = _Mode(self)
         depth = [0]
+        entered = [False]
 
         def push(name: str, module: nn.Module) -> Any:
             return lambda _m, _a: stack.append((name, module))
@@ -196,13 +198,15 @@ class AttentionProbe:
 
         def enter(_m: nn.Module, _a: Any) -> None:
             depth[0] += 1
-            if depth[0] == 1:
+            if depth[0] == 1 and (not grad_only or torch.is_grad_enabled()):
                 mode.__enter__()
+                entered[0] = True
 
         def leave(_m: nn.Module, _a: Any, _o: Any) -> None:
             depth[0] -= 1
-            if depth[0] == 0:
+            if depth[0] == 0 and entered[0]:
                 mode.__exit__(None, None, None)
+                entered[0] = False
 
         try:
             handles.append(self.model.register_forward_pre_hook(enter))
@@ -216,7 +220,7 @@ class AttentionProbe:
         finally:
             for h in handles:
                 h.remove()
-            if depth[0] > 0:  # a forward that raised before its forward hook
+            if entered[0]:  # a forward that raised before its forward hook
                 mode.__exit__(None, None, None)
             stack.clear()
 
@@ -306,10 +310,11 @@ class AttentionStatistics(Diagnostic):
         two steps when this diagnostic is due at every step), on the first samples holding about
         ``max_tokens`` queries. The statistics are formed from detached tensors under no_grad, so the
         training graph is untouched; the training forward runs in train mode (dropout as in training).
-        When no forward ran before the next ``compute``, that step falls back to its own forward.
+        When no forward ran before the next ``compute``, that step falls back to its own forward. An
+        evaluation forward in between, under ``torch.no_grad`` or ``torch.inference_mode``, is not read.
         """
         probe = AttentionProbe(model, self.modules, self.chunk_elements, max_tokens=self.max_tokens)
-        with probe.watch():
+        with probe.watch(grad_only=True):
             yield
         self._observed = (weakref.ref(model), probe)
 

@@ -134,8 +134,13 @@ class OutputLogits(Diagnostic):
         return {**super().settings(), "max_tokens": self.max_tokens}
 
     @contextlib.contextmanager
-    def _hook(self, model: nn.Module, st: LogitStats, clock: HookClock | None = None) -> Iterator[None]:
+    def _hook(self, model: nn.Module, st: LogitStats, clock: HookClock | None = None,
+              grad_only: bool = False) -> Iterator[None]:
+        """A forward hook on ``model`` adding its logits to ``st`` (with ``grad_only``, only those of
+        forwards run with gradients enabled), removed when the block ends."""
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            if grad_only and not torch.is_grad_enabled():
+                return
             z = output_tensor(out)
             room = self.max_tokens - st.tokens
             if z is not None and room > 0:
@@ -152,10 +157,12 @@ class OutputLogits(Diagnostic):
         """Read the logits of the user's next training forward (the Monitor holds this open between steps).
 
         The hook reads detached outputs under no_grad, so the training graph is untouched. When no forward
-        ran before the next ``compute``, that step falls back to its own forward.
+        ran before the next ``compute``, that step falls back to its own forward. An evaluation forward in
+        between, under ``torch.no_grad`` or ``torch.inference_mode``, is not read: only a forward that
+        records a graph is.
         """
         st = LogitStats()
-        with self._hook(model, st, self.hook_clock):
+        with self._hook(model, st, self.hook_clock, grad_only=True):
             yield
         self._observed = (weakref.ref(model), st)
 

@@ -195,3 +195,48 @@ def _ctx_for(model, batch, step=0):
     from diagnostics.metrics.context import StepContext
 
     return StepContext(model=model, step=step, batch=batch, loss_fn=_lm_loss, loss=None)
+
+
+def _train_with_evaluations(run, evaluate):
+    """Six steps of a tiny GPT with spectral alignment, output logits and attention statistics at every
+    step; with ``evaluate``, an eval-mode forward over other data after each update (under no_grad and
+    inference_mode in turn), as a loop that validates between steps runs it."""
+    from diagnostics.metrics.attention import AttentionStatistics
+    from diagnostics.metrics.logits import OutputLogits
+
+    torch.manual_seed(0)
+    model = TinyGPT(d_model=16, n_heads=2, n_layers=1, block_size=8, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    held_out = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(1))
+    diags = [SpectralAlignment(), OutputLogits(every=1), AttentionStatistics(every=1)]
+    sources = []
+    with Monitor(model, _lm_loss, run=run, diagnostics=diags, optimizer=opt, strict=True) as mon:
+        for step in range(6):
+            batch = (torch.randint(0, 96, (4, 8), generator=g), torch.randint(0, 96, (4, 8), generator=g))
+            loss = _lm_loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(step, batch, loss)
+            sources.append(tuple(d.last_source for d in diags))
+            opt.step()
+            if evaluate:
+                model.eval()
+                with torch.no_grad() if step % 2 else torch.inference_mode():
+                    model(held_out)
+                model.train()
+    with open_run(run) as stored:
+        metrics = [m for m in stored.metrics() if m != "monitor_seconds"]
+        values = {m: stored.series(m)[["step", "key", "index", "value"]].reset_index(drop=True) for m in metrics}
+    return sources, values
+
+
+def test_an_evaluation_forward_between_steps_is_not_measured_in_place_of_the_training_forward(tmp_path):
+    sources, plain = _train_with_evaluations(tmp_path / "plain", evaluate=False)
+    sources_eval, with_eval = _train_with_evaluations(tmp_path / "eval", evaluate=True)
+    assert sources_eval == sources
+    assert all(s == ("training_forward",) * 3 for s in sources[1:])
+    assert {"sa_mean", "output_logit_max", "attn_logit_max"} <= set(plain)
+    assert plain.keys() == with_eval.keys()
+    for metric, frame in plain.items():
+        assert frame.equals(with_eval[metric]), metric
