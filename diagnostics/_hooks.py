@@ -54,6 +54,14 @@ class HookClock:
         return seconds
 
 
+def training_forward(module: nn.Module) -> bool:
+    """Whether the forward now running through ``module`` is a training forward: gradients enabled and the
+    module in train mode. The hooks that observe the user's training forward between two ``monitor.step``
+    calls skip any other forward, such as a validation pass under ``torch.no_grad``,
+    ``torch.inference_mode`` or ``model.eval()``, which would otherwise be measured in its place."""
+    return module.training and torch.is_grad_enabled()
+
+
 def select_modules(model: nn.Module, modules: ModuleSpec = None) -> dict[str, nn.Module]:
     """Resolve a module selection to ``{name: module}`` in ``named_modules()`` order.
 

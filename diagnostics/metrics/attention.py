@@ -35,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from diagnostics._batch import leading_size, samples_for_tokens, slice_batch
+from diagnostics._hooks import training_forward
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.attention_stats import (
@@ -175,13 +176,13 @@ class AttentionProbe:
             self._add(logit_statistics(self._first(x), self.chunk_elements))
 
     @contextlib.contextmanager
-    def watch(self, grad_only: bool = False) -> Iterator[AttentionProbe]:
+    def watch(self, training_only: bool = False) -> Iterator[AttentionProbe]:
         """Hooks on every module (which module is running) and the mode, removed in ``finally``.
 
         The mode is active only while the model's own forward runs (entered by a forward pre-hook on the
         model, left by its forward hook), so the rest of a training step, the optimizer's many small
-        calls above all, does not pass through it. ``grad_only``: only for a forward run with gradients
-        enabled (a training forward, not an evaluation under ``no_grad`` or ``inference_mode``).
+        calls above all, does not pass through it. ``training_only``: only for a training forward
+        (:func:`~diagnostics._hooks.training_forward`), not a validation forward.
         """
         handles = []
         stack = self._stack
@@ -196,9 +197,9 @@ class AttentionProbe:
             if stack:
                 stack.pop()
 
-        def enter(_m: nn.Module, _a: Any) -> None:
+        def enter(m: nn.Module, _a: Any) -> None:
             depth[0] += 1
-            if depth[0] == 1 and (not grad_only or torch.is_grad_enabled()):
+            if depth[0] == 1 and (not training_only or training_forward(m)):
                 mode.__enter__()
                 entered[0] = True
 
@@ -310,11 +311,12 @@ class AttentionStatistics(Diagnostic):
         two steps when this diagnostic is due at every step), on the first samples holding about
         ``max_tokens`` queries. The statistics are formed from detached tensors under no_grad, so the
         training graph is untouched; the training forward runs in train mode (dropout as in training).
-        When no forward ran before the next ``compute``, that step falls back to its own forward. An
-        evaluation forward in between, under ``torch.no_grad`` or ``torch.inference_mode``, is not read.
+        When no forward ran before the next ``compute``, that step falls back to its own forward. A
+        validation forward in between (under ``torch.no_grad``, ``torch.inference_mode`` or
+        ``model.eval()``) is not read.
         """
         probe = AttentionProbe(model, self.modules, self.chunk_elements, max_tokens=self.max_tokens)
-        with probe.watch(grad_only=True):
+        with probe.watch(training_only=True):
             yield
         self._observed = (weakref.ref(model), probe)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from diagnostics._hooks import HookClock, first_tensor
+from diagnostics._hooks import HookClock, first_tensor, training_forward
 from diagnostics._state import eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.metrics.attention import first_samples
@@ -135,11 +135,11 @@ class OutputLogits(Diagnostic):
 
     @contextlib.contextmanager
     def _hook(self, model: nn.Module, st: LogitStats, clock: HookClock | None = None,
-              grad_only: bool = False) -> Iterator[None]:
-        """A forward hook on ``model`` adding its logits to ``st`` (with ``grad_only``, only those of
-        forwards run with gradients enabled), removed when the block ends."""
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-            if grad_only and not torch.is_grad_enabled():
+              training_only: bool = False) -> Iterator[None]:
+        """A forward hook on ``model`` adding its logits to ``st`` (with ``training_only``, only those of
+        training forwards: :func:`~diagnostics._hooks.training_forward`), removed when the block ends."""
+        def hook(m: nn.Module, _args: Any, out: Any) -> None:
+            if training_only and not training_forward(m):
                 return
             z = output_tensor(out)
             room = self.max_tokens - st.tokens
@@ -157,12 +157,12 @@ class OutputLogits(Diagnostic):
         """Read the logits of the user's next training forward (the Monitor holds this open between steps).
 
         The hook reads detached outputs under no_grad, so the training graph is untouched. When no forward
-        ran before the next ``compute``, that step falls back to its own forward. An evaluation forward in
-        between, under ``torch.no_grad`` or ``torch.inference_mode``, is not read: only a forward that
-        records a graph is.
+        ran before the next ``compute``, that step falls back to its own forward. A validation forward in
+        between (under ``torch.no_grad``, ``torch.inference_mode`` or ``model.eval()``) is not read: only a
+        training forward is.
         """
         st = LogitStats()
-        with self._hook(model, st, self.hook_clock, grad_only=True):
+        with self._hook(model, st, self.hook_clock, training_only=True):
             yield
         self._observed = (weakref.ref(model), st)
 

@@ -279,9 +279,9 @@ class SpectralAlignment(Diagnostic):
 
         The hooks live only inside the block. Before the first probe (no v_1 yet) it does nothing and
         ``compute`` falls back to its own forward. Inputs are then those of the training forward (train
-        mode: dropout as in training). With several forwards per step, wrap only one. Only forwards run
-        with gradients enabled are measured: one under ``torch.no_grad`` or ``torch.inference_mode`` (an
-        evaluation) passes unseen.
+        mode: dropout as in training). With several forwards per step, wrap only one. Only a training
+        forward is measured (gradients enabled, the module in train mode): a validation forward under
+        ``torch.no_grad``, ``torch.inference_mode`` or ``model.eval()`` passes unseen.
 
         Cost: the projections only, O(max_tokens * in) per map.
         """
@@ -310,10 +310,10 @@ class SpectralAlignment(Diagnostic):
             if kept is None or not (kept[0]() is model and kept[1].covers(by_module)):
                 self.release_hooks()
                 kept = self._kept_hooks = (weakref.ref(model),
-                                           ProjectionHooks(by_module, modules, self.hook_clock, grad_only=True))
+                                           ProjectionHooks(by_module, modules, self.hook_clock, training_only=True))
             hooks = kept[1]
         else:
-            hooks = ProjectionHooks(by_module, modules, self.hook_clock, grad_only=True)
+            hooks = ProjectionHooks(by_module, modules, self.hook_clock, training_only=True)
         self._watching = True
         try:
             projectors = hooks.arm(by_module, vectors, self.max_tokens, gen)
@@ -333,8 +333,8 @@ class SpectralAlignment(Diagnostic):
         this diagnostic is due at every step and exits it at the start of the next ``monitor.step``, and
         removes the hooks (:meth:`release_hooks`) in ``close()`` or when it stops observing. When no
         forward ran in between (or only modules without monitored maps did), the next probe falls back to
-        its own forward. An evaluation forward in between, under ``torch.no_grad`` or
-        ``torch.inference_mode``, is not measured: only a forward that records a graph is.
+        its own forward. A validation forward in between (under ``torch.no_grad``,
+        ``torch.inference_mode`` or ``model.eval()``) is not measured: only a training forward is.
         """
         return self._watch(model, keep_hooks=True)
 

@@ -381,8 +381,17 @@ def test_monitored_training_is_bit_identical(tmp_path) -> None:
     assert keys == {"transformer.h.0.attn", "transformer.h.1.attn", "all"}
 
 
+def _train_mode_without_dropout(model):
+    """``model`` in train mode with every dropout at p = 0: its training forward and the diagnostic's own
+    (eval-mode) forward then agree."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model.train()
+
+
 def test_observed_training_forward_matches_its_own_forward() -> None:
-    model = gpt2("sdpa").eval()  # no dropout: the training forward and the diagnostic's own forward agree
+    model = _train_mode_without_dropout(gpt2("sdpa"))
     ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(0))
     ctx = StepContext(step=0, model=model, loss_fn=lm_loss, batch=(ids, ids), loss=None)
     own = AttentionStatistics(max_tokens=14).compute(ctx)
@@ -393,7 +402,7 @@ def test_observed_training_forward_matches_its_own_forward() -> None:
         assert not torch.overrides._is_torch_function_mode_enabled()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     loss.backward()  # the training graph is intact
-    ref = gpt2("sdpa").eval()
+    ref = _train_mode_without_dropout(gpt2("sdpa"))
     lm_loss(ref, (ids, ids)).backward()
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
     out = diag.compute(ctx)

@@ -197,10 +197,19 @@ def _ctx_for(model, batch, step=0):
     return StepContext(model=model, step=step, batch=batch, loss_fn=_lm_loss, loss=None)
 
 
+def _validate(model, held_out, step):
+    """A validation forward over other data, as a loop that validates between steps runs it: under no_grad,
+    under inference_mode, or in eval mode with gradients enabled (no no_grad), in turn."""
+    kind = step % 3
+    model.eval()
+    with torch.no_grad() if kind == 0 else torch.inference_mode() if kind == 1 else contextlib.nullcontext():
+        model(held_out)
+    model.train()
+
+
 def _train_with_evaluations(run, evaluate):
     """Six steps of a tiny GPT with spectral alignment, output logits and attention statistics at every
-    step; with ``evaluate``, an eval-mode forward over other data after each update (under no_grad and
-    inference_mode in turn), as a loop that validates between steps runs it."""
+    step; with ``evaluate``, a validation forward (:func:`_validate`) after each update."""
     from diagnostics.metrics.attention import AttentionStatistics
     from diagnostics.metrics.logits import OutputLogits
 
@@ -221,17 +230,14 @@ def _train_with_evaluations(run, evaluate):
             sources.append(tuple(d.last_source for d in diags))
             opt.step()
             if evaluate:
-                model.eval()
-                with torch.no_grad() if step % 2 else torch.inference_mode():
-                    model(held_out)
-                model.train()
+                _validate(model, held_out, step)
     with open_run(run) as stored:
         metrics = [m for m in stored.metrics() if m != "monitor_seconds"]
         values = {m: stored.series(m)[["step", "key", "index", "value"]].reset_index(drop=True) for m in metrics}
     return sources, values
 
 
-def test_an_evaluation_forward_between_steps_is_not_measured_in_place_of_the_training_forward(tmp_path):
+def test_a_validation_forward_between_steps_is_not_measured_in_place_of_the_training_forward(tmp_path):
     sources, plain = _train_with_evaluations(tmp_path / "plain", evaluate=False)
     sources_eval, with_eval = _train_with_evaluations(tmp_path / "eval", evaluate=True)
     assert sources_eval == sources
