@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from diagnostics._batch import leading_size, tensor_leaves
-from diagnostics._hooks import HookClock
+from diagnostics._hooks import HookClock, training_forward
 from diagnostics.gradients.per_sample_layers import Owners, accumulate_call
 from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 from diagnostics.gradients.stats import GradientMoments, _moments
@@ -148,16 +148,17 @@ class TrainingStepCapture:
         self._handles.clear()
 
     # --- hooks ----------------------------------------------------------------------------------------
-    # Forwards without autograd (evaluation under no_grad) have no backward to read: they are not counted.
-    def _enter_model(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled():
+    # Only training forwards count (gradients enabled, train mode): a validation forward between two steps,
+    # under no_grad or in eval mode, has no backward to read and is passed over.
+    def _enter_model(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not training_forward(m):
             return
         self._depth += 1
         if self._forwards == 0 and self._depth == 1:
             self.batch = leading_size((args, kwargs))
 
-    def _leave_model(self, _m: nn.Module, _args: Any, out: Any) -> None:
-        if not torch.is_grad_enabled():
+    def _leave_model(self, m: nn.Module, _args: Any, out: Any) -> None:
+        if not training_forward(m):
             return
         self._depth -= 1
         if self._depth == 0:
@@ -196,7 +197,7 @@ class TrainingStepCapture:
         return keep
 
     def _layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._forwards or not self._depth or self.problem is not None or not torch.is_grad_enabled():
+        if self._forwards or not self._depth or self.problem is not None or not training_forward(module):
             return
         x = args[0] if args else None
         B = self.batch

@@ -91,13 +91,17 @@ def test_the_training_step_itself_is_unchanged_and_the_hooks_go():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_only_the_first_forward_with_gradients_is_kept():
-    # An evaluation forward under no_grad first, then two accumulated micro-batches: the first of them.
+def test_only_the_first_training_forward_is_kept():
+    # Validation forwards first (under no_grad, and in eval mode with gradients enabled), then two
+    # accumulated micro-batches: the first of them.
     model, first, second = mlp(), data(6, seed=1), data(6, seed=2)
 
     def steps() -> None:
         with torch.no_grad():
             model(second[0])
+        model.eval()
+        model(second[0])
+        model.train()
         ce(model, first).backward()
         ce(model, second).backward()
 
