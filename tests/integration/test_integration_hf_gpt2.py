@@ -211,3 +211,35 @@ def _batches(n: int) -> list[dict[str, torch.Tensor]]:
         ids = torch.randint(0, VOCAB, (4, SEQ), generator=g)
         out.append({"input_ids": ids, "labels": ids})
     return out
+
+
+def _train_with_evaluation(out: Path, evaluate: bool) -> dict:
+    """Four Trainer steps of the small GPT-2 with spectral alignment and the output logits every step;
+    with ``evaluate``, the Trainer's own evaluation loop after every step (eval mode, no_grad)."""
+    model = gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
+        max_steps=STEPS, learning_rate=1e-3, max_grad_norm=0.0, report_to="none", save_strategy="no",
+        eval_strategy="steps" if evaluate else "no", eval_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0,
+    )
+    held_out = [{"input_ids": ids, "labels": ids} for ids in
+                torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(),
+                                   eval_dataset=held_out if evaluate else None)
+    diags = [get_diagnostic("spectral_alignment"), get_diagnostic("output_logits", every=1)]
+    DiagnosticsCallback(run=out / "run", diagnostics=diags, strict=True).attach(trainer)
+    trainer.train()
+    run = open_run(out / "run")
+    series = run.series()
+    return {m: frame[["step", "key", "index", "value"]].reset_index(drop=True)
+            for m, frame in series[series.metric != "monitor_seconds"].groupby("metric")}
+
+
+def test_the_trainers_evaluation_loop_is_not_measured_as_the_training_forward(tmp_path: Path) -> None:
+    plain = _train_with_evaluation(tmp_path / "plain", evaluate=False)
+    evaluated = _train_with_evaluation(tmp_path / "evaluated", evaluate=True)
+    assert {"sa_mean", "output_logit_max"} <= plain.keys()
+    assert plain.keys() == evaluated.keys()
+    for metric, frame in plain.items():
+        assert frame.equals(evaluated[metric]), metric
