@@ -137,3 +137,29 @@ def test_missing_lightning_names_the_install(monkeypatch: pytest.MonkeyPatch) ->
         require("no_such_lightning_module", install="lightning")
     with pytest.raises(ImportError):
         require("no_such_lightning_module", install="lightning")
+
+
+class TinyValidated(Tiny):
+    """:class:`Tiny` with a validation step on other data (Lightning runs it in eval and inference mode)."""
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return nn.functional.cross_entropy(self(x * 10 + 3), y)
+
+
+def _validated_series(tmp_path: Path, name: str, validate: bool):  # noqa: ANN202
+    diags = [get_diagnostic("spectral_alignment"), get_diagnostic("output_logits", every=1)]
+    cb = DiagnosticsCallback(run=tmp_path / name, diagnostics=diags, strict=True)
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path / name), callbacks=[cb],
+                        val_check_interval=1 if validate else None, limit_val_batches=1 if validate else 0)
+    trainer.fit(TinyValidated() if validate else Tiny(), _loader(), _loader() if validate else None)
+    return _series(tmp_path / name)
+
+
+def test_lightning_validation_is_not_measured_as_the_training_forward(tmp_path: Path) -> None:
+    plain = _validated_series(tmp_path, "plain", validate=False)
+    validated = _validated_series(tmp_path, "validated", validate=True)
+    assert {"sa_mean", "output_logit_max"} <= set(plain.index.get_level_values("metric"))
+    assert plain.equals(validated)
