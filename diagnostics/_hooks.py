@@ -62,6 +62,41 @@ def training_forward(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled()
 
 
+class TrainingForwardGate:
+    """Open while a training forward of ``model`` (:func:`training_forward` at its entry) runs.
+
+    Hooks on the model's submodules that observe the user's training forward check :attr:`open`, so the
+    decision is the whole forward's: a part the model itself runs under ``no_grad`` or in eval mode (a
+    frozen encoder, a target network) is still measured within a training forward, and nothing of a
+    validation forward is. Holds a forward pre-hook and a forward hook on ``model`` until :meth:`remove`;
+    register it before the hooks that read it, so that on the model itself its pre-hook runs first.
+    """
+
+    __slots__ = ("_depth", "_handles", "open")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.open = False
+        self._depth = 0
+        self._handles = [model.register_forward_pre_hook(self._enter),
+                         model.register_forward_hook(self._leave, always_call=True)]
+
+    def _enter(self, model: nn.Module, _args: Any) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self.open = training_forward(model)
+
+    def _leave(self, _model: nn.Module, _args: Any, _out: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self.open = False
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+
 def select_modules(model: nn.Module, modules: ModuleSpec = None) -> dict[str, nn.Module]:
     """Resolve a module selection to ``{name: module}`` in ``named_modules()`` order.
 

@@ -148,8 +148,8 @@ class TrainingStepCapture:
         self._handles.clear()
 
     # --- hooks ----------------------------------------------------------------------------------------
-    # Only training forwards count (gradients enabled, train mode): a validation forward between two steps,
-    # under no_grad or in eval mode, has no backward to read and is passed over.
+    # Only training forwards count (gradients enabled and the model in train mode as its forward starts):
+    # a validation forward between two steps, under no_grad or in eval mode, is passed over.
     def _enter_model(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not training_forward(m):
             return
@@ -197,7 +197,8 @@ class TrainingStepCapture:
         return keep
 
     def _layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._forwards or not self._depth or self.problem is not None or not training_forward(module):
+        # Inside a training forward (self._depth), a part run under no_grad has no backward to read.
+        if self._forwards or not self._depth or self.problem is not None or not torch.is_grad_enabled():
             return
         x = args[0] if args else None
         B = self.batch

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diagnostics._hooks import HookClock, training_forward
+from diagnostics._hooks import HookClock, TrainingForwardGate
 from diagnostics.errors import DataError
 from diagnostics.linalg.power import power_steps, top_singular_vector
 from diagnostics.metrics.alignment_stats import finish_cosines
@@ -178,10 +178,10 @@ class Projector:
     """
 
     def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler | None,
-                 training_only: bool = False) -> None:
+                 gate: TrainingForwardGate | None = None) -> None:
         self.kind = kind
-        #: keep rows only from training forwards (:func:`~diagnostics._hooks.training_forward`)
-        self.training_only = training_only
+        #: with a gate, rows are kept only while it is open (a training forward of the model runs)
+        self.gate = gate
         self.reset(V, budget, sampler)
 
     def reset(self, V: torch.Tensor, budget: int, sampler: RowSampler | None) -> None:
@@ -195,7 +195,7 @@ class Projector:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         room = self.budget - self.count
-        if room <= 0 or (self.training_only and not training_forward(module)):
+        if room <= 0 or (self.gate is not None and not self.gate.open):
             return
         x = _input_tensor(self.kind, args, kwargs)
         if x is None or x.shape[-1] != self.V.shape[0]:
@@ -343,15 +343,17 @@ class ProjectionHooks:
     makes them return at once while the rows they kept stay readable. Kept from one observed training
     forward to the next, the hooks are registered once instead of at every step, which on a small model
     costs more than their work. Cost per forward while disarmed: one Python call per module.
-    ``training_only``: keep rows only from training forwards (gradients enabled, module in train mode),
-    so that a validation forward between two training steps is not measured in place of the training
+    ``training_of``: keep rows only within a training forward of this model (gradients enabled, the
+    model in train mode when its forward starts: :class:`~diagnostics._hooks.TrainingForwardGate`), so
+    that a validation forward between two training steps is not measured in place of the training
     forward.
     """
 
     def __init__(self, by_module: Mapping[str, list[LinearMap]], modules: Mapping[str, nn.Module],
-                 clock: HookClock | None = None, training_only: bool = False) -> None:
+                 clock: HookClock | None = None, training_of: nn.Module | None = None) -> None:
         empty = torch.zeros(0, 1)
-        self.projectors = {name: Projector(group[0].kind, empty, 0, None, training_only)
+        self._gate = TrainingForwardGate(training_of) if training_of is not None else None
+        self.projectors = {name: Projector(group[0].kind, empty, 0, None, self._gate)
                            for name, group in by_module.items()}
         self._handles: list[Any] = []
         try:
@@ -385,6 +387,8 @@ class ProjectionHooks:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        if self._gate is not None:
+            self._gate.remove()
 
 
 #: Maps of one shape whose weights take at most this many bytes together take their power steps as one

@@ -310,10 +310,10 @@ class SpectralAlignment(Diagnostic):
             if kept is None or not (kept[0]() is model and kept[1].covers(by_module)):
                 self.release_hooks()
                 kept = self._kept_hooks = (weakref.ref(model),
-                                           ProjectionHooks(by_module, modules, self.hook_clock, training_only=True))
+                                           ProjectionHooks(by_module, modules, self.hook_clock, training_of=model))
             hooks = kept[1]
         else:
-            hooks = ProjectionHooks(by_module, modules, self.hook_clock, training_only=True)
+            hooks = ProjectionHooks(by_module, modules, self.hook_clock, training_of=model)
         self._watching = True
         try:
             projectors = hooks.arm(by_module, vectors, self.max_tokens, gen)

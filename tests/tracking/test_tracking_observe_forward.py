@@ -246,3 +246,57 @@ def test_a_validation_forward_between_steps_is_not_measured_in_place_of_the_trai
     assert plain.keys() == with_eval.keys()
     for metric, frame in plain.items():
         assert frame.equals(with_eval[metric]), metric
+
+
+class _FrozenEncoder(nn.Module):
+    """A trained head on an encoder the model runs under no_grad and keeps in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        self.encoder.eval()
+        with torch.no_grad():
+            h = torch.tanh(self.encoder(x))
+        return self.head(h)
+
+
+def _frozen_encoder_run(run, observe):
+    model = _FrozenEncoder()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    sa = SpectralAlignment()
+    sources = []
+    with Monitor(model, _ce, run=run, diagnostics=[sa], optimizer=opt, strict=True,
+                 observe_training_forward=observe) as mon:
+        for step in range(4):
+            batch = (torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g))
+            loss = _ce(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(step, batch, loss)
+            sources.append(sa.last_source)
+            opt.step()
+    with open_run(run) as stored:
+        return sources, stored.series("sa_mean").set_index(["step", "key"]).value.sort_index()
+
+
+def _ce(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_a_part_the_model_runs_under_no_grad_is_measured_within_the_training_forward(tmp_path):
+    own_sources, own = _frozen_encoder_run(tmp_path / "own", observe=False)
+    sources, observed = _frozen_encoder_run(tmp_path / "observed", observe=True)
+    assert own_sources == ["extra_forward"] * 4
+    assert sources == ["extra_forward"] + ["training_forward"] * 3
+    assert set(observed.index.get_level_values("key")) == {"encoder.0", "head"}
+    assert list(observed.index) == list(own.index)
+    # The frozen encoder's v_1 does not move, and both passes see every row of the batch (32 under the
+    # token budget): the same statistics, up to the warm-started iteration's last digits. (The trained
+    # head's are projected on the previous step's v_1 on the training forward, so they differ a little.)
+    enc = [k == "encoder.0" for k in observed.index.get_level_values("key")]
+    assert torch.allclose(torch.tensor(observed[enc].to_numpy()), torch.tensor(own[enc].to_numpy()), atol=1e-4)
