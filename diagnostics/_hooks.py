@@ -65,11 +65,13 @@ def training_forward(module: nn.Module) -> bool:
 class TrainingForwardGate:
     """Open while a training forward of ``model`` (:func:`training_forward` at its entry) runs.
 
-    Hooks on the model's submodules that observe the user's training forward check :attr:`open`, so the
+    Hooks on the model's submodules that observe the user's training forward ask :meth:`allows`, so the
     decision is the whole forward's: a part the model itself runs under ``no_grad`` or in eval mode (a
     frozen encoder, a target network) is still measured within a training forward, and nothing of a
-    validation forward is. Holds a forward pre-hook and a forward hook on ``model`` until :meth:`remove`;
-    register it before the hooks that read it, so that on the model itself its pre-hook runs first.
+    validation forward is. A submodule called on its own, outside a forward of the model (a
+    LightningModule whose ``training_step`` calls ``self.net(x)``), is judged by its own state. Holds a
+    forward pre-hook and a forward hook on ``model`` until :meth:`remove`; register it before the hooks
+    that read it, so that on the model itself its pre-hook runs first.
     """
 
     __slots__ = ("_depth", "_handles", "open")
@@ -89,6 +91,11 @@ class TrainingForwardGate:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self.open = False
+
+    def allows(self, module: nn.Module) -> bool:
+        """Whether ``module``, now running, runs in a training forward: the model's decision inside a forward
+        of the model, else :func:`training_forward` of ``module``."""
+        return self.open if self._depth else training_forward(module)
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""

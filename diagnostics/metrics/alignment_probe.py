@@ -180,7 +180,7 @@ class Projector:
     def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler | None,
                  gate: TrainingForwardGate | None = None) -> None:
         self.kind = kind
-        #: with a gate, rows are kept only while it is open (a training forward of the model runs)
+        #: with a gate, rows are kept only in a training forward (``gate.allows(module)``)
         self.gate = gate
         self.reset(V, budget, sampler)
 
@@ -195,7 +195,7 @@ class Projector:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         room = self.budget - self.count
-        if room <= 0 or (self.gate is not None and not self.gate.open):
+        if room <= 0 or (self.gate is not None and not self.gate.allows(module)):
             return
         x = _input_tensor(self.kind, args, kwargs)
         if x is None or x.shape[-1] != self.V.shape[0]:

@@ -300,3 +300,47 @@ def test_a_part_the_model_runs_under_no_grad_is_measured_within_the_training_for
     # head's are projected on the previous step's v_1 on the training forward, so they differ a little.)
     enc = [k == "encoder.0" for k in observed.index.get_level_values("key")]
     assert torch.allclose(torch.tensor(observed[enc].to_numpy()), torch.tensor(own[enc].to_numpy()), atol=1e-4)
+
+
+class _Wrapper(nn.Module):
+    """A module whose training loop calls its inner network directly, as a LightningModule's
+    ``training_step`` calling ``self.net(x)`` does: the wrapper's own forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _wrapper_run(run, validate):
+    model = _Wrapper()
+
+    def loss_fn(m, batch):
+        return nn.functional.cross_entropy(m.net(batch[0]), batch[1])
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    held_out = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 10
+    sa = SpectralAlignment()
+    sources = []
+    with Monitor(model, loss_fn, run=run, diagnostics=[sa], optimizer=opt, strict=True) as mon:
+        for step in range(4):
+            batch = (torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g))
+            loss = loss_fn(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(step, batch, loss)
+            sources.append(sa.last_source)
+            opt.step()
+            if validate:  # a validation forward of the inner network alone
+                with torch.no_grad():
+                    model.net(held_out)
+    with open_run(run) as stored:
+        return sources, stored.series("sa_mean").set_index(["step", "key"]).value.sort_index()
+
+
+def test_a_submodule_called_directly_is_observed_by_its_own_state(tmp_path):
+    sources, plain = _wrapper_run(tmp_path / "plain", validate=False)
+    sources_validated, validated = _wrapper_run(tmp_path / "validated", validate=True)
+    assert sources == sources_validated == ["extra_forward"] + ["training_forward"] * 3
+    assert plain.equals(validated)
