@@ -264,24 +264,32 @@ class _FrozenEncoder(nn.Module):
         return self.head(h)
 
 
-def _frozen_encoder_run(run, observe):
-    model = _FrozenEncoder()
-    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+def _sa_mean_run(run, model, loss_fn, batch_size, after_step=None, **monitor_kwargs):
+    """Four monitored SGD steps with spectral alignment every step (``after_step(model)`` after each
+    update): the diagnostic's sources and the stored ``sa_mean`` by step and key."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     g = torch.Generator().manual_seed(0)
     sa = SpectralAlignment()
     sources = []
-    with Monitor(model, _ce, run=run, diagnostics=[sa], optimizer=opt, strict=True,
-                 observe_training_forward=observe) as mon:
+    with Monitor(model, loss_fn, run=run, diagnostics=[sa], optimizer=opt, strict=True, **monitor_kwargs) as mon:
         for step in range(4):
-            batch = (torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g))
-            loss = _ce(model, batch)
+            batch = (torch.randn(batch_size, 8, generator=g), torch.randint(0, 4, (batch_size,), generator=g))
+            loss = loss_fn(model, batch)
             opt.zero_grad()
             loss.backward()
             mon.step(step, batch, loss)
             sources.append(sa.last_source)
             opt.step()
+            if after_step is not None:
+                after_step(model)
     with open_run(run) as stored:
         return sources, stored.series("sa_mean").set_index(["step", "key"]).value.sort_index()
+
+
+def _frozen_encoder_run(run, observe):
+    model = _FrozenEncoder()
+    model.encoder.requires_grad_(False)
+    return _sa_mean_run(run, model, _ce, 32, observe_training_forward=observe)
 
 
 def _ce(model, batch):
@@ -313,30 +321,16 @@ class _Wrapper(nn.Module):
 
 
 def _wrapper_run(run, validate):
-    model = _Wrapper()
+    held_out = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 10
 
     def loss_fn(m, batch):
         return nn.functional.cross_entropy(m.net(batch[0]), batch[1])
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(0)
-    held_out = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 10
-    sa = SpectralAlignment()
-    sources = []
-    with Monitor(model, loss_fn, run=run, diagnostics=[sa], optimizer=opt, strict=True) as mon:
-        for step in range(4):
-            batch = (torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g))
-            loss = loss_fn(model, batch)
-            opt.zero_grad()
-            loss.backward()
-            mon.step(step, batch, loss)
-            sources.append(sa.last_source)
-            opt.step()
-            if validate:  # a validation forward of the inner network alone
-                with torch.no_grad():
-                    model.net(held_out)
-    with open_run(run) as stored:
-        return sources, stored.series("sa_mean").set_index(["step", "key"]).value.sort_index()
+    def validation(model):  # a forward of the inner network alone
+        with torch.no_grad():
+            model.net(held_out)
+
+    return _sa_mean_run(run, _Wrapper(), loss_fn, 16, validation if validate else None)
 
 
 def test_a_submodule_called_directly_is_observed_by_its_own_state(tmp_path):
