@@ -355,8 +355,10 @@ def _make_monitor(
 ) -> Any:
     from diagnostics.tracking import Monitor
 
+    # Checkpoints are analysed in eval mode and have no training forward to observe.
     monitor = Monitor(
-        net, loss_fn, run=str(run_dir), diagnostics=diags, optimizer=None, probe_data=probe, meta=config
+        net, loss_fn, run=str(run_dir), diagnostics=diags, optimizer=None, probe_data=probe, meta=config,
+        observe_training_forward=False,
     )
     # The Monitor describes in-loop gradients; say what the gradients of an analysis are.
     monitor.set_meta("gradients_seen", GRADIENTS_SEEN)

@@ -19,7 +19,7 @@ from torch import nn
 
 from diagnostics.store.records import Event
 
-__all__ = ["MISUSE", "misuse_event", "train_mode_modules"]
+__all__ = ["MISUSE", "misuse_event", "mode_dependent_modules", "train_mode_modules"]
 
 #: The event kind of every misuse report.
 MISUSE = "misuse"
@@ -43,9 +43,17 @@ def train_mode_modules(model: nn.Module, limit: int = 5) -> list[str]:
     mode through one of them differs from the eval-mode loss curvature estimates use by default.
     Returns ``"name (Class)"`` per module (``"(model)"`` names the root). Cost: one walk over the modules.
     """
+    return mode_dependent_modules(model, limit, training=True)
+
+
+def mode_dependent_modules(model: nn.Module, limit: int = 5, training: bool | None = None) -> list[str]:
+    """Names of modules whose forward differs between train and eval mode (at most ``limit``): dropout with
+    ``p > 0`` and batch norms that keep running statistics (see :func:`train_mode_modules`), only those
+    now in train mode (``training=True``), in eval mode (``False``) or either (None). Returns
+    ``"name (Class)"`` per module. Cost: one walk over the modules."""
     found = []
     for name, m in model.named_modules():
-        if not m.training:
+        if training is not None and m.training != training:
             continue
         if isinstance(m, nn.modules.dropout._DropoutNd):
             differs = m.p > 0

@@ -1,6 +1,6 @@
 """The Monitor's misuse checks: once-only reports of runs that would look healthy while measuring nothing.
 
-Four causes (docs/monitor.md, "Misuse warnings"):
+Five causes (docs/monitor.md, "Misuse warnings"):
 
 - ``no_grads``: ``monitor.step`` was called while no trainable parameter has a ``.grad`` (before
   ``backward()``, or after ``zero_grad()``) and a due diagnostic reads gradients; those diagnostics are
@@ -9,6 +9,8 @@ Four causes (docs/monitor.md, "Misuse warnings"):
 - ``schedule``: at ``close()``, a diagnostic ran once or never in the steps seen
   (:meth:`MisuseReporter.schedule_events`).
 - ``probe_mode``: reported by a diagnostic itself (``sharpness``, see its module).
+- ``eval_mode``: ``monitor.step`` found the model in eval mode after a backward while it has dropout or
+  batch-norm layers, or while a diagnostic reads the training forward (:func:`eval_mode_event`).
 
 :class:`MisuseReporter` keeps the first event of each ``(cause, diagnostic)``, warns once with a
 :class:`~diagnostics.errors.MisuseWarning` and, when strict, raises
@@ -20,13 +22,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+from torch import nn
+
 from diagnostics.errors import MisuseError, MisuseWarning
 from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.context import StepContext
-from diagnostics.metrics.misuse import MISUSE, misuse_event
+from diagnostics.metrics.misuse import MISUSE, misuse_event, mode_dependent_modules
 from diagnostics.store.records import Event, Record, Status
 
-__all__ = ["MisuseReporter", "missing_grads"]
+__all__ = ["MisuseReporter", "eval_mode_event", "missing_grads"]
 
 
 def missing_grads(diags: Sequence[Diagnostic], ctx: StepContext) -> list[Diagnostic]:
@@ -38,6 +42,36 @@ def missing_grads(diags: Sequence[Diagnostic], ctx: StepContext) -> list[Diagnos
     if not needing or any(p.grad is not None for _, p in ctx.named_parameters()):
         return []
     return needing
+
+
+def eval_mode_event(model: nn.Module, step: int, observers: Sequence[Diagnostic]) -> Event | None:
+    """The ``eval_mode`` misuse event when the model trains in eval mode, else None.
+
+    Called when ``monitor.step`` finds the model in eval mode with gradients present (a backward ran): the
+    training forward then ran in eval mode. That matters when the model has layers that act differently in
+    train mode (dropout is off, batch norms use their running statistics: often a forgotten
+    ``model.train()``, since Hugging Face's ``from_pretrained`` returns a model in eval mode), or when
+    ``observers`` (diagnostics that read the training forward) cannot read it, since eval-mode forwards are
+    taken for validation. Cost: one walk over the modules.
+    """
+    layers = mode_dependent_modules(model, training=False)
+    if not layers and not observers:
+        return None
+    what = []
+    if layers:
+        what.append(f"its dropout and batch-norm layers ({', '.join(layers)}) run as in evaluation")
+    if observers:
+        names = ", ".join(d.name for d in observers)
+        what.append(f"{names} cannot read the training forward (an eval-mode forward is taken for validation) "
+                    "and run forwards of their own")
+    return misuse_event(
+        "eval_mode", None,
+        f"monitor.step({step}) found the model in eval mode after a backward, so the training forward ran in "
+        f"eval mode: {'; '.join(what)}. Call model.train() before training (Hugging Face's from_pretrained "
+        "returns the model in eval mode), or, if eval-mode training is intended, pass "
+        "observe_training_forward=False to the Monitor.",
+        layers=layers, diagnostics=[d.name for d in observers],
+    )
 
 
 class MisuseReporter:

@@ -38,6 +38,7 @@ from diagnostics.metrics.base import Diagnostic
 from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.flat_buffers import FlatBufferPool
 from diagnostics.metrics.registry import resolve_diagnostics
+from diagnostics.store.records import Event
 from diagnostics.tracking import budget as _budget
 from diagnostics.tracking import probes
 from diagnostics.tracking.actions import ACTIONS, Action, ActionPolicy, run_actions
@@ -45,7 +46,7 @@ from diagnostics.tracking.actions import save_checkpoint as _save_checkpoint
 from diagnostics.tracking.commit import CommitPipeline, PendingStep, open_store
 from diagnostics.tracking.fsdp import check_fsdp_diagnostics, gathered_replica, is_fsdp, needs_replica
 from diagnostics.tracking.identity import ModelStructure, model_fingerprint, model_summary, run_meta
-from diagnostics.tracking.misuse import MisuseReporter
+from diagnostics.tracking.misuse import MisuseReporter, eval_mode_event
 from diagnostics.tracking.runner import Runner, apply_every, observe_training_forward
 from diagnostics.tracking.setups import compile_mode, full_precision
 from diagnostics.tracking.state_codec import (
@@ -182,6 +183,7 @@ class Monitor:
         # and whose run may continue at a later call.
         self._hook_clocks = [(d.name, c) for d in self.diagnostics if (c := getattr(d, "hook_clock", None)) is not None]
         self._observers = [d for d in self.diagnostics if callable(getattr(d, "observe_training_forward", None))]
+        self._eval_mode_reported = False  # the eval_mode misuse check (once per Monitor)
         self._may_carry = [d for d in self.diagnostics if type(d).unfinished_run is not Diagnostic.unfinished_run]
         self.budget = _budget.resolve_budget(budget, diagnostics)
         self._budget: _budget.BudgetScheduler | None = None
@@ -403,6 +405,8 @@ class Monitor:
         if self._accumulated is not None and any(d.uses_accumulation for d in due):
             ctx.microbatch_moments = self._accumulated.moments()  # float64 copies: only when read
         pending = PendingStep(step, ctx, source)
+        if not self.model.training and not self._eval_mode_reported and self.observe_training_forward:
+            pending.events += [(None, e) for e in self._eval_mode_events(step)]
         for d, (records, events, status) in zip(due, self._runner.run_phase(due, "compute", ctx)):
             if d.name in self._hook_seconds:
                 status = dataclasses.replace(status, seconds=status.seconds + self._hook_seconds[d.name])
@@ -426,6 +430,15 @@ class Monitor:
             return
         ctx.clear()
         self._commit(pending)
+
+    def _eval_mode_events(self, step: int) -> list[Event]:
+        """The ``eval_mode`` misuse event (once per Monitor) when a backward ran with the model in eval mode
+        (see :func:`~diagnostics.tracking.misuse.eval_mode_event`); warns, or raises when strict."""
+        if not any(p.grad is not None for _, p in self._named_parameters()):
+            return []  # no backward: monitor.step on a model in eval mode on purpose (or the no_grads case)
+        self._eval_mode_reported = True
+        event = eval_mode_event(self.model, step, self._observers)
+        return self._misuse.filter([event]) if event is not None else []
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable ``(name, parameter)`` pairs (see :class:`~diagnostics.tracking.identity.ModelStructure`)."""

@@ -219,3 +219,47 @@ def test_sharpness_mode_mismatch_raises_when_strict(tmp_path: Path) -> None:
     with pytest.raises(MisuseError, match="curvature_mode='train'"):
         with Monitor(model, run=tmp_path / "run", diagnostics=["sharpness"], optimizer=opt, strict=True) as monitor:
             train(monitor, model, opt, data)
+
+
+def test_training_in_eval_mode_with_dropout_is_reported_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    model = mlp(dropout=0.2).eval()  # as a forgotten model.train() leaves it
+    messages = run_and_record(run_dir, model, batches(), diagnostics=["loss", "grad_norm"])
+    assert len(messages) == 1, messages
+    assert "eval mode" in messages[0] and "2 (Dropout)" in messages[0] and "model.train()" in messages[0]
+    events, status, _ = misuse_events(run_dir)
+    assert list(events.step) == [0] and events.iloc[0].data["cause"] == "eval_mode"
+    assert events.iloc[0].data["layers"] == ["2 (Dropout)"] and events.iloc[0].data["diagnostics"] == []
+    assert set(status.status) == {"ok"}  # the diagnostics themselves measured what the step holds
+    assert any(k == "misuse" and "model.train()" in t for k, t in findings_text(run_dir))
+
+
+def test_training_in_eval_mode_is_reported_for_a_diagnostic_that_reads_the_training_forward(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    messages = run_and_record(run_dir, mlp().eval(), batches(), diagnostics=["loss", "spectral_alignment"])
+    assert len(messages) == 1 and "spectral_alignment cannot read the training forward" in messages[0], messages
+    events, _, _ = misuse_events(run_dir)
+    assert events.iloc[0].data["layers"] == [] and events.iloc[0].data["diagnostics"] == ["spectral_alignment"]
+
+
+@pytest.mark.parametrize("case", ["train mode", "no layer that depends on the mode", "observation off"])
+def test_eval_mode_that_changes_nothing_is_not_misuse(case: str, tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"diagnostics": ["loss", "grad_norm"]}
+    if case == "train mode":
+        model = mlp(dropout=0.2)
+    elif case == "no layer that depends on the mode":
+        model = mlp().eval()
+    else:
+        model = mlp(dropout=0.2).eval()
+        kwargs["observe_training_forward"] = False
+    messages = run_and_record(tmp_path / "run", model, batches(), **kwargs)
+    events, _, _ = misuse_events(tmp_path / "run")
+    assert messages == [] and events.empty
+
+
+def test_training_in_eval_mode_raises_when_strict(tmp_path: Path) -> None:
+    model, data = mlp(dropout=0.2).eval(), batches(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(MisuseError, match="model.train"):
+        with Monitor(model, run=tmp_path / "run", diagnostics=["loss"], optimizer=opt, strict=True) as monitor:
+            train(monitor, model, opt, data)
