@@ -318,7 +318,9 @@ class Monitor:
             self._budget.charge(sum(self._hook_seconds.values()))
         with _budget.timed_call(self._budget):
             try:
-                with full_precision():  # diagnostics in the parameters' dtype, even inside torch.autocast
+                # Diagnostics in the parameters' dtype, even inside torch.autocast, and with autograd even when
+                # the caller's code runs under torch.inference_mode (curvature products differentiate).
+                with full_precision(), torch.inference_mode(False):
                     self._step(step, batch, loss, source)
             finally:
                 if self._accumulated is not None:  # the next step accumulates afresh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -420,3 +421,33 @@ def test_close_from_inference_mode_computes_the_pending_update(tmp_path: Path) -
     assert torch.is_grad_enabled()
     s = open_run(tmp_path / "r").series().set_index("metric").value
     assert s["update_norm_seen"] > 0 and s["update_in_inference"] == 0
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_step_called_under_no_grad_or_inference_mode_measures_as_usual(context: str, tmp_path: Path) -> None:
+    # Logging code is often wrapped in no_grad or inference_mode; the curvature probes differentiate anyway.
+    names = ["loss", "grad_norm", "sharpness", "hessian_top", "gsnr"]
+
+    def run(directory: Path, wrap: Any) -> Any:
+        model, opt, batches = make()
+        with Monitor(model, loss_fn, run=directory, diagnostics=names, optimizer=opt, every=1, budget=None,
+                     strict=True) as mon:
+            for step, batch in enumerate(batches[:2]):
+                opt.zero_grad()
+                loss = loss_fn(model, batch)
+                loss.backward()
+                with wrap():
+                    mon.step(step, batch, loss)
+                opt.step()
+        stored = open_run(directory)
+        return stored.status(), stored.series()
+
+    status, series = run(tmp_path / "wrapped", getattr(torch, context))
+    _, plain = run(tmp_path / "plain", contextlib.nullcontext)
+    assert set(status.status) == {"ok"}, status[status.status != "ok"]
+    assert set(series.metric) == set(plain.metric) and {"sharpness", "hessian_eigenvalue"} <= set(series.metric)
+    cols = ["step", "metric", "key", "index"]
+    got = series[series.metric != "monitor_seconds"].sort_values(cols).reset_index(drop=True)
+    want = plain[plain.metric != "monitor_seconds"].sort_values(cols).reset_index(drop=True)
+    assert got[cols].equals(want[cols])
+    assert torch.allclose(torch.tensor(got.value.to_numpy()), torch.tensor(want.value.to_numpy()), rtol=1e-6, atol=1e-9)
