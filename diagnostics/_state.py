@@ -24,6 +24,7 @@ from diagnostics.errors import ConfigError
 __all__ = [
     "MODES",
     "IsolationError",
+    "autograd_on",
     "check_mode",
     "eval_mode",
     "fork_global_rng",
@@ -107,6 +108,15 @@ def forward_mode(model: nn.Module, mode: str, modules: Sequence[nn.Module] | Non
     check_mode(mode)
     with restore_modes(list(model.modules()) if modules is None else modules):
         model.train(mode == "train")
+        yield
+
+
+@contextlib.contextmanager
+def autograd_on() -> Iterator[None]:
+    """Gradients enabled for the block, even inside a caller's ``torch.no_grad`` or ``torch.inference_mode``
+    (under inference mode every tensor formed would be an inference tensor, which autograd cannot record).
+    Restores both modes after. Cost: none."""
+    with torch.inference_mode(False), torch.enable_grad():
         yield
 
 
@@ -202,7 +212,8 @@ def isolated(
     Args:
         model: the user's model.
         mode: "eval" or "train" to switch the forward mode for the block; None leaves it as it is.
-        grad: True or False to set the grad mode for the block; None leaves it as it is.
+        grad: True or False to set the grad mode for the block; None leaves it as it is. True also leaves a
+            caller's ``torch.inference_mode`` for the block (see :func:`autograd_on`).
         optimizer: compared too when ``check`` is on.
         modules: ``list(model.modules())`` precomputed by the caller (saves a traversal per call).
         check: debug option; snapshot parameters, buffers, ``.grad``, ``requires_grad``, modes, hooks, RNG
@@ -218,7 +229,8 @@ def isolated(
     grad_enabled = torch.is_grad_enabled()
     failed = False
     try:
-        with fork_global_rng(), restore_modes(list(model.modules()) if modules is None else modules):
+        with fork_global_rng(), restore_modes(list(model.modules()) if modules is None else modules), \
+                (torch.inference_mode(False) if grad else contextlib.nullcontext()):
             if mode is not None:
                 model.train(mode == "train")
             if grad is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from diagnostics._kernels import twice_differentiable
-from diagnostics._state import check_mode, isolated, seed_private
+from diagnostics._state import autograd_on, check_mode, isolated, seed_private
 from diagnostics.errors import ConfigError, DataError, NonDeterministicOperatorError
 from diagnostics._batch import batch_size, to_device
 from diagnostics.loss import check_loss, default_loss, select_params
@@ -421,12 +421,13 @@ class CurvatureOperator:
         """Return ``C @ V`` for ``V`` of shape ``[P]`` or ``[P, K]`` (op dtype, op device).
 
         Cost: K products per batch (vmapped over columns when the backend allows), plus one
-        linearisation (forward + first backward) per batch not yet cached.
+        linearisation (forward + first backward) per batch not yet cached. Works inside a caller's
+        ``torch.no_grad`` or ``torch.inference_mode`` (the products enable autograd for themselves).
         """
         V = self._prepare(V)
         cached = not _fresh and self._reuses()
         # Products on kept linearisations run no forward pass: no mode switch or RNG fork needed.
-        ctx = torch.enable_grad() if cached else isolated(self.model, self.mode, grad=True)
+        ctx = autograd_on() if cached else isolated(self.model, self.mode, grad=True)
         with ctx, twice_differentiable():
             if V.ndim == 1:
                 out = self._weighted(lambda lin: lin.apply(V), fresh=_fresh, seed=_seed)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from diagnostics._batch import leading_size, slice_batch
-from diagnostics._state import eval_mode
+from diagnostics._state import autograd_on, eval_mode
 from diagnostics.errors import ConfigError
 from diagnostics.gradients.ratio_reduction import GSNRReduction, ratio_dtype
 from diagnostics.gradients.stats import GradientMoments
@@ -335,7 +335,7 @@ class MicrobatchGSNRDiagnostic(Diagnostic):
         size = n // m
         named = ctx.named_parameters()
         grads_list: list[dict[str, torch.Tensor]] = []
-        with eval_mode(ctx.model), torch.enable_grad():
+        with eval_mode(ctx.model), autograd_on():
             for i in range(m):
                 part = slice_batch(ctx.batch, (i + 1) * size, start=i * size)
                 loss = ctx.loss_fn(ctx.model, part)

@@ -189,3 +189,17 @@ def _rank(rank: int, out: str) -> None:
         torch.save(got, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cls", OPS)
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_products_inside_no_grad_or_inference_mode_equal_those_outside(cls: type, context: str) -> None:
+    c = get_case("transformer")
+    v = torch.linspace(-1, 1, sum(p.numel() for p in c.model.parameters()), dtype=torch.float64)
+    want = cls(c.model, c.loss_fn, c.batches) @ v
+    with getattr(torch, context)():
+        op = cls(c.model, c.loss_fn, c.batches)
+        got = op @ v  # a fresh linearisation inside the caller's mode
+        again = op @ v  # then a kept one
+        assert not torch.is_grad_enabled()
+    assert torch.equal(got, want) and torch.equal(again, want)
