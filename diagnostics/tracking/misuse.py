@@ -61,8 +61,9 @@ def eval_mode_event(model: nn.Module, step: int, observers: Sequence[Diagnostic]
     if layers:
         what.append(f"its dropout and batch-norm layers ({', '.join(layers)}) run as in evaluation")
     if observers:
-        names = ", ".join(d.name for d in observers)
-        what.append(f"{names} cannot read the training forward (an eval-mode forward is taken for validation) "
+        names = [d.name for d in observers]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        what.append(f"{listed} cannot read the training forward (an eval-mode forward is taken for validation) "
                     "and run forwards of their own")
     return misuse_event(
         "eval_mode", None,
