@@ -54,12 +54,14 @@ def eval_mode_event(model: nn.Module, step: int, observers: Sequence[Diagnostic]
     ``observers`` (diagnostics that read the training forward) cannot read it, since eval-mode forwards are
     taken for validation. Cost: one walk over the modules.
     """
-    layers = mode_dependent_modules(model, training=False)
+    every = mode_dependent_modules(model, limit=len(list(model.modules())), training=False)
+    layers = every[:5]
     if not layers and not observers:
         return None
     what = []
     if layers:
-        what.append(f"its dropout and batch-norm layers ({', '.join(layers)}) run as in evaluation")
+        more = f" and {len(every) - len(layers)} more" if len(every) > len(layers) else ""
+        what.append(f"its dropout and batch-norm layers ({', '.join(layers)}{more}) run as in evaluation")
     if observers:
         names = [d.name for d in observers]
         listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -71,7 +73,7 @@ def eval_mode_event(model: nn.Module, step: int, observers: Sequence[Diagnostic]
         f"eval mode: {'; '.join(what)}. Call model.train() before training (Hugging Face's from_pretrained "
         "returns the model in eval mode), or, if eval-mode training is intended, pass "
         "observe_training_forward=False to the Monitor.",
-        layers=layers, diagnostics=[d.name for d in observers],
+        layers=layers, num_layers=len(every), diagnostics=[d.name for d in observers],
     )
 
 
