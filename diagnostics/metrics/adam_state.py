@@ -271,9 +271,14 @@ class AdamState(Diagnostic):
     def compute(self, ctx: StepContext) -> Output:
         opt = adam_optimizer(ctx.optimizer)
         if opt is None:
-            what = "no optimizer was given to the Monitor" if ctx.optimizer is None else (
-                f"the optimizer is {type(ctx.optimizer).__name__}")
-            return Output(status="failed", reason=f"adam_state reads torch.optim.Adam/AdamW state; {what}")
+            # Nothing to measure (a misuse report naming the fix), not a failed estimate.
+            if ctx.optimizer is None:
+                why = "no optimizer was given to the Monitor: pass optimizer= to the Monitor"
+            else:
+                why = (f"the optimizer is {type(ctx.optimizer).__name__}: train with Adam or AdamW, or drop "
+                       "adam_state from diagnostics")
+            return Output(status="nothing_measured",
+                          reason=f"adam_state reads the state of torch.optim.Adam or AdamW; {why}")
         names = {id(p): n for n, p in ctx.named_parameters()}
         coords = sum(p.numel() for g in opt.param_groups for p in g["params"] if p.grad is not None)
         stride = max(1, math.ceil(coords / self.max_quantile_coords))

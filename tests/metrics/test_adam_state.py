@@ -111,14 +111,16 @@ def test_first_step_update_is_the_sign_of_the_gradient() -> None:
         assert stats[n].small_fraction() == 0.0 or (g == 0).any()
 
 
-def test_other_optimizers_get_a_reason(tmp_path) -> None:
+def test_other_optimizers_have_nothing_to_measure_and_the_reason_names_the_fix(tmp_path) -> None:
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = StepContext(step=0, model=model, loss_fn=None, batch=None, loss=None, optimizer=opt)
     out = AdamState().compute(ctx)
-    assert out.status == "failed" and "SGD" in out.reason and not out.records
+    assert out.status == "nothing_measured" and not out.records
+    assert "SGD" in out.reason and "drop adam_state" in out.reason
     ctx = StepContext(step=0, model=model, loss_fn=None, batch=None, loss=None, optimizer=None)
-    assert "no optimizer" in AdamState().compute(ctx).reason
+    out = AdamState().compute(ctx)
+    assert out.status == "nothing_measured" and "no optimizer" in out.reason and "optimizer=" in out.reason
 
     class Wrapper:  # an optimizer wrapper (accelerate-style) is unwrapped one level down
         def __init__(self, inner) -> None:

@@ -114,7 +114,7 @@ def test_step_before_backward_raises_when_strict(tmp_path: Path) -> None:
             train(monitor, model, opt, data, step_before_backward=True)
 
 
-NOTHING = ["spectral_alignment", "activation_rank", "attention_stats"]
+NOTHING = ["spectral_alignment", "activation_rank", "attention_stats", "adam_state"]  # adam_state: under SGD
 
 
 def test_nothing_to_measure_is_reported_once_per_diagnostic(tmp_path: Path) -> None:
