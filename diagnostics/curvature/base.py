@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diagnostics._batch import batch_size, to_device
 from diagnostics._kernels import twice_differentiable
 from diagnostics._state import autograd_on, check_mode, isolated, seed_private
 from diagnostics.errors import ConfigError, DataError, NonDeterministicOperatorError
-from diagnostics._batch import batch_size, to_device
 from diagnostics.loss import check_loss, default_loss, select_params
 
 __all__ = ["CurvatureOperator", "BlockView", "Linearisation", "DEFAULT_CACHE_BYTES", "BACKENDS"]

@@ -116,10 +116,7 @@ def _small_summaries(names: list[str], sizes: list[int], m: np.ndarray, v: np.nd
     both, work = np.empty(2 * size), np.empty(size)
     corrected, raw = both[:size], both[size:]  # the pooled selection reads both as two rows
     _corrected_chunk(m, v, n, eps, corrected, work)
-    np.multiply(v, (n - 1) / n, out=work)
-    np.maximum(work, eps, out=work)
-    np.square(m, out=raw)
-    raw /= work
+    _raw_chunk(m, v, n, eps, raw, work)
     with np.errstate(invalid="ignore", over="ignore"):
         sums = np.add.reduceat(both, starts).tolist()
     half = len(sums) // 2
@@ -172,6 +169,15 @@ def _corrected_chunk(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.n
     out /= work
 
 
+def _raw_chunk(m: np.ndarray, v: np.ndarray, n: int, eps: float, out: np.ndarray, work: np.ndarray) -> None:
+    """The raw ratio ``m^2 / max(v (N - 1) / N, eps)`` of one chunk into ``out`` (``work``: a temporary of the
+    same size)."""
+    np.square(m, out=out)
+    np.multiply(v, (n - 1) / n, out=work)
+    np.maximum(work, eps, out=work)
+    out /= work
+
+
 def corrected_into(m: Tensor, v: Tensor, n: int, eps: float, out: Tensor) -> None:
     """:func:`_corrected_chunk` in torch (float64 ``m``, ``v`` and ``out`` on one device), the same operations
     in the same order."""
@@ -189,12 +195,8 @@ def raw_into(m: Any, v: Any, n: int, eps: float, out: Any) -> None:
     work = np.empty(min(m.size, _CHUNK), dtype=np.float64)
     for lo in range(0, m.size, _CHUNK):
         hi = min(lo + _CHUNK, m.size)
-        c, t = out[lo:hi], work[: hi - lo]
         with np.errstate(over="ignore"):  # float32 ``out``: a ratio beyond its range is inf, as documented
-            np.square(m[lo:hi], out=c)
-            np.multiply(v[lo:hi], (n - 1) / n, out=t)
-            np.maximum(t, eps, out=t)
-            c /= t
+            _raw_chunk(m[lo:hi], v[lo:hi], n, eps, out[lo:hi], work[: hi - lo])
 
 
 def _device_summaries(names: list[str], sizes: list[int], m: Tensor, v: Tensor, n: int,

@@ -46,14 +46,14 @@ def train_mode_modules(model: nn.Module, limit: int = 5) -> list[str]:
     return mode_dependent_modules(model, limit, training=True)
 
 
-def mode_dependent_modules(model: nn.Module, limit: int = 5, training: bool | None = None) -> list[str]:
-    """Names of modules whose forward differs between train and eval mode (at most ``limit``): dropout with
-    ``p > 0`` and batch norms that keep running statistics (see :func:`train_mode_modules`), only those
-    now in train mode (``training=True``), in eval mode (``False``) or either (None). Returns
-    ``"name (Class)"`` per module. Cost: one walk over the modules."""
+def mode_dependent_modules(model: nn.Module, limit: int | None = 5, training: bool = True) -> list[str]:
+    """Names of modules whose forward differs between train and eval mode (at most ``limit``, None: all):
+    dropout with ``p > 0`` and batch norms that keep running statistics (see :func:`train_mode_modules`),
+    those now in train mode (``training=True``) or in eval mode (``False``). Returns ``"name (Class)"`` per
+    module. Cost: one walk over the modules."""
     found = []
     for name, m in model.named_modules():
-        if training is not None and m.training != training:
+        if m.training != training:
             continue
         if isinstance(m, nn.modules.dropout._DropoutNd):
             differs = m.p > 0
@@ -65,6 +65,6 @@ def mode_dependent_modules(model: nn.Module, limit: int = 5, training: bool | No
             differs = False
         if differs:
             found.append(f"{name or '(model)'} ({type(m).__name__})")
-            if len(found) >= limit:
+            if limit is not None and len(found) >= limit:
                 break
     return found

@@ -54,7 +54,7 @@ def eval_mode_event(model: nn.Module, step: int, observers: Sequence[Diagnostic]
     ``observers`` (diagnostics that read the training forward) cannot read it, since eval-mode forwards are
     taken for validation. Cost: one walk over the modules.
     """
-    every = mode_dependent_modules(model, limit=len(list(model.modules())), training=False)
+    every = mode_dependent_modules(model, limit=None, training=False)
     layers = every[:5]
     if not layers and not observers:
         return None

@@ -31,6 +31,7 @@ from torch import nn
 
 from diagnostics import _distributed as _dist
 from diagnostics._batch import detach_batch
+from diagnostics._state import autograd_on
 from diagnostics.errors import ConfigError, DataError
 from diagnostics.gradients.accumulation import AccumulatedMoments
 from diagnostics.linalg.lanczos_basis import BasisWorkspace
@@ -513,7 +514,7 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
-        with torch.inference_mode(False), torch.enable_grad():
+        with autograd_on():
             try:
                 try:
                     self._stop_observing()
