@@ -79,7 +79,7 @@ def project_rows(
         dtype = torch.promote_types(x.dtype, torch.float32)
         return torch.zeros(0, V.shape[1], dtype=dtype, device=x.device)
     pick = torch.randint(n, (max_rows,), generator=generator).to(x.device) if n > max_rows else None
-    out = _cosines(gather_rows(x, pick)[None], V[None], chunk_rows, eps)[0].T
+    out = _cosines(gather_rows(x, pick)[None], V.T[None], chunk_rows, eps)[0].T
     return finish_cosines(out) if finish else out
 
 
@@ -88,21 +88,25 @@ def _as(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
 
 
-def _cosines(X: torch.Tensor, V: torch.Tensor, chunk_rows: int, eps: float) -> torch.Tensor:
-    """``[G, K, R]`` cosines of the rows of ``X`` ``[G, R, in]`` with the columns of ``V`` ``[G, in, K]``
+def _cosines(X: torch.Tensor, Vt: torch.Tensor, chunk_rows: int, eps: float) -> torch.Tensor:
+    """``[G, K, R]`` cosines of the rows of ``X`` ``[G, R, in]`` with the rows of ``Vt`` ``[G, K, in]``
     (contiguous, one row of R cosines per map), one batched product per ``chunk_rows`` rows, in float32 or
     wider. Zero rows give 0 / eps = 0, non-finite rows NaN
     (:func:`~diagnostics.metrics.alignment_stats.finish_cosines` maps them to 0)."""
-    dtype = torch.promote_types(X.dtype, torch.float32)
-    V = _as(V, dtype, X.device)
-    Vt = V.transpose(1, 2)
+    dtype = X.dtype if X.dtype in _WIDE else torch.promote_types(X.dtype, torch.float32)
+    Vt = _as(Vt, dtype, X.device)
     blocks = []
     for lo in range(0, X.shape[1], chunk_rows):
-        part = _as(X[:, lo : lo + chunk_rows], dtype, X.device)
+        part = X if X.shape[1] <= chunk_rows else X[:, lo : lo + chunk_rows]
+        part = part if part.dtype == dtype else part.to(dtype)
         norms = torch.linalg.vector_norm(part, dim=2).clamp_min_(eps).unsqueeze(1)
         # [G, K, R] = V^T X^T: few rows times a matrix, several times faster on CPU than X V with few columns.
         blocks.append(torch.bmm(Vt, part.transpose(1, 2)).div_(norms))
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 2)
+
+
+#: dtypes the cosines are computed in as they are (narrower ones are promoted to float32)
+_WIDE = frozenset({torch.float32, torch.float64})
 
 
 class RowSampler:
@@ -135,12 +139,10 @@ class RowSampler:
 
         Modules that read the same tensor (the query, key and value projections of one input) share one
         gather. Only for inputs the projectors still hold, so equal addresses mean the same memory."""
-        key = (x.data_ptr(), x.dtype, x.device, tuple(x.shape), x.stride(), x._version, keep)
+        key = (x.data_ptr(), x.dtype, x.device, x.shape, x.stride(), x._version, keep)
         rows = self._gathered.get(key)
-        if rows is None:
-            with torch.no_grad():
-                rows = gather_rows(x, self.pick(math.prod(x.shape[:-1]), keep, x.device))
-            self._gathered[key] = rows
+        if rows is None:  # (``x`` is detached: the gather records no graph, no need for no_grad)
+            rows = self._gathered[key] = gather_rows(x, self.pick(math.prod(x.shape[:-1]), keep, x.device))
         return rows
 
 
@@ -184,21 +186,35 @@ class Projector:
         self.gate = gate
         self.reset(V, budget, sampler)
 
-    def reset(self, V: torch.Tensor, budget: int, sampler: RowSampler | None) -> None:
-        """Start afresh: project on ``V``, keep up to ``budget`` rows drawn by ``sampler``."""
-        self.V = V
+    def reset(self, V: torch.Tensor | tuple[torch.Tensor, ...], budget: int, sampler: RowSampler | None) -> None:
+        """Start afresh: project on ``V`` (``[in, K]``, or its K columns as a tuple of ``[in]`` vectors,
+        float32 or wider), keep up to ``budget`` rows drawn by ``sampler``."""
+        if isinstance(V, tuple):
+            self.columns: tuple[torch.Tensor, ...] | None = V
+            self._V: torch.Tensor | None = None
+            self.width = V[0].shape[0]
+        else:
+            self.columns, self._V, self.width = None, V, V.shape[0]
         self.budget = budget
         self.sampler = sampler
         #: gathered rows, or (input, its version, rows to keep) for an input gathered when read
         self.blocks: list[Any] = []
         self.count = 0
 
+    @property
+    def V(self) -> torch.Tensor:
+        """The ``[in, K]`` vectors the rows are projected on."""
+        if self._V is None:
+            cols = self.columns
+            self._V = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)
+        return self._V
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         room = self.budget - self.count
         if room <= 0 or (self.gate is not None and not self.gate.allows(module)):
             return
         x = _input_tensor(self.kind, args, kwargs)
-        if x is None or x.shape[-1] != self.V.shape[0]:
+        if x is None or x.shape[-1] != self.width:
             return
         n = math.prod(x.shape[:-1])
         if n == 0:
@@ -206,9 +222,8 @@ class Projector:
         keep = min(n, room)
         if self._deferrable(x, keep):
             self.blocks.append((x, x._version, keep))
-        else:
-            with torch.no_grad():  # on the training forward: never part of the user's graph
-                self.blocks.append(gather_rows(x, self.sampler.pick(n, room, x.device)))
+        else:  # ``x`` is detached: the gather is never part of the user's graph
+            self.blocks.append(gather_rows(x, self.sampler.pick(n, room, x.device)))
         self.count += keep
 
     @staticmethod
@@ -253,14 +268,20 @@ def _grouped_cosines(projectors: Mapping[str, Projector], chunk_rows: int,
         rows = proj.rows()
         if rows is None or rows.shape[0] == 0:
             continue
-        key = (tuple(rows.shape), proj.V.shape[1], rows.dtype, rows.device)
-        groups.setdefault(key, []).append((name, rows, proj.V))
+        cols = proj.columns
+        # v_1 given as columns: stacked for the whole group at once below, with no [in, K] matrix per module
+        v = cols[0] if cols is not None else proj.V
+        key = (rows.shape, rows.dtype, rows.device, cols is None, len(cols) if cols else v.shape, v.dtype,
+               v.device)
+        groups.setdefault(key, []).append((name, rows, proj))
     out = []
-    for (_, _, dtype, device), items in groups.items():
-        dtype = torch.promote_types(dtype, torch.float32)
+    for key, items in groups.items():
         X = torch.stack([r for _, r, _ in items]) if len(items) > 1 else items[0][1][None]
-        V = torch.stack([_as(v, dtype, device) for _, _, v in items])  # [G, in, K]
-        out.append(([name for name, _, _ in items], _cosines(X, V, chunk_rows, eps)))
+        if key[3]:  # [G, in, K] matrices
+            Vt = torch.stack([p.V for _, _, p in items]).transpose(1, 2)
+        else:  # the G * K columns as [G, K, in], contiguous
+            Vt = torch.stack([c for _, _, p in items for c in p.columns]).view(len(items), key[4], -1)
+        out.append(([name for name, _, _ in items], _cosines(X, Vt, chunk_rows, eps)))
     return out
 
 
@@ -329,13 +350,6 @@ def projection_hooks(
         hooks.remove()
 
 
-def _stacked_v(group: list[LinearMap], vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``[in, K]`` v_1 of the maps sharing one module's input, in float32 or wider (a view for one map)."""
-    cols = [vectors[mp.key] for mp in group]
-    V = cols[0].unsqueeze(1) if len(cols) == 1 else torch.stack(cols, 1)
-    return _as(V, torch.promote_types(V.dtype, torch.float32), V.device)
-
-
 class ProjectionHooks:
     """One forward pre-hook (a :class:`Projector`) per module of ``by_module``, kept until :meth:`remove`.
 
@@ -374,7 +388,7 @@ class ProjectionHooks:
         later on the v_1 of ``vectors``; rows kept before are dropped. Returns ``{module name: Projector}``."""
         sampler = RowSampler(generator)
         for name, group in by_module.items():
-            self.projectors[name].reset(_stacked_v(group, vectors), budget, sampler)
+            self.projectors[name].reset(tuple([vectors[mp.key] for mp in group]), budget, sampler)
         return self.projectors
 
     def disarm(self) -> None:
@@ -400,10 +414,11 @@ STACKED_WEIGHT_BYTES = 8 << 20
 class _Group:
     """The maps of one weight shape, dtype and device, with their v_1 stacked as one tensor."""
 
-    __slots__ = ("maps", "rows", "v")
+    __slots__ = ("maps", "names", "rows", "v")
 
     def __init__(self, maps: list[LinearMap]) -> None:
         self.maps = maps
+        self.names = [mp.key for mp in maps]
         self.v: torch.Tensor | None = None  # [G, in], the last step's v_1 of every map
         self.rows: tuple[torch.Tensor, ...] = ()  # views of v, the objects stored in ``saved``
 
@@ -454,7 +469,7 @@ def top_vectors(
         if prev is not None and prev.shape[0] != W.shape[1]:
             prev = None
         if prev is not None and not refine:
-            warm.setdefault((tuple(W.shape), W.dtype, W.device), []).append((mp, W))
+            warm.setdefault((W.shape, W.dtype, W.device), []).append((mp, W))
             continue
         try:
             sigma, _, v, _ = top_singular_vector(W, v0=prev, iters=init_iters, tol=init_tol, seed=seed)
@@ -472,12 +487,12 @@ def top_vectors(
     for gkey, members in warm.items():
         names = [mp.key for mp, _ in members]
         group = groups.get(gkey)
-        if group is None or [mp.key for mp in group.maps] != names:
+        if group is None or group.names != names:
             group = groups[gkey] = _Group([mp for mp, _ in members])
         prev = group.previous(saved)
         if len(members) == 1:
             sigma, v = power_steps(members[0][1][None], prev, power_iters)
-        elif sum(W.numel() * W.element_size() for _, W in members) <= STACKED_WEIGHT_BYTES:
+        elif len(members) * math.prod(gkey[0]) * gkey[1].itemsize <= STACKED_WEIGHT_BYTES:
             sigma, v = power_steps(torch.stack([W for _, W in members]), prev, power_iters)
         else:
             # Large weights: one product per map on the weight itself; a stacked copy of them all would cost

@@ -379,16 +379,26 @@ class StepContext:
         return {mk: v for mk, v in self._recorded_table().items() if mk[0] == metric}
 
     def publish_alignment_statistics(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
-        """Share this step's spectral-alignment statistics per map key (``spectral_alignment`` calls it)."""
-        self._cache[("alignment_statistics",)] = {k: dict(v) for k, v in stats.items()}
+        """Share this step's spectral-alignment statistics per map key (``spectral_alignment`` calls it).
+
+        Kept by reference and copied when first read (most steps have no reader); the publisher must not
+        change ``stats`` afterwards."""
+        self._cache.pop(("alignment_statistics",), None)
+        self._cache[("alignment_statistics", "published")] = stats
 
     def alignment_statistics(self) -> dict[str, dict[str, Any]] | None:
         """This step's spectral-alignment statistics ``{map key: {positive_fraction, sign_diversity, mean,
-        mean_abs, sigma1, num_tokens, ...}}``, or None when ``spectral_alignment`` did not run.
+        mean_abs, sigma1, num_tokens, ...}}`` (a copy), or None when ``spectral_alignment`` did not run.
 
-        A reader declares ``after = ("spectral_alignment",)``. Cost: none.
+        A reader declares ``after = ("spectral_alignment",)``. Cost: one copy of the statistics per step.
         """
-        return self._cache.get(("alignment_statistics",))
+        copied = self._cache.get(("alignment_statistics",))
+        if copied is None:
+            published = self._cache.get(("alignment_statistics", "published"))
+            if published is None:
+                return None
+            copied = self._cache[("alignment_statistics",)] = {k: dict(v) for k, v in published.items()}
+        return copied
 
     # --- layer inputs and outputs ------------------------------------------------------------------
     def _captured(self, modules: ModuleSpec, max_tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -87,6 +87,50 @@ def _subsample(batch: Any, max_tokens: int, gen: torch.Generator) -> Any:
         return batch
     idx = torch.randperm(n, generator=gen)[:keep].sort().values
     return map_tensors(batch, lambda t: t.index_select(0, idx.to(t.device)) if t.ndim and t.shape[0] == n else t)
+
+
+def _in_map_order(maps: list[LinearMap], batched: list[tuple[list[str], dict[str, list[Any]]]],
+                  cache: list[Any]) -> tuple[tuple[str, ...], dict[str, list[Any]]]:
+    """The batched statistics of every token-count group as one column per statistic, in the maps' order
+    (maps without statistics left out). ``cache``: a one-item list the caller keeps between steps (the
+    order is found again only when the maps or the groups' keys change)."""
+    if len(batched) == 1:
+        keys, cols = batched[0]
+        cols = dict(cols)
+    else:
+        keys = [k for ks, _ in batched for k in ks]
+        cols = {f: [v for _, c in batched for v in c[f]] for f in batched[0][1]}
+    known = cache[0]
+    if known is None or known[0] is not maps or known[1] != keys:
+        at = {k: i for i, k in enumerate(keys)}
+        order = [at[mp.key] for mp in maps if mp.key in at]
+        ordered = tuple(keys[i] for i in order)
+        known = cache[0] = (maps, list(keys), ordered, None if order == list(range(len(order))) else order)
+    order = known[3]
+    if order is not None:
+        cols = {f: [c[i] for i in order] for f, c in cols.items()}
+    return known[2], cols
+
+
+class _PerMap(Mapping[str, dict[str, Any]]):
+    """Column statistics read as ``{map key: {statistic: value}}``, each map's dict built when read."""
+
+    def __init__(self, keys: tuple[str, ...], columns: dict[str, list[Any]]) -> None:
+        self._at = {k: i for i, k in enumerate(keys)}
+        self._columns = columns
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        i = self._at[key]
+        return {f: c[i] for f, c in self._columns.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {k: self[k] for k in self._at}
 
 
 #: (metric, statistic) written on every probe.
@@ -212,6 +256,8 @@ class SpectralAlignment(Diagnostic):
         # Hooks kept on the observed model between steps (observe_training_forward), removed by release_hooks.
         self._kept_hooks: tuple[weakref.ref[nn.Module], ProjectionHooks] | None = None
         self._observe_gen: torch.Generator | None = None
+        self._by_module: tuple[Any, ...] | None = None  # (maps, v_1 dict, its size, group_by_module of them)
+        self._map_order: list[Any] = [None]  # the cache of _in_map_order
         self.last_source: str | None = None
 
     @property
@@ -297,7 +343,7 @@ class SpectralAlignment(Diagnostic):
             return
         maps = self.maps(model)
         modules = self.modules_of(model)
-        by_module = group_by_module(maps, vectors)
+        by_module = self._observed_modules(maps, vectors)
         count = self.state.get("watched", 0)
         self.state["watched"] = count + 1
         # One generator object reseeded per observed forward (creating one costs more than seeding it).
@@ -324,6 +370,14 @@ class SpectralAlignment(Diagnostic):
             if not keep_hooks:
                 hooks.remove()
         self._watched = (weakref.ref(model), by_module, projectors)
+
+    def _observed_modules(self, maps: list[LinearMap], vectors: dict[str, torch.Tensor]) -> dict[str, list[LinearMap]]:
+        """:func:`group_by_module` of the maps with a v_1, kept while the maps and the set of v_1 stay (v_1
+        are only ever added to the state's dict, so its size tells)."""
+        cached = self._by_module
+        if cached is None or cached[0] is not maps or cached[1] is not vectors or cached[2] != len(vectors):
+            cached = self._by_module = (maps, vectors, len(vectors), group_by_module(maps, vectors))
+        return cached[3]
 
     def observe_training_forward(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """What the Monitor holds open between two steps to measure on the user's training forward.
@@ -365,11 +419,17 @@ class SpectralAlignment(Diagnostic):
             present on detail probes only (every ``detail_every``-th). Maps whose module did not run
             get no entry.
         """
+        keys, columns, fwd = self._measure_columns(ctx)
+        return _PerMap(keys, columns).as_dict(), fwd
+
+    def _measure_columns(self, ctx: StepContext) -> tuple[tuple[str, ...], dict[str, list[Any]], float]:
+        """:meth:`measure` as columns: (map keys in the maps' order, ``{statistic: [value per key]}``,
+        forward seconds); the statistics are also published to ``ctx``."""
         model = ctx.model
         maps = self.maps(model)
         if not maps:
             ctx.publish_alignment_statistics({})
-            return {}, 0.0
+            return (), {}, 0.0
         modules = self.modules_of(model)
         watched, self._watched = self._watched, None
         # Our own arithmetic runs in inference mode (a smaller per-operation cost than no_grad, which counts
@@ -420,35 +480,28 @@ class SpectralAlignment(Diagnostic):
         self.state["probes"] = probe + 1
         detail = probe % self.detail_every == 0
         # One [maps, tokens] matrix per token count, so each is one batched statistics pass.
-        stats: dict[str, dict[str, Any]] = {}
         with torch.inference_mode():
             matrices = cosine_matrices(projectors, by_module, self.chunk_tokens)
             batched_all = [(keys, batched_alignment_statistics(matrix, detail)) for keys, matrix in matrices]
-        for keys, batched in batched_all:
-            for i, key in enumerate(keys):
-                stats[key] = {k: v[i] for k, v in batched.items()}
-                stats[key]["sigma1"] = float(tops[key][0])
-        ordered = {mp.key: stats[mp.key] for mp in maps if mp.key in stats}
-        ctx.publish_alignment_statistics(ordered)
-        return ordered, fwd_seconds
+        keys, columns = _in_map_order(maps, batched_all, self._map_order)
+        columns["sigma1"] = [float(tops[k][0]) for k in keys]
+        ctx.publish_alignment_statistics(_PerMap(keys, columns))
+        return keys, columns, fwd_seconds
 
     def compute(self, ctx: StepContext) -> Output:
-        stats, fwd = self.measure(ctx)
-        if not stats:
+        keys, columns, fwd = self._measure_columns(ctx)
+        if not keys:
             return Output(status="nothing_measured", reason=self._nothing_reason(ctx.model),
                           settings={"num_maps": 0, "forward_seconds": fwd, "source": self.last_source})
         # One VectorRecord per statistic (and index) over the maps: the same rows as a Record per map, without
         # a Python object per map and step.
-        keys = tuple(stats)
-        rows = list(stats.values())
         records: list[Record | VectorRecord] = [
-            VectorRecord(metric, keys, tuple(st[field] for st in rows))
-            for metric, field in _PER_PROBE_FIELDS
+            VectorRecord(metric, keys, tuple(columns[field])) for metric, field in _PER_PROBE_FIELDS
         ]
-        if "quantiles" in rows[0]:
-            records += [VectorRecord("sa_quantile", keys, tuple(float(st["quantiles"][i]) for st in rows), i)
-                        for i in range(len(rows[0]["quantiles"]))]
-            records += [VectorRecord("sa_histogram", keys, tuple(float(st["histogram"][i]) for st in rows), i)
-                        for i in range(len(rows[0]["histogram"]))]
-        settings = {"num_maps": len(stats), "forward_seconds": fwd, "source": self.last_source}
+        if "quantiles" in columns:
+            for metric, field in (("sa_quantile", "quantiles"), ("sa_histogram", "histogram")):
+                rows = columns[field]
+                records += [VectorRecord(metric, keys, tuple(float(r[i]) for r in rows), i)
+                            for i in range(len(rows[0]))]
+        settings = {"num_maps": len(keys), "forward_seconds": fwd, "source": self.last_source}
         return Output(records=records, settings=settings)

@@ -64,8 +64,12 @@ def test_step_context_keeps_only_pre_update_norms_after_the_compute_phase() -> N
     model(torch.randn(4, 3)).sum().backward()
     ctx = StepContext(step=0, model=model, loss_fn=None, batch=None, loss=None)
     norms, weights = ctx.grad_norms(), ctx.weight_norms()
-    ctx.publish_alignment_statistics({"lin": {"sign_diversity": 1.0}})
-    assert ctx.alignment_statistics() == {"lin": {"sign_diversity": 1.0}}
+    published = {"lin": {"sign_diversity": 1.0}}
+    ctx.publish_alignment_statistics(published)
+    read = ctx.alignment_statistics()
+    assert read == {"lin": {"sign_diversity": 1.0}} and ctx.alignment_statistics() is read
+    read["lin"]["sign_diversity"] = 0.0  # a reader gets a copy: the published statistics stay as they were
+    assert published == {"lin": {"sign_diversity": 1.0}}
     ctx.end_compute_phase()
     assert ctx.alignment_statistics() is None and ctx.top_eigenspace() is None
     assert ctx.grad_norms() is norms and ctx.weight_norms() is weights

@@ -20,6 +20,7 @@ from diagnostics.metrics.registry import get_diagnostic, preset_names
 from diagnostics.metrics.spectral_alignment import (
     LinearMap,
     SpectralAlignment,
+    _in_map_order,
     batched_alignment_statistics,
     find_linear_maps,
     project_rows,
@@ -296,6 +297,51 @@ def test_cosine_matrices_hold_each_maps_cosines_in_its_row():
         for j, mp in enumerate(maps):
             torch.testing.assert_close(got[mp.key], per_module[name][:, j])
     assert got["narrow"].shape == (32,) and got["fc"].shape == (64,)
+
+
+def test_projectors_given_columns_project_as_with_the_matrix():
+    # What ProjectionHooks.arm hands the projectors (v_1 as columns, stacked per group) gives the same cosines
+    # as [in, K] matrices, for single maps, a split fused projection, and groups that mix the two forms.
+    torch.manual_seed(2)
+    x16, x8 = torch.randn(3, 40, 16), torch.randn(3, 40, 8)
+    V3 = torch.nn.functional.normalize(torch.randn(16, 3), dim=0)
+    V1, V1b = (torch.nn.functional.normalize(torch.randn(16, 1), dim=0) for _ in range(2))
+    V8 = torch.nn.functional.normalize(torch.randn(8, 1), dim=0).double()
+    inputs = {"qkv": x16, "fc": 0.5 * x16, "fc2": -x16, "narrow": x8}
+    matrices = {"qkv": V3, "fc": V1, "fc2": V1b, "narrow": V8}
+
+    def run(as_columns):
+        sampler = RowSampler(torch.Generator().manual_seed(4))
+        projs = {name: Projector("linear", V.unbind(1) if name in as_columns else V, 64, sampler)
+                 for name, V in matrices.items()}
+        for name, proj in projs.items():
+            proj(nn.Identity(), (inputs[name],), {})
+        return project_all(projs)
+
+    want = run(())
+    for as_columns in (tuple(matrices), ("qkv", "fc")):
+        got = run(as_columns)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name])
+    proj = Projector("linear", V3.unbind(1), 8, None)
+    assert proj.width == 16 and torch.equal(proj.V, V3)
+
+
+def test_statistics_come_in_the_maps_order_whatever_the_groups():
+    maps = [LinearMap(k, k, "linear") for k in ("a", "b", "c", "d")]
+    cols = lambda ks: {"mean": [f"mean-{k}" for k in ks], "num_tokens": [len(k) for k in ks]}  # noqa: E731
+    cache = [None]
+    keys, got = _in_map_order(maps, [(["b", "d"], cols("bd")), (["a"], cols("a"))], cache)
+    assert keys == ("a", "b", "d") and got["mean"] == ["mean-a", "mean-b", "mean-d"]
+    kept = cache[0]
+    keys, got = _in_map_order(maps, [(["b", "d"], cols("bd")), (["a"], cols("a"))], cache)
+    assert cache[0] is kept and keys == ("a", "b", "d") and got["mean"] == ["mean-a", "mean-b", "mean-d"]
+    # other groups (a module that did not run this step): the order is found again
+    keys, got = _in_map_order(maps, [(["d", "c"], cols("dc"))], cache)
+    assert cache[0] is not kept and keys == ("c", "d") and got["mean"] == ["mean-c", "mean-d"]
+    keys, got = _in_map_order(maps, [(["a", "b"], cols("ab"))], cache)
+    assert keys == ("a", "b") and got["mean"] == ["mean-a", "mean-b"]
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["weights-stacked", "one-product-per-map"])
