@@ -440,6 +440,18 @@ class SpectralAlignment(Diagnostic):
         last = self.state.get("last_step")
         refine = last is not None and int(ctx.step) - int(last) > self.refine_gap
         self.state["last_step"] = int(ctx.step)
+        # This step's training forward was watched: its inputs are projected on the previous probe's v_1
+        # (same sign as the updated one); no extra forward.
+        observed = (
+            watched is not None
+            and not refine  # its rows were projected on a v_1 from before the gap
+            and watched[0]() is model
+            and any(p.count > 0 for p in watched[2].values())  # a forward was actually observed
+        )
+        # The probe counter lives in the run's state, so a resumed run keeps the detail cadence.
+        probe = int(self.state.get("probes", 0))
+        detail = probe % self.detail_every == 0
+        fwd_seconds = 0.0
         with torch.inference_mode():
             tops = top_vectors(
                 maps,
@@ -453,18 +465,10 @@ class SpectralAlignment(Diagnostic):
                 weights=weights,
                 refine=refine,
             )
-        fwd_seconds = 0.0
-        if (
-            watched is not None
-            and not refine  # its rows were projected on a v_1 from before the gap
-            and watched[0]() is model
-            and any(p.count > 0 for p in watched[2].values())  # a forward was actually observed
-        ):
-            # This step's training forward was watched: its inputs were projected on the previous probe's
-            # v_1 (same sign as the updated one); no extra forward.
-            by_module, projectors = watched[1], watched[2]
-            self.last_source = "training_forward"
-        else:
+            if observed:
+                self.last_source = "training_forward"
+                batched_all = self._statistics(watched[2], watched[1], detail)
+        if not observed:
             vectors = {k: v for k, (_, v) in tops.items()}
             by_module = group_by_module(maps, vectors)
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.step))
@@ -475,18 +479,20 @@ class SpectralAlignment(Diagnostic):
                     ctx.loss_fn(model, sub)
             fwd_seconds = time.perf_counter() - t0
             self.last_source = "extra_forward"
-        # The probe counter lives in the run's state, so a resumed run keeps the detail cadence.
-        probe = int(self.state.get("probes", 0))
+            with torch.inference_mode():
+                batched_all = self._statistics(projectors, by_module, detail)
         self.state["probes"] = probe + 1
-        detail = probe % self.detail_every == 0
-        # One [maps, tokens] matrix per token count, so each is one batched statistics pass.
-        with torch.inference_mode():
-            matrices = cosine_matrices(projectors, by_module, self.chunk_tokens)
-            batched_all = [(keys, batched_alignment_statistics(matrix, detail)) for keys, matrix in matrices]
         keys, columns = _in_map_order(maps, batched_all, self._map_order)
         columns["sigma1"] = [float(tops[k][0]) for k in keys]
         ctx.publish_alignment_statistics(_PerMap(keys, columns))
         return keys, columns, fwd_seconds
+
+    def _statistics(self, projectors: dict[str, Projector], by_module: dict[str, list[LinearMap]],
+                    detail: bool) -> list[tuple[list[str], dict[str, list[Any]]]]:
+        """The statistics of the rows the projectors kept: one batched pass per token count (one
+        ``[maps, tokens]`` matrix each), as ``[(map keys, {statistic: [value per key]})]``."""
+        return [(keys, batched_alignment_statistics(matrix, detail))
+                for keys, matrix in cosine_matrices(projectors, by_module, self.chunk_tokens)]
 
     def compute(self, ctx: StepContext) -> Output:
         keys, columns, fwd = self._measure_columns(ctx)

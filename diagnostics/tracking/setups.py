@@ -40,6 +40,9 @@ def full_precision() -> Iterator[None]:
     Cost: none when autocast is off.
     """
     active = [d for d in _AUTOCAST_DEVICES if _autocast_enabled(d)]
+    if not active:  # the usual case, at every monitored step: no ExitStack
+        yield
+        return
     with contextlib.ExitStack() as stack:
         for device in active:
             stack.enter_context(torch.autocast(device_type=device, enabled=False))
@@ -47,9 +50,11 @@ def full_precision() -> Iterator[None]:
 
 
 def _autocast_enabled(device: str) -> bool:
-    if device == "cuda" and not torch.cuda.is_available():
+    # Asked directly rather than after torch.cuda.is_available(), which reads the environment at every call.
+    try:
+        return torch.is_autocast_enabled(device)
+    except RuntimeError:  # a build that does not know the device type
         return False
-    return torch.is_autocast_enabled(device)
 
 
 def compile_mode(model: nn.Module) -> str | None:
