@@ -117,6 +117,8 @@ class RowSampler:
     cosines come from the same token positions. Each map's sample is still uniform over its own rows.
     """
 
+    __slots__ = ("_gathered", "_picks", "generator")
+
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
         self._picks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
@@ -178,6 +180,10 @@ class Projector:
     left out. Memory: ``DEFER_FACTOR * budget * in`` values per
     module at most, whatever the sequence length. Cost per forward: one gather.
     """
+
+    # Slots: read at every step right after the training step, on caches it has cleared, where each
+    # object's attribute dict costs misses of its own.
+    __slots__ = ("_V", "blocks", "budget", "columns", "count", "gate", "kind", "sampler", "width")
 
     def __init__(self, kind: str, V: torch.Tensor, budget: int, sampler: RowSampler | None,
                  gate: TrainingForwardGate | None = None) -> None:

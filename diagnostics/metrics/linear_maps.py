@@ -25,7 +25,7 @@ DEFAULT_QKV_PATTERNS: tuple[str, ...] = ("*qkv*", "*c_attn", "*query_key_value",
 _QKV_NAMES = ("q", "k", "v")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinearMap:
     """One monitored linear map: where its weight and its input come from.
 
