@@ -129,9 +129,6 @@ class _PerMap(Mapping[str, dict[str, Any]]):
     def __len__(self) -> int:
         return len(self._at)
 
-    def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {k: self[k] for k in self._at}
-
 
 #: (metric, statistic) written on every probe.
 _PER_PROBE_FIELDS = (("sa_positive_fraction", "positive_fraction"), ("sa_sign_diversity", "sign_diversity"),
@@ -420,7 +417,7 @@ class SpectralAlignment(Diagnostic):
             get no entry.
         """
         keys, columns, fwd = self._measure_columns(ctx)
-        return _PerMap(keys, columns).as_dict(), fwd
+        return dict(_PerMap(keys, columns)), fwd
 
     def _measure_columns(self, ctx: StepContext) -> tuple[tuple[str, ...], dict[str, list[Any]], float]:
         """:meth:`measure` as columns: (map keys in the maps' order, ``{statistic: [value per key]}``,

@@ -55,6 +55,10 @@ def test_spectral_alignment_keeps_v1_in_its_state_and_has_no_built_in_detector()
     d.compute(ctx)
     assert set(d.state["v1"]) == {"0"} and d.state["probes"] == 1
     assert set(ctx.alignment_statistics()) == {"0"}
+    # measure(): the same statistics per map as those it publishes
+    ctx = StepContext(step=1, model=model, loss_fn=lambda m, b: m(b[0]).sum(), batch=(torch.randn(5, 4),), loss=None)
+    stats, _ = d.measure(ctx)
+    assert stats == ctx.alignment_statistics() and set(stats["0"]) >= {"positive_fraction", "sigma1", "num_tokens"}
     with pytest.raises(ConfigError, match="detector"):
         get_diagnostic("spectral_alignment", detector=True)
 
