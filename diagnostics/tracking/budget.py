@@ -252,8 +252,9 @@ class BudgetScheduler(CutRuns):
 
     def charge(self, seconds: float) -> None:
         """Take monitor work done inside the training step since the last call (the diagnostics' hooks on
-        the training forward): call before :meth:`call`. It counts as the next deciding call's monitor time
-        and not as training time, as the diagnostic it belongs to runs at that call."""
+        the training forward): call before the call decides its step (:meth:`due`). It counts as the next
+        deciding call's monitor time and not as training time, as the diagnostic it belongs to runs at that
+        call."""
         self._carry += float(seconds)
 
     def observe_costs(self, seconds: Mapping[str, float]) -> None:

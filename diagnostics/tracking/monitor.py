@@ -312,12 +312,14 @@ class Monitor:
         """
         if self._closed:
             raise ConfigError("monitor.step() called after close(); create a new Monitor to resume the run")
-        self._stop_observing()
-        # What the diagnostics' hooks spent inside the training step since the last call is theirs.
-        self._hook_seconds = {name: s for name, clock in self._hook_clocks if (s := clock.take())}
-        if self._budget is not None and self._hook_seconds:
-            self._budget.charge(sum(self._hook_seconds.values()))
+        # All of the call is monitor time, the removal of the previous step's hooks included (outside the
+        # timed call, the budget would count it as training time).
         with _budget.timed_call(self._budget):
+            self._stop_observing()
+            # What the diagnostics' hooks spent inside the training step since the last call is theirs.
+            self._hook_seconds = {name: s for name, clock in self._hook_clocks if (s := clock.take())}
+            if self._budget is not None and self._hook_seconds:
+                self._budget.charge(sum(self._hook_seconds.values()))
             try:
                 # Diagnostics in the parameters' dtype, even inside torch.autocast, and with autograd even when
                 # the caller's code runs under torch.inference_mode (curvature products differentiate).

@@ -654,3 +654,43 @@ def test_every_run_after_the_first_was_announced_by_may_run_next() -> None:
     assert len(ran) >= 4
     assert ran[0] not in announced and all(s in announced for s in ran[1:]), (ran, sorted(announced))
     assert len(announced) <= 3 * len(ran)  # hooks held on few steps that do not run
+
+
+def test_the_budget_counts_all_of_monitor_step_and_the_hooks_as_monitor_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing and reinstalling the observing hooks is the Monitor's work, not training time."""
+    import diagnostics.tracking.monitor as monitor_module
+
+    model, data = _medium_mlp()
+    clock = Clock()
+    install, remove = monitor_module.observe_training_forward, Monitor._stop_observing
+    calls = {"install": 0, "remove": 0}
+
+    def slow_install(*args: Any, **kwargs: Any) -> Any:
+        clock.t += 1.0  # what reinstalling the hooks costs, on the budget's clock
+        calls["install"] += 1
+        return install(*args, **kwargs)
+
+    def slow_remove(self: Monitor) -> None:
+        clock.t += 0.5
+        calls["remove"] += 1
+        remove(self)
+
+    monkeypatch.setattr(monitor_module, "observe_training_forward", slow_install)
+    monkeypatch.setattr(Monitor, "_stop_observing", slow_remove)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Monitor(model, run=tmp_path / "run", diagnostics=["spectral_alignment"], budget=0.05) as monitor:
+        monitor._budget._clock = clock
+        for step in range(12):
+            loss = nn.functional.cross_entropy(model(data[0][0]), data[0][1])
+            opt.zero_grad()
+            loss.backward()
+            clock.t += 10.0  # the training step
+            monitor.step(step, data[0], loss)
+            opt.step()
+        history = list(monitor._budget._history)
+    assert calls["install"] == 12 and calls["remove"] >= 12 and len(history) >= 10
+    for _, delta, train, spent in history[1:]:
+        assert delta == 1
+        assert train == pytest.approx(10.0, abs=1e-3)  # the hooks' 1.5 s are not training
+        assert spent >= 1.5  # they are the monitor's
