@@ -20,7 +20,7 @@ Five causes (docs/monitor.md, "Misuse warnings"):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -30,16 +30,24 @@ from diagnostics.metrics.context import StepContext
 from diagnostics.metrics.misuse import MISUSE, misuse_event, mode_dependent_modules
 from diagnostics.store.records import Event, Record, Status
 
-__all__ = ["MisuseReporter", "eval_mode_event", "missing_grads"]
+__all__ = ["MisuseReporter", "any_grads", "eval_mode_event", "missing_grads"]
+
+
+def any_grads(named_parameters: Iterable[tuple[str, nn.Parameter]]) -> bool:
+    """Whether any of the parameters has a ``.grad`` (a backward ran since the last ``zero_grad``).
+
+    Cost: a scan that stops at the first parameter with a gradient (the first one, in a normal step).
+    """
+    return any(p.grad is not None for _, p in named_parameters)
 
 
 def missing_grads(diags: Sequence[Diagnostic], ctx: StepContext) -> list[Diagnostic]:
     """The diagnostics of ``diags`` that read ``.grad`` when no trainable parameter has one, else [].
 
-    Cost: a scan of the parameters that stops at the first with a gradient (one, in a normal step).
+    Cost: :func:`any_grads`.
     """
     needing = [d for d in diags if "grads" in d.requires]
-    if not needing or any(p.grad is not None for _, p in ctx.named_parameters()):
+    if not needing or any_grads(ctx.named_parameters()):
         return []
     return needing
 

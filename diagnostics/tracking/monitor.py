@@ -47,7 +47,7 @@ from diagnostics.tracking.actions import save_checkpoint as _save_checkpoint
 from diagnostics.tracking.commit import CommitPipeline, PendingStep, open_store
 from diagnostics.tracking.fsdp import check_fsdp_diagnostics, gathered_replica, is_fsdp, needs_replica
 from diagnostics.tracking.identity import ModelStructure, model_fingerprint, model_summary, run_meta
-from diagnostics.tracking.misuse import MisuseReporter, eval_mode_event
+from diagnostics.tracking.misuse import MisuseReporter, any_grads, eval_mode_event
 from diagnostics.tracking.runner import Runner, apply_every, observe_training_forward
 from diagnostics.tracking.setups import compile_mode, full_precision
 from diagnostics.tracking.state_codec import (
@@ -439,7 +439,7 @@ class Monitor:
     def _eval_mode_events(self, step: int) -> list[Event]:
         """The ``eval_mode`` misuse event (once per Monitor) when a backward ran with the model in eval mode
         (see :func:`~diagnostics.tracking.misuse.eval_mode_event`); warns, or raises when strict."""
-        if not any(p.grad is not None for _, p in self._named_parameters()):
+        if not any_grads(self._named_parameters()):
             return []  # no backward: monitor.step on a model in eval mode on purpose (or the no_grads case)
         self._eval_mode_reported = True
         event = eval_mode_event(self.model, step, self._observers)
